@@ -1,0 +1,9 @@
+"""mtlsmesh: zero-code mutual TLS between pods.
+
+A tiny SPIFFE certificate authority, the iptables capture rules a pod's init step applies, and the outbound
+and inbound sidecars that wrap a pod's TCP in mutual TLS. See README.md for the map.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

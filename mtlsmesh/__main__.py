@@ -1,0 +1,9 @@
+"""`python -m mtlsmesh`: the same entry point as the `mtlsmesh` console script."""
+
+from __future__ import annotations
+
+import sys
+
+from mtlsmesh.cli import main
+
+sys.exit(main())
