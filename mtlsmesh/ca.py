@@ -1,0 +1,643 @@
+"""A tiny SPIFFE certificate authority: a root, an optional intermediate, and short-lived X.509-SVID leaves.
+
+Every certificate comes out of one private builder, `_build_certificate`, which differs between root,
+intermediate and leaf only by the values handed to it; the profile is DESIGN.md section 7 and SVID-PROFILE.md 1f:
+
+- leaf: empty subject, exactly one URI SAN (critical, because the subject is empty), optional DNS SANs,
+  basicConstraints CA:false (critical), keyUsage digitalSignature only (critical), EKU serverAuth+clientAuth,
+  SKI/AKI, a random positive serial of 159 bits, not-before backdated by `BACKDATE`, 24 h by default.
+- root: self-signed, URI SAN `spiffe://<td>` (a CA ID has no path, ID-13/S-4), CA:true pathlen 1,
+  keyUsage keyCertSign+cRLSign (critical), SKI/AKI, 10 years by default.
+- intermediate (optional): the same with pathlen 0, signed by the root; it then signs every leaf.
+- name constraint (optional): a critical permitted URI subtree naming the trust domain, on every CA certificate.
+
+The clock is passed in (`now`), so tests can mint certificates that are expired or not yet valid. This module uses
+`cryptography` only; it neither verifies chains (OpenSSL does that in the TLS layer, see `svid` for the SPIFFE
+rules on top) nor talks to the network. It reads and writes PEM files only in `save_authority`, `load_authority`
+and `IssuedSvid.write_to_dir`, each checking every output before it writes any and renaming temporary files into
+place so a failure leaves nothing half-written.
+
+The CA signs the identity it is told to sign, never one a CSR claims: `issue_svid(..., public_key=...)` takes only
+the key from a request.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mtlsmesh import svid
+from mtlsmesh.errors import CertificateError, IdentityError
+from mtlsmesh.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, parse_spiffe_id
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+DEFAULT_CA_TTL = timedelta(days=3650)  # DESIGN.md 7: a 10-year root
+DEFAULT_SVID_TTL = timedelta(hours=24)  # DESIGN.md 7: short-lived leaves, rotated by reissue
+# Peers whose clocks run a little behind still accept a fresh certificate. SPIRE backdates 10 s; SVID-PROFILE 1f
+# says 1-5 min is fine, and a minute covers the skew of machines that run NTP at all.
+BACKDATE = timedelta(minutes=1)
+MIN_RSA_BITS = 2048  # the smallest RSA key a CSR may bring; we generate 3072
+
+# The file layout of a CA directory (save_authority / load_authority).
+ROOT_CERT_FILE = "root.pem"
+ROOT_KEY_FILE = "root-key.pem"
+INTERMEDIATE_CERT_FILE = "intermediate.pem"
+INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
+BUNDLE_FILE = "bundle.pem"
+CA_FILES = (ROOT_CERT_FILE, ROOT_KEY_FILE, INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, BUNDLE_FILE)
+# The file layout of an issued SVID (IssuedSvid.write_to_dir), as the sidecar and the Kubernetes Secret expect.
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+
+KEY_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
+_MAX_DNS_NAME = 253  # RFC 1035 2.3.4, without the trailing dot
+
+
+class KeyType(enum.Enum):
+    """Key algorithms the CA generates; each implies its signature hash (`_hash_for`)."""
+
+    ECDSA_P256 = "ecdsa-p256"
+    ECDSA_P384 = "ecdsa-p384"
+    ED25519 = "ed25519"
+    RSA_3072 = "rsa-3072"
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """A loaded CA: the certificate and key that sign leaves, what a leaf must carry above it, and the roots.
+
+    `chain` holds the intermediates a leaf's cert.pem carries after the leaf, leaf-side first (the signer itself
+    when it is an intermediate), never a root. `roots` is the trust bundle (several during a rotation), the first
+    being the one this CA's chain ends in. `root_key` is the root's key when known: the signer's key when the root
+    signs, None when an intermediate signs and the root key is kept elsewhere.
+    """
+
+    signer_cert: x509.Certificate
+    signer_key: PrivateKey
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    trust_domain: TrustDomain
+    root_key: PrivateKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    """A leaf SVID with its intermediates and roots; `key` is None when the caller kept its own key (a CSR)."""
+
+    cert: x509.Certificate
+    key: PrivateKey | None
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+
+    def cert_chain_pem(self) -> bytes:
+        """The leaf followed by its intermediates: what a TLS peer presents."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain))
+
+    def key_pem(self) -> bytes:
+        """The private key, unencrypted PKCS#8 (file permissions protect it)."""
+        if self.key is None:
+            raise CertificateError("", "this SVID was issued for an outside key; there is no private key to write")
+        return render_private_key(self.key)
+
+    def bundle_pem(self) -> bytes:
+        """The trust bundle: the roots a peer's chain must end in."""
+        return render_certificates(self.roots)
+
+    def write_to_dir(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
+        """Write cert.pem, key.pem (0600, skipped when there is no key) and bundle.pem into `path`."""
+        files: dict[str, tuple[bytes, int]] = {
+            CERT_FILE: (self.cert_chain_pem(), PUBLIC_MODE),
+            BUNDLE_FILE: (self.bundle_pem(), PUBLIC_MODE),
+        }
+        if self.key is not None:
+            files[KEY_FILE] = (self.key_pem(), KEY_MODE)
+        # The directory is world-listable: the key's own 0600 protects it, and a sidecar running as another user
+        # (uid 1337) that was given the files must be able to reach them.
+        write_files(Path(path), files, force=force, directory_mode=0o755)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys
+
+
+def generate_key(key_type: KeyType) -> PrivateKey:
+    if key_type is KeyType.ECDSA_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.ECDSA_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type is KeyType.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+def key_type_name(key: PrivateKey | PublicKey | object) -> str:
+    """A short human name for a key (`ecdsa-p256`, `rsa-2048`, `ed25519`), or the class name when unknown."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        names = {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384", "secp521r1": "ecdsa-p521"}
+        return names.get(key.curve.name, f"ecdsa-{key.curve.name}")
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "ed25519"
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    return type(key).__name__
+
+
+def check_public_key(key: object, source: str = "") -> PublicKey:
+    """Accept only the public keys we would generate ourselves (P-256, P-384, Ed25519, RSA >= 2048)."""
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
+        return key
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS:
+        return key
+    raise CertificateError(
+        source, f"unsupported public key {key_type_name(key)}; use ECDSA P-256/P-384, Ed25519 or RSA >= 2048"
+    )
+
+
+def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+    # Ed25519 signs the message itself (RFC 8410): cryptography wants no hash. P-384 pairs with SHA-384 (RFC 5480).
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one builder
+
+
+def _build_certificate(
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    issuer: x509.Name,
+    issuer_key: PrivateKey,
+    issuer_public_key: PublicKey,
+    not_before: datetime,
+    not_after: datetime,
+    uri: SpiffeId,
+    dns_names: Sequence[str] = (),
+    path_length: int | None = None,
+    is_ca: bool,
+    name_constraint: TrustDomain | None = None,
+) -> x509.Certificate:
+    """Every certificate of the CA, root to leaf; what differs is passed in, the profile is fixed here."""
+    san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(uri))]
+    san += [x509.DNSName(name) for name in dns_names]
+    if is_ca:
+        key_usage = x509.KeyUsage(
+            digital_signature=False,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        )
+    else:
+        key_usage = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())  # 159 random bits, positive: far beyond the 64 required
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        # RFC 5280 4.1.2.6: an empty subject makes the SAN extension critical; a CA keeps it critical too, so
+        # every SPIFFE ID we mint sits in a critical extension.
+        .add_extension(x509.SubjectAlternativeName(san), critical=not len(subject) or is_ca)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=path_length if is_ca else None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key), critical=False)
+    )
+    if not is_ca:
+        # SVID-PROFILE L-9: both usages, so one SVID serves a sidecar as TLS client and as TLS server.
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        builder = builder.add_extension(eku, critical=False)
+    if name_constraint is not None:
+        # For a URI constraint a bare host matches exactly that host (RFC 5280 4.2.1.10), which is the trust domain.
+        constraint = x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(name_constraint.name)], excluded_subtrees=None
+        )
+        builder = builder.add_extension(constraint, critical=True)
+    return builder.sign(issuer_key, _hash_for(issuer_key))  # type: ignore[arg-type]
+
+
+def _ca_subject(trust_domain: TrustDomain, role: str, public_key: PublicKey) -> x509.Name:
+    # Distinct subjects per key, so two roots of one trust domain in a bundle (a rotation) are told apart by name
+    # and not only by key identifier.
+    key_id = x509.SubjectKeyIdentifier.from_public_key(public_key).digest.hex()[:16]
+    common_name = f"{role} {trust_domain.name}"[:64]  # X.520 ub-common-name
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mtlsmesh"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, key_id),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CA
+
+
+def _utc(now: datetime) -> datetime:
+    # A naive clock is taken as UTC, the same reading cryptography gives it; everything after compares aware values.
+    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+
+
+def create_ca(
+    trust_domain: TrustDomain,
+    *,
+    now: datetime,
+    key_type: KeyType = KeyType.ECDSA_P256,
+    ttl: timedelta = DEFAULT_CA_TTL,
+    intermediate: bool = False,
+    name_constraint: bool = False,
+) -> Authority:
+    """A new self-signed root for `trust_domain`, and with `intermediate` an intermediate that does the signing."""
+    now = _utc(now)
+    if ttl <= timedelta(0):
+        raise CertificateError("", f"the CA lifetime must be positive, not {format_timedelta(ttl)}")
+    not_before, not_after = now - BACKDATE, now + ttl
+    constraint = trust_domain if name_constraint else None
+    root_key = generate_key(key_type)
+    root_public = check_public_key(root_key.public_key())
+    root_name = _ca_subject(trust_domain, "mtlsmesh root CA", root_public)
+    root = _build_certificate(
+        subject=root_name,
+        public_key=root_public,
+        issuer=root_name,
+        issuer_key=root_key,
+        issuer_public_key=root_public,
+        not_before=not_before,
+        not_after=not_after,
+        uri=trust_domain.id,
+        path_length=1,
+        is_ca=True,
+        name_constraint=constraint,
+    )
+    if not intermediate:
+        return Authority(
+            signer_cert=root, signer_key=root_key, chain=(), roots=(root,), trust_domain=trust_domain, root_key=root_key
+        )
+    signer_key = generate_key(key_type)
+    signer_public = check_public_key(signer_key.public_key())
+    signer = _build_certificate(
+        subject=_ca_subject(trust_domain, "mtlsmesh intermediate CA", signer_public),
+        public_key=signer_public,
+        issuer=root_name,
+        issuer_key=root_key,
+        issuer_public_key=root_public,
+        not_before=not_before,
+        not_after=not_after,
+        uri=trust_domain.id,
+        path_length=0,
+        is_ca=True,
+        name_constraint=constraint,
+    )
+    return Authority(
+        signer_cert=signer,
+        signer_key=signer_key,
+        chain=(signer,),
+        roots=(root,),
+        trust_domain=trust_domain,
+        root_key=root_key,
+    )
+
+
+def issue_svid(
+    authority: Authority,
+    spiffe_id: SpiffeId,
+    *,
+    now: datetime,
+    ttl: timedelta = DEFAULT_SVID_TTL,
+    dns_names: Iterable[str] = (),
+    key_type: KeyType = KeyType.ECDSA_P256,
+    public_key: PublicKey | None = None,
+) -> IssuedSvid:
+    """Sign a leaf SVID for `spiffe_id`: a fresh key of `key_type`, or the caller's `public_key` (then key=None).
+
+    Refuses an ID that names no workload (root path), an ID over 2048 bytes or outside the CA's trust domain,
+    and a lifetime that would outlast the signing certificate (the message says until when it could go).
+    """
+    now = _utc(now)
+    text = str(spiffe_id)
+    if len(text.encode()) > MAX_ID_BYTES:
+        raise IdentityError(text, f"longer than {MAX_ID_BYTES} bytes; the CA does not issue such IDs", "ID-11")
+    spiffe_id = parse_spiffe_id(text)  # re-check an ID that was built without the parser
+    if spiffe_id.is_root:
+        raise IdentityError(text, "a leaf SVID needs a path; 'spiffe://<td>' alone names the trust domain", "L-2")
+    if spiffe_id.trust_domain != authority.trust_domain:
+        raise IdentityError(
+            text, f"not in this CA's trust domain {authority.trust_domain.name!r}; it signs only its own", "S-5"
+        )
+    names = tuple(parse_dns_name(name) for name in dns_names)
+    if ttl <= timedelta(0):
+        raise CertificateError("", f"the SVID lifetime must be positive, not {format_timedelta(ttl)}")
+    signer_start = authority.signer_cert.not_valid_before_utc
+    signer_end = authority.signer_cert.not_valid_after_utc
+    if now >= signer_end:
+        raise CertificateError("", f"the signing CA expired at {format_time(signer_end)}; create a new one")
+    if now < signer_start:
+        raise CertificateError("", f"the signing CA is not valid before {format_time(signer_start)}")
+    not_after = now + ttl
+    if not_after > signer_end:
+        raise CertificateError(
+            "",
+            f"a TTL of {format_timedelta(ttl)} ends {format_time(not_after)}, after the signing CA expires; "
+            f"it could go until {format_time(signer_end)} (a TTL of at most {format_timedelta(signer_end - now)})",
+        )
+    key: PrivateKey | None = None
+    if public_key is None:
+        key = generate_key(key_type)
+        public_key = key.public_key()
+    leaf = _build_certificate(
+        subject=x509.Name([]),
+        public_key=check_public_key(public_key),
+        issuer=authority.signer_cert.subject,
+        issuer_key=authority.signer_key,
+        issuer_public_key=check_public_key(authority.signer_key.public_key()),
+        # Never before the signer itself: a chain whose leaf predates its CA confuses strict verifiers.
+        not_before=max(now - BACKDATE, signer_start),
+        not_after=not_after,
+        uri=spiffe_id,
+        dns_names=names,
+        is_ca=False,
+    )
+    return IssuedSvid(cert=leaf, key=key, chain=authority.chain, roots=authority.roots)
+
+
+def parse_dns_name(name: str) -> str:
+    """A DNS SAN: LDH labels, optionally a leading `*.` wildcard label; returned lowercase."""
+    host = name[2:] if name.startswith("*.") else name
+    labels = host.split(".")
+    if not host or len(name) > _MAX_DNS_NAME or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise CertificateError("", f"{name!r} is not a valid DNS name (letters, digits, '-', labels joined by '.')")
+    return name.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEM in and out
+
+
+def render_certificates(certs: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def render_private_key(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def parse_certificates(data: bytes, source: str) -> tuple[x509.Certificate, ...]:
+    """All certificates in a PEM blob, in order; a blob with none, or a corrupt one, is an error."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise CertificateError(source, "no PEM certificate found")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CertificateError(source, f"corrupt PEM certificate: {exc}") from exc
+    return tuple(certs)
+
+
+def parse_private_key(data: bytes, source: str) -> PrivateKey:
+    """One unencrypted private key (PKCS#8, or the traditional EC/RSA forms) of a supported type."""
+    if b"PRIVATE KEY-----" not in data:
+        raise CertificateError(source, "no PEM private key found")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(source, f"corrupt or encrypted PEM private key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise CertificateError(source, f"unsupported private key type {type(key).__name__}")
+    check_public_key(key.public_key(), source)
+    return key
+
+
+def check_key_matches(cert: x509.Certificate, key: PrivateKey, source: str) -> None:
+    """Refuse a private key that does not belong to the certificate (comparing the public halves)."""
+    encoding, public_format = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(encoding, public_format) != key.public_key().public_bytes(
+        encoding, public_format
+    ):
+        raise CertificateError(source, "the private key does not match the certificate")
+
+
+def parse_csr_public_key(data: bytes, source: str) -> PublicKey:
+    """The public key of a PEM certificate request whose signature verifies; nothing else of it is used.
+
+    The CA signs the identity its caller is told to sign, never the subject or SANs a request claims (DESIGN.md 7);
+    the self-signature only proves the requester holds the matching private key.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CertificateError(source, f"not a PEM certificate request: {exc}") from exc
+    try:
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(source, f"unreadable certificate request: {exc}") from exc
+    if not valid:
+        raise CertificateError(source, "the request's signature does not verify; refusing to sign its key")
+    return check_public_key(public_key, source)
+
+
+def load_csr_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    return parse_csr_public_key(_read(Path(path)), str(path))
+
+
+def load_certificates(path: str | os.PathLike[str]) -> tuple[x509.Certificate, ...]:
+    return parse_certificates(_read(Path(path)), str(path))
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    return parse_private_key(_read(Path(path)), str(path))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CertificateError(str(path), "no such file") from exc
+    except OSError as exc:
+        raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+
+
+def check_writable(directory: Path, names: Iterable[str], *, force: bool) -> None:
+    """Refuse, before anything is written or generated, outputs that exist (unless `force`) or cannot be files."""
+    if directory.exists() and not directory.is_dir():
+        raise CertificateError(str(directory), "exists and is not a directory")
+    for name in names:
+        target = directory / name
+        if target.is_dir():
+            raise CertificateError(str(target), "is a directory")
+        if target.exists() and not force:
+            raise CertificateError(str(target), "already exists (--force replaces it)")
+
+
+def write_files(
+    directory: Path, files: Mapping[str, tuple[bytes, int]], *, force: bool, directory_mode: int = 0o700
+) -> None:
+    """Write several files into `directory` (created with `directory_mode` if missing) or none of them.
+
+    Every target is checked before anything is written; each file goes to a temporary name in the same directory
+    with its final mode set before any content, then all are renamed into place.
+    """
+    check_writable(directory, files, force=force)
+    try:
+        directory.mkdir(mode=directory_mode, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CertificateError(str(directory), f"cannot create: {exc.strerror or exc}") from exc
+    temps: dict[str, str] = {}
+    try:
+        for name, (data, mode) in files.items():
+            fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            temps[name] = temp
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for name, temp in list(temps.items()):
+            os.replace(temp, directory / name)
+            del temps[name]
+    except OSError as exc:
+        raise CertificateError(str(directory), f"cannot write: {exc.strerror or exc}") from exc
+    finally:
+        for temp in temps.values():
+            Path(temp).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A CA directory
+
+
+def save_authority(authority: Authority, directory: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write the CA into `directory`: root.pem, bundle.pem, root-key.pem (when known), intermediate{,-key}.pem."""
+    root = _chain_root(authority)
+    files: dict[str, tuple[bytes, int]] = {
+        ROOT_CERT_FILE: (render_certificates([root]), PUBLIC_MODE),
+        BUNDLE_FILE: (render_certificates(authority.roots), PUBLIC_MODE),
+    }
+    if authority.root_key is not None:
+        files[ROOT_KEY_FILE] = (render_private_key(authority.root_key), KEY_MODE)
+    if authority.chain:
+        files[INTERMEDIATE_CERT_FILE] = (render_certificates(authority.chain), PUBLIC_MODE)
+        files[INTERMEDIATE_KEY_FILE] = (render_private_key(authority.signer_key), KEY_MODE)
+    check_writable(Path(directory), CA_FILES, force=force)  # any file of another CA there counts as existing
+    write_files(Path(directory), files, force=force)
+    # A replaced CA must not leave a file of the old one behind: load_authority would sign with a stale
+    # intermediate under the new root.
+    for name in CA_FILES:
+        if name not in files:
+            (Path(directory) / name).unlink(missing_ok=True)
+
+
+def _chain_root(authority: Authority) -> x509.Certificate:
+    top = authority.chain[-1] if authority.chain else authority.signer_cert
+    for root in authority.roots:
+        if root.subject == top.issuer:
+            return root
+    raise CertificateError("", "no root in the bundle issued the signing certificate")
+
+
+def load_authority(directory: str | os.PathLike[str]) -> Authority:
+    """Read a CA directory written by `save_authority`: the intermediate signs if there is one, else the root.
+
+    bundle.pem (the roots peers trust, possibly several) is optional; without it the root alone is the bundle.
+    Every key is checked against its certificate and the signer must be a CA for the trust domain in its URI SAN.
+    """
+    base = Path(directory)
+    if not base.is_dir():
+        raise CertificateError(str(base), "no CA directory here (`mtlsmesh ca init` creates one)")
+    root_path = base / ROOT_CERT_FILE
+    (root, *extra) = load_certificates(root_path)
+    if extra:
+        raise CertificateError(str(root_path), "holds more than one certificate; expected the root alone")
+    root_key_path = base / ROOT_KEY_FILE
+    root_key = load_private_key(root_key_path) if root_key_path.exists() else None
+    if root_key is not None:
+        check_key_matches(root, root_key, str(root_key_path))
+    intermediate_path = base / INTERMEDIATE_CERT_FILE
+    if intermediate_path.exists():
+        chain = load_certificates(intermediate_path)
+        signer_cert, signer_key_path = chain[0], base / INTERMEDIATE_KEY_FILE
+        signer_key = load_private_key(signer_key_path)
+        check_key_matches(signer_cert, signer_key, str(signer_key_path))
+    else:
+        if root_key is None:
+            raise CertificateError(str(root_key_path), "no such file, and no intermediate to sign with instead")
+        chain, signer_cert, signer_key, signer_key_path = (), root, root_key, root_key_path
+    bundle_path = base / BUNDLE_FILE
+    roots = load_certificates(bundle_path) if bundle_path.exists() else (root,)
+    if root not in roots:
+        raise CertificateError(str(bundle_path), f"does not hold the CA's own {ROOT_CERT_FILE}")
+    roots = (root, *(r for r in roots if r != root))
+    trust_domain = _ca_trust_domain(signer_cert, str(signer_key_path))
+    return Authority(
+        signer_cert=signer_cert,
+        signer_key=signer_key,
+        chain=chain,
+        roots=roots,
+        trust_domain=trust_domain,
+        root_key=root_key,
+    )
+
+
+def _ca_trust_domain(cert: x509.Certificate, source: str) -> TrustDomain:
+    return svid.ca_spiffe_id(cert, source).trust_domain
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human-readable times
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_timedelta(delta: timedelta) -> str:
+    """`3d4h`, `23h59m`, `45s`, `-2h`: the two largest units, which is all a person reads."""
+    sign, seconds = ("-", -int(delta.total_seconds())) if delta < timedelta(0) else ("", int(delta.total_seconds()))
+    parts: list[str] = []
+    for unit, size in (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return sign + "".join(parts[:2])
