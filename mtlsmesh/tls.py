@@ -47,10 +47,10 @@ from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from OpenSSL import SSL, crypto
 
 from mtlsmesh import svid
+from mtlsmesh.ca import PrivateKey
 from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 
@@ -105,7 +105,7 @@ class Material:
     """An SVID and a trust bundle, already parsed: `chain` is the leaf first, then intermediates."""
 
     chain: tuple[x509.Certificate, ...]
-    key: CertificateIssuerPrivateKeyTypes
+    key: PrivateKey
     roots: tuple[x509.Certificate, ...]
 
 
