@@ -39,6 +39,7 @@ afterwards `trio.BrokenResourceError`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -236,6 +237,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     result = fn(*args)
                 except SSL.WantReadError:
                     want_read = True
+                except SSL.Error:
+                    # OpenSSL queued an alert saying why: send it so the peer fails now, not at its timeout.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._flush()
+                    raise
                 if await self._flush():
                     yielded = True
                 if not want_read:
