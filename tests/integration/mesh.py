@@ -41,6 +41,7 @@ from mtlsmesh.sidecar import serve_sidecar
 TD = TrustDomain("cluster.local")
 LOOPBACK = "127.0.0.1"
 ANY_PORT = ListenAddr(LOOPBACK, 0)
+LOOPBACK_NET = ipaddress.ip_network("127.0.0.1/32")
 
 
 class Pki:
@@ -97,7 +98,7 @@ async def running_sidecar(
     stop = trio.Event()
     kwargs = {} if orig_dst is None else {"orig_dst": orig_dst}
     async with trio.open_nursery() as nursery:
-        rt, state = await nursery.start(lambda task_status: serve_sidecar(cfg, store, stop=stop, task_status=task_status, **kwargs))
+        rt, state = await nursery.start(functools.partial(serve_sidecar, cfg, store, stop=stop, **kwargs))
         try:
             yield rt, state
         finally:
@@ -176,9 +177,7 @@ async def mesh_pair(
     The client's original destination is the server sidecar's inbound listener (as if iptables had sent the app's
     connection to the pod IP:app_port, which the peer's capture redirects to its 15006); the server's original
     destination is the app. Yields the port apps connect to and both runtimes."""
-    server_cfg = base_config(
-        pki.issue(server), inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5)
-    )
+    server_cfg = base_config(pki.issue(server), inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5))
     server_cfg = dataclasses.replace(server_cfg, **(server_changes or {}))  # type: ignore[arg-type]
     async with running_sidecar(server_cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (server_rt, server_state):
         inbound_port = server_state.bound["inbound"][1]
@@ -187,7 +186,7 @@ async def mesh_pair(
             outbound=OutboundConfig(
                 enabled=True,
                 listen=ANY_PORT,
-                destinations=(Destination((ipaddress.ip_network("127.0.0.1/32"),), frozenset({inbound_port}), identities),),
+                destinations=(Destination((LOOPBACK_NET,), frozenset({inbound_port}), identities),),
             ),
         )
         client_cfg = dataclasses.replace(client_cfg, **(client_changes or {}))  # type: ignore[arg-type]

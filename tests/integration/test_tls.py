@@ -145,9 +145,7 @@ def two_uri_sans(authority: ca.Authority) -> tls.Material:
             critical=True,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
@@ -245,7 +243,7 @@ async def test_server_refuses_bad_clients(
     ],
 )
 async def test_client_refuses_an_unexpected_server_identity(
-    authority: ca.Authority, contexts: tuple[SSL.Context, SSL.Context], expected: tuple[str, ...], trust_domain: str, match: str
+    contexts: tuple[SSL.Context, SSL.Context], expected: tuple[str, ...], trust_domain: str, match: str
 ) -> None:
     client_ctx, server_ctx = contexts
     a, b = memory_stream_pair()
