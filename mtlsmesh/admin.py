@@ -180,5 +180,3 @@ async def _one(stream: trio.SocketStream, endpoints: Endpoints, slots: trio.Capa
         await _handle(stream, endpoints)
     finally:
         slots.release_on_behalf_of(stream)
-
-
