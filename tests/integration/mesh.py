@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -239,10 +239,8 @@ def client_hello(alpn: bytes | None = b"mtlsmesh") -> bytes:
         ctx.set_alpn_protos([alpn])
     conn = SSL.Connection(ctx, None)
     conn.set_connect_state()
-    try:
+    with suppress(SSL.WantReadError):
         conn.do_handshake()
-    except SSL.WantReadError:
-        pass
     return conn.bio_read(65536)
 
 

@@ -257,3 +257,4 @@ async def test_permissive_port_passes_plaintext_through(pki: Pki, caplog: pytest
                 assert await read_all(plain) == b"plaintext hello"
     (line,) = conn_lines(caplog.records, "inbound")
     assert "decision=passthrough" in line and "peer_id=-" in line
+    assert seen == ["127.0.0.6"]
