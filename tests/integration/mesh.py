@@ -51,7 +51,8 @@ class Pki:
     def __init__(self, root: Path, *, intermediate: bool = False, trust_domain: TrustDomain = TD) -> None:
         self.root = root
         self.now = datetime.now(UTC)
-        self.authority = ca.create_ca(trust_domain, now=self.now, intermediate=intermediate)
+        # Backdated so that tests can issue leaves that have already expired.
+        self.authority = ca.create_ca(trust_domain, now=self.now - timedelta(days=3), intermediate=intermediate)
 
     def issue(
         self, name: str, namespace: str = "default", service_account: str | None = None, **kwargs: object

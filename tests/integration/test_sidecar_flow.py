@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 import trio
 
+from mtlsmesh import tls
 from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig
+from mtlsmesh.errors import HandshakeError
 from tests.integration.mesh import (
     ANY_PORT,
     Pki,
@@ -27,6 +30,7 @@ from tests.integration.mesh import (
     outcome,
     read_all,
 )
+from tests.integration.test_tls import BAD_CLIENTS, ClientMaker
 
 IO = 10.0  # seconds any single scenario may take
 
@@ -258,3 +262,46 @@ async def test_permissive_port_passes_plaintext_through(pki: Pki, caplog: pytest
     (line,) = conn_lines(caplog.records, "inbound")
     assert "decision=passthrough" in line and "peer_id=-" in line
     assert seen == ["127.0.0.6"]
+
+
+@pytest.mark.parametrize(("case", "make_client", "reason"), BAD_CLIENTS, ids=[c[0] for c in BAD_CLIENTS])
+async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
+    pki: Pki, caplog: pytest.LogCaptureFixture, case: str, make_client: ClientMaker, reason: str
+) -> None:
+    other = Pki(pki.root / "other").authority
+    client_ctx = make_client(pki.authority, other)
+    with trio.fail_after(IO):
+        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+            transport = await connect(mesh.inbound_port)
+            bad = tls.TLSStream(transport, client_ctx, tls.Side.CLIENT)
+            with pytest.raises((trio.BrokenResourceError, HandshakeError)):
+                await bad.do_handshake()
+                await bad.send_all(b"hello")
+                await bad.receive_some()  # TLS 1.3: the server's refusal shows at the first read
+            await trio.aclose_forcefully(bad)
+            assert await exchange(mesh.port, b"others keep working") == b"others keep working"
+    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
+    assert len(refused) == 1, refused
+    assert 'reason="handshake:' in refused[0] and re.search(reason, refused[0]), refused[0]
+    assert seen == ["127.0.0.6"]
+
+
+async def test_disable_and_server_first_ports_are_not_sniffed(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """DISABLE passes bytes through at once; a server-first port in PERMISSIVE lets the app speak first."""
+
+    async def greet_first(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 hello\r\n")
+        await echo(stream)
+
+    async with app_server(greet_first) as (app_port, _):
+        for port_config in (PortConfig(mode=Mode.DISABLE), PortConfig(mode=Mode.PERMISSIVE, server_first=True)):
+            inbound = InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=5.0, ports={app_port: port_config})
+            with trio.fail_after(3):  # far below the 5 s sniff timeout: nothing waited for the client
+                async with mesh_pair(pki, app_port, server_changes={"inbound": inbound}) as mesh:
+                    plain = await connect(mesh.inbound_port)
+                    assert await plain.receive_some(100) == b"220 hello\r\n"
+                    await plain.send_all(b"QUIT")
+                    await plain.send_eof()
+                    assert await read_all(plain) == b"QUIT"
+    lines = conn_lines(caplog.records, "inbound")
+    assert len(lines) == 2 and all("decision=passthrough" in line for line in lines)
