@@ -61,7 +61,7 @@ class Credentials:
 def _uri(cert: x509.Certificate) -> str:
     try:
         return str(svid.ca_spiffe_id(cert))
-    except Exception:  # only for display; a root without a SPIFFE ID is still a root
+    except CertificateError:  # only for display; a root without a SPIFFE ID is still a root
         return format(cert.serial_number, "x")
 
 

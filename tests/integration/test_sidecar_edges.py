@@ -242,15 +242,34 @@ async def test_http_stalled_client_gets_a_timeout_and_others_are_answered(pki: P
             assert response.startswith(b"HTTP/1.1 408")
 
 
-async def test_health_is_503_while_draining(pki: Pki) -> None:
-    cfg = base_config(pki.issue("a"))
+async def test_admin_drain_turns_health_to_503(pki: Pki) -> None:
+    cfg = base_config(pki.issue("a"), timeouts=dataclasses.replace(base_config(pki.issue("a")).timeouts, drain=5.0))
     with trio.fail_after(IO):
-        async with running_sidecar(cfg) as (_rt, state):
-            port = state.bound["health"][1]
-            state.ready = False
-            state.draining = True
-            assert await http(port, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (503, b"draining\n")
-            state.ready, state.draining = True, False
+        async with running_sidecar(cfg) as (rt, state):
+            health = state.bound["health"][1]
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
+            rt.tracker.opened()  # an open connection keeps the drain going while we look
+            assert await http(state.bound["admin"][1], b"POST /drain HTTP/1.1\r\n\r\n") == (200, b"draining\n")
+            with trio.fail_after(2):
+                while not state.draining:
+                    await trio.sleep(0.01)
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (503, b"draining\n")
+            rt.tracker.closed()
+
+
+async def test_a_stalled_handshake_hits_the_handshake_timeout(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    changes = {"timeouts": dataclasses.replace(base_config(pki.issue("x")).timeouts, handshake=0.5)}
+    async with app_server(echo) as (app_port, seen):
+        with trio.fail_after(IO):
+            async with mesh_pair(pki, app_port, server_changes=changes) as mesh:
+                stalled = await connect(mesh.inbound_port)
+                await stalled.send_all(client_hello())  # a whole ClientHello, then nothing more
+                started = trio.current_time()
+                kind, _ = await outcome(stalled)
+                elapsed = trio.current_time() - started
+    assert kind == "reset" and 0.4 < elapsed < 3
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert "reason=handshake_timeout" in line and seen == []
 
 
 # --- credentials ------------------------------------------------------------------------------------------------
