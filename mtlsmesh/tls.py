@@ -126,8 +126,9 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    # No session tickets: sidecar connections are long-lived and a resumed session would skip the client
-    # certificate check we rely on. No renegotiation exists in TLS 1.3 anyway.
+    # No resumption: a resumed session would skip the client certificate check we rely on. OP_NO_TICKET turns off
+    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still sends after a TLS 1.3
+    # handshake name nothing it could resume (pyOpenSSL cannot set their number to 0). Our clients never offer one.
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
