@@ -223,6 +223,7 @@ BAD_INBOUND = [
     ("half-client-hello", client_hello()[:60], "sniff_timeout"),
     ("foreign-tls", client_hello(alpn=b"h2"), "not_mesh"),
     ("silence", b"", "sniff_timeout"),
+    ("half-client-hello-then-fin", client_hello()[:60], "closed_during_sniff"),
 ]
 
 
@@ -235,6 +236,8 @@ async def test_strict_inbound_refuses_what_is_not_mesh_tls(
             bad = await connect(mesh.inbound_port)
             if first_bytes:
                 await bad.send_all(first_bytes)
+            if case.endswith("then-fin"):
+                await bad.send_eof()
             started = trio.current_time()
             kind, _ = await outcome(bad)
             elapsed = trio.current_time() - started
