@@ -148,9 +148,13 @@ def check_writable(directory: Path, names: Iterable[str], *, force: bool) -> Non
         raise CertificateError(str(directory), "exists and is not a directory")
     for name in names:
         target = directory / name
-        if target.is_dir():
+        try:
+            exists, is_dir = target.exists(), target.is_dir()
+        except OSError as exc:  # a name too long, a path through a file, no permission
+            raise CertificateError(str(target), f"cannot write here: {exc.strerror or exc}") from exc
+        if is_dir:
             raise CertificateError(str(target), "is a directory")
-        if target.exists() and not force:
+        if exists and not force:
             raise CertificateError(str(target), "already exists (--force replaces it)")
 
 
@@ -163,11 +167,13 @@ def write_files(
     with its final mode set before any content, then all are renamed into place.
     """
     check_writable(directory, files, force=force)
+    created = not directory.exists()
     try:
         directory.mkdir(mode=directory_mode, parents=True, exist_ok=True)
     except OSError as exc:
         raise CertificateError(str(directory), f"cannot create: {exc.strerror or exc}") from exc
     temps: dict[str, str] = {}
+    done = False
     try:
         for name, (data, mode) in files.items():
             fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -180,8 +186,11 @@ def write_files(
         for name, temp in list(temps.items()):
             os.replace(temp, directory / name)
             del temps[name]
+        done = True
     except OSError as exc:
         raise CertificateError(str(directory), f"cannot write: {exc.strerror or exc}") from exc
     finally:
         for temp in temps.values():
             Path(temp).unlink(missing_ok=True)
+        if created and not done and not any(directory.iterdir()):
+            directory.rmdir()  # leave no empty directory behind a failed first write

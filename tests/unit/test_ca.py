@@ -682,3 +682,28 @@ def test_openssl_refuses_an_expired_leaf(tmp_path: Path) -> None:
     result = openssl_verify(tmp_path, "sslserver", issued.bundle_pem(), b"", issued.cert.public_bytes(PEM))
     assert result.returncode != 0
     assert "certificate has expired" in result.stdout + result.stderr
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"a.pem": (b"a", 0o644), "b.pem": (b"b", 0o644)}
+    with pytest.raises(CertificateError, match=r"File name too long"):
+        pem.write_files(tmp_path / "new", {**files, "x" * 300: (b"", 0o644)}, force=False)
+    assert not (tmp_path / "new").exists()
+
+    # A disk that fills up while writing the second file: the first must not survive, nor the new directory.
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(CertificateError, match=r"new: cannot write: No space left on device"):
+        pem.write_files(tmp_path / "new", files, force=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    calls.clear()
+    with pytest.raises(CertificateError, match=r"cannot write: No space left on device"):
+        pem.write_files(tmp_path / "old", files, force=False)
+    assert list((tmp_path / "old").iterdir()) == []
