@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -707,3 +708,12 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(CertificateError, match=r"cannot write: No space left on device"):
         pem.write_files(tmp_path / "old", files, force=False)
     assert list((tmp_path / "old").iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["mtlsmesh.ca", "mtlsmesh.svid", "mtlsmesh.pem", "mtlsmesh.identity"])
+def test_the_ca_core_loads_no_io_machinery(module: str) -> None:
+    # `socket` is not on the list: cryptography.x509 loads email.utils, which imports it; nothing here uses it.
+    io_modules = ("trio", "ssl", "OpenSSL", "subprocess", "asyncio")
+    probe = f"import sys, {module}; print(','.join(m for m in {io_modules!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == ""
