@@ -15,7 +15,8 @@ and injected again, so running the injector twice gives the same bytes, and re-r
 image change updates the pod. Every other field and every other document is left as it was; key order is kept;
 YAML comments are lost (PyYAML does not keep them) and empty documents are dropped.
 
-This module is pure: text or dicts in, text or dicts out, no files, no cluster. It does not create the Secrets or
+This module is pure: text or dicts in, text or dicts out, no files, no cluster. YAML text is `manifest`'s job,
+reading the annotations `annotations`'s. It does not create the Secrets or
 the ConfigMap (see `deploy/README.md`), and it does not rewrite the app's kubelet probes: it warns when a probe
 would reach a port the sidecar serves in strict mode.
 """
@@ -23,26 +24,23 @@ would reach a port the sidecar serves in strict mode.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from mtlsmesh import __version__
+from mtlsmesh.annotations import (
+    EXCLUDE_INBOUND_PORTS,
+    INBOUND_MODE,
+    STATUS_ANNOTATION,
+    CaptureSettings,
+    opted_out,
+    parse_capture,
+    read_annotations,
+)
 from mtlsmesh.errors import ConfigError, MeshError
-
-ANNOTATION_PREFIX = "mtlsmesh.io/"
-INJECT_ANNOTATION = "mtlsmesh.io/inject"
-STATUS_ANNOTATION = "mtlsmesh.io/status"
-EXCLUDE_INBOUND_PORTS = "mtlsmesh.io/exclude-inbound-ports"
-EXCLUDE_OUTBOUND_PORTS = "mtlsmesh.io/exclude-outbound-ports"
-EXCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/exclude-outbound-cidrs"
-INCLUDE_INBOUND_PORTS = "mtlsmesh.io/include-inbound-ports"
-INCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/include-outbound-cidrs"
-INBOUND_MODE = "mtlsmesh.io/inbound-mode"
+from mtlsmesh.manifest import parse_manifests, render_manifests
 
 INIT_CONTAINER = "mtlsmesh-init"
 PROXY_CONTAINER = "mtlsmesh-proxy"
@@ -67,8 +65,6 @@ HEALTH_PORT = 15021
 METRICS_PORT = 15090
 RESERVED_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, HEALTH_PORT, METRICS_PORT})
 NEVER_CAPTURED_INBOUND = frozenset({HEALTH_PORT, METRICS_PORT})  # the capture rules always exclude these
-
-INBOUND_MODES = ("strict", "permissive", "disable")
 
 # Kind -> (API groups it may come from, path from the document to its pod template). A kind from another group
 # (a custom resource that happens to be called "Deployment") is not ours to touch.
@@ -121,57 +117,8 @@ class InjectedText:
     warnings: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _Capture:
-    """The validated `mtlsmesh.io/*` annotations of one pod template."""
-
-    inbound_ports: str = "*"
-    exclude_inbound_ports: str = ""
-    exclude_outbound_ports: str = ""
-    include_outbound_cidrs: str = "*"
-    exclude_outbound_cidrs: str = ""
-    inbound_mode: str | None = None  # None: the mode in the mesh config
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Text in, text out
-
-
-class _Dumper(yaml.SafeDumper):
-    """Safe dumping with block lists indented under their key and multi-line strings as literal blocks."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True  # kubectl reads anchors, but people reading the output should not have to
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None  # the emitter falls back to quoting when a block cannot hold the text
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
-def parse_manifests(text: str, source: str) -> list[object]:
-    """Every YAML document of `text`; a syntax error names `source` and the line."""
-    try:
-        return list(yaml.safe_load_all(text))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = exc.problem or exc.context or "malformed YAML"
-        raise ConfigError(where, f"malformed YAML: {problem}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, f"malformed YAML: {exc}") from exc
-
-
-def render_manifests(documents: Sequence[object]) -> str:
-    """The documents as multi-document YAML, keys in their original order; empty documents are dropped."""
-    kept = [doc for doc in documents if doc is not None]
-    return yaml.dump_all(kept, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def inject_text(text: str, *, source: str, options: InjectOptions | None = None) -> InjectedText:
@@ -215,7 +162,7 @@ def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[
     if group not in groups:
         return
     label = f"{where} ({kind} {_object_name(doc)})"
-    workload_annotations = _annotations(doc, label)
+    workload_annotations = read_annotations(doc, label)
     template: object = doc
     walked: list[str] = []
     for key in path:
@@ -224,8 +171,8 @@ def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[
         if not isinstance(template, dict):
             raise ConfigError(label, f"{'.'.join(walked)}: expected a mapping")
     assert isinstance(template, dict)
-    template_annotations = _annotations(template, label) if path else workload_annotations
-    if _opted_out(workload_annotations, label) or _opted_out(template_annotations, label):
+    template_annotations = read_annotations(template, label) if path else workload_annotations
+    if opted_out(workload_annotations, label) or opted_out(template_annotations, label):
         return
     spec = template.get("spec")
     if not isinstance(spec, dict):
@@ -233,7 +180,7 @@ def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[
     if spec.get("hostNetwork") is True:
         warnings.append(f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node")
         return
-    capture = _parse_capture({**workload_annotations, **template_annotations}, label)
+    capture = parse_capture({**workload_annotations, **template_annotations}, label)
     if STATUS_ANNOTATION in template_annotations:
         _strip(spec)
     _check_pod(spec, label, opts)
@@ -250,93 +197,6 @@ def _object_name(doc: JsonDict) -> str:
     name = str(metadata.get("name", "<unnamed>"))
     namespace = metadata.get("namespace")
     return f"{namespace}/{name}" if namespace else name
-
-
-def _annotations(obj: JsonDict, label: str) -> dict[str, str]:
-    """The object's `mtlsmesh.io/*` annotations, each checked to be a string and a name we know."""
-    metadata = obj.get("metadata")
-    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
-    if annotations is None:
-        return {}
-    if not isinstance(annotations, dict):
-        raise ConfigError(label, "metadata.annotations: expected a mapping")
-    ours: dict[str, str] = {}
-    for key, value in annotations.items():
-        if not isinstance(key, str) or not key.startswith(ANNOTATION_PREFIX):
-            continue
-        if key not in _KNOWN_ANNOTATIONS:
-            known = ", ".join(sorted(_KNOWN_ANNOTATIONS))
-            raise ConfigError(label, f"annotation {key}: unknown; known: {known}")
-        if not isinstance(value, str):
-            raise ConfigError(label, f'annotation {key}: annotation values are strings, quote it ({key}: "{value}")')
-        ours[key] = value
-    return ours
-
-
-def _opted_out(annotations: Mapping[str, str], label: str) -> bool:
-    value = annotations.get(INJECT_ANNOTATION)
-    if value is None:
-        return False
-    if value not in ("true", "false"):
-        raise ConfigError(label, f'annotation {INJECT_ANNOTATION}: expected "true" or "false", got {value!r}')
-    return value == "false"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Annotations -> capture settings
-
-
-def _parse_ports(value: str, name: str, label: str, *, allow_all: bool) -> str:
-    text = value.strip()
-    if allow_all and text == "*":
-        return "*"
-    ports: list[str] = []
-    for item in (part.strip() for part in text.split(",")) if text else ():
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
-            raise ConfigError(label, f"annotation {name}: {item!r} is not a port (1-65535)")
-        ports.append(str(int(item)))
-    return ",".join(ports)
-
-
-def _parse_cidrs(value: str, name: str, label: str, *, allow_all: bool) -> str:
-    text = value.strip()
-    if allow_all and text == "*":
-        return "*"
-    cidrs: list[str] = []
-    for item in (part.strip() for part in text.split(",")) if text else ():
-        try:
-            cidrs.append(str(ipaddress.ip_network(item, strict=True)))
-        except ValueError as exc:
-            raise ConfigError(label, f"annotation {name}: {item!r} is not a CIDR ({exc})") from exc
-    return ",".join(cidrs)
-
-
-def _parse_mode(value: str, name: str, label: str) -> str:
-    mode = value.strip().lower()
-    if mode not in INBOUND_MODES:
-        raise ConfigError(label, f"annotation {name}: expected one of {', '.join(INBOUND_MODES)}, got {value!r}")
-    return mode
-
-
-_Parser = Callable[[str, str, str], str]
-_CAPTURE_FIELDS: dict[str, tuple[str, _Parser]] = {
-    INCLUDE_INBOUND_PORTS: ("inbound_ports", lambda v, n, lb: _parse_ports(v, n, lb, allow_all=True)),
-    EXCLUDE_INBOUND_PORTS: ("exclude_inbound_ports", lambda v, n, lb: _parse_ports(v, n, lb, allow_all=False)),
-    EXCLUDE_OUTBOUND_PORTS: ("exclude_outbound_ports", lambda v, n, lb: _parse_ports(v, n, lb, allow_all=False)),
-    INCLUDE_OUTBOUND_CIDRS: ("include_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=True)),
-    EXCLUDE_OUTBOUND_CIDRS: ("exclude_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=False)),
-    INBOUND_MODE: ("inbound_mode", _parse_mode),
-}
-_KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, *_CAPTURE_FIELDS})
-
-
-def _parse_capture(annotations: Mapping[str, str], label: str) -> _Capture:
-    values = {
-        field: parse(annotations[name], name, label)
-        for name, (field, parse) in _CAPTURE_FIELDS.items()
-        if name in annotations
-    }
-    return _Capture(**values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,7 +254,7 @@ def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
             )
 
 
-def _probe_warnings(spec: JsonDict, capture: _Capture, label: str) -> list[str]:
+def _probe_warnings(spec: JsonDict, capture: CaptureSettings, label: str) -> list[str]:
     """Kubelet probes come in plaintext from the node: in strict mode the sidecar refuses them on captured ports."""
     if capture.inbound_mode in ("permissive", "disable"):
         return []
@@ -449,7 +309,7 @@ def _env(pairs: Sequence[tuple[str, str]]) -> list[JsonDict]:
     return [{"name": name, "value": value} for name, value in pairs]
 
 
-def _init_container(capture: _Capture, opts: InjectOptions) -> JsonDict:
+def _init_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
     env = [
         ("MTLSMESH_PROXY_UID", str(opts.proxy_uid)),
         ("MTLSMESH_PROXY_GID", str(opts.proxy_gid)),
@@ -487,7 +347,7 @@ def _init_container(capture: _Capture, opts: InjectOptions) -> JsonDict:
     }
 
 
-def _proxy_container(capture: _Capture, opts: InjectOptions) -> JsonDict:
+def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
     env = [("MTLSMESH_INBOUND_MODE", capture.inbound_mode)] if capture.inbound_mode is not None else []
     probe = {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
     container: JsonDict = {
@@ -553,7 +413,7 @@ def _volumes(spec: JsonDict) -> list[JsonDict]:
     ]
 
 
-def _inject_spec(spec: JsonDict, capture: _Capture, opts: InjectOptions) -> None:
+def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) -> None:
     ours = [_init_container(capture, opts), _proxy_container(capture, opts)]
     init_containers = spec.get("initContainers")
     if isinstance(init_containers, list):

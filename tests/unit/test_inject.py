@@ -19,18 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
+from mtlsmesh.annotations import STATUS_ANNOTATION
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError, MeshError
-from mtlsmesh.inject import (
-    INIT_CONTAINER,
-    PROXY_CONTAINER,
-    STATUS_ANNOTATION,
-    InjectOptions,
-    inject_documents,
-    inject_text,
-    parse_manifests,
-    pod_commands,
-)
+from mtlsmesh.inject import INIT_CONTAINER, PROXY_CONTAINER, InjectOptions, inject_documents, inject_text, pod_commands
+from mtlsmesh.manifest import parse_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
@@ -249,6 +242,8 @@ def test_workload_annotations_apply_and_the_template_wins() -> None:
         ({"mtlsmesh.io/exclude-inbound-ports": "80,http"}, r"annotation mtlsmesh.io/exclude-inbound-ports: 'http' is "
          r"not a port \(1-65535\)"),
         ({"mtlsmesh.io/exclude-inbound-ports": "0"}, r"exclude-inbound-ports: '0' is not a port"),
+        ({"mtlsmesh.io/exclude-inbound-ports": "\u0661\u0662"}, r"exclude-inbound-ports: '\u0661\u0662' is not a port"),
+        ({"mtlsmesh.io/exclude-inbound-ports": "8080;8081"}, r"exclude-inbound-ports: '8080;8081' is not a port"),
         ({"mtlsmesh.io/exclude-outbound-ports": "65536"}, r"exclude-outbound-ports: '65536' is not a port"),
         ({"mtlsmesh.io/exclude-outbound-ports": "*"}, r"exclude-outbound-ports: '\*' is not a port"),
         ({"mtlsmesh.io/include-inbound-ports": "80,,81"}, r"include-inbound-ports: '' is not a port"),
@@ -420,6 +415,17 @@ def test_non_pod_documents_are_untouched(doc: object) -> None:
     result = inject_documents([doc])
     assert result.documents == (before,)
     assert result.injected == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["two  \nlines", "blank\n\nline\n", "\ttab\nx", "  leading\nspace", "keep\n\n\n", "ünïcode\n✓\n", "no newline"],
+)
+def test_untouched_strings_render_the_same_twice(value: str) -> None:
+    doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"v": value}}
+    once = inject_text(yaml.safe_dump(doc), source="in").text
+    assert parse_manifests(once, "once") == [doc]
+    assert inject_text(once, source="once").text == once
 
 
 def test_input_documents_are_not_mutated() -> None:
