@@ -28,6 +28,8 @@ INBOUND_MODE = "mtlsmesh.io/inbound-mode"
 
 INBOUND_MODES = ("strict", "permissive", "disable")
 _PORT = re.compile(r"[0-9]{1,5}")
+# Health and metrics: the capture rules never redirect them (DESIGN.md section 2), so they cannot be "included".
+NEVER_CAPTURED_INBOUND = frozenset({15021, 15090})
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,4 +124,31 @@ def parse_capture(annotations: Mapping[str, str], label: str) -> CaptureSettings
         for name, (field, parse) in _CAPTURE_FIELDS.items()
         if name in annotations
     }
-    return CaptureSettings(**values)
+    settings = CaptureSettings(**values)
+    _check_consistency(settings, label)
+    return settings
+
+
+def _check_consistency(settings: CaptureSettings, label: str) -> None:
+    """Refuse here what `mtlsmesh iptables` would refuse when the pod starts: better at inject than at run time."""
+    included = [] if settings.inbound_ports == "*" else [p for p in settings.inbound_ports.split(",") if p]
+    excluded = set(settings.exclude_inbound_ports.split(","))
+    for port in included:
+        if int(port) in NEVER_CAPTURED_INBOUND:
+            raise ConfigError(
+                label, f"annotation {INCLUDE_INBOUND_PORTS}: port {port} is the sidecar's own and is never captured"
+            )
+        if port in excluded:
+            raise ConfigError(
+                label,
+                f"annotations {INCLUDE_INBOUND_PORTS} and {EXCLUDE_INBOUND_PORTS}: port {port} "
+                "is both captured and excluded",
+            )
+    cidrs = set(settings.exclude_outbound_cidrs.split(","))
+    for cidr in [] if settings.include_outbound_cidrs == "*" else settings.include_outbound_cidrs.split(","):
+        if cidr and cidr in cidrs:
+            raise ConfigError(
+                label,
+                f"annotations {INCLUDE_OUTBOUND_CIDRS} and {EXCLUDE_OUTBOUND_CIDRS}: {cidr} is "
+                "both included and excluded",
+            )

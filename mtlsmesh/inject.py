@@ -33,6 +33,7 @@ from mtlsmesh import __version__
 from mtlsmesh.annotations import (
     EXCLUDE_INBOUND_PORTS,
     INBOUND_MODE,
+    NEVER_CAPTURED_INBOUND,
     STATUS_ANNOTATION,
     CaptureSettings,
     opted_out,
@@ -64,7 +65,6 @@ ADMIN_PORT = 15000
 HEALTH_PORT = 15021
 METRICS_PORT = 15090
 RESERVED_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, HEALTH_PORT, METRICS_PORT})
-NEVER_CAPTURED_INBOUND = frozenset({HEALTH_PORT, METRICS_PORT})  # the capture rules always exclude these
 
 # Kind -> (API groups it may come from, path from the document to its pod template). A kind from another group
 # (a custom resource that happens to be called "Deployment") is not ours to touch.

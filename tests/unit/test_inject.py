@@ -253,6 +253,14 @@ def test_workload_annotations_apply_and_the_template_wins() -> None:
         ({"mtlsmesh.io/exclude-outbound-cidrs": "*"}, r"exclude-outbound-cidrs: '\*' is not a CIDR"),
         ({"mtlsmesh.io/inbound-mode": "mtls"}, r"annotation mtlsmesh.io/inbound-mode: expected one of strict, "
          r"permissive, disable, got 'mtls'"),
+        ({"mtlsmesh.io/include-inbound-ports": "9080,15021"}, r"annotation mtlsmesh.io/include-inbound-ports: port "
+         r"15021 is the sidecar's own and is never captured"),
+        ({"mtlsmesh.io/include-inbound-ports": "80, 443", "mtlsmesh.io/exclude-inbound-ports": "443"},
+         r"annotations mtlsmesh.io/include-inbound-ports and mtlsmesh.io/exclude-inbound-ports: port 443 is both "
+         r"captured and excluded"),
+        ({"mtlsmesh.io/include-outbound-cidrs": "10.0.0.0/8", "mtlsmesh.io/exclude-outbound-cidrs": "10.0.0.0/8"},
+         r"annotations mtlsmesh.io/include-outbound-cidrs and mtlsmesh.io/exclude-outbound-cidrs: 10.0.0.0/8 is "
+         r"both included and excluded"),
         ({"mtlsmesh.io/inject": "no"}, r"annotation mtlsmesh.io/inject: expected \"true\" or \"false\", got 'no'"),
         ({"mtlsmesh.io/inject": False}, r"annotation mtlsmesh.io/inject: annotation values are strings, quote it"),
         ({"mtlsmesh.io/exclude-inbound-ports": 8080}, r"exclude-inbound-ports: annotation values are strings"),
@@ -510,12 +518,33 @@ def test_pod_commands_of_the_annotated_golden_deployment() -> None:
     assert init_env == {
         **BASE_INIT_ENV,
         "MTLSMESH_INBOUND_PORTS": "9080,9443",
-        "MTLSMESH_EXCLUDE_INBOUND_PORTS": "9443",
+        "MTLSMESH_EXCLUDE_INBOUND_PORTS": "9090",
         "MTLSMESH_EXCLUDE_OUTBOUND_PORTS": "5432,6379",
         "MTLSMESH_INCLUDE_OUTBOUND_CIDRS": "10.0.0.0/8,fd00::/8",
         "MTLSMESH_EXCLUDE_OUTBOUND_CIDRS": "10.96.0.1/32",
     }
     assert proxy_env == {"MTLSMESH_INBOUND_MODE": "permissive"}
+
+
+@pytest.mark.skipif(
+    not (ROOT / "mtlsmesh" / "cli" / "iptables.py").exists(), reason="`mtlsmesh iptables` is not in this tree yet"
+)
+@pytest.mark.parametrize(
+    ("case", "expected"), [("pod", "--dport 15090 -j RETURN"), ("deployment", "--dport 9090 -j RETURN")]
+)
+def test_init_command_is_accepted_by_mtlsmesh_iptables(case: str, expected: str) -> None:
+    """The injected init step's argv and env, run as `mtlsmesh iptables --dry-run` (no root needed)."""
+    (doc,) = parse_manifests((GOLDEN / f"{case}.injected.yaml").read_text(), case)
+    assert isinstance(doc, dict)
+    (argv, env), _ = pod_commands(template_of(doc)["spec"])
+    assert argv[0] == "mtlsmesh"
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", *argv[1:], "--dry-run"],
+        env={**base_env, **env}, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
 
 
 @pytest.mark.parametrize(
