@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,36 @@ def test_sidecar_config_is_accepted_by_the_parser() -> None:
     assert loaded.inbound.mode is config.Mode.STRICT
     assert loaded.outbound.listen == config.ListenAddr("0.0.0.0", 15001)
     assert loaded.credentials is not None and loaded.credentials.key == "/var/run/mtlsmesh/svid/key.pem"
+
+
+@pytest.mark.skipif(not (ROOT / "mtlsmesh" / "cli" / "ca.py").exists(), reason="`mtlsmesh ca` is not in this tree yet")
+def test_ca_issued_secret_validates_and_is_the_one_the_injected_pod_mounts(tmp_path: Path) -> None:
+    def mtlsmesh(*argv: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "mtlsmesh", *argv], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    mtlsmesh("ca", "init", "--dir", str(tmp_path / "ca"))
+    secret = yaml.safe_load(
+        mtlsmesh("ca", "issue", "--ca-dir", str(tmp_path / "ca"), "--namespace", "default",
+                 "--service-account", "bookinfo-details", "--k8s-secret")
+    )  # fmt: skip
+    validate(secret, "mtlsmesh ca issue --k8s-secret")
+    (deployment,) = [
+        d for d in load_documents(DEPLOY / "examples" / "bookinfo-injected.yaml")
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "details-v1"
+    ]  # fmt: skip
+    spec = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "mtlsmesh-svid"]
+    assert (secret["metadata"]["namespace"], secret["metadata"]["name"]) == (
+        deployment["metadata"]["namespace"],
+        volume["secret"]["secretName"],
+    )
+    proxy = next(c for c in spec["initContainers"] if c["name"] == "mtlsmesh-proxy")
+    files = {arg.rpartition("/")[2] for arg in proxy["args"] if arg.startswith("/var/run/mtlsmesh/svid/")}
+    assert set(secret["data"]) == files == {"cert.pem", "key.pem", "bundle.pem"}
 
 
 def test_no_private_key_or_certificate_is_committed_in_deploy() -> None:
