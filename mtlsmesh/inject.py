@@ -15,10 +15,9 @@ and injected again, so running the injector twice gives the same bytes, and re-r
 image change updates the pod. Every other field and every other document is left as it was; key order is kept;
 YAML comments are lost (PyYAML does not keep them) and empty documents are dropped.
 
-This module is pure: text or dicts in, text or dicts out, no files, no cluster. YAML text is `manifest`'s job,
-reading the annotations `annotations`'s. It does not create the Secrets or
-the ConfigMap (see `deploy/README.md`), and it does not rewrite the app's kubelet probes: it warns when a probe
-would reach a port the sidecar serves in strict mode.
+This module is pure: dicts in, dicts out, no files, no cluster; YAML text is `manifest`'s job and the annotations
+are `annotations`'s. It does not create the Secrets or the ConfigMap (see `deploy/README.md`), and it does not
+rewrite the app's kubelet probes: it warns when a probe would reach a port the sidecar serves in strict mode.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from mtlsmesh.annotations import (
     parse_capture,
     read_annotations,
 )
-from mtlsmesh.errors import ConfigError, MeshError
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.manifest import parse_manifests, render_manifests
 
 INIT_CONTAINER = "mtlsmesh-init"
@@ -223,34 +222,37 @@ def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
     if isinstance(pod_context, dict):
         for field, what, proxy_id in ids:
             if pod_context.get(field) == proxy_id:
-                raise MeshError(
-                    f"{label}: the pod's securityContext runs as {what} {proxy_id}, the proxy's {what}: the capture "
-                    f"rules let that {what}'s traffic bypass the mesh; choose another {what}"
+                raise ConfigError(
+                    label,
+                    f"the pod's securityContext runs as {what} {proxy_id}, the proxy's {what}: the capture "
+                    f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
                 )
     for key, container in _containers(spec, label):
         name = container.get("name", "<unnamed>")
         if name in INJECTED_CONTAINERS:
-            raise MeshError(f"{label}: spec.{key} already has a container named {name!r}, a name the injector uses")
+            raise ConfigError(label, f"spec.{key} already has a container named {name!r}, a name the injector uses")
         context = container.get("securityContext")
         if isinstance(context, dict):
             for field, what, proxy_id in ids:
                 if context.get(field) == proxy_id:
-                    raise MeshError(
-                        f"{label}: container {name!r} runs as {what} {proxy_id}, the proxy's {what}: the capture "
-                        f"rules let that {what}'s traffic bypass the mesh; choose another {what}"
+                    raise ConfigError(
+                        label,
+                        f"container {name!r} runs as {what} {proxy_id}, the proxy's {what}: the capture "
+                        f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
                     )
         ports = container.get("ports")
         for port in ports if isinstance(ports, list) else ():
             if isinstance(port, dict) and port.get("containerPort") in RESERVED_PORTS:
-                raise MeshError(
-                    f"{label}: container {name!r} declares port {port['containerPort']}, which the proxy binds "
-                    f"(reserved: {', '.join(map(str, sorted(RESERVED_PORTS)))})"
+                raise ConfigError(
+                    label,
+                    f"container {name!r} declares port {port['containerPort']}, which the proxy binds "
+                    f"(reserved: {', '.join(map(str, sorted(RESERVED_PORTS)))})",
                 )
     volumes = spec.get("volumes")
     for volume in volumes if isinstance(volumes, list) else ():
         if isinstance(volume, dict) and volume.get("name") in INJECTED_VOLUMES:
-            raise MeshError(
-                f"{label}: spec.volumes already has a volume named {volume['name']!r}, a name the injector uses"
+            raise ConfigError(
+                label, f"spec.volumes already has a volume named {volume['name']!r}, a name the injector uses"
             )
 
 
