@@ -124,6 +124,7 @@ def test_every_kind_gets_the_init_container_then_the_native_sidecar(case: str) -
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert {p["containerPort"]: p["name"] for p in proxy["ports"]} == {15021: "mesh-health", 15090: "mesh-metrics"}
