@@ -287,3 +287,9 @@ def test_dockerfile_runs_as_the_proxy_uid_with_the_cli_entrypoint() -> None:
     assert lines[-1] == 'ENTRYPOINT ["mtlsmesh"]'
     apt = next(line for line in lines if "apt-get install" in line)
     assert "iptables" in apt and "iproute2" in apt
+    # Everything the Dockerfile copies is in the build context's allow-list, and nothing else is.
+    copied = {part.rstrip("/") for line in lines if line.startswith("COPY ") for part in line.split()[1:-1]}
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore
+    assert copied == allowed == {"pyproject.toml", "README.md", "mtlsmesh"}
