@@ -42,9 +42,19 @@ def parse_manifests(text: str, source: str) -> list[object]:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = exc.problem or exc.context or "malformed YAML"
-        raise ConfigError(where, f"malformed YAML: {problem}") from exc
+        raise ConfigError(where, f"malformed YAML: {_one_line(problem)}") from exc
+    except yaml.reader.ReaderError as exc:
+        # Raised before any line is known: name the offending character and where it sits in the text.
+        character = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
+        raise ConfigError(
+            source, f"malformed YAML: character {character!r} at offset {exc.position} is not allowed"
+        ) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(source, f"malformed YAML: {exc}") from exc
+        raise ConfigError(source, f"malformed YAML: {_one_line(str(exc))}") from exc
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # the CLI promises one line per error
 
 
 def render_manifests(documents: Sequence[object]) -> str:

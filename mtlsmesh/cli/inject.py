@@ -50,13 +50,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _read(filename: str, source: str) -> str:
     try:
+        # Bytes, decoded strictly: stdin's text layer may smuggle bad bytes in as surrogates.
         if filename == "-":
-            return sys.stdin.read()
-        with open(filename, encoding="utf-8") as handle:
-            return handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(source, f"cannot read: {reason}") from exc
+            data = sys.stdin.buffer.read()
+        else:
+            with open(filename, "rb") as handle:
+                data = handle.read()
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark is allowed, as kubectl allows it
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from exc
 
 
 def _write_atomically(path: str, text: str) -> None:

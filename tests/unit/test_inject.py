@@ -476,6 +476,7 @@ def test_list_items_are_injected_one_by_one() -> None:
         ("a: 1\n---\nb: [1, 2\nc: 3\n", r"^app.yaml:4: malformed YAML"),
         ("key: value\n  bad indent: here\n", r"^app.yaml:2: malformed YAML: mapping values are not allowed here"),
         ("a: !!python/object:os.system x\n", r"^app.yaml:1: malformed YAML: could not determine a constructor"),
+        ("a: \x07bell\n", r"^app.yaml: malformed YAML: character '\\x07' at offset 3 is not allowed$"),
     ],
 )
 def test_malformed_yaml_names_the_file_and_line(text: str, match: str) -> None:
@@ -634,6 +635,33 @@ def test_cli_missing_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capt
     missing = tmp_path / "nope.yaml"
     assert main(["inject", "-f", str(missing)]) == 2
     assert capsys.readouterr().err == f"mtlsmesh: error: {missing}: cannot read: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\xff\xfekind: Pod\n", r"^mtlsmesh: error: <stdin>: not UTF-8 text \(byte 0\)\n$"),
+        (
+            b"a: [\n",
+            r"^mtlsmesh: error: <stdin>:2: malformed YAML: expected the node content, but found '<stream end>'\n$",
+        ),
+        (b"a: \x07\n", r"^mtlsmesh: error: <stdin>: malformed YAML: character '\\x07' at offset 3 is not allowed\n$"),
+    ],
+)
+def test_cli_bad_stdin_is_one_line_exit_2(data: bytes, match: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", "inject", "-f", "-"], input=data, capture_output=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert re.match(match, result.stderr.decode())
+
+
+def test_cli_accepts_a_byte_order_mark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "app.yaml"
+    source.write_bytes(b"\xef\xbb\xbf" + (GOLDEN / "job.yaml").read_bytes())
+    assert main(["inject", "-f", str(source)]) == 0
+    assert capsys.readouterr().out == (GOLDEN / "job.injected.yaml").read_text()
 
 
 def test_cli_may_overwrite_its_input(tmp_path: Path) -> None:
