@@ -50,7 +50,7 @@ INIT_RUN_VOLUME = "mtlsmesh-init-run"
 INJECTED_CONTAINERS = (INIT_CONTAINER, PROXY_CONTAINER)
 INJECTED_VOLUMES = (SVID_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
 
-# The Kubernetes conventions every part of the mesh shares (BRIEF: "Kubernetes conventions").
+# The Kubernetes conventions every part of the mesh shares (the CA writes this Secret; deploy/README.md).
 SVID_DIR = "/var/run/mtlsmesh/svid"
 CONFIG_DIR = "/etc/mtlsmesh"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
