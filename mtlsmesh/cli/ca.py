@@ -11,7 +11,8 @@
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
-`verify` exits 0 for a valid SVID, 1 for an invalid one (with the reason), 2 for bad usage. Certificate work is in
+`inspect` describes (exit 0 whenever the file can be read); `verify` judges: exit 0 for a valid SVID, 1 for an
+invalid one (with the reason), 2 for bad usage. Certificate work is in
 `mtlsmesh.ca` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
 """
 

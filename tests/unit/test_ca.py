@@ -635,9 +635,12 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="need
 @pytest.mark.parametrize("purpose", ["sslclient", "sslserver"])
 @pytest.mark.parametrize("key_type", KEY_TYPES, ids=[k.value for k in KEY_TYPES])
 @pytest.mark.parametrize("intermediate", [False, True], ids=["root-signs", "intermediate-signs"])
-def test_openssl_accepts_our_chains(tmp_path: Path, purpose: str, key_type: ca.KeyType, intermediate: bool) -> None:
+@pytest.mark.parametrize("name_constraint", [False, True], ids=["", "constrained"])
+def test_openssl_accepts_our_chains(
+    tmp_path: Path, purpose: str, key_type: ca.KeyType, intermediate: bool, name_constraint: bool
+) -> None:
     now = datetime.now(UTC)  # the openssl binary checks validity against the real clock
-    authority = ca.create_ca(TD, now=now, key_type=key_type, intermediate=intermediate, name_constraint=intermediate)
+    authority = ca.create_ca(TD, now=now, key_type=key_type, intermediate=intermediate, name_constraint=name_constraint)
     issued = ca.issue_svid(authority, WEB, now=now, key_type=key_type, dns_names=["web.default.svc"])
     chain = pem.render_certificates(issued.chain)
     result = openssl_verify(tmp_path, purpose, issued.bundle_pem(), chain, issued.cert.public_bytes(PEM))
