@@ -12,8 +12,8 @@
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
 `inspect` describes (exit 0 whenever the file can be read); `verify` judges: exit 0 for a valid SVID, 1 for an
-invalid one (with the reason), 2 for bad usage. Certificate work is in
-`mtlsmesh.ca` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
+invalid one (with the reason), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
+`mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
 """
 
 from __future__ import annotations
