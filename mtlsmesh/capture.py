@@ -171,7 +171,8 @@ class PolicyRoute:
         return ("ip", "-j", self.family.ip_flag, "rule", "show")
 
     def show_routes(self) -> tuple[str, ...]:
-        return ("ip", "-j", self.family.ip_flag, "route", "show", "table", str(self.table))
+        # `table all`, filtered below: showing one table that does not exist yet is an error, not an empty list.
+        return ("ip", "-j", self.family.ip_flag, "route", "show", "table", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,7 +654,7 @@ class PolicyRouteState:
 
 
 def parse_policy_route(route: PolicyRoute, rules_json: str, routes_json: str) -> PolicyRouteState:
-    """Read `ip -j rule show` and `ip -j route show table N` output."""
+    """Read `ip -j rule show` and `ip -j route show table all` output."""
     rules = _json_list(rules_json)
     routes = _json_list(routes_json)
     count = sum(
@@ -663,7 +664,11 @@ def parse_policy_route(route: PolicyRoute, rules_json: str, routes_json: str) ->
         and str(entry.get("table", "")) == str(route.table)
     )
     local = any(
-        entry.get("type") == "local" and entry.get("dst") == "default" and entry.get("dev") == "lo" for entry in routes
+        entry.get("type") == "local"
+        and entry.get("dst") == "default"
+        and entry.get("dev") == "lo"
+        and str(entry.get("table", "")) == str(route.table)
+        for entry in routes
     )
     return PolicyRouteState(count, local)
 
