@@ -635,14 +635,21 @@ def compare(ruleset: RuleSet, state: SaveState) -> tuple[str, ...]:
 
 
 def _diff_lines(where: str, expected: list[str], actual: list[str]) -> list[str]:
-    diffs: list[str] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
     matcher = difflib.SequenceMatcher(a=expected, b=actual, autojunk=False)
     for op, a1, a2, b1, b2 in matcher.get_opcodes():
         if op in ("delete", "replace"):
-            diffs += [f"{where}: missing rule: {line}" for line in expected[a1:a2]]
+            missing += expected[a1:a2]
         if op in ("insert", "replace"):
-            diffs += [f"{where}: unexpected rule: {line}" for line in actual[b1:b2]]
-    return diffs
+            unexpected += actual[b1:b2]
+    # A rule that is both "missing" and "unexpected" is there, in the wrong place: order decides what matches.
+    misplaced = [line for line in missing if line in unexpected]
+    return [
+        *(f"{where}: missing rule: {line}" for line in missing if line not in misplaced),
+        *(f"{where}: rule out of order: {line}" for line in misplaced),
+        *(f"{where}: unexpected rule: {line}" for line in unexpected if line not in misplaced),
+    ]
 
 
 @dataclass(frozen=True, slots=True)

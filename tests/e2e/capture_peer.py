@@ -64,15 +64,15 @@ def serve(name: str, lifetime: float, specs: list[str]) -> None:
     deadline = time.monotonic() + lifetime
     while time.monotonic() < deadline:
         for key, _ in selector.select(timeout=0.5):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
             kind, port = key.data
             if kind.startswith("udp"):
-                data, peer = sock.recvfrom(2048)
+                data, peer = ready.recvfrom(2048)
                 answer = {"name": name, "listen": port, "proto": "udp", "peer": list(peer[:2]), "got": data.decode()}
-                sock.sendto(json.dumps(answer).encode(), peer)
+                ready.sendto(json.dumps(answer).encode(), peer)
                 continue
-            conn, peer = sock.accept()
+            conn, peer = ready.accept()
             with conn:
                 conn.settimeout(2.0)
                 answer = {
@@ -104,7 +104,8 @@ def connect(host: str, port: int, source: str | None) -> dict[str, object]:
                 data += chunk
         except OSError as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
-    return json.loads(data) if data else {"error": "no answer"}
+    answer: dict[str, object] = json.loads(data) if data else {"error": "no answer"}
+    return answer
 
 
 def udp(host: str, port: int) -> dict[str, object]:
@@ -116,7 +117,8 @@ def udp(host: str, port: int) -> dict[str, object]:
             data, _ = sock.recvfrom(4096)
         except OSError as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
-    return json.loads(data)
+    answer: dict[str, object] = json.loads(data)
+    return answer
 
 
 def main(argv: list[str]) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_capture import GOLDEN_CASES
+
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,11 +69,18 @@ class Pair:
             prefix += ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
         return run(prefix + argv, **kwargs)  # type: ignore[arg-type]
 
-    def mtlsmesh(self, *args: str, check: bool = True, user: tuple[int, int] | None = None) -> subprocess.CompletedProcess[str]:
+    def mtlsmesh(
+        self,
+        *args: str,
+        check: bool = True,
+        user: tuple[int, int] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         prefix = ["ip", "netns", "exec", self.pod]
         if user is not None:
             prefix += ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        clean = {name: value for name, value in os.environ.items() if not name.startswith("MTLSMESH_")}
+        env = {**clean, **(env or {}), "PYTHONPATH": str(ROOT)}
         result = subprocess.run(
             [*prefix, sys.executable, "-m", "mtlsmesh", "iptables", *args],
             capture_output=True,
@@ -92,7 +101,9 @@ class Pair:
         line = process.stdout.readline()
         if line.strip() != "ready":
             process.kill()
-            raise AssertionError(f"listener in {ns} did not start: {line!r} {process.stderr.read() if process.stderr else ''}")
+            raise AssertionError(
+                f"listener in {ns} did not start: {line!r} {process.stderr.read() if process.stderr else ''}"
+            )
 
     def connect(
         self, ns: str, host: str, port: int, *, source: str = "", user: tuple[int, int] | None = None
@@ -102,7 +113,9 @@ class Pair:
         return answer
 
     def udp(self, ns: str, host: str, port: int) -> dict[str, object]:
-        answer: dict[str, object] = json.loads(self.exec(ns, [sys.executable, "-I", "-c", PEER_SOURCE, "udp", host, str(port)]))
+        answer: dict[str, object] = json.loads(
+            self.exec(ns, [sys.executable, "-I", "-c", PEER_SOURCE, "udp", host, str(port)])
+        )
         return answer
 
     def save(self, ns: str, family: int = 4, backend: str = "") -> str:
@@ -292,6 +305,18 @@ def test_tproxy_listener_sees_the_real_client(pair: Pair) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Idempotency, cleanup, check, errors
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_every_golden_case_applies_and_reads_back_identically(pair: Pair, case: str) -> None:
+    """apply reads the rules back and fails on any difference: this proves each golden file is exactly what the
+    kernel stores and prints (the canonical iptables-save form), then that cleanup leaves nothing."""
+    env = {f"MTLSMESH_{field.upper()}": value for field, value in GOLDEN_CASES[case].items()}
+    env = {("MTLSMESH_INTERCEPTION_MODE" if name == "MTLSMESH_MODE" else name): value for name, value in env.items()}
+    pair.mtlsmesh(env=env)
+    assert pair.mtlsmesh("--check", env=env).returncode == 0
+    pair.mtlsmesh("--cleanup", env=env)
+    assert not any("MTLSMESH" in line for family in (4, 6) for line in normalized_save(pair.save(pair.pod, family)))
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
