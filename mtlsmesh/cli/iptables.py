@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 
-from mtlsmesh import capture, installer
+from mtlsmesh import capture, capture_plan, installer
 from mtlsmesh.errors import ConfigError
 
 # (field, flag, environment variable, help). Defaults live in capture.CaptureOptions; help repeats them.
@@ -79,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=run)
 
 
-def options_from_args(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> capture.CaptureOptions:
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> capture.CaptureOptions:
     """Flags first, then environment variables, then CaptureOptions' defaults; errors name where a value came from."""
     raw: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -96,7 +97,7 @@ def options_from_args(args: argparse.Namespace, environ: dict[str, str] | os._En
     return capture.parse_capture_options(raw, sources=sources)
 
 
-def backend_from_args(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> capture.Backend | None:
+def backend_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> capture_plan.Backend | None:
     """None means auto-detect."""
     source, text = ("--iptables-backend", args.iptables_backend)
     if text is None:
@@ -105,7 +106,7 @@ def backend_from_args(args: argparse.Namespace, environ: dict[str, str] | os._En
     if text == "auto":
         return None
     try:
-        return capture.Backend(text)
+        return capture_plan.Backend(text)
     except ValueError:
         raise ConfigError(source, f"unknown iptables backend {text!r}: expected auto, nft, legacy or system") from None
 
@@ -115,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
     requested = backend_from_args(args, os.environ)
     if args.dry_run:
         # Without root nothing can be detected; the system's command names are what `auto` picks in a fresh pod.
-        backend = requested or capture.Backend.SYSTEM
+        backend = requested or capture_plan.Backend.SYSTEM
         if args.check:
             sys.stdout.write("".join(capture.render_expected(rs) for rs in capture.build_rulesets(options)))
         else:
-            sys.stdout.write(capture.render_dry_run(options, backend, cleanup=args.cleanup))
+            sys.stdout.write(capture_plan.render_dry_run(options, backend, cleanup=args.cleanup))
         return 0
     backend = installer.detect_backend(requested)
     if args.check:

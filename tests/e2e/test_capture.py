@@ -300,6 +300,10 @@ def test_tproxy_listener_sees_the_real_client(pair: Pair) -> None:
     # Outbound is still REDIRECT, and the app's own traffic inside the pod is left alone.
     assert landed(pair.connect(pair.pod, PEER_V4, 9080)) == ("pod", 15001)
     assert landed(pair.connect(pair.pod, POD_V4, 9080)) == ("pod", 9080)
+    # The sidecar dialing the app from 127.0.0.6 reaches it; dialing the pod's own IP goes to the inbound side.
+    proxy = (1337, 1337)
+    assert landed(pair.connect(pair.pod, POD_V4, 9080, source="127.0.0.6", user=proxy)) == ("pod", 9080)
+    assert landed(pair.connect(pair.pod, POD_V4, 9080, user=proxy)) == ("pod", 15006)
     assert pair.mtlsmesh("--check", "--interception-mode", "TPROXY").returncode == 0
 
 
@@ -328,6 +332,12 @@ def test_apply_twice_equals_apply_once(pair: Pair, backend: str) -> None:
     twice = [normalized_save(pair.save(pair.pod, family, backend)) for family in (4, 6)]
     assert twice == once
     assert pair.mtlsmesh("--check", "--iptables-backend", backend).returncode == 0
+    # auto-detection finds the backend holding our chains, so --check and --cleanup work without the flag.
+    assert f"({backend} backend)" in pair.mtlsmesh("--check").stdout
+    pair.mtlsmesh("--cleanup")
+    assert not any(
+        "MTLSMESH" in line for family in (4, 6) for line in normalized_save(pair.save(pair.pod, family, backend))
+    )
 
 
 def test_switching_mode_replaces_the_old_rules(pair: Pair) -> None:

@@ -1,4 +1,4 @@
-"""Capture rules as data: option parsing, rule order, rendered payloads (golden files), state comparison.
+"""Capture rules as data (capture.py, capture_plan.py): options, rule order, payloads (golden files), comparison.
 
 Golden files live in tests/unit/golden/capture/. After an intended change to the rules, regenerate them with
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from mtlsmesh import capture
-from mtlsmesh.capture import Backend, CaptureOptions, Family, InterceptionMode
+from mtlsmesh import capture_plan as plan
+from mtlsmesh.capture import CaptureOptions, Family, InterceptionMode
+from mtlsmesh.capture_plan import Backend
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError
 
@@ -55,13 +57,13 @@ GOLDEN_CASES = {
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_apply_script_matches_golden(name: str) -> None:
     options = capture.parse_capture_options(GOLDEN_CASES[name])
-    assert_golden(name, capture.render_dry_run(options, Backend.SYSTEM))
+    assert_golden(name, plan.render_dry_run(options, Backend.SYSTEM))
 
 
 @pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
 def test_cleanup_script_matches_golden(mode: str) -> None:
     options = capture.parse_capture_options({"mode": mode})
-    assert_golden(f"cleanup-{mode.lower()}", capture.render_dry_run(options, Backend.NFT, cleanup=True))
+    assert_golden(f"cleanup-{mode.lower()}", plan.render_dry_run(options, Backend.NFT, cleanup=True))
 
 
 def test_check_render_matches_golden() -> None:
@@ -78,9 +80,9 @@ def test_rerun_payload_heals_duplicates_and_stale_chains() -> None:
         "-A OUTPUT -p tcp -j MTLSMESH_OUTPUT\n-A OUTPUT -p tcp -j MTLSMESH_OUTPUT\n-A OUTPUT -j MTLSMESH_OUTPUT\n"
         "-A OUTPUT -d 198.18.0.3/32 -j ACCEPT",
     )
-    state = capture.parse_save(state_text)
+    state = plan.parse_save(state_text)
     ruleset = capture.build_ruleset(CaptureOptions(), Family.V4)
-    assert_golden("rerun-heals", capture.render_apply(ruleset, state))
+    assert_golden("rerun-heals", plan.render_apply(ruleset, state))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,13 +223,13 @@ ALL_OPTIONS = [capture.parse_capture_options(raw) for raw in GOLDEN_CASES.values
 @pytest.mark.parametrize("options", ALL_OPTIONS, ids=list(GOLDEN_CASES))
 def test_expected_state_compares_clean_and_cleans_up_completely(options: CaptureOptions) -> None:
     for ruleset in capture.build_rulesets(options):
-        state = capture.parse_save(capture.render_expected(ruleset))
-        assert capture.compare(ruleset, state) == ()
+        state = plan.parse_save(capture.render_expected(ruleset))
+        assert plan.compare(ruleset, state) == ()
         # Re-applying onto our own state adds no jump and removes nothing but rewrites the chains.
-        payload = capture.render_apply(ruleset, state)
+        payload = plan.render_apply(ruleset, state)
         assert not any(line.startswith(("-D", "-X", "-F")) for line in payload.splitlines())
         assert not any(rule.render() in payload for rule in ruleset.jumps)
-        cleanup = capture.render_cleanup(state)
+        cleanup = plan.render_cleanup(state)
         assert cleanup.count("-X ") == len(ruleset.chains)
         assert cleanup.count("-D ") == len(ruleset.jumps)
 
@@ -268,7 +270,7 @@ COMMIT
 
 
 def test_compare_lists_every_difference() -> None:
-    diffs = capture.compare(capture.build_ruleset(CaptureOptions(), Family.V4), capture.parse_save(SAVED))
+    diffs = plan.compare(capture.build_ruleset(CaptureOptions(), Family.V4), plan.parse_save(SAVED))
     text = "\n".join(diffs)
     # 15021 and 15090 swapped: one of them is reported out of order, neither as missing.
     assert "ipv4 nat MTLSMESH_INBOUND: rule out of order: -A MTLSMESH_INBOUND -p tcp -m tcp --dport 150" in text
@@ -284,7 +286,7 @@ def test_compare_lists_every_difference() -> None:
 
 
 def test_cleanup_removes_only_our_chains_and_jumps() -> None:
-    assert capture.render_cleanup(capture.parse_save(SAVED)) == (
+    assert plan.render_cleanup(plan.parse_save(SAVED)) == (
         "*nat\n"
         "-D PREROUTING -p tcp -j MTLSMESH_INBOUND\n"
         "-D OUTPUT -p tcp -j MTLSMESH_OUTPUT\n"
@@ -297,7 +299,7 @@ def test_cleanup_removes_only_our_chains_and_jumps() -> None:
         "-F MTLSMESH_DIVERT\n-X MTLSMESH_DIVERT\n"
         "COMMIT\n"
     )
-    assert capture.render_cleanup({}) == ""
+    assert plan.render_cleanup({}) == ""
 
 
 ROUTE = capture.PolicyRoute(Family.V4, 1337, 133)
@@ -306,31 +308,31 @@ ROUTE = capture.PolicyRoute(Family.V4, 1337, 133)
 @pytest.mark.parametrize(
     ("rules_json", "routes_json", "expected"),
     [
-        ("[]", "[]", capture.PolicyRouteState(0, False)),
-        ("", "", capture.PolicyRouteState(0, False)),
+        ("[]", "[]", plan.PolicyRouteState(0, False)),
+        ("", "", plan.PolicyRouteState(0, False)),
         (
             '[{"priority":0,"src":"all","table":"local"},{"priority":32765,"src":"all","fwmark":"0x539","table":"133"}]',
             '[{"type":"local","dst":"default","dev":"lo","table":"133","scope":"host","flags":[]}]',
-            capture.PolicyRouteState(1, True),
+            plan.PolicyRouteState(1, True),
         ),
         (
             '[{"fwmark":"0x539","table":"133"},{"fwmark":"0x539","table":"133"},{"fwmark":"0x53a","table":"133"}]',
             '[{"type":"local","dst":"default","dev":"lo","table":"134"}]',
-            capture.PolicyRouteState(2, False),
+            plan.PolicyRouteState(2, False),
         ),
     ],
 )
-def test_policy_route_state(rules_json: str, routes_json: str, expected: capture.PolicyRouteState) -> None:
-    found = capture.parse_policy_route(ROUTE, rules_json, routes_json)
+def test_policy_route_state(rules_json: str, routes_json: str, expected: plan.PolicyRouteState) -> None:
+    found = plan.parse_policy_route(ROUTE, rules_json, routes_json)
     assert found == expected
-    diffs = capture.compare_policy_route(ROUTE, found)
-    assert (diffs == ()) == (expected == capture.PolicyRouteState(1, True))
+    diffs = plan.compare_policy_route(ROUTE, found)
+    assert (diffs == ()) == (expected == plan.PolicyRouteState(1, True))
 
 
 def test_apply_plan_adds_the_ip_rule_only_when_absent() -> None:
     ruleset = capture.build_ruleset(CaptureOptions(mode=InterceptionMode.TPROXY), Family.V4)
-    fresh = [step.argv for step in capture.plan_apply(ruleset, Backend.NFT, {}, capture.PolicyRouteState(0, False))]
-    again = [step.argv for step in capture.plan_apply(ruleset, Backend.NFT, {}, capture.PolicyRouteState(2, True))]
+    fresh = [step.argv for step in plan.plan_apply(ruleset, Backend.NFT, {}, plan.PolicyRouteState(0, False))]
+    again = [step.argv for step in plan.plan_apply(ruleset, Backend.NFT, {}, plan.PolicyRouteState(2, True))]
     assert ROUTE.rule_add() in fresh and ROUTE.rule_delete() not in fresh
     assert ROUTE.rule_add() not in again and again.count(ROUTE.rule_delete()) == 1
     assert ROUTE.route_replace() in fresh and ROUTE.route_replace() in again
@@ -345,7 +347,7 @@ def test_apply_plan_adds_the_ip_rule_only_when_absent() -> None:
     ],
 )
 def test_tool_names(backend: Backend, family: Family, kind: str, name: str) -> None:
-    assert capture.tool_name(backend, family, kind) == name
+    assert plan.tool_name(backend, family, kind) == name
 
 
 # ---------------------------------------------------------------------------------------------------------------
