@@ -340,6 +340,16 @@ def test_apply_twice_equals_apply_once(pair: Pair, backend: str) -> None:
     )
 
 
+def test_tproxy_apply_twice_keeps_one_ip_rule(pair: Pair) -> None:
+    for _ in range(2):
+        pair.mtlsmesh("--interception-mode", "TPROXY")
+    for flag in ("-4", "-6"):
+        rules = pair.exec(pair.pod, ["ip", flag, "rule", "show"])
+        assert rules.count("fwmark 0x539 lookup 133") == 1, rules
+        routes = pair.exec(pair.pod, ["ip", flag, "route", "show", "table", "133"])
+        assert routes.count("local default dev lo") == 1, routes
+
+
 def test_switching_mode_replaces_the_old_rules(pair: Pair) -> None:
     pair.mtlsmesh("--interception-mode", "TPROXY")
     pair.mtlsmesh()  # back to REDIRECT: the mangle chains go, the nat inbound chain comes
@@ -387,3 +397,16 @@ def test_without_net_admin_the_error_says_so(pair: Pair) -> None:
     assert result.stderr.startswith("mtlsmesh: error: ")
     assert "CAP_NET_ADMIN" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_apply_fails_loudly_when_the_kernel_holds_other_rules(pair: Pair, tmp_path: Path) -> None:
+    """An iptables-restore that silently drops one rule (a wrapper in front of the real one) must not pass."""
+    real = run(["sh", "-c", "command -v iptables-restore"]).strip()
+    wrapper = tmp_path / "iptables-restore"
+    wrapper.write_text(f"#!/bin/sh\ngrep -v -- '-d 127.0.0.1/32 -j RETURN' | {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    result = pair.mtlsmesh("--iptables-backend", "system", "--no-ipv6", check=False, env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("mtlsmesh: error: the rules read back differ from the rules applied: ")
+    assert "ipv4 nat MTLSMESH_OUTPUT: missing rule: -A MTLSMESH_OUTPUT -d 127.0.0.1/32 -j RETURN" in result.stderr
