@@ -21,12 +21,17 @@ _OPTIONS = (
     ("proxy_gid", "--proxy-gid", "MTLSMESH_PROXY_GID", "gid of the sidecar, never captured (1337)"),
     ("outbound_port", "--outbound-port", "MTLSMESH_OUTBOUND_PORT", "port of the outbound sidecar (15001)"),
     ("inbound_port", "--inbound-port", "MTLSMESH_INBOUND_PORT", "port of the inbound sidecar (15006)"),
-    ("inbound_ports", "--inbound-ports", "MTLSMESH_INBOUND_PORTS", "inbound ports to capture, or * for all (*)"),
+    (
+        "inbound_ports",
+        "--inbound-ports",
+        "MTLSMESH_INBOUND_PORTS",
+        "comma-separated inbound ports to capture, or * (default)",
+    ),
     (
         "exclude_inbound_ports",
         "--exclude-inbound-ports",
         "MTLSMESH_EXCLUDE_INBOUND_PORTS",
-        "inbound ports never captured; 15021 and 15090 always are",
+        "comma-separated inbound ports never captured (15021 and 15090 never are)",
     ),
     (
         "exclude_outbound_ports",
@@ -38,7 +43,7 @@ _OPTIONS = (
         "include_outbound_cidrs",
         "--include-outbound-cidrs",
         "MTLSMESH_INCLUDE_OUTBOUND_CIDRS",
-        "destinations to capture, or * for all (*)",
+        "comma-separated CIDRs to capture, or * (default)",
     ),
     (
         "exclude_outbound_cidrs",
@@ -65,7 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     what.add_argument("--cleanup", action="store_true", help="remove our chains and the jumps into them")
     what.add_argument("--check", action="store_true", help="compare the namespace's rules with these options")
     for field, flag, env, text in _OPTIONS:
-        parser.add_argument(flag, dest=field, metavar="VALUE", help=f"{text}; env {env}")
+        metavar = "CIDRS" if "cidrs" in field else "PORTS" if "ports" in field else field.split("_")[-1].upper()
+        parser.add_argument(flag, dest=field, metavar=metavar, help=f"{text}; env {env}")
     parser.add_argument(
         "--ipv6",
         action=argparse.BooleanOptionalAction,
