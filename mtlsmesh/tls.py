@@ -53,9 +53,9 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from mtlsmesh import svid
-from mtlsmesh.ca import PrivateKey
 from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
+from mtlsmesh.pem import PrivateKey
 
 ALPN = b"mtlsmesh"  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
 
