@@ -22,7 +22,7 @@ from mtlsmesh import admin, inbound, netio, outbound
 from mtlsmesh.config import Config, ExplicitMode, ListenAddr
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError
-from mtlsmesh.runtime import DialFn, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
+from mtlsmesh.runtime import Dialer, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
 
 log = logging.getLogger("mtlsmesh.sidecar")
 
@@ -74,7 +74,7 @@ async def serve_sidecar(
     *,
     stop: trio.Event | None = None,
     orig_dst: OrigDstLookup = netio.original_dst,
-    dial: DialFn = netio.dial,
+    dial: Dialer = netio.dial,
     task_status: trio.TaskStatus[tuple[Runtime, admin.State]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind everything, report `(runtime, state)` through `task_status` (`state.bound` has the real ports), serve
