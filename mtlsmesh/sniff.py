@@ -25,7 +25,8 @@ Reading past the declared end means the lengths are inconsistent (NOT_TLS); read
 the answer depends on bytes not yet read (NEED_MORE). One parser thus gives both the early rejection and the final
 answer, and can never index out of range. Anything after the ClientHello (more records, early data) is ignored.
 
-`MAX_CLIENT_HELLO` bounds the wait: with that many bytes the answer is never NEED_MORE.
+`MAX_CLIENT_HELLO` bounds the wait: with that many bytes the answer is never NEED_MORE. A client that stops
+sending (EOF, or the sniff timeout) while the answer is still NEED_MORE is, for the caller, not TLS either.
 """
 
 from __future__ import annotations
@@ -200,40 +201,38 @@ def _parse_body(body: _Cursor) -> Sniff:
     cipher_suites.take(cipher_suites.remaining, "cipher_suites")
     compression = body.vector(1, "legacy_compression_methods", minimum=1)
     compression.take(compression.remaining, "legacy_compression_methods")
-    extensions: dict[int, bytes] = {}
+    alpn: tuple[str, ...] = ()
+    sni: str | None = None
+    versions: tuple[int, ...] = (legacy_version,)
     if body.remaining:
         block = body.vector(2, "extensions")
         if block.end != body.end:
             raise _NotTls("extensions length disagrees with the ClientHello length")
+        seen: set[int] = set()
         while block.remaining:
             ext_type = block.uint(2, "extension type")
             ext = block.vector(2, f"extension {ext_type}")
-            ext_data = ext.take(ext.remaining, f"extension {ext_type}")
-            if ext_type in extensions:
+            if ext_type in seen:
                 raise _NotTls(f"extension {ext_type} appears twice")  # RFC 8446 §4.2
-            extensions[ext_type] = ext_data
-    if not body.complete():  # unreachable: the loop above read to the end, but be explicit
+            seen.add(ext_type)
+            # The extensions we read are parsed from the cursor itself, so they too are judged as their bytes arrive.
+            if ext_type == _EXT_ALPN:
+                alpn = _parse_alpn(ext)
+            elif ext_type == _EXT_SERVER_NAME:
+                sni = _parse_server_name(ext)
+            elif ext_type == _EXT_SUPPORTED_VERSIONS:
+                versions = _parse_supported_versions(ext)
+            else:
+                ext.take(ext.remaining, f"extension {ext_type}")
+    if not body.complete():  # unreachable: the parse above read to the end, but be explicit
         raise _NeedMore
-    versions: tuple[int, ...] = (legacy_version,)
-    if _EXT_SUPPORTED_VERSIONS in extensions:
-        versions = _parse_supported_versions(extensions[_EXT_SUPPORTED_VERSIONS])
-    return Sniff(
-        SniffState.CLIENT_HELLO,
-        alpn=_parse_alpn(extensions[_EXT_ALPN]) if _EXT_ALPN in extensions else (),
-        sni=_parse_server_name(extensions[_EXT_SERVER_NAME]) if _EXT_SERVER_NAME in extensions else None,
-        versions=versions,
-    )
+    return Sniff(SniffState.CLIENT_HELLO, alpn=alpn, sni=sni, versions=versions)
 
 
-def _whole(data: bytes) -> _Cursor:
-    return _Cursor(data, 0, len(data))
-
-
-def _parse_alpn(data: bytes) -> tuple[str, ...]:
+def _parse_alpn(ext: _Cursor) -> tuple[str, ...]:
     """RFC 7301 §3.1: ProtocolName protocol_name_list<2..2^16-1>, each ProtocolName<1..2^8-1>."""
-    outer = _whole(data)
-    names = outer.vector(2, "ALPN list", minimum=2)
-    if outer.remaining:
+    names = ext.vector(2, "ALPN list", minimum=2)
+    if ext.remaining:
         raise _NotTls("trailing bytes after the ALPN list")
     protocols = []
     while names.remaining:
@@ -242,11 +241,10 @@ def _parse_alpn(data: bytes) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _parse_server_name(data: bytes) -> str | None:
+def _parse_server_name(ext: _Cursor) -> str | None:
     """RFC 6066 §3: ServerName server_name_list<1..2^16-1>; the host_name entry, ASCII."""
-    outer = _whole(data)
-    entries = outer.vector(2, "server_name list", minimum=1)
-    if outer.remaining:
+    entries = ext.vector(2, "server_name list", minimum=1)
+    if ext.remaining:
         raise _NotTls("trailing bytes after the server_name list")
     host: str | None = None
     while entries.remaining:
@@ -254,7 +252,7 @@ def _parse_server_name(data: bytes) -> str | None:
         value = entries.vector(2, "server_name", minimum=1)
         raw = value.take(value.remaining, "server_name")
         if name_type != _SNI_HOST_NAME:
-            continue  # unknown name types: RFC 6066 has only host_name, ignore others
+            continue  # RFC 6066 defines only host_name; skip the others
         if host is not None:
             raise _NotTls("two host_name entries in server_name")  # RFC 6066 §3: at most one per type
         try:
@@ -264,11 +262,10 @@ def _parse_server_name(data: bytes) -> str | None:
     return host
 
 
-def _parse_supported_versions(data: bytes) -> tuple[int, ...]:
+def _parse_supported_versions(ext: _Cursor) -> tuple[int, ...]:
     """RFC 8446 §4.2.1: ProtocolVersion versions<2..254> in a ClientHello; GREASE (RFC 8701) dropped."""
-    outer = _whole(data)
-    listed = outer.vector(1, "supported_versions", minimum=2, maximum=254)
-    if outer.remaining:
+    listed = ext.vector(1, "supported_versions", minimum=2, maximum=254)
+    if ext.remaining:
         raise _NotTls("trailing bytes after supported_versions")
     if listed.remaining % 2:
         raise _NotTls("supported_versions length is odd")

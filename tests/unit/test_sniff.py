@@ -227,6 +227,27 @@ def test_not_tls(data: bytes, reason: str) -> None:
     assert re.search(reason, result.reason), result.reason
 
 
+@pytest.mark.parametrize(
+    ("extension", "reason"),
+    [
+        (ext(16, b"\x00\x05" + vec(1, b"mtlsmesh")), "trailing bytes after the ALPN list"),
+        (ext(16, b"\x00\x09\x00" + b"mtlsmesh"), "ALPN protocol length 0 is out of range"),
+        (ext(0, b"\x00\x40" + b"\x00" + vec(2, b"example.org")), "server_name list overruns its enclosing length"),
+        (ext(43, b"\x03\x03\x04\x03"), "supported_versions length is odd"),
+    ],
+)
+def test_a_broken_extension_is_refused_before_it_is_complete(extension: bytes, reason: str) -> None:
+    data = wire(hello_body(extensions=ext(23, b"") + extension + ext(21, b"\x00" * 50)))
+    start = data.index(extension)
+    # the first byte that makes the extension impossible is at most 4 bytes into its body
+    results = [parse_client_hello(data[:cut]) for cut in range(start, start + len(extension))]
+    assert results[0].state is SniffState.NEED_MORE
+    refused = next(i for i, result in enumerate(results) if result.state is SniffState.NOT_TLS)
+    assert refused <= 4 + 4
+    assert all(result.state is SniffState.NOT_TLS for result in results[refused:])
+    assert re.search(reason, results[refused].reason), results[refused].reason
+
+
 def test_a_hello_in_tiny_records_longer_than_the_limit_is_not_tls(mesh_hello: bytes) -> None:
     # 1-byte records multiply the wire size by six: the limit on bytes read still ends the wait.
     padded = hello_body(extensions=ext(21, b"\x00" * 6000))
