@@ -126,3 +126,20 @@ def test_service_rules_golden() -> None:
         ' -m comment --comment "service legacy" -j DNAT --to-destination 198.18.0.12:8080\n'
         "COMMIT\n"
     )
+
+
+def test_every_rendered_config_passes_the_sidecar_parser() -> None:
+    import yaml
+
+    from mtlsmesh import config
+
+    plan = plan_topology(TOPOLOGY)
+    parsed = config.parse_config(
+        yaml.safe_load(yaml.safe_dump(render_sidecar_config(plan, "reviews", "/c", "/k", "/b"))), "reviews"
+    )
+    assert parsed.inbound.port_mode(9080).value == "permissive"
+    assert [str(i) for d in parsed.outbound.destinations for i in d.identities] == [
+        "spiffe://cluster.local/ns/default/sa/productpage",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+    ]
