@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+import yaml
 
+from mtlsmesh import config
 from mtlsmesh.errors import LabError
 from mtlsmesh.topology import (
     AppSpec,
@@ -129,10 +131,6 @@ def test_service_rules_golden() -> None:
 
 
 def test_every_rendered_config_passes_the_sidecar_parser() -> None:
-    import yaml
-
-    from mtlsmesh import config
-
     plan = plan_topology(TOPOLOGY)
     parsed = config.parse_config(
         yaml.safe_load(yaml.safe_dump(render_sidecar_config(plan, "reviews", "/c", "/k", "/b"))), "reviews"
