@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -57,6 +58,7 @@ ROOT_KEY_FILE = "root-key.pem"
 INTERMEDIATE_CERT_FILE = "intermediate.pem"
 INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
 BUNDLE_FILE = "bundle.pem"
+CA_FILES = (ROOT_CERT_FILE, ROOT_KEY_FILE, INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, BUNDLE_FILE)
 # The file layout of an issued SVID (IssuedSvid.write_to_dir), as the sidecar and the Kubernetes Secret expect.
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
@@ -456,6 +458,30 @@ def check_key_matches(cert: x509.Certificate, key: PrivateKey, source: str) -> N
         raise CertificateError(source, "the private key does not match the certificate")
 
 
+def parse_csr_public_key(data: bytes, source: str) -> PublicKey:
+    """The public key of a PEM certificate request whose signature verifies; nothing else of it is used.
+
+    The CA signs the identity its caller is told to sign, never the subject or SANs a request claims (DESIGN.md 7);
+    the self-signature only proves the requester holds the matching private key.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CertificateError(source, f"not a PEM certificate request: {exc}") from exc
+    try:
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(source, f"unreadable certificate request: {exc}") from exc
+    if not valid:
+        raise CertificateError(source, "the request's signature does not verify; refusing to sign its key")
+    return check_public_key(public_key, source)
+
+
+def load_csr_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    return parse_csr_public_key(_read(Path(path)), str(path))
+
+
 def load_certificates(path: str | os.PathLike[str]) -> tuple[x509.Certificate, ...]:
     return parse_certificates(_read(Path(path)), str(path))
 
@@ -473,6 +499,18 @@ def _read(path: Path) -> bytes:
         raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
 
 
+def check_writable(directory: Path, names: Iterable[str], *, force: bool) -> None:
+    """Refuse, before anything is written or generated, outputs that exist (unless `force`) or cannot be files."""
+    if directory.exists() and not directory.is_dir():
+        raise CertificateError(str(directory), "exists and is not a directory")
+    for name in names:
+        target = directory / name
+        if target.is_dir():
+            raise CertificateError(str(target), "is a directory")
+        if target.exists() and not force:
+            raise CertificateError(str(target), "already exists (--force replaces it)")
+
+
 def write_files(
     directory: Path, files: Mapping[str, tuple[bytes, int]], *, force: bool, directory_mode: int = 0o700
 ) -> None:
@@ -481,14 +519,7 @@ def write_files(
     Every target is checked before anything is written; each file goes to a temporary name in the same directory
     with its final mode set before any content, then all are renamed into place.
     """
-    if directory.exists() and not directory.is_dir():
-        raise CertificateError(str(directory), "exists and is not a directory")
-    for name in files:
-        target = directory / name
-        if target.is_dir():
-            raise CertificateError(str(target), "is a directory")
-        if target.exists() and not force:
-            raise CertificateError(str(target), "already exists (--force replaces it)")
+    check_writable(directory, files, force=force)
     try:
         directory.mkdir(mode=directory_mode, parents=True, exist_ok=True)
     except OSError as exc:
@@ -529,7 +560,13 @@ def save_authority(authority: Authority, directory: str | os.PathLike[str], *, f
     if authority.chain:
         files[INTERMEDIATE_CERT_FILE] = (render_certificates(authority.chain), PUBLIC_MODE)
         files[INTERMEDIATE_KEY_FILE] = (render_private_key(authority.signer_key), KEY_MODE)
+    check_writable(Path(directory), CA_FILES, force=force)  # any file of another CA there counts as existing
     write_files(Path(directory), files, force=force)
+    # A replaced CA must not leave a file of the old one behind: load_authority would sign with a stale
+    # intermediate under the new root.
+    for name in CA_FILES:
+        if name not in files:
+            (Path(directory) / name).unlink(missing_ok=True)
 
 
 def _chain_root(authority: Authority) -> x509.Certificate:

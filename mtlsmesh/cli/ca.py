@@ -1,0 +1,394 @@
+"""`mtlsmesh ca`: create a CA, issue SVIDs, inspect and verify certificates, build trust bundles.
+
+    mtlsmesh ca init    [--trust-domain TD] [--dir certs/ca] [--key-type T] [--ttl 10y] [--intermediate]
+                        [--name-constraint] [--force]
+    mtlsmesh ca issue   (--spiffe-id ID | --namespace NS --service-account SA) [--ca-dir certs/ca] [--ttl 24h]
+                        [--dns NAME]... [--key-type T] [--out DIR] [--csr FILE] [--force] [--k8s-secret]
+    mtlsmesh ca inspect FILE [--json]
+    mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
+    mtlsmesh ca bundle  --add ROOT.pem [--add ...] [--bundle FILE]
+
+`issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
+`certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
+Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
+`verify` exits 0 for a valid SVID, 1 for an invalid one (with the reason), 2 for bad usage. Certificate work is in
+`mtlsmesh.ca` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import stat
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+
+from mtlsmesh import ca, svid
+from mtlsmesh.errors import CertificateError, ConfigError, IdentityError
+from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
+
+DEFAULT_CA_DIR = "certs/ca"
+DEFAULT_CERTS_DIR = "certs"
+SECRET_PREFIX = "mtlsmesh-svid-"  # the Kubernetes Secret per service account (BRIEF: Kubernetes conventions)
+EXIT_INVALID = 1
+
+_DURATION_UNITS = {"y": 365 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(?:\d+[ydhms])+")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
+_DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_MAX_SUBDOMAIN = 253  # a Kubernetes object name
+_DER = serialization.Encoding.DER
+
+
+def parse_ttl(text: str, flag: str = "--ttl") -> timedelta:
+    """`10y`, `90d`, `24h`, `30m`, `45s`, or a sum like `1h30m`; a year is 365 days."""
+    if not _DURATION.fullmatch(text):
+        raise ConfigError(flag, f"{text!r} is not a duration; write e.g. 10y, 90d, 24h, 30m, 1h30m")
+    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([ydhms])", text))
+    if seconds <= 0:
+        raise ConfigError(flag, f"{text!r}: the duration must be positive")
+    if seconds > 100 * 365 * 86400:
+        raise ConfigError(flag, f"{text!r}: longer than 100 years")
+    return timedelta(seconds=seconds)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("ca", help="the built-in SPIFFE CA", description="The built-in SPIFFE CA.")
+    commands = parser.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    key_types = [k.value for k in ca.KeyType]
+
+    init = commands.add_parser("init", help="create a root CA (and optionally an intermediate)")
+    init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="default: %(default)s")
+    init.add_argument("--dir", default=DEFAULT_CA_DIR, help="where the CA lives (default: %(default)s)")
+    init.add_argument("--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value)
+    init.add_argument("--ttl", default="10y", help="root lifetime (default: %(default)s)")
+    init.add_argument("--intermediate", action="store_true", help="sign leaves with an intermediate CA")
+    init.add_argument("--name-constraint", action="store_true", help="constrain the CA to its trust domain's URIs")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(run=run_init)
+
+    issue = commands.add_parser("issue", help="issue a workload SVID")
+    who = issue.add_mutually_exclusive_group(required=True)
+    who.add_argument("--spiffe-id", help="spiffe://<td>/<path>")
+    who.add_argument("--namespace", help="with --service-account: spiffe://<td>/ns/NS/sa/SA")
+    issue.add_argument("--service-account")
+    issue.add_argument("--ca-dir", default=DEFAULT_CA_DIR, help="default: %(default)s")
+    issue.add_argument("--ttl", default="24h", help="default: %(default)s")
+    issue.add_argument("--dns", action="append", default=[], metavar="NAME", help="add a DNS SAN (repeatable)")
+    issue.add_argument("--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value)
+    issue.add_argument("--out", help=f"output directory (default: {DEFAULT_CERTS_DIR}/<namespace>-<sa>)")
+    issue.add_argument("--csr", help="sign this PEM CSR's public key (the ID still comes from the flags)")
+    issue.add_argument("--force", action="store_true", help="replace existing files")
+    issue.add_argument("--k8s-secret", action="store_true", help="print a Kubernetes Secret instead of writing")
+    issue.set_defaults(run=run_issue)
+
+    inspect = commands.add_parser("inspect", help="describe a certificate")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=run_inspect)
+
+    verify = commands.add_parser("verify", help="verify an SVID chain against a bundle: exit 0 valid, 1 invalid")
+    verify.add_argument("--bundle", required=True)
+    verify.add_argument("--trust-domain", help="also require the ID to be in this trust domain")
+    verify.add_argument("cert")
+    verify.set_defaults(run=run_verify)
+
+    bundle = commands.add_parser("bundle", help="build a trust bundle from several roots (rotation)")
+    bundle.add_argument("--add", action="append", required=True, metavar="ROOT.pem")
+    bundle.add_argument("--bundle", help="bundle file to extend (created if missing); default: print to stdout")
+    bundle.set_defaults(run=run_bundle)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _warn_if_exposed(path: Path) -> None:
+    """A private key readable by group or others works, but deserves a warning (like ssh's, without refusing)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(
+            f"mtlsmesh: warning: {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run chmod 600 {path}",
+            file=sys.stderr,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# init
+
+
+def run_init(args: argparse.Namespace) -> int:
+    trust_domain = parse_trust_domain(args.trust_domain)
+    ttl = parse_ttl(args.ttl)
+    directory = Path(args.dir)
+    ca.check_writable(directory, ca.CA_FILES, force=args.force)  # before spending seconds on an RSA key
+    authority = ca.create_ca(
+        trust_domain,
+        now=_now(),
+        key_type=ca.KeyType(args.key_type),
+        ttl=ttl,
+        intermediate=args.intermediate,
+        name_constraint=args.name_constraint,
+    )
+    ca.save_authority(authority, directory, force=args.force)
+    signer = "an intermediate" if args.intermediate else "the root"
+    print(
+        f"created CA {trust_domain.id} in {directory} ({args.key_type}, {signer} signs, valid until "
+        f"{ca.format_time(authority.roots[0].not_valid_after_utc)})"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue
+
+
+def _requested_id(args: argparse.Namespace, authority: ca.Authority) -> SpiffeId:
+    if args.spiffe_id is not None:
+        if args.service_account is not None:
+            raise ConfigError("--service-account", "goes with --namespace, not with --spiffe-id")
+        return parse_workload_id(args.spiffe_id)
+    if args.service_account is None:
+        raise ConfigError("--namespace", "needs --service-account too")
+    return workload_id(authority.trust_domain, args.namespace, args.service_account)
+
+
+def _default_out(spiffe_id: SpiffeId) -> Path:
+    if spiffe_id.namespace is not None and spiffe_id.service_account is not None:
+        return Path(DEFAULT_CERTS_DIR) / f"{spiffe_id.namespace}-{spiffe_id.service_account}"
+    return Path(DEFAULT_CERTS_DIR) / "-".join(spiffe_id.segments)
+
+
+def _k8s_secret(issued: ca.IssuedSvid, spiffe_id: SpiffeId) -> str:
+    namespace, service_account = spiffe_id.namespace, spiffe_id.service_account
+    if namespace is None or service_account is None:
+        raise ConfigError("--k8s-secret", f"needs an ID of the form spiffe://<td>/ns/NS/sa/SA, not {spiffe_id}")
+    name = SECRET_PREFIX + service_account
+    if not _DNS_1123_LABEL.fullmatch(namespace):
+        raise ConfigError("--k8s-secret", f"{namespace!r} is not a valid Kubernetes namespace name")
+    if len(name) > _MAX_SUBDOMAIN or not _DNS_1123_SUBDOMAIN.fullmatch(name):
+        raise ConfigError("--k8s-secret", f"{name!r} is not a valid Kubernetes Secret name")
+    data = {
+        ca.CERT_FILE: issued.cert_chain_pem(),
+        ca.KEY_FILE: issued.key_pem(),
+        ca.BUNDLE_FILE: issued.bundle_pem(),
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "mtlsmesh", "app.kubernetes.io/component": "svid"},
+            # Annotations, not labels: an ID or a timestamp may exceed a label value's 63 characters.
+            "annotations": {
+                "mtlsmesh.io/spiffe-id": str(spiffe_id),
+                "mtlsmesh.io/not-after": issued.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        },
+        "type": "Opaque",
+        "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
+    }
+    return yaml.safe_dump(secret, sort_keys=False)
+
+
+def run_issue(args: argparse.Namespace) -> int:
+    ttl = parse_ttl(args.ttl)
+    if args.k8s_secret and (args.csr or args.out):
+        raise ConfigError("--k8s-secret", "prints the Secret with a new key; it goes with neither --csr nor --out")
+    ca_dir = Path(args.ca_dir)
+    authority = ca.load_authority(ca_dir)
+    for key_file in (ca.ROOT_KEY_FILE, ca.INTERMEDIATE_KEY_FILE):
+        _warn_if_exposed(ca_dir / key_file)
+    spiffe_id = _requested_id(args, authority)
+    dns_names = [ca.parse_dns_name(name) for name in args.dns]
+    public_key = ca.load_csr_public_key(args.csr) if args.csr else None
+    out = Path(args.out) if args.out else _default_out(spiffe_id)
+    if not args.k8s_secret:
+        names = [ca.CERT_FILE, ca.BUNDLE_FILE] + ([] if public_key else [ca.KEY_FILE])
+        ca.check_writable(out, names, force=args.force)
+    issued = ca.issue_svid(
+        authority,
+        spiffe_id,
+        now=_now(),
+        ttl=ttl,
+        dns_names=dns_names,
+        key_type=ca.KeyType(args.key_type),
+        public_key=public_key,
+    )
+    until = ca.format_time(issued.cert.not_valid_after_utc)
+    if args.k8s_secret:
+        sys.stdout.write(_k8s_secret(issued, spiffe_id))
+        print(f"issued {spiffe_id}, valid until {until}, as a Kubernetes Secret on stdout", file=sys.stderr)
+        return 0
+    issued.write_to_dir(out, force=args.force)
+    written = ", ".join(names)
+    print(f"issued {spiffe_id}, valid until {until}, in {out} ({written})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, Any]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris, dns = san.get_values_for_type(x509.UniformResourceIdentifier), san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        uris, dns = [], []
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < not_before:
+        time_left = f"not valid yet (starts in {ca.format_timedelta(not_before - now)})"
+    elif now >= not_after:
+        time_left = f"expired {ca.format_timedelta(now - not_after)} ago"
+    else:
+        time_left = ca.format_timedelta(not_after - now)
+    reason = ""
+    if svid.is_ca(cert):
+        kind = "CA certificate"
+        try:
+            svid.ca_spiffe_id(cert)
+        except CertificateError as exc:
+            reason = exc.message
+    else:
+        kind = "leaf"
+        try:
+            svid.leaf_spiffe_id(cert)
+        except CertificateError as exc:
+            reason = exc.message
+    if not reason and not not_before <= now < not_after:
+        reason = "outside its validity period"
+    try:
+        key_type = ca.key_type_name(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        key_type = "unknown"
+    return {
+        "file": source,
+        "kind": kind,
+        "spiffe_id": uris[0] if len(uris) == 1 else (uris or None),
+        "dns_names": dns,
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_before": ca.format_time(not_before),
+        "not_after": ca.format_time(not_after),
+        "time_left": time_left,
+        "key_type": key_type,
+        "sha256_fingerprint": ":".join(f"{b:02X}" for b in hashlib.sha256(cert.public_bytes(_DER)).digest()),
+        "valid_svid": not reason,
+        "reason": reason or None,
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    certs = ca.load_certificates(args.file)
+    now = _now()
+    described = [_describe(cert, args.file, now) for cert in certs]
+    if args.json:
+        print(json.dumps(described[0] if len(described) == 1 else described, indent=2))
+        return 0
+    for index, info in enumerate(described):
+        if index:
+            print()
+        label = "certificate" if len(described) == 1 else f"certificate {index + 1} of {len(described)}"
+        print(f"{args.file}: {label} ({info['kind']})")
+        spiffe_id = info["spiffe_id"]
+        print(f"  SPIFFE ID:   {', '.join(spiffe_id) if isinstance(spiffe_id, list) else spiffe_id or '(none)'}")
+        if info["dns_names"]:
+            print(f"  DNS names:   {', '.join(info['dns_names'])}")
+        print(f"  subject:     {info['subject'] or '(empty)'}")
+        print(f"  issuer:      {info['issuer'] or '(empty)'}")
+        print(f"  valid:       {info['not_before']} .. {info['not_after']} ({info['time_left']})")
+        print(f"  key type:    {info['key_type']}")
+        print(f"  SHA-256:     {info['sha256_fingerprint']}")
+        what = "SVID" if info["kind"] == "leaf" else "SPIFFE signing certificate"
+        verdict = f"yes, a valid {what}" if info["valid_svid"] else f"no: {info['reason']}"
+        print(f"  SVID:        {verdict}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verify
+
+
+def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> None:
+    """OpenSSL's RFC 5280 path validation (strict mode, current time) of chain[0] via chain[1:] to one of roots."""
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+    context = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(chain[0]),
+        [crypto.X509.from_cryptography(cert) for cert in chain[1:]],
+    )
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        depth = exc.errors[1] if len(exc.errors) > 1 else 0
+        where = "" if depth == 0 else f" (at chain depth {depth})"
+        raise CertificateError("", f"chain verification failed: {exc}{where}") from exc
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    roots = ca.load_certificates(args.bundle)
+    chain = ca.load_certificates(args.cert)
+    trust_domain = parse_trust_domain(args.trust_domain) if args.trust_domain else None
+    try:
+        verify_chain(chain, roots)
+        spiffe_id = svid.leaf_spiffe_id(chain[0])
+        if trust_domain is not None and spiffe_id.trust_domain != trust_domain:
+            raise CertificateError("", f"{spiffe_id} is not in trust domain {trust_domain} (V-7)")
+    except (CertificateError, IdentityError) as exc:
+        print(f"mtlsmesh: invalid: {args.cert}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    until = ca.format_time(chain[0].not_valid_after_utc)
+    print(f"{args.cert}: OK {spiffe_id} (valid until {until})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bundle
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    target = Path(args.bundle) if args.bundle else None
+    existing = ca.load_certificates(target) if target is not None and target.exists() else ()
+    roots = list(existing)
+    added = 0
+    for path in args.add:
+        for cert in ca.load_certificates(path):
+            if not svid.is_ca(cert):
+                raise CertificateError(path, f"{cert.subject.rfc4514_string() or 'a leaf'} is not a CA certificate")
+            if cert not in roots:
+                roots.append(cert)
+                added += 1
+    for cert in roots:
+        if cert.not_valid_after_utc <= _now():
+            print(f"mtlsmesh: warning: {cert.subject.rfc4514_string()} has expired", file=sys.stderr)
+    pem = ca.render_certificates(roots)
+    if target is None:
+        sys.stdout.buffer.write(pem)
+        sys.stdout.flush()
+    else:
+        ca.write_files(target.parent, {target.name: (pem, ca.PUBLIC_MODE)}, force=True, directory_mode=0o755)
+    where = str(target) if target is not None else "stdout"
+    print(f"{where}: {len(roots)} roots, {added} of them new", file=sys.stderr)
+    return 0
