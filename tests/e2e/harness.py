@@ -147,6 +147,21 @@ def peer_ids(lab: Lab, pod: str) -> set[str]:
     return {record["peer_id"] for record in log_records(lab.sidecar_log(pod)) if record.get("peer_id")}
 
 
+def wait_records(
+    lab: Lab, pod: str, predicate: Callable[[dict[str, str]], bool], count: int = 1, timeout: float = 10.0
+) -> list[dict[str, str]]:
+    """Wait until the pod's sidecar has logged at least `count` connection records matching `predicate` (a record
+    is written when its connection ends); return them, or fail naming how many there were."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [record for record in log_records(lab.sidecar_log(pod)) if predicate(record)]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{pod}'s sidecar logged {len(found)} matching connections, expected {count}")
+        time.sleep(0.1)
+
+
 def wire_streams(pcap_path: Path) -> dict[pcap.Flow, bytes]:
     return pcap.reassemble(pcap.parse_pcap(pcap_path.read_bytes()))
 

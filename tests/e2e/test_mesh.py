@@ -16,6 +16,7 @@ import concurrent.futures
 import hashlib
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.e2e import harness
 pytestmark = pytest.mark.root
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+WEB_ID = "spiffe://cluster.local/ns/default/sa/web"
 INTRUDER_ID = "spiffe://cluster.local/ns/default/sa/intruder"
 
 TOPOLOGY = Topology(
@@ -91,6 +93,18 @@ def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
     harness.refused(lambda: harness.exchange(lab, "intruder", lab.ip("web"), 7000, b"not allowed\n"))
     assert "/denied" not in lab.app_log("web", "http")
 
+    # The web pod's inbound sidecar authenticated the intruder, then refused it by policy, on both ports.
+    def denied(port: int) -> Callable[[dict[str, str]], bool]:
+        return lambda r: (
+            r.get("orig_dst") == f"{lab.ip('web')}:{port}"
+            and r.get("peer_id") == INTRUDER_ID
+            and r.get("decision") == "refuse"
+            and r.get("reason", "").startswith("denied")
+        )
+
+    for port in (9081, 7000):
+        harness.wait_records(lab, "web", denied(port))
+
 
 def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
     marker = harness.unique_marker("permissive")
@@ -99,6 +113,25 @@ def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
     assert marker.encode() in body
     harness.refused(lambda: harness.get(lab, "outside", lab.ip("web"), 9081, "/strict-from-outside"))
     assert "/strict-from-outside" not in lab.app_log("web", "http")
+    from_outside = f"{lab.ip('outside')}:"
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("client", "").startswith(from_outside)
+            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("decision") == "passthrough"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("client", "").startswith(from_outside)
+            and r.get("orig_dst") == f"{lab.ip('web')}:9081"
+            and r.get("decision") == "refuse"
+        ),
+    )
 
 
 def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab) -> None:
@@ -110,6 +143,11 @@ def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab) -> None:
     assert f"peer={lab.ip('client')}:" in lab.app_log("outside", "http")
     harness.refused(lambda: harness.get(lab, "intruder", lab.ip("outside"), 8080, "/registry-only"))
     assert "/registry-only" not in lab.app_log("outside", "http")
+    to_outside = f"{lab.ip('outside')}:8080"
+    harness.wait_records(
+        lab, "client", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "passthrough"
+    )
+    harness.wait_records(lab, "intruder", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "refuse")
 
 
 def test_excluded_port_bypasses_the_sidecars(lab: Lab) -> None:
@@ -121,6 +159,8 @@ def test_excluded_port_bypasses_the_sidecars(lab: Lab) -> None:
     streams = harness.wire_streams(pcap_path)
     assert [flow for flow, data in streams.items() if marker.encode() in data], "excluded port traffic not plain"
     assert f"peer={lab.ip('client')}:" in lab.app_log("web", "http")  # no sidecar in between
+    for pod in ("web", "client"):
+        assert not [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("orig_dst", "").endswith(":9099")]
 
 
 def test_pod_calls_its_own_ip(lab: Lab) -> None:
@@ -141,6 +181,24 @@ def test_service_vip_is_dnated_on_the_node(lab: Lab) -> None:
     assert harness.assert_tls_only(streams, 80) >= 2
     assert not [flow for flow, data in streams.items() if marker.encode() in data]
     assert lab.nat_rules("client").count("MTLSMESH") >= 4
+    # The client's sidecar saw the VIP as the original destination and verified the backend's identity; the node
+    # DNATed its dial, so the web pod's sidecar saw the pod address.
+    harness.wait_records(
+        lab,
+        "client",
+        lambda r: (
+            r.get("orig_dst") == f"{lab.vip('web')}:80" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("client", "").startswith(f"{lab.ip('client')}:")
+            and r.get("peer_id") == CLIENT_ID
+        ),
+    )
 
 
 def test_server_first_protocol(lab: Lab) -> None:
@@ -151,6 +209,11 @@ def test_server_first_protocol(lab: Lab) -> None:
         sock.shutdown(socket.SHUT_WR)
         rest = harness.read_all(sock)
     assert rest == harness.echo_answer(b"hello after banner\n")
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: r.get("orig_dst") == f"{lab.ip('web')}:3306" and r.get("peer_id") == CLIENT_ID,
+    )
 
 
 def test_half_close_crosses_the_mesh(lab: Lab) -> None:
@@ -172,6 +235,13 @@ def test_256_mib_transfer_is_intact(lab: Lab) -> None:
         answer = harness.read_all(sock).decode()
     assert answer == f"{total} {digest}\n"
     assert time.monotonic() - start < 240
+    # It crossed the mesh: the web pod's inbound sidecar relayed every byte of it over mTLS from the client.
+    orig_dst = f"{lab.ip('web')}:7001"
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: r.get("orig_dst") == orig_dst and r.get("peer_id") == CLIENT_ID and r.get("bytes_in") == str(total),
+    )
 
 
 def test_200_concurrent_connections(lab: Lab) -> None:
@@ -196,3 +266,7 @@ def test_200_concurrent_connections(lab: Lab) -> None:
                 sock.close()
     assert results.count(True) == count
     assert elapsed < 60
+    orig_dst = f"{lab.ip('web')}:7000"
+    harness.wait_records(
+        lab, "web", lambda r: r.get("orig_dst") == orig_dst and r.get("peer_id") == CLIENT_ID, count=count
+    )
