@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -103,9 +105,11 @@ def _alive(pid: int) -> bool:
 
 
 def cleanup_stale(prefix: str) -> list[str]:
-    """Remove namespaces named `prefix...` left behind by a killed run, ending the processes still inside them.
+    """Remove namespaces named `prefix...` left behind by a killed run, ending the processes still inside them,
+    and the run's work directory in the temp dir.
 
-    Returns the namespaces removed. Only processes found inside those namespaces are ended, each by its PID.
+    Returns the namespaces and directories removed. Only processes found inside those namespaces are ended,
+    each by its PID.
     """
     if len(prefix) < 3:
         raise LabError(f"prefix {prefix!r} is too short to be sure the namespaces are ours")
@@ -116,6 +120,12 @@ def cleanup_stale(prefix: str) -> list[str]:
                 stop_pid(pid, grace=1.0)
             delete_namespace(name)
             removed.append(name)
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        path = os.path.join(tmp, entry)
+        if entry.startswith(prefix) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)  # the lab's work dir: configs, SVIDs, logs
+            removed.append(path)
     return removed
 
 
@@ -127,7 +137,7 @@ def stale_prefixes(tag: str) -> list[str]:
             continue
         head = name[len(tag) :].split("-", 1)[0]
         digits = head.rstrip("abcdefghijklmnopqrstuvwxyz")
-        if digits.isdigit() and head != digits and not os.path.exists(f"/proc/{digits}"):
+        if digits.isdigit() and head != digits and not _alive(int(digits)):
             found.add(f"{tag}{head}-")
     return sorted(found)
 

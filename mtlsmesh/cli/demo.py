@@ -284,8 +284,10 @@ def wait_for_interrupt(lab: Lab) -> None:
     print(f"  capture rules:   ip netns exec {lab.pod_ns('productpage')} iptables -t nat -L -v -n")
     print(f"  watch the wire:  ip netns exec {lab.node_ns} tcpdump -i {lab.veth('reviews')} -n -X")
     print(f"  sidecar logs:    {lab.workdir}/<pod>/sidecar.log, apps: {lab.workdir}/<pod>/app-<name>.log")
-    print(f"  if this process is killed: ip netns list | grep {lab.prefix} | xargs -r -n1 ip netns del")
+    print("  if this process gets killed: python -m mtlsmesh demo --cleanup-stale")
     sys.stdout.flush()
+    # A shell without job control starts background commands with SIGINT ignored; Ctrl-C must still end the wait.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         signal.pause()
 
