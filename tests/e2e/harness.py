@@ -44,12 +44,12 @@ def open_lab(topology: Topology) -> Iterator[Lab]:
 def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     left_ns = [name for name in netns.list_namespaces() if name.startswith(lab.prefix)]
     assert not left_ns, f"namespaces left behind: {left_ns}"
-    alive = [pid for pid in pids if _alive(pid)]
+    alive = [pid for pid in pids if alive(pid)]
     assert not alive, f"processes left behind: {alive}"
     assert not lab.workdir.exists() or lab.workdir == Path(), f"temp dir left behind: {lab.workdir}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -100,7 +100,8 @@ def test_sigterm_tears_the_lab_down() -> None:
         os.kill(child.pid, signal.SIGTERM)
         assert child.wait(timeout=30) != 0
         assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
-        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+        assert not [pid for pid in pids if harness.alive(pid)]
+        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
     finally:
         if child.poll() is None:
             child.kill()
@@ -120,7 +121,7 @@ def test_cleanup_stale_after_sigkill() -> None:
         assert set(left) < set(removed)  # the namespaces, and the work dir
         assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
         assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
-        assert not [pid for pid in pids if harness._alive(pid)]
+        assert not [pid for pid in pids if harness.alive(pid)]
     finally:
         if child.poll() is None:
             child.kill()
