@@ -44,8 +44,8 @@ def open_lab(topology: Topology) -> Iterator[Lab]:
 def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     left_ns = [name for name in netns.list_namespaces() if name.startswith(lab.prefix)]
     assert not left_ns, f"namespaces left behind: {left_ns}"
-    alive = [pid for pid in pids if alive(pid)]
-    assert not alive, f"processes left behind: {alive}"
+    running = [pid for pid in pids if alive(pid)]
+    assert not running, f"processes left behind: {running}"
     assert not lab.workdir.exists() or lab.workdir == Path(), f"temp dir left behind: {lab.workdir}"
 
 
