@@ -24,7 +24,7 @@ import pytest
 
 from mtlsmesh import netns, pcap
 from mtlsmesh.lab import Lab, http_get
-from mtlsmesh.topology import Topology
+from mtlsmesh.topology import SERVICES_CHAIN, Topology
 
 MARKER_HEADER = "X-Demo-Marker"
 
@@ -47,6 +47,10 @@ def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     running = [pid for pid in pids if alive(pid)]
     assert not running, f"processes left behind: {running}"
     assert not lab.workdir.exists() or lab.workdir == Path(), f"temp dir left behind: {lab.workdir}"
+    # The lab's rules live inside its namespaces; none may have reached the host's tables.
+    host_rules = netns.run(["iptables-save"])
+    assert SERVICES_CHAIN not in host_rules and lab.prefix not in host_rules, "lab rules found on the host"
+    assert lab.prefix not in netns.run(["ip", "-o", "link", "show"]), "lab interfaces found on the host"
 
 
 def alive(pid: int) -> bool:
