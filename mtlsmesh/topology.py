@@ -10,7 +10,9 @@ pods get /32 addresses from 198.18.0.0/24 with 198.18.0.1 on the node's bridge a
 pod-to-pod traffic is routed through the node and its nat PREROUTING (that is how Service DNAT and its reverse
 apply without br_netfilter); Service virtual IPs come from 198.19.0.0/24 and exist only as DNAT rules.
 
-What this module does not do: run anything. `lab` builds the namespaces, starts the processes and applies these.
+What this module does not do: run anything (`lab` builds the namespaces, starts the processes and applies these),
+or hairpin NAT: a pod calling its own Service VIP comes back to itself with its own address as the source and is
+dropped; a pod calling its own pod IP works (it never leaves the pod).
 """
 
 from __future__ import annotations
