@@ -80,6 +80,8 @@ def load_credentials(files: CredentialFiles, trust_domain: TrustDomain, *, now: 
     now = now or datetime.now(UTC)
     try:
         stamp = stamp_files(files)
+    except FileNotFoundError as exc:
+        raise CertificateError(exc.filename or files.cert, "no such file") from exc
     except OSError as exc:
         raise CertificateError(exc.filename or files.cert, f"cannot read: {exc.strerror or exc}") from exc
     chain = ca.load_certificates(files.cert)

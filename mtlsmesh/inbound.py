@@ -60,7 +60,7 @@ async def handle_inbound(
         try:
             ip, port = rt.orig_dst(downstream)
         except OSError as exc:
-            await refuse(downstream, rec, f"no_orig_dst: {exc.strerror or exc}")
+            await refuse(downstream, rec, f"no_orig_dst: {netio.describe_error(exc)}")
             return
         app_host = str(ip)
         mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
@@ -124,7 +124,7 @@ async def handle_inbound(
         await refuse(front, rec, "connect_timeout", decision=rec.decision)
         return
     except OSError as exc:
-        await refuse(front, rec, f"connect_failed: {exc.strerror or exc}", decision=rec.decision)
+        await refuse(front, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
         return
     result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
     rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream
