@@ -22,15 +22,12 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from mtlsmesh.capture import (
+from mtlsmesh.capture import CaptureOptions, Family, PolicyRoute, build_rulesets
+from mtlsmesh.capture_plan import (
     Backend,
-    CaptureOptions,
-    Family,
-    PolicyRoute,
     PolicyRouteState,
     SaveState,
     Step,
-    build_rulesets,
     compare,
     compare_policy_route,
     parse_policy_route,
@@ -60,13 +57,14 @@ def run_step(step: Step) -> str:
         raise CaptureError(f"{' '.join(argv)} did not finish within {COMMAND_TIMEOUT:.0f}s") from None
     if result.returncode != 0:
         detail = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        # A kernel without IPv6 (or lo with disable_ipv6) fails the IPv6 steps, sometimes as "permission denied".
+        ipv6 = " (or IPv6 is off here: pass --no-ipv6)" if "-6" in argv or argv[0].startswith("ip6tables") else ""
         if any(word in detail.lower() for word in _DENIED):
-            hint = " (or IPv6 is disabled here: pass --no-ipv6)" if "-6" in argv or "ip6tables" in argv[0] else ""
             raise CaptureError(
-                f"{argv[0]} was refused: capture needs root with CAP_NET_ADMIN in the pod's network namespace{hint}"
+                f"{argv[0]} was refused: capture needs root with CAP_NET_ADMIN in the pod's network namespace{ipv6}"
                 f" ({detail})"
             )
-        raise CaptureError(f"{' '.join(argv)} failed: {detail}")
+        raise CaptureError(f"{' '.join(argv)} failed{ipv6}: {detail}")
     return result.stdout
 
 

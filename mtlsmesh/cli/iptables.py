@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 
-from mtlsmesh import capture, installer
+from mtlsmesh import capture, capture_plan, installer
 from mtlsmesh.errors import ConfigError
 
 # (field, flag, environment variable, help). Defaults live in capture.CaptureOptions; help repeats them.
@@ -20,12 +21,17 @@ _OPTIONS = (
     ("proxy_gid", "--proxy-gid", "MTLSMESH_PROXY_GID", "gid of the sidecar, never captured (1337)"),
     ("outbound_port", "--outbound-port", "MTLSMESH_OUTBOUND_PORT", "port of the outbound sidecar (15001)"),
     ("inbound_port", "--inbound-port", "MTLSMESH_INBOUND_PORT", "port of the inbound sidecar (15006)"),
-    ("inbound_ports", "--inbound-ports", "MTLSMESH_INBOUND_PORTS", "inbound ports to capture, or * for all (*)"),
+    (
+        "inbound_ports",
+        "--inbound-ports",
+        "MTLSMESH_INBOUND_PORTS",
+        "comma-separated inbound ports to capture, or * (default)",
+    ),
     (
         "exclude_inbound_ports",
         "--exclude-inbound-ports",
         "MTLSMESH_EXCLUDE_INBOUND_PORTS",
-        "inbound ports never captured; 15021 and 15090 always are",
+        "comma-separated inbound ports never captured (15021 and 15090 never are)",
     ),
     (
         "exclude_outbound_ports",
@@ -37,7 +43,7 @@ _OPTIONS = (
         "include_outbound_cidrs",
         "--include-outbound-cidrs",
         "MTLSMESH_INCLUDE_OUTBOUND_CIDRS",
-        "destinations to capture, or * for all (*)",
+        "comma-separated CIDRs to capture, or * (default)",
     ),
     (
         "exclude_outbound_cidrs",
@@ -64,7 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     what.add_argument("--cleanup", action="store_true", help="remove our chains and the jumps into them")
     what.add_argument("--check", action="store_true", help="compare the namespace's rules with these options")
     for field, flag, env, text in _OPTIONS:
-        parser.add_argument(flag, dest=field, metavar="VALUE", help=f"{text}; env {env}")
+        metavar = "CIDRS" if "cidrs" in field else "PORTS" if "ports" in field else field.split("_")[-1].upper()
+        parser.add_argument(flag, dest=field, metavar=metavar, help=f"{text}; env {env}")
     parser.add_argument(
         "--ipv6",
         action=argparse.BooleanOptionalAction,
@@ -79,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=run)
 
 
-def options_from_args(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> capture.CaptureOptions:
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> capture.CaptureOptions:
     """Flags first, then environment variables, then CaptureOptions' defaults; errors name where a value came from."""
     raw: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -96,7 +103,7 @@ def options_from_args(args: argparse.Namespace, environ: dict[str, str] | os._En
     return capture.parse_capture_options(raw, sources=sources)
 
 
-def backend_from_args(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> capture.Backend | None:
+def backend_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> capture_plan.Backend | None:
     """None means auto-detect."""
     source, text = ("--iptables-backend", args.iptables_backend)
     if text is None:
@@ -105,7 +112,7 @@ def backend_from_args(args: argparse.Namespace, environ: dict[str, str] | os._En
     if text == "auto":
         return None
     try:
-        return capture.Backend(text)
+        return capture_plan.Backend(text)
     except ValueError:
         raise ConfigError(source, f"unknown iptables backend {text!r}: expected auto, nft, legacy or system") from None
 
@@ -115,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
     requested = backend_from_args(args, os.environ)
     if args.dry_run:
         # Without root nothing can be detected; the system's command names are what `auto` picks in a fresh pod.
-        backend = requested or capture.Backend.SYSTEM
+        backend = requested or capture_plan.Backend.SYSTEM
         if args.check:
             sys.stdout.write("".join(capture.render_expected(rs) for rs in capture.build_rulesets(options)))
         else:
-            sys.stdout.write(capture.render_dry_run(options, backend, cleanup=args.cleanup))
+            sys.stdout.write(capture_plan.render_dry_run(options, backend, cleanup=args.cleanup))
         return 0
     backend = installer.detect_backend(requested)
     if args.check:
