@@ -60,6 +60,7 @@ DEFAULT_TAG = "mm"
 REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
 READY_TIMEOUT = 30.0  # a sidecar imports trio, OpenSSL and cryptography on a busy machine
 APP_TIMEOUT = 15.0
+STOP_GRACE = 5.0  # after SIGTERM, before SIGKILL: the sidecars drain for `timeouts.drain` (1s in the lab)
 SVID_FILES = ("cert.pem", "key.pem", "bundle.pem")
 
 _letters = itertools.count()
@@ -131,7 +132,6 @@ class Lab:
         self._others: list[_Process] = []
         self._rotations = itertools.count(1)
         self._closed = False
-        self._old_sigterm: object = None
 
     # -- names ---------------------------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Lab:
         uids = {PROXY_UID} | {app.uid for pod in self.plan.pods for app in pod.spec.apps}
         preflight(self.python, sorted(uids))
         _live_labs.append(self)
-        self._guard_sigterm()
+        _guard_sigterm()
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
             self.workdir.chmod(0o755)  # the sidecar and app uids read their configs below it
@@ -211,12 +211,21 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        # Apps and tcpdump first, then the sidecars (they drain), all signalled at once and then waited for.
         procs = [*self._others, *self._apps.values(), *self._sidecars.values()]
         for proc in procs:
-            if proc.popen.poll() is None:
-                netns.stop_pid(proc.popen.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=2)
+            if proc.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=2)
         for name in reversed(self._namespaces):
             # A process we did not start cannot live here, but a killed sidecar's child could: end them by PID.
             for pid in netns.namespace_pids(name):
@@ -227,27 +236,17 @@ class Lab:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if self in _live_labs:
             _live_labs.remove(self)
-        self._restore_sigterm()
-
-    def _guard_sigterm(self) -> None:
-        # SIGTERM would otherwise end the process without running `finally`: turn it into SystemExit.
-        with contextlib.suppress(ValueError):  # not the main thread: the caller handles signals
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None and not _live_labs:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self._old_sigterm = None
+        if not _live_labs:
+            _restore_sigterm()
 
     # -- building ------------------------------------------------------------------------------------------------
 
     def _add_ns(self, name: str) -> None:
         if name in netns.list_namespaces():
             raise LabError(f"namespace {name} exists already: remove it with `ip netns del {name}`")
-        netns.add_namespace(name)
-        self._namespaces.append(name)
+        netns.run(["ip", "netns", "add", name])
+        self._namespaces.append(name)  # tracked before anything else can fail, so close() removes it
+        netns.run(["ip", "-n", name, "link", "set", "lo", "up"])
 
     def _build_node(self) -> None:
         self._add_ns(self.node_ns)
@@ -492,6 +491,26 @@ def _node_sysctls() -> None:
 
 def _exit_on_sigterm(signum: int, frame: types.FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+_sigterm_guarded = False
+
+
+def _guard_sigterm() -> None:
+    # SIGTERM would otherwise end the process without running `finally`: turn it into SystemExit while labs live.
+    global _sigterm_guarded
+    with contextlib.suppress(ValueError):  # not the main thread: the caller handles signals
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            _sigterm_guarded = True
+
+
+def _restore_sigterm() -> None:
+    global _sigterm_guarded
+    if _sigterm_guarded:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _sigterm_guarded = False
 
 
 @atexit.register

@@ -52,11 +52,6 @@ def ns_exec(ns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
-def add_namespace(name: str) -> None:
-    run(["ip", "netns", "add", name])
-    run(["ip", "-n", name, "link", "set", "lo", "up"])
-
-
 def list_namespaces() -> list[str]:
     try:
         return sorted(os.listdir(NETNS_DIR))
