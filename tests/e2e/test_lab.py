@@ -69,10 +69,20 @@ def test_failed_start_leaves_nothing() -> None:
     harness.assert_nothing_left(lab, [])
 
 
-def test_refuses_to_run_unprivileged() -> None:
+@pytest.mark.parametrize(
+    ("prefix", "path", "message"),
+    [
+        (["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"], None, "run it as root"),
+        ([], "/nonexistent", "missing ip, iptables, iptables-restore, setpriv: install them"),
+    ],
+)
+def test_refuses_what_it_cannot_run(prefix: list[str], path: str | None, message: str) -> None:
+    env = child_env()
+    if path is not None:
+        env["PATH"] = path
     done = subprocess.run(
-        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-m", "mtlsmesh", "demo"],
-        env=child_env(),
+        [*prefix, sys.executable, "-m", "mtlsmesh", "demo"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -80,7 +90,8 @@ def test_refuses_to_run_unprivileged() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("mtlsmesh: error: ")
-    assert "run it as root" in done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def start_child() -> tuple[subprocess.Popen[str], str, list[int]]:
