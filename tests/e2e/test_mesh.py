@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -270,3 +271,17 @@ def test_200_concurrent_connections(lab: Lab) -> None:
     harness.wait_records(
         lab, "web", lambda r: r.get("orig_dst") == orig_dst and r.get("peer_id") == CLIENT_ID, count=count
     )
+
+
+def test_only_the_proxy_uid_reads_the_key(lab: Lab) -> None:
+    key = lab.pod_dir("web") / "svid" / "key.pem"
+    info = key.stat()  # follows the Secret-like symlinks to the current version
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1337, 1337, 0o600)
+    app_read = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat", str(key)],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    assert app_read.returncode != 0  # the app's uid never holds the key
+    assert app_read.stdout == b""
