@@ -181,11 +181,21 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         print(f"  a raw log line (ratings): {example.strip()[:300]}")
 
     section(f"the wire: tcpdump on {lab.veth('reviews')}, the node side of the reviews pod's veth")
+    print(
+        f"  productpage -> reviews shows the pod address {lab.ip('reviews')} (the node DNATed the VIP before this"
+        f" veth); reviews -> ratings shows the ratings VIP {lab.vip('ratings')} (not yet DNATed). In TLS 1.3 only"
+        " the hello messages are in the clear: certificates and data travel in encrypted records."
+    )
     _show_capture(pcap_path.read_bytes(), marker, report)
 
     section("a pod outside the mesh (legacy, plaintext)")
     strict = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("productpage"), APP_PORT, "/legacy", timeout=10))
     print(f"  legacy -> productpage:{APP_PORT} (STRICT): {_describe(strict)}")
+    legacy_from = f"{lab.ip('legacy')}:"
+    for record in log_records(lab.sidecar_log("productpage")):
+        if record.get("client", "").startswith(legacy_from) and record.get("decision") == "refuse":
+            print(f"    productpage's sidecar refused it: reason={record.get('reason')}")
+            break
     report.check("STRICT refuses plaintext from outside the mesh", isinstance(strict, str) or strict[0] != 200)
     excluded = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("details"), EXCLUDED_PORT, "/excl", timeout=10))
     print(f"  legacy -> details:{EXCLUDED_PORT} (excluded from capture): {_describe(excluded)}")
