@@ -163,19 +163,20 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     hops = [("sleep", "productpage"), ("productpage", "details"), ("productpage", "reviews"), ("reviews", "ratings")]
     for caller, callee in hops:
         caller_id, callee_id = str(plan.pod(caller).spiffe_id), str(plan.pod(callee).spiffe_id)
-        out = [r for r in log_records(lab.sidecar_log(caller)) if r.get("dir") == "outbound" and r.get("peer_id")]
-        inb = [r for r in log_records(lab.sidecar_log(callee)) if r.get("dir") == "inbound" and r.get("peer_id")]
-        out_hit = [r for r in out if r["peer_id"] == callee_id]
-        in_hit = [r for r in inb if r["peer_id"] == caller_id]
+        out_hit = wait_record(lab, caller, _with_peer("outbound", callee_id))
+        in_hit = wait_record(lab, callee, _with_peer("inbound", caller_id))
         print(f"  {caller} -> {callee}")
-        for record in out_hit[:1]:
-            print(f"    {caller}'s sidecar (outbound) dialed {record.get('orig_dst')}, server presented {callee_id}")
-        for record in in_hit[:1]:
+        if out_hit is not None:
+            print(f"    {caller}'s sidecar (outbound) dialed {out_hit.get('orig_dst')}, server presented {callee_id}")
+        if in_hit is not None:
             print(
-                f"    {callee}'s sidecar (inbound) accepted {record.get('client')} presenting {caller_id}"
-                f" ({record.get('decision', '?')}), then handed plaintext to the app from 127.0.0.6"
+                f"    {callee}'s sidecar (inbound) accepted {in_hit.get('client')} presenting {caller_id}"
+                f" ({in_hit.get('decision', '?')}), then handed plaintext to the app from 127.0.0.6"
             )
-        report.check(f"{caller} -> {callee}: both sidecars logged the other's identity", bool(out_hit and in_hit))
+        report.check(
+            f"{caller} -> {callee}: both sidecars logged the other's identity",
+            out_hit is not None and in_hit is not None,
+        )
     example = next((line for line in lab.sidecar_log("ratings").splitlines() if "peer_id=" in line), "")
     if example:
         print(f"  a raw log line (ratings): {example.strip()[:300]}")
@@ -192,10 +193,11 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     strict = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("productpage"), APP_PORT, "/legacy", timeout=10))
     print(f"  legacy -> productpage:{APP_PORT} (STRICT): {_describe(strict)}")
     legacy_from = f"{lab.ip('legacy')}:"
-    for record in log_records(lab.sidecar_log("productpage")):
-        if record.get("client", "").startswith(legacy_from) and record.get("decision") == "refuse":
-            print(f"    productpage's sidecar refused it: reason={record.get('reason')}")
-            break
+    refusal = wait_record(
+        lab, "productpage", lambda r: r.get("client", "").startswith(legacy_from) and r.get("decision") == "refuse"
+    )
+    if refusal is not None:
+        print(f"    productpage's sidecar refused it: reason={refusal.get('reason')}")
     report.check("STRICT refuses plaintext from outside the mesh", isinstance(strict, str) or strict[0] != 200)
     excluded = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("details"), EXCLUDED_PORT, "/excl", timeout=10))
     print(f"  legacy -> details:{EXCLUDED_PORT} (excluded from capture): {_describe(excluded)}")
@@ -221,6 +223,23 @@ def log_records(text: str) -> list[dict[str, str]]:
         if fields:
             records.append(fields)
     return records
+
+
+def _with_peer(direction: str, peer_id: str) -> Callable[[dict[str, str]], bool]:
+    return lambda record: record.get("dir") == direction and record.get("peer_id") == peer_id
+
+
+def wait_record(
+    lab: Lab, pod: str, predicate: Callable[[dict[str, str]], bool], timeout: float = 3.0
+) -> dict[str, str] | None:
+    """The first record in the pod's sidecar log matching `predicate`; a connection's line is written as it ends,
+    which can be just after its client saw the reset."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((r for r in log_records(lab.sidecar_log(pod)) if predicate(r)), None)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def _nested_ok(body: bytes) -> bool:
