@@ -146,11 +146,6 @@ def log_records(text: str) -> list[dict[str, str]]:
     return records
 
 
-def peer_ids(lab: Lab, pod: str) -> set[str]:
-    """Every peer identity the pod's sidecar logged."""
-    return {record["peer_id"] for record in log_records(lab.sidecar_log(pod)) if record.get("peer_id")}
-
-
 def wait_records(
     lab: Lab, pod: str, predicate: Callable[[dict[str, str]], bool], count: int = 1, timeout: float = 10.0
 ) -> list[dict[str, str]]:

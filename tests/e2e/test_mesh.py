@@ -80,7 +80,21 @@ def test_mesh_to_mesh_is_encrypted_on_the_wire(lab: Lab) -> None:
     streams = harness.wire_streams(pcap_path)
     assert harness.assert_tls_only(streams, 9080) >= 2  # request and response at least
     assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
-    assert CLIENT_ID in harness.peer_ids(lab, "web")
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("dir") == "inbound"
+            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("peer_id") == CLIENT_ID
+            and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "client",
+        lambda r: r.get("dir") == "outbound" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls",
+    )
 
 
 def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
