@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -329,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.requests < 1 or args.requests > 100:
         raise LabError("--requests: expected 1 to 100")
+    if shutil.which("tcpdump") is None:  # checked before building anything: the wire is half the evidence
+        raise LabError("tcpdump is missing: apt-get install -y tcpdump")
     report = Report()
     print("building the lab: node namespace, bridge, pods, capture rules, SVIDs, sidecars (uid 1337), apps ...")
     started = time.monotonic()

@@ -17,7 +17,7 @@ import pytest
 
 from mtlsmesh import netns
 from mtlsmesh.errors import LabError
-from mtlsmesh.lab import Lab, child_env, http_get
+from mtlsmesh.lab import Lab, child_env, http_get, preflight
 from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
 
@@ -73,7 +73,7 @@ def test_failed_start_leaves_nothing() -> None:
     ("prefix", "path", "message"),
     [
         (["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"], None, "run it as root"),
-        ([], "/nonexistent", "missing ip, iptables, iptables-restore, setpriv: install them"),
+        ([], "/nonexistent", "tcpdump is missing: apt-get install -y tcpdump"),
     ],
 )
 def test_refuses_what_it_cannot_run(prefix: list[str], path: str | None, message: str) -> None:
@@ -144,3 +144,9 @@ def test_cleanup_stale_after_sigkill() -> None:
 def test_cleanup_stale_refuses_short_prefix(prefix: str, message: str) -> None:
     with pytest.raises(LabError, match=message):
         netns.cleanup_stale(prefix)
+
+
+def test_preflight_names_missing_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LabError, match=r"missing ip, iptables, iptables-restore, setpriv: install them \(apt-get"):
+        preflight()
