@@ -1,11 +1,12 @@
 """`mtlsmesh demo`: build the bookinfo mesh in a pod lab, send traffic through it, and show the evidence.
 
 Topology: productpage -> details, productpage -> reviews -> ratings, each behind a Service VIP; a `sleep` pod in
-the mesh sends the requests; a `legacy` pod outside the mesh (no capture, no sidecar) shows STRICT refusing it and
-an excluded port (details:9090) letting it through. The demo prints what a person investigating wants to see and
-checks it: the apps logged plaintext, the sidecars logged the peer identity of each hop, the wire (a tcpdump on
-the node-side veth of the reviews pod) carried only TLS records and never the plaintext marker, and the capture
-rules' packet counters moved. It ends with PASS or FAIL and the matching exit status.
+the mesh sends the requests; a `legacy` pod outside the mesh (no capture, no sidecar) shows STRICT refusing it,
+an excluded port (details:9090) letting it through, and a mesh pod reaching its app as plain TCP (ALLOW_ANY).
+The demo prints what a person investigating wants to see and checks it: the apps logged plaintext, the sidecars
+logged the peer identity of each hop, the wire (a tcpdump on the node-side veth of the reviews pod) carried only
+TLS records and never the plaintext marker, and the capture rules' packet counters moved. It ends with PASS or
+FAIL and the matching exit status (0 or 1; 2 when the lab cannot be built).
 
 `--keep` leaves the lab running and prints how to step into a pod; Ctrl-C tears it down.
 """
@@ -39,6 +40,7 @@ from mtlsmesh.topology import (
 MARKER_HEADER = "X-Demo-Marker"
 APP_PORT = 9080
 EXCLUDED_PORT = 9090
+LEGACY_PORT = 8080
 SERVICES = ("productpage", "details", "reviews", "ratings")
 
 
@@ -74,7 +76,7 @@ def bookinfo() -> Topology:
             PodSpec("reviews", apps=(http_app("reviews", "--call", service_url("ratings", "ratings")),)),
             PodSpec("ratings", apps=(http_app("ratings"),)),
             PodSpec("sleep"),
-            PodSpec("legacy", mesh=False),
+            PodSpec("legacy", mesh=False, apps=(http_app("legacy", ports=(LEGACY_PORT,)),)),
         ),
         services=tuple(ServiceSpec(name, APP_PORT, name, APP_PORT) for name in SERVICES),
     )
@@ -203,6 +205,19 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     excluded = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("details"), EXCLUDED_PORT, "/excl", timeout=10))
     print(f"  legacy -> details:{EXCLUDED_PORT} (excluded from capture): {_describe(excluded)}")
     report.check("an excluded port bypasses the mesh", not isinstance(excluded, str) and excluded[0] == 200)
+    outside = attempt(lambda: http_get(lab.pod_ns("sleep"), lab.ip("legacy"), LEGACY_PORT, "/from-mesh", timeout=10))
+    print(f"  sleep -> legacy:{LEGACY_PORT} (a destination outside the mesh, ALLOW_ANY): {_describe(outside)}")
+    passthrough = wait_record(
+        lab,
+        "sleep",
+        lambda r: r.get("orig_dst") == f"{lab.ip('legacy')}:{LEGACY_PORT}" and r.get("decision") == "passthrough",
+    )
+    if passthrough is not None:
+        print("    sleep's sidecar passed it through as plain TCP: decision=passthrough (no identity to verify)")
+    report.check(
+        "a mesh pod reaches a pod outside the mesh (passthrough)",
+        not isinstance(outside, str) and outside[0] == 200 and passthrough is not None,
+    )
 
     section(
         "capture rules with packet counters: ip netns exec " + lab.pod_ns("productpage") + " iptables -t nat -L -v -n"
