@@ -16,6 +16,7 @@ import concurrent.futures
 import hashlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -238,6 +239,37 @@ def test_half_close_crosses_the_mesh(lab: Lab) -> None:
         sock.shutdown(socket.SHUT_WR)  # our FIN must reach the app, and its answer must still come back
         rest = harness.read_all(sock)
     assert rest == b"EOF after 11 bytes\n"
+
+
+def test_half_close_from_the_server_side(lab: Lab) -> None:
+    # The server app (played by this test inside the web pod) says its piece and shuts down its sending side first;
+    # the client must see EOF while its own direction stays open and still reaches the server.
+    received: list[bytes] = []
+    with lab.listen("web", 7100) as listener:
+        listener.settimeout(10)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.sendall(b"server speaks and stops\n")
+                conn.shutdown(socket.SHUT_WR)
+                received.append(harness.read_all(conn))
+
+        server = threading.Thread(target=serve)
+        server.start()
+        try:
+            with lab.connect("client", lab.ip("web"), 7100) as sock:
+                sock.sendall(b"hello\n")
+                assert harness.read_all(sock) == b"server speaks and stops\n"
+                sock.sendall(b"client still talking after the server's FIN\n")
+                sock.shutdown(socket.SHUT_WR)
+        finally:
+            server.join(timeout=15)
+    assert received == [b"hello\nclient still talking after the server's FIN\n"]
+    harness.wait_records(
+        lab, "web", lambda r: r.get("orig_dst") == f"{lab.ip('web')}:7100" and r.get("peer_id") == CLIENT_ID
+    )
 
 
 @pytest.mark.slow
