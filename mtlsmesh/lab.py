@@ -288,8 +288,8 @@ class Lab:
         config_path.chmod(0o644)
 
     def rotate_svid(self, pod: str) -> Path:
-        """Issue a fresh SVID and swap it in the way a Secret volume does: a new directory, then an atomic rename
-        of the `..data` symlink. Returns the new directory. (Also the first issue, before the sidecar starts.)"""
+        """Issue a fresh SVID and swap it in the way a Secret volume does: a new directory, an atomic rename of the
+        `..data` symlink, then the old directory removed. Returns the new directory. (Also the first issue.)"""
         planned = self.plan.pod(pod)
         if planned.spiffe_id is None or self.authority is None:
             raise LabError(f"pod {pod} is outside the mesh and has no SVID")
@@ -305,10 +305,14 @@ class Lab:
                 out.write(data)
             os.chown(path, PROXY_UID, PROXY_UID)
         os.chown(version, PROXY_UID, PROXY_UID)
+        data_link = svid_dir / "..data"
+        previous = svid_dir / os.readlink(data_link) if data_link.is_symlink() else None
         tmp_link = svid_dir / "..data_tmp"
         tmp_link.symlink_to(version.name)
         os.chown(tmp_link, PROXY_UID, PROXY_UID, follow_symlinks=False)
-        os.replace(tmp_link, svid_dir / "..data")
+        os.replace(tmp_link, data_link)
+        if previous is not None:
+            shutil.rmtree(previous)  # as the kubelet does once the new version is in place
         return version
 
     def _spawn(self, name: str, ns: str, argv: Sequence[str], log: Path) -> _Process:
