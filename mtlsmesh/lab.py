@@ -1,0 +1,523 @@
+"""The pod lab: a small node built from network namespaces, with real capture rules, sidecars and apps.
+
+`Lab(topology)` used as a context manager builds, in this order:
+1. the node: a namespace holding a bridge with the pods' gateway address, IP forwarding on, ICMP redirects off
+   (pods reach each other through the gateway, so the node routes packets back out the bridge they came in on);
+2. one namespace per pod with a veth into the bridge (created inside the namespaces, so nothing appears in the
+   host's), loopback up, a /32 address and a default route via the gateway;
+3. the Service DNAT rules in the node, as kube-proxy puts them (see `topology.render_service_rules`);
+4. for each mesh pod, what its pod spec would run: the init step `mtlsmesh iptables` as root, an SVID from the
+   lab's CA in a Secret-like directory owned by uid 1337, the sidecar config, `mtlsmesh sidecar` as uid 1337,
+   and a wait for `/healthz/ready` on 15021 from the node, as a kubelet probes;
+5. each pod's apps, as their own uids, and a wait for their ports.
+
+Everything is named `<tag><pid><letter>-...` so parallel runs never collide, and torn down on exit, Ctrl-C,
+SIGTERM, interpreter exit and failure part-way: processes first (by PID), then namespaces, then the temp dir.
+`netns.cleanup_stale(prefix)` removes what a killed run left.
+
+What this module does not do: decide addresses or render configs (see `topology`), or parse captures (`pcap`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import mtlsmesh
+from mtlsmesh import ca, netns
+from mtlsmesh.errors import LabError
+from mtlsmesh.identity import TrustDomain
+from mtlsmesh.topology import (
+    GATEWAY,
+    HEALTH_PORT,
+    PROXY_UID,
+    Plan,
+    PlannedPod,
+    Topology,
+    plan_topology,
+    render_capture_args,
+    render_service_rules,
+    render_sidecar_config,
+)
+
+DEFAULT_TAG = "mm"
+REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
+READY_TIMEOUT = 30.0  # a sidecar imports trio, OpenSSL and cryptography on a busy machine
+APP_TIMEOUT = 15.0
+STOP_GRACE = 5.0  # after SIGTERM, before SIGKILL: the sidecars drain for `timeouts.drain` (1s in the lab)
+SVID_FILES = ("cert.pem", "key.pem", "bundle.pem")
+
+_letters = itertools.count()
+_live_labs: list[Lab] = []
+
+
+def package_parent() -> str:
+    """The directory holding the `mtlsmesh` package: PYTHONPATH for every child process."""
+    return str(Path(mtlsmesh.__file__).resolve().parent.parent)
+
+
+def child_env() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PYTHONPATH": package_parent(),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",  # the sidecar's uid cannot write the package's __pycache__
+        "LANG": "C.UTF-8",
+    }
+
+
+def as_uid(uid: int, argv: Sequence[str]) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
+def preflight(python: str = sys.executable, uids: Sequence[int] = (PROXY_UID,)) -> None:
+    """Refuse, with the command that fixes it, to build a lab this machine cannot run."""
+    if os.geteuid() != 0:
+        raise LabError("the lab builds network namespaces and iptables rules: run it as root (sudo -E ...)")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise LabError(f"missing {', '.join(missing)}: install them (apt-get install -y iproute2 iptables util-linux)")
+    for uid in sorted(set(uids)):
+        probe = as_uid(uid, [python, "-c", "import mtlsmesh.cli, trio, OpenSSL, yaml, cryptography"])
+        done = subprocess.run(probe, env=child_env(), capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LabError(
+                f"uid {uid} cannot run {python} and import mtlsmesh ({last}): create the venv with the system "
+                f"python3 (python3 -m venv .venv) in a directory every user can read, and keep the source there"
+            )
+
+
+@dataclass(slots=True)
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Lab:
+    """A running pod lab; see the module docstring. Use as `with Lab(topology) as lab: ...`."""
+
+    def __init__(self, topology: Topology, *, tag: str = DEFAULT_TAG, python: str = sys.executable) -> None:
+        self.plan: Plan = plan_topology(topology)
+        letter = "abcdefghijklmnopqrstuvwxyz"[next(_letters) % 26]
+        self.prefix = f"{tag}{os.getpid()}{letter}"  # at most 2+7+1 chars: room for suffixes in 15
+        self.python = python
+        self.node_ns = f"{self.prefix}-node"
+        self.bridge = f"{self.prefix}br"
+        self.workdir = Path()
+        self.authority: ca.Authority | None = None
+        self._namespaces: list[str] = []
+        self._sidecars: dict[str, _Process] = {}
+        self._apps: dict[tuple[str, str], _Process] = {}
+        self._others: list[_Process] = []
+        self._rotations = itertools.count(1)
+        self._closed = False
+
+    # -- names ---------------------------------------------------------------------------------------------------
+
+    def pod_ns(self, pod: str) -> str:
+        self.plan.pod(pod)
+        return f"{self.prefix}-{pod}"
+
+    def veth(self, pod: str) -> str:
+        """The node-side end of the pod's veth (where a capture sees the pod's traffic on the wire)."""
+        return f"{self.prefix}v{self.plan.pod(pod).index}"
+
+    def ip(self, pod: str) -> str:
+        return str(self.plan.pod(pod).ip)
+
+    def vip(self, service: str) -> str:
+        return str(self.plan.service(service).vip)
+
+    def pod_dir(self, pod: str) -> Path:
+        return self.workdir / pod
+
+    def namespaces(self) -> list[str]:
+        return list(self._namespaces)
+
+    # -- life cycle ----------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        uids = {PROXY_UID} | {app.uid for pod in self.plan.pods for app in pod.spec.apps}
+        preflight(self.python, sorted(uids))
+        _live_labs.append(self)
+        _guard_sigterm()
+        try:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+            self.workdir.chmod(0o755)  # the sidecar and app uids read their configs below it
+            self._build_node()
+            for pod in self.plan.pods:
+                self._build_pod(pod)
+            if self.plan.services:
+                netns.run(netns.ns_exec(self.node_ns, ["iptables-restore", "--noflush"]), input_text=self._rules())
+            now = datetime.datetime.now(datetime.UTC)
+            self.authority = ca.create_ca(TrustDomain(self.plan.topology.trust_domain), now=now)
+            mesh = [pod for pod in self.plan.pods if pod.spiffe_id is not None]
+            for pod in mesh:
+                self._init_pod(pod)
+            for pod in mesh:
+                self._spawn_sidecar(pod.spec.name)
+            for pod in mesh:
+                self.wait_ready(pod.spec.name)
+            for pod in self.plan.pods:
+                for app in pod.spec.apps:
+                    self._spawn_app(pod, app.name)
+            for pod in self.plan.pods:
+                for app in pod.spec.apps:
+                    proc = self._apps[(pod.spec.name, app.name)]
+                    for port in app.ports:
+                        netns.wait_port(
+                            self.pod_ns(pod.spec.name),
+                            "127.0.0.1",
+                            port,
+                            timeout=APP_TIMEOUT,
+                            alive=proc.running,
+                        )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Tear everything down; safe to call twice and after a failed start."""
+        if self._closed:
+            return
+        self._closed = True
+        # Apps and tcpdump first, then the sidecars (they drain), all signalled at once and then waited for.
+        procs = [*self._others, *self._apps.values(), *self._sidecars.values()]
+        for proc in procs:
+            if proc.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=2)
+        for name in reversed(self._namespaces):
+            # A process we did not start cannot live here, but a killed sidecar's child could: end them by PID.
+            for pid in netns.namespace_pids(name):
+                netns.stop_pid(pid, grace=1.0)
+            with contextlib.suppress(LabError):
+                netns.delete_namespace(name)
+        if self.workdir != Path() and self.workdir.is_dir():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self in _live_labs:
+            _live_labs.remove(self)
+        if not _live_labs:
+            _restore_sigterm()
+
+    # -- building ------------------------------------------------------------------------------------------------
+
+    def _add_ns(self, name: str) -> None:
+        if name in netns.list_namespaces():
+            raise LabError(f"namespace {name} exists already: remove it with `ip netns del {name}`")
+        netns.run(["ip", "netns", "add", name])
+        self._namespaces.append(name)  # tracked before anything else can fail, so close() removes it
+        netns.run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def _build_node(self) -> None:
+        self._add_ns(self.node_ns)
+        netns.run_in_netns(self.node_ns, _node_sysctls)
+        netns.run(["ip", "-n", self.node_ns, "link", "add", self.bridge, "type", "bridge"])
+        netns.run(["ip", "-n", self.node_ns, "addr", "add", f"{GATEWAY}/24", "dev", self.bridge])
+        netns.run(["ip", "-n", self.node_ns, "link", "set", self.bridge, "up"])
+
+    def _build_pod(self, pod: PlannedPod) -> None:
+        name = pod.spec.name
+        ns = self.pod_ns(name)
+        self._add_ns(ns)
+        veth = self.veth(name)
+        netns.run(["ip", "-n", self.node_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        netns.run(["ip", "-n", self.node_ns, "link", "set", veth, "master", self.bridge, "up"])
+        netns.run(["ip", "-n", ns, "addr", "add", f"{pod.ip}/32", "dev", "eth0"])
+        netns.run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        netns.run(["ip", "-n", ns, "route", "add", "default", "via", str(GATEWAY), "dev", "eth0", "onlink"])
+        self.pod_dir(name).mkdir(mode=0o755)
+
+    def _rules(self) -> str:
+        return render_service_rules(self.plan)
+
+    def _init_pod(self, pod: PlannedPod) -> None:
+        name = pod.spec.name
+        argv = [self.python, "-m", "mtlsmesh", "iptables", *render_capture_args(pod.spec)]
+        self.run_in(name, argv)
+        svid_dir = self.pod_dir(name) / "svid"
+        svid_dir.mkdir(mode=0o700)
+        os.chown(svid_dir, PROXY_UID, PROXY_UID)
+        self.rotate_svid(name)
+        for filename in SVID_FILES:
+            link = svid_dir / filename
+            link.symlink_to(Path("..data") / filename)
+            os.chown(link, PROXY_UID, PROXY_UID, follow_symlinks=False)
+        config = render_sidecar_config(self.plan, name, *(str(svid_dir / filename) for filename in SVID_FILES))
+        config_path = self.pod_dir(name) / "sidecar.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config_path.chmod(0o644)
+
+    def rotate_svid(self, pod: str) -> Path:
+        """Issue a fresh SVID and swap it in the way a Secret volume does: a new directory, an atomic rename of the
+        `..data` symlink, then the old directory removed. Returns the new directory. (Also the first issue.)"""
+        planned = self.plan.pod(pod)
+        if planned.spiffe_id is None or self.authority is None:
+            raise LabError(f"pod {pod} is outside the mesh and has no SVID")
+        issued = ca.issue_svid(self.authority, planned.spiffe_id, now=datetime.datetime.now(datetime.UTC))
+        svid_dir = self.pod_dir(pod) / "svid"
+        version = svid_dir / f"..{next(self._rotations)}"
+        version.mkdir(mode=0o700)
+        contents = (issued.cert_chain_pem(), issued.key_pem(), issued.bundle_pem())
+        for filename, data in zip(SVID_FILES, contents, strict=True):
+            path = version / filename
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename == "key.pem" else 0o644)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chown(path, PROXY_UID, PROXY_UID)
+        os.chown(version, PROXY_UID, PROXY_UID)
+        data_link = svid_dir / "..data"
+        previous = svid_dir / os.readlink(data_link) if data_link.is_symlink() else None
+        tmp_link = svid_dir / "..data_tmp"
+        tmp_link.symlink_to(version.name)
+        os.chown(tmp_link, PROXY_UID, PROXY_UID, follow_symlinks=False)
+        os.replace(tmp_link, data_link)
+        if previous is not None:
+            shutil.rmtree(previous)  # as the kubelet does once the new version is in place
+        return version
+
+    def _spawn(self, name: str, ns: str, argv: Sequence[str], log: Path) -> _Process:
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                netns.ns_exec(ns, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                start_new_session=True,  # Ctrl-C reaches the lab, which stops them in order
+            )
+        return _Process(name, popen, log)
+
+    def _spawn_sidecar(self, pod: str) -> None:
+        config_path = self.pod_dir(pod) / "sidecar.yaml"
+        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", "sidecar", "--config", str(config_path)])
+        self._sidecars[pod] = self._spawn(f"{pod}/sidecar", self.pod_ns(pod), argv, self.pod_dir(pod) / "sidecar.log")
+
+    def _spawn_app(self, pod: PlannedPod, app_name: str) -> None:
+        app = next(a for a in pod.spec.apps if a.name == app_name)
+        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.demoapps", *app.args])
+        log = self.pod_dir(pod.spec.name) / f"app-{app.name}.log"
+        self._apps[(pod.spec.name, app.name)] = self._spawn(
+            f"{pod.spec.name}/{app.name}", self.pod_ns(pod.spec.name), argv, log
+        )
+
+    def wait_ready(self, pod: str, timeout: float = READY_TIMEOUT) -> None:
+        """Probe the sidecar's /healthz/ready from the node, as a kubelet does, until it answers 200."""
+        proc = self._sidecars[pod]
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.popen.poll() is not None:
+                raise LabError(f"the sidecar of pod {pod} exited ({proc.popen.returncode}): {self._tail(proc.log)}")
+            with contextlib.suppress(OSError):
+                status, _ = http_get(self.node_ns, self.ip(pod), HEALTH_PORT, "/healthz/ready", timeout=1.0)
+                if status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise LabError(f"the sidecar of pod {pod} is not ready after {timeout:g}s: {self._tail(proc.log)}")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _tail(log: Path) -> str:
+        try:
+            lines = log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-3:]) if lines else "empty log"
+
+    # -- operating -----------------------------------------------------------------------------------------------
+
+    def run_in(self, pod: str, argv: Sequence[str], *, timeout: float = netns.COMMAND_TIMEOUT) -> str:
+        """Run a command as root inside a pod and return its output."""
+        return netns.run(netns.ns_exec(self.pod_ns(pod), argv), timeout=timeout)
+
+    def connect(self, pod: str, host: str, port: int, *, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection made from inside `pod` by this process (root, so the capture rules treat it as an app)."""
+        return netns.connect_in(self.pod_ns(pod), host, port, timeout=timeout)
+
+    def listen(self, pod: str, port: int, *, host: str = "0.0.0.0", backlog: int = 256) -> socket.socket:
+        """A listening TCP socket inside `pod`, for a test to play the app's server part itself."""
+        sock = netns.socket_in(self.pod_ns(pod))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def nat_rules(self, pod: str) -> str:
+        """`iptables -t nat -L -v -n` inside a pod: the capture chains with their packet counters."""
+        return self.run_in(pod, ["iptables", "-t", "nat", "-L", "-v", "-n"])
+
+    def sidecar_pid(self, pod: str) -> int:
+        return self._sidecars[pod].popen.pid
+
+    def sidecar_log(self, pod: str) -> str:
+        return (self.pod_dir(pod) / "sidecar.log").read_text(errors="replace")
+
+    def app_log(self, pod: str, app: str) -> str:
+        return (self.pod_dir(pod) / f"app-{app}.log").read_text(errors="replace")
+
+    def kill_sidecar(self, pod: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` to the pod's sidecar (by its PID) and wait for it to exit."""
+        proc = self._sidecars[pod]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.popen.pid, sig)
+        proc.popen.wait(timeout=10)
+
+    def restart_sidecar(self, pod: str) -> None:
+        """Start the pod's sidecar again (after `kill_sidecar`) and wait until it is ready."""
+        if self._sidecars[pod].popen.poll() is None:
+            raise LabError(f"the sidecar of pod {pod} is still running")
+        self._spawn_sidecar(pod)
+        self.wait_ready(pod)
+
+    def processes(self) -> list[int]:
+        """PIDs of the processes this lab started that are still running."""
+        procs = [*self._others, *self._apps.values(), *self._sidecars.values()]
+        return [proc.popen.pid for proc in procs if proc.popen.poll() is None]
+
+    @contextlib.contextmanager
+    def capture(self, pod: str, *, port_filter: str = "tcp") -> Iterator[Path]:
+        """Record the pod's traffic with tcpdump on the node-side end of its veth; yields the pcap file's path,
+        complete once the block ends."""
+        if shutil.which("tcpdump") is None:
+            raise LabError("tcpdump is missing: apt-get install -y tcpdump")
+        pcap = self.workdir / f"{pod}-{next(self._rotations)}.pcap"
+        log = pcap.with_suffix(".log")
+        argv = [
+            "tcpdump",
+            "-i",
+            self.veth(pod),
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+            str(pcap),
+            port_filter,
+        ]
+        proc = self._spawn(f"{pod}/tcpdump", self.node_ns, argv, log)
+        self._others.append(proc)
+        deadline = time.monotonic() + 10
+        while "listening on" not in log.read_text(errors="replace"):
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"tcpdump did not start: {self._tail(log)}")
+            time.sleep(0.05)
+        try:
+            yield pcap
+        finally:
+            time.sleep(0.3)  # let the last segments reach the capture
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.popen.pid, signal.SIGINT)  # tcpdump flushes its file on SIGINT
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                netns.stop_pid(proc.popen.pid)
+            self._others.remove(proc)
+
+
+def http_get(
+    ns: str, host: str, port: int, path: str, *, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """A minimal HTTP/1.0 GET made from inside namespace `ns`: (status, body)."""
+    with netns.connect_in(ns, host, port, timeout=timeout) as sock:
+        lines = [f"GET {path} HTTP/1.0", f"Host: {host}:{port}"]
+        lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        chunks: list[bytes] = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = b"".join(chunks)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise ConnectionError(f"not an HTTP response from {host}:{port}: {response[:60]!r}")
+    return int(status_line[1]), body
+
+
+def _node_sysctls() -> None:
+    # Runs on a thread inside the node namespace: /proc/sys/net shows that namespace's values.
+    settings = {
+        "ipv4/ip_forward": "1",
+        # Pods reach each other through the gateway; a redirect would teach them to bypass the node's DNAT.
+        "ipv4/conf/all/send_redirects": "0",
+        "ipv4/conf/default/send_redirects": "0",
+        "ipv4/conf/all/rp_filter": "0",
+        "ipv4/conf/default/rp_filter": "0",
+    }
+    for key, value in settings.items():
+        Path("/proc/sys/net", key).write_text(value)
+
+
+def _exit_on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+_sigterm_guarded = False
+
+
+def _guard_sigterm() -> None:
+    # SIGTERM would otherwise end the process without running `finally`: turn it into SystemExit while labs live.
+    global _sigterm_guarded
+    with contextlib.suppress(ValueError):  # not the main thread: the caller handles signals
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            _sigterm_guarded = True
+
+
+def _restore_sigterm() -> None:
+    global _sigterm_guarded
+    if _sigterm_guarded:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _sigterm_guarded = False
+
+
+@atexit.register
+def _close_live_labs() -> None:
+    for lab in list(_live_labs):
+        lab.close()

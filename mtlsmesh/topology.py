@@ -1,0 +1,230 @@
+"""The pod lab's plan as data: pods, services, their addresses, each sidecar's config and the node's DNAT rules.
+
+A `Topology` names pods (network namespaces on one bridge) and Services (virtual IPs). `plan_topology` gives every
+pod an address and every Service a virtual IP; `render_sidecar_config` writes the YAML mapping a pod's sidecar
+reads (docs in BRIEF/DESIGN section 9); `render_service_rules` writes the node's kube-proxy-like DNAT rules as one
+`iptables-restore` payload.
+
+Address plan (all of 198.18.0.0/15, the benchmarking range, never routed out of the lab's node namespace):
+pods get /32 addresses from 198.18.0.0/24 with 198.18.0.1 on the node's bridge as their only gateway, so even
+pod-to-pod traffic is routed through the node and its nat PREROUTING (that is how Service DNAT and its reverse
+apply without br_netfilter); Service virtual IPs come from 198.19.0.0/24 and exist only as DNAT rules.
+
+What this module does not do: run anything (`lab` builds the namespaces, starts the processes and applies these),
+or hairpin NAT: a pod calling its own Service VIP comes back to itself with its own address as the source and is
+dropped; a pod calling its own pod IP works (it never leaves the pod).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mtlsmesh.errors import LabError
+from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, workload_id
+
+POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/24")
+GATEWAY = ipaddress.IPv4Address("198.18.0.1")
+FIRST_POD_HOST = 10  # 198.18.0.10 is the first pod; low addresses stay free for the node
+SERVICE_NETWORK = ipaddress.IPv4Network("198.19.0.0/24")
+FIRST_SERVICE_HOST = 10
+SERVICES_CHAIN = "MTLSMESH_LAB_SERVICES"  # the node's KUBE-SERVICES
+PROXY_UID = 1337  # DESIGN.md section 2
+DEFAULT_APP_UID = 1000
+HEALTH_PORT = 15021
+
+_POD_NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
+
+
+@dataclass(frozen=True, slots=True)
+class AppSpec:
+    """A process in a pod: `python -m mtlsmesh.demoapps ARGS...` as `uid`; `ports` are waited for before use."""
+
+    name: str
+    args: tuple[str, ...]
+    ports: tuple[int, ...] = ()
+    uid: int = DEFAULT_APP_UID
+
+
+@dataclass(frozen=True, slots=True)
+class PodSpec:
+    """One pod. `mesh=False` is a pod outside the mesh: no capture rules, no sidecar, no certificate.
+
+    `sidecar` is merged over the rendered sidecar config (nested mappings merge, everything else replaces), so a
+    test sets `{"inbound": {"mode": "permissive"}}` without repeating the rest. `capture_args` are extra flags for
+    `mtlsmesh iptables`.
+    """
+
+    name: str
+    apps: tuple[AppSpec, ...] = ()
+    mesh: bool = True
+    service_account: str = ""  # empty: the pod's name
+    namespace: str = "default"
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    capture_args: tuple[str, ...] = ()
+    sidecar: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def account(self) -> str:
+        return self.service_account or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A Service: `vip:port` is DNATed on the node to `pod:target_port` (one endpoint, as the lab needs no more)."""
+
+    name: str
+    port: int
+    pod: str
+    target_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    pods: tuple[PodSpec, ...]
+    services: tuple[ServiceSpec, ...] = ()
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPod:
+    spec: PodSpec
+    index: int
+    ip: ipaddress.IPv4Address
+    spiffe_id: SpiffeId | None  # None outside the mesh
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedService:
+    spec: ServiceSpec
+    vip: ipaddress.IPv4Address
+    target_ip: ipaddress.IPv4Address
+    target_id: SpiffeId | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    topology: Topology
+    pods: tuple[PlannedPod, ...]
+    services: tuple[PlannedService, ...]
+
+    def pod(self, name: str) -> PlannedPod:
+        for pod in self.pods:
+            if pod.spec.name == name:
+                return pod
+        raise LabError(f"no pod named {name!r} in this lab")
+
+    def service(self, name: str) -> PlannedService:
+        for service in self.services:
+            if service.spec.name == name:
+                return service
+        raise LabError(f"no service named {name!r} in this lab")
+
+
+def plan_topology(topology: Topology) -> Plan:
+    """Check names and give every pod an address and every Service a virtual IP, in declaration order."""
+    max_pods = POD_NETWORK.num_addresses - FIRST_POD_HOST - 1
+    if not topology.pods:
+        raise LabError("a topology needs at least one pod")
+    if len(topology.pods) > max_pods:
+        raise LabError(f"at most {max_pods} pods fit in {POD_NETWORK}")
+    seen: set[str] = set()
+    pods: list[PlannedPod] = []
+    for index, spec in enumerate(topology.pods):
+        if not _POD_NAME.fullmatch(spec.name):
+            raise LabError(f"pod name {spec.name!r}: use 1-20 characters a-z 0-9 -, starting with a letter")
+        if spec.name in seen:
+            raise LabError(f"pod name {spec.name!r} is used twice")
+        seen.add(spec.name)
+        for app in spec.apps:
+            if app.uid in (0, PROXY_UID):
+                raise LabError(f"pod {spec.name}: app {app.name} must not run as uid {app.uid}")
+        ip = POD_NETWORK.network_address + FIRST_POD_HOST + index
+        spiffe_id = workload_id(topology.trust_domain, spec.namespace, spec.account) if spec.mesh else None
+        pods.append(PlannedPod(spec, index, ip, spiffe_id))
+    plan_pods = tuple(pods)
+    services: list[PlannedService] = []
+    for index, svc in enumerate(topology.services):
+        target = next((p for p in plan_pods if p.spec.name == svc.pod), None)
+        if target is None:
+            raise LabError(f"service {svc.name}: no pod named {svc.pod!r}")
+        vip = SERVICE_NETWORK.network_address + FIRST_SERVICE_HOST + index
+        services.append(PlannedService(svc, vip, target.ip, target.spiffe_id))
+    return Plan(topology, plan_pods, tuple(services))
+
+
+def merge_config(base: Mapping[str, object], override: Mapping[str, object]) -> dict[str, object]:
+    """Nested mappings merge key by key; any other value in `override` replaces the one in `base`."""
+    merged: dict[str, object] = dict(base)
+    for key, value in override.items():
+        current = merged.get(key)
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_config(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def render_sidecar_config(plan: Plan, pod_name: str, cert: str, key: str, bundle: str) -> dict[str, object]:
+    """The sidecar config mapping for one mesh pod (serialize with yaml.safe_dump).
+
+    Every mesh pod's address is a mesh destination expecting that pod's identity, and every Service VIP in front
+    of a mesh pod expects its backend's identity (secure naming); anything else is outside the mesh.
+    """
+    pod = plan.pod(pod_name)
+    if pod.spiffe_id is None:
+        raise LabError(f"pod {pod_name} is outside the mesh and has no sidecar")
+    destinations: list[dict[str, object]] = []
+    for other in plan.pods:
+        if other.spiffe_id is not None:
+            destinations.append({"cidrs": [f"{other.ip}/32"], "identities": [str(other.spiffe_id)]})
+    for service in plan.services:
+        if service.target_id is not None:
+            destinations.append(
+                {"cidrs": [f"{service.vip}/32"], "ports": [service.spec.port], "identities": [str(service.target_id)]}
+            )
+    base: dict[str, object] = {
+        "trust_domain": plan.topology.trust_domain,
+        "credentials": {"cert": cert, "key": key, "bundle": bundle, "reload_interval": "500ms"},
+        "outbound": {"enabled": True, "listen": "0.0.0.0:15001", "policy": "ALLOW_ANY", "destinations": destinations},
+        "inbound": {"enabled": True, "listen": "0.0.0.0:15006", "mode": "strict", "app_source": "127.0.0.6"},
+        "timeouts": {"handshake": "10s", "connect": "5s", "idle": 0, "drain": "1s"},
+        "admin": {"listen": "127.0.0.1:15000"},
+        "health": {"listen": f"0.0.0.0:{HEALTH_PORT}"},
+        "metrics": {"listen": "0.0.0.0:15090"},
+        "log": {"level": "info"},
+    }
+    return merge_config(base, pod.spec.sidecar)
+
+
+def render_capture_args(spec: PodSpec) -> tuple[str, ...]:
+    """Flags for the pod's init step, `mtlsmesh iptables`."""
+    args: list[str] = []
+    if spec.exclude_inbound_ports:
+        args += ["--exclude-inbound-ports", ",".join(str(p) for p in spec.exclude_inbound_ports)]
+    if spec.exclude_outbound_ports:
+        args += ["--exclude-outbound-ports", ",".join(str(p) for p in spec.exclude_outbound_ports)]
+    return (*args, *spec.capture_args)
+
+
+def render_service_rules(plan: Plan) -> str:
+    """The node's Service DNAT rules as an `iptables-restore --noflush` payload.
+
+    As kube-proxy does, the rules hang off the node's PREROUTING (pod traffic routed through the bridge gateway)
+    and OUTPUT (the node's own connections). Conntrack rewrites the replies back to the VIP, which works because
+    pods route every packet, replies included, through the node.
+    """
+    lines = ["*nat", f":{SERVICES_CHAIN} - [0:0]"]
+    lines.append(f"-A PREROUTING -j {SERVICES_CHAIN}")
+    lines.append(f"-A OUTPUT -j {SERVICES_CHAIN}")
+    for service in plan.services:
+        lines.append(
+            f"-A {SERVICES_CHAIN} -d {service.vip}/32 -p tcp -m tcp --dport {service.spec.port}"
+            f' -m comment --comment "service {service.spec.name}"'
+            f" -j DNAT --to-destination {service.target_ip}:{service.spec.target_port}"
+        )
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"

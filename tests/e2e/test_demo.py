@@ -1,0 +1,41 @@
+"""End-to-end: `mtlsmesh demo`, the README's main command, passes and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from mtlsmesh import netns
+from mtlsmesh.lab import child_env
+
+pytestmark = pytest.mark.root
+
+
+def test_demo_passes_and_cleans_up() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mtlsmesh", "demo", "--requests", "2"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    prefix = f"mm{child.pid}a-"  # the demo's only lab
+    try:
+        out, _ = child.communicate(timeout=180)
+        assert child.returncode == 0, out[-3000:]
+        assert out.rstrip().endswith("PASS")
+        assert "[FAIL]" not in out
+        for evidence in ("MTLSMESH_OUTPUT", "application_data", "peer_id=spiffe://cluster.local/ns/default/sa/"):
+            assert evidence in out
+        # Checked before the safety net below: the demo itself must have removed all of it.
+        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
+        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        netns.cleanup_stale(prefix)

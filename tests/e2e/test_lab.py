@@ -1,0 +1,152 @@
+"""End-to-end checks of the lab itself: it refuses what it cannot do, and leaves nothing behind however it ends.
+
+These use pods outside the mesh only (no sidecar), so they test the lab's own plumbing: the bridge, routing
+through the node, Service DNAT, teardown on failure, on SIGTERM, and `cleanup_stale` after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from mtlsmesh import netns
+from mtlsmesh.errors import LabError
+from mtlsmesh.lab import Lab, child_env, http_get, preflight
+from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
+from tests.e2e import harness
+
+pytestmark = pytest.mark.root
+
+PLAIN = Topology(
+    pods=(
+        PodSpec("a", mesh=False, apps=(AppSpec("http", ("http", "--name", "a", "--port", "8080"), ports=(8080,)),)),
+        PodSpec("b", mesh=False),
+    ),
+    services=(ServiceSpec("a", 80, "a", 8080),),
+)
+
+# A child process that builds a lab, prints its prefix and its apps' PIDs, then waits to be signalled.
+CHILD = textwrap.dedent(
+    """
+    import signal, sys
+    from mtlsmesh.lab import Lab
+    from mtlsmesh.topology import AppSpec, PodSpec, Topology
+    topology = Topology(pods=(PodSpec("a", mesh=False, apps=(AppSpec("http", ("http", "--name", "a", "--port",
+        "8080"), ports=(8080,)),)),))
+    with Lab(topology, tag="mmt") as lab:
+        print(lab.prefix, *lab.processes(), flush=True)
+        signal.pause()
+    """
+)
+
+
+def test_plain_pods_route_through_the_node_and_vip() -> None:
+    for lab in harness.open_lab(PLAIN):
+        status, body = http_get(lab.pod_ns("b"), lab.ip("a"), 8080, "/direct")
+        assert status == 200
+        assert f'"peer": "{lab.ip("b")}"'.encode() in body
+        status, _ = http_get(lab.pod_ns("b"), lab.vip("a"), 80, "/via-vip")
+        assert status == 200
+        assert "/via-vip" in lab.app_log("a", "http")
+        # Nothing of the lab is visible outside its namespaces: no interface with its prefix on the host.
+        host_links = netns.run(["ip", "-o", "link", "show"])
+        assert lab.prefix not in host_links
+
+
+def test_failed_start_leaves_nothing() -> None:
+    broken = Topology(
+        pods=(PodSpec("a", mesh=False, apps=(AppSpec("bad", ("tcp", "--port", "not-a-port"), ports=(8080,)),)),)
+    )
+    lab = Lab(broken, tag="mme")
+    with pytest.raises(LabError, match="has exited"):
+        lab.start()
+    harness.assert_nothing_left(lab, [])
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "message"),
+    [
+        (["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"], None, "run it as root"),
+        ([], "/nonexistent", "tcpdump is missing: apt-get install -y tcpdump"),
+    ],
+)
+def test_refuses_what_it_cannot_run(prefix: list[str], path: str | None, message: str) -> None:
+    env = child_env()
+    if path is not None:
+        env["PATH"] = path
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "mtlsmesh", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("mtlsmesh: error: ")
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def start_child() -> tuple[subprocess.Popen[str], str, list[int]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], env=child_env(), stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert child.stdout is not None
+    words = child.stdout.readline().split()
+    assert words, "the child lab did not start"
+    return child, words[0], [int(word) for word in words[1:]]
+
+
+def test_sigterm_tears_the_lab_down() -> None:
+    child, prefix, pids = start_child()
+    try:
+        assert [name for name in netns.list_namespaces() if name.startswith(prefix)]
+        os.kill(child.pid, signal.SIGTERM)
+        assert child.wait(timeout=30) != 0
+        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
+        assert not [pid for pid in pids if harness.alive(pid)]
+        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        netns.cleanup_stale(prefix)
+
+
+def test_cleanup_stale_after_sigkill() -> None:
+    child, prefix, pids = start_child()
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        left = [name for name in netns.list_namespaces() if name.startswith(prefix)]
+        assert left, "a SIGKILLed lab cannot clean up: its namespaces should still be there"
+        assert f"{prefix}-" in netns.stale_prefixes("mmt")
+        removed = netns.cleanup_stale(prefix)
+        assert set(left) < set(removed)  # the namespaces, and the work dir
+        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
+        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
+        assert not [pid for pid in pids if harness.alive(pid)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        netns.cleanup_stale(prefix)
+
+
+@pytest.mark.parametrize(("prefix", "message"), [("", "too short"), ("mm", "too short")])
+def test_cleanup_stale_refuses_short_prefix(prefix: str, message: str) -> None:
+    with pytest.raises(LabError, match=message):
+        netns.cleanup_stale(prefix)
+
+
+def test_preflight_names_missing_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LabError, match=r"missing ip, iptables, iptables-restore, setpriv: install them \(apt-get"):
+        preflight()

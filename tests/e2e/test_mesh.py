@@ -1,0 +1,333 @@
+"""End-to-end: real pods (namespaces), real capture rules, sidecars as uid 1337, real apps, real traffic.
+
+One lab serves every scenario in this module; each test uses its own ports or pods, so they do not depend on
+each other's order. The pods:
+  web       mesh; HTTP on 9080 (PERMISSIVE), 9081 (STRICT), 9099 (excluded from capture); banner on 3306
+            (server first); echo on 7000 (ALLOW only for sa/client); hash on 7001; DENY sa/intruder on 9081
+  client    mesh, ALLOW_ANY, port 9099 excluded from outbound capture
+  intruder  mesh, REGISTRY_ONLY
+  outside   outside the mesh (no capture, no sidecar): HTTP on 8080
+  Service web: VIP:80 -> web:9080
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mtlsmesh.lab import Lab
+from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
+from tests.e2e import harness
+
+pytestmark = pytest.mark.root
+
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+WEB_ID = "spiffe://cluster.local/ns/default/sa/web"
+INTRUDER_ID = "spiffe://cluster.local/ns/default/sa/intruder"
+
+TOPOLOGY = Topology(
+    pods=(
+        PodSpec(
+            "web",
+            apps=(
+                AppSpec(
+                    "http",
+                    ("http", "--name", "web", "--port", "9080", "--port", "9081", "--port", "9099"),
+                    ports=(9080, 9081, 9099),
+                ),
+                AppSpec("banner", ("tcp", "--name", "web-banner", "--port", "3306", "--mode", "banner"), ports=(3306,)),
+                AppSpec("echo", ("tcp", "--name", "web-echo", "--port", "7000", "--mode", "echo"), ports=(7000,)),
+                AppSpec("hash", ("tcp", "--name", "web-hash", "--port", "7001", "--mode", "hash"), ports=(7001,)),
+            ),
+            exclude_inbound_ports=(9099,),
+            sidecar={
+                "inbound": {"mode": "strict", "ports": {9080: {"mode": "permissive"}, 3306: {"server_first": True}}},
+                "authorization": [
+                    {"action": "DENY", "principals": [INTRUDER_ID], "ports": [9081]},
+                    {"action": "ALLOW", "principals": [CLIENT_ID], "ports": [7000]},
+                ],
+            },
+        ),
+        PodSpec("client", exclude_outbound_ports=(9099,)),
+        PodSpec("intruder", sidecar={"outbound": {"policy": "REGISTRY_ONLY"}}),
+        PodSpec(
+            "outside",
+            mesh=False,
+            apps=(AppSpec("http", ("http", "--name", "outside", "--port", "8080"), ports=(8080,)),),
+        ),
+    ),
+    services=(ServiceSpec("web", 80, "web", 9080),),
+)
+
+lab = harness.lab_fixture(TOPOLOGY)
+
+
+def test_mesh_to_mesh_is_encrypted_on_the_wire(lab: Lab) -> None:
+    marker = harness.unique_marker("wire")
+    with lab.capture("web") as pcap_path:
+        status, body = harness.get(lab, "client", lab.ip("web"), 9080, "/wire", marker)
+    assert status == 200
+    assert marker.encode() in body  # the app saw the plaintext and echoed the marker back
+    app_log = lab.app_log("web", "http")
+    assert marker in app_log
+    assert "peer=127.0.0.6:" in app_log  # delivered by the inbound sidecar
+    streams = harness.wire_streams(pcap_path)
+    assert harness.assert_tls_only(streams, 9080) >= 2  # request and response at least
+    assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("dir") == "inbound"
+            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("peer_id") == CLIENT_ID
+            and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "client",
+        lambda r: r.get("dir") == "outbound" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls",
+    )
+
+
+def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
+    # DENY sa/intruder on 9081; everyone else is admitted there.
+    status, _ = harness.get(lab, "client", lab.ip("web"), 9081, "/deny-check")
+    assert status == 200
+    harness.refused(lambda: harness.get(lab, "intruder", lab.ip("web"), 9081, "/denied"))
+    # ALLOW only sa/client on 7000: the client is admitted, the intruder matches no ALLOW rule.
+    payload = b"allowed caller\n"
+    assert harness.exchange(lab, "client", lab.ip("web"), 7000, payload) == harness.echo_answer(payload)
+    harness.refused(lambda: harness.exchange(lab, "intruder", lab.ip("web"), 7000, b"not allowed\n"))
+    assert "/denied" not in lab.app_log("web", "http")
+
+    # The web pod's inbound sidecar authenticated the intruder, then refused it by policy, on both ports.
+    def denied(port: int) -> Callable[[dict[str, str]], bool]:
+        return lambda r: (
+            r.get("orig_dst") == f"{lab.ip('web')}:{port}"
+            and r.get("peer_id") == INTRUDER_ID
+            and r.get("decision") == "refuse"
+            and r.get("reason", "").startswith("denied")
+        )
+
+    for port in (9081, 7000):
+        harness.wait_records(lab, "web", denied(port))
+
+
+def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
+    marker = harness.unique_marker("permissive")
+    status, body = harness.get(lab, "outside", lab.ip("web"), 9080, "/from-outside", marker)
+    assert status == 200
+    assert marker.encode() in body
+    harness.refused(lambda: harness.get(lab, "outside", lab.ip("web"), 9081, "/strict-from-outside"))
+    assert "/strict-from-outside" not in lab.app_log("web", "http")
+    from_outside = f"{lab.ip('outside')}:"
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("client", "").startswith(from_outside)
+            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("decision") == "passthrough"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("client", "").startswith(from_outside)
+            and r.get("orig_dst") == f"{lab.ip('web')}:9081"
+            and r.get("decision") == "refuse"
+        ),
+    )
+
+
+def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab) -> None:
+    marker = harness.unique_marker("passthrough")
+    status, body = harness.get(lab, "client", lab.ip("outside"), 8080, "/passthrough", marker)
+    assert status == 200
+    assert marker.encode() in body
+    # The outside app saw the client pod's own address: passthrough, not a proxy of ours in between on its side.
+    assert f"peer={lab.ip('client')}:" in lab.app_log("outside", "http")
+    harness.refused(lambda: harness.get(lab, "intruder", lab.ip("outside"), 8080, "/registry-only"))
+    assert "/registry-only" not in lab.app_log("outside", "http")
+    to_outside = f"{lab.ip('outside')}:8080"
+    harness.wait_records(
+        lab, "client", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "passthrough"
+    )
+    harness.wait_records(lab, "intruder", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "refuse")
+
+
+def test_excluded_port_bypasses_the_sidecars(lab: Lab) -> None:
+    marker = harness.unique_marker("excluded")
+    with lab.capture("web") as pcap_path:
+        status, _ = harness.get(lab, "client", lab.ip("web"), 9099, "/excluded", marker)
+        outside_status, _ = harness.get(lab, "outside", lab.ip("web"), 9099, "/excluded-outside")
+    assert (status, outside_status) == (200, 200)  # STRICT would refuse the outside pod on a captured port
+    streams = harness.wire_streams(pcap_path)
+    assert [flow for flow, data in streams.items() if marker.encode() in data], "excluded port traffic not plain"
+    assert f"peer={lab.ip('client')}:" in lab.app_log("web", "http")  # no sidecar in between
+    for pod in ("web", "client"):
+        assert not [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("orig_dst", "").endswith(":9099")]
+
+
+def test_pod_calls_its_own_ip(lab: Lab) -> None:
+    marker = harness.unique_marker("self")
+    status, body = harness.get(lab, "web", lab.ip("web"), 9080, "/self", marker)
+    assert status == 200
+    assert marker.encode() in body
+
+
+def test_service_vip_is_dnated_on_the_node(lab: Lab) -> None:
+    marker = harness.unique_marker("vip")
+    with lab.capture("client") as pcap_path:
+        status, body = harness.get(lab, "client", lab.vip("web"), 80, "/vip", marker)
+    assert status == 200
+    assert b'"service": "web"' in body
+    streams = harness.wire_streams(pcap_path)
+    # On the client's wire the connection goes to the VIP, and carries only TLS.
+    assert harness.assert_tls_only(streams, 80) >= 2
+    assert not [flow for flow, data in streams.items() if marker.encode() in data]
+    assert lab.nat_rules("client").count("MTLSMESH") >= 4
+    # The client's sidecar saw the VIP as the original destination and verified the backend's identity; the node
+    # DNATed its dial, so the web pod's sidecar saw the pod address.
+    harness.wait_records(
+        lab,
+        "client",
+        lambda r: (
+            r.get("orig_dst") == f"{lab.vip('web')}:80" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("orig_dst") == f"{lab.ip('web')}:9080"
+            and r.get("client", "").startswith(f"{lab.ip('client')}:")
+            and r.get("peer_id") == CLIENT_ID
+        ),
+    )
+
+
+def test_server_first_protocol(lab: Lab) -> None:
+    with lab.connect("client", lab.ip("web"), 3306) as sock:
+        banner = sock.recv(100)  # the client says nothing first: a sniffing sidecar would wait forever
+        assert banner == b"BANNER web-banner\n"
+        sock.sendall(b"hello after banner\n")
+        sock.shutdown(socket.SHUT_WR)
+        rest = harness.read_all(sock)
+    assert rest == harness.echo_answer(b"hello after banner\n")
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: r.get("orig_dst") == f"{lab.ip('web')}:3306" and r.get("peer_id") == CLIENT_ID,
+    )
+
+
+def test_half_close_crosses_the_mesh(lab: Lab) -> None:
+    with lab.connect("client", lab.ip("web"), 7000) as sock:
+        sock.sendall(b"first half\n")
+        assert sock.recv(100) == b"first half\n"
+        sock.shutdown(socket.SHUT_WR)  # our FIN must reach the app, and its answer must still come back
+        rest = harness.read_all(sock)
+    assert rest == b"EOF after 11 bytes\n"
+
+
+def test_half_close_from_the_server_side(lab: Lab) -> None:
+    # The server app (played by this test inside the web pod) says its piece and shuts down its sending side first;
+    # the client must see EOF while its own direction stays open and still reaches the server.
+    received: list[bytes] = []
+    with lab.listen("web", 7100) as listener:
+        listener.settimeout(10)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.sendall(b"server speaks and stops\n")
+                conn.shutdown(socket.SHUT_WR)
+                received.append(harness.read_all(conn))
+
+        server = threading.Thread(target=serve)
+        server.start()
+        try:
+            with lab.connect("client", lab.ip("web"), 7100) as sock:
+                sock.sendall(b"hello\n")
+                assert harness.read_all(sock) == b"server speaks and stops\n"
+                sock.sendall(b"client still talking after the server's FIN\n")
+                sock.shutdown(socket.SHUT_WR)
+        finally:
+            server.join(timeout=15)
+    assert received == [b"hello\nclient still talking after the server's FIN\n"]
+    harness.wait_records(
+        lab, "web", lambda r: r.get("orig_dst") == f"{lab.ip('web')}:7100" and r.get("peer_id") == CLIENT_ID
+    )
+
+
+@pytest.mark.slow
+def test_256_mib_transfer_is_intact(lab: Lab) -> None:
+    total = 256 * 1024 * 1024
+    start = time.monotonic()
+    with lab.connect("client", lab.ip("web"), 7001, timeout=120) as sock:
+        digest = harness.send_stream(sock, total, b"bulk")
+        sock.shutdown(socket.SHUT_WR)
+        answer = harness.read_all(sock).decode()
+    assert answer == f"{total} {digest}\n"
+    assert time.monotonic() - start < 240
+    # It crossed the mesh: the web pod's inbound sidecar relayed every byte of it over mTLS from the client.
+    orig_dst = f"{lab.ip('web')}:7001"
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: r.get("orig_dst") == orig_dst and r.get("peer_id") == CLIENT_ID and r.get("bytes_in") == str(total),
+    )
+
+
+def test_200_concurrent_connections(lab: Lab) -> None:
+    count = 200
+    # Open all first, so all 200 are in flight through both sidecars at once, then talk on each.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        socks = list(pool.map(lambda _: lab.connect("client", lab.ip("web"), 7000, timeout=60), range(count)))
+        try:
+            start = time.monotonic()
+
+            def talk(index: int) -> bool:
+                payload = hashlib.sha256(str(index).encode()).hexdigest().encode() * 4
+                sock = socks[index]
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                return harness.read_all(sock) == harness.echo_answer(payload)
+
+            results = list(pool.map(talk, range(count)))
+            elapsed = time.monotonic() - start
+        finally:
+            for sock in socks:
+                sock.close()
+    assert results.count(True) == count
+    assert elapsed < 60
+    orig_dst = f"{lab.ip('web')}:7000"
+    harness.wait_records(
+        lab, "web", lambda r: r.get("orig_dst") == orig_dst and r.get("peer_id") == CLIENT_ID, count=count
+    )
+
+
+def test_only_the_proxy_uid_reads_the_key(lab: Lab) -> None:
+    key = lab.pod_dir("web") / "svid" / "key.pem"
+    info = key.stat()  # follows the Secret-like symlinks to the current version
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1337, 1337, 0o600)
+    app_read = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat", str(key)],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    assert app_read.returncode != 0  # the app's uid never holds the key
+    assert app_read.stdout == b""

@@ -1,0 +1,143 @@
+"""The lab's plan: addresses, sidecar configs and the node's Service DNAT rules, as pure data."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import yaml
+
+from mtlsmesh import config
+from mtlsmesh.errors import LabError
+from mtlsmesh.topology import (
+    AppSpec,
+    PodSpec,
+    ServiceSpec,
+    Topology,
+    merge_config,
+    plan_topology,
+    render_capture_args,
+    render_service_rules,
+    render_sidecar_config,
+)
+
+TOPOLOGY = Topology(
+    pods=(
+        PodSpec("productpage"),
+        PodSpec("reviews", service_account="bookinfo-reviews", sidecar={"inbound": {"mode": "permissive"}}),
+        PodSpec("legacy", mesh=False),
+    ),
+    services=(ServiceSpec("reviews", 9080, "reviews", 9080), ServiceSpec("legacy", 80, "legacy", 8080)),
+)
+
+
+def test_plan_gives_addresses_in_order() -> None:
+    plan = plan_topology(TOPOLOGY)
+    assert [str(p.ip) for p in plan.pods] == ["198.18.0.10", "198.18.0.11", "198.18.0.12"]
+    assert str(plan.pod("reviews").spiffe_id) == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    assert plan.pod("legacy").spiffe_id is None
+    assert [str(s.vip) for s in plan.services] == ["198.19.0.10", "198.19.0.11"]
+    for pod in plan.pods:
+        assert pod.ip in ipaddress.IPv4Network("198.18.0.0/15")
+
+
+@pytest.mark.parametrize(
+    ("topology", "message"),
+    [
+        (Topology(pods=()), "at least one pod"),
+        (Topology(pods=(PodSpec("Bad_Name"),)), "pod name 'Bad_Name'"),
+        (Topology(pods=(PodSpec("a"), PodSpec("a"))), "used twice"),
+        (Topology(pods=(PodSpec("a", apps=(AppSpec("x", (), uid=1337),)),)), "must not run as uid 1337"),
+        (Topology(pods=(PodSpec("a", apps=(AppSpec("x", (), uid=0),)),)), "must not run as uid 0"),
+        (Topology(pods=(PodSpec("a"),), services=(ServiceSpec("s", 80, "b", 80),)), "no pod named 'b'"),
+    ],
+)
+def test_plan_refuses(topology: Topology, message: str) -> None:
+    with pytest.raises(LabError, match=message):
+        plan_topology(topology)
+
+
+def test_sidecar_config_names_mesh_destinations_and_merges_overrides() -> None:
+    plan = plan_topology(TOPOLOGY)
+    config = render_sidecar_config(plan, "reviews", "/s/cert.pem", "/s/key.pem", "/s/bundle.pem")
+    outbound = config["outbound"]
+    assert isinstance(outbound, dict)
+    assert outbound["destinations"] == [
+        {"cidrs": ["198.18.0.10/32"], "identities": ["spiffe://cluster.local/ns/default/sa/productpage"]},
+        {"cidrs": ["198.18.0.11/32"], "identities": ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"]},
+        {
+            "cidrs": ["198.19.0.10/32"],
+            "ports": [9080],
+            "identities": ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"],
+        },
+    ]
+    inbound = config["inbound"]
+    assert isinstance(inbound, dict)
+    assert inbound["mode"] == "permissive"
+    assert inbound["listen"] == "0.0.0.0:15006"  # merged, not replaced
+    assert config["credentials"] == {
+        "cert": "/s/cert.pem",
+        "key": "/s/key.pem",
+        "bundle": "/s/bundle.pem",
+        "reload_interval": "500ms",
+    }
+
+
+def test_sidecar_config_refuses_pod_outside_mesh() -> None:
+    with pytest.raises(LabError, match="outside the mesh"):
+        render_sidecar_config(plan_topology(TOPOLOGY), "legacy", "c", "k", "b")
+
+
+@pytest.mark.parametrize(
+    ("base", "override", "expected"),
+    [
+        ({"a": 1}, {"b": 2}, {"a": 1, "b": 2}),
+        ({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}, {"a": {"x": 1, "y": 3}}),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),
+        ({"a": {"x": 1}}, {"a": None}, {"a": None}),
+    ],
+)
+def test_merge_config(base: dict[str, object], override: dict[str, object], expected: dict[str, object]) -> None:
+    assert merge_config(base, override) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (PodSpec("a"), ()),
+        (
+            PodSpec("a", exclude_inbound_ports=(9099, 9100), exclude_outbound_ports=(9099,)),
+            ("--exclude-inbound-ports", "9099,9100", "--exclude-outbound-ports", "9099"),
+        ),
+        (PodSpec("a", capture_args=("--no-ipv6",)), ("--no-ipv6",)),
+    ],
+)
+def test_capture_args(spec: PodSpec, expected: tuple[str, ...]) -> None:
+    assert render_capture_args(spec) == expected
+
+
+def test_service_rules_golden() -> None:
+    assert render_service_rules(plan_topology(TOPOLOGY)) == (
+        "*nat\n"
+        ":MTLSMESH_LAB_SERVICES - [0:0]\n"
+        "-A PREROUTING -j MTLSMESH_LAB_SERVICES\n"
+        "-A OUTPUT -j MTLSMESH_LAB_SERVICES\n"
+        "-A MTLSMESH_LAB_SERVICES -d 198.19.0.10/32 -p tcp -m tcp --dport 9080"
+        ' -m comment --comment "service reviews" -j DNAT --to-destination 198.18.0.11:9080\n'
+        "-A MTLSMESH_LAB_SERVICES -d 198.19.0.11/32 -p tcp -m tcp --dport 80"
+        ' -m comment --comment "service legacy" -j DNAT --to-destination 198.18.0.12:8080\n'
+        "COMMIT\n"
+    )
+
+
+def test_every_rendered_config_passes_the_sidecar_parser() -> None:
+    plan = plan_topology(TOPOLOGY)
+    parsed = config.parse_config(
+        yaml.safe_load(yaml.safe_dump(render_sidecar_config(plan, "reviews", "/c", "/k", "/b"))), "reviews"
+    )
+    assert parsed.inbound.port_mode(9080).value == "permissive"
+    assert [str(i) for d in parsed.outbound.destinations for i in d.identities] == [
+        "spiffe://cluster.local/ns/default/sa/productpage",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+    ]
