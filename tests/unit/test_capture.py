@@ -4,7 +4,8 @@ Golden files live in tests/unit/golden/capture/. After an intended change to the
 
     MTLSMESH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_capture.py
 
-and read the diff before committing it: every changed line is a changed rule in every pod.
+(the one switch for every golden test, see tests/golden.py) and read the diff before committing it: every changed
+line is a changed rule in every pod.
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ from mtlsmesh.capture import CaptureOptions, Family, InterceptionMode
 from mtlsmesh.capture_plan import Backend
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError
+from tests import golden
 
 GOLDEN = Path(__file__).parent / "golden" / "capture"
-UPDATE = os.environ.get("MTLSMESH_UPDATE_GOLDEN") == "1"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def assert_golden(name: str, text: str) -> None:
-    path = GOLDEN / f"{name}.golden"
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} is missing: run with MTLSMESH_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{path.name} differs: run with MTLSMESH_UPDATE_GOLDEN=1 and read the diff"
+    golden.assert_golden(GOLDEN / f"{name}.golden", text)
 
 
 GOLDEN_CASES = {

@@ -1,9 +1,12 @@
 """The injector: golden files per workload kind, idempotence, annotations, refusals, untouched documents, the CLI.
 
 Golden files live in tests/unit/golden/inject/: `<case>.yaml` is the input, `<case>.injected.yaml` the expected
-output. After a deliberate change to the injector, regenerate them and read the diff before committing:
+output; deploy/examples/bookinfo-injected.yaml is one too. After a deliberate change to the injector, regenerate them
+and read the diff before committing:
 
-    MTLSMESH_REGENERATE=1 python -m pytest tests/unit/test_inject.py
+    MTLSMESH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_inject.py
+
+(the one switch for every golden test, see tests/golden.py).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.inject import INIT_CONTAINER, PROXY_CONTAINER, InjectOptions, inject_documents, inject_text, pod_commands
 from mtlsmesh.manifest import parse_manifests
+from tests import golden
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
-REGENERATE = os.environ.get("MTLSMESH_REGENERATE") == "1"
 CASES = sorted(p.name.removesuffix(".yaml") for p in GOLDEN.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
 KINDS = ["pod", "deployment", "statefulset", "daemonset", "job", "cronjob", "replicaset", "replicationcontroller"]
 
@@ -79,9 +82,7 @@ def test_golden(case: str) -> None:
     source = GOLDEN / f"{case}.yaml"
     expected_path = GOLDEN / f"{case}.injected.yaml"
     result = inject_text(source.read_text(), source=source.name)
-    if REGENERATE:
-        expected_path.write_text(result.text)
-    assert result.text == expected_path.read_text()
+    golden.assert_golden(expected_path, result.text)
 
 
 def test_every_kind_has_a_golden_file() -> None:
@@ -171,9 +172,7 @@ def test_bookinfo_injected_example_is_up_to_date() -> None:
         "Deployment default/reviews-v1",
         "Deployment default/productpage-v1",
     )
-    assert result.text == (ROOT / "deploy" / "examples" / "bookinfo-injected.yaml").read_text(), (
-        "regenerate: mtlsmesh inject -f deploy/examples/bookinfo.yaml -o deploy/examples/bookinfo-injected.yaml"
-    )
+    golden.assert_golden(ROOT / "deploy" / "examples" / "bookinfo-injected.yaml", result.text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
