@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import itertools
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -477,6 +478,21 @@ def http_get(
     if len(status_line) < 2 or not status_line[1].isdigit():
         raise ConnectionError(f"not an HTTP response from {host}:{port}: {response[:60]!r}")
     return int(status_line[1]), body
+
+
+def log_records(text: str) -> list[dict[str, str]]:
+    """The sidecar's key=value log lines (`runtime.render_kv`) as dicts, values unquoted; lines that do not split
+    (a traceback) and words without `=` are skipped."""
+    records: list[dict[str, str]] = []
+    for line in text.splitlines():
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        fields = dict(word.split("=", 1) for word in words if "=" in word)
+        if fields:
+            records.append(fields)
+    return records
 
 
 def _node_sysctls() -> None:

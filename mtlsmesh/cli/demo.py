@@ -17,7 +17,6 @@ import argparse
 import functools
 import json
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -26,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mtlsmesh import netns, pcap
+from mtlsmesh.demoapps import MARKER_HEADER
 from mtlsmesh.errors import LabError
-from mtlsmesh.lab import DEFAULT_TAG, Lab, http_get
+from mtlsmesh.lab import DEFAULT_TAG, Lab, http_get, log_records
 from mtlsmesh.topology import (
     FIRST_SERVICE_HOST,
     SERVICE_NETWORK,
@@ -37,7 +37,6 @@ from mtlsmesh.topology import (
     Topology,
 )
 
-MARKER_HEADER = "X-Demo-Marker"
 APP_PORT = 9080
 EXCLUDED_PORT = 9090
 LEGACY_PORT = 8080
@@ -225,20 +224,6 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     rules = lab.nat_rules("productpage")
     print("\n".join("  " + line for line in rules.splitlines()))
     report.check("the capture chains counted packets", _chain_counted(rules, "MTLSMESH_OUTPUT", "MTLSMESH_INBOUND"))
-
-
-def log_records(text: str) -> list[dict[str, str]]:
-    """The sidecar's key=value log lines as dicts (values may be quoted); words without `=` are skipped."""
-    records: list[dict[str, str]] = []
-    for line in text.splitlines():
-        try:
-            words = shlex.split(line)
-        except ValueError:
-            continue
-        fields = dict(word.split("=", 1) for word in words if "=" in word)
-        if fields:
-            records.append(fields)
-    return records
 
 
 def _with_peer(direction: str, peer_id: str) -> Callable[[dict[str, str]], bool]:

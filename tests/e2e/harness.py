@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import socket
 import ssl
 import time
@@ -23,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from mtlsmesh import netns, pcap
-from mtlsmesh.lab import Lab, http_get
+from mtlsmesh.demoapps import MARKER_HEADER
+from mtlsmesh.lab import Lab, http_get, log_records
 from mtlsmesh.topology import SERVICES_CHAIN, Topology
-
-MARKER_HEADER = "X-Demo-Marker"
 
 
 def open_lab(topology: Topology) -> Iterator[Lab]:
@@ -130,20 +128,6 @@ def send_stream(sock: socket.socket, total: int, seed: bytes) -> str:
         sent += len(chunk)
         counter += 1
     return digest.hexdigest()
-
-
-def log_records(text: str) -> list[dict[str, str]]:
-    """The sidecar's key=value log lines as dicts (values may be quoted); other lines are skipped."""
-    records: list[dict[str, str]] = []
-    for line in text.splitlines():
-        try:
-            words = shlex.split(line)
-        except ValueError:
-            continue
-        fields = dict(word.split("=", 1) for word in words if "=" in word)
-        if fields:
-            records.append(fields)
-    return records
 
 
 def wait_records(

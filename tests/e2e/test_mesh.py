@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mtlsmesh.lab import Lab
+from mtlsmesh.lab import Lab, log_records
 from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
 
@@ -176,7 +176,7 @@ def test_excluded_port_bypasses_the_sidecars(lab: Lab) -> None:
     assert [flow for flow, data in streams.items() if marker.encode() in data], "excluded port traffic not plain"
     assert f"peer={lab.ip('client')}:" in lab.app_log("web", "http")  # no sidecar in between
     for pod in ("web", "client"):
-        assert not [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("orig_dst", "").endswith(":9099")]
+        assert not [r for r in log_records(lab.sidecar_log(pod)) if r.get("orig_dst", "").endswith(":9099")]
 
 
 def test_pod_calls_its_own_ip(lab: Lab) -> None:
