@@ -22,7 +22,15 @@ from mtlsmesh import netio, policy, sniff, tls
 from mtlsmesh.config import Mode
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import DECISION_MTLS, DECISION_PASSTHROUGH, ConnRecord, Runtime, format_addr, refuse
+from mtlsmesh.runtime import (
+    DECISION_MTLS,
+    DECISION_PASSTHROUGH,
+    ConnRecord,
+    Runtime,
+    dial_or_refuse,
+    format_addr,
+    refuse,
+)
 
 SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (with an ML-KEM share) is ~1.4 KB
 
@@ -118,13 +126,8 @@ async def handle_inbound(
         return
 
     source = cfg.inbound.app_source if target is None else None
-    try:
-        app = await rt.dial(app_host, port, timeout=cfg.timeouts.connect, source=source)
-    except trio.TooSlowError:
-        await refuse(front, rec, "connect_timeout", decision=rec.decision)
-        return
-    except OSError as exc:
-        await refuse(front, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
+    app = await dial_or_refuse(rt, app_host, port, front, rec, source=source)
+    if app is None:
         return
     result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
     rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream

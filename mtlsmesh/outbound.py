@@ -20,7 +20,15 @@ from mtlsmesh import netio, policy, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import DECISION_MTLS, DECISION_PASSTHROUGH, ConnRecord, Runtime, format_addr, refuse
+from mtlsmesh.runtime import (
+    DECISION_MTLS,
+    DECISION_PASSTHROUGH,
+    ConnRecord,
+    Runtime,
+    dial_or_refuse,
+    format_addr,
+    refuse,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +71,8 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
         rec.orig_dst = format_addr(host, port)
     rec.decision = DECISION_MTLS if mtls else DECISION_PASSTHROUGH
 
-    try:
-        upstream = await rt.dial(host, port, timeout=cfg.timeouts.connect)
-    except trio.TooSlowError:
-        await refuse(app, rec, "connect_timeout", decision=rec.decision)
-        return
-    except OSError as exc:
-        await refuse(app, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
+    upstream = await dial_or_refuse(rt, host, port, app, rec)
+    if upstream is None:
         return
 
     peer: trio.abc.HalfCloseableStream = upstream

@@ -171,6 +171,26 @@ async def refuse(stream: trio.abc.Stream, rec: ConnRecord, reason: str, *, decis
     await netio.abort_close(stream)
 
 
+async def dial_or_refuse(
+    rt: Runtime,
+    host: str,
+    port: int,
+    downstream: trio.abc.Stream,
+    rec: ConnRecord,
+    *,
+    source: IPAddress | None = None,
+) -> trio.abc.HalfCloseableStream | None:
+    """Dial the upstream within `timeouts.connect`. On failure refuse `downstream` with `connect_timeout` or
+    `connect_failed: ...`, keeping the decision taken so far, and return None."""
+    try:
+        return await rt.dial(host, port, timeout=rt.config.timeouts.connect, source=source)
+    except trio.TooSlowError:
+        await refuse(downstream, rec, "connect_timeout", decision=rec.decision)
+    except OSError as exc:
+        await refuse(downstream, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
+    return None
+
+
 async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
     try:
         await handler(rt, stream, rec)
