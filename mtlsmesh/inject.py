@@ -215,31 +215,27 @@ def _containers(spec: JsonDict, label: str) -> Iterator[tuple[str, JsonDict]]:
             yield key, item
 
 
+def _check_run_as(context: object, who: str, label: str, opts: InjectOptions) -> None:
+    """A securityContext (the pod's or a container's) must not run as the proxy's uid or gid."""
+    if not isinstance(context, dict):
+        return
+    for field, what, proxy_id in (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid)):
+        if context.get(field) == proxy_id:
+            raise ConfigError(
+                label,
+                f"{who} runs as {what} {proxy_id}, the proxy's {what}: the capture "
+                f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
+            )
+
+
 def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
     """Refuse what would break the mesh: the proxy's uid or gid, our names, our ports."""
-    ids = (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid))
-    pod_context = spec.get("securityContext")
-    if isinstance(pod_context, dict):
-        for field, what, proxy_id in ids:
-            if pod_context.get(field) == proxy_id:
-                raise ConfigError(
-                    label,
-                    f"the pod's securityContext runs as {what} {proxy_id}, the proxy's {what}: the capture "
-                    f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
-                )
+    _check_run_as(spec.get("securityContext"), "the pod's securityContext", label, opts)
     for key, container in _containers(spec, label):
         name = container.get("name", "<unnamed>")
         if name in INJECTED_CONTAINERS:
             raise ConfigError(label, f"spec.{key} already has a container named {name!r}, a name the injector uses")
-        context = container.get("securityContext")
-        if isinstance(context, dict):
-            for field, what, proxy_id in ids:
-                if context.get(field) == proxy_id:
-                    raise ConfigError(
-                        label,
-                        f"container {name!r} runs as {what} {proxy_id}, the proxy's {what}: the capture "
-                        f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
-                    )
+        _check_run_as(container.get("securityContext"), f"container {name!r}", label, opts)
         ports = container.get("ports")
         for port in ports if isinstance(ports, list) else ():
             if isinstance(port, dict) and port.get("containerPort") in RESERVED_PORTS:
