@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.mesh import Pki
+from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_UID = 1337

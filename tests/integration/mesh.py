@@ -1,4 +1,4 @@
-"""Shared pieces for the sidecar integration tests: a PKI in a temporary directory, apps, and in-process sidecars.
+"""Shared pieces for the sidecar integration tests: apps, in-process sidecars, and ways to talk to them.
 
 Everything runs on loopback in the test's own trio loop. The sidecars are the real `serve_sidecar` with real
 listeners, real TLS and real sockets; only the original-destination lookup is injected (there is no iptables
@@ -14,63 +14,29 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import trio
 
-from mtlsmesh import admin, ca
+from mtlsmesh import admin
 from mtlsmesh.config import (
-    AuthzRule,
     Config,
     CredentialFiles,
     Destination,
-    ExplicitListener,
-    ExplicitMode,
     InboundConfig,
     IPAddress,
     ListenAddr,
-    Mode,
     OutboundConfig,
     Timeouts,
 )
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.identity import SpiffeId, TrustDomain, workload_id
+from mtlsmesh.identity import SpiffeId
 from mtlsmesh.runtime import Runtime
 from mtlsmesh.sidecar import serve_sidecar
+from tests.pki import TD, Pki
 
-TD = TrustDomain("cluster.local")
 LOOPBACK = "127.0.0.1"
 ANY_PORT = ListenAddr(LOOPBACK, 0)
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.1/32")
-
-
-class Pki:
-    """One CA (optionally with an intermediate) that writes SVIDs into directories."""
-
-    def __init__(self, root: Path, *, intermediate: bool = False, trust_domain: TrustDomain = TD) -> None:
-        self.root = root
-        self.now = datetime.now(UTC)
-        # Backdated so that tests can issue leaves that have already expired.
-        self.authority = ca.create_ca(trust_domain, now=self.now - timedelta(days=3), intermediate=intermediate)
-
-    def issue(
-        self, name: str, namespace: str = "default", service_account: str | None = None, **kwargs: object
-    ) -> CredentialFiles:
-        spiffe_id = workload_id(self.authority.trust_domain, namespace, service_account or name)
-        issued = ca.issue_svid(self.authority, spiffe_id, now=kwargs.pop("now", self.now), **kwargs)  # type: ignore[arg-type]
-        directory = self.root / name
-        issued.write_to_dir(directory, force=True)
-        return files_in(directory)
-
-    def id_of(self, name: str, namespace: str = "default") -> SpiffeId:
-        return workload_id(self.authority.trust_domain, namespace, name)
-
-
-def files_in(directory: Path, reload_interval: float = 0.2) -> CredentialFiles:
-    return CredentialFiles(
-        str(directory / "cert.pem"), str(directory / "key.pem"), str(directory / "bundle.pem"), reload_interval
-    )
 
 
 def base_config(files: CredentialFiles, **changes: object) -> Config:
@@ -155,6 +121,23 @@ async def connect(port: int, host: str = LOOPBACK) -> trio.SocketStream:
     return await trio.open_tcp_stream(host, port)
 
 
+async def exchange(port: int, payload: bytes) -> bytes:
+    """Connect to `port`, send `payload` and half-close while reading the reply to its end (reading at the same time,
+    so a reply larger than the socket buffers cannot stall the send)."""
+    client = await connect(port)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await client.send_all(payload)
+                await client.send_eof()
+
+            nursery.start_soon(send)
+            return await read_all(client)
+    finally:
+        await client.aclose()
+
+
 async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 24) -> bytes:
     out = bytearray()
     while data := await stream.receive_some(65536):
@@ -203,32 +186,6 @@ async def mesh_pair(
         client_cfg = dataclasses.replace(client_cfg, **(client_changes or {}))  # type: ignore[arg-type]
         async with running_sidecar(client_cfg, orig_dst=fixed_dst(LOOPBACK, inbound_port)) as (client_rt, state):
             yield Mesh(state.bound["outbound"][1], inbound_port, client_rt, server_rt, server_state)
-
-
-__all__ = [
-    "ANY_PORT",
-    "LOOPBACK",
-    "TD",
-    "AuthzRule",
-    "ExplicitListener",
-    "ExplicitMode",
-    "Mode",
-    "Pki",
-    "app_server",
-    "base_config",
-    "client_hello",
-    "conn_lines",
-    "connect",
-    "echo",
-    "files_in",
-    "fixed_dst",
-    "hashing_sink",
-    "mesh_pair",
-    "outcome",
-    "read_all",
-    "running_sidecar",
-    "timedelta",
-]
 
 
 def client_hello(alpn: bytes | None = b"mtlsmesh") -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,43 +27,24 @@ from mtlsmesh.errors import CertificateError
 from tests.integration.mesh import (
     ANY_PORT,
     LOOPBACK,
-    TD,
-    Pki,
     app_server,
     base_config,
     client_hello,
     conn_lines,
     connect,
     echo,
-    files_in,
+    exchange,
     fixed_dst,
     mesh_pair,
     outcome,
     read_all,
     running_sidecar,
 )
+from tests.pki import TD, Pki, files_in
+
+pytestmark = pytest.mark.usefixtures("mesh_logs")
 
 IO = 15.0
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def _logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="mtlsmesh")
-
-
-async def roundtrip(port: int, payload: bytes) -> bytes:
-    client = await connect(port)
-    await client.send_all(payload)
-    await client.send_eof()
-    try:
-        return await read_all(client)
-    finally:
-        await client.aclose()
 
 
 # --- outbound decisions ----------------------------------------------------------------------------------------
@@ -153,7 +133,7 @@ async def test_max_connections_refuses_the_one_too_many(pki: Pki, caplog: pytest
                 await first.aclose()
                 while mesh.client_rt.tracker.active:
                     await trio.sleep(0.01)
-                assert await roundtrip(mesh.port, b"after") == b"after"
+                assert await exchange(mesh.port, b"after") == b"after"
     lines = conn_lines(caplog.records, "outbound")
     assert sum('reason="limit:' in line for line in lines) == 1
     assert mesh.client_rt.stats.connections[("outbound", "refuse", "limit")] == 1
@@ -181,7 +161,7 @@ async def test_many_connections_abandoned_mid_handshake(pki: Pki, caplog: pytest
                 async with trio.open_nursery() as nursery:
                     for index in range(ABANDONED):
                         nursery.start_soon(abandon, index)
-                assert await roundtrip(mesh.port, b"still serving") == b"still serving"
+                assert await exchange(mesh.port, b"still serving") == b"still serving"
                 with trio.fail_after(30):
                     while mesh.server_rt.tracker.active:
                         await trio.sleep(0.05)
@@ -352,13 +332,13 @@ async def test_reload_under_traffic_breaks_no_connection(pki: Pki, tmp_path: Pat
                                 while server_rt.credentials.reloads < generation:
                                     await trio.sleep(0.02)
                             # New connections handshake with the new SVID while the old ones keep flowing.
-                            assert await roundtrip(port, b"new handshake") == b"new handshake"
+                            assert await exchange(port, b"new handshake") == b"new handshake"
                         # A bad update is refused and the last good material keeps serving.
                         (live / "..gen2" / "key.pem").write_bytes(b"not a key")
                         with trio.fail_after(5):
                             while server_rt.credentials.reload_failures < 1:
                                 await trio.sleep(0.02)
-                        assert await roundtrip(port, b"still good") == b"still good"
+                        assert await exchange(port, b"still good") == b"still good"
                         await trio.sleep(0.2)
                         stop.set()
                     for stream in streams:
@@ -393,7 +373,7 @@ async def test_explicit_originate_and_terminate_listeners(pki: Pki, caplog: pyte
                 )
                 client_cfg = base_config(pki.issue("api"), explicit=(originate,))
                 async with running_sidecar(client_cfg) as (_c, client_state):
-                    assert await roundtrip(client_state.bound["db"][1], b"SELECT 1") == b"SELECT 1"
+                    assert await exchange(client_state.bound["db"][1], b"SELECT 1") == b"SELECT 1"
     assert seen == ["127.0.0.1"]  # explicit listeners dial forward_to with the kernel's source
     out_line = next(line for line in conn_lines(caplog.records, "outbound"))
     in_line = next(line for line in conn_lines(caplog.records, "inbound"))
@@ -409,6 +389,6 @@ async def test_a_wildcard_ipv6_listener_serves_ipv4_clients_too(pki: Pki, caplog
         with trio.fail_after(IO):
             async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
                 assert state.bound["outbound"][0] == "::"
-                assert await roundtrip(state.bound["outbound"][1], b"v4 via v6") == b"v4 via v6"
+                assert await exchange(state.bound["outbound"][1], b"v4 via v6") == b"v4 via v6"
     (line,) = conn_lines(caplog.records, "outbound")
     assert " client=127.0.0.1:" in line and "decision=passthrough" in line  # shown as IPv4, not ::ffff:127.0.0.1

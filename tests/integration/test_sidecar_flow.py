@@ -6,10 +6,8 @@ Each test checks what the app and the client see, and the one log line per conne
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from pathlib import Path
 
 import pytest
 import trio
@@ -19,45 +17,22 @@ from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig, 
 from mtlsmesh.errors import HandshakeError
 from tests.integration.mesh import (
     ANY_PORT,
-    Pki,
     app_server,
     client_hello,
     conn_lines,
     connect,
     echo,
+    exchange,
     mesh_pair,
     outcome,
     read_all,
 )
 from tests.integration.test_tls import BAD_CLIENTS, ClientMaker
+from tests.pki import Pki
+
+pytestmark = pytest.mark.usefixtures("mesh_logs")
 
 IO = 10.0  # seconds any single scenario may take
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def _logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="mtlsmesh")
-
-
-async def exchange(port: int, payload: bytes) -> bytes:
-    """Send `payload`, half-close, read the reply to its end."""
-    client = await connect(port)
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                await client.send_all(payload)
-                await client.send_eof()
-
-            nursery.start_soon(send)
-            return await read_all(client)
-    finally:
-        await client.aclose()
 
 
 async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,8 @@ import yaml
 
 from mtlsmesh import tls
 from mtlsmesh.credentials import load_credentials
-from tests.integration.mesh import TD, Pki, app_server, connect, echo, outcome
+from tests.integration.mesh import app_server, connect, echo, outcome
+from tests.pki import TD, Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 DRAIN = 2.0

@@ -15,26 +15,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memory_stream_pair
 
 from mtlsmesh import ca, tls
 from mtlsmesh.errors import HandshakeError
-from mtlsmesh.identity import SpiffeId, TrustDomain, parse_spiffe_id, workload_id
+from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
+from tests.pki import TD, forge_leaf, material_for, uri_sans
 
-TD = TrustDomain("cluster.local")
 NOW = datetime.now(UTC)
 IO = 10.0
-
-
-def material_for(authority: ca.Authority, spiffe_id: SpiffeId, **kwargs: object) -> tls.Material:
-    issued = ca.issue_svid(authority, spiffe_id, now=kwargs.pop("now", NOW), **kwargs)  # type: ignore[arg-type]
-    assert issued.key is not None
-    return tls.Material((issued.cert, *issued.chain), issued.key, issued.roots)
 
 
 @pytest.fixture(scope="module")
@@ -128,30 +118,10 @@ async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tupl
 
 
 def two_uri_sans(authority: ca.Authority) -> tls.Material:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(authority.signer_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(minutes=1))
-        .not_valid_after(NOW + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/one"),
-                    x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/two"),
-                ]
-            ),
-            critical=True,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .sign(authority.signer_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert, key = forge_leaf(
+        authority,
+        now=NOW - timedelta(minutes=1),
+        san=uri_sans("spiffe://cluster.local/ns/default/sa/one", "spiffe://cluster.local/ns/default/sa/two"),
     )
     return tls.Material((cert, *authority.chain), key, authority.roots)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.mesh import Pki, app_server, connect, mesh_pair
+from tests.integration.mesh import app_server, connect, mesh_pair
+from tests.pki import Pki
 
 TOTAL = int(os.environ.get("MTLSMESH_TEST_TRANSFER_BYTES", 1 << 30))  # 1 GiB unless told
 CHUNK = 1 << 20

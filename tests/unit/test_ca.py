@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mtlsmesh import ca, pem, svid
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain, workload_id
+from tests.pki import NOT_CA, SIGNING, forge_leaf, key_usage, uri_sans
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TD = parse_trust_domain("cluster.local")
@@ -329,17 +330,8 @@ def test_outside_public_key_is_signed_without_a_private_key(tmp_path: Path) -> N
 # svid.leaf_spiffe_id: each rule broken alone
 
 
-def _usage(**flags: bool) -> x509.KeyUsage:
-    names = [
-        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
-        "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
-    ]  # fmt: skip
-    return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
-
-
 SERVER, CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
-GOOD_SAN = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WEB))])
-NOT_CA = x509.BasicConstraints(ca=False, path_length=None)
+GOOD_SAN = uri_sans(str(WEB))
 
 
 def forge(
@@ -348,42 +340,25 @@ def forge(
     san: x509.SubjectAlternativeName | None = GOOD_SAN,
     san_critical: bool = True,
     basic: x509.BasicConstraints | None = NOT_CA,
-    key_usage: x509.KeyUsage | None = None,
+    key_usage: x509.KeyUsage | None = SIGNING,
     key_usage_critical: bool = True,
     eku: Sequence[x509.ObjectIdentifier] | None = (SERVER, CLIENT),
     authority: ca.Authority | None = None,
     now: datetime = NOW,
 ) -> x509.Certificate:
-    """A leaf signed by a real CA with the given extensions; the defaults make a valid SVID."""
-    authority = authority or authority_for()
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject if subject is not None else x509.Name([]))
-        .issuer_name(authority.signer_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.signer_key.public_key()),
-            critical=False,
-        )
+    """A leaf signed by a real CA with the given extensions (None leaves one out); the defaults make a valid SVID."""
+    cert, _ = forge_leaf(
+        authority or authority_for(),
+        now=now,
+        subject=subject,
+        san=san,
+        san_critical=san_critical,
+        basic=basic,
+        usage=key_usage,
+        usage_critical=key_usage_critical,
+        eku=eku,
     )
-    if san is not None:
-        builder = builder.add_extension(san, critical=san_critical)
-    if basic is not None:
-        builder = builder.add_extension(basic, critical=True)
-    key_usage = key_usage if key_usage is not None else _usage(digital_signature=True)
-    builder = builder.add_extension(key_usage, critical=key_usage_critical)
-    if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    return builder.sign(authority.signer_key, hashes.SHA256())
-
-
-def _uris(*uris: str) -> x509.SubjectAlternativeName:
-    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris])
+    return cert
 
 
 NAMED = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
@@ -394,16 +369,16 @@ NAMED = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
     [
         ({"san": None}, r"no URI SAN.*\(L-1\)"),
         ({"san": x509.SubjectAlternativeName([x509.DNSName("web.example")])}, r"no URI SAN.*\(L-1\)"),
-        ({"san": _uris(str(WEB), "spiffe://cluster.local/ns/default/sa/db")}, r"2 URI SANs.*\(L-1, V-6\)"),
-        ({"san": _uris("spiffe://cluster.local")}, r"spiffe://cluster.local has no path.*\(L-2, V-5\)"),
-        ({"san": _uris("https://cluster.local/a")}, r"not a valid SPIFFE ID.*scheme.*\(V-4\)"),
-        ({"san": _uris("spiffe://cluster.local/a//b")}, r"not a valid SPIFFE ID.*empty segment"),
+        ({"san": uri_sans(str(WEB), "spiffe://cluster.local/ns/default/sa/db")}, r"2 URI SANs.*\(L-1, V-6\)"),
+        ({"san": uri_sans("spiffe://cluster.local")}, r"spiffe://cluster.local has no path.*\(L-2, V-5\)"),
+        ({"san": uri_sans("https://cluster.local/a")}, r"not a valid SPIFFE ID.*scheme.*\(V-4\)"),
+        ({"san": uri_sans("spiffe://cluster.local/a//b")}, r"not a valid SPIFFE ID.*empty segment"),
         ({"san_critical": False}, r"the subject is empty, so the SAN extension must be critical \(L-3\)"),
         ({"basic": x509.BasicConstraints(ca=True, path_length=None)}, r"CA:true.*never accepted.*\(L-4, V-2, S-6\)"),
         ({"key_usage_critical": False}, r"keyUsage extension must be critical \(L-5\)"),
-        ({"key_usage": _usage(key_encipherment=True)}, r"lacks digitalSignature \(L-6\)"),
-        ({"key_usage": _usage(digital_signature=True, key_cert_sign=True)}, r"keyCertSign or cRLSign \(L-8, V-3\)"),
-        ({"key_usage": _usage(digital_signature=True, crl_sign=True)}, r"keyCertSign or cRLSign \(L-8, V-3\)"),
+        ({"key_usage": key_usage(key_encipherment=True)}, r"lacks digitalSignature \(L-6\)"),
+        ({"key_usage": key_usage(digital_signature=True, key_cert_sign=True)}, r"keyCertSign or cRLSign \(L-8, V-3\)"),
+        ({"key_usage": key_usage(digital_signature=True, crl_sign=True)}, r"keyCertSign or cRLSign \(L-8, V-3\)"),
         ({"eku": [SERVER]}, r"extendedKeyUsage lacks clientAuth \(L-9\)"),
         ({"eku": [CLIENT]}, r"extendedKeyUsage lacks serverAuth \(L-9\)"),
         ({"eku": [ExtendedKeyUsageOID.CODE_SIGNING]}, r"lacks serverAuth and clientAuth \(L-9\)"),
@@ -416,19 +391,7 @@ def test_leaf_rules_refuse(overrides: dict[str, object], message: str) -> None:
 
 
 def test_leaf_without_key_usage_is_refused() -> None:
-    authority = authority_for()
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(authority.signer_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW)
-        .not_valid_after(NOW + timedelta(hours=1))
-        .add_extension(GOOD_SAN, critical=True)
-        .sign(authority.signer_key, hashes.SHA256())
-    )
+    cert = forge(basic=None, key_usage=None, eku=None)
     with pytest.raises(CertificateError, match=r"no keyUsage extension.*\(L-5\)"):
         svid.leaf_spiffe_id(cert)
 
@@ -439,7 +402,7 @@ def test_leaf_without_key_usage_is_refused() -> None:
         {},
         {"eku": None},  # L-9: EKU presence is a SHOULD
         {"eku": [SERVER, CLIENT, ExtendedKeyUsageOID.CODE_SIGNING]},
-        {"key_usage": _usage(digital_signature=True, key_encipherment=True, key_agreement=True)},  # L-7 MAY
+        {"key_usage": key_usage(digital_signature=True, key_encipherment=True, key_agreement=True)},  # L-7 MAY
         {"subject": NAMED, "san_critical": False},  # L-3 binds only an empty subject
         {"san": x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WEB)), x509.DNSName("web")])},
         {"basic": None},  # no basicConstraints means not a CA
@@ -460,13 +423,13 @@ def test_source_prefixes_the_reason() -> None:
         (forge(), r"not a CA certificate.*\(S-1\)"),
         (forge(basic=x509.BasicConstraints(ca=True, path_length=0)), r"lacks keyCertSign \(S-1\)"),
         (
-            forge(basic=x509.BasicConstraints(ca=True, path_length=0), key_usage=_usage(key_cert_sign=True)),
+            forge(basic=x509.BasicConstraints(ca=True, path_length=0), key_usage=key_usage(key_cert_sign=True)),
             r"ID spiffe://cluster.local/ns/default/sa/web must not have a path \(S-4\)",
         ),
         (
             forge(
                 basic=x509.BasicConstraints(ca=True, path_length=0),
-                key_usage=_usage(key_cert_sign=True),
+                key_usage=key_usage(key_cert_sign=True),
                 key_usage_critical=False,
             ),
             r"needs a critical keyUsage extension \(S-7\)",
@@ -669,7 +632,7 @@ def test_openssl_enforces_the_name_constraint(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     authority = ca.create_ca(TD, now=now, name_constraint=True)
     # Signed by the constrained CA itself, valid today: only the constraint can fail it.
-    outsider = forge(san=_uris("spiffe://other.td/ns/default/sa/web"), authority=authority, now=now)
+    outsider = forge(san=uri_sans("spiffe://other.td/ns/default/sa/web"), authority=authority, now=now)
     assert svid.leaf_spiffe_id(outsider) == SpiffeId("other.td", "/ns/default/sa/web")  # the SVID rules pass
     result = openssl_verify(
         tmp_path, "sslclient", pem.render_certificates(authority.roots), b"", outsider.public_bytes(PEM)
