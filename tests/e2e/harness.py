@@ -11,12 +11,14 @@ proxy uid 1337, so the pod's capture rules treat them exactly like an app's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,25 @@ def lab_fixture(topology: Topology) -> Callable[[], Iterator[Lab]]:
         yield from open_lab(topology)
 
     return fixture
+
+
+@contextlib.contextmanager
+def loopback_namespace(tag: str, addresses: Sequence[str], commands: Sequence[Sequence[str]] = ()) -> Iterator[str]:
+    """A namespace `<tag><pid>` with loopback up and holding `addresses`, after `commands` have run inside it (the
+    test's rules); deleted on exit, even when building it or the test fails. For tests that need one kernel, not
+    a lab."""
+    name = f"{tag}{os.getpid()}"
+    netns.run(["ip", "netns", "add", name])
+    try:
+        netns.run(["ip", "-n", name, "link", "set", "lo", "up"])
+        for address in addresses:
+            no_dad = ["nodad"] if ":" in address else []  # an IPv6 address is usable at once, not after DAD
+            netns.run(["ip", "-n", name, "addr", "add", address, "dev", "lo", *no_dad])
+        for argv in commands:
+            netns.run(netns.ns_exec(name, argv))
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 def unique_marker(tag: str) -> str:

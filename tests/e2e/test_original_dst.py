@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import harness
+
 ROOT = Path(__file__).resolve().parents[2]
 LISTEN_PORT = 15001
 V4_DST = "198.18.0.55"
@@ -44,24 +46,15 @@ trio.run(main)
 """
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"shlod{os.getpid()}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", name, "addr", "add", "198.18.0.1/24", "dev", "lo")
-        sh("ip", "-n", name, "addr", "add", "2001:2::1/64", "dev", "lo", "nodad")
-        for tool, dst, port in (("iptables", V4_DST, "9080"), ("ip6tables", V6_DST, "9443")):
-            sh("ip", "netns", "exec", name, tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst,
-               "--dport", port, "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT))  # fmt: skip
+    rules = [
+        [tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst, "--dport", port, "-j", "REDIRECT",
+         "--to-ports", str(LISTEN_PORT)]
+        for tool, dst, port in (("iptables", V4_DST, "9080"), ("ip6tables", V6_DST, "9443"))
+    ]  # fmt: skip
+    with harness.loopback_namespace("shlod", ["198.18.0.1/24", "2001:2::1/64"], rules) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 @pytest.mark.root

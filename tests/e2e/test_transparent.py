@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.e2e import harness
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,22 +68,11 @@ print(reply.decode())
 """
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"shltp{os.getpid()}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", name, "addr", "add", f"{SERVICE_IP}/24", "dev", "lo")
-        for rule in RULES:
-            sh("ip", "netns", "exec", name, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", *rule)
+    rules = [["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", *rule] for rule in RULES]
+    with harness.loopback_namespace("shltp", [f"{SERVICE_IP}/24"], rules) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 @pytest.fixture
