@@ -81,7 +81,7 @@ def stop_pid(pid: int, *, grace: float = 3.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.05)
     try:
@@ -90,7 +90,8 @@ def stop_pid(pid: int, *, grace: float = 3.0) -> None:
         return
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
         # A child that has exited but not been reaped is a zombie: gone for our purposes.
         with open(f"/proc/{pid}/stat") as stat:
@@ -132,7 +133,7 @@ def stale_prefixes(tag: str) -> list[str]:
             continue
         head = name[len(tag) :].split("-", 1)[0]
         digits = head.rstrip("abcdefghijklmnopqrstuvwxyz")
-        if digits.isdigit() and head != digits and not _alive(int(digits)):
+        if digits.isdigit() and head != digits and not alive(int(digits)):
             found.add(f"{tag}{head}-")
     return sorted(found)
 

@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -44,7 +45,7 @@ def open_lab(topology: Topology) -> Iterator[Lab]:
 def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     left_ns = [name for name in netns.list_namespaces() if name.startswith(lab.prefix)]
     assert not left_ns, f"namespaces left behind: {left_ns}"
-    running = [pid for pid in pids if alive(pid)]
+    running = [pid for pid in pids if netns.alive(pid)]
     assert not running, f"processes left behind: {running}"
     assert not lab.workdir.exists() or lab.workdir == Path(), f"temp dir left behind: {lab.workdir}"
     # The lab's rules live inside its namespaces; none may have reached the host's tables.
@@ -53,12 +54,11 @@ def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     assert lab.prefix not in netns.run(["ip", "-o", "link", "show"]), "lab interfaces found on the host"
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+def leftovers(prefix: str) -> list[str]:
+    """Namespaces, and entries in the temp dir, whose names start with a lab's `prefix`: what a torn-down lab must
+    not leave."""
+    namespaces = [name for name in netns.list_namespaces() if name.startswith(prefix)]
+    return namespaces + [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
 
 
 def lab_fixture(topology: Topology) -> Callable[[], Iterator[Lab]]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from mtlsmesh import netns
 from mtlsmesh.lab import child_env
+from tests.e2e import harness
 
 pytestmark = pytest.mark.root
 
@@ -32,8 +31,7 @@ def test_demo_passes_and_cleans_up() -> None:
         for evidence in ("MTLSMESH_OUTPUT", "application_data", "peer_id=spiffe://cluster.local/ns/default/sa/"):
             assert evidence in out
         # Checked before the safety net below: the demo itself must have removed all of it.
-        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
-        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
+        assert not harness.leftovers(prefix)
     finally:
         if child.poll() is None:
             child.kill()

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -110,9 +109,8 @@ def test_sigterm_tears_the_lab_down() -> None:
         assert [name for name in netns.list_namespaces() if name.startswith(prefix)]
         os.kill(child.pid, signal.SIGTERM)
         assert child.wait(timeout=30) != 0
-        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
-        assert not [pid for pid in pids if harness.alive(pid)]
-        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
+        assert not harness.leftovers(prefix)
+        assert not [pid for pid in pids if netns.alive(pid)]
     finally:
         if child.poll() is None:
             child.kill()
@@ -130,9 +128,8 @@ def test_cleanup_stale_after_sigkill() -> None:
         assert f"{prefix}-" in netns.stale_prefixes("mmt")
         removed = netns.cleanup_stale(prefix)
         assert set(left) < set(removed)  # the namespaces, and the work dir
-        assert not [name for name in netns.list_namespaces() if name.startswith(prefix)]
-        assert not [entry for entry in os.listdir(tempfile.gettempdir()) if entry.startswith(prefix)]
-        assert not [pid for pid in pids if harness.alive(pid)]
+        assert not harness.leftovers(prefix)
+        assert not [pid for pid in pids if netns.alive(pid)]
     finally:
         if child.poll() is None:
             child.kill()

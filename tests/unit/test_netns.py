@@ -21,7 +21,7 @@ LIVE_PID = 4242
 )
 def test_stale_prefixes(monkeypatch: pytest.MonkeyPatch, names: list[str], expected: list[str]) -> None:
     monkeypatch.setattr(netns, "list_namespaces", lambda: sorted(names))
-    monkeypatch.setattr(netns, "_alive", lambda pid: pid == LIVE_PID)
+    monkeypatch.setattr(netns, "alive", lambda pid: pid == LIVE_PID)
     assert netns.stale_prefixes("mm") == expected
 
 
