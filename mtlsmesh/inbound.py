@@ -20,7 +20,6 @@ import trio
 
 from mtlsmesh import netio, policy, sniff, tls
 from mtlsmesh.config import Mode
-from mtlsmesh.errors import HandshakeError
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
     DECISION_MTLS,
@@ -29,6 +28,7 @@ from mtlsmesh.runtime import (
     Runtime,
     dial_or_refuse,
     format_addr,
+    open_mtls_or_reason,
     refuse,
 )
 
@@ -102,22 +102,13 @@ async def handle_inbound(
 
     caller = None
     if mesh:
-        try:
-            with trio.fail_after(cfg.timeouts.handshake):
-                tls_stream = await tls.open_mtls(
-                    front,
-                    rt.credentials.current.server_context,
-                    tls.Side.SERVER,
-                    cfg.trust_domain,
-                    peer=rec.client_addr,
-                )
-        except (HandshakeError, trio.TooSlowError) as exc:
-            reason = f"handshake: {exc.reason}" if isinstance(exc, HandshakeError) else "handshake_timeout"
-            await refuse(downstream, rec, reason)
+        opened = await open_mtls_or_reason(rt, front, tls.Side.SERVER, peer=rec.client_addr)
+        if isinstance(opened, str):
+            await refuse(downstream, rec, opened)
             return
-        caller = tls_stream.peer_id
+        caller = opened.peer_id
         rec.peer_id = str(caller)
-        front = tls_stream
+        front = opened
     rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
 
     decision = policy.authorize(cfg.authorization, caller, port)

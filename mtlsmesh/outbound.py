@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import trio
 
 from mtlsmesh import netio, policy, tls
-from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
@@ -27,6 +26,7 @@ from mtlsmesh.runtime import (
     Runtime,
     dial_or_refuse,
     format_addr,
+    open_mtls_or_reason,
     refuse,
 )
 
@@ -77,23 +77,13 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
 
     peer: trio.abc.HalfCloseableStream = upstream
     if mtls:
-        try:
-            with trio.fail_after(cfg.timeouts.handshake):
-                peer = await tls.open_mtls(
-                    upstream,
-                    rt.credentials.current.client_context,
-                    tls.Side.CLIENT,
-                    cfg.trust_domain,
-                    expected=identities,
-                    peer=rec.orig_dst,
-                )
-        except (HandshakeError, trio.TooSlowError) as exc:
-            reason = f"handshake: {exc.reason}" if isinstance(exc, HandshakeError) else "handshake_timeout"
+        opened = await open_mtls_or_reason(rt, upstream, tls.Side.CLIENT, peer=rec.orig_dst, expected=identities)
+        if isinstance(opened, str):
             await netio.abort_close(upstream)
-            await refuse(app, rec, reason, decision=rec.decision)
+            await refuse(app, rec, opened, decision=rec.decision)
             return
-        assert isinstance(peer, tls.TLSStream)
-        rec.peer_id = str(peer.peer_id)
+        rec.peer_id = str(opened.peer_id)
+        peer = opened
     result = await relay(app, peer, idle_timeout=cfg.timeouts.idle, downstream_name="app", upstream_name="peer")
     rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream
     rec.reason = result.reason

@@ -22,10 +22,11 @@ from typing import Protocol
 
 import trio
 
-from mtlsmesh import netio
+from mtlsmesh import netio, tls
 from mtlsmesh.config import Config, IPAddress
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.errors import MeshError
+from mtlsmesh.errors import HandshakeError, MeshError
+from mtlsmesh.identity import SpiffeId
 
 log = logging.getLogger("mtlsmesh.conn")
 
@@ -189,6 +190,28 @@ async def dial_or_refuse(
     except OSError as exc:
         await refuse(downstream, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
     return None
+
+
+async def open_mtls_or_reason(
+    rt: Runtime,
+    transport: trio.abc.Stream,
+    side: tls.Side,
+    *,
+    peer: str,
+    expected: tuple[SpiffeId, ...] = (),
+) -> tls.TLSStream | str:
+    """The mTLS handshake over `transport` with the current SVID, within `timeouts.handshake`. Returns the checked
+    TLS stream, or the reason to refuse with (`handshake: ...` or `handshake_timeout`); the caller closes what it
+    opened."""
+    current = rt.credentials.current
+    context = current.server_context if side is tls.Side.SERVER else current.client_context
+    try:
+        with trio.fail_after(rt.config.timeouts.handshake):
+            return await tls.open_mtls(transport, context, side, rt.config.trust_domain, expected=expected, peer=peer)
+    except HandshakeError as exc:
+        return f"handshake: {exc.reason}"
+    except trio.TooSlowError:
+        return "handshake_timeout"
 
 
 async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
