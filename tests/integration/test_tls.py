@@ -39,6 +39,14 @@ def contexts(authority: ca.Authority) -> tuple[SSL.Context, SSL.Context]:
     return client, server
 
 
+def tls_pair(
+    contexts: tuple[SSL.Context, SSL.Context], transports: tuple[trio.abc.Stream, trio.abc.Stream]
+) -> tuple[tls.TLSStream, tls.TLSStream]:
+    """A client and a server TLS stream, not yet shaken hands, over the two ends of a transport pair."""
+    (client_ctx, server_ctx), (a, b) = contexts, transports
+    return tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+
+
 async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
@@ -46,19 +54,15 @@ async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> None:
 
 
 async def test_stream_contract_over_memory_and_lockstep_pairs(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client_ctx, server_ctx = contexts
-
     async def memory_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
-        a, b = memory_stream_pair()
-        return tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+        return tls_pair(contexts, memory_stream_pair())
 
     async def lockstep_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
         # A lockstep transport has no buffer at all. After the handshake an OpenSSL TLS 1.3 server writes session
         # tickets (pyOpenSSL cannot set their number to 0); with no buffer that write waits for a client read. So the
         # pair is handed over after the handshake and after the client has read those tickets, as a socket's
         # buffer would have let it.
-        a, b = lockstep_stream_pair()
-        client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+        client, server = tls_pair(contexts, lockstep_stream_pair())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(client.receive_some)  # reads the tickets, then waits: cancelled below
@@ -76,9 +80,7 @@ async def test_stream_contract_over_memory_and_lockstep_pairs(contexts: tuple[SS
 
 
 async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client_ctx, server_ctx = contexts
-    a, b = memory_stream_pair()
-    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    client, server = tls_pair(contexts, memory_stream_pair())
     with trio.fail_after(IO):
         await handshake_both(client, server)
     version, cipher, group = client.negotiated
@@ -91,9 +93,7 @@ async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Contex
 
 
 async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client_ctx, server_ctx = contexts
-    a, b = trio.testing.memory_stream_pair()
-    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    client, server = tls_pair(contexts, memory_stream_pair())
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.send_all, b"request")
@@ -107,9 +107,8 @@ async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Con
 
 
 async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client_ctx, server_ctx = contexts
     a, b = memory_stream_pair()
-    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    client, server = tls_pair(contexts, (a, b))
     with trio.fail_after(IO):
         await handshake_both(client, server)
         await a.aclose()  # the transport goes away with no close_notify
