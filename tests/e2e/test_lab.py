@@ -6,11 +6,13 @@ through the node, Service DNAT, teardown on failure, on SIGTERM, and `cleanup_st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
@@ -93,34 +95,39 @@ def test_refuses_what_it_cannot_run(prefix: list[str], path: str | None, message
     assert "Traceback" not in done.stderr
 
 
-def start_child() -> tuple[subprocess.Popen[str], str, list[int]]:
+@contextlib.contextmanager
+def child_lab() -> Iterator[tuple[subprocess.Popen[str], str, list[int]]]:
+    """A child process holding a lab: yields it, the lab's prefix and its apps' PIDs. Afterwards the child is
+    killed if still there and `cleanup_stale` removes whatever of its lab a failed test left."""
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD], env=child_env(), stdout=subprocess.PIPE, text=True, start_new_session=True
     )
-    assert child.stdout is not None
-    words = child.stdout.readline().split()
-    assert words, "the child lab did not start"
-    return child, words[0], [int(word) for word in words[1:]]
+    prefix = ""
+    try:
+        assert child.stdout is not None
+        words = child.stdout.readline().split()
+        assert words, "the child lab did not start"
+        prefix = words[0]
+        yield child, prefix, [int(word) for word in words[1:]]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if prefix:
+            netns.cleanup_stale(prefix)
 
 
 def test_sigterm_tears_the_lab_down() -> None:
-    child, prefix, pids = start_child()
-    try:
+    with child_lab() as (child, prefix, pids):
         assert [name for name in netns.list_namespaces() if name.startswith(prefix)]
         os.kill(child.pid, signal.SIGTERM)
         assert child.wait(timeout=30) != 0
         assert not harness.leftovers(prefix)
         assert not [pid for pid in pids if netns.alive(pid)]
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        netns.cleanup_stale(prefix)
 
 
 def test_cleanup_stale_after_sigkill() -> None:
-    child, prefix, pids = start_child()
-    try:
+    with child_lab() as (child, prefix, pids):
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
         left = [name for name in netns.list_namespaces() if name.startswith(prefix)]
@@ -130,11 +137,6 @@ def test_cleanup_stale_after_sigkill() -> None:
         assert set(left) < set(removed)  # the namespaces, and the work dir
         assert not harness.leftovers(prefix)
         assert not [pid for pid in pids if netns.alive(pid)]
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        netns.cleanup_stale(prefix)
 
 
 @pytest.mark.parametrize(("prefix", "message"), [("", "too short"), ("mm", "too short")])
