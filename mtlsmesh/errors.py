@@ -50,14 +50,6 @@ class HandshakeError(MeshError):
         super().__init__(f"handshake with {peer} failed: {reason}")
 
 
-class PolicyDenied(MeshError):
-    """The authorization policy refused a caller; `decision` says which rule decided."""
-
-    def __init__(self, decision: object) -> None:
-        self.decision = decision
-        super().__init__(f"denied by policy: {decision}")
-
-
 class CaptureError(MeshError):
     """Applying, checking or removing the iptables capture rules failed."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -105,15 +104,6 @@ async def echo(stream: trio.SocketStream) -> None:
     """Echo until EOF, then half-close back: the reply ends where the request did."""
     while data := await stream.receive_some(65536):
         await stream.send_all(data)
-    await stream.send_eof()
-
-
-async def hashing_sink(stream: trio.SocketStream) -> None:
-    """Read everything, then answer with the SHA-256 of what came (the 1 GiB test)."""
-    digest = hashlib.sha256()
-    while data := await stream.receive_some(65536):
-        digest.update(data)
-    await stream.send_all(digest.hexdigest().encode())
     await stream.send_eof()
 
 

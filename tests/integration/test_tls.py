@@ -11,7 +11,6 @@ import os
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import trio
@@ -251,7 +250,7 @@ async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Con
             await a.aclose()
 
 
-def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority, tmp_path: Path) -> None:
+def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority) -> None:
     good = material_for(authority, workload_id(TD, "default", "a"))
     other = material_for(authority, workload_id(TD, "default", "b"))
     with pytest.raises(Exception, match="OpenSSL refused the credential"):

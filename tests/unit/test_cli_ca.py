@@ -112,7 +112,7 @@ def test_init_then_issue_writes_the_documented_layout(workdir: Path, capsys: pyt
 
 
 @pytest.mark.parametrize("key_type", [k.value for k in ca.KeyType])
-def test_init_options(workdir: Path, capsys: pytest.CaptureFixture[str], key_type: str) -> None:
+def test_init_options(workdir: Path, key_type: str) -> None:
     argv = ["ca", "init", "--trust-domain", "example.org", "--dir", "myca", "--key-type", key_type, "--ttl", "90d"]
     assert main([*argv, "--intermediate", "--name-constraint"]) == 0
     authority = ca.load_authority(workdir / "myca")
@@ -127,7 +127,7 @@ def test_init_options(workdir: Path, capsys: pytest.CaptureFixture[str], key_typ
     assert (workdir / "certs" / "billing-api" / "cert.pem").is_file()
 
 
-def test_init_force_replaces_the_ca(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_force_replaces_the_ca(ca_dir: Path) -> None:
     old_root = (ca_dir / "root.pem").read_bytes()
     assert main(["ca", "init", "--force"]) == 0
     assert (ca_dir / "root.pem").read_bytes() != old_root
@@ -142,7 +142,7 @@ def test_issue_force_replaces_the_svid(ca_dir: Path, workdir: Path) -> None:
     assert (workdir / "svid" / "key.pem").read_bytes() != first
 
 
-def test_issue_from_a_csr_takes_only_its_key(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_issue_from_a_csr_takes_only_its_key(ca_dir: Path, workdir: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     (workdir / "req.pem").write_bytes(make_csr(key))
     argv = ["ca", "issue", "--namespace", "default", "--service-account", "web", "--csr", "req.pem", "--out", "o"]

@@ -251,7 +251,7 @@ def test_a_broken_extension_is_refused_before_it_is_complete(extension: bytes, r
     assert re.search(reason, results[refused].reason), results[refused].reason
 
 
-def test_a_hello_in_tiny_records_longer_than_the_limit_is_not_tls(mesh_hello: bytes) -> None:
+def test_a_hello_in_tiny_records_longer_than_the_limit_is_not_tls() -> None:
     # 1-byte records multiply the wire size by six: the limit on bytes read still ends the wait.
     padded = hello_body(extensions=ext(21, b"\x00" * 6000))
     data = records(handshake(padded), [1])
