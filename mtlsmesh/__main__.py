@@ -1,4 +1,4 @@
-"""`python -m mtlsmesh`: the same entry point as the `mtlsmesh` console script."""
+"""`python -m mtlsmesh`: the same entry point as the `mtlsmesh` console script, and nothing else."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Every error that user input can cause is a `MeshError`. The CLI prints `mtlsmesh: error: <message>` and exits 2;
 the sidecar logs it on one line and refuses the connection. Anything else escaping is a bug.
+
+What it does not: format, log or count errors; the CLI and the sidecar's connection handling do that.
 """
 
 from __future__ import annotations

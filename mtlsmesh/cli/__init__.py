@@ -2,7 +2,8 @@
 
 Each module `mtlsmesh/cli/<name>.py` defines `add_parser(subparsers)`, which registers the subcommand and sets
 `run=<callable(args) -> int>` as its default. This module finds them, parses the arguments, and turns a
-`MeshError` into one line on stderr and exit status 2. A traceback from here is a bug.
+`MeshError` into one line on stderr and exit status 2. A traceback from here is a bug. It names no subcommand
+itself: adding a module is all it takes to add one.
 """
 
 from __future__ import annotations

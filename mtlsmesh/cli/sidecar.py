@@ -3,6 +3,8 @@
 Every flag may also come from the environment (MTLSMESH_CONFIG, MTLSMESH_CERT, ...); a flag beats its variable, and
 both beat the config file. Everything is validated (config, flags, credentials) before any listener binds; a bad
 input is one line `mtlsmesh: error: ...` and exit status 2. Logs go to stderr, one key=value line per connection.
+
+What it does not: serve connections (see `sidecar`, which this module hands the validated config to).
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+"""The command line's entry points: `--version`, and `python -m mtlsmesh` running the same CLI."""
+
 from __future__ import annotations
 
 import subprocess
