@@ -207,14 +207,19 @@ def _expired(pki: Path, name: str, service_account: str) -> Creds:
     return creds_in(pki / name)
 
 
+def _trusting_both(pki: Path, own: Creds, expired: Creds) -> Creds:
+    """`own` SVID with a bundle that trusts the expired SVID's CA as well, so only the dates can fail a handshake."""
+    both = pki / "both"
+    both.mkdir()
+    (both / "bundle.pem").write_bytes(own.bundle.read_bytes() + expired.bundle.read_bytes())
+    return Creds(own.cert, own.key, both / "bundle.pem")
+
+
 def test_server_refuses_an_expired_client(pki: Path) -> None:
     server_creds = issue(pki / "ca", pki / "reviews", "default", "reviews")
     expired = _expired(pki, "stale", "productpage")
     # The server trusts the expired SVID's CA too: the date alone must fail it.
-    both = pki / "both"
-    both.mkdir()
-    (both / "bundle.pem").write_bytes(server_creds.bundle.read_bytes() + expired.bundle.read_bytes())
-    server_trusting_both = Creds(server_creds.cert, server_creds.key, both / "bundle.pem")
+    server_trusting_both = _trusting_both(pki, server_creds, expired)
     client = Creds(expired.cert, expired.key, server_creds.bundle)
     server, client_outcome = handshake(server_trusting_both, client)
     assert "certificate verify failed" in server.error
@@ -227,10 +232,7 @@ def test_server_refuses_an_expired_client(pki: Path) -> None:
 def test_client_refuses_an_expired_server(pki: Path) -> None:
     client_creds = issue(pki / "ca", pki / "productpage", "default", "productpage")
     expired = _expired(pki, "stale", "reviews")
-    both = pki / "both"
-    both.mkdir()
-    (both / "bundle.pem").write_bytes(client_creds.bundle.read_bytes() + expired.bundle.read_bytes())
-    client = Creds(client_creds.cert, client_creds.key, both / "bundle.pem")
+    client = _trusting_both(pki, client_creds, expired)
     server, client_outcome = handshake(Creds(expired.cert, expired.key, client_creds.bundle), client)
     assert "certificate verify failed" in client_outcome.error
     assert client_outcome.peer_id is None
