@@ -130,24 +130,16 @@ def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
     harness.refused(lambda: harness.get(lab, "outside", lab.ip("web"), 9081, "/strict-from-outside"))
     assert "/strict-from-outside" not in lab.app_log("web", "http")
     from_outside = f"{lab.ip('outside')}:"
-    harness.wait_records(
-        lab,
-        "web",
-        lambda r: (
+
+    def outside_to(port: int, decision: str) -> Callable[[dict[str, str]], bool]:
+        return lambda r: (
             r.get("client", "").startswith(from_outside)
-            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
-            and r.get("decision") == "passthrough"
-        ),
-    )
-    harness.wait_records(
-        lab,
-        "web",
-        lambda r: (
-            r.get("client", "").startswith(from_outside)
-            and r.get("orig_dst") == f"{lab.ip('web')}:9081"
-            and r.get("decision") == "refuse"
-        ),
-    )
+            and r.get("orig_dst") == f"{lab.ip('web')}:{port}"
+            and r.get("decision") == decision
+        )
+
+    harness.wait_records(lab, "web", outside_to(9080, "passthrough"))
+    harness.wait_records(lab, "web", outside_to(9081, "refuse"))
 
 
 def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab) -> None:
