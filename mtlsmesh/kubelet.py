@@ -217,7 +217,8 @@ def write_volume(mount: Mount, directory: Path, *, version: str = "..1") -> None
     version_dir = directory / version
     version_dir.mkdir(mode=0o755)
     for item in mount.files:
-        if "/" in item.name or item.name.startswith("."):
+        # Names starting with ".." are the writer's own (versions, ..data); "/" would leave the directory.
+        if "/" in item.name or item.name.startswith("..") or item.name in ("", "."):
             raise ConfigError(f"volumes.{mount.volume}", f"key {item.name!r} cannot be a file name")
         fd = os.open(version_dir / item.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
