@@ -42,9 +42,51 @@ APP_PORT = 9080
 APP_UID = 1000
 # lab pod -> the Deployment of bookinfo-injected.yaml it runs
 WORKLOADS = {"productpage": "productpage-v1", "details": "details-v1"}
+EXCLUDED_PORT = 9099
+
+# Two workloads injected by the test itself, one with every capture annotation, one with the include lists.
+ANNOTATED = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: annotated, namespace: default}
+spec:
+  selector: {matchLabels: {app: annotated}}
+  template:
+    metadata:
+      labels: {app: annotated}
+      annotations:
+        mtlsmesh.io/exclude-inbound-ports: "9099, 9100"
+        mtlsmesh.io/exclude-outbound-ports: "5432"
+        mtlsmesh.io/exclude-outbound-cidrs: "198.18.5.0/24"
+        mtlsmesh.io/inbound-mode: permissive
+    spec:
+      serviceAccountName: annotated
+      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: plain, namespace: default}
+spec:
+  selector: {matchLabels: {app: plain}}
+  template:
+    metadata:
+      labels: {app: plain}
+      annotations:
+        mtlsmesh.io/include-inbound-ports: "9080"
+        mtlsmesh.io/include-outbound-cidrs: "198.18.0.0/15"
+    spec:
+      serviceAccountName: plain
+      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
+"""
+
 
 TOPOLOGY = Topology(
-    pods=(PodSpec("productpage", mesh=False), PodSpec("details", mesh=False), PodSpec("outside", mesh=False)),
+    pods=(
+        PodSpec("productpage", mesh=False),
+        PodSpec("details", mesh=False),
+        PodSpec("annotated", mesh=False),
+        PodSpec("outside", mesh=False),
+    ),
     services=(ServiceSpec("details", APP_PORT, "details", APP_PORT),),
 )
 
@@ -62,6 +104,12 @@ def mtlsmesh_cli(*args: str, cwd: Path) -> str:
     )
     assert done.returncode == 0, f"mtlsmesh {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}"
     return done.stdout
+
+
+def inject_annotated(directory: Path) -> list[Any]:
+    """ANNOTATED after `mtlsmesh inject -f`."""
+    (directory / "app.yaml").write_text(ANNOTATED)
+    return parse_manifests(mtlsmesh_cli("inject", "-f", "app.yaml", cwd=directory), "injected")
 
 
 def workload(documents: list[Any], name: str) -> dict[str, Any]:
@@ -138,6 +186,10 @@ def lab_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.start()
         for pod, name in WORKLOADS.items():
             mesh_pod(lab, pod, workload(documents, name), ca_dir, config_map)
+        annotated = workload(inject_annotated(tmp_path_factory.mktemp("annotated")), "annotated")
+        mesh_pod(lab, "annotated", annotated, ca_dir, config_map)
+        annotated_args = ("http", "--name", "annotated", "--port", str(APP_PORT), "--port", str(EXCLUDED_PORT))
+        lab.start_app("annotated", AppSpec("http", annotated_args, (APP_PORT, EXCLUDED_PORT)))
         lab.start_app("details", AppSpec("http", ("http", "--name", "details", "--port", str(APP_PORT)), (APP_PORT,)))
         upstream = f"details=http://{lab.vip('details')}:{APP_PORT}/details/0"
         productpage_args = ("http", "--name", "productpage", "--port", str(APP_PORT), "--call", upstream)
@@ -227,39 +279,33 @@ def test_each_proxy_serves_the_svid_of_its_service_account(lab: Lab) -> None:
         assert [r.get("spiffe_id") for r in ready] == [spiffe_id_of(name)]
 
 
-ANNOTATED = """\
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: annotated, namespace: default}
-spec:
-  selector: {matchLabels: {app: annotated}}
-  template:
-    metadata:
-      labels: {app: annotated}
-      annotations:
-        mtlsmesh.io/exclude-inbound-ports: "9099, 9100"
-        mtlsmesh.io/exclude-outbound-ports: "5432"
-        mtlsmesh.io/exclude-outbound-cidrs: "198.18.5.0/24"
-        mtlsmesh.io/inbound-mode: permissive
-    spec:
-      serviceAccountName: annotated
-      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: plain, namespace: default}
-spec:
-  selector: {matchLabels: {app: plain}}
-  template:
-    metadata:
-      labels: {app: plain}
-      annotations:
-        mtlsmesh.io/include-inbound-ports: "9080"
-        mtlsmesh.io/include-outbound-cidrs: "198.18.0.0/15"
-    spec:
-      serviceAccountName: plain
-      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
-"""
+@pytest.mark.root
+def test_annotations_take_effect_when_run(lab: Lab) -> None:
+    # inbound-mode: permissive reaches the proxy as MTLSMESH_INBOUND_MODE: plaintext from outside is let through.
+    marker = harness.unique_marker("permissive")
+    status, body = harness.get(lab, "outside", lab.ip("annotated"), APP_PORT, "/permissive", marker)
+    assert (status, json.loads(body)["marker"]) == (200, marker)
+    harness.wait_records(
+        lab,
+        "annotated",
+        lambda r: (
+            r.get("client", "").startswith(f"{lab.ip('outside')}:")
+            and r.get("orig_dst") == f"{lab.ip('annotated')}:{APP_PORT}"
+            and r.get("decision") == "passthrough"
+        ),
+    )
+    # exclude-inbound-ports: the init step's rules let the port bypass the sidecar altogether.
+    status, _ = harness.get(lab, "outside", lab.ip("annotated"), EXCLUDED_PORT, "/excluded")
+    assert status == 200
+    assert f"peer={lab.ip('outside')}:" in lab.app_log("annotated", "http")  # no sidecar in between
+    assert not [
+        r
+        for r in harness.log_records(lab.sidecar_log("annotated"))
+        if r.get("orig_dst", "").endswith(f":{EXCLUDED_PORT}")
+    ]
+    rules = lab.nat_rules("annotated")
+    assert f"tcp dpt:{EXCLUDED_PORT}" in rules and "MTLSMESH_INBOUND" in rules
+
 
 INBOUND_RETURN = "-A MTLSMESH_INBOUND -p tcp -m tcp --dport {} -j RETURN"
 OUTBOUND_PORT_RETURN = "-A MTLSMESH_OUTPUT -p tcp -m tcp --dport {} -j RETURN"
@@ -269,9 +315,7 @@ OUTBOUND_PORT_RETURN = "-A MTLSMESH_OUTPUT -p tcp -m tcp --dport {} -j RETURN"
 def annotated_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, dict[str, str]]]:
     """Inject ANNOTATED with `mtlsmesh inject`, then run each init container's own command with `--dry-run`:
     {deployment: (printed rules, proxy env)}."""
-    directory = tmp_path_factory.mktemp("annotated")
-    (directory / "app.yaml").write_text(ANNOTATED)
-    injected = parse_manifests(mtlsmesh_cli("inject", "-f", "app.yaml", cwd=directory), "injected")
+    injected = inject_annotated(tmp_path_factory.mktemp("annotated"))
     results: dict[str, tuple[str, dict[str, str]]] = {}
     for name in ("annotated", "plain"):
         pod_spec = workload(injected, name)["spec"]["template"]["spec"]
