@@ -13,8 +13,10 @@ directories where the test laid out what those volumes hold (`kubelet.translate_
   the mesh destinations' CIDRs changed from a cluster's pod and Service CIDRs to the lab's.
 The apps (the demo HTTP app standing in for bookinfo's images) run as uid 1000, after the sidecars are ready.
 
-The pods are declared `mesh=False` in the topology: the lab leaves them alone and `Lab.start_pod` meshes them
-from the manifest. A third pod, outside, stays outside the mesh.
+A third meshed pod, annotated, comes from a small manifest the test injects with `mtlsmesh inject`, to show its
+`mtlsmesh.io/*` annotations take effect when run (and, without root, what its init step's `--dry-run` prints).
+These pods are declared `mesh=False` in the topology: the lab leaves them alone and `Lab.start_pod` meshes them
+from their pod specs. A fourth pod, outside, stays outside the mesh.
 """
 
 from __future__ import annotations
