@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mtlsmesh import inject, kubelet
-from mtlsmesh.lab import Lab, child_env
+from mtlsmesh import inject, kubelet, netns
+from mtlsmesh.lab import Lab, child_env, http_get
 from mtlsmesh.manifest import parse_manifests
 from mtlsmesh.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
@@ -204,9 +204,14 @@ def lab_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         harness.assert_nothing_left(lab, pids)
 
 
+def bookinfo(name: str) -> dict[str, Any]:
+    """A Deployment of bookinfo-injected.yaml."""
+    return workload(parse_manifests(INJECTED.read_text(), INJECTED.name), name)
+
+
 def spiffe_id_of(name: str) -> str:
     """The SPIFFE ID of a bookinfo workload, from its namespace and service account in the manifest."""
-    deployment = workload(parse_manifests(INJECTED.read_text(), INJECTED.name), name)
+    deployment = bookinfo(name)
     namespace = deployment["metadata"].get("namespace", "default")
     return f"spiffe://cluster.local/ns/{namespace}/sa/{deployment['spec']['template']['spec']['serviceAccountName']}"
 
@@ -279,6 +284,30 @@ def test_each_proxy_serves_the_svid_of_its_service_account(lab: Lab) -> None:
         assert (info.st_uid, info.st_mode & 0o777) == (0, 0o444)
         ready = [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("event") == "ready"]
         assert [r.get("spiffe_id") for r in ready] == [spiffe_id_of(name)]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("pod", list(WORKLOADS))
+def test_the_proxy_answers_its_manifest_probes_and_ports(lab: Lab, pod: str) -> None:
+    # What the kubelet would do with the proxy container: its probes, from the node, must answer 200; every port it
+    # declares must be listening on the pod's address.
+    proxy = kubelet.container(bookinfo(WORKLOADS[pod])["spec"]["template"]["spec"], inject.PROXY_CONTAINER)
+    for probe_name in ("startupProbe", "readinessProbe"):
+        probe = proxy[probe_name]
+        assert isinstance(probe, dict)
+        target = probe["httpGet"]
+        status, _ = lab_http_get(lab, pod, target["port"], target["path"])
+        assert status == 200, f"{probe_name} {target}"
+    ports = proxy["ports"]
+    assert isinstance(ports, list) and ports
+    for port in ports:
+        netns.connect_in(lab.node_ns, lab.ip(pod), port["containerPort"], timeout=5.0).close()
+    status, body = lab_http_get(lab, pod, inject.METRICS_PORT, "/stats/prometheus")
+    assert status == 200 and body
+
+
+def lab_http_get(lab: Lab, pod: str, port: int, path: str) -> tuple[int, bytes]:
+    return http_get(lab.node_ns, lab.ip(pod), port, path, timeout=5.0)
 
 
 @pytest.mark.root
