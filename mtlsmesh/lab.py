@@ -381,7 +381,10 @@ class Lab:
         """Mesh a running lab's pod with the command lines its pod spec gives, instead of the lab's own: run the init
         step `init` = (argv, env) as root to completion, start the proxy `proxy` = (argv, env) as `proxy_uid` /
         `proxy_gid`, and wait until it is ready, as the kubelet orders a pod's init containers. The pod is declared
-        `mesh=False` in the topology, so the lab left it unmeshed; files the commands name are the caller's."""
+        `mesh=False` in the topology, so the lab left it unmeshed; files the commands name are the caller's.
+        (`restart_sidecar` restarts only the lab's own sidecars.)"""
+        if self.plan.pod(pod).spiffe_id is not None:
+            raise LabError(f"pod {pod} is meshed by the lab itself: declare it mesh=False to mesh it from a pod spec")
         if self._closed or pod in self._sidecars:
             raise LabError(f"pod {pod} already has a sidecar, or the lab is closed")
         init_argv, init_env = init
