@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from mtlsmesh.topology import (
     GATEWAY,
     HEALTH_PORT,
     PROXY_UID,
+    AppSpec,
     Plan,
     PlannedPod,
     Topology,
@@ -83,8 +84,9 @@ def child_env() -> dict[str, str]:
     }
 
 
-def as_uid(uid: int, argv: Sequence[str]) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+def as_uid(uid: int, argv: Sequence[str], *, gid: int | None = None) -> list[str]:
+    """`argv` run as `uid` and `gid` (by default the same number as the uid), with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups", *argv]
 
 
 def preflight(python: str = sys.executable, uids: Sequence[int] = (PROXY_UID,)) -> None:
@@ -316,14 +318,16 @@ class Lab:
             shutil.rmtree(previous)  # as the kubelet does once the new version is in place
         return version
 
-    def _spawn(self, name: str, ns: str, argv: Sequence[str], log: Path) -> _Process:
+    def _spawn(
+        self, name: str, ns: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> _Process:
         with log.open("ab") as out:
             popen = subprocess.Popen(
                 netns.ns_exec(ns, argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=child_env(),
+                env={**child_env(), **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches the lab, which stops them in order
             )
         return _Process(name, popen, log)
@@ -364,11 +368,58 @@ class Lab:
             return "no log"
         return " | ".join(lines[-3:]) if lines else "empty log"
 
+    # -- pods meshed from their own command lines ------------------------------------------------------------------
+
+    def start_pod(
+        self,
+        pod: str,
+        *,
+        init: tuple[Sequence[str], Mapping[str, str]],
+        proxy: tuple[Sequence[str], Mapping[str, str]],
+        proxy_uid: int = PROXY_UID,
+        proxy_gid: int = PROXY_UID,
+    ) -> None:
+        """Mesh a running lab's pod with the command lines its pod spec gives, instead of the lab's own: run the init
+        step `init` = (argv, env) as root to completion, start the proxy `proxy` = (argv, env) as `proxy_uid` /
+        `proxy_gid`, and wait until it is ready, as the kubelet orders a pod's init containers. The pod is declared
+        `mesh=False` in the topology, so the lab left it unmeshed; files the commands name are the caller's.
+        (`restart_sidecar` restarts only the lab's own sidecars.)"""
+        if self.plan.pod(pod).spiffe_id is not None:
+            raise LabError(f"pod {pod} is meshed by the lab itself: declare it mesh=False to mesh it from a pod spec")
+        if self._closed or pod in self._sidecars:
+            raise LabError(f"pod {pod} already has a sidecar, or the lab is closed")
+        init_argv, init_env = init
+        self.run_in(pod, init_argv, env=init_env)
+        proxy_argv, proxy_env = proxy
+        argv = as_uid(proxy_uid, proxy_argv, gid=proxy_gid)
+        log = self.pod_dir(pod) / "sidecar.log"
+        self._sidecars[pod] = self._spawn(f"{pod}/sidecar", self.pod_ns(pod), argv, log, env=proxy_env)
+        self.wait_ready(pod)
+
+    def start_app(self, pod: str, app: AppSpec) -> None:
+        """Start an app in a pod of the running lab (after `start_pod`, as app containers follow init containers)
+        and wait for its ports."""
+        if app.uid in (0, PROXY_UID) or (pod, app.name) in self._apps:
+            raise LabError(f"pod {pod}: app {app.name} exists already or runs as uid {app.uid}")
+        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.demoapps", *app.args])
+        log = self.pod_dir(pod) / f"app-{app.name}.log"
+        proc = self._apps[(pod, app.name)] = self._spawn(f"{pod}/{app.name}", self.pod_ns(pod), argv, log)
+        for port in app.ports:
+            netns.wait_port(self.pod_ns(pod), "127.0.0.1", port, timeout=APP_TIMEOUT, alive=proc.running)
+
     # -- operating -----------------------------------------------------------------------------------------------
 
-    def run_in(self, pod: str, argv: Sequence[str], *, timeout: float = netns.COMMAND_TIMEOUT) -> str:
-        """Run a command as root inside a pod and return its output."""
-        return netns.run(netns.ns_exec(self.pod_ns(pod), argv), timeout=timeout)
+    def run_in(
+        self,
+        pod: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = netns.COMMAND_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        """Run a command as root inside a pod and return its output; `env` adds to the lab's child environment."""
+        full_env = None if env is None else {**child_env(), **env}
+        return netns.run(netns.ns_exec(self.pod_ns(pod), argv), timeout=timeout, env=full_env)
 
     def connect(self, pod: str, host: str, port: int, *, timeout: float = 10.0) -> socket.socket:
         """A TCP connection made from inside `pod` by this process (root, so the capture rules treat it as an app)."""

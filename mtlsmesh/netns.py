@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from mtlsmesh.errors import LabError
@@ -31,11 +31,24 @@ COMMAND_TIMEOUT = 20.0
 T = TypeVar("T")
 
 
-def run(argv: Sequence[str], *, input_text: str | None = None, timeout: float = COMMAND_TIMEOUT) -> str:
-    """Run a command to completion; a non-zero exit becomes a LabError carrying its stderr."""
+def run(
+    argv: Sequence[str],
+    *,
+    input_text: str | None = None,
+    timeout: float = COMMAND_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run a command to completion (with exactly `env` as its environment when given, else ours); a non-zero exit
+    becomes a LabError carrying its stderr."""
     try:
         done = subprocess.run(
-            list(argv), input=input_text, capture_output=True, text=True, timeout=timeout, check=False
+            list(argv),
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=None if env is None else dict(env),
         )
     except FileNotFoundError as exc:
         raise LabError(f"{argv[0]}: not found") from exc

@@ -1,0 +1,420 @@
+"""End-to-end: what the injected manifest says is what works, run in the lab's namespaces instead of a cluster.
+
+Two pods of deploy/examples/bookinfo-injected.yaml (productpage and details) are run from their own pod specs:
+`inject.pod_commands` reads back the init container's and the proxy's (argv, env), and the lab runs exactly those,
+`mtlsmesh iptables` as root and `mtlsmesh sidecar` as the proxy container's runAsUser/runAsGroup, each in its pod's
+network namespace. The only changes are the ones a kubelet makes: the image's entrypoint `mtlsmesh` becomes
+`python -m mtlsmesh`, and the in-pod paths of the volume mounts (/etc/mtlsmesh, /var/run/mtlsmesh/svid) become the
+directories where the test laid out what those volumes hold (`kubelet.translate_command`):
+- the Secret `mtlsmesh-svid-<serviceAccountName>` exactly as `mtlsmesh ca issue ... --k8s-secret` prints it, its
+  base64 `data` decoded into files with the volume's mode (so the Secret's name and keys must be the ones the pod
+  mounts, or the pod does not start);
+- the ConfigMap `mtlsmesh-config` that deploy/base's kustomization generates from deploy/base/config.yaml, with only
+  the mesh destinations' CIDRs changed from a cluster's pod and Service CIDRs to the lab's.
+The apps (the demo HTTP app standing in for bookinfo's images) run as uid 1000, after the sidecars are ready.
+
+A third meshed pod, annotated, comes from a small manifest the test injects with `mtlsmesh inject`, to show its
+`mtlsmesh.io/*` annotations take effect when run (and, without root, what its init step's `--dry-run` prints).
+These pods are declared `mesh=False` in the topology: the lab leaves them alone and `Lab.start_pod` meshes them
+from their pod specs. A fourth pod, outside, stays outside the mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mtlsmesh import inject, kubelet, netns
+from mtlsmesh.lab import Lab, child_env, http_get
+from mtlsmesh.manifest import parse_manifests
+from mtlsmesh.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec, PodSpec, ServiceSpec, Topology
+from tests.e2e import harness
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy" / "base"
+INJECTED = ROOT / "deploy" / "examples" / "bookinfo-injected.yaml"
+APP_PORT = 9080
+APP_UID = 1000
+# lab pod -> the Deployment of bookinfo-injected.yaml it runs
+WORKLOADS = {"productpage": "productpage-v1", "details": "details-v1"}
+EXCLUDED_PORT = 9099
+
+# Two workloads injected by the test itself, one with every capture annotation, one with the include lists.
+ANNOTATED = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: annotated, namespace: default}
+spec:
+  selector: {matchLabels: {app: annotated}}
+  template:
+    metadata:
+      labels: {app: annotated}
+      annotations:
+        mtlsmesh.io/exclude-inbound-ports: "9099, 9100"
+        mtlsmesh.io/exclude-outbound-ports: "5432"
+        mtlsmesh.io/exclude-outbound-cidrs: "198.18.5.0/24"
+        mtlsmesh.io/inbound-mode: permissive
+    spec:
+      serviceAccountName: annotated
+      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: plain, namespace: default}
+spec:
+  selector: {matchLabels: {app: plain}}
+  template:
+    metadata:
+      labels: {app: plain}
+      annotations:
+        mtlsmesh.io/include-inbound-ports: "9080"
+        mtlsmesh.io/include-outbound-cidrs: "198.18.0.0/15"
+    spec:
+      serviceAccountName: plain
+      containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
+"""
+
+
+TOPOLOGY = Topology(
+    pods=(
+        PodSpec("productpage", mesh=False),
+        PodSpec("details", mesh=False),
+        PodSpec("annotated", mesh=False),
+        PodSpec("outside", mesh=False),
+    ),
+    services=(ServiceSpec("details", APP_PORT, "details", APP_PORT),),
+)
+
+
+def mtlsmesh_cli(*args: str, cwd: Path) -> str:
+    """Run the `mtlsmesh` command as a user would, and return its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", *args],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"mtlsmesh {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}"
+    return done.stdout
+
+
+def inject_annotated(directory: Path) -> list[Any]:
+    """ANNOTATED after `mtlsmesh inject -f`."""
+    (directory / "app.yaml").write_text(ANNOTATED)
+    return parse_manifests(mtlsmesh_cli("inject", "-f", "app.yaml", cwd=directory), "injected")
+
+
+def workload(documents: list[Any], name: str) -> dict[str, Any]:
+    found = [d for d in documents if isinstance(d, dict) and d.get("kind") == "Deployment"]
+    matches = [d for d in found if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"Deployment {name} not found once in the manifest"
+    return matches[0]
+
+
+def lab_config_text(text: str) -> str:
+    """deploy/base/config.yaml for the lab: the config names a cluster's pod and Service CIDRs (10.244.0.0/16,
+    10.96.0.0/12) as the mesh's destinations; the lab's pods and Service VIPs live in 198.18.0.0/24 and
+    198.19.0.0/24 instead. Only those CIDRs change; everything else is the shipped config."""
+    config = yaml.safe_load(text)
+    destinations = config["outbound"]["destinations"]
+    assert destinations and all("cidrs" in d for d in destinations), "the shipped config has no mesh CIDRs"
+    for destination in destinations:
+        destination["cidrs"] = [str(POD_NETWORK), str(SERVICE_NETWORK)]
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def base_config_map() -> dict[str, Any]:
+    """The ConfigMap `kubectl apply -k deploy/base` creates for the sidecars (from its configMapGenerator), with the
+    lab's CIDRs (`lab_config_text`)."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    generators = [g for g in kustomization["configMapGenerator"] if g["name"] == inject.CONFIG_MAP]
+    assert len(generators) == 1, f"deploy/base generates no ConfigMap {inject.CONFIG_MAP}"
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # the pods mount it by this name
+    data: dict[str, str] = {}
+    for entry in generators[0]["files"]:
+        key, _, path = entry.rpartition("=")  # "key=path" or just "path"
+        text = (BASE / path).read_text()
+        data[key or Path(path).name] = lab_config_text(text) if path == "config.yaml" else text
+    metadata = {"name": generators[0]["name"], "namespace": generators[0].get("namespace", "default")}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def mesh_pod(lab: Lab, pod: str, deployment: Mapping[str, Any], ca_dir: Path, config_map: dict[str, Any]) -> None:
+    """Do for one pod what the cluster would: create its SVID Secret, mount its volumes, run its mesh containers."""
+    namespace = deployment["metadata"].get("namespace", "default")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    account = pod_spec.get("serviceAccountName", "default")
+    secret_text = mtlsmesh_cli(
+        "ca", "issue", "--ca-dir", str(ca_dir), "--namespace", namespace, "--service-account", account, "--k8s-secret",
+        cwd=ca_dir,
+    )  # fmt: skip
+    secret = yaml.safe_load(secret_text)
+    init, proxy = inject.pod_commands(pod_spec)
+    local_entrypoint = [lab.python, "-m", "mtlsmesh"]
+    commands = []
+    for name, command in ((inject.INIT_CONTAINER, init), (inject.PROXY_CONTAINER, proxy)):
+        mounts = kubelet.container_mounts(pod_spec, name, [secret, config_map], namespace=namespace)
+        local_dirs: dict[str, str] = {}
+        for mount in mounts:
+            directory = lab.pod_dir(pod) / name / mount.volume
+            kubelet.write_volume(mount, directory)
+            local_dirs[mount.mount_path] = str(directory)
+        commands.append(
+            kubelet.translate_command(command, local_dirs, entrypoint="mtlsmesh", local_entrypoint=local_entrypoint)
+        )
+    assert kubelet.run_as(pod_spec, inject.INIT_CONTAINER) == (0, 0)  # the lab runs the init step as root
+    uid, gid = kubelet.run_as(pod_spec, inject.PROXY_CONTAINER)
+    lab.start_pod(pod, init=commands[0], proxy=commands[1], proxy_uid=uid, proxy_gid=gid)
+
+
+@pytest.fixture(scope="module", name="lab")
+def lab_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    documents = parse_manifests(INJECTED.read_text(), INJECTED.name)
+    ca_dir = tmp_path_factory.mktemp("mesh-ca")
+    mtlsmesh_cli("ca", "init", "--dir", str(ca_dir), "--trust-domain", "cluster.local", cwd=ca_dir)
+    config_map = base_config_map()
+    lab = Lab(TOPOLOGY, tag="mmk")
+    try:
+        lab.start()
+        for pod, name in WORKLOADS.items():
+            mesh_pod(lab, pod, workload(documents, name), ca_dir, config_map)
+        annotated = workload(inject_annotated(tmp_path_factory.mktemp("annotated")), "annotated")
+        mesh_pod(lab, "annotated", annotated, ca_dir, config_map)
+        annotated_args = ("http", "--name", "annotated", "--port", str(APP_PORT), "--port", str(EXCLUDED_PORT))
+        lab.start_app("annotated", AppSpec("http", annotated_args, (APP_PORT, EXCLUDED_PORT)))
+        lab.start_app("details", AppSpec("http", ("http", "--name", "details", "--port", str(APP_PORT)), (APP_PORT,)))
+        upstream = f"details=http://{lab.vip('details')}:{APP_PORT}/details/0"
+        productpage_args = ("http", "--name", "productpage", "--port", str(APP_PORT), "--call", upstream)
+        lab.start_app("productpage", AppSpec("http", productpage_args, (APP_PORT,), uid=APP_UID))
+        yield lab
+    finally:
+        # Also when meshing a pod fails part-way: stop what was started, then prove nothing is left.
+        pids = lab.processes()
+        lab.close()
+        harness.assert_nothing_left(lab, pids)
+
+
+def bookinfo(name: str) -> dict[str, Any]:
+    """A Deployment of bookinfo-injected.yaml."""
+    return workload(parse_manifests(INJECTED.read_text(), INJECTED.name), name)
+
+
+def spiffe_id_of(name: str) -> str:
+    """The SPIFFE ID of a bookinfo workload, from its namespace and service account in the manifest."""
+    deployment = bookinfo(name)
+    namespace = deployment["metadata"].get("namespace", "default")
+    return f"spiffe://cluster.local/ns/{namespace}/sa/{deployment['spec']['template']['spec']['serviceAccountName']}"
+
+
+@pytest.mark.root
+def test_app_to_app_through_the_injected_sidecars_is_mtls(lab: Lab) -> None:
+    marker = harness.unique_marker("injected")
+    with lab.capture("details") as pcap_path:
+        # As deploy/README.md's check does (`kubectl exec ... urlopen('http://localhost:9080/productpage')`): the
+        # productpage app, uid 1000, then calls the details Service in plaintext; the mesh does the rest.
+        status, body = harness.get(lab, "productpage", "127.0.0.1", APP_PORT, "/productpage", marker)
+    assert status == 200
+    reply = json.loads(body)
+    assert reply["service"] == "productpage"
+    details = reply["upstreams"]["details"]
+    assert details.get("status") == 200, details  # the productpage app reached details through both sidecars
+    assert details["body"]["service"] == "details"
+    assert details["body"]["marker"] == marker  # details' app received the marker in plaintext
+    details_log = lab.app_log("details", "http")
+    assert marker in details_log
+    assert "peer=127.0.0.6:" in details_log  # delivered by details' inbound sidecar, not straight from productpage
+    # On details' link: only TLS records on the app port, and never the plaintext marker.
+    streams = harness.wire_streams(pcap_path)
+    assert harness.assert_tls_only(streams, APP_PORT) >= 2
+    assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
+    # Each sidecar authenticated the other as the service account the manifest gives it.
+    harness.wait_records(
+        lab,
+        "details",
+        lambda r: (
+            r.get("dir") == "inbound"
+            and r.get("orig_dst") == f"{lab.ip('details')}:{APP_PORT}"
+            and r.get("peer_id") == spiffe_id_of("productpage-v1")
+            and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "productpage",
+        lambda r: (
+            r.get("dir") == "outbound"
+            and r.get("orig_dst") == f"{lab.vip('details')}:{APP_PORT}"
+            and r.get("peer_id") == spiffe_id_of("details-v1")
+            and r.get("decision") == "mtls"
+        ),
+    )
+
+
+@pytest.mark.root
+def test_plaintext_from_outside_the_mesh_is_refused(lab: Lab) -> None:
+    # The shipped config is strict: as deploy/README.md says, a client without a sidecar gets a reset, not a page.
+    harness.refused(lambda: harness.get(lab, "outside", lab.ip("details"), APP_PORT, "/from-outside"))
+    assert "/from-outside" not in lab.app_log("details", "http")
+    harness.wait_records(
+        lab,
+        "details",
+        lambda r: r.get("client", "").startswith(f"{lab.ip('outside')}:") and r.get("decision") == "refuse",
+    )
+
+
+@pytest.mark.root
+def test_each_proxy_serves_the_svid_of_its_service_account(lab: Lab) -> None:
+    # The kubelet writes Secret files as root with the volume's defaultMode; the proxy's uid reads them only
+    # because the injector asks for 0444, and reads them through the `..data` symlink a Secret update swaps.
+    for pod, name in WORKLOADS.items():
+        svid_dir = lab.pod_dir(pod) / inject.PROXY_CONTAINER / inject.SVID_VOLUME
+        key = svid_dir / "key.pem"
+        assert key.is_symlink() and (svid_dir / kubelet.DATA_LINK).is_symlink()
+        info = key.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (0, 0o444)
+        ready = [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("event") == "ready"]
+        assert [r.get("spiffe_id") for r in ready] == [spiffe_id_of(name)]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("pod", list(WORKLOADS))
+def test_the_proxy_answers_its_manifest_probes_and_ports(lab: Lab, pod: str) -> None:
+    # What the kubelet would do with the proxy container: its probes, from the node, must answer 200; every port it
+    # declares must be listening on the pod's address.
+    proxy = kubelet.container(bookinfo(WORKLOADS[pod])["spec"]["template"]["spec"], inject.PROXY_CONTAINER)
+    for probe_name in ("startupProbe", "readinessProbe"):
+        probe = proxy[probe_name]
+        assert isinstance(probe, dict)
+        target = probe["httpGet"]
+        status, _ = lab_http_get(lab, pod, target["port"], target["path"])
+        assert status == 200, f"{probe_name} {target}"
+    ports = proxy["ports"]
+    assert isinstance(ports, list) and ports
+    for port in ports:
+        netns.connect_in(lab.node_ns, lab.ip(pod), port["containerPort"], timeout=5.0).close()
+    status, body = lab_http_get(lab, pod, inject.METRICS_PORT, "/stats/prometheus")
+    assert status == 200 and body
+
+
+def lab_http_get(lab: Lab, pod: str, port: int, path: str) -> tuple[int, bytes]:
+    return http_get(lab.node_ns, lab.ip(pod), port, path, timeout=5.0)
+
+
+@pytest.mark.root
+def test_annotations_take_effect_when_run(lab: Lab) -> None:
+    # inbound-mode: permissive reaches the proxy as MTLSMESH_INBOUND_MODE: plaintext from outside is let through.
+    marker = harness.unique_marker("permissive")
+    status, body = harness.get(lab, "outside", lab.ip("annotated"), APP_PORT, "/permissive", marker)
+    assert (status, json.loads(body)["marker"]) == (200, marker)
+    harness.wait_records(
+        lab,
+        "annotated",
+        lambda r: (
+            r.get("client", "").startswith(f"{lab.ip('outside')}:")
+            and r.get("orig_dst") == f"{lab.ip('annotated')}:{APP_PORT}"
+            and r.get("decision") == "passthrough"
+        ),
+    )
+    # exclude-inbound-ports: the init step's rules let the port bypass the sidecar altogether.
+    status, _ = harness.get(lab, "outside", lab.ip("annotated"), EXCLUDED_PORT, "/excluded")
+    assert status == 200
+    assert f"peer={lab.ip('outside')}:" in lab.app_log("annotated", "http")  # no sidecar in between
+    assert not [
+        r
+        for r in harness.log_records(lab.sidecar_log("annotated"))
+        if r.get("orig_dst", "").endswith(f":{EXCLUDED_PORT}")
+    ]
+    rules = lab.nat_rules("annotated")
+    assert f"tcp dpt:{EXCLUDED_PORT}" in rules and "MTLSMESH_INBOUND" in rules
+
+
+INBOUND_RETURN = "-A MTLSMESH_INBOUND -p tcp -m tcp --dport {} -j RETURN"
+OUTBOUND_PORT_RETURN = "-A MTLSMESH_OUTPUT -p tcp -m tcp --dport {} -j RETURN"
+
+
+@pytest.fixture(scope="module", name="annotated")
+def annotated_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, dict[str, str]]]:
+    """Inject ANNOTATED with `mtlsmesh inject`, then run each init container's own command with `--dry-run`:
+    {deployment: (printed rules, proxy env)}."""
+    injected = inject_annotated(tmp_path_factory.mktemp("annotated"))
+    results: dict[str, tuple[str, dict[str, str]]] = {}
+    for name in ("annotated", "plain"):
+        pod_spec = workload(injected, name)["spec"]["template"]["spec"]
+        (init_argv, init_env), (_, proxy_env) = inject.pod_commands(pod_spec)
+        assert init_argv == ["mtlsmesh", "iptables"]
+        argv, env = kubelet.translate_command(
+            (init_argv, init_env), {}, entrypoint="mtlsmesh", local_entrypoint=[sys.executable, "-m", "mtlsmesh"]
+        )
+        done = subprocess.run(
+            [*argv, "--dry-run"],
+            env={**child_env(), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        results[name] = (done.stdout, proxy_env)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("deployment", "present", "absent"),
+    [
+        (
+            "annotated",
+            [
+                INBOUND_RETURN.format(9099),
+                INBOUND_RETURN.format(9100),
+                OUTBOUND_PORT_RETURN.format(5432),
+                "-A MTLSMESH_OUTPUT -d 198.18.5.0/24 -j RETURN",
+                "-A MTLSMESH_INBOUND -p tcp -j MTLSMESH_IN_REDIRECT",  # every other inbound port is captured
+                "-A MTLSMESH_OUTPUT -j MTLSMESH_REDIRECT",  # and every other destination
+            ],
+            ["--dport 9080 -j MTLSMESH_IN_REDIRECT"],
+        ),
+        (
+            "plain",
+            [
+                "-A MTLSMESH_INBOUND -p tcp -m tcp --dport 9080 -j MTLSMESH_IN_REDIRECT",
+                "-A MTLSMESH_OUTPUT -d 198.18.0.0/15 -j MTLSMESH_REDIRECT",
+            ],
+            [
+                INBOUND_RETURN.format(9099),
+                OUTBOUND_PORT_RETURN.format(5432),
+                "-A MTLSMESH_INBOUND -p tcp -j MTLSMESH_IN_REDIRECT",
+                "-A MTLSMESH_OUTPUT -j MTLSMESH_REDIRECT",
+            ],
+        ),
+    ],
+)
+def test_init_dry_run_prints_the_annotations_rules(
+    annotated: dict[str, tuple[str, dict[str, str]]], deployment: str, present: list[str], absent: list[str]
+) -> None:
+    rules, _ = annotated[deployment]
+    ipv4 = rules.split("# ipv6", 1)[0]
+    lines = set(ipv4.splitlines())
+    for line in present:
+        assert line in lines, f"{deployment}: missing {line!r} in:\n{ipv4}"
+    for text in absent:
+        assert text not in ipv4, f"{deployment}: unexpected {text!r} in:\n{ipv4}"
+    # The never-captured health and metrics ports are always excluded.
+    assert {INBOUND_RETURN.format(15021), INBOUND_RETURN.format(15090)} <= lines
+
+
+@pytest.mark.parametrize(("deployment", "mode"), [("annotated", "permissive"), ("plain", None)])
+def test_inbound_mode_annotation_reaches_the_proxy(
+    annotated: dict[str, tuple[str, dict[str, str]]], deployment: str, mode: str | None
+) -> None:
+    _, proxy_env = annotated[deployment]
+    assert proxy_env.get("MTLSMESH_INBOUND_MODE") == mode
