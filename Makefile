@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 debs:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables && command -v ip && command -v tcpdump; } >/dev/null 2>&1; then \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables && command -v ip && command -v tcpdump && $(SYSPY) -c "import ensurepip"; } >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS); \
 	fi
 
