@@ -109,7 +109,10 @@ class InboundConfig:
     listen: ListenAddr = ListenAddr("0.0.0.0", 15006)
     mode: Mode = Mode.STRICT
     ports: dict[int, PortConfig] = field(default_factory=dict)  # treat as read-only
-    app_source: IPAddress | None = ipaddress.ip_address("127.0.0.6")  # source for dialing the app; None: kernel picks
+    # Source for dialing the app; None: the kernel picks. Under the capture rules it must be 127.0.0.6 (::6 for an
+    # IPv6 app): only a dial from there skips the capture, anything else is redirected back to the inbound listener
+    # (refused as a loop). 127.0.0.1 or None only suit an inbound listener without iptables.
+    app_source: IPAddress | None = ipaddress.ip_address("127.0.0.6")
     sniff_timeout: float = 1.0
 
     def port_mode(self, port: int) -> Mode:

@@ -14,12 +14,14 @@ A server-first port in PERMISSIVE is passed through without sniffing: mesh clien
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass
 
 import trio
 
 from mtlsmesh import netio, policy, sniff, tls
-from mtlsmesh.config import Mode
+from mtlsmesh.config import IPAddress, Mode
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
     DECISION_MTLS,
@@ -41,6 +43,41 @@ class Target:
 
     host: str
     port: int
+
+
+def _is_local_address(ip: IPAddress) -> bool:
+    """Whether `ip` is one of this namespace's own addresses: binding to it (port 0, no FREEBIND) succeeds only then."""
+    family = socket.AF_INET6 if isinstance(ip, ipaddress.IPv6Address) else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def loop_reason(downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int) -> str | None:
+    """Why a captured inbound connection would loop back into this listener, or None.
+
+    Two ways, both seen under the capture rules (DESIGN.md §3): the peer is `app_source` (our own dial to the app is
+    exempt from capture only from that address, so a connection from it that reached the inbound listener is one of
+    ours coming back: legitimate callers never use it); or the original destination is this listener itself on a
+    local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
+    try:
+        peer = ipaddress.ip_address(downstream.socket.getpeername()[0])
+    except (OSError, ValueError):
+        peer = None
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    if app_source is not None and peer == app_source:
+        return "loop: connection from the app source address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if port != int(downstream.socket.getsockname()[1]):
+        return None
+    if ip == netio.local_ip(downstream.socket) or ip.is_loopback or ip.is_unspecified or _is_local_address(ip):
+        return "loop: the original destination is this listener"
+    return None
 
 
 async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None, str]:
@@ -71,6 +108,11 @@ async def handle_inbound(
             await refuse(downstream, rec, f"no_orig_dst: {netio.describe_error(exc)}")
             return
         app_host = str(ip)
+        looping = loop_reason(downstream, cfg.inbound.app_source, ip, port)
+        if looping is not None:
+            rec.orig_dst = format_addr(app_host, port)
+            await refuse(downstream, rec, looping)
+            return
         mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
     else:
         app_host, port = target.host, target.port

@@ -19,6 +19,7 @@ from mtlsmesh.config import (
     ExplicitMode,
     InboundConfig,
     ListenAddr,
+    Mode,
     OutboundConfig,
     OutboundPolicy,
 )
@@ -96,6 +97,58 @@ async def test_outbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogC
     assert kind == "reset"
     (line,) = conn_lines(caplog.records, "outbound")
     assert 'reason="loop:' in line
+
+
+@pytest.mark.parametrize("mode", ["permissive", "strict"])
+async def test_inbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogCaptureFixture, mode: str) -> None:
+    # A client dialing pod-IP:15006 itself: the original destination is the inbound listener. Passed through, the
+    # dial from 127.0.0.6 would land on the listener again, once per connection, until max_connections.
+    inbound_cfg = InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5, mode=Mode(mode))
+    cfg = base_config(pki.issue("a"), inbound=inbound_cfg, max_connections=20)
+    own_port: list[int] = []
+
+    def orig_dst(stream: trio.SocketStream) -> tuple[ipaddress.IPv4Address, int]:
+        return ipaddress.IPv4Address(LOOPBACK), own_port[0]
+
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg, orig_dst=orig_dst) as (_rt, state):
+            own_port.append(state.bound["inbound"][1])
+            client = await connect(own_port[0])
+            try:
+                await client.send_all(b"x")  # one plaintext byte
+            except trio.BrokenResourceError:  # the reset came first
+                kind = "reset"
+            else:
+                kind, _ = await outcome(client)
+            await trio.sleep(0.3)  # room for a loop to show up in the log, were there one
+    assert kind == "reset"
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert 'reason="loop: the original destination is this listener"' in line and "decision=refuse" in line
+
+
+async def test_inbound_refuses_a_connection_from_the_app_source(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    # Under capture only the sidecar's own dial to the app comes from 127.0.0.6; one reaching the inbound listener
+    # has come back around (app_source 127.0.0.1 under the standard rules, or a pod-IP:15006 dial): refuse it.
+    async with app_server(echo) as (app_port, seen):
+        inbound_cfg = InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5, mode=Mode.PERMISSIVE)
+        cfg = base_config(pki.issue("a"), inbound=inbound_cfg)
+        with trio.fail_after(IO):
+            async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
+                port = state.bound["inbound"][1]
+                source = ipaddress.IPv4Address("127.0.0.6")
+                looped = await netio.dial(LOOPBACK, port, timeout=IO, source=source)
+                try:
+                    await looped.send_all(b"x")
+                except trio.BrokenResourceError:  # the reset came first
+                    kind = "reset"
+                else:
+                    kind, _ = await outcome(looped)
+                assert await exchange(port, b"plain") == b"plain"  # any other source still passes (PERMISSIVE)
+    assert kind == "reset"
+    first, second = conn_lines(caplog.records, "inbound")
+    assert 'reason="loop: connection from the app source address"' in first and "client=127.0.0.6:" in first
+    assert "decision=passthrough" in second
+    assert seen == ["127.0.0.6"]  # only the legitimate connection reached the app
 
 
 async def test_no_original_destination_is_refused_with_a_reason(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:

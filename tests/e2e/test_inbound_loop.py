@@ -1,0 +1,116 @@
+"""The inbound listener cannot be made to loop under the real capture rules (`mtlsmesh iptables`).
+
+A client outside the pod dials pod-IP:15006 itself in PERMISSIVE. PREROUTING redirects it to 15006 with original
+destination pod-IP:15006; passing it through would dial pod-IP:15006 from 127.0.0.6, which the rules let reach
+15006 again, and so on until `max_connections`: one plaintext byte would take the whole pod down. The sidecar must
+refuse that one connection and handle nothing else. Needs root; namespaces and processes are removed even when the
+test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtlsmesh import netns
+from tests.e2e import harness
+from tests.pki import Pki
+
+ROOT = Path(__file__).resolve().parents[2]
+PROXY_UID = 1337
+CLIENT_IP, POD_IP = "198.18.61.1", "198.18.61.2"
+MAX_CONNECTIONS = 50
+
+
+@pytest.fixture
+def pod_pair() -> Iterator[tuple[str, str]]:
+    """A client namespace and a pod namespace joined by a veth; the pod has the default capture rules."""
+    capture = [sys.executable, "-m", "mtlsmesh", "iptables"]
+    with harness.loopback_namespace("fxlc", []) as client, harness.loopback_namespace("fxlp", []) as pod:
+        pid = os.getpid()
+        client_if, pod_if = f"fxlc{pid}v", f"fxlp{pid}v"
+        veth = ["type", "veth", "peer", "name", pod_if, "netns", pod]
+        netns.run(["ip", "link", "add", client_if, "netns", client, *veth])
+        for ns, dev, address in ((client, client_if, CLIENT_IP), (pod, pod_if, POD_IP)):
+            netns.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev])
+            netns.run(["ip", "-n", ns, "link", "set", dev, "up"])
+        subprocess.run(netns.ns_exec(pod, capture), check=True, capture_output=True, timeout=30, cwd=ROOT)
+        yield client, pod
+
+
+@pytest.fixture
+def proxy_dir() -> Iterator[Path]:
+    """A directory the proxy uid can read (pytest's tmp_path is private to root)."""
+    directory = Path(tempfile.mkdtemp(prefix="mtlsmesh-e2e-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def sidecar_config(proxy_dir: Path) -> Path:
+    pki = Pki(proxy_dir / "pki")
+    files = pki.issue("web")
+    for path in (files.cert, files.key, files.bundle):
+        os.chown(path, PROXY_UID, PROXY_UID)
+    for directory in (proxy_dir / "pki", Path(files.cert).parent):
+        directory.chmod(0o755)
+    config = proxy_dir / "config.yaml"
+    settings = {
+        "credentials": {"cert": files.cert, "key": files.key, "bundle": files.bundle},
+        "inbound": {"mode": "permissive"},
+        "max_connections": MAX_CONNECTIONS,
+    }
+    config.write_text(yaml.safe_dump(settings))
+    config.chmod(0o644)
+    return config
+
+
+@pytest.mark.root
+def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
+    pod_pair: tuple[str, str], proxy_dir: Path
+) -> None:
+    client_ns, pod_ns = pod_pair
+    config = sidecar_config(proxy_dir)
+    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+    argv += [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)]
+    sidecar = subprocess.Popen(
+        netns.ns_exec(pod_ns, argv),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert sidecar.stderr is not None
+        deadline = time.monotonic() + 30
+        while "event=ready" not in sidecar.stderr.readline():
+            assert time.monotonic() < deadline and sidecar.poll() is None, "the sidecar did not get ready"
+        sock = netns.connect_in(client_ns, POD_IP, 15006, timeout=5)
+        try:
+            sock.sendall(b"x")  # not TLS: PERMISSIVE would pass it through
+            time.sleep(2)  # a loop makes hundreds of connections in this time
+        except OSError:
+            pass  # reset already: that is the expected answer
+        finally:
+            sock.close()
+        sidecar.terminate()
+        _, err = sidecar.communicate(timeout=30)
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()  # only the process this test started (ip netns exec and setpriv exec into it)
+            sidecar.wait(timeout=10)
+    inbound = [line for line in err.splitlines() if "logger=mtlsmesh.conn" in line and "dir=inbound" in line]
+    assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
+    assert "decision=refuse" in inbound[0] and 'reason="loop: the original destination is this listener"' in inbound[0]
+    assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
