@@ -166,6 +166,11 @@ class CredentialStore:
             self.reload_failures += 1
             log.warning("event=reload_refused reason=%r keeping=%s", str(exc), self.current.fingerprint)
             return False
+        except Exception as exc:  # a bug in the checks must not end a serving sidecar: keep the old SVID, loudly
+            self.reload_failures += 1
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+            log.error("event=reload_refused reason=%r keeping=%s", reason, self.current.fingerprint, exc_info=True)
+            return False
         self.current = fresh
         self.reloads += 1
         log.info(

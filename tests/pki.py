@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from mtlsmesh import ca, tls
 from mtlsmesh.config import CredentialFiles
@@ -75,6 +75,8 @@ def uri_sans(*uris: str) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri) for uri in uris])
 
 
+# A subjectAltName whose one URI is the byte 0xff, not IA5: it loads, and fails only when the extensions are parsed.
+MALFORMED_SAN = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x86\x01\xff")
 NOT_CA = x509.BasicConstraints(ca=False, path_length=None)
 SIGNING = key_usage(digital_signature=True)
 BOTH_EKUS = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -84,7 +86,7 @@ def forge_leaf(
     authority: ca.Authority,
     *,
     now: datetime,
-    san: x509.SubjectAlternativeName | None,
+    san: x509.SubjectAlternativeName | x509.UnrecognizedExtension | None,
     subject: x509.Name | None = None,
     san_critical: bool = True,
     basic: x509.BasicConstraints | None = NOT_CA,

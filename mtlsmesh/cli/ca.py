@@ -11,8 +11,9 @@
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
-`inspect` describes (exit 0 whenever the file can be read); `verify` judges: exit 0 for a valid SVID, 1 for an
-invalid one (with the reason), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
+`inspect` describes (exit 0 whenever the file can be read; a certificate whose extensions do not parse is an
+error, exit 2); `verify` judges: exit 0 for a valid SVID, 1 for an invalid one (with the reason; malformed
+extensions included), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
 `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
 """
 
@@ -249,11 +250,9 @@ def run_issue(args: argparse.Namespace) -> int:
 
 
 def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, Any]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris, dns = san.get_values_for_type(x509.UniformResourceIdentifier), san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        uris, dns = [], []
+    found = svid.extension(cert, x509.SubjectAlternativeName, source)  # CertificateError when it cannot be parsed
+    san = found.value if found is not None else x509.SubjectAlternativeName([])
+    uris, dns = san.get_values_for_type(x509.UniformResourceIdentifier), san.get_values_for_type(x509.DNSName)
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     if now < not_before:
         time_left = f"not valid yet (starts in {ca.format_timedelta(not_before - now)})"

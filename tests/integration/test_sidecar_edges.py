@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from mtlsmesh import netio
+from mtlsmesh import credentials, netio, pem
 from mtlsmesh.config import (
     Destination,
     ExplicitListener,
@@ -41,7 +42,7 @@ from tests.integration.mesh import (
     read_all,
     running_sidecar,
 )
-from tests.pki import TD, Pki, files_in
+from tests.pki import MALFORMED_SAN, TD, Pki, files_in, forge_leaf
 
 pytestmark = pytest.mark.usefixtures("mesh_logs")
 
@@ -400,6 +401,50 @@ async def test_reload_under_traffic_breaks_no_connection(pki: Pki, tmp_path: Pat
     assert server_rt.credentials.current.fingerprint != first
     assert all(s > 0 for s in sent)
     assert echoed == sent
+
+
+async def test_reload_of_a_malformed_certificate_keeps_serving(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its subjectAltName only fails when the extensions are parsed (lazily, by the SVID checks): a refused reload,
+    # never an error that ends the reload task and the sidecar with it.
+    cert, key = forge_leaf(pki.authority, now=pki.now, san=MALFORMED_SAN)
+    async with app_server(echo) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+        store = mesh.server_rt.credentials
+        before = store.current.fingerprint
+        with trio.fail_after(IO):
+            assert await exchange(mesh.port, b"before") == b"before"
+            Path(store.files.cert).write_bytes(pem.render_certificates([cert, *pki.authority.chain]))
+            Path(store.files.key).write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            while not any("malformed certificate extensions" in r.getMessage() for r in caplog.records):
+                await trio.sleep(0.05)
+            assert await exchange(mesh.port, b"after") == b"after"
+    assert store.current.fingerprint == before and store.reloads == 0
+    (refusal,) = [r for r in caplog.records if "malformed certificate extensions" in r.getMessage()]
+    assert refusal.getMessage().startswith("event=reload_refused reason=") and before in refusal.getMessage()
+
+
+def test_an_unexpected_error_in_a_reload_keeps_the_old_credentials(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The last defence: whatever a reload raises (here a stand-in for a bug), the serving material stays.
+    files = pki.issue("a")
+    store = CredentialStore.load(files, TD)
+    before = store.current
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the checks")
+
+    monkeypatch.setattr(credentials, "load_credentials", broken)
+    Path(files.cert).write_bytes(Path(files.cert).read_bytes())  # a new stamp: the store tries again
+    os.utime(files.cert, ns=(0, 0))
+    assert store.check_once() is False
+    assert store.current is before and store.reload_failures == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mtlsmesh.credentials"]
+    assert (
+        line
+        == f"event=reload_refused reason='unexpected RuntimeError: a bug in the checks' keeping={before.fingerprint}"
+    )
 
 
 def test_credential_store_ignores_unchanged_files(pki: Pki) -> None:

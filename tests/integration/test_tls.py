@@ -20,7 +20,7 @@ from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memo
 from mtlsmesh import ca, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
-from tests.pki import TD, forge_leaf, material_for, uri_sans
+from tests.pki import MALFORMED_SAN, TD, forge_leaf, material_for, uri_sans
 
 NOW = datetime.now(UTC)
 IO = 10.0
@@ -124,6 +124,11 @@ def two_uri_sans(authority: ca.Authority) -> tls.Material:
     return tls.Material((cert, *authority.chain), key, authority.roots)
 
 
+def malformed_san(authority: ca.Authority) -> tls.Material:
+    cert, key = forge_leaf(authority, now=NOW - timedelta(minutes=1), san=MALFORMED_SAN)
+    return tls.Material((cert, *authority.chain), key, authority.roots)
+
+
 def without_certificate(authority: ca.Authority) -> SSL.Context:
     """A TLS 1.3 client offering our ALPN that trusts our roots but presents no certificate."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -166,6 +171,12 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str]] = [
     ),
     ("no-certificate", lambda ours, other: without_certificate(ours), "certificate"),
     ("two-uri-sans", lambda ours, other: tls.build_context(two_uri_sans(ours), tls.Side.CLIENT), "URI SAN"),
+    (
+        "malformed-san",
+        # Chains fine; its extensions do not parse: a refusal with the reason, not an internal error.
+        lambda ours, other: tls.build_context(malformed_san(ours), tls.Side.CLIENT),
+        "not a valid SVID: malformed certificate extensions",
+    ),
     (
         "tls12",
         lambda ours, other: tls12_client(material_for(ours, workload_id(TD, "default", "legacy"))),

@@ -14,7 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mtlsmesh import ca, pem, svid
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain, workload_id
-from tests.pki import NOT_CA, SIGNING, forge_leaf, key_usage, uri_sans
+from tests.pki import MALFORMED_SAN, NOT_CA, SIGNING, forge_leaf, key_usage, uri_sans
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TD = parse_trust_domain("cluster.local")
@@ -337,7 +337,7 @@ GOOD_SAN = uri_sans(str(WEB))
 def forge(
     *,
     subject: x509.Name | None = None,
-    san: x509.SubjectAlternativeName | None = GOOD_SAN,
+    san: x509.SubjectAlternativeName | x509.UnrecognizedExtension | None = GOOD_SAN,
     san_critical: bool = True,
     basic: x509.BasicConstraints | None = NOT_CA,
     key_usage: x509.KeyUsage | None = SIGNING,
@@ -415,6 +415,13 @@ def test_leaf_rules_accept(overrides: dict[str, object]) -> None:
 def test_source_prefixes_the_reason() -> None:
     with pytest.raises(CertificateError, match=r"^peer\.pem: no URI SAN"):
         svid.leaf_spiffe_id(forge(san=None), "peer.pem")
+
+
+@pytest.mark.parametrize("check", [svid.leaf_spiffe_id, svid.ca_spiffe_id, svid.is_ca])
+def test_malformed_extensions_are_a_certificate_error(check: Callable[[x509.Certificate, str], object]) -> None:
+    # cryptography parses extensions lazily: the certificate loads, and the first look at an extension fails.
+    with pytest.raises(CertificateError, match=r"^bad\.pem: malformed certificate extensions: error parsing asn1"):
+        check(forge(san=MALFORMED_SAN), "bad.pem")
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mtlsmesh import ca, pem, svid
 from mtlsmesh.cli import main
 from mtlsmesh.identity import parse_trust_domain, workload_id
+from tests.pki import MALFORMED_SAN, forge_leaf
 
 TD = parse_trust_domain("cluster.local")
 WEB = workload_id(TD, "default", "web")
@@ -373,6 +374,24 @@ def test_inspect_refuses_a_corrupt_file(workdir: Path, capsys: pytest.CaptureFix
     assert line == "mtlsmesh: error: absent.pem: no such file"
 
 
+def write_malformed_leaf(ca_dir: Path, path: Path) -> None:
+    """A leaf signed by the CA in `ca_dir` (with the intermediate after it) whose subjectAltName does not parse."""
+    authority = ca.load_authority(ca_dir)
+    cert, _ = forge_leaf(authority, now=datetime.now(UTC) - timedelta(minutes=1), san=MALFORMED_SAN)
+    path.write_bytes(pem.render_certificates([cert, *authority.chain]))
+
+
+def test_inspect_refuses_malformed_extensions_in_one_line(
+    ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_malformed_leaf(ca_dir, workdir / "weird.pem")
+    for argv in (["ca", "inspect", "weird.pem"], ["ca", "inspect", "--json", "weird.pem"]):
+        line = refused(argv, capsys, workdir)
+        assert re.fullmatch(
+            r"mtlsmesh: error: weird\.pem: malformed certificate extensions: error parsing asn1.*", line
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # verify
 
@@ -402,6 +421,16 @@ def test_verify_refuses_with_the_reason_and_exit_1(
     (workdir / "leaf-only.pem").write_bytes(issued.cert.public_bytes(serialization.Encoding.PEM))
     assert main(["ca", "verify", "--bundle", bundle, "leaf-only.pem"]) == 1
     assert "unable to get local issuer certificate" in capsys.readouterr().err
+
+
+def test_verify_calls_malformed_extensions_invalid(
+    ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_malformed_leaf(ca_dir, workdir / "weird.pem")
+    assert main(["ca", "verify", "--bundle", str(ca_dir / "bundle.pem"), "weird.pem"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.fullmatch(r"mtlsmesh: invalid: weird\.pem: .*malformed certificate extensions.*\n", err)
 
 
 def test_verify_checks_the_trust_domain(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
