@@ -142,7 +142,8 @@ class ExplicitListener:
     listen: ListenAddr
     forward_to: ListenAddr
     mode: ExplicitMode
-    identities: tuple[SpiffeId, ...] = ()  # originate: expected server IDs (empty: any in our trust domain)
+    # originate: the expected server IDs; terminate: the callers let through. Empty: any in our trust domain.
+    identities: tuple[SpiffeId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

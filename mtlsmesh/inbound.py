@@ -22,6 +22,7 @@ import trio
 
 from mtlsmesh import netio, policy, sniff, tls
 from mtlsmesh.config import IPAddress, Mode
+from mtlsmesh.identity import SpiffeId
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
     DECISION_MTLS,
@@ -39,10 +40,12 @@ SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """An explicit listener's fixed app address (terminate mode): no original destination, always STRICT mTLS."""
+    """An explicit listener's fixed app address (terminate mode): no original destination, always STRICT mTLS;
+    `identities`, when given, are the only callers let through (empty: any workload of our trust domain)."""
 
     host: str
     port: int
+    identities: tuple[SpiffeId, ...] = ()
 
 
 def _is_local_address(ip: IPAddress) -> bool:
@@ -151,6 +154,11 @@ async def handle_inbound(
         caller = opened.peer_id
         rec.peer_id = str(caller)
         front = opened
+        if target is not None and target.identities and caller not in target.identities:
+            allowed = ", ".join(str(identity) for identity in target.identities)
+            await netio.abort_close(front)
+            await refuse(downstream, rec, f"denied: {caller} is not one of this listener's identities ({allowed})")
+            return
     rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
 
     decision = policy.authorize(cfg.authorization, caller, port)

@@ -50,9 +50,8 @@ def _plan(cfg: Config) -> list[_Listen]:
             handler = functools.partial(outbound.handle_outbound, target=target)
             direction = "outbound"
         else:
-            handler = functools.partial(
-                inbound.handle_inbound, target=inbound.Target(entry.forward_to.host, entry.forward_to.port)
-            )
+            app = inbound.Target(entry.forward_to.host, entry.forward_to.port, entry.identities)
+            handler = functools.partial(inbound.handle_inbound, target=app)
             direction = "inbound"
         plan.append(_Listen(entry.name, f"explicit.{index}.listen", entry.listen, direction, handler))
     for name, addr in (("health", cfg.health_listen), ("metrics", cfg.metrics_listen), ("admin", cfg.admin_listen)):

@@ -479,6 +479,41 @@ async def test_explicit_originate_and_terminate_listeners(pki: Pki, caplog: pyte
     assert "listener=db-server " in in_line and "peer_id=spiffe://cluster.local/ns/default/sa/api" in in_line
 
 
+@pytest.mark.parametrize(("caller", "allowed"), [("api", True), ("intruder", False)])
+async def test_terminate_listener_lets_through_only_its_identities(
+    pki: Pki, caplog: pytest.LogCaptureFixture, caller: str, allowed: bool
+) -> None:
+    async with app_server(echo) as (app_port, seen):
+        terminate = ExplicitListener(
+            "db-server", ANY_PORT, ListenAddr(LOOPBACK, app_port), ExplicitMode.TERMINATE, (pki.id_of("api"),)
+        )
+        with trio.fail_after(IO):
+            async with running_sidecar(base_config(pki.issue("db"), explicit=(terminate,))) as (_s, server_state):
+                originate = ExplicitListener(
+                    "db", ANY_PORT, ListenAddr(LOOPBACK, server_state.bound["db-server"][1]), ExplicitMode.ORIGINATE
+                )
+                async with running_sidecar(base_config(pki.issue(caller), explicit=(originate,))) as (_c, state):
+                    client = await connect(state.bound["db"][1])
+                    try:
+                        await client.send_all(b"SELECT secret")
+                        await client.send_eof()
+                    except trio.BrokenResourceError:
+                        kind, data = "reset", b""
+                    else:
+                        kind, data = await outcome(client)
+    in_line = next(line for line in conn_lines(caplog.records, "inbound"))
+    assert f"peer_id=spiffe://cluster.local/ns/default/sa/{caller}" in in_line
+    if allowed:
+        assert (kind, data) == ("eof", b"SELECT secret") and seen == ["127.0.0.1"]
+    else:
+        assert (kind, data) == ("reset", b"") and seen == []  # nothing reached the app
+        assert "decision=refuse" in in_line
+        assert (
+            "reason=\"denied: spiffe://cluster.local/ns/default/sa/intruder is not one of this listener's identities"
+            ' (spiffe://cluster.local/ns/default/sa/api)"'
+        ) in in_line
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/net/if_inet6"), reason="needs IPv6")
 async def test_a_wildcard_ipv6_listener_serves_ipv4_clients_too(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     async with app_server(echo) as (app_port, _):

@@ -82,6 +82,7 @@ EXAMPLE = Config(
             ListenAddr("0.0.0.0", 15432),
             ListenAddr("postgres.default.svc", 5432),
             ExplicitMode.TERMINATE,
+            (parse_spiffe_id("spiffe://cluster.local/ns/default/sa/api"),),
         ),
     ),
     timeouts=Timeouts(handshake=10.0, connect=5.0, idle=None, drain=5.0),
