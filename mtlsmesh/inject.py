@@ -237,8 +237,11 @@ def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
             raise ConfigError(label, f"spec.{key} already has a container named {name!r}, a name the injector uses")
         _check_run_as(container.get("securityContext"), f"container {name!r}", label, opts)
         ports = container.get("ports")
-        for port in ports if isinstance(ports, list) else ():
-            if isinstance(port, dict) and port.get("containerPort") in RESERVED_PORTS:
+        if ports is not None and not isinstance(ports, list):
+            raise ConfigError(label, f"container {name!r}: ports: expected a list (got {ports!r})")
+        for entry in ports or ():
+            port = _port_entry(entry, name, label)
+            if port.get("containerPort") in RESERVED_PORTS:
                 raise ConfigError(
                     label,
                     f"container {name!r} declares port {port['containerPort']}, which the proxy binds "
@@ -250,6 +253,19 @@ def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
             raise ConfigError(
                 label, f"spec.volumes already has a volume named {volume['name']!r}, a name the injector uses"
             )
+
+
+def _port_entry(port: object, name: object, label: str) -> JsonDict:
+    """A container's ports entry is a mapping with an integer containerPort and a string name (the Kubernetes
+    schema): anything else is refused here rather than failing somewhere later."""
+    if not isinstance(port, dict):
+        raise ConfigError(label, f"container {name!r}: ports: expected a list of mappings (got {port!r})")
+    number, port_name = port.get("containerPort"), port.get("name")
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise ConfigError(label, f"container {name!r}: containerPort: expected an integer (got {number!r})")
+    if port_name is not None and not isinstance(port_name, str):
+        raise ConfigError(label, f"container {name!r}: ports name: expected a string (got {port_name!r})")
+    return port
 
 
 def _probe_warnings(spec: JsonDict, capture: CaptureSettings, label: str) -> list[str]:

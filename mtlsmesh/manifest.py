@@ -37,7 +37,7 @@ _Dumper.add_representer(str, _represent_str)
 def parse_manifests(text: str, source: str) -> list[object]:
     """Every YAML document of `text`; a syntax error names `source` and the line."""
     try:
-        return list(yaml.safe_load_all(text))
+        documents = list(yaml.safe_load_all(text))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -51,6 +51,31 @@ def parse_manifests(text: str, source: str) -> list[object]:
         ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(source, f"malformed YAML: {_one_line(str(exc))}") from exc
+    for index, document in enumerate(documents):
+        if _has_cycle(document):
+            raise ConfigError(source, f"document {index + 1}: an anchor refers to itself (a recursive alias)")
+    return documents
+
+
+def _has_cycle(root: object) -> bool:
+    """Whether a list or mapping contains itself (`a: &a [*a]` loads as one): nothing could walk or render it.
+    Iterative, so depth is no problem; a node shared by two branches (a plain alias) is no cycle."""
+    on_path: set[int] = set()
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        if not isinstance(node, (list, dict)):
+            continue
+        if id(node) in on_path:
+            return True
+        on_path.add(id(node))
+        stack.append((node, True))
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        stack.extend((child, False) for child in children)
+    return False
 
 
 def _one_line(text: str) -> str:

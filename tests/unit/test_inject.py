@@ -327,6 +327,16 @@ def test_reinjection_follows_changed_annotations_and_image() -> None:
         ({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 15001}]}]},
          r"container 'app' declares port 15001, which the proxy binds"),
         ({"containers": "app"}, r"spec.containers: expected a list"),
+        ({"containers": [{"name": "app", "image": "a", "ports": 5}]},
+         r"container 'app': ports: expected a list \(got 5\)"),
+        ({"containers": [{"name": "app", "image": "a", "ports": ["http"]}]},
+         r"container 'app': ports: expected a list of mappings \(got 'http'\)"),
+        ({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": [1]}]}]},
+         r"container 'app': containerPort: expected an integer \(got \[1\]\)"),
+        ({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": "80"}]}]},
+         r"container 'app': containerPort: expected an integer \(got '80'\)"),
+        ({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 80, "name": ["web"]}]}]},
+         r"container 'app': ports name: expected a string \(got \['web'\]\)"),
     ],
 )  # fmt: skip
 def test_refuses_pods_that_would_break_the_mesh(spec: dict[str, Any], match: str) -> None:
@@ -612,6 +622,12 @@ def test_cli_reads_stdin_and_prints_warnings_to_stderr() -> None:
          r"uid 1337"),
         (yaml.safe_dump(deployment({"mtlsmesh.io/inbound-mode": "on"})),
          r"^mtlsmesh: error: .*annotation mtlsmesh.io/inbound-mode: expected one of"),
+        ("a: &a [*a]\n", r"^mtlsmesh: error: .*app.yaml: document 1: an anchor refers to itself"),
+        ("kind: Pod\nmetadata: &m {labels: *m}\n", r"^mtlsmesh: error: .*app.yaml: document 1: an anchor refers"),
+        (yaml.safe_dump(deployment(containers=[{"name": "app", "image": "a", "ports": 5}])),
+         r"^mtlsmesh: error: .*app.yaml: document 1 \(Deployment shop/app\): container 'app': ports: expected a list"),
+        (yaml.safe_dump(deployment(containers=[{"name": "app", "image": "a", "ports": [{"containerPort": [1]}]}])),
+         r"^mtlsmesh: error: .*container 'app': containerPort: expected an integer \(got \[1\]\)"),
     ],
 )  # fmt: skip
 def test_cli_error_is_one_line_exit_2_and_leaves_output_alone(
