@@ -402,6 +402,14 @@ def _chain_root(authority: Authority) -> x509.Certificate:
     raise CertificateError("", "no root in the bundle issued the signing certificate")
 
 
+def _exists(path: Path, *, directory: bool = False) -> bool:
+    """`Path.exists`/`is_dir`, with the errors they do not swallow (EACCES on a parent) as a `CertificateError`."""
+    try:
+        return path.is_dir() if directory else path.exists()
+    except OSError as exc:
+        raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+
+
 def load_authority(directory: str | os.PathLike[str]) -> Authority:
     """Read a CA directory written by `save_authority`: the intermediate signs if there is one, else the root.
 
@@ -409,18 +417,18 @@ def load_authority(directory: str | os.PathLike[str]) -> Authority:
     Every key is checked against its certificate and the signer must be a CA for the trust domain in its URI SAN.
     """
     base = Path(directory)
-    if not base.is_dir():
+    if not _exists(base, directory=True):
         raise CertificateError(str(base), "no CA directory here (`mtlsmesh ca init` creates one)")
     root_path = base / ROOT_CERT_FILE
     (root, *extra) = pem.load_certificates(root_path)
     if extra:
         raise CertificateError(str(root_path), "holds more than one certificate; expected the root alone")
     root_key_path = base / ROOT_KEY_FILE
-    root_key = pem.load_private_key(root_key_path) if root_key_path.exists() else None
+    root_key = pem.load_private_key(root_key_path) if _exists(root_key_path) else None
     if root_key is not None:
         pem.check_key_matches(root, root_key, str(root_key_path))
     intermediate_path = base / INTERMEDIATE_CERT_FILE
-    if intermediate_path.exists():
+    if _exists(intermediate_path):
         chain = pem.load_certificates(intermediate_path)
         signer_cert, signer_path, signer_key_path = chain[0], intermediate_path, base / INTERMEDIATE_KEY_FILE
         signer_key = pem.load_private_key(signer_key_path)
@@ -434,7 +442,7 @@ def load_authority(directory: str | os.PathLike[str]) -> Authority:
             raise CertificateError(str(root_key_path), "no such file, and no intermediate to sign with instead")
         chain, signer_cert, signer_key, signer_path = (), root, root_key, root_path
     bundle_path = base / BUNDLE_FILE
-    roots = pem.load_certificates(bundle_path) if bundle_path.exists() else (root,)
+    roots = pem.load_certificates(bundle_path) if _exists(bundle_path) else (root,)
     if root not in roots:
         raise CertificateError(str(bundle_path), f"does not hold the CA's own {ROOT_CERT_FILE}")
     roots = (root, *(r for r in roots if r != root))

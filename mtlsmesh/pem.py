@@ -144,7 +144,11 @@ def _read(path: Path) -> bytes:
 
 def check_writable(directory: Path, names: Iterable[str], *, force: bool) -> None:
     """Refuse, before anything is written or generated, outputs that exist (unless `force`) or cannot be files."""
-    if directory.exists() and not directory.is_dir():
+    try:
+        not_a_directory = directory.exists() and not directory.is_dir()
+    except OSError as exc:  # a parent we may not search (EACCES), a name too long
+        raise CertificateError(str(directory), f"cannot write here: {exc.strerror or exc}") from exc
+    if not_a_directory:
         raise CertificateError(str(directory), "exists and is not a directory")
     for name in names:
         target = directory / name

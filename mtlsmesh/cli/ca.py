@@ -370,7 +370,10 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_bundle(args: argparse.Namespace) -> int:
     target = Path(args.bundle) if args.bundle else None
-    existing = pem.load_certificates(target) if target is not None and target.exists() else ()
+    try:
+        existing = pem.load_certificates(target) if target is not None and target.exists() else ()
+    except OSError as exc:  # exists() lets EACCES on a parent through
+        raise CertificateError(str(target), f"cannot read: {exc.strerror or exc}") from exc
     roots = list(existing)
     added = 0
     for path in args.add:

@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -390,6 +393,49 @@ def test_inspect_refuses_malformed_extensions_in_one_line(
         assert re.fullmatch(
             r"mtlsmesh: error: weird\.pem: malformed certificate extensions: error parsing asn1.*", line
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths this user may not reach: one line, never a traceback
+
+NOBODY = 65534
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_as_nobody(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/", env=env)
+
+
+@pytest.fixture
+def nobody() -> None:
+    """Root reads everything, so the refusal needs another uid; skip where that uid cannot run this tree."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the CLI as an unprivileged uid")
+    if run_as_nobody(["-c", "import mtlsmesh.cli"]).returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot read this source tree")
+
+
+@pytest.mark.usefixtures("nobody")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ca", "init", "--dir", "{private}/ca"], "{private}/ca: cannot write here: Permission denied"),
+        (["ca", "issue", "--ca-dir", "{private}/ca", "--namespace", "a", "--service-account", "b", "--out", "/tmp"],
+         "{private}/ca: cannot read: Permission denied"),
+        (["ca", "bundle", "--bundle", "{private}/bundle.pem", "--add", "{private}/root.pem"],
+         "{private}/bundle.pem: cannot read: Permission denied"),
+    ],
+)  # fmt: skip
+def test_a_directory_this_user_cannot_enter_is_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # owned by root: uid 65534 may not look inside
+    args = [arg.format(private=private) for arg in argv]
+    result = run_as_nobody(["-m", "mtlsmesh", *args])
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"mtlsmesh: error: {message.format(private=private)}\n"
+    assert os.listdir(private) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
