@@ -72,7 +72,9 @@ def loop_reason(downstream: trio.SocketStream, app_source: IPAddress | None, ip:
         peer = None
     if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
         peer = peer.ipv4_mapped
-    if app_source is not None and peer == app_source:
+    # netio dials an IPv6 app from ::6, the IPv6 twin of 127.0.0.6 (DESIGN.md §3).
+    twin = ipaddress.IPv6Address("::6") if app_source == ipaddress.IPv4Address("127.0.0.6") else None
+    if peer is not None and peer in (app_source, twin):
         return "loop: connection from the app source address"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped

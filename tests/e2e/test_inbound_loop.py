@@ -9,8 +9,10 @@ test fails.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,9 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 import yaml
 
-from mtlsmesh import netns
+from mtlsmesh import inbound, netns
 from tests.e2e import harness
 from tests.pki import Pki
 
@@ -114,3 +117,30 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
     assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
     assert "decision=refuse" in inbound[0] and 'reason="loop: the original destination is this listener"' in inbound[0]
     assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
+
+
+def _loop_reasons_by_source() -> dict[str, str | None]:
+    """Accept one connection from ::6 and one from ::1 on [::1], and ask the guard about each (orig dst ::1:9080)."""
+    reasons: dict[str, str | None] = {}
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.bind(("::1", 0))
+        listener.listen(2)
+        for source in ("::6", "::1"):
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:
+                client.bind((source, 0))
+                client.connect(listener.getsockname()[:2])
+                accepted, _ = listener.accept()
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+                app_source = ipaddress.IPv4Address("127.0.0.6")
+                reasons[source] = inbound.loop_reason(stream, app_source, ipaddress.IPv6Address("::1"), 9080)
+                accepted.close()
+    return reasons
+
+
+@pytest.mark.root
+def test_a_connection_from_the_ipv6_twin_of_the_app_source_is_a_loop() -> None:
+    # An IPv6 app is dialed from ::6 when app_source is 127.0.0.6; ::6 sits on no interface in the host namespace,
+    # so this runs in one of our own with ::6 on lo.
+    with harness.loopback_namespace("fxl6", ["::6/128"]) as name:
+        reasons = netns.run_in_netns(name, _loop_reasons_by_source)
+    assert reasons == {"::6": "loop: connection from the app source address", "::1": None}
