@@ -91,7 +91,7 @@ class Destination:
 @dataclass(frozen=True, slots=True)
 class OutboundConfig:
     enabled: bool = True
-    listen: ListenAddr = ListenAddr("0.0.0.0", 15001)
+    listen: ListenAddr = ListenAddr("::", 15001)  # dual stack; the sidecar falls back to 0.0.0.0 without IPv6
     policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     # Destinations inside the mesh, first match wins. A destination that matches none is outside the mesh.
     destinations: tuple[Destination, ...] = ()
@@ -106,7 +106,7 @@ class PortConfig:
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     enabled: bool = True
-    listen: ListenAddr = ListenAddr("0.0.0.0", 15006)
+    listen: ListenAddr = ListenAddr("::", 15006)  # dual stack, as outbound
     mode: Mode = Mode.STRICT
     ports: dict[int, PortConfig] = field(default_factory=dict)  # treat as read-only
     # Source for dialing the app; None: the kernel picks. Under the capture rules it must be 127.0.0.6 (::6 for an

@@ -63,11 +63,23 @@ def _plan(cfg: Config) -> list[_Listen]:
 BACKLOG = 1024
 
 
+# What socket()/bind() of `[::]` fail with when the kernel has no IPv6 (ipv6.disable=1, or no IPv6 module).
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL)
+
+
 async def _bind(item: _Listen) -> list[trio.SocketListener]:
     try:
         if item.addr.host == "::":
-            return [await _bind_dual_stack(item.addr.port)]
-        return list(await trio.open_tcp_listeners(item.addr.port, host=item.addr.host, backlog=BACKLOG))
+            try:
+                return [await _bind_dual_stack(item.addr.port)]
+            except OSError as exc:
+                if exc.errno not in _NO_IPV6:
+                    raise
+                # `[::]` (the default) means "every address this pod has": without IPv6 that is 0.0.0.0.
+                log.warning("event=ipv6_unavailable listener=%s error=%r listen=0.0.0.0:%d", item.name, str(exc),
+                            item.addr.port)  # fmt: skip
+        host = "0.0.0.0" if item.addr.host == "::" else item.addr.host
+        return list(await trio.open_tcp_listeners(item.addr.port, host=host, backlog=BACKLOG))
     except OSError as exc:
         hint = " (address in use)" if exc.errno == errno.EADDRINUSE else ""
         raise ConfigError(item.path, f"cannot listen on {item.addr}: {exc.strerror or exc}{hint}") from exc

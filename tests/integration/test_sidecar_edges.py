@@ -4,6 +4,7 @@ credential reloads under traffic, and explicit (non-transparent) listeners."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from mtlsmesh import credentials, netio, pem
+from mtlsmesh import credentials, netio, pem, sidecar
 from mtlsmesh.config import (
     Destination,
     ExplicitListener,
@@ -525,3 +526,23 @@ async def test_a_wildcard_ipv6_listener_serves_ipv4_clients_too(pki: Pki, caplog
                 assert await exchange(state.bound["outbound"][1], b"v4 via v6") == b"v4 via v6"
     (line,) = conn_lines(caplog.records, "outbound")
     assert " client=127.0.0.1:" in line and "decision=passthrough" in line  # shown as IPv4, not ::ffff:127.0.0.1
+
+
+@pytest.mark.parametrize("error", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
+async def test_the_wildcard_ipv6_listener_falls_back_to_ipv4_without_ipv6(
+    pki: Pki, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    # What a kernel booted with ipv6.disable=1 answers to an AF_INET6 socket or a bind of [::]; this machine has
+    # IPv6, so the answer is put in place of the dual-stack bind.
+    async def no_ipv6(port: int) -> trio.SocketListener:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(sidecar, "_bind_dual_stack", no_ipv6)
+    async with app_server(echo) as (app_port, _):
+        cfg = base_config(pki.issue("a"), outbound=OutboundConfig(enabled=True, listen=ListenAddr("::", 0)))
+        with trio.fail_after(IO):
+            async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
+                assert state.bound["outbound"][0] == "0.0.0.0"
+                assert await exchange(state.bound["outbound"][1], b"v4 only") == b"v4 only"
+    (warning,) = [r.getMessage() for r in caplog.records if "event=ipv6_unavailable" in r.getMessage()]
+    assert warning.startswith(f"event=ipv6_unavailable listener=outbound error='[Errno {error}] ")

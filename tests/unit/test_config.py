@@ -44,7 +44,7 @@ EXAMPLE = Config(
     ),
     outbound=OutboundConfig(
         enabled=True,
-        listen=ListenAddr("0.0.0.0", 15001),
+        listen=ListenAddr("::", 15001),
         policy=OutboundPolicy.ALLOW_ANY,
         destinations=(
             Destination(
@@ -59,7 +59,7 @@ EXAMPLE = Config(
     ),
     inbound=InboundConfig(
         enabled=True,
-        listen=ListenAddr("0.0.0.0", 15006),
+        listen=ListenAddr("::", 15006),
         mode=Mode.STRICT,
         ports={9080: PortConfig(mode=Mode.PERMISSIVE), 3306: PortConfig(server_first=True)},
         app_source=ipaddress.ip_address("127.0.0.6"),
@@ -480,8 +480,8 @@ ERRORS: list[tuple[object, str]] = [
     ({"admin": "127.0.0.1:15000"}, "admin: expected a mapping (got '127.0.0.1:15000')"),
     ({"admin": {"listen": "localhost:15000"}}, "admin.listen: 'localhost' is not an IP address"),
     ({"metrics": {"port": 15090}}, "metrics: unknown key 'port' (expected one of listen)"),
-    ({"health": {"listen": "0.0.0.0:15006"}}, "health.listen: 0.0.0.0:15006 overlaps inbound.listen (0.0.0.0:15006)"),
-    ({"admin": {"listen": "[::]:15001"}}, "admin.listen: [::]:15001 overlaps outbound.listen (0.0.0.0:15001)"),
+    ({"health": {"listen": "0.0.0.0:15006"}}, "health.listen: 0.0.0.0:15006 overlaps inbound.listen ([::]:15006)"),
+    ({"admin": {"listen": "[::]:15001"}}, "admin.listen: [::]:15001 overlaps outbound.listen ([::]:15001)"),
     (
         {"explicit": [{"name": "x", "listen": "127.0.0.1:15090", "forward_to": "db:1", "mode": "originate"}]},
         "explicit[0].listen: 127.0.0.1:15090 overlaps metrics.listen",

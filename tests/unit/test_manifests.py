@@ -230,7 +230,7 @@ def test_sidecar_config_matches_the_injected_mounts() -> None:
         "bundle": "/var/run/mtlsmesh/svid/bundle.pem",
         "reload_interval": "2s",
     }
-    assert (data["outbound"]["listen"], data["inbound"]["listen"]) == ("0.0.0.0:15001", "0.0.0.0:15006")
+    assert (data["outbound"]["listen"], data["inbound"]["listen"]) == ("[::]:15001", "[::]:15006")
     assert data["inbound"]["mode"] == "strict"
 
 
@@ -238,7 +238,7 @@ def test_sidecar_config_matches_the_injected_mounts() -> None:
 def test_sidecar_config_is_accepted_by_the_parser() -> None:
     loaded = config.load_config(str(BASE / "config.yaml"))  # type: ignore[attr-defined,unused-ignore]
     assert loaded.inbound.mode is config.Mode.STRICT
-    assert loaded.outbound.listen == config.ListenAddr("0.0.0.0", 15001)
+    assert loaded.outbound.listen == config.ListenAddr("::", 15001)
     assert loaded.credentials is not None and loaded.credentials.key == "/var/run/mtlsmesh/svid/key.pem"
 
 

@@ -1,14 +1,18 @@
-"""The inbound listener cannot be made to loop under the real capture rules (`mtlsmesh iptables`).
+"""A client namespace and a pod namespace joined by a veth, the pod under the real capture rules (`mtlsmesh
+iptables`, defaults) with a sidecar running as the proxy uid on its default listeners.
 
-A client outside the pod dials pod-IP:15006 itself in PERMISSIVE. PREROUTING redirects it to 15006 with original
-destination pod-IP:15006; passing it through would dial pod-IP:15006 from 127.0.0.6, which the rules let reach
-15006 again, and so on until `max_connections`: one plaintext byte would take the whole pod down. The sidecar must
-refuse that one connection and handle nothing else. Needs root; namespaces and processes are removed even when the
-test fails.
+Loops: a client outside the pod dials pod-IP:15006 itself in PERMISSIVE. PREROUTING redirects it to 15006 with
+original destination pod-IP:15006; passing it through would dial pod-IP:15006 from 127.0.0.6, which the rules let
+reach 15006 again, and so on until `max_connections`: one plaintext byte would take the whole pod down. The sidecar
+must refuse that one connection and handle nothing else.
+IPv6: capture is on for IPv6 by default, so the default listeners must take IPv6 too (dual stack `[::]`): an app's
+IPv6 connection to a destination outside the mesh is passed through, not refused.
+Needs root; namespaces and processes are removed even when a test fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -31,6 +35,7 @@ from tests.pki import Pki
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_UID = 1337
 CLIENT_IP, POD_IP = "198.18.61.1", "198.18.61.2"
+CLIENT_IP6, POD_IP6 = "2001:2::61:1", "2001:2::61:2"  # RFC 5180 benchmarking range, the twin of 198.18.0.0/15
 MAX_CONNECTIONS = 50
 
 
@@ -43,8 +48,9 @@ def pod_pair() -> Iterator[tuple[str, str]]:
         client_if, pod_if = f"fxlc{pid}v", f"fxlp{pid}v"
         veth = ["type", "veth", "peer", "name", pod_if, "netns", pod]
         netns.run(["ip", "link", "add", client_if, "netns", client, *veth])
-        for ns, dev, address in ((client, client_if, CLIENT_IP), (pod, pod_if, POD_IP)):
+        for ns, dev, address, address6 in ((client, client_if, CLIENT_IP, CLIENT_IP6), (pod, pod_if, POD_IP, POD_IP6)):
             netns.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev])
+            netns.run(["ip", "-n", ns, "addr", "add", f"{address6}/64", "dev", dev, "nodad"])
             netns.run(["ip", "-n", ns, "link", "set", dev, "up"])
         subprocess.run(netns.ns_exec(pod, capture), check=True, capture_output=True, timeout=30, cwd=ROOT)
         yield client, pod
@@ -62,6 +68,7 @@ def proxy_dir() -> Iterator[Path]:
 
 
 def sidecar_config(proxy_dir: Path) -> Path:
+    """Credentials for the proxy uid; every listener at its default."""
     pki = Pki(proxy_dir / "pki")
     files = pki.issue("web")
     for path in (files.cert, files.key, files.bundle):
@@ -79,12 +86,10 @@ def sidecar_config(proxy_dir: Path) -> Path:
     return config
 
 
-@pytest.mark.root
-def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
-    pod_pair: tuple[str, str], proxy_dir: Path
-) -> None:
-    client_ns, pod_ns = pod_pair
-    config = sidecar_config(proxy_dir)
+@contextlib.contextmanager
+def running_sidecar(pod_ns: str, config: Path) -> Iterator[list[str]]:
+    """The sidecar in `pod_ns` as the proxy uid, ready; at exit it is stopped and the list gets its connection
+    lines."""
     argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
     argv += [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)]
     sidecar = subprocess.Popen(
@@ -94,11 +99,33 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    lines: list[str] = []
     try:
         assert sidecar.stderr is not None
         deadline = time.monotonic() + 30
-        while "event=ready" not in sidecar.stderr.readline():
-            assert time.monotonic() < deadline and sidecar.poll() is None, "the sidecar did not get ready"
+        while not lines or "event=ready" not in lines[-1]:
+            assert time.monotonic() < deadline and sidecar.poll() is None, f"the sidecar did not get ready: {lines}"
+            lines.append(sidecar.stderr.readline())
+        yield lines
+        sidecar.terminate()
+        _, err = sidecar.communicate(timeout=30)
+        lines.extend(err.splitlines())
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()  # only the process this test started (ip netns exec and setpriv exec into it)
+            sidecar.wait(timeout=10)
+
+
+def conn_lines(lines: list[str], direction: str) -> list[str]:
+    return [line for line in lines if "logger=mtlsmesh.conn" in line and f"dir={direction} " in line]
+
+
+@pytest.mark.root
+def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
+    pod_pair: tuple[str, str], proxy_dir: Path
+) -> None:
+    client_ns, pod_ns = pod_pair
+    with running_sidecar(pod_ns, sidecar_config(proxy_dir)) as lines:
         sock = netns.connect_in(client_ns, POD_IP, 15006, timeout=5)
         try:
             sock.sendall(b"x")  # not TLS: PERMISSIVE would pass it through
@@ -107,16 +134,50 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
             pass  # reset already: that is the expected answer
         finally:
             sock.close()
-        sidecar.terminate()
-        _, err = sidecar.communicate(timeout=30)
-    finally:
-        if sidecar.poll() is None:
-            sidecar.kill()  # only the process this test started (ip netns exec and setpriv exec into it)
-            sidecar.wait(timeout=10)
-    inbound = [line for line in err.splitlines() if "logger=mtlsmesh.conn" in line and "dir=inbound" in line]
+    inbound = conn_lines(lines, "inbound")
     assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
     assert "decision=refuse" in inbound[0] and 'reason="loop: the original destination is this listener"' in inbound[0]
     assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
+
+
+SERVER6 = f"""
+import socket
+server = socket.socket(socket.AF_INET6)
+server.bind(("{CLIENT_IP6}", 8080))
+server.listen(1)
+print("listening", flush=True)
+conn, _ = server.accept()
+conn.sendall(b"hello over IPv6")
+conn.close()
+"""
+
+
+@pytest.mark.root
+def test_ipv6_from_the_app_to_outside_the_mesh_is_passed_through(pod_pair: tuple[str, str], proxy_dir: Path) -> None:
+    client_ns, pod_ns = pod_pair
+    server = subprocess.Popen(
+        netns.ns_exec(client_ns, [sys.executable, "-c", SERVER6]), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        with running_sidecar(pod_ns, sidecar_config(proxy_dir)) as lines:
+            # A socket of this (root) process inside the pod: captured like an app's.
+            sock = netns.socket_in(pod_ns, socket.AF_INET6)
+            try:
+                sock.settimeout(10)
+                sock.connect((CLIENT_IP6, 8080))
+                reply = harness.read_all(sock)
+            finally:
+                sock.close()
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()  # only the process this test started
+            server.wait(timeout=10)
+    assert reply == b"hello over IPv6"
+    assert any("event=ready" in line and "outbound=::" in line for line in lines), lines
+    (outbound,) = conn_lines(lines, "outbound")
+    assert "decision=passthrough" in outbound and f"orig_dst=[{CLIENT_IP6}]:8080" in outbound
 
 
 def _loop_reasons_by_source() -> dict[str, str | None]:
