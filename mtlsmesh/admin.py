@@ -1,10 +1,12 @@
 """The sidecar's small HTTP endpoints: health (kubelet), metrics (Prometheus) and admin (loopback only).
 
 What it does: `serve_http` answers one request per connection (`Connection: close`) with a bounded request size and a
-read timeout, so garbage or a stalled client costs little. `Endpoints` maps paths to answers:
-health `GET /healthz/ready` (200 once every listener is bound and credentials are loaded, 503 before and while
-draining); metrics `GET /stats/prometheus` (text exposition written by hand); admin adds `GET /config_dump`,
-`GET /certs`, `POST /drain` and `POST /logging?level=debug|info|warning|error`.
+read timeout, so garbage or a stalled client costs little. The health port is reachable from every pod and must
+still answer the kubelet: its read timeout is short, a request is answered as soon as its request line is in, and
+when every slot is taken a new connection pushes out the oldest one still waiting for its request.
+`Endpoints` maps paths to answers: health `GET /healthz/ready` (200 once every listener is bound and credentials
+are loaded, 503 before and while draining); metrics `GET /stats/prometheus` (text exposition written by hand);
+admin adds `GET /config_dump`, `GET /certs`, `POST /drain` and `POST /logging?level=debug|info|warning|error`.
 
 What it does not: keep-alive, chunked bodies, TLS, or anything a real HTTP server does beyond that. Never shows a key.
 """
@@ -24,6 +26,7 @@ log = logging.getLogger("mtlsmesh.admin")
 
 MAX_REQUEST = 8192  # bytes of request line + headers; more is refused with 431
 READ_TIMEOUT = 5.0  # seconds to send the whole request head
+HEALTH_READ_TIMEOUT = 1.0  # the kubelet sends its probe at once (and itself gives up after 1 s by default)
 LINGER = 1.0  # seconds to drain a client's unread bytes after answering
 MAX_CLIENTS = 64  # concurrent HTTP connections per endpoint; more are closed at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -108,10 +111,10 @@ class Endpoints:
         return 404, "text/plain", b"not found\n"
 
 
-async def _read_head(stream: trio.abc.Stream) -> bytes | None:
-    """The request head up to the blank line; None when too big."""
+async def _read_head(stream: trio.abc.Stream, *, line_only: bool = False) -> bytes | None:
+    """The request head up to the blank line (or, with `line_only`, the request line); None when too big."""
     buffer = bytearray()
-    while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer:
+    while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer and not (line_only and b"\n" in buffer):
         if len(buffer) >= MAX_REQUEST:
             return None
         data = await stream.receive_some(MAX_REQUEST - len(buffer))
@@ -129,10 +132,41 @@ def _respond(status: int, content_type: str, body: bytes) -> bytes:
     return head.encode("latin-1") + body
 
 
-async def _handle(stream: trio.SocketStream, endpoints: Endpoints) -> None:
+class _Clients:
+    """The connections of one endpoint: at most `limit`; those still waiting for their request head can be pushed
+    out, oldest first, to make room (idle connections must not lock the kubelet out)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.waiting: dict[int, trio.CancelScope] = {}  # insertion order: oldest first
+        self.evicted = 0
+
+    def admit(self) -> bool:
+        if self.active >= self.limit:
+            if not self.waiting:
+                return False
+            oldest = next(iter(self.waiting))
+            self.waiting.pop(oldest).cancel()
+            self.evicted += 1
+        self.active += 1
+        return True
+
+
+async def _handle(stream: trio.SocketStream, endpoints: Endpoints, clients: _Clients | None = None) -> None:
+    health = endpoints.kind == "health"  # only GET /healthz/ready there: the request line is all it takes
     try:
-        with trio.move_on_after(READ_TIMEOUT) as timer:
-            head = await _read_head(stream)
+        waiting = trio.CancelScope()
+        if clients is not None:
+            clients.waiting[id(waiting)] = waiting
+        try:
+            with waiting, trio.move_on_after(HEALTH_READ_TIMEOUT if health else READ_TIMEOUT) as timer:
+                head = await _read_head(stream, line_only=health)
+        finally:
+            if clients is not None:
+                clients.waiting.pop(id(waiting), None)
+        if waiting.cancelled_caught:
+            return  # pushed out for a newer connection: closed without an answer
         if timer.cancelled_caught:
             response = _respond(408, "text/plain", b"request timeout\n")
         elif head is None:
@@ -164,8 +198,8 @@ async def serve_http(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve forever, one request per connection, at most MAX_CLIENTS at once."""
-    slots = trio.CapacityLimiter(MAX_CLIENTS)
+    """Serve forever, one request per connection, at most MAX_CLIENTS at once (see `_Clients`)."""
+    clients = _Clients(MAX_CLIENTS)
     task_status.started()
     async with listener, trio.open_nursery() as nursery:
         while True:
@@ -175,16 +209,14 @@ async def serve_http(
                 log.warning("event=accept_failed listener=%s error=%r", endpoints.kind, str(exc))
                 await trio.sleep(0.1)
                 continue
-            try:
-                slots.acquire_on_behalf_of_nowait(stream)
-            except trio.WouldBlock:
+            if not clients.admit():
                 await trio.aclose_forcefully(stream)
                 continue
-            nursery.start_soon(_one, stream, endpoints, slots)
+            nursery.start_soon(_one, stream, endpoints, clients)
 
 
-async def _one(stream: trio.SocketStream, endpoints: Endpoints, slots: trio.CapacityLimiter) -> None:
+async def _one(stream: trio.SocketStream, endpoints: Endpoints, clients: _Clients) -> None:
     try:
-        await _handle(stream, endpoints)
+        await _handle(stream, endpoints, clients)
     finally:
-        slots.release_on_behalf_of(stream)
+        clients.active -= 1

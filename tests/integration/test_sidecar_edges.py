@@ -14,7 +14,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from mtlsmesh import credentials, netio, pem, sidecar
+from mtlsmesh import admin, credentials, netio, pem, sidecar
 from mtlsmesh.config import (
     Destination,
     ExplicitListener,
@@ -263,8 +263,6 @@ async def test_http_endpoints(pki: Pki, endpoint: str, request_bytes: bytes, sta
 
 
 async def test_http_stalled_client_gets_a_timeout_and_others_are_answered(pki: Pki) -> None:
-    from mtlsmesh import admin
-
     cfg = base_config(pki.issue("a"))
     with trio.fail_after(IO):
         async with running_sidecar(cfg) as (_rt, state):
@@ -275,6 +273,37 @@ async def test_http_stalled_client_gets_a_timeout_and_others_are_answered(pki: P
             with trio.fail_after(admin.READ_TIMEOUT + 2):
                 response = await read_all(stalled)
             assert response.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize(("endpoint", "idle_count"), [("health", admin.MAX_CLIENTS), ("health", 3 * admin.MAX_CLIENTS),
+                                                      ("metrics", 2 * admin.MAX_CLIENTS)])  # fmt: skip
+async def test_idle_connections_do_not_lock_out_a_probe(pki: Pki, endpoint: str, idle_count: int) -> None:
+    # The health port is open to every pod: connections that never send a request must not keep the kubelet out.
+    path = b"/healthz/ready" if endpoint == "health" else b"/stats/prometheus"
+    with trio.fail_after(IO):
+        async with running_sidecar(base_config(pki.issue("a"))) as (_rt, state):
+            port = state.bound[endpoint][1]
+            idle = [await connect(port) for _ in range(idle_count)]
+            try:
+                await trio.sleep(0.2)  # all accepted and waiting for their request
+                for _ in range(3):
+                    status, _ = await http(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert status == 200
+            finally:
+                for stream in idle:
+                    await trio.aclose_forcefully(stream)
+
+
+async def test_health_answers_once_the_request_line_is_in(pki: Pki) -> None:
+    with trio.fail_after(IO):
+        async with running_sidecar(base_config(pki.issue("a"))) as (_rt, state):
+            probe = await connect(state.bound["health"][1])
+            await probe.send_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n")  # headers not finished yet
+            with trio.fail_after(admin.HEALTH_READ_TIMEOUT / 2):
+                first = await probe.receive_some(4096)
+            await probe.send_all(b"\r\n")
+            rest = await read_all(probe)
+    assert (first + rest).startswith(b"HTTP/1.1 200 OK\r\n") and (first + rest).endswith(b"\r\n\r\nready\n")
 
 
 async def test_admin_drain_turns_health_to_503(pki: Pki) -> None:
