@@ -151,8 +151,8 @@ def tls12_client(material: tls.Material) -> SSL.Context:
 
 ClientMaker = Callable[[ca.Authority, ca.Authority], SSL.Context]
 
-# (case, client, the server's reason, what the client is told). The server's reason for a failed chain is OpenSSL's
-# "certificate verify failed" whatever the cause; the alert it sends names the cause, and the client reads it.
+# (case, client, the server's whole reason (a regex), what the client is told). The server's reason for a failed
+# chain is OpenSSL's "certificate verify failed" whatever the cause; its alert names the cause, the client reads it.
 BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
     (
         "foreign-ca",
@@ -161,7 +161,7 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
             dataclasses.replace(material_for(other, workload_id(TD, "default", "intruder")), roots=ours.roots),
             tls.Side.CLIENT,
         ),
-        r"failed: certificate verify failed$",
+        "certificate verify failed",
         r"alert unknown ca$",
     ),
     (
@@ -170,32 +170,32 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
             material_for(ours, workload_id(TD, "default", "old"), now=NOW - timedelta(days=2), ttl=timedelta(hours=1)),
             tls.Side.CLIENT,
         ),
-        r"failed: certificate verify failed$",
+        "certificate verify failed",
         r"alert certificate expired$",
     ),
     (
         "no-certificate",
         lambda ours, other: without_certificate(ours),
-        r"failed: peer did not return a certificate$",
+        "peer did not return a certificate",
         r"alert certificate required$",
     ),
     (
         "two-uri-sans",
         lambda ours, other: tls.build_context(two_uri_sans(ours), tls.Side.CLIENT),
-        r"failed: peer certificate is not a valid SVID: 2 URI SANs: an SVID carries exactly one \(L-1, V-6\)$",
-        r"^connection closed by peer$",  # refused after the handshake, by our SVID checks: no alert
+        r"peer certificate is not a valid SVID: 2 URI SANs: an SVID carries exactly one \(L-1, V-6\)",
+        r"(closed|reset) by peer",  # refused after the handshake, by our SVID checks: no alert, a close or an RST
     ),
     (
         "malformed-san",
         # Chains fine; its extensions do not parse: a refusal with the reason, not an internal error.
         lambda ours, other: tls.build_context(malformed_san(ours), tls.Side.CLIENT),
-        r"failed: peer certificate is not a valid SVID: malformed certificate extensions: error parsing asn1",
-        r"^connection closed by peer$",
+        "peer certificate is not a valid SVID: malformed certificate extensions: error parsing asn1 .*",
+        r"(closed|reset) by peer",
     ),
     (
         "tls12",
         lambda ours, other: tls12_client(material_for(ours, workload_id(TD, "default", "legacy"))),
-        r"failed: unsupported protocol$",
+        "unsupported protocol",
         r"alert protocol version$",
     ),
 ]
@@ -213,7 +213,7 @@ async def test_server_refuses_bad_clients(
     server_error: list[HandshakeError] = []
 
     async def serve() -> None:
-        with pytest.raises(HandshakeError, match=reason) as exc:
+        with pytest.raises(HandshakeError, match=f"failed: {reason}$") as exc:
             await tls.open_mtls(b, server_ctx, tls.Side.SERVER, TD)
         server_error.append(exc.value)
         await b.aclose()
