@@ -158,8 +158,7 @@ async def handle_inbound(
         front = opened
         if target is not None and target.identities and caller not in target.identities:
             allowed = ", ".join(str(identity) for identity in target.identities)
-            await netio.abort_close(front)
-            await refuse(downstream, rec, f"denied: {caller} is not one of this listener's identities ({allowed})")
+            await refuse(front, rec, f"denied: {caller} is not one of this listener's identities ({allowed})")
             return
     rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
 
