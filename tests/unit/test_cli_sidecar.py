@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from mtlsmesh.cli import build_parser
+from mtlsmesh import pem
+from mtlsmesh.cli import build_parser, main
 from mtlsmesh.cli.sidecar import ENV, build_config
 from mtlsmesh.config import Mode
 from mtlsmesh.errors import ConfigError
+from tests.pki import MALFORMED_SAN, Pki, forge_leaf
 
 CONFIG = """
 trust_domain: cluster.local
@@ -93,3 +96,24 @@ def test_credentials_are_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         build_config(build_parser().parse_args(["sidecar", "--config", str(path)]))
     with pytest.raises(ConfigError, match="--key: no credentials in the config file"):
         build_config(build_parser().parse_args(["sidecar", "--config", str(path), "--cert", "c.pem"]))
+
+
+def test_a_malformed_certificate_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its subjectAltName parses only when the SVID checks look at it: still a refusal before anything binds.
+    for variable in ENV.values():
+        monkeypatch.delenv(variable, raising=False)
+    pki = Pki(tmp_path / "pki")
+    cert, key = forge_leaf(pki.authority, now=pki.now, san=MALFORMED_SAN)
+    (tmp_path / "cert.pem").write_bytes(pem.render_certificates([cert]))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    (tmp_path / "bundle.pem").write_bytes(pem.render_certificates(pki.authority.roots))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"credentials: {{cert: {tmp_path}/cert.pem, key: {tmp_path}/key.pem, bundle: {tmp_path}/bundle.pem}}\n"
+    )
+    assert main(["sidecar", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtlsmesh: error: {tmp_path}/cert.pem: malformed certificate extensions: ")
+    assert err.count("\n") == 1
