@@ -324,6 +324,9 @@ def _check_consistency(options: CaptureOptions, where: Callable[[str], str]) -> 
     for port in options.inbound_ports or ():
         if port in ALWAYS_EXCLUDED_INBOUND:
             raise ConfigError(where("inbound_ports"), f"port {port} is the sidecar's own and is never captured")
+        if port in (options.inbound_port, options.outbound_port):
+            # Redirecting a connection to the sidecar's listener back to that listener only makes it loop.
+            raise ConfigError(where("inbound_ports"), f"port {port} is the sidecar's own listener; capturing it loops")
         if port in options.exclude_inbound_ports:
             raise ConfigError(where("inbound_ports"), f"port {port} is both captured and excluded")
     for network in options.include_outbound_cidrs or ():

@@ -163,6 +163,12 @@ def test_builtin_chains_hold_only_jumps() -> None:
         ({"exclude_inbound_ports": "*"}, r"^--exclude-inbound-ports: '\*' is not allowed here"),
         ({"exclude_outbound_ports": "1-100"}, r"got '1-100'"),
         ({"inbound_ports": "15021"}, r"port 15021 is the sidecar's own and is never captured"),
+        ({"inbound_ports": "80,15006"}, r"^--inbound-ports: port 15006 is the sidecar's own listener; capturing it"),
+        ({"inbound_ports": "15001"}, r"^--inbound-ports: port 15001 is the sidecar's own listener; capturing it loops"),
+        (
+            {"inbound_ports": "16000", "inbound_port": "16000", "outbound_port": "16001"},
+            r"port 16000 is the sidecar's own listener",
+        ),
         ({"inbound_ports": "80", "exclude_inbound_ports": "80"}, r"port 80 is both captured and excluded"),
         ({"outbound_port": "15006"}, r"^--inbound-port: inbound and outbound port are both 15006$"),
         ({"include_outbound_cidrs": "10.0.0.0/33"}, r"^--include-outbound-cidrs: '10.0.0.0/33' is not an IP address"),
