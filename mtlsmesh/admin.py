@@ -5,8 +5,9 @@ read timeout, so garbage or a stalled client costs little. The health port is re
 still answer the kubelet: its read timeout is short, a request is answered as soon as its request line is in, and
 when every slot is taken a new connection pushes out the oldest one still waiting for its request.
 `Endpoints` maps paths to answers: health `GET /healthz/ready` (200 once every listener is bound and credentials
-are loaded, 503 before and while draining); metrics `GET /stats/prometheus` (text exposition written by hand);
-admin adds `GET /config_dump`, `GET /certs`, `POST /drain` and `POST /logging?level=debug|info|warning|error`.
+are loaded, 503 before, while draining and while our SVID is expired); metrics `GET /stats/prometheus` (text
+exposition written by hand); admin adds `GET /config_dump`, `GET /certs`, `POST /drain` and
+`POST /logging?level=debug|info|warning|error`.
 
 What it does not: keep-alive, chunked bodies, TLS, or anything a real HTTP server does beyond that. Never shows a key.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import trio
 
@@ -87,6 +89,9 @@ class Endpoints:
         if path == "/healthz/ready" and self.kind in ("health", "admin"):
             if method != "GET":
                 return 405, "text/plain", b"use GET\n"
+            if self.state.ready and self.rt.credentials.current.not_after <= datetime.now(UTC):
+                # Every peer refuses an expired SVID: not ready until a reload brings a fresh one.
+                return 503, "text/plain", b"certificate expired\n"
             if self.state.ready:
                 return 200, "text/plain", b"ready\n"
             return 503, "text/plain", b"draining\n" if self.state.draining else b"not ready\n"

@@ -8,6 +8,7 @@ import errno
 import ipaddress
 import os
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -575,3 +576,14 @@ async def test_the_wildcard_ipv6_listener_falls_back_to_ipv4_without_ipv6(
                 assert await exchange(state.bound["outbound"][1], b"v4 only") == b"v4 only"
     (warning,) = [r.getMessage() for r in caplog.records if "event=ipv6_unavailable" in r.getMessage()]
     assert warning.startswith(f"event=ipv6_unavailable listener=outbound error='[Errno {error}] ")
+
+
+async def test_health_turns_503_when_our_svid_expires(pki: Pki) -> None:
+    # An expired SVID is refused by every peer: the pod must leave its Services until a reload brings a new one.
+    files = pki.issue("a", now=datetime.now(UTC), ttl=timedelta(seconds=2))
+    with trio.fail_after(IO):
+        async with running_sidecar(base_config(files)) as (rt, state):
+            health = state.bound["health"][1]
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
+            await trio.sleep(max(0.0, (rt.credentials.current.not_after - datetime.now(UTC)).total_seconds()) + 0.1)
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (503, b"certificate expired\n")
