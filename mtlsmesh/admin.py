@@ -223,5 +223,8 @@ async def serve_http(
 async def _one(stream: trio.SocketStream, endpoints: Endpoints, clients: _Clients) -> None:
     try:
         await _handle(stream, endpoints, clients)
+    except Exception:  # a bug: show it, close this one, keep serving (an escaping error would end the sidecar)
+        log.error("event=internal_error listener=%s", endpoints.kind, exc_info=True)
+        await trio.aclose_forcefully(stream)
     finally:
         clients.active -= 1

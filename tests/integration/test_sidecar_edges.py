@@ -587,3 +587,25 @@ async def test_health_turns_503_when_our_svid_expires(pki: Pki) -> None:
             assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
             await trio.sleep(max(0.0, (rt.credentials.current.not_after - datetime.now(UTC)).total_seconds()) + 0.1)
             assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (503, b"certificate expired\n")
+
+
+async def test_an_endpoint_bug_costs_one_request_not_the_sidecar(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = admin.Endpoints.answer
+
+    def answer(self: admin.Endpoints, method: str, target: str) -> admin.Response:
+        if target == "/boom":  # a stand-in for a bug in an answer
+            raise RuntimeError("a bug in an endpoint")
+        return original(self, method, target)
+
+    monkeypatch.setattr(admin.Endpoints, "answer", answer)
+    with trio.fail_after(IO):
+        async with running_sidecar(base_config(pki.issue("a"))) as (_rt, state):
+            port = state.bound["admin"][1]
+            stream = await connect(port)
+            await stream.send_all(b"GET /boom HTTP/1.1\r\n\r\n")
+            assert await outcome(stream) == ("eof", b"")  # closed without an answer
+            assert await http(port, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
+    (record,) = [r for r in caplog.records if "event=internal_error" in r.getMessage()]
+    assert record.getMessage() == "event=internal_error listener=admin" and record.exc_info is not None
