@@ -422,7 +422,7 @@ def nobody() -> None:
     ("argv", "message"),
     [
         (["ca", "init", "--dir", "{private}/ca"], "{private}/ca: cannot write here: Permission denied"),
-        (["ca", "issue", "--ca-dir", "{private}/ca", "--namespace", "a", "--service-account", "b", "--out", "/tmp"],
+        (["ca", "issue", "--ca-dir", "{private}/ca", "--namespace", "a", "--service-account", "b", "--out", "x"],
          "{private}/ca: cannot read: Permission denied"),
         (["ca", "bundle", "--bundle", "{private}/bundle.pem", "--add", "{private}/root.pem"],
          "{private}/bundle.pem: cannot read: Permission denied"),
