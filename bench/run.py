@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "settings": _asdict(settings), "results": bench.results,
                                              "errors": bench.errors}, indent=2))  # fmt: skip
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"\nbench: interrupted ({exc or 'SIGINT'}), cleaning up", file=sys.stderr)
+        print(f"\nbench: interrupted ({str(exc) or 'SIGINT'}), cleaning up", file=sys.stderr)
         status = 130
     except LabError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
