@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable 
 from bench import stats
 from bench.certs import BenchCerts, issue_bench_certs
 from bench.netns import ADDR_A, ADDR_B, Lab, LabError, rss_kib
+from bench.profile import Profiler, find_py_spy
 from bench.proxies import BACKEND_PORTS, MTLSMESH, STUNNEL, PairSpec, RunningPair, python_env, start_pair, stop_pair
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,16 @@ def cpu_seconds(pids: tuple[int, ...]) -> float:
 
 
 class Bench:
-    def __init__(self, lab: Lab, certs: BenchCerts, settings: Settings, workdir: Path, metrics: set[str]) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        certs: BenchCerts,
+        settings: Settings,
+        workdir: Path,
+        metrics: set[str],
+        profile_dir: Path | None = None,
+    ) -> None:
+        self.profile_dir = profile_dir
         self.lab = lab
         self.certs = certs
         self.settings = settings
@@ -131,7 +141,8 @@ class Bench:
                 if key not in self.metrics:
                     continue
                 try:
-                    summary = step(pair)
+                    with self._profiled(pair, f"{label}-{key}"):
+                        summary = step(pair)
                 except LabError as exc:
                     self.errors.append(f"{label}: {key}: {exc}")
                     summary = f"FAILED: {exc}"
@@ -144,6 +155,12 @@ class Bench:
             print(f"  {label}: {exc}", flush=True)
         finally:
             stop_pair(self.lab, pair)
+
+    def _profiled(self, pair: RunningPair, tag: str) -> contextlib.AbstractContextManager[object]:
+        if self.profile_dir is None or pair.spec.tool != "mtlsmesh":
+            return contextlib.nullcontext()
+        targets = {"originator": pair.originator.pid, "terminator": pair.terminator.pid}
+        return Profiler(targets, self.profile_dir, tag, py_spy=find_py_spy())
 
     # --- measurements -------------------------------------------------------------------------------------------
 
@@ -260,6 +277,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", default="mem,lat,tput,cps", help="comma-separated: mem,lat,tput,cps")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
     parser.add_argument("--json", type=Path, help="also write the raw per-round results to this file")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="profile the mtlsmesh sidecars with py-spy during each step into DIR (slows them: not for results)",
+    )
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
     if not tools <= {"stunnel", "mtlsmesh"} or not tools:
@@ -280,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: error: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
     missing = [tool for tool in TOOLS_NEEDED if shutil.which(tool) is None]
+    if args.py_spy is not None and find_py_spy() is None:
+        missing.append("py-spy")
     if missing:
         print(f"bench: error: missing programs: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lab.build()
         certs = issue_bench_certs(workdir / "certs")
-        bench = Bench(lab, certs, settings, workdir, set(args.metrics.split(",")))
+        bench = Bench(lab, certs, settings, workdir, set(args.metrics.split(",")), args.py_spy)
         bench.start_backends()
         print(f"lab: {lab.ns_a} ({ADDR_A}) <-> {lab.ns_b} ({ADDR_B}); {settings}", flush=True)
         for number in range(1, settings.rounds + 1):
