@@ -6,15 +6,30 @@ the file (`inbound.ports.9080.mode: expected one of strict, permissive, disable`
 override a few per-pod values through `dataclasses.replace` in the CLI.
 
 Durations are seconds as floats (YAML may write `5s`, `250ms`, `2m`, or a number). Addresses are `ListenAddr`.
+`render_config(cfg)` turns a `Config` back into plain values (the admin config dump) that parse to the same `Config`.
+
+What this module does not do: read the certificate files it names (the credentials loader does, and reloads them),
+or decide anything about a connection (see `policy`). Checking single values is `schema`'s job.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
-from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, TrustDomain
+from mtlsmesh import schema
+from mtlsmesh.errors import ConfigError, IdentityError
+from mtlsmesh.identity import (
+    DEFAULT_TRUST_DOMAIN,
+    SpiffeId,
+    TrustDomain,
+    parse_spiffe_id,
+    parse_trust_domain,
+    parse_workload_id,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -149,3 +164,340 @@ class Config:
     health_listen: ListenAddr | None = ListenAddr("0.0.0.0", 15021)
     metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", 15090)
     log_level: str = "info"
+
+
+# --- parsing: the YAML format (an annotated example is deploy/sidecar-config.example.yaml) ------------------------
+
+parse_duration = schema.parse_duration
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*"
+)
+_EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_WILDCARD_HOSTS = ("0.0.0.0", "::")
+_DEFAULT = Config()
+_DEFAULT_RELOAD_INTERVAL = 2.0  # CredentialFiles.reload_interval
+_TOP_KEYS = (
+    "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
+    "admin", "health", "metrics", "log",
+)  # fmt: skip
+
+
+def load_config(path: str) -> Config:
+    """Read and parse a YAML config file; every error names the file (and the line, for YAML syntax errors)."""
+    return parse_config(schema.load_yaml(path), path)
+
+
+def parse_config(data: object, source: str = "") -> Config:
+    """Validate a mapping (parsed YAML or JSON) into a `Config`; errors name `source` and the path in it."""
+    try:
+        return _parse_config(data)
+    except ConfigError as exc:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {exc.path}" if exc.path else source, exc.message) from exc
+
+
+def parse_listen_addr(value: object, path: str = "listen", *, allow_name: bool = False) -> ListenAddr:
+    """`0.0.0.0:15001`, `[::]:15001`; IPv6 needs brackets. With `allow_name`, a DNS name may stand for the host.
+
+    Port 0 (the kernel picks) is accepted for listeners, so tests can bind ephemeral ports; never for a target.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected host:port as a string (got {schema.kind(value)})")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not port_text.isascii():
+        raise ConfigError(path, f"expected host:port, e.g. 0.0.0.0:15001 or [::]:15001 (got {value!r})")
+    port = int(port_text)
+    if port > 65535 or (allow_name and port == 0):
+        raise ConfigError(path, f"port {port} is out of range {1 if allow_name else 0}-65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        if allow_name and not bracketed and _HOST_NAME.fullmatch(host):
+            return ListenAddr(host.lower(), port)
+        raise ConfigError(path, f"{host!r} is not an IP address{' or host name' if allow_name else ''}") from None
+    if (address.version == 6) != bracketed:
+        raise ConfigError(path, "an IPv6 address needs brackets ([::1]:80), an IPv4 address none")
+    return ListenAddr(str(address), port)
+
+
+def _parse_config(data: object) -> Config:
+    top = schema.mapping(data, "", _TOP_KEYS)
+    log = schema.mapping(schema.section(top, "log"), "log", ("level",))
+    config = Config(
+        trust_domain=_trust_domain(top.get("trust_domain", _DEFAULT.trust_domain.name)),
+        credentials=_credentials(top["credentials"]) if top.get("credentials") is not None else None,
+        outbound=_outbound(schema.section(top, "outbound")),
+        inbound=_inbound(schema.section(top, "inbound")),
+        authorization=tuple(_authz_rule(v, f"authorization[{i}]") for i, v in schema.items(top, "authorization")),
+        explicit=tuple(_explicit(v, f"explicit[{i}]") for i, v in schema.items(top, "explicit")),
+        timeouts=_timeouts(schema.section(top, "timeouts")),
+        max_connections=schema.integer(
+            top.get("max_connections", _DEFAULT.max_connections), "max_connections", 1, 2**31
+        ),
+        admin_listen=_optional_listener(top, "admin", _DEFAULT.admin_listen),
+        health_listen=_optional_listener(top, "health", _DEFAULT.health_listen),
+        metrics_listen=_optional_listener(top, "metrics", _DEFAULT.metrics_listen),
+        log_level=schema.choice(log.get("level", _DEFAULT.log_level), "log.level", LOG_LEVELS),
+    )
+    _check_unique_names(config.explicit)
+    _check_listeners_distinct(config)
+    return config
+
+
+def _trust_domain(value: object) -> TrustDomain:
+    try:
+        return parse_trust_domain(schema.string(value, "trust_domain"))
+    except IdentityError as exc:
+        raise ConfigError("trust_domain", str(exc)) from exc
+
+
+def _credentials(value: object) -> CredentialFiles:
+    section = schema.mapping(value, "credentials", ("cert", "key", "bundle", "reload_interval"))
+    for key in ("cert", "key", "bundle"):
+        if key not in section:
+            raise ConfigError("credentials", f"missing required key {key!r} (cert, key and bundle are file paths)")
+    return CredentialFiles(
+        cert=schema.string(section["cert"], "credentials.cert"),
+        key=schema.string(section["key"], "credentials.key"),
+        bundle=schema.string(section["bundle"], "credentials.bundle"),
+        reload_interval=schema.duration(
+            section.get("reload_interval", _DEFAULT_RELOAD_INTERVAL), "credentials.reload_interval", positive=True
+        ),
+    )
+
+
+def _outbound(value: object) -> OutboundConfig:
+    section = schema.mapping(value, "outbound", ("enabled", "listen", "policy", "destinations"))
+    defaults = _DEFAULT.outbound
+    destinations = schema.items(section, "destinations", "outbound")
+    return OutboundConfig(
+        enabled=schema.boolean(section.get("enabled", defaults.enabled), "outbound.enabled"),
+        listen=parse_listen_addr(section.get("listen", str(defaults.listen)), "outbound.listen"),
+        policy=schema.enum_choice(section.get("policy", defaults.policy.value), "outbound.policy", OutboundPolicy),
+        destinations=tuple(_destination(v, f"outbound.destinations[{i}]") for i, v in destinations),
+    )
+
+
+def _destination(value: object, path: str) -> Destination:
+    entry = schema.mapping(value, path, ("cidrs", "ports", "identities"))
+    return Destination(
+        cidrs=tuple(_cidr(v, f"{path}.cidrs[{i}]") for i, v in schema.items(entry, "cidrs", path, non_empty=True)),
+        ports=_ports(entry, path),
+        identities=_identities(entry, path),
+    )
+
+
+def _inbound(value: object) -> InboundConfig:
+    section = schema.mapping(value, "inbound", ("enabled", "listen", "mode", "app_source", "sniff_timeout", "ports"))
+    defaults = _DEFAULT.inbound
+    ports: dict[int, PortConfig] = {}
+    for key, entry in schema.mapping(schema.section(section, "ports"), "inbound.ports", None).items():
+        path = f"inbound.ports.{key}"
+        port = schema.port(int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key, path)
+        if port in ports:
+            raise ConfigError(path, f"port {port} is listed twice")
+        port_entry = schema.mapping({} if entry is None else entry, path, ("mode", "server_first"))
+        ports[port] = PortConfig(
+            mode=schema.enum_choice(port_entry["mode"], f"{path}.mode", Mode) if "mode" in port_entry else None,
+            server_first=schema.boolean(port_entry.get("server_first", False), f"{path}.server_first"),
+        )
+    return InboundConfig(
+        enabled=schema.boolean(section.get("enabled", defaults.enabled), "inbound.enabled"),
+        listen=parse_listen_addr(section.get("listen", str(defaults.listen)), "inbound.listen"),
+        mode=schema.enum_choice(section.get("mode", defaults.mode.value), "inbound.mode", Mode),
+        ports=ports,
+        app_source=_app_source(section.get("app_source", str(defaults.app_source))),
+        sniff_timeout=schema.duration(
+            section.get("sniff_timeout", defaults.sniff_timeout), "inbound.sniff_timeout", positive=True
+        ),
+    )
+
+
+def _app_source(value: object) -> IPAddress | None:
+    if value is None or value == "none":
+        return None
+    try:
+        return ipaddress.ip_address(schema.string(value, "inbound.app_source"))
+    except ValueError:
+        raise ConfigError("inbound.app_source", f"expected an IP address or none (got {value!r})") from None
+
+
+def _authz_rule(value: object, path: str) -> AuthzRule:
+    entry = schema.mapping(value, path, ("action", "principals", "ports"))
+    for key in ("action", "principals"):
+        if key not in entry:
+            raise ConfigError(path, f"missing required key {key!r} (a rule needs action and principals)")
+    principals = schema.items(entry, "principals", path, non_empty=True)
+    return AuthzRule(
+        action=schema.enum_choice(entry["action"], f"{path}.action", Action),
+        principals=tuple(_principal(v, f"{path}.principals[{i}]") for i, v in principals),
+        ports=_ports(entry, path),
+    )
+
+
+def _principal(value: object, path: str) -> str:
+    """`*`, a workload ID, or an ID followed by `/*`; in canonical form (lowercase scheme) for exact matching."""
+    text = schema.string(value, path)
+    if text == "*":
+        return text
+    try:
+        return f"{parse_spiffe_id(text[:-2])}/*" if text.endswith("/*") else str(parse_workload_id(text))
+    except IdentityError as exc:
+        raise ConfigError(path, str(exc)) from exc
+
+
+def _ports(entry: dict[str, Any], path: str) -> frozenset[int]:
+    return frozenset(schema.port(v, f"{path}.ports[{i}]") for i, v in schema.items(entry, "ports", path, True))
+
+
+def _identities(entry: dict[str, Any], path: str) -> tuple[SpiffeId, ...]:
+    found = []
+    for i, value in schema.items(entry, "identities", path, non_empty=True):
+        try:
+            found.append(parse_workload_id(schema.string(value, f"{path}.identities[{i}]")))
+        except IdentityError as exc:
+            raise ConfigError(f"{path}.identities[{i}]", str(exc)) from exc
+    return tuple(found)
+
+
+def _cidr(value: object, path: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(schema.string(value, path))
+    except ValueError as exc:
+        raise ConfigError(path, f"invalid CIDR: {exc}") from None
+
+
+def _explicit(value: object, path: str) -> ExplicitListener:
+    entry = schema.mapping(value, path, ("name", "listen", "forward_to", "mode", "identities"))
+    for key in ("name", "listen", "forward_to", "mode"):
+        if key not in entry:
+            raise ConfigError(path, f"missing required key {key!r} (name, listen, forward_to and mode are required)")
+    name = schema.string(entry["name"], f"{path}.name")
+    if not _EXPLICIT_NAME.fullmatch(name):
+        raise ConfigError(f"{path}.name", f"{name!r} may hold only letters, digits and . _ -")
+    return ExplicitListener(
+        name=name,
+        listen=parse_listen_addr(entry["listen"], f"{path}.listen"),
+        forward_to=parse_listen_addr(entry["forward_to"], f"{path}.forward_to", allow_name=True),
+        mode=schema.enum_choice(entry["mode"], f"{path}.mode", ExplicitMode),
+        identities=_identities(entry, path),
+    )
+
+
+def _timeouts(value: object) -> Timeouts:
+    section = schema.mapping(value, "timeouts", ("handshake", "connect", "idle", "drain"))
+    defaults = _DEFAULT.timeouts
+    return Timeouts(
+        handshake=schema.duration(section.get("handshake", defaults.handshake), "timeouts.handshake", positive=True),
+        connect=schema.duration(section.get("connect", defaults.connect), "timeouts.connect", positive=True),
+        idle=schema.duration(section.get("idle", defaults.idle or 0), "timeouts.idle") or None,  # 0 turns it off
+        drain=schema.duration(section.get("drain", defaults.drain), "timeouts.drain"),
+    )
+
+
+def _optional_listener(top: dict[str, Any], key: str, default: ListenAddr | None) -> ListenAddr | None:
+    """`admin: {listen: ADDR}`; `admin: null` or `admin: {listen: null}` turns the listener off."""
+    if key not in top:
+        return default
+    if top[key] is None:
+        return None
+    section = schema.mapping(top[key], key, ("listen",))
+    if "listen" not in section:
+        return default
+    return None if section["listen"] is None else parse_listen_addr(section["listen"], f"{key}.listen")
+
+
+def _check_unique_names(listeners: tuple[ExplicitListener, ...]) -> None:
+    seen: set[str] = set()
+    for i, listener in enumerate(listeners):
+        if listener.name in seen:
+            raise ConfigError(f"explicit[{i}].name", f"duplicate name {listener.name!r}")
+        seen.add(listener.name)
+
+
+def _check_listeners_distinct(cfg: Config) -> None:
+    """Two listeners on one port (on the same host, or either on a wildcard) would fail at bind time: say so now."""
+    listeners = [
+        ("outbound.listen", cfg.outbound.listen if cfg.outbound.enabled else None),
+        ("inbound.listen", cfg.inbound.listen if cfg.inbound.enabled else None),
+        ("admin.listen", cfg.admin_listen),
+        ("health.listen", cfg.health_listen),
+        ("metrics.listen", cfg.metrics_listen),
+        *((f"explicit[{i}].listen", listener.listen) for i, listener in enumerate(cfg.explicit)),
+    ]
+    taken: list[tuple[str, ListenAddr]] = []
+    for path, addr in listeners:
+        if addr is None or addr.port == 0:
+            continue
+        for other_path, other in taken:
+            wildcard = addr.host in _WILDCARD_HOSTS or other.host in _WILDCARD_HOSTS
+            if addr.port == other.port and (addr.host == other.host or wildcard):
+                raise ConfigError(path, f"{addr} overlaps {other_path} ({other})")
+        taken.append((path, addr))
+
+
+# --- rendering ----------------------------------------------------------------------------------------------------
+
+
+def render_config(cfg: Config) -> dict[str, Any]:
+    """The config as plain YAML/JSON values (the admin config dump); `parse_config` of it gives `cfg` back."""
+    out: dict[str, Any] = {"trust_domain": cfg.trust_domain.name}
+    if cfg.credentials is not None:
+        creds = cfg.credentials
+        out["credentials"] = {
+            "cert": creds.cert, "key": creds.key, "bundle": creds.bundle, "reload_interval": creds.reload_interval
+        }  # fmt: skip
+    outbound, inbound, timeouts = cfg.outbound, cfg.inbound, cfg.timeouts
+    out["outbound"] = {
+        "enabled": outbound.enabled,
+        "listen": str(outbound.listen),
+        "policy": outbound.policy.value,
+        "destinations": [
+            ({"cidrs": [str(c) for c in d.cidrs]} if d.cidrs else {})
+            | _render_ports(d.ports)
+            | _render_ids(d.identities)
+            for d in outbound.destinations
+        ],
+    }
+    out["inbound"] = {
+        "enabled": inbound.enabled,
+        "listen": str(inbound.listen),
+        "mode": inbound.mode.value,
+        "app_source": str(inbound.app_source) if inbound.app_source is not None else "none",
+        "sniff_timeout": inbound.sniff_timeout,
+        "ports": {
+            port: ({"mode": entry.mode.value} if entry.mode is not None else {}) | {"server_first": entry.server_first}
+            for port, entry in sorted(inbound.ports.items())
+        },
+    }
+    out["authorization"] = [
+        {"action": rule.action.value, "principals": list(rule.principals)} | _render_ports(rule.ports)
+        for rule in cfg.authorization
+    ]
+    out["explicit"] = [
+        {"name": x.name, "listen": str(x.listen), "forward_to": str(x.forward_to), "mode": x.mode.value}
+        | _render_ids(x.identities)
+        for x in cfg.explicit
+    ]
+    out["timeouts"] = {
+        "handshake": timeouts.handshake,
+        "connect": timeouts.connect,
+        "idle": timeouts.idle if timeouts.idle is not None else 0,
+        "drain": timeouts.drain,
+    }
+    out["max_connections"] = cfg.max_connections
+    for key, addr in (("admin", cfg.admin_listen), ("health", cfg.health_listen), ("metrics", cfg.metrics_listen)):
+        out[key] = {"listen": str(addr) if addr is not None else None}
+    out["log"] = {"level": cfg.log_level}
+    return out
+
+
+def _render_ports(ports: frozenset[int]) -> dict[str, Any]:
+    return {"ports": sorted(ports)} if ports else {}
+
+
+def _render_ids(identities: tuple[SpiffeId, ...]) -> dict[str, Any]:
+    return {"identities": [str(i) for i in identities]} if identities else {}

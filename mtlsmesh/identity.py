@@ -147,4 +147,10 @@ def parse_workload_id(text: str) -> SpiffeId:
 def workload_id(trust_domain: TrustDomain | str, namespace: str, service_account: str) -> SpiffeId:
     """The mesh's convention: `spiffe://<td>/ns/<namespace>/sa/<service-account>`, validated."""
     td = trust_domain.name if isinstance(trust_domain, TrustDomain) else trust_domain
+    # Each name must stay one segment: `--namespace a/b` would otherwise mint `/ns/a/b/sa/...`, an ID of another
+    # shape that no namespace owns.
+    for what, name in (("namespace", namespace), ("service account", service_account)):
+        if "/" in name:
+            text = f"{SCHEME}://{td}/ns/{namespace}/sa/{service_account}"
+            raise IdentityError(text, f"the {what} {name!r} must be one path segment, without '/'", "ID-10")
     return parse_workload_id(f"{SCHEME}://{td}/ns/{namespace}/sa/{service_account}")

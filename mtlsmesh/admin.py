@@ -1,0 +1,184 @@
+"""The sidecar's small HTTP endpoints: health (kubelet), metrics (Prometheus) and admin (loopback only).
+
+What it does: `serve_http` answers one request per connection (`Connection: close`) with a bounded request size and a
+read timeout, so garbage or a stalled client costs little. `Endpoints` maps paths to answers:
+health `GET /healthz/ready` (200 once every listener is bound and credentials are loaded, 503 before and while
+draining); metrics `GET /stats/prometheus` (text exposition written by hand); admin adds `GET /config_dump`,
+`GET /certs`, `POST /drain` and `POST /logging?level=debug|info|warning|error`.
+
+What it does not: keep-alive, chunked bodies, TLS, or anything a real HTTP server does beyond that. Never shows a key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from mtlsmesh import config as config_module
+from mtlsmesh.runtime import Runtime
+
+log = logging.getLogger("mtlsmesh.admin")
+
+MAX_REQUEST = 8192  # bytes of request line + headers; more is refused with 431
+READ_TIMEOUT = 5.0  # seconds to send the whole request head
+MAX_CLIENTS = 64  # concurrent HTTP connections per endpoint; more are closed at once
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+Response = tuple[int, str, bytes]  # status, content type, body
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
+
+
+@dataclass(slots=True)
+class State:
+    """What the endpoints report; the sidecar flips `ready` once everything is bound, and back when draining."""
+
+    ready: bool = False
+    draining: bool = False
+    drain: trio.Event = field(default_factory=trio.Event)
+    bound: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+def render_prometheus(rt: Runtime, state: State) -> bytes:
+    """Counters in the Prometheus text exposition format (version 0.0.4)."""
+    out = [
+        "# HELP mtlsmesh_connections_total Connections handled, by direction, decision and reason.",
+        "# TYPE mtlsmesh_connections_total counter",
+    ]
+    for (direction, decision, reason), count in sorted(rt.stats.connections.items()):
+        out.append(
+            f'mtlsmesh_connections_total{{direction="{direction}",decision="{decision}",reason="{reason}"}} {count}'
+        )
+    out += ["# HELP mtlsmesh_bytes_total Bytes relayed, by direction and side.", "# TYPE mtlsmesh_bytes_total counter"]
+    for (direction, side), count in sorted(rt.stats.bytes.items()):
+        out.append(f'mtlsmesh_bytes_total{{direction="{direction}",side="{side}"}} {count}')
+    out += ["# HELP mtlsmesh_active_connections Open connections.", "# TYPE mtlsmesh_active_connections gauge"]
+    for direction, count in sorted(rt.stats.active.items()):
+        out.append(f'mtlsmesh_active_connections{{direction="{direction}"}} {count}')
+    creds = rt.credentials
+    out += [
+        "# TYPE mtlsmesh_credential_reloads_total counter",
+        f"mtlsmesh_credential_reloads_total {creds.reloads}",
+        "# TYPE mtlsmesh_credential_reload_failures_total counter",
+        f"mtlsmesh_credential_reload_failures_total {creds.reload_failures}",
+        "# TYPE mtlsmesh_certificate_expiry_seconds gauge",
+        f"mtlsmesh_certificate_expiry_seconds {creds.current.not_after.timestamp():.0f}",
+        "# TYPE mtlsmesh_ready gauge",
+        f"mtlsmesh_ready {int(state.ready)}",
+    ]
+    return ("\n".join(out) + "\n").encode()
+
+
+class Endpoints:
+    """Path → answer, for one of the three listeners (`kind`: health, metrics or admin)."""
+
+    def __init__(self, rt: Runtime, state: State, kind: str) -> None:
+        self.rt, self.state, self.kind = rt, state, kind
+
+    def answer(self, method: str, target: str) -> Response:
+        path, _, query = target.partition("?")
+        if path == "/healthz/ready" and self.kind in ("health", "admin"):
+            if method != "GET":
+                return 405, "text/plain", b"use GET\n"
+            if self.state.ready:
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"draining\n" if self.state.draining else b"not ready\n"
+        if path == "/stats/prometheus" and self.kind in ("metrics", "admin"):
+            return 200, "text/plain; version=0.0.4", render_prometheus(self.rt, self.state)
+        if self.kind != "admin":
+            return 404, "text/plain", b"not found\n"
+        if path == "/config_dump" and method == "GET":
+            body = json.dumps(config_module.render_config(self.rt.config), indent=2, sort_keys=True)
+            return 200, "application/json", body.encode() + b"\n"
+        if path == "/certs" and method == "GET":
+            return 200, "application/json", json.dumps(self.rt.credentials.current.describe(), indent=2).encode()
+        if path == "/drain" and method == "POST":
+            self.state.drain.set()
+            return 200, "text/plain", b"draining\n"
+        if path == "/logging" and method == "POST":
+            level = query.removeprefix("level=")
+            if level not in LOG_LEVELS:
+                return 400, "text/plain", f"level must be one of {', '.join(LOG_LEVELS)}\n".encode()
+            logging.getLogger("mtlsmesh").setLevel(level.upper())
+            return 200, "text/plain", f"log level {level}\n".encode()
+        return 404, "text/plain", b"not found\n"
+
+
+async def _read_head(stream: trio.abc.Stream) -> bytes | None:
+    """The request head up to the blank line; None when too big."""
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer:
+        if len(buffer) >= MAX_REQUEST:
+            return None
+        data = await stream.receive_some(MAX_REQUEST - len(buffer))
+        if not data:
+            break
+        buffer += data
+    return bytes(buffer)
+
+
+def _respond(status: int, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+async def _handle(stream: trio.SocketStream, endpoints: Endpoints) -> None:
+    try:
+        with trio.move_on_after(READ_TIMEOUT) as timer:
+            head = await _read_head(stream)
+        if timer.cancelled_caught:
+            response = _respond(408, "text/plain", b"request timeout\n")
+        elif head is None:
+            response = _respond(431, "text/plain", b"request too large\n")
+        else:
+            parts = head.split(b"\n", 1)[0].decode("latin-1").strip().split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+                response = _respond(400, "text/plain", b"bad request\n")
+            else:
+                response = _respond(*endpoints.answer(parts[0], parts[1]))
+        with trio.move_on_after(READ_TIMEOUT):
+            await stream.send_all(response)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; nothing to answer
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_http(
+    listener: trio.SocketListener,
+    endpoints: Endpoints,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve forever, one request per connection, at most MAX_CLIENTS at once."""
+    slots = trio.CapacityLimiter(MAX_CLIENTS)
+    task_status.started()
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                log.warning("event=accept_failed listener=%s error=%r", endpoints.kind, str(exc))
+                await trio.sleep(0.1)
+                continue
+            try:
+                slots.acquire_on_behalf_of_nowait(stream)
+            except trio.WouldBlock:
+                await trio.aclose_forcefully(stream)
+                continue
+            nursery.start_soon(_one, stream, endpoints, slots)
+
+
+async def _one(stream: trio.SocketStream, endpoints: Endpoints, slots: trio.CapacityLimiter) -> None:
+    try:
+        await _handle(stream, endpoints)
+    finally:
+        slots.release_on_behalf_of(stream)
+
+

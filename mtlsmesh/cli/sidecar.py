@@ -1,0 +1,134 @@
+"""`mtlsmesh sidecar`: run the outbound and inbound sidecar of one pod.
+
+Every flag may also come from the environment (MTLSMESH_CONFIG, MTLSMESH_CERT, ...); a flag beats its variable, and
+both beat the config file. Everything is validated (config, flags, credentials) before any listener binds; a bad
+input is one line `mtlsmesh: error: ...` and exit status 2. Logs go to stderr, one key=value line per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
+from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.errors import ConfigError
+from mtlsmesh.identity import parse_trust_domain
+from mtlsmesh.sidecar import serve_sidecar
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
+# flag dest → environment variable
+ENV = {
+    "config": "MTLSMESH_CONFIG",
+    "cert": "MTLSMESH_CERT",
+    "key": "MTLSMESH_KEY",
+    "bundle": "MTLSMESH_BUNDLE",
+    "trust_domain": "MTLSMESH_TRUST_DOMAIN",
+    "inbound_mode": "MTLSMESH_INBOUND_MODE",
+    "log_level": "MTLSMESH_LOG_LEVEL",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("sidecar", help="run the pod's mTLS sidecar", description=__doc__)
+    parser.add_argument("--config", metavar="FILE", help="the sidecar YAML config (env MTLSMESH_CONFIG)")
+    parser.add_argument("--cert", metavar="FILE", help="SVID chain, leaf first (env MTLSMESH_CERT)")
+    parser.add_argument("--key", metavar="FILE", help="SVID private key (env MTLSMESH_KEY)")
+    parser.add_argument("--bundle", metavar="FILE", help="trust bundle (env MTLSMESH_BUNDLE)")
+    parser.add_argument("--trust-domain", metavar="TD", help="trust domain (env MTLSMESH_TRUST_DOMAIN)")
+    parser.add_argument(
+        "--inbound-mode", metavar="MODE", help="strict | permissive | disable (env MTLSMESH_INBOUND_MODE)"
+    )
+    parser.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (env MTLSMESH_LOG_LEVEL)")
+    parser.set_defaults(run=run)
+
+
+def _value(args: argparse.Namespace, name: str) -> str | None:
+    flag = getattr(args, name)
+    if flag is not None:
+        return str(flag)
+    env = os.environ.get(ENV[name])
+    return env if env else None
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config file with flag/environment overrides applied; raises ConfigError naming the flag."""
+    path = _value(args, "config")
+    if path is None:
+        raise ConfigError("--config", "a config file is required (or MTLSMESH_CONFIG)")
+    cfg = load_config(path)
+    trust_domain = _value(args, "trust_domain")
+    if trust_domain is not None:
+        try:
+            cfg = dataclasses.replace(cfg, trust_domain=parse_trust_domain(trust_domain))
+        except Exception as exc:
+            raise ConfigError("--trust-domain", str(exc)) from exc
+    mode = _value(args, "inbound_mode")
+    if mode is not None:
+        try:
+            inbound_mode = Mode(mode.lower())
+        except ValueError:
+            raise ConfigError("--inbound-mode", "expected one of strict, permissive, disable") from None
+        cfg = dataclasses.replace(cfg, inbound=dataclasses.replace(cfg.inbound, mode=inbound_mode))
+    files = {name: _value(args, name) for name in ("cert", "key", "bundle")}
+    if any(files.values()):
+        base = cfg.credentials
+        missing = [name for name, value in files.items() if value is None and base is None]
+        if missing:
+            raise ConfigError(f"--{missing[0]}", "no credentials in the config file: give --cert, --key and --bundle")
+        cfg = dataclasses.replace(
+            cfg,
+            credentials=CredentialFiles(
+                cert=files["cert"] or (base.cert if base else ""),
+                key=files["key"] or (base.key if base else ""),
+                bundle=files["bundle"] or (base.bundle if base else ""),
+                reload_interval=base.reload_interval if base else 2.0,
+            ),
+        )
+    if cfg.credentials is None:
+        raise ConfigError("credentials", "the sidecar needs cert, key and bundle (config or --cert/--key/--bundle)")
+    level = _value(args, "log_level")
+    if level is not None:
+        if level.lower() not in LOG_LEVELS:
+            raise ConfigError("--log-level", f"expected one of {', '.join(LOG_LEVELS)}")
+        cfg = dataclasses.replace(cfg, log_level=level.lower())
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    assert cfg.credentials is not None
+    credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger("mtlsmesh")
+    root.addHandler(handler)
+    root.setLevel(cfg.log_level.upper())
+    root.propagate = False
+
+    async def main() -> None:
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        logging.getLogger("mtlsmesh.sidecar").info("event=signal signal=%s", name)
+                        stop.set()
+                        return
+
+                nursery.start_soon(watch)
+                await serve_sidecar(cfg, credentials, stop=stop)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0

@@ -1,0 +1,131 @@
+"""The inbound handler (DESIGN.md §5): a captured connection to a local app, authenticated and authorized.
+
+What it does, per accepted connection: find the app's address (the original destination, or an explicit listener's
+`forward_to`); unless the port is server-first or its mode is DISABLE, sniff the first bytes (up to
+`sniff.MAX_CLIENT_HELLO`, within `sniff_timeout`) and keep them, so nothing is lost whichever way it goes; a
+ClientHello offering ALPN `mtlsmesh` is mesh traffic: the bytes are replayed into a TLS 1.3 server that requires the
+caller's SVID; anything else is passed through in PERMISSIVE and refused in STRICT. Then the authorization policy
+decides on (caller, port) (a plaintext caller is None), the app is dialed from `inbound.app_source` (127.0.0.6) so the
+dial is not captured again, and the two are relayed.
+
+What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
+A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from mtlsmesh import netio, policy, sniff, tls
+from mtlsmesh.config import Mode
+from mtlsmesh.errors import HandshakeError
+from mtlsmesh.relay import relay
+from mtlsmesh.runtime import DECISION_MTLS, DECISION_PASSTHROUGH, ConnRecord, Runtime, format_addr, refuse
+
+SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (with an ML-KEM share) is ~1.4 KB
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An explicit listener's fixed app address (terminate mode): no original destination, always STRICT mTLS."""
+
+    host: str
+    port: int
+
+
+async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None]:
+    """Read until the sniffer decides, the peer stops sending (EOF: returns what came) or `timeout` passes.
+    The verdict is None on timeout or EOF before a decision."""
+    buffer = bytearray()
+    with trio.move_on_after(timeout):
+        while len(buffer) < sniff.MAX_CLIENT_HELLO:
+            data = await stream.receive_some(min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer)))
+            if not data:
+                return bytes(buffer), None
+            buffer += data
+            verdict = sniff.parse_client_hello(buffer)
+            if verdict.state is not sniff.SniffState.NEED_MORE:
+                return bytes(buffer), verdict
+        return bytes(buffer), sniff.parse_client_hello(buffer)
+    return bytes(buffer), None
+
+
+async def handle_inbound(
+    rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, target: Target | None = None
+) -> None:
+    cfg = rt.config
+    if target is None:
+        try:
+            ip, port = rt.orig_dst(downstream)
+        except OSError as exc:
+            await refuse(downstream, rec, f"no_orig_dst: {exc.strerror or exc}")
+            return
+        app_host = str(ip)
+        mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
+    else:
+        app_host, port = target.host, target.port
+        mode, server_first = Mode.STRICT, False
+    rec.orig_dst = format_addr(app_host, port)
+
+    prefix = b""
+    if mode is Mode.DISABLE:
+        mesh = False
+    elif server_first:
+        mesh = mode is Mode.STRICT  # STRICT: it must be mTLS anyway, the handshake tells; else never sniffed
+    else:
+        try:
+            prefix, verdict = await sniff_stream(downstream, cfg.inbound.sniff_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await refuse(downstream, rec, f"reset_by_downstream: during sniff: {exc}")
+            return
+        mesh = verdict is not None and sniff.is_mesh(verdict)
+        if not mesh and mode is Mode.STRICT:
+            if verdict is None:
+                why = f"sniff_timeout: {len(prefix)} bytes, no complete ClientHello"
+            elif verdict.state is sniff.SniffState.CLIENT_HELLO:
+                why = f"not_mesh: TLS without ALPN mtlsmesh (alpn={','.join(verdict.alpn) or 'none'})"
+            else:
+                why = f"not_mesh: {verdict.reason or 'not TLS'}"
+            await refuse(downstream, rec, why)
+            return
+    front: trio.abc.HalfCloseableStream = netio.ReplayStream(downstream, prefix)
+
+    caller = None
+    if mesh:
+        try:
+            with trio.fail_after(cfg.timeouts.handshake):
+                tls_stream = await tls.open_mtls(
+                    front,
+                    rt.credentials.current.server_context,
+                    tls.Side.SERVER,
+                    cfg.trust_domain,
+                    peer=rec.client_addr,
+                )
+        except (HandshakeError, trio.TooSlowError) as exc:
+            reason = f"handshake: {exc.reason}" if isinstance(exc, HandshakeError) else "handshake_timeout"
+            await refuse(downstream, rec, reason)
+            return
+        caller = tls_stream.peer_id
+        rec.peer_id = str(caller)
+        front = tls_stream
+    rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
+
+    decision = policy.authorize(cfg.authorization, caller, port)
+    if not decision.allowed:
+        await refuse(front, rec, f"denied: {decision.reason}")
+        return
+
+    source = cfg.inbound.app_source if target is None else None
+    try:
+        app = await rt.dial(app_host, port, timeout=cfg.timeouts.connect, source=source)
+    except trio.TooSlowError:
+        await refuse(front, rec, "connect_timeout", decision=rec.decision)
+        return
+    except OSError as exc:
+        await refuse(front, rec, f"connect_failed: {exc.strerror or exc}", decision=rec.decision)
+        return
+    result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
+    rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream
+    rec.reason = result.reason

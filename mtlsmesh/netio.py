@@ -1,0 +1,156 @@
+"""Socket-level helpers for the sidecar: the original destination, dialing, abortive close, replaying streams.
+
+What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`), dials
+with a connect timeout and an optional source address (`dial`), closes a connection with an RST (`abort_close`),
+and `ReplayStream` hands back bytes already read from a stream (the inbound sniffer's peek-by-buffering).
+
+What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see `tls`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import struct
+
+import trio
+
+from mtlsmesh.config import IPAddress
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, at level SOL_IP
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV6
+SOL_IP = getattr(socket, "SOL_IP", 0)
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+IP_FREEBIND = 15  # linux/in.h: bind to an address not (yet) configured on an interface
+IPV6_FREEBIND = 78  # linux/in6.h
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, IPv4 address, padding
+_SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, IPv6 address, scope id
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on with a zero timeout: close() sends RST, drops unsent data
+
+
+def local_ip(sock: trio.socket.SocketType) -> IPAddress:
+    """The socket's own address as the family it really is: `::ffff:a.b.c.d` on a dual-stack socket is IPv4."""
+    ip = ipaddress.ip_address(sock.getsockname()[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def original_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
+    """The destination the client dialed before a REDIRECT/DNAT rule sent it to us. Raises OSError when the kernel
+    has none (no conntrack entry, not a redirected connection)."""
+    sock = stream.socket
+    # The family of the *connection*, not of the socket: a v6 socket accepting an IPv4 client (a mapped address)
+    # has its NAT entry in the IPv4 table.
+    if local_ip(sock).version == 4:
+        raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+        port, packed = _SOCKADDR_IN.unpack(raw[: _SOCKADDR_IN.size])
+        return ipaddress.IPv4Address(packed), port
+    raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+    port, _flow, packed6, _scope = _SOCKADDR_IN6.unpack(raw[: _SOCKADDR_IN6.size])
+    return ipaddress.IPv6Address(packed6), port
+
+
+async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None = None) -> trio.SocketStream:
+    """Connect to `host`:`port` within `timeout` seconds, from `source` when given (port chosen by the kernel).
+
+    Raises OSError (refused, unreachable, bad source) or trio.TooSlowError (connect timeout)."""
+    with trio.fail_after(timeout):
+        try:
+            ip = ipaddress.ip_address(host)
+            targets: list[tuple[int, str]] = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
+        except ValueError:  # a name (explicit forward_to): resolve it, first answer that connects wins
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            targets = [(int(info[0]), str(info[4][0])) for info in infos]
+            if not targets:
+                raise OSError(f"{host} resolves to no address") from None
+        last_error: OSError | None = None
+        for family, address in targets:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                if source is not None:
+                    await _bind_source(sock, family, source)
+                await sock.connect((address, port))
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return trio.SocketStream(sock)
+        assert last_error is not None
+        raise last_error
+
+
+async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddress) -> None:
+    if family == socket.AF_INET6 and source.version == 4:
+        # 127.0.0.6 has an IPv6 twin, ::6 (DESIGN.md §3); it sits on no interface, hence FREEBIND.
+        source = ipaddress.IPv6Address("::6") if source == ipaddress.IPv4Address("127.0.0.6") else source
+        if source.version == 4:
+            return  # no sensible IPv6 source for this IPv4 address: let the kernel pick
+    if family == socket.AF_INET and source.version == 6:
+        return
+    if source.version == 6:
+        sock.setsockopt(SOL_IPV6, IPV6_FREEBIND, 1)
+    # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo.
+    await sock.bind((str(source), 0))
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a stack of wrapping streams (each exposing `transport_stream`), if there is one."""
+    seen = 0
+    while not isinstance(stream, trio.SocketStream):
+        inner = getattr(stream, "transport_stream", None)
+        if inner is None or seen > 8:
+            return None
+        stream, seen = inner, seen + 1
+    return stream.socket
+
+
+async def abort_close(stream: trio.abc.Stream) -> None:
+    """Close at once; when a socket is underneath, with an RST (SO_LINGER 0) so the peer sees the abort."""
+    sock = socket_of(stream)
+    if sock is not None:
+        # Already closed or never connected: a plain close is all there is.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    if sock is not None and isinstance(stream, trio.SocketStream):
+        await trio.aclose_forcefully(stream)
+        return
+    # A wrapper (TLS): don't let it try a graceful close_notify; close the socket directly, then the wrapper.
+    if sock is not None:
+        sock.close()
+    await trio.aclose_forcefully(stream)
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns `prefix` (bytes already read from `transport_stream`), then reads on."""
+
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = memoryview(prefix) if prefix else None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix is not None:
+            n = len(self._prefix) if max_bytes is None else min(max_bytes, len(self._prefix))
+            chunk, rest = self._prefix[:n], self._prefix[n:]
+            self._prefix = rest if rest else None
+            await trio.lowlevel.checkpoint()
+            return bytes(chunk)
+        return bytes(await self.transport_stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        self._prefix = None
+        await self.transport_stream.aclose()

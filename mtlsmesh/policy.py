@@ -1,0 +1,115 @@
+"""Decisions the sidecar takes from config alone: who may call an inbound port, and how an outbound flow leaves.
+
+`authorize(rules, caller, port)` applies the authorization rules to an authenticated caller (or to None, a
+plaintext caller in PERMISSIVE mode). `route_outbound(cfg, dst_ip, dst_port)` says whether an outbound connection
+goes to the mesh (mTLS, with the server identities to expect), passes through as plain TCP, or is refused.
+
+Both are pure functions over frozen values; each answer carries a short reason for the connection log. What this
+module does not do: validate rules (the config parser did that), or look at certificates (`svid` extracts the
+caller's SPIFFE ID after OpenSSL verified the chain).
+
+Authorization semantics (those of Istio's AuthorizationPolicy, reduced to principals and ports):
+  1. a DENY rule that covers the port and matches the caller refuses, whatever else says (DENY beats ALLOW);
+  2. if ALLOW rules cover the port, the caller must match one of them;
+  3. if none does, the port is open to every caller that was not denied.
+A rule with no ports covers every port. A principal is an exact SPIFFE ID, a prefix pattern `spiffe://td/ns/x/*`
+that matches IDs below that path, or `*` for any authenticated caller. A plaintext caller (None) matches nothing:
+it passes rule 3 but never rule 2, and no DENY rule can name it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mtlsmesh.config import Action, AuthzRule, IPAddress, OutboundConfig, OutboundPolicy
+from mtlsmesh.identity import SpiffeId
+
+ANY_PRINCIPAL = "*"
+PREFIX_SUFFIX = "/*"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: int | None  # index of the deciding rule in the configured list; None when no single rule decided
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class RouteKind(enum.Enum):
+    MTLS = "mtls"  # inside the mesh: originate mTLS, verify the server's SPIFFE ID
+    PASSTHROUGH = "passthrough"  # outside the mesh, ALLOW_ANY: relay plain TCP untouched
+    REFUSE = "refuse"  # outside the mesh, REGISTRY_ONLY: reset the app's connection
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    identities: tuple[SpiffeId, ...]  # MTLS only: expected server IDs; empty means any ID of our trust domain
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def principal_matches(principal: str, caller: SpiffeId | None) -> bool:
+    """Whether one configured principal (exact ID, `.../*` prefix or `*`) matches the caller."""
+    if caller is None:
+        return False
+    if principal == ANY_PRINCIPAL:
+        return True
+    caller_text = str(caller)
+    if principal.endswith(PREFIX_SUFFIX):
+        # Keep the '/' so that spiffe://td/ns/default/* cannot match spiffe://td/ns/defaultx/...
+        return caller_text.startswith(principal[:-1])
+    return caller_text == principal
+
+
+def rule_matches(rule: AuthzRule, caller: SpiffeId | None) -> bool:
+    return any(principal_matches(principal, caller) for principal in rule.principals)
+
+
+def covers_port(rule: AuthzRule, port: int) -> bool:
+    return not rule.ports or port in rule.ports
+
+
+def authorize(rules: Sequence[AuthzRule], caller: SpiffeId | None, port: int) -> Decision:
+    """Apply the rules to `caller` (None: a plaintext caller) connecting to the app's `port`."""
+    who = str(caller) if caller is not None else "plaintext caller"
+    allow_rules: list[int] = []
+    for index, rule in enumerate(rules):
+        if not covers_port(rule, port):
+            continue
+        if rule.action is Action.DENY:
+            if rule_matches(rule, caller):
+                return Decision(False, index, f"rule {index} DENY matches {who} on port {port}")
+        else:
+            allow_rules.append(index)
+    if not allow_rules:
+        return Decision(True, None, f"no ALLOW rule covers port {port}")
+    for index in allow_rules:
+        if rule_matches(rules[index], caller):
+            return Decision(True, index, f"rule {index} ALLOW matches {who} on port {port}")
+    shown = ", ".join(str(index) for index in allow_rules)
+    return Decision(False, None, f"{who} matches no ALLOW rule for port {port} (rules {shown})")
+
+
+def route_outbound(cfg: OutboundConfig, dst_ip: IPAddress, dst_port: int) -> Route:
+    """Where an outbound connection to `dst_ip`:`dst_port` goes: the first matching destination decides."""
+    # An IPv4 peer reached through a dual-stack socket shows up as ::ffff:a.b.c.d; match it as the IPv4 it is.
+    if isinstance(dst_ip, ipaddress.IPv6Address) and dst_ip.ipv4_mapped is not None:
+        dst_ip = dst_ip.ipv4_mapped
+    for index, destination in enumerate(cfg.destinations):
+        if destination.ports and dst_port not in destination.ports:
+            continue
+        if destination.cidrs and not any(dst_ip in cidr for cidr in destination.cidrs):
+            continue
+        return Route(RouteKind.MTLS, destination.identities, f"destination {index} matches {dst_ip} port {dst_port}")
+    if cfg.policy is OutboundPolicy.REGISTRY_ONLY:
+        return Route(RouteKind.REFUSE, (), f"no destination matches {dst_ip} port {dst_port} (REGISTRY_ONLY)")
+    return Route(RouteKind.PASSTHROUGH, (), f"no destination matches {dst_ip} port {dst_port} (ALLOW_ANY)")

@@ -1,0 +1,124 @@
+"""The relay: two streams joined so that the tunnel behaves like the TCP connection it carries (DESIGN.md §6).
+
+What it does: copies bytes both ways with backpressure (one fixed-size read at a time per direction, each written out
+before the next read, so a slow reader slows the writer and nothing buffers without bound); maps a clean end of one
+direction (FIN, or TLS close_notify) to `send_eof` on the other side while the other direction keeps flowing; maps a
+failure on either side (an RST, a broken TLS record, a truncation) to an abortive close of both, so the far ends see a
+reset too; enforces an optional idle timeout; counts bytes and says why the relay ended.
+
+What it does not: open, authenticate or authorize anything (see `outbound`, `inbound`); it owns the two streams
+once called and closes both before it returns.
+
+Theory of operation: one task per direction, both under one cancel scope whose deadline is pushed forward on every
+chunk when an idle timeout is set. A direction that ends cleanly just returns. The first failure records its reason
+and cancels the scope; both streams are then closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is
+underneath). When both directions end cleanly both streams are closed gracefully.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from mtlsmesh import netio
+
+CHUNK = 65536  # bytes per read; the TLS stream returns at most one 16 KiB record per read whatever we ask
+CLOSE_GRACE = 2.0  # seconds a graceful close may take (a close_notify to a peer that stopped reading) before giving up
+
+REASON_CLOSED = "closed"  # both directions ended with FIN / close_notify
+REASON_IDLE = "idle_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """Bytes copied each way and why the relay ended (`closed`, `idle_timeout`, `reset_by_<side>`, ...)."""
+
+    downstream_to_upstream: int
+    upstream_to_downstream: int
+    reason: str
+    aborted: bool
+
+
+class _Pump:
+    __slots__ = ("copied", "dst", "dst_name", "src", "src_name")
+
+    def __init__(self, src: trio.abc.Stream, dst: trio.abc.Stream, src_name: str, dst_name: str) -> None:
+        self.src, self.dst, self.src_name, self.dst_name = src, dst, src_name, dst_name
+        self.copied = 0
+
+
+async def relay(
+    downstream: trio.abc.HalfCloseableStream,
+    upstream: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout: float | None = None,
+    downstream_name: str = "downstream",
+    upstream_name: str = "upstream",
+) -> RelayResult:
+    """Relay until both directions end or one fails; close both streams; return the counts and the reason."""
+    failure: list[str] = []
+    scope = trio.CancelScope()
+    forward = _Pump(downstream, upstream, downstream_name, upstream_name)
+    backward = _Pump(upstream, downstream, upstream_name, downstream_name)
+
+    async def pump(p: _Pump) -> None:
+        src, dst = p.src, p.dst
+        while True:
+            try:
+                data = await src.receive_some(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                failure.append(f"reset_by_{p.src_name}: {_why(exc)}")
+                scope.cancel()
+                return
+            if idle_timeout is not None:
+                scope.deadline = trio.current_time() + idle_timeout
+            try:
+                if not data:
+                    # Half-close: the other direction goes on (TLS 1.3 close_notify / TCP FIN).
+                    if isinstance(dst, trio.abc.HalfCloseableStream):
+                        await dst.send_eof()
+                    return
+                await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                failure.append(f"reset_by_{p.dst_name}: {_why(exc)}")
+                scope.cancel()
+                return
+            p.copied += len(data)
+
+    aborted = True
+    try:
+        with scope:
+            if idle_timeout is not None:
+                scope.deadline = trio.current_time() + idle_timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, forward)
+                nursery.start_soon(pump, backward)
+        if failure:
+            reason = failure[0]
+        elif scope.cancelled_caught:
+            reason = REASON_IDLE
+        else:
+            reason = REASON_CLOSED
+            aborted = False
+    finally:
+        # Reached on every path, including an outer cancellation (drain): never leave a stream open.
+        if aborted:
+            await netio.abort_close(downstream)
+            await netio.abort_close(upstream)
+        else:
+            with trio.move_on_after(CLOSE_GRACE) as grace:
+                grace.shield = True
+                await downstream.aclose()
+                await upstream.aclose()
+            if grace.cancelled_caught:
+                await netio.abort_close(downstream)
+                await netio.abort_close(upstream)
+    return RelayResult(forward.copied, backward.copied, reason, aborted)
+
+
+def _why(exc: BaseException) -> str:
+    cause = exc.__cause__
+    text = str(cause) if cause is not None and str(cause) else str(exc)
+    return text[:120] or type(exc).__name__
+

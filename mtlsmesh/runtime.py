@@ -1,0 +1,218 @@
+"""What the listeners share: the dependency bundle, the per-connection record and log line, counters, and the accept
+loop that puts a boundary around every connection.
+
+What it does: `Runtime` carries the config, the credential store, the original-destination lookup and the dialer
+(parameters, so tests run the handlers on loopback without root or iptables), the counters and the connection
+tracker. `serve_listener` accepts connections, enforces `max_connections`, and runs each handler inside
+`_run_connection`, which catches every error (no handler error may stop the server: trio's `serve_listeners` would
+let it), closes what is left, counts the connection and logs exactly one key=value line for it.
+
+What it does not: decide what happens to a connection (see `outbound`, `inbound`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from mtlsmesh import netio
+from mtlsmesh.config import Config, IPAddress
+from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.errors import MeshError
+
+log = logging.getLogger("mtlsmesh.conn")
+
+OrigDstLookup = Callable[[trio.SocketStream], tuple[IPAddress, int]]
+
+
+# `await dial(host, port, timeout=seconds, source=ip_or_None)`, like `netio.dial`; raises OSError/TooSlowError.
+DialFn = Callable[..., Awaitable[trio.abc.HalfCloseableStream]]
+
+DECISION_MTLS = "mtls"
+DECISION_PASSTHROUGH = "passthrough"
+DECISION_REFUSE = "refuse"
+
+
+def format_addr(ip: IPAddress | str, port: int) -> str:
+    text = str(ip)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def peer_addr(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "-"
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return format_addr(ip, int(port))
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\\n\t'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def render_kv(fields: dict[str, object]) -> str:
+    """One log line: `key=value` pairs, values quoted when they hold spaces or quotes."""
+    return " ".join(f"{key}={_quote(value)}" for key, value in fields.items())
+
+
+@dataclass(slots=True)
+class ConnRecord:
+    """What one connection's log line says; handlers fill it as they go. bytes_in: received from the accepted
+    (downstream) side and forwarded; bytes_out: sent back to it."""
+
+    direction: str
+    listener: str
+    client_addr: str = "-"
+    orig_dst: str = "-"
+    peer_id: str = "-"
+    decision: str = "-"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reason: str = "-"
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        return render_kv(
+            {
+                "dir": self.direction,
+                "listener": self.listener,
+                "client": self.client_addr,
+                "orig_dst": self.orig_dst,
+                "peer_id": self.peer_id,
+                "decision": self.decision,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "duration_ms": int((time.monotonic() - self.started) * 1000),
+                "reason": self.reason,
+            }
+        )
+
+
+def reason_class(reason: str) -> str:
+    """The bounded-cardinality part of a reason (`handshake: bad cert` → `handshake`) for metric labels."""
+    return reason.split(":", 1)[0].strip().replace(" ", "_")[:40] or "-"
+
+
+class Stats:
+    """Counters for /stats/prometheus: connections by direction/decision/reason, bytes by direction."""
+
+    def __init__(self) -> None:
+        self.connections: Counter[tuple[str, str, str]] = Counter()
+        self.bytes: Counter[tuple[str, str]] = Counter()
+        self.active: Counter[str] = Counter()
+
+    def record(self, rec: ConnRecord) -> None:
+        self.connections[(rec.direction, rec.decision, reason_class(rec.reason))] += 1
+        self.bytes[(rec.direction, "in")] += rec.bytes_in
+        self.bytes[(rec.direction, "out")] += rec.bytes_out
+
+
+class Tracker:
+    """Counts open connections for `max_connections` and tells the drain when the last one ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.draining = False
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def opened(self) -> None:
+        self.active += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def closed(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The one dependency bundle handed to every listener and handler."""
+
+    config: Config
+    credentials: CredentialStore
+    orig_dst: OrigDstLookup = netio.original_dst
+    dial: DialFn = netio.dial
+    stats: Stats = field(default_factory=Stats)
+    tracker: Tracker = field(default_factory=lambda: Tracker(10_000))
+
+
+Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
+
+
+async def refuse(stream: trio.abc.Stream, rec: ConnRecord, reason: str, *, decision: str = DECISION_REFUSE) -> None:
+    """Close the accepted connection with an RST (its connect() succeeded against us; a reset is the honest answer)."""
+    rec.decision = decision
+    rec.reason = reason
+    await netio.abort_close(stream)
+
+
+async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
+    try:
+        await handler(rt, stream, rec)
+    except trio.Cancelled:
+        rec.reason = "drain_timeout" if rt.tracker.draining else "cancelled"
+        raise
+    except MeshError as exc:
+        rec.reason = f"error: {exc}"
+    except Exception as exc:  # a bug: log it on the line and keep serving everyone else
+        rec.reason = f"internal_error: {type(exc).__name__}: {exc}"
+        logging.getLogger("mtlsmesh").debug("internal error", exc_info=True)
+    finally:
+        with trio.CancelScope(shield=True):
+            # Handlers close what they open; this catches what an error left open (a no-op on a closed stream).
+            await netio.abort_close(stream)
+        rt.tracker.closed()
+        rt.stats.active[rec.direction] -= 1
+        rt.stats.record(rec)
+        log.info("%s", rec.line())
+
+
+async def serve_listener(
+    rt: Runtime,
+    listener: trio.SocketListener,
+    name: str,
+    direction: str,
+    handler: Handler,
+    connections: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept forever; run each connection in `connections` (a nursery that outlives the accept loop, so a drain
+    can stop accepting and still let open connections finish)."""
+    task_status.started()
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: trio does not retry these; back off and go on
+                log.warning("event=accept_failed listener=%s error=%r", name, str(exc))
+                await trio.sleep(0.1)
+                continue
+            rec = ConnRecord(direction, name, client_addr=peer_addr(stream))
+            if rt.tracker.active >= rt.tracker.limit:
+                await refuse(stream, rec, "limit: max_connections reached")
+                rt.stats.record(rec)
+                log.info("%s", rec.line())
+                continue
+            rt.tracker.opened()
+            rt.stats.active[direction] += 1
+            connections.start_soon(_run_connection, rt, handler, stream, rec)

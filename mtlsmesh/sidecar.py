@@ -1,0 +1,137 @@
+"""The sidecar process: build everything, bind every listener, then serve; drain on SIGTERM.
+
+What it does: `prepare` validates the inputs (config already parsed, credentials loaded and checked) before anything
+binds. `serve_sidecar` binds the outbound and inbound listeners, the explicit listeners and the health, metrics and
+admin endpoints (a bind failure is a `ConfigError` naming the listener), reports ready, and serves. When `stop` is
+set (SIGTERM, or the admin's POST /drain) it stops accepting, reports not-ready, lets open connections finish for
+`timeouts.drain` seconds and then cancels what is left.
+
+What it does not: parse flags (see `cli.sidecar`) or handle a connection (see `outbound`, `inbound`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from mtlsmesh import admin, inbound, netio, outbound
+from mtlsmesh.config import Config, ExplicitMode, ListenAddr
+from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.errors import ConfigError
+from mtlsmesh.runtime import DialFn, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
+
+log = logging.getLogger("mtlsmesh.sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class _Listen:
+    name: str  # outbound, inbound, explicit name, health, metrics, admin
+    path: str  # where in the config file it comes from, for bind errors
+    addr: ListenAddr
+    direction: str  # outbound / inbound / http
+    handler: Handler | None  # None: an HTTP endpoint
+
+
+def _plan(cfg: Config) -> list[_Listen]:
+    plan: list[_Listen] = []
+    if cfg.outbound.enabled:
+        plan.append(_Listen("outbound", "outbound.listen", cfg.outbound.listen, "outbound", outbound.handle_outbound))
+    if cfg.inbound.enabled:
+        plan.append(_Listen("inbound", "inbound.listen", cfg.inbound.listen, "inbound", inbound.handle_inbound))
+    for index, entry in enumerate(cfg.explicit):
+        handler: Handler
+        if entry.mode is ExplicitMode.ORIGINATE:
+            target = outbound.Target(entry.forward_to.host, entry.forward_to.port, entry.identities)
+            handler = functools.partial(outbound.handle_outbound, target=target)
+            direction = "outbound"
+        else:
+            handler = functools.partial(
+                inbound.handle_inbound, target=inbound.Target(entry.forward_to.host, entry.forward_to.port)
+            )
+            direction = "inbound"
+        plan.append(_Listen(entry.name, f"explicit.{index}.listen", entry.listen, direction, handler))
+    for name, addr in (("health", cfg.health_listen), ("metrics", cfg.metrics_listen), ("admin", cfg.admin_listen)):
+        if addr is not None:
+            plan.append(_Listen(name, f"{name}.listen", addr, "http", None))
+    return plan
+
+
+async def _bind(item: _Listen) -> list[trio.SocketListener]:
+    try:
+        return list(await trio.open_tcp_listeners(item.addr.port, host=item.addr.host, backlog=1024))
+    except OSError as exc:
+        hint = " (address in use)" if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(item.path, f"cannot listen on {item.addr}: {exc.strerror or exc}{hint}") from exc
+
+
+async def serve_sidecar(
+    cfg: Config,
+    credentials: CredentialStore,
+    *,
+    stop: trio.Event | None = None,
+    orig_dst: OrigDstLookup = netio.original_dst,
+    dial: DialFn = netio.dial,
+    task_status: trio.TaskStatus[tuple[Runtime, admin.State]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind everything, report `(runtime, state)` through `task_status` (`state.bound` has the real ports), serve
+    until `stop` (or the admin's drain) is set, then drain and return."""
+    rt = Runtime(cfg, credentials, orig_dst=orig_dst, dial=dial, tracker=Tracker(cfg.max_connections))
+    state = admin.State()
+    bound: list[tuple[_Listen, list[trio.SocketListener]]] = []
+    try:
+        for item in _plan(cfg):
+            listeners = await _bind(item)
+            bound.append((item, listeners))
+            host, port = listeners[0].socket.getsockname()[:2]
+            state.bound[item.name] = (str(host), int(port))
+    except BaseException:
+        for _, listeners in bound:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+        raise
+
+    async with trio.open_nursery() as top:
+        top.start_soon(credentials.serve_reload)
+        for item, listeners in bound:
+            if item.handler is None:
+                for listener in listeners:
+                    top.start_soon(admin.serve_http, listener, admin.Endpoints(rt, state, item.name))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for item, listeners in bound:
+                    if item.handler is not None:
+                        for listener in listeners:
+                            accepting.start_soon(
+                                serve_listener, rt, listener, item.name, item.direction, item.handler, connections
+                            )
+                state.ready = True
+                log.info(
+                    "event=ready spiffe_id=%s listeners=%s",
+                    credentials.current.spiffe_id,
+                    ",".join(f"{name}={host}:{port}" for name, (host, port) in state.bound.items()),
+                )
+                task_status.started((rt, state))
+                async with trio.open_nursery() as waiters:
+                    if stop is not None:
+                        waiters.start_soon(_set_when, stop, state.drain)
+                    await state.drain.wait()
+                    waiters.cancel_scope.cancel()
+                state.ready = False
+                state.draining = True
+                rt.tracker.draining = True
+                accepting.cancel_scope.cancel()  # closes the listeners: new connections are refused by the kernel
+            log.info("event=draining open=%d timeout_s=%s", rt.tracker.active, cfg.timeouts.drain)
+            with trio.move_on_after(cfg.timeouts.drain):
+                await rt.tracker.wait_idle()
+            connections.cancel_scope.cancel()
+        log.info("event=stopped")
+        top.cancel_scope.cancel()
+
+
+async def _set_when(source: trio.Event, target: trio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -1,0 +1,217 @@
+"""Shared pieces for the sidecar integration tests: a PKI in a temporary directory, apps, and in-process sidecars.
+
+Everything runs on loopback in the test's own trio loop. The sidecars are the real `serve_sidecar` with real
+listeners, real TLS and real sockets; only the original-destination lookup is injected (there is no iptables
+here), which is exactly the parameter the design leaves open for this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from mtlsmesh import admin, ca
+from mtlsmesh.config import (
+    AuthzRule,
+    Config,
+    CredentialFiles,
+    Destination,
+    ExplicitListener,
+    ExplicitMode,
+    InboundConfig,
+    IPAddress,
+    ListenAddr,
+    Mode,
+    OutboundConfig,
+    Timeouts,
+)
+from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.identity import SpiffeId, TrustDomain, workload_id
+from mtlsmesh.runtime import Runtime
+from mtlsmesh.sidecar import serve_sidecar
+
+TD = TrustDomain("cluster.local")
+LOOPBACK = "127.0.0.1"
+ANY_PORT = ListenAddr(LOOPBACK, 0)
+LOOPBACK_NET = ipaddress.ip_network("127.0.0.1/32")
+
+
+class Pki:
+    """One CA (optionally with an intermediate) and helpers that write SVIDs into directories."""
+
+    def __init__(self, root: Path, *, intermediate: bool = False, trust_domain: TrustDomain = TD) -> None:
+        self.root = root
+        self.now = datetime.now(UTC)
+        self.authority = ca.create_ca(trust_domain, now=self.now, intermediate=intermediate)
+
+    def issue(
+        self, name: str, namespace: str = "default", service_account: str | None = None, **kwargs: object
+    ) -> CredentialFiles:
+        spiffe_id = workload_id(self.authority.trust_domain, namespace, service_account or name)
+        issued = ca.issue_svid(self.authority, spiffe_id, now=kwargs.pop("now", self.now), **kwargs)  # type: ignore[arg-type]
+        directory = self.root / name
+        issued.write_to_dir(directory, force=True)
+        return files_in(directory)
+
+    def id_of(self, name: str, namespace: str = "default") -> SpiffeId:
+        return workload_id(self.authority.trust_domain, namespace, name)
+
+
+def files_in(directory: Path, reload_interval: float = 0.2) -> CredentialFiles:
+    return CredentialFiles(
+        str(directory / "cert.pem"), str(directory / "key.pem"), str(directory / "bundle.pem"), reload_interval
+    )
+
+
+def base_config(files: CredentialFiles, **changes: object) -> Config:
+    """A config with every listener on an ephemeral loopback port and short timeouts."""
+    cfg = Config(
+        trust_domain=TD,
+        credentials=files,
+        outbound=OutboundConfig(enabled=False, listen=ANY_PORT),
+        inbound=InboundConfig(enabled=False, listen=ANY_PORT, sniff_timeout=0.5),
+        timeouts=Timeouts(handshake=2.0, connect=1.0, idle=None, drain=1.0),
+        admin_listen=ANY_PORT,
+        health_listen=ANY_PORT,
+        metrics_listen=ANY_PORT,
+    )
+    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_sidecar(
+    cfg: Config,
+    *,
+    orig_dst: Callable[[trio.SocketStream], tuple[IPAddress, int]] | None = None,
+) -> AsyncIterator[tuple[Runtime, admin.State]]:
+    """Start a sidecar in this trio loop; yield once every listener is bound; drain and stop at exit."""
+    assert cfg.credentials is not None
+    store = CredentialStore.load(cfg.credentials, cfg.trust_domain)
+    stop = trio.Event()
+    kwargs = {} if orig_dst is None else {"orig_dst": orig_dst}
+    async with trio.open_nursery() as nursery:
+        rt, state = await nursery.start(functools.partial(serve_sidecar, cfg, store, stop=stop, **kwargs))
+        try:
+            yield rt, state
+        finally:
+            stop.set()
+
+
+def fixed_dst(ip: str, port: int) -> Callable[[trio.SocketStream], tuple[IPAddress, int]]:
+    address = ipaddress.ip_address(ip)
+    return lambda stream: (address, port)
+
+
+AppHandler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def app_server(handler: AppHandler, host: str = LOOPBACK) -> AsyncIterator[tuple[int, list[str]]]:
+    """A plain TCP app; yields its port and the list of client addresses it saw (to check 127.0.0.6)."""
+    seen: list[str] = []
+
+    async def wrapped(stream: trio.SocketStream) -> None:
+        seen.append(stream.socket.getpeername()[0])
+        try:
+            await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, wrapped, 0, host=host))
+        yield listeners[0].socket.getsockname()[1], seen
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back: the reply ends where the request did."""
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+async def hashing_sink(stream: trio.SocketStream) -> None:
+    """Read everything, then answer with the SHA-256 of what came (the 1 GiB test)."""
+    digest = hashlib.sha256()
+    while data := await stream.receive_some(65536):
+        digest.update(data)
+    await stream.send_all(digest.hexdigest().encode())
+    await stream.send_eof()
+
+
+async def connect(port: int, host: str = LOOPBACK) -> trio.SocketStream:
+    return await trio.open_tcp_stream(host, port)
+
+
+async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 24) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some(65536):
+        out += data
+        assert len(out) <= limit
+    return bytes(out)
+
+
+@asynccontextmanager
+async def mesh_pair(
+    pki: Pki,
+    app_port: int,
+    *,
+    client: str = "productpage",
+    server: str = "reviews",
+    server_changes: dict[str, object] | None = None,
+    client_changes: dict[str, object] | None = None,
+    identities: tuple[SpiffeId, ...] = (),
+) -> AsyncIterator[tuple[int, Runtime, Runtime]]:
+    """Client sidecar (outbound listener) → server sidecar (inbound listener) → app on `app_port`.
+
+    The client's original destination is the server sidecar's inbound listener (as if iptables had sent the app's
+    connection to the pod IP:app_port, which the peer's capture redirects to its 15006); the server's original
+    destination is the app. Yields the port apps connect to and both runtimes."""
+    server_cfg = base_config(pki.issue(server), inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5))
+    server_cfg = dataclasses.replace(server_cfg, **(server_changes or {}))  # type: ignore[arg-type]
+    async with running_sidecar(server_cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (server_rt, server_state):
+        inbound_port = server_state.bound["inbound"][1]
+        client_cfg = base_config(
+            pki.issue(client),
+            outbound=OutboundConfig(
+                enabled=True,
+                listen=ANY_PORT,
+                destinations=(Destination((LOOPBACK_NET,), frozenset({inbound_port}), identities),),
+            ),
+        )
+        client_cfg = dataclasses.replace(client_cfg, **(client_changes or {}))  # type: ignore[arg-type]
+        async with running_sidecar(client_cfg, orig_dst=fixed_dst(LOOPBACK, inbound_port)) as (client_rt, state):
+            yield state.bound["outbound"][1], client_rt, server_rt
+
+
+__all__ = [
+    "ANY_PORT",
+    "LOOPBACK",
+    "TD",
+    "AuthzRule",
+    "ExplicitListener",
+    "ExplicitMode",
+    "Mode",
+    "Pki",
+    "app_server",
+    "base_config",
+    "connect",
+    "echo",
+    "files_in",
+    "fixed_dst",
+    "hashing_sink",
+    "mesh_pair",
+    "read_all",
+    "running_sidecar",
+    "timedelta",
+]

@@ -1,0 +1,287 @@
+"""The TLS stream: trio's stream contract over memory and lockstep pairs, and every peer the sidecars must refuse.
+
+In TLS 1.3 the client's handshake finishes before the server has judged the client's certificate, so a refusal by
+the server reaches the client only at its first read (DESIGN.md §11): refusal tests read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL
+from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memory_stream_pair
+
+from mtlsmesh import ca, tls
+from mtlsmesh.errors import HandshakeError
+from mtlsmesh.identity import SpiffeId, TrustDomain, parse_spiffe_id, workload_id
+
+TD = TrustDomain("cluster.local")
+NOW = datetime.now(UTC)
+IO = 10.0
+
+
+def material_for(authority: ca.Authority, spiffe_id: SpiffeId, **kwargs: object) -> tls.Material:
+    issued = ca.issue_svid(authority, spiffe_id, now=kwargs.pop("now", NOW), **kwargs)  # type: ignore[arg-type]
+    assert issued.key is not None
+    return tls.Material((issued.cert, *issued.chain), issued.key, issued.roots)
+
+
+@pytest.fixture(scope="module")
+def authority() -> ca.Authority:
+    return ca.create_ca(TD, now=NOW - timedelta(days=3), intermediate=True)  # old enough to sign an expired leaf
+
+
+@pytest.fixture(scope="module")
+def contexts(authority: ca.Authority) -> tuple[SSL.Context, SSL.Context]:
+    client = tls.build_context(material_for(authority, workload_id(TD, "default", "client")), tls.Side.CLIENT)
+    server = tls.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    return client, server
+
+
+async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+
+
+async def test_stream_contract_over_memory_and_lockstep_pairs(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client_ctx, server_ctx = contexts
+
+    async def memory_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
+        a, b = memory_stream_pair()
+        return tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+
+    async def lockstep_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
+        # A lockstep transport has no buffer at all. After the handshake an OpenSSL TLS 1.3 server writes session
+        # tickets (pyOpenSSL cannot set their number to 0); with no buffer that write waits for a client read. So the
+        # pair is handed over after the handshake and after the client has read those tickets, as a socket's
+        # buffer would have let it.
+        a, b = lockstep_stream_pair()
+        client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(client.receive_some)  # reads the tickets, then waits: cancelled below
+
+            async def serve() -> None:
+                await server.do_handshake()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve)
+        return client, server
+
+    with trio.fail_after(60):
+        await check_half_closeable_stream(memory_pair, lockstep_pair)
+
+
+async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+    version, cipher, group = client.negotiated
+    assert version == tls.NEGOTIATED_VERSION
+    assert cipher == tls.NEGOTIATED_CIPHER
+    if tls.GROUPS == tls.PQ_GROUPS:
+        assert group == tls.NEGOTIATED_GROUP_PQ
+    assert server.negotiated == client.negotiated
+    assert client.alpn() == tls.ALPN
+
+
+async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client_ctx, server_ctx = contexts
+    a, b = trio.testing.memory_stream_pair()
+    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"request")
+            assert await server.receive_some() == b"request"
+        await client.send_eof()
+        assert await server.receive_some() == b""  # close_notify
+        await server.send_all(b"reply after the client's close_notify")
+        assert await client.receive_some() == b"reply after the client's close_notify"
+        await server.send_eof()
+        assert await client.receive_some() == b""
+
+
+async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    client, server = tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await a.aclose()  # the transport goes away with no close_notify
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+
+
+def two_uri_sans(authority: ca.Authority) -> tls.Material:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(authority.signer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(minutes=1))
+        .not_valid_after(NOW + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/one"),
+                    x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/two"),
+                ]
+            ),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(authority.signer_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return tls.Material((cert, *authority.chain), key, authority.roots)
+
+
+def without_certificate(authority: ca.Authority) -> SSL.Context:
+    """A TLS 1.3 client offering our ALPN that trusts our roots but presents no certificate."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_alpn_protos([tls.ALPN])
+    for root in authority.roots:
+        ctx.get_cert_store().add_cert(__import__("OpenSSL").crypto.X509.from_cryptography(root))  # type: ignore[union-attr]
+    ctx.set_verify(SSL.VERIFY_PEER)
+    return ctx
+
+
+def tls12_client(material: tls.Material) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_alpn_protos([tls.ALPN])
+    ctx.use_certificate(material.chain[0])
+    ctx.use_privatekey(material.key)
+    return ctx
+
+
+ClientMaker = Callable[[ca.Authority, ca.Authority], SSL.Context]
+
+BAD_CLIENTS: list[tuple[str, ClientMaker, str]] = [
+    (
+        "foreign-ca",
+        # Signed by another CA of the same trust domain; it trusts our roots, so only the server refuses.
+        lambda ours, other: tls.build_context(
+            dataclasses.replace(material_for(other, workload_id(TD, "default", "intruder")), roots=ours.roots),
+            tls.Side.CLIENT,
+        ),
+        "certificate verify failed",
+    ),
+    (
+        "expired",
+        lambda ours, other: tls.build_context(
+            material_for(ours, workload_id(TD, "default", "old"), now=NOW - timedelta(days=2), ttl=timedelta(hours=1)),
+            tls.Side.CLIENT,
+        ),
+        "certificate",
+    ),
+    ("no-certificate", lambda ours, other: without_certificate(ours), "certificate"),
+    ("two-uri-sans", lambda ours, other: tls.build_context(two_uri_sans(ours), tls.Side.CLIENT), "URI SAN"),
+    (
+        "tls12",
+        lambda ours, other: tls12_client(material_for(ours, workload_id(TD, "default", "legacy"))),
+        "version|protocol",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "make_client", "reason"), BAD_CLIENTS, ids=[c[0] for c in BAD_CLIENTS])
+async def test_server_refuses_bad_clients(
+    authority: ca.Authority, case: str, make_client: ClientMaker, reason: str
+) -> None:
+    other = ca.create_ca(TD, now=NOW)
+    server_ctx = tls.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    client_ctx = make_client(authority, other)
+    a, b = memory_stream_pair()
+    client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
+    server_error: list[HandshakeError] = []
+
+    async def serve() -> None:
+        with pytest.raises(HandshakeError, match=reason) as exc:
+            await tls.open_mtls(b, server_ctx, tls.Side.SERVER, TD)
+        server_error.append(exc.value)
+        await b.aclose()
+
+    async def call() -> None:
+        # The client may finish its handshake; its first read must then fail.
+        with pytest.raises((trio.BrokenResourceError, HandshakeError)):
+            await client.do_handshake()
+            await client.send_all(b"hello")
+            await client.receive_some()
+
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            nursery.start_soon(call)
+    assert server_error
+
+
+@pytest.mark.parametrize(
+    ("expected", "trust_domain", "match"),
+    [
+        (("spiffe://cluster.local/ns/default/sa/ratings",), "cluster.local", "not an expected identity"),
+        ((), "other.example", "not in trust domain"),
+    ],
+)
+async def test_client_refuses_an_unexpected_server_identity(
+    contexts: tuple[SSL.Context, SSL.Context], expected: tuple[str, ...], trust_domain: str, match: str
+) -> None:
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            with pytest.raises(HandshakeError, match=match):
+                await tls.open_mtls(
+                    a,
+                    client_ctx,
+                    tls.Side.CLIENT,
+                    TrustDomain(trust_domain),
+                    expected=tuple(parse_spiffe_id(e) for e in expected),
+                )
+
+
+async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client_ctx, _ = contexts
+    other = ca.create_ca(TD, now=NOW)
+    server_ctx = tls.build_context(material_for(other, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    a, b = memory_stream_pair()
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                with pytest.raises((HandshakeError, trio.BrokenResourceError)):
+                    await server.do_handshake()
+
+            nursery.start_soon(serve)
+            with pytest.raises(HandshakeError, match="certificate verify failed"):
+                await tls.open_mtls(a, client_ctx, tls.Side.CLIENT, TD)
+            await a.aclose()
+
+
+def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority, tmp_path: Path) -> None:
+    good = material_for(authority, workload_id(TD, "default", "a"))
+    other = material_for(authority, workload_id(TD, "default", "b"))
+    with pytest.raises(Exception, match="OpenSSL refused the credential"):
+        tls.build_context(tls.Material(good.chain, other.key, good.roots), tls.Side.SERVER)
