@@ -4,7 +4,7 @@ The runner's `--py-spy DIR` option records each mtlsmesh process (with native fr
 libcrypto is visible) during every measurement step, as collapsed stacks `DIR/<round>-<step>-<role>.txt`.
 `python -m bench.profile DIR` prints, per file, the share of samples in each bucket. A sample belongs to the
 innermost frame that names a bucket, reading from the leaf: a sample whose leaf is in libcrypto is "OpenSSL C",
-one that is in pyOpenSSL's Python code (the cffi wrapper) with no OpenSSL frame below is "pyOpenSSL wrapper",
+one that is in pyOpenSSL's Python code with no OpenSSL frame below is "pyOpenSSL Python code",
 and so on. Interpreter frames (libpython) are skipped, so the eval loop's own cost is charged to the Python
 function it was running.
 
@@ -26,10 +26,13 @@ from pathlib import Path
 
 # (bucket, pattern on one collapsed frame), tried in this order on each frame from the leaf outwards.
 BUCKETS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("OpenSSL C (libssl/libcrypto)", re.compile(r"libssl|libcrypto")),
+    # pyOpenSSL's OpenSSL is linked into cryptography's _rust.abi3.so; its Rust/pyo3 symbols are mangled (_RN...).
+    ("cryptography Rust/pyo3 (X.509, glue)", re.compile(r"^(_RN|_ZN)\S* \(\S*_rust|cryptography_rust|pyo3")),
+    ("cffi call glue", re.compile(r"^_cffi_f_|_cffi_backend")),
+    ("OpenSSL C (libssl/libcrypto)", re.compile(r"\(\S*(libssl|libcrypto|_rust\.abi3)")),
     ("sockets (libc, socket.py)", re.compile(r"\(libc\.so|\(libpthread|\bsocket\.py|\bselectors\.py")),
-    ("pyOpenSSL wrapper (Python+cffi)", re.compile(r"OpenSSL/|_cffi_backend|\bcffi/")),
-    ("cryptography (X.509 parsing)", re.compile(r"cryptography/|_rust\.")),
+    ("pyOpenSSL Python code", re.compile(r"OpenSSL/")),
+    ("cryptography Python code", re.compile(r"cryptography/")),
     ("logging", re.compile(r"logging/")),
     ("trio socket layer", re.compile(r"trio/_socket|trio/_highlevel_socket|trio/_highlevel_open")),
     ("trio core (scheduler, epoll, cancel scopes)", re.compile(r"trio/")),

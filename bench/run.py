@@ -197,7 +197,10 @@ class Bench:
             ready, _, _ = select.select([popen.stdout], [], [], 150)
             line = popen.stdout.readline() if ready else b""
             if not line:
-                raise LabError(f"idle: no report: {popen.stderr.read1(4000).decode(errors='replace').strip()}")
+                if popen.poll() is None:
+                    popen.kill()
+                popen.wait(timeout=10)
+                raise LabError(f"idle: no report: {popen.stderr.read().decode(errors='replace').strip()[-500:]}")
             report = json.loads(line)
             if report["failed"]:
                 print(f"    idle: {report['failed']} connections failed, first: {report['first_error']}")
