@@ -6,7 +6,6 @@ Each test checks what the app and the client see, and the one log line per conne
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ import pytest
 import trio
 
 from mtlsmesh import tls
-from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig
+from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig, Timeouts
 from mtlsmesh.errors import HandshakeError
 from tests.integration.mesh import (
     ANY_PORT,
@@ -195,7 +194,7 @@ async def test_an_upstream_that_never_answers_hits_the_connect_timeout(
         fillers.append(filler)
         with trio.move_on_after(0.3):
             await filler.connect(("127.0.0.1", app_port))
-    server_changes = {"timeouts": dataclasses.replace(pki_timeouts(), connect=0.5)}
+    server_changes = {"timeouts": Timeouts(handshake=2.0, connect=0.5, idle=None, drain=1.0)}
     try:
         with trio.fail_after(IO):
             async with mesh_pair(pki, app_port, server_changes=server_changes) as mesh:
@@ -210,12 +209,6 @@ async def test_an_upstream_that_never_answers_hits_the_connect_timeout(
     assert 0.4 < elapsed < 5
     (line,) = conn_lines(caplog.records, "inbound")
     assert "reason=connect_timeout" in line
-
-
-def pki_timeouts():  # type: ignore[no-untyped-def]
-    from tests.integration.mesh import base_config
-
-    return base_config(None).timeouts  # type: ignore[arg-type]
 
 
 BAD_INBOUND = [
