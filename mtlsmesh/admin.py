@@ -24,6 +24,7 @@ log = logging.getLogger("mtlsmesh.admin")
 
 MAX_REQUEST = 8192  # bytes of request line + headers; more is refused with 431
 READ_TIMEOUT = 5.0  # seconds to send the whole request head
+LINGER = 1.0  # seconds to drain a client's unread bytes after answering
 MAX_CLIENTS = 64  # concurrent HTTP connections per endpoint; more are closed at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -144,6 +145,13 @@ async def _handle(stream: trio.SocketStream, endpoints: Endpoints) -> None:
                 response = _respond(*endpoints.answer(parts[0], parts[1]))
         with trio.move_on_after(READ_TIMEOUT):
             await stream.send_all(response)
+            # Lingering close: closing with unread request bytes would send an RST that can destroy the response
+            # in the client's buffer (a 431 answers before reading all). Half-close, then drain a little.
+            await stream.send_eof()
+            drained = 0
+            with trio.move_on_after(LINGER):
+                while drained < MAX_REQUEST * 8 and (data := await stream.receive_some(MAX_REQUEST)):
+                    drained += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away; nothing to answer
     finally:
@@ -180,5 +188,3 @@ async def _one(stream: trio.SocketStream, endpoints: Endpoints, slots: trio.Capa
         await _handle(stream, endpoints)
     finally:
         slots.release_on_behalf_of(stream)
-
-

@@ -13,9 +13,9 @@ intermediate and leaf only by the values handed to it; the profile is DESIGN.md 
 
 The clock is passed in (`now`), so tests can mint certificates that are expired or not yet valid. This module uses
 `cryptography` only; it neither verifies chains (OpenSSL does that in the TLS layer, see `svid` for the SPIFFE
-rules on top) nor talks to the network. It reads and writes PEM files only in `save_authority`, `load_authority`
-and `IssuedSvid.write_to_dir`, each checking every output before it writes any and renaming temporary files into
-place so a failure leaves nothing half-written.
+rules on top) nor talks to the network. It touches files only in `save_authority`, `load_authority` and
+`IssuedSvid.write_to_dir`, through `pem`, which checks every output before it writes any and renames temporary
+files into place so a failure leaves nothing half-written.
 
 The CA signs the identity it is told to sign, never one a CSR claims: `issue_svid(..., public_key=...)` takes only
 the key from a request.
@@ -26,31 +26,29 @@ from __future__ import annotations
 import enum
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mtlsmesh import svid
+from mtlsmesh import pem, svid
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, parse_spiffe_id
 
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+PrivateKey = pem.PrivateKey
+PublicKey = pem.PublicKey
 
 DEFAULT_CA_TTL = timedelta(days=3650)  # DESIGN.md 7: a 10-year root
 DEFAULT_SVID_TTL = timedelta(hours=24)  # DESIGN.md 7: short-lived leaves, rotated by reissue
 # Peers whose clocks run a little behind still accept a fresh certificate. SPIRE backdates 10 s; SVID-PROFILE 1f
 # says 1-5 min is fine, and a minute covers the skew of machines that run NTP at all.
 BACKDATE = timedelta(minutes=1)
-MIN_RSA_BITS = 2048  # the smallest RSA key a CSR may bring; we generate 3072
 
 # The file layout of a CA directory (save_authority / load_authority).
 ROOT_CERT_FILE = "root.pem"
@@ -62,9 +60,6 @@ CA_FILES = (ROOT_CERT_FILE, ROOT_KEY_FILE, INTERMEDIATE_CERT_FILE, INTERMEDIATE_
 # The file layout of an issued SVID (IssuedSvid.write_to_dir), as the sidecar and the Kubernetes Secret expect.
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
-
-KEY_MODE = 0o600
-PUBLIC_MODE = 0o644
 
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
 _MAX_DNS_NAME = 253  # RFC 1035 2.3.4, without the trailing dot
@@ -108,29 +103,29 @@ class IssuedSvid:
 
     def cert_chain_pem(self) -> bytes:
         """The leaf followed by its intermediates: what a TLS peer presents."""
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain))
+        return pem.render_certificates((self.cert, *self.chain))
 
     def key_pem(self) -> bytes:
         """The private key, unencrypted PKCS#8 (file permissions protect it)."""
         if self.key is None:
             raise CertificateError("", "this SVID was issued for an outside key; there is no private key to write")
-        return render_private_key(self.key)
+        return pem.render_private_key(self.key)
 
     def bundle_pem(self) -> bytes:
         """The trust bundle: the roots a peer's chain must end in."""
-        return render_certificates(self.roots)
+        return pem.render_certificates(self.roots)
 
     def write_to_dir(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
         """Write cert.pem, key.pem (0600, skipped when there is no key) and bundle.pem into `path`."""
         files: dict[str, tuple[bytes, int]] = {
-            CERT_FILE: (self.cert_chain_pem(), PUBLIC_MODE),
-            BUNDLE_FILE: (self.bundle_pem(), PUBLIC_MODE),
+            CERT_FILE: (self.cert_chain_pem(), pem.PUBLIC_MODE),
+            BUNDLE_FILE: (self.bundle_pem(), pem.PUBLIC_MODE),
         }
         if self.key is not None:
-            files[KEY_FILE] = (self.key_pem(), KEY_MODE)
+            files[KEY_FILE] = (self.key_pem(), pem.KEY_MODE)
         # The directory is world-listable: the key's own 0600 protects it, and a sidecar running as another user
         # (uid 1337) that was given the files must be able to reach them.
-        write_files(Path(path), files, force=force, directory_mode=0o755)
+        pem.write_files(Path(path), files, force=force, directory_mode=0o755)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,31 +140,6 @@ def generate_key(key_type: KeyType) -> PrivateKey:
     if key_type is KeyType.ED25519:
         return ed25519.Ed25519PrivateKey.generate()
     return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-
-
-def key_type_name(key: PrivateKey | PublicKey | object) -> str:
-    """A short human name for a key (`ecdsa-p256`, `rsa-2048`, `ed25519`), or the class name when unknown."""
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        names = {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384", "secp521r1": "ecdsa-p521"}
-        return names.get(key.curve.name, f"ecdsa-{key.curve.name}")
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return "ed25519"
-    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return f"rsa-{key.key_size}"
-    return type(key).__name__
-
-
-def check_public_key(key: object, source: str = "") -> PublicKey:
-    """Accept only the public keys we would generate ourselves (P-256, P-384, Ed25519, RSA >= 2048)."""
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
-        return key
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS:
-        return key
-    raise CertificateError(
-        source, f"unsupported public key {key_type_name(key)}; use ECDSA P-256/P-384, Ed25519 or RSA >= 2048"
-    )
 
 
 def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
@@ -203,30 +173,18 @@ def _build_certificate(
     """Every certificate of the CA, root to leaf; what differs is passed in, the profile is fixed here."""
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(uri))]
     san += [x509.DNSName(name) for name in dns_names]
-    if is_ca:
-        key_usage = x509.KeyUsage(
-            digital_signature=False,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=True,
-            crl_sign=True,
-            encipher_only=False,
-            decipher_only=False,
-        )
-    else:
-        key_usage = x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=False,
-            crl_sign=False,
-            encipher_only=False,
-            decipher_only=False,
-        )
+    # SVID-PROFILE 1f and Appendix A: a CA only signs certificates (and CRLs); a leaf only signs handshakes.
+    key_usage = x509.KeyUsage(
+        digital_signature=not is_ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=is_ca,
+        crl_sign=is_ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -253,6 +211,7 @@ def _build_certificate(
             permitted_subtrees=[x509.UniformResourceIdentifier(name_constraint.name)], excluded_subtrees=None
         )
         builder = builder.add_extension(constraint, critical=True)
+    # cryptography types the hash as a closed list of classes; _hash_for returns one of them or None (Ed25519).
     return builder.sign(issuer_key, _hash_for(issuer_key))  # type: ignore[arg-type]
 
 
@@ -295,7 +254,7 @@ def create_ca(
     not_before, not_after = now - BACKDATE, now + ttl
     constraint = trust_domain if name_constraint else None
     root_key = generate_key(key_type)
-    root_public = check_public_key(root_key.public_key())
+    root_public = pem.check_public_key(root_key.public_key())
     root_name = _ca_subject(trust_domain, "mtlsmesh root CA", root_public)
     root = _build_certificate(
         subject=root_name,
@@ -315,7 +274,7 @@ def create_ca(
             signer_cert=root, signer_key=root_key, chain=(), roots=(root,), trust_domain=trust_domain, root_key=root_key
         )
     signer_key = generate_key(key_type)
-    signer_public = check_public_key(signer_key.public_key())
+    signer_public = pem.check_public_key(signer_key.public_key())
     signer = _build_certificate(
         subject=_ca_subject(trust_domain, "mtlsmesh intermediate CA", signer_public),
         public_key=signer_public,
@@ -387,10 +346,10 @@ def issue_svid(
         public_key = key.public_key()
     leaf = _build_certificate(
         subject=x509.Name([]),
-        public_key=check_public_key(public_key),
+        public_key=pem.check_public_key(public_key),
         issuer=authority.signer_cert.subject,
         issuer_key=authority.signer_key,
-        issuer_public_key=check_public_key(authority.signer_key.public_key()),
+        issuer_public_key=pem.check_public_key(authority.signer_key.public_key()),
         # Never before the signer itself: a chain whose leaf predates its CA confuses strict verifiers.
         not_before=max(now - BACKDATE, signer_start),
         not_after=not_after,
@@ -411,140 +370,6 @@ def parse_dns_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PEM in and out
-
-
-def render_certificates(certs: Iterable[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def render_private_key(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def parse_certificates(data: bytes, source: str) -> tuple[x509.Certificate, ...]:
-    """All certificates in a PEM blob, in order; a blob with none, or a corrupt one, is an error."""
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise CertificateError(source, "no PEM certificate found")
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise CertificateError(source, f"corrupt PEM certificate: {exc}") from exc
-    return tuple(certs)
-
-
-def parse_private_key(data: bytes, source: str) -> PrivateKey:
-    """One unencrypted private key (PKCS#8, or the traditional EC/RSA forms) of a supported type."""
-    if b"PRIVATE KEY-----" not in data:
-        raise CertificateError(source, "no PEM private key found")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise CertificateError(source, f"corrupt or encrypted PEM private key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
-        raise CertificateError(source, f"unsupported private key type {type(key).__name__}")
-    check_public_key(key.public_key(), source)
-    return key
-
-
-def check_key_matches(cert: x509.Certificate, key: PrivateKey, source: str) -> None:
-    """Refuse a private key that does not belong to the certificate (comparing the public halves)."""
-    encoding, public_format = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert.public_key().public_bytes(encoding, public_format) != key.public_key().public_bytes(
-        encoding, public_format
-    ):
-        raise CertificateError(source, "the private key does not match the certificate")
-
-
-def parse_csr_public_key(data: bytes, source: str) -> PublicKey:
-    """The public key of a PEM certificate request whose signature verifies; nothing else of it is used.
-
-    The CA signs the identity its caller is told to sign, never the subject or SANs a request claims (DESIGN.md 7);
-    the self-signature only proves the requester holds the matching private key.
-    """
-    try:
-        csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
-        raise CertificateError(source, f"not a PEM certificate request: {exc}") from exc
-    try:
-        valid = csr.is_signature_valid
-        public_key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CertificateError(source, f"unreadable certificate request: {exc}") from exc
-    if not valid:
-        raise CertificateError(source, "the request's signature does not verify; refusing to sign its key")
-    return check_public_key(public_key, source)
-
-
-def load_csr_public_key(path: str | os.PathLike[str]) -> PublicKey:
-    return parse_csr_public_key(_read(Path(path)), str(path))
-
-
-def load_certificates(path: str | os.PathLike[str]) -> tuple[x509.Certificate, ...]:
-    return parse_certificates(_read(Path(path)), str(path))
-
-
-def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
-    return parse_private_key(_read(Path(path)), str(path))
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CertificateError(str(path), "no such file") from exc
-    except OSError as exc:
-        raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
-
-
-def check_writable(directory: Path, names: Iterable[str], *, force: bool) -> None:
-    """Refuse, before anything is written or generated, outputs that exist (unless `force`) or cannot be files."""
-    if directory.exists() and not directory.is_dir():
-        raise CertificateError(str(directory), "exists and is not a directory")
-    for name in names:
-        target = directory / name
-        if target.is_dir():
-            raise CertificateError(str(target), "is a directory")
-        if target.exists() and not force:
-            raise CertificateError(str(target), "already exists (--force replaces it)")
-
-
-def write_files(
-    directory: Path, files: Mapping[str, tuple[bytes, int]], *, force: bool, directory_mode: int = 0o700
-) -> None:
-    """Write several files into `directory` (created with `directory_mode` if missing) or none of them.
-
-    Every target is checked before anything is written; each file goes to a temporary name in the same directory
-    with its final mode set before any content, then all are renamed into place.
-    """
-    check_writable(directory, files, force=force)
-    try:
-        directory.mkdir(mode=directory_mode, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CertificateError(str(directory), f"cannot create: {exc.strerror or exc}") from exc
-    temps: dict[str, str] = {}
-    try:
-        for name, (data, mode) in files.items():
-            fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            temps[name] = temp
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), mode)
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for name, temp in list(temps.items()):
-            os.replace(temp, directory / name)
-            del temps[name]
-    except OSError as exc:
-        raise CertificateError(str(directory), f"cannot write: {exc.strerror or exc}") from exc
-    finally:
-        for temp in temps.values():
-            Path(temp).unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # A CA directory
 
 
@@ -552,16 +377,16 @@ def save_authority(authority: Authority, directory: str | os.PathLike[str], *, f
     """Write the CA into `directory`: root.pem, bundle.pem, root-key.pem (when known), intermediate{,-key}.pem."""
     root = _chain_root(authority)
     files: dict[str, tuple[bytes, int]] = {
-        ROOT_CERT_FILE: (render_certificates([root]), PUBLIC_MODE),
-        BUNDLE_FILE: (render_certificates(authority.roots), PUBLIC_MODE),
+        ROOT_CERT_FILE: (pem.render_certificates([root]), pem.PUBLIC_MODE),
+        BUNDLE_FILE: (pem.render_certificates(authority.roots), pem.PUBLIC_MODE),
     }
     if authority.root_key is not None:
-        files[ROOT_KEY_FILE] = (render_private_key(authority.root_key), KEY_MODE)
+        files[ROOT_KEY_FILE] = (pem.render_private_key(authority.root_key), pem.KEY_MODE)
     if authority.chain:
-        files[INTERMEDIATE_CERT_FILE] = (render_certificates(authority.chain), PUBLIC_MODE)
-        files[INTERMEDIATE_KEY_FILE] = (render_private_key(authority.signer_key), KEY_MODE)
-    check_writable(Path(directory), CA_FILES, force=force)  # any file of another CA there counts as existing
-    write_files(Path(directory), files, force=force)
+        files[INTERMEDIATE_CERT_FILE] = (pem.render_certificates(authority.chain), pem.PUBLIC_MODE)
+        files[INTERMEDIATE_KEY_FILE] = (pem.render_private_key(authority.signer_key), pem.KEY_MODE)
+    pem.check_writable(Path(directory), CA_FILES, force=force)  # any file of another CA there counts as existing
+    pem.write_files(Path(directory), files, force=force)
     # A replaced CA must not leave a file of the old one behind: load_authority would sign with a stale
     # intermediate under the new root.
     for name in CA_FILES:
@@ -587,29 +412,33 @@ def load_authority(directory: str | os.PathLike[str]) -> Authority:
     if not base.is_dir():
         raise CertificateError(str(base), "no CA directory here (`mtlsmesh ca init` creates one)")
     root_path = base / ROOT_CERT_FILE
-    (root, *extra) = load_certificates(root_path)
+    (root, *extra) = pem.load_certificates(root_path)
     if extra:
         raise CertificateError(str(root_path), "holds more than one certificate; expected the root alone")
     root_key_path = base / ROOT_KEY_FILE
-    root_key = load_private_key(root_key_path) if root_key_path.exists() else None
+    root_key = pem.load_private_key(root_key_path) if root_key_path.exists() else None
     if root_key is not None:
-        check_key_matches(root, root_key, str(root_key_path))
+        pem.check_key_matches(root, root_key, str(root_key_path))
     intermediate_path = base / INTERMEDIATE_CERT_FILE
     if intermediate_path.exists():
-        chain = load_certificates(intermediate_path)
-        signer_cert, signer_key_path = chain[0], base / INTERMEDIATE_KEY_FILE
-        signer_key = load_private_key(signer_key_path)
-        check_key_matches(signer_cert, signer_key, str(signer_key_path))
+        chain = pem.load_certificates(intermediate_path)
+        signer_cert, signer_path, signer_key_path = chain[0], intermediate_path, base / INTERMEDIATE_KEY_FILE
+        signer_key = pem.load_private_key(signer_key_path)
+        pem.check_key_matches(signer_cert, signer_key, str(signer_key_path))
+        try:
+            chain[-1].verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise CertificateError(str(intermediate_path), f"was not issued by {ROOT_CERT_FILE}") from exc
     else:
         if root_key is None:
             raise CertificateError(str(root_key_path), "no such file, and no intermediate to sign with instead")
-        chain, signer_cert, signer_key, signer_key_path = (), root, root_key, root_key_path
+        chain, signer_cert, signer_key, signer_path = (), root, root_key, root_path
     bundle_path = base / BUNDLE_FILE
-    roots = load_certificates(bundle_path) if bundle_path.exists() else (root,)
+    roots = pem.load_certificates(bundle_path) if bundle_path.exists() else (root,)
     if root not in roots:
         raise CertificateError(str(bundle_path), f"does not hold the CA's own {ROOT_CERT_FILE}")
     roots = (root, *(r for r in roots if r != root))
-    trust_domain = _ca_trust_domain(signer_cert, str(signer_key_path))
+    trust_domain = svid.ca_spiffe_id(signer_cert, str(signer_path)).trust_domain
     return Authority(
         signer_cert=signer_cert,
         signer_key=signer_key,
@@ -618,10 +447,6 @@ def load_authority(directory: str | os.PathLike[str]) -> Authority:
         trust_domain=trust_domain,
         root_key=root_key,
     )
-
-
-def _ca_trust_domain(cert: x509.Certificate, source: str) -> TrustDomain:
-    return svid.ca_spiffe_id(cert, source).trust_domain
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -170,13 +170,12 @@ class Config:
 
 parse_duration = schema.parse_duration
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_HOST_NAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*"
-)
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # RFC 1123 §2.1 (plus '_', common in service names)
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
 _DEFAULT = Config()
-_DEFAULT_RELOAD_INTERVAL = 2.0  # CredentialFiles.reload_interval
+_DEFAULT_RELOAD_INTERVAL = CredentialFiles("", "", "").reload_interval
 _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
     "admin", "health", "metrics", "log",
@@ -215,7 +214,8 @@ def parse_listen_addr(value: object, path: str = "listen", *, allow_name: bool =
     try:
         address = ipaddress.ip_address(host[1:-1] if bracketed else host)
     except ValueError:
-        if allow_name and not bracketed and _HOST_NAME.fullmatch(host):
+        # An all-digit last label (1.2.3.999) is a mistyped address, never a DNS name (RFC 1123 §2.1).
+        if allow_name and not bracketed and _HOST_NAME.fullmatch(host) and not host.rpartition(".")[2].isdigit():
             return ListenAddr(host.lower(), port)
         raise ConfigError(path, f"{host!r} is not an IP address{' or host name' if allow_name else ''}") from None
     if (address.version == 6) != bracketed:

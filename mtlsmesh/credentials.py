@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 
-from mtlsmesh import ca, svid, tls
+from mtlsmesh import pem, svid, tls
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.identity import SpiffeId, TrustDomain
@@ -61,7 +61,7 @@ class Credentials:
 def _uri(cert: x509.Certificate) -> str:
     try:
         return str(svid.ca_spiffe_id(cert))
-    except Exception:  # only for display; a root without a SPIFFE ID is still a root
+    except CertificateError:  # only for display; a root without a SPIFFE ID is still a root
         return format(cert.serial_number, "x")
 
 
@@ -80,13 +80,15 @@ def load_credentials(files: CredentialFiles, trust_domain: TrustDomain, *, now: 
     now = now or datetime.now(UTC)
     try:
         stamp = stamp_files(files)
+    except FileNotFoundError as exc:
+        raise CertificateError(exc.filename or files.cert, "no such file") from exc
     except OSError as exc:
         raise CertificateError(exc.filename or files.cert, f"cannot read: {exc.strerror or exc}") from exc
-    chain = ca.load_certificates(files.cert)
-    key = ca.load_private_key(files.key)
-    roots = ca.load_certificates(files.bundle)
+    chain = pem.load_certificates(files.cert)
+    key = pem.load_private_key(files.key)
+    roots = pem.load_certificates(files.bundle)
     leaf = chain[0]
-    ca.check_key_matches(leaf, key, files.key)
+    pem.check_key_matches(leaf, key, files.key)
     spiffe_id = svid.leaf_spiffe_id(leaf, files.cert)
     if spiffe_id.trust_domain != trust_domain:
         raise CertificateError(files.cert, f"the SVID {spiffe_id} is not in trust domain {trust_domain}")

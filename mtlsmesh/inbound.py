@@ -35,21 +35,21 @@ class Target:
     port: int
 
 
-async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None]:
-    """Read until the sniffer decides, the peer stops sending (EOF: returns what came) or `timeout` passes.
-    The verdict is None on timeout or EOF before a decision."""
+async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None, str]:
+    """Read until the sniffer decides. Returns the bytes read (to replay), the verdict, and when there is none,
+    why: `sniff_timeout` (the peer went quiet), `closed_during_sniff` (EOF) or `client_hello_too_large`."""
     buffer = bytearray()
     with trio.move_on_after(timeout):
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
             data = await stream.receive_some(min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer)))
             if not data:
-                return bytes(buffer), None
+                return bytes(buffer), None, "closed_during_sniff"
             buffer += data
             verdict = sniff.parse_client_hello(buffer)
             if verdict.state is not sniff.SniffState.NEED_MORE:
-                return bytes(buffer), verdict
-        return bytes(buffer), sniff.parse_client_hello(buffer)
-    return bytes(buffer), None
+                return bytes(buffer), verdict, ""
+        return bytes(buffer), None, "client_hello_too_large"
+    return bytes(buffer), None, "sniff_timeout"
 
 
 async def handle_inbound(
@@ -60,7 +60,7 @@ async def handle_inbound(
         try:
             ip, port = rt.orig_dst(downstream)
         except OSError as exc:
-            await refuse(downstream, rec, f"no_orig_dst: {exc.strerror or exc}")
+            await refuse(downstream, rec, f"no_orig_dst: {netio.describe_error(exc)}")
             return
         app_host = str(ip)
         mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
@@ -76,14 +76,14 @@ async def handle_inbound(
         mesh = mode is Mode.STRICT  # STRICT: it must be mTLS anyway, the handshake tells; else never sniffed
     else:
         try:
-            prefix, verdict = await sniff_stream(downstream, cfg.inbound.sniff_timeout)
+            prefix, verdict, no_verdict = await sniff_stream(downstream, cfg.inbound.sniff_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await refuse(downstream, rec, f"reset_by_downstream: during sniff: {exc}")
             return
         mesh = verdict is not None and sniff.is_mesh(verdict)
         if not mesh and mode is Mode.STRICT:
             if verdict is None:
-                why = f"sniff_timeout: {len(prefix)} bytes, no complete ClientHello"
+                why = f"{no_verdict}: {len(prefix)} bytes, no complete ClientHello"
             elif verdict.state is sniff.SniffState.CLIENT_HELLO:
                 why = f"not_mesh: TLS without ALPN mtlsmesh (alpn={','.join(verdict.alpn) or 'none'})"
             else:
@@ -124,7 +124,7 @@ async def handle_inbound(
         await refuse(front, rec, "connect_timeout", decision=rec.decision)
         return
     except OSError as exc:
-        await refuse(front, rec, f"connect_failed: {exc.strerror or exc}", decision=rec.decision)
+        await refuse(front, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
         return
     result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
     rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream

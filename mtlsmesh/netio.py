@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
 
@@ -97,6 +98,11 @@ async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddr
         sock.setsockopt(SOL_IPV6, IPV6_FREEBIND, 1)
     # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo.
     await sock.bind((str(source), 0))
+
+
+def describe_error(exc: OSError) -> str:
+    """`Connection refused`, not trio's `Error connecting to ('1.2.3.4', 80): Connection refused`."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:

@@ -47,7 +47,7 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
         try:
             ip, port = rt.orig_dst(app)
         except OSError as exc:
-            await refuse(app, rec, f"no_orig_dst: {exc.strerror or exc}")
+            await refuse(app, rec, f"no_orig_dst: {netio.describe_error(exc)}")
             return
         rec.orig_dst = format_addr(ip, port)
         if _is_loop(app, ip, port):
@@ -69,7 +69,7 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
         await refuse(app, rec, "connect_timeout", decision=rec.decision)
         return
     except OSError as exc:
-        await refuse(app, rec, f"connect_failed: {exc.strerror or exc}", decision=rec.decision)
+        await refuse(app, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
         return
 
     peer: trio.abc.HalfCloseableStream = upstream

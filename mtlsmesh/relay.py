@@ -121,4 +121,3 @@ def _why(exc: BaseException) -> str:
     cause = exc.__cause__
     text = str(cause) if cause is not None and str(cause) else str(exc)
     return text[:120] or type(exc).__name__
-

@@ -173,9 +173,9 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
         raise
     except MeshError as exc:
         rec.reason = f"error: {exc}"
-    except Exception as exc:  # a bug: log it on the line and keep serving everyone else
+    except Exception as exc:  # a bug: show its traceback, and keep serving everyone else
         rec.reason = f"internal_error: {type(exc).__name__}: {exc}"
-        logging.getLogger("mtlsmesh").debug("internal error", exc_info=True)
+        logging.getLogger("mtlsmesh").error("event=internal_error listener=%s", rec.listener, exc_info=True)
     finally:
         with trio.CancelScope(shield=True):
             # Handlers close what they open; this catches what an error left open (a no-op on a closed stream).

@@ -23,7 +23,9 @@ Two tasks may use the stream at once (one sending, one receiving, as the relay d
 serialised by `_send_lock`, and the outgoing BIO is drained only while holding it, so ciphertext leaves in the order
 OpenSSL produced it whichever task drains it. Reads from the transport are serialised by `_recv_lock`; a task that
 needs input while another task is already reading waits for that read and retries instead of reading twice. In
-TLS 1.3 a `send` never needs input after the handshake, so in practice only `receive_some` reads.
+TLS 1.3 a `send` never needs input after the handshake, so in practice only `receive_some` reads. The receive path
+never waits for `_send_lock`: whoever holds it drains the BIO before letting go, and waiting would deadlock a
+full-duplex relay whose send is blocked on a peer that is itself blocked sending to us.
 
 Throughput notes (measured): pyOpenSSL's `recv` returns at most one record (16 KiB) whatever we ask, but allocates
 the whole requested size each call, so we ask for `RECORD_SIZE`. Outgoing data is written into OpenSSL in chunks of
@@ -51,9 +53,9 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from mtlsmesh import svid
-from mtlsmesh.ca import PrivateKey
 from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
+from mtlsmesh.pem import PrivateKey
 
 ALPN = b"mtlsmesh"  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
 
@@ -124,8 +126,9 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    # No session tickets: sidecar connections are long-lived and a resumed session would skip the client
-    # certificate check we rely on. No renegotiation exists in TLS 1.3 anyway.
+    # No resumption: a resumed session would skip the client certificate check we rely on. OP_NO_TICKET turns off
+    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still sends after a TLS 1.3
+    # handshake name nothing it could resume (pyOpenSSL cannot set their number to 0). Our clients never offer one.
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
@@ -226,7 +229,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise HandshakeError(self.peer, reason) from exc
             raise trio.BrokenResourceError(reason) from exc
 
-    async def _retry(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _retry(self, fn: Callable[..., T], *args: Any, wait_to_flush: bool = True) -> T:
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
         yielded = False
@@ -242,7 +245,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self._flush()
                     raise
-                if await self._flush():
+                if await self._flush(wait=wait_to_flush):
                     yielded = True
                 if not want_read:
                     if not yielded:
@@ -251,9 +254,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await self._fill()
                 yielded = True
 
-    async def _flush(self) -> bool:
-        """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited."""
+    async def _flush(self, *, wait: bool = True) -> bool:
+        """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited.
+
+        With `wait=False` (the receive path) a held lock means another task is draining the BIO and will take
+        what we added before it lets go (it releases only after finding the BIO empty), so we need not wait.
+        Waiting there would deadlock a full-duplex relay: our receive would wait behind our own blocked send
+        while the peer's send waits for our receive."""
         if self._send_lock.locked():
+            if not wait:
+                return False
             await self._send_lock.acquire()
             awaited = True
         else:
@@ -367,7 +377,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._eof_received:
                 await trio.lowlevel.checkpoint()
                 return b""
-            data = await self._retry(self._read, min(max_bytes, RECORD_SIZE))
+            data = await self._retry(self._read, min(max_bytes, RECORD_SIZE), wait_to_flush=False)
             if not data:
                 self._eof_received = True
             return data

@@ -11,8 +11,9 @@
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
-`verify` exits 0 for a valid SVID, 1 for an invalid one (with the reason), 2 for bad usage. Certificate work is in
-`mtlsmesh.ca` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
+`inspect` describes (exit 0 whenever the file can be read); `verify` judges: exit 0 for a valid SVID, 1 for an
+invalid one (with the reason), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
+`mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from mtlsmesh import ca, svid
+from mtlsmesh import ca, pem, svid
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
 
@@ -137,7 +138,7 @@ def run_init(args: argparse.Namespace) -> int:
     trust_domain = parse_trust_domain(args.trust_domain)
     ttl = parse_ttl(args.ttl)
     directory = Path(args.dir)
-    ca.check_writable(directory, ca.CA_FILES, force=args.force)  # before spending seconds on an RSA key
+    pem.check_writable(directory, ca.CA_FILES, force=args.force)  # before spending seconds on an RSA key
     authority = ca.create_ca(
         trust_domain,
         now=_now(),
@@ -218,11 +219,11 @@ def run_issue(args: argparse.Namespace) -> int:
         _warn_if_exposed(ca_dir / key_file)
     spiffe_id = _requested_id(args, authority)
     dns_names = [ca.parse_dns_name(name) for name in args.dns]
-    public_key = ca.load_csr_public_key(args.csr) if args.csr else None
+    public_key = pem.load_csr_public_key(args.csr) if args.csr else None
     out = Path(args.out) if args.out else _default_out(spiffe_id)
     if not args.k8s_secret:
         names = [ca.CERT_FILE, ca.BUNDLE_FILE] + ([] if public_key else [ca.KEY_FILE])
-        ca.check_writable(out, names, force=args.force)
+        pem.check_writable(out, names, force=args.force)
     issued = ca.issue_svid(
         authority,
         spiffe_id,
@@ -276,7 +277,7 @@ def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, A
     if not reason and not not_before <= now < not_after:
         reason = "outside its validity period"
     try:
-        key_type = ca.key_type_name(cert.public_key())
+        key_type = pem.key_type_name(cert.public_key())
     except (ValueError, UnsupportedAlgorithm):
         key_type = "unknown"
     return {
@@ -298,7 +299,7 @@ def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, A
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    certs = ca.load_certificates(args.file)
+    certs = pem.load_certificates(args.file)
     now = _now()
     described = [_describe(cert, args.file, now) for cert in certs]
     if args.json:
@@ -348,8 +349,8 @@ def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    roots = ca.load_certificates(args.bundle)
-    chain = ca.load_certificates(args.cert)
+    roots = pem.load_certificates(args.bundle)
+    chain = pem.load_certificates(args.cert)
     trust_domain = parse_trust_domain(args.trust_domain) if args.trust_domain else None
     try:
         verify_chain(chain, roots)
@@ -370,11 +371,11 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_bundle(args: argparse.Namespace) -> int:
     target = Path(args.bundle) if args.bundle else None
-    existing = ca.load_certificates(target) if target is not None and target.exists() else ()
+    existing = pem.load_certificates(target) if target is not None and target.exists() else ()
     roots = list(existing)
     added = 0
     for path in args.add:
-        for cert in ca.load_certificates(path):
+        for cert in pem.load_certificates(path):
             if not svid.is_ca(cert):
                 raise CertificateError(path, f"{cert.subject.rfc4514_string() or 'a leaf'} is not a CA certificate")
             if cert not in roots:
@@ -383,12 +384,12 @@ def run_bundle(args: argparse.Namespace) -> int:
     for cert in roots:
         if cert.not_valid_after_utc <= _now():
             print(f"mtlsmesh: warning: {cert.subject.rfc4514_string()} has expired", file=sys.stderr)
-    pem = ca.render_certificates(roots)
+    merged = pem.render_certificates(roots)
     if target is None:
-        sys.stdout.buffer.write(pem)
+        sys.stdout.buffer.write(merged)
         sys.stdout.flush()
     else:
-        ca.write_files(target.parent, {target.name: (pem, ca.PUBLIC_MODE)}, force=True, directory_mode=0o755)
+        pem.write_files(target.parent, {target.name: (merged, pem.PUBLIC_MODE)}, force=True, directory_mode=0o755)
     where = str(target) if target is not None else "stdout"
     print(f"{where}: {len(roots)} roots, {added} of them new", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ import trio
 
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.errors import ConfigError
+from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
 
@@ -130,5 +130,19 @@ def run(args: argparse.Namespace) -> int:
                 await serve_sidecar(cfg, credentials, stop=stop)
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user.
+        leaves = _leaves(group)
+        if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
+            raise leaves[0] from None
+        raise
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

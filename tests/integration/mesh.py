@@ -11,8 +11,9 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class Pki:
     def __init__(self, root: Path, *, intermediate: bool = False, trust_domain: TrustDomain = TD) -> None:
         self.root = root
         self.now = datetime.now(UTC)
-        self.authority = ca.create_ca(trust_domain, now=self.now, intermediate=intermediate)
+        # Backdated so that tests can issue leaves that have already expired.
+        self.authority = ca.create_ca(trust_domain, now=self.now - timedelta(days=3), intermediate=intermediate)
 
     def issue(
         self, name: str, namespace: str = "default", service_account: str | None = None, **kwargs: object
@@ -161,6 +163,15 @@ async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 24) -> byte
     return bytes(out)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mesh:
+    port: int  # the client sidecar's outbound listener: where the client app connects
+    inbound_port: int  # the server sidecar's inbound listener
+    client_rt: Runtime
+    server_rt: Runtime
+    server_state: admin.State
+
+
 @asynccontextmanager
 async def mesh_pair(
     pki: Pki,
@@ -171,12 +182,12 @@ async def mesh_pair(
     server_changes: dict[str, object] | None = None,
     client_changes: dict[str, object] | None = None,
     identities: tuple[SpiffeId, ...] = (),
-) -> AsyncIterator[tuple[int, Runtime, Runtime]]:
+) -> AsyncIterator[Mesh]:
     """Client sidecar (outbound listener) → server sidecar (inbound listener) → app on `app_port`.
 
     The client's original destination is the server sidecar's inbound listener (as if iptables had sent the app's
     connection to the pod IP:app_port, which the peer's capture redirects to its 15006); the server's original
-    destination is the app. Yields the port apps connect to and both runtimes."""
+    destination is the app."""
     server_cfg = base_config(pki.issue(server), inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5))
     server_cfg = dataclasses.replace(server_cfg, **(server_changes or {}))  # type: ignore[arg-type]
     async with running_sidecar(server_cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (server_rt, server_state):
@@ -191,7 +202,7 @@ async def mesh_pair(
         )
         client_cfg = dataclasses.replace(client_cfg, **(client_changes or {}))  # type: ignore[arg-type]
         async with running_sidecar(client_cfg, orig_dst=fixed_dst(LOOPBACK, inbound_port)) as (client_rt, state):
-            yield state.bound["outbound"][1], client_rt, server_rt
+            yield Mesh(state.bound["outbound"][1], inbound_port, client_rt, server_rt, server_state)
 
 
 __all__ = [
@@ -205,13 +216,47 @@ __all__ = [
     "Pki",
     "app_server",
     "base_config",
+    "client_hello",
+    "conn_lines",
     "connect",
     "echo",
     "files_in",
     "fixed_dst",
     "hashing_sink",
     "mesh_pair",
+    "outcome",
     "read_all",
     "running_sidecar",
     "timedelta",
 ]
+
+
+def client_hello(alpn: bytes | None = b"mtlsmesh") -> bytes:
+    """A real ClientHello from OpenSSL (TLS 1.3, our ALPN by default), as the first flight a peer sends."""
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if alpn is not None:
+        ctx.set_alpn_protos([alpn])
+    conn = SSL.Connection(ctx, None)
+    conn.set_connect_state()
+    with suppress(SSL.WantReadError):
+        conn.do_handshake()
+    return conn.bio_read(65536)
+
+
+async def outcome(stream: trio.abc.ReceiveStream, limit: int = 1 << 20) -> tuple[str, bytes]:
+    """Read to the end: ("eof", data) for a clean end, ("reset", data) for an RST or broken stream."""
+    out = bytearray()
+    try:
+        while data := await stream.receive_some(65536):
+            out += data
+            assert len(out) <= limit
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return "reset", bytes(out)
+    return "eof", bytes(out)
+
+
+def conn_lines(records: list[logging.LogRecord], direction: str | None = None) -> list[str]:
+    lines = [r.getMessage() for r in records if r.name == "mtlsmesh.conn"]
+    return [line for line in lines if direction is None or f"dir={direction} " in line]

@@ -45,10 +45,13 @@ def issue(ca_dir: Path, out: Path, namespace: str, service_account: str) -> Cred
     return creds_in(out)
 
 
-@pytest.fixture(params=[False, True], ids=["root-signs", "intermediate-signs"])
+@pytest.fixture(params=[False, True], ids=["root-signs", "intermediate-signs-constrained"])
 def pki(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """Two CAs made by `mtlsmesh ca init`, `ca` and `other`, with the same trust domain."""
-    intermediate = ["--intermediate"] if request.param else []
+    """Two CAs made by `mtlsmesh ca init`, `ca` and `other`, with the same trust domain.
+
+    The second variant adds an intermediate and the URI name constraint, which OpenSSL must honour in a handshake.
+    """
+    intermediate = ["--intermediate", "--name-constraint"] if request.param else []
     for name in ("ca", "other"):
         assert main(["ca", "init", "--dir", str(tmp_path / name), *intermediate]) == 0
     yield tmp_path

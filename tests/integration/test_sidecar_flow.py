@@ -1,6 +1,6 @@
 """Two in-process sidecars on loopback: app → outbound sidecar ═mTLS═▶ inbound sidecar → app.
 
-Real listeners, real TLS 1.3 with SVIDs from the CA, real sockets; the original destination is injected.
+Real listeners, real TLS 1.3 with SVIDs from the CA, real sockets; only the original destination is injected.
 Each test checks what the app and the client see, and the one log line per connection.
 """
 
@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.integration.mesh import Pki, app_server, connect, echo, mesh_pair, read_all
+from mtlsmesh import tls
+from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig, Timeouts
+from mtlsmesh.errors import HandshakeError
+from tests.integration.mesh import (
+    ANY_PORT,
+    Pki,
+    app_server,
+    client_hello,
+    conn_lines,
+    connect,
+    echo,
+    mesh_pair,
+    outcome,
+    read_all,
+)
+from tests.integration.test_tls import BAD_CLIENTS, ClientMaker
 
 IO = 10.0  # seconds any single scenario may take
 
@@ -23,28 +39,265 @@ def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path)
 
 
-async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture(autouse=True)
+def _logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mtlsmesh")
+
+
+async def exchange(port: int, payload: bytes) -> bytes:
+    """Send `payload`, half-close, read the reply to its end."""
+    client = await connect(port)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await client.send_all(payload)
+                await client.send_eof()
+
+            nursery.start_soon(send)
+            return await read_all(client)
+    finally:
+        await client.aclose()
+
+
+async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     payload = os.urandom(300_000)
     with trio.fail_after(IO):
-        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as (port, _c, _s):
-            client = await connect(port)
-            async with trio.open_nursery() as nursery:
-
-                async def send() -> None:
-                    await client.send_all(payload)
-                    await client.send_eof()
-
-                nursery.start_soon(send)
-                got = await read_all(client)
-            await client.aclose()
+        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+            got = await exchange(mesh.port, payload)
     assert got == payload
     assert seen == ["127.0.0.6"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "mtlsmesh.conn"]
-    outbound = [line for line in lines if "dir=outbound" in line]
-    inbound = [line for line in lines if "dir=inbound" in line]
-    assert len(outbound) == 1 and len(inbound) == 1, lines
+    outbound, inbound = conn_lines(caplog.records, "outbound"), conn_lines(caplog.records, "inbound")
+    assert len(outbound) == 1 and len(inbound) == 1, caplog.records
     assert "decision=mtls" in outbound[0] and "peer_id=spiffe://cluster.local/ns/default/sa/reviews" in outbound[0]
     assert "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in inbound[0]
     assert f"bytes_in={len(payload)}" in outbound[0] and f"bytes_out={len(payload)}" in outbound[0]
     assert "reason=closed" in outbound[0] and "reason=closed" in inbound[0]
+
+
+async def test_half_close_from_the_app_side_lets_the_client_keep_sending(pki: Pki) -> None:
+    """The app says its piece and shuts its write side first; the client keeps sending after seeing that EOF."""
+    received: list[bytes] = []
+
+    async def banner_then_listen(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"banner")
+        await stream.send_eof()
+        received.append(await read_all(stream))
+
+    with trio.fail_after(IO):
+        async with app_server(banner_then_listen) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+            client = await connect(mesh.port)
+            assert await read_all(client) == b"banner"  # EOF arrived: the app half-closed
+            await client.send_all(b"still talking after your EOF")
+            await client.send_eof()
+            with trio.fail_after(IO):
+                while not received:
+                    await trio.sleep(0.01)
+            await client.aclose()
+    assert received == [b"still talking after your EOF"]
+
+
+async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    from mtlsmesh import netio
+
+    async def reset_mid_stream(stream: trio.SocketStream) -> None:
+        await stream.receive_some(10)
+        await stream.send_all(b"partial")
+        await trio.sleep(0.05)
+        await netio.abort_close(stream)
+
+    with trio.fail_after(IO):
+        async with app_server(reset_mid_stream) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+            client = await connect(mesh.port)
+            await client.send_all(b"hello")
+            kind, data = await outcome(client)
+    assert kind == "reset"
+    assert data in (b"", b"partial")
+    assert any("reset_by_app" in line for line in conn_lines(caplog.records, "inbound"))
+    assert any("reset_by_peer" in line for line in conn_lines(caplog.records, "outbound"))
+
+
+async def test_a_reset_by_the_client_reaches_the_app_as_a_reset(pki: Pki) -> None:
+    from mtlsmesh import netio
+
+    app_saw: list[str] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        kind, _ = await outcome(stream)
+        app_saw.append(kind)
+
+    with trio.fail_after(IO):
+        async with app_server(record) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+            client = await connect(mesh.port)
+            await client.send_all(b"some bytes")
+            await trio.sleep(0.2)
+            await netio.abort_close(client)
+            while not app_saw:
+                await trio.sleep(0.01)
+    assert app_saw == ["reset"]
+
+
+async def test_policy_denies_a_caller_and_others_keep_working(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    deny = (AuthzRule(Action.DENY, ("spiffe://cluster.local/ns/default/sa/productpage",)),)
+    with trio.fail_after(IO):
+        async with app_server(echo) as (app_port, seen):
+            async with mesh_pair(pki, app_port, server_changes={"authorization": deny}) as mesh:
+                client = await connect(mesh.port)
+                await client.send_all(b"let me in")
+                kind, data = await outcome(client)
+                await client.aclose()
+            async with mesh_pair(pki, app_port, client="details", server_changes={"authorization": deny}) as mesh:
+                assert await exchange(mesh.port, b"allowed") == b"allowed"
+    assert (kind, data) == ("reset", b"")
+    assert seen == ["127.0.0.6"]  # only the allowed caller reached the app
+    denied = [line for line in conn_lines(caplog.records, "inbound") if 'reason="denied:' in line]
+    assert len(denied) == 1 and "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in denied[0]
+
+
+async def test_a_server_with_an_unexpected_identity_is_refused(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    expected = (pki.id_of("ratings"),)
+    with trio.fail_after(IO):
+        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port, identities=expected) as mesh:
+            client = await connect(mesh.port)
+            kind, _ = await outcome(client)
+    assert kind == "reset"
+    assert seen == []
+    (line,) = conn_lines(caplog.records, "outbound")
+    assert "not an expected identity" in line and "decision=mtls" in line
+
+
+async def test_an_upstream_that_refuses_resets_the_app(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    app_port = closed.getsockname()[1]  # bound, never listening: connect is refused
+    with trio.fail_after(IO):
+        async with mesh_pair(pki, app_port) as mesh:
+            client = await connect(mesh.port)
+            kind, _ = await outcome(client)
+    closed.close()
+    assert kind == "reset"
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert 'reason="connect_failed: Connection refused"' in line
+
+
+async def test_an_upstream_that_never_answers_hits_the_connect_timeout(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
+    blackhole = trio.socket.socket()
+    await blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    app_port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = trio.socket.socket()
+        fillers.append(filler)
+        with trio.move_on_after(0.3):
+            await filler.connect(("127.0.0.1", app_port))
+    server_changes = {"timeouts": Timeouts(handshake=2.0, connect=0.5, idle=None, drain=1.0)}
+    try:
+        with trio.fail_after(IO):
+            async with mesh_pair(pki, app_port, server_changes=server_changes) as mesh:
+                client = await connect(mesh.port)
+                started = trio.current_time()
+                kind, _ = await outcome(client)
+                elapsed = trio.current_time() - started
+    finally:
+        for sock in (blackhole, *fillers):
+            sock.close()
+    assert kind == "reset"
+    assert 0.4 < elapsed < 5
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert "reason=connect_timeout" in line
+
+
+BAD_INBOUND = [
+    ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not_mesh"),
+    ("half-client-hello", client_hello()[:60], "sniff_timeout"),
+    ("foreign-tls", client_hello(alpn=b"h2"), "not_mesh"),
+    ("silence", b"", "sniff_timeout"),
+    ("half-client-hello-then-fin", client_hello()[:60], "closed_during_sniff"),
+]
+
+
+@pytest.mark.parametrize(("case", "first_bytes", "reason"), BAD_INBOUND, ids=[c[0] for c in BAD_INBOUND])
+async def test_strict_inbound_refuses_what_is_not_mesh_tls(
+    pki: Pki, caplog: pytest.LogCaptureFixture, case: str, first_bytes: bytes, reason: str
+) -> None:
+    with trio.fail_after(IO):
+        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+            bad = await connect(mesh.inbound_port)
+            if first_bytes:
+                await bad.send_all(first_bytes)
+            if case.endswith("then-fin"):
+                await bad.send_eof()
+            started = trio.current_time()
+            kind, _ = await outcome(bad)
+            elapsed = trio.current_time() - started
+            assert await exchange(mesh.port, b"others keep working") == b"others keep working"
+            await bad.aclose()
+    assert kind in ("reset", "eof")
+    if reason == "sniff_timeout":
+        assert elapsed >= 0.4  # sniff_timeout is 0.5 s in these configs
+    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
+    assert len(refused) == 1 and (f'reason="{reason}' in refused[0] or f"reason={reason}" in refused[0]), refused
+    assert seen == ["127.0.0.6"]
+
+
+async def test_permissive_port_passes_plaintext_through(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async with app_server(echo) as (app_port, seen):
+        inbound = InboundConfig(
+            enabled=True, listen=ANY_PORT, sniff_timeout=0.5, ports={app_port: PortConfig(mode=Mode.PERMISSIVE)}
+        )
+        with trio.fail_after(IO):
+            async with mesh_pair(pki, app_port, server_changes={"inbound": inbound}) as mesh:
+                plain = await connect(mesh.inbound_port)
+                await plain.send_all(b"plaintext hello")
+                await plain.send_eof()
+                assert await read_all(plain) == b"plaintext hello"
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert "decision=passthrough" in line and "peer_id=-" in line
+    assert seen == ["127.0.0.6"]
+
+
+@pytest.mark.parametrize(("case", "make_client", "reason"), BAD_CLIENTS, ids=[c[0] for c in BAD_CLIENTS])
+async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
+    pki: Pki, caplog: pytest.LogCaptureFixture, case: str, make_client: ClientMaker, reason: str
+) -> None:
+    other = Pki(pki.root / "other").authority
+    client_ctx = make_client(pki.authority, other)
+    with trio.fail_after(IO):
+        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+            transport = await connect(mesh.inbound_port)
+            bad = tls.TLSStream(transport, client_ctx, tls.Side.CLIENT)
+            with pytest.raises((trio.BrokenResourceError, HandshakeError)):
+                await bad.do_handshake()
+                await bad.send_all(b"hello")
+                await bad.receive_some()  # TLS 1.3: the server's refusal shows at the first read
+            await trio.aclose_forcefully(bad)
+            assert await exchange(mesh.port, b"others keep working") == b"others keep working"
+    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
+    assert len(refused) == 1, refused
+    assert 'reason="handshake:' in refused[0] and re.search(reason, refused[0]), refused[0]
+    assert seen == ["127.0.0.6"]
+
+
+async def test_disable_and_server_first_ports_are_not_sniffed(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """DISABLE passes bytes through at once; a server-first port in PERMISSIVE lets the app speak first."""
+
+    async def greet_first(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 hello\r\n")
+        await echo(stream)
+
+    async with app_server(greet_first) as (app_port, _):
+        for port_config in (PortConfig(mode=Mode.DISABLE), PortConfig(mode=Mode.PERMISSIVE, server_first=True)):
+            inbound = InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=5.0, ports={app_port: port_config})
+            with trio.fail_after(3):  # far below the 5 s sniff timeout: nothing waited for the client
+                async with mesh_pair(pki, app_port, server_changes={"inbound": inbound}) as mesh:
+                    plain = await connect(mesh.inbound_port)
+                    assert await plain.receive_some(100) == b"220 hello\r\n"
+                    await plain.send_all(b"QUIT")
+                    await plain.send_eof()
+                    assert await read_all(plain) == b"QUIT"
+    lines = conn_lines(caplog.records, "inbound")
+    assert len(lines) == 2 and all("decision=passthrough" in line for line in lines)

@@ -7,6 +7,8 @@ the server reaches the client only at its first read (DESIGN.md §11): refusal t
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,3 +287,35 @@ def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority
     other = material_for(authority, workload_id(TD, "default", "b"))
     with pytest.raises(Exception, match="OpenSSL refused the credential"):
         tls.build_context(tls.Material(good.chain, other.key, good.roots), tls.Side.SERVER)
+
+
+async def test_full_duplex_over_a_socketpair_does_not_deadlock(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    """Both ends send a lot at once while reading: each side's receive must not wait behind its own blocked send."""
+    client_ctx, server_ctx = contexts
+    left, right = trio.socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    client = tls.TLSStream(trio.SocketStream(left), client_ctx, tls.Side.CLIENT)
+    server = tls.TLSStream(trio.SocketStream(right), server_ctx, tls.Side.SERVER)
+    total = 8 << 20
+    block = os.urandom(1 << 16)
+    got = {"client": 0, "server": 0}
+
+    async def send(stream: tls.TLSStream) -> None:
+        for _ in range(total // len(block)):
+            await stream.send_all(block)
+        await stream.send_eof()
+
+    async def receive(stream: tls.TLSStream, name: str) -> None:
+        while data := await stream.receive_some(65536):
+            got[name] += len(data)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for stream, name in ((client, "client"), (server, "server")):
+                nursery.start_soon(send, stream)
+                nursery.start_soon(receive, stream, name)
+    assert got == {"client": total, "server": total}
+    await client.aclose()
+    await server.aclose()

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mtlsmesh import ca, svid
+from mtlsmesh import ca, pem, svid
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain, workload_id
 
@@ -71,7 +72,7 @@ def assert_key_type(cert: x509.Certificate, key_type: ca.KeyType) -> None:
     else:
         assert isinstance(public_key, rsa.RSAPublicKey)
         assert public_key.key_size == 3072
-    assert ca.key_type_name(public_key) == key_type.value
+    assert pem.key_type_name(public_key) == key_type.value
 
 
 def assert_profile(
@@ -181,8 +182,8 @@ def test_profile_of_root_intermediate_and_leaf(key_type: ca.KeyType, intermediat
         assert authority.chain == ()
         assert authority.signer_cert == root
     assert authority.root_key is not None
-    ca.check_key_matches(root, authority.root_key, "root")
-    ca.check_key_matches(authority.signer_cert, authority.signer_key, "signer")
+    pem.check_key_matches(root, authority.root_key, "root")
+    pem.check_key_matches(authority.signer_cert, authority.signer_key, "signer")
 
     issued = ca.issue_svid(authority, WEB, now=NOW, dns_names=["web.default.svc", "*.web.default.svc"])
     assert_profile(
@@ -201,7 +202,7 @@ def test_leaf_of_every_key_type(key_type: ca.KeyType) -> None:
     authority = authority_for(ca.KeyType.ECDSA_P384, True)
     issued = ca.issue_svid(authority, WEB, now=NOW, ttl=timedelta(hours=1), key_type=key_type)
     assert issued.key is not None
-    ca.check_key_matches(issued.cert, issued.key, "leaf")
+    pem.check_key_matches(issued.cert, issued.key, "leaf")
     assert_profile(
         issued.cert, role="leaf", issuer=authority.signer_cert, key_type=key_type,
         signer_type=ca.KeyType.ECDSA_P384, uri=WEB, not_before=NOW - ca.BACKDATE, not_after=NOW + timedelta(hours=1),
@@ -317,7 +318,7 @@ def test_outside_public_key_is_signed_without_a_private_key(tmp_path: Path) -> N
     own_key = ec.generate_private_key(ec.SECP256R1())
     issued = ca.issue_svid(authority_for(intermediate=True), WEB, now=NOW, public_key=own_key.public_key())
     assert issued.key is None
-    ca.check_key_matches(issued.cert, own_key, "own key")
+    pem.check_key_matches(issued.cert, own_key, "own key")
     with pytest.raises(CertificateError, match=r"no private key to write"):
         issued.key_pem()
     issued.write_to_dir(tmp_path / "out")
@@ -489,9 +490,9 @@ def test_write_to_dir_modes_and_contents(tmp_path: Path) -> None:
     assert sorted(os.listdir(out)) == ["bundle.pem", "cert.pem", "key.pem"]  # no temporary files left
     assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
     assert stat.S_IMODE((out / "cert.pem").stat().st_mode) == 0o644
-    assert ca.load_certificates(out / "cert.pem") == (issued.cert, *authority.chain)
-    assert ca.load_certificates(out / "bundle.pem") == authority.roots
-    ca.check_key_matches(issued.cert, ca.load_private_key(out / "key.pem"), "key.pem")
+    assert pem.load_certificates(out / "cert.pem") == (issued.cert, *authority.chain)
+    assert pem.load_certificates(out / "bundle.pem") == authority.roots
+    pem.check_key_matches(issued.cert, pem.load_private_key(out / "key.pem"), "key.pem")
 
 
 def test_write_to_dir_refuses_existing_files_and_changes_nothing(tmp_path: Path) -> None:
@@ -524,8 +525,14 @@ def test_authority_round_trips_through_a_directory(tmp_path: Path, intermediate:
     assert loaded.chain == authority.chain
     assert loaded.roots == authority.roots
     assert loaded.trust_domain == TD
-    ca.check_key_matches(loaded.signer_cert, loaded.signer_key, "signer")
+    pem.check_key_matches(loaded.signer_cert, loaded.signer_key, "signer")
     assert svid.leaf_spiffe_id(ca.issue_svid(loaded, WEB, now=NOW).cert) == WEB
+    if intermediate:
+        (tmp_path / "ca" / "root-key.pem").unlink()
+        offline = ca.load_authority(tmp_path / "ca")
+        assert offline.root_key is None
+        assert offline.signer_cert == authority.signer_cert
+        assert svid.leaf_spiffe_id(ca.issue_svid(offline, WEB, now=NOW).cert) == WEB
 
 
 def test_save_authority_refuses_or_replaces_a_previous_ca(tmp_path: Path) -> None:
@@ -545,38 +552,61 @@ def test_bundle_with_several_roots_keeps_the_own_root_first(tmp_path: Path) -> N
     directory = tmp_path / "ca"
     ca.save_authority(authority_for(), directory)
     other = authority_for(ca.KeyType.ECDSA_P384)
-    (directory / "bundle.pem").write_bytes(ca.render_certificates([*other.roots, *authority_for().roots]))
+    (directory / "bundle.pem").write_bytes(pem.render_certificates([*other.roots, *authority_for().roots]))
     loaded = ca.load_authority(directory)
     assert loaded.roots == (*authority_for().roots, *other.roots)
 
 
+ED_CA = authority_for(ca.KeyType.ED25519)  # another CA, whose files must not be mistaken for ours
+ED_CA_2 = authority_for(ca.KeyType.ED25519, True)
+
+
 @pytest.mark.parametrize(
-    ("damage", "message"),
+    ("intermediate", "damage", "message"),
     [
-        (lambda d: shutil.rmtree(d), r"no CA directory here"),
-        (lambda d: (d / "root.pem").unlink(), r"root\.pem: no such file"),
-        (lambda d: (d / "root-key.pem").unlink(), r"root-key\.pem: no such file, and no intermediate"),
-        (lambda d: (d / "root.pem").write_text("junk\n"), r"root\.pem: no PEM certificate found"),
+        (False, lambda d: shutil.rmtree(d), r"no CA directory here"),
+        (False, lambda d: (d / "root.pem").unlink(), r"root\.pem: no such file"),
+        (False, lambda d: (d / "root-key.pem").unlink(), r"root-key\.pem: no such file, and no intermediate"),
+        (False, lambda d: (d / "root.pem").write_text("junk\n"), r"root\.pem: no PEM certificate found"),
         (
+            False,
             lambda d: (d / "root.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
             r"root\.pem: corrupt PEM certificate",
         ),
-        (lambda d: (d / "root-key.pem").write_text("junk\n"), r"root-key\.pem: no PEM private key found"),
+        (False, lambda d: (d / "root-key.pem").write_text("junk\n"), r"root-key\.pem: no PEM private key found"),
         (
+            False,
             lambda d: (d / "root-key.pem").write_bytes(
-                ca.render_private_key(authority_for(ca.KeyType.ED25519).signer_key)
+                pem.render_private_key(authority_for(ca.KeyType.ED25519).signer_key)
             ),
             r"root-key\.pem: the private key does not match the certificate",
         ),
         (
-            lambda d: (d / "bundle.pem").write_bytes(ca.render_certificates(authority_for(ca.KeyType.ED25519).roots)),
+            False,
+            lambda d: (d / "bundle.pem").write_bytes(pem.render_certificates(ED_CA.roots)),
             r"bundle\.pem: does not hold the CA's own root\.pem",
         ),
+        (
+            True,
+            lambda d: (d / "intermediate.pem").write_bytes(pem.render_certificates(ED_CA_2.chain)),
+            r"intermediate-key\.pem: the private key does not match the certificate",
+        ),
+        (
+            True,
+            lambda d: [
+                (d / "intermediate.pem").write_bytes(pem.render_certificates(ED_CA_2.chain)),
+                (d / "intermediate-key.pem").write_bytes(pem.render_private_key(ED_CA_2.signer_key)),
+            ],
+            r"intermediate\.pem: was not issued by root\.pem",
+        ),
+        (True, lambda d: (d / "intermediate-key.pem").unlink(), r"intermediate-key\.pem: no such file"),
     ],
 )
-def test_load_authority_refuses_damaged_directories(tmp_path: Path, damage: object, message: str) -> None:
+def test_load_authority_refuses_damaged_directories(
+    tmp_path: Path, intermediate: bool, damage: object, message: str
+) -> None:
     directory = tmp_path / "ca"
-    ca.save_authority(authority_for(), directory)
+    ca.save_authority(authority_for(intermediate=intermediate), directory)
     damage(directory)  # type: ignore[operator]
     with pytest.raises(CertificateError, match=message):
         ca.load_authority(directory)
@@ -605,11 +635,14 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="need
 @pytest.mark.parametrize("purpose", ["sslclient", "sslserver"])
 @pytest.mark.parametrize("key_type", KEY_TYPES, ids=[k.value for k in KEY_TYPES])
 @pytest.mark.parametrize("intermediate", [False, True], ids=["root-signs", "intermediate-signs"])
-def test_openssl_accepts_our_chains(tmp_path: Path, purpose: str, key_type: ca.KeyType, intermediate: bool) -> None:
+@pytest.mark.parametrize("name_constraint", [False, True], ids=["", "constrained"])
+def test_openssl_accepts_our_chains(
+    tmp_path: Path, purpose: str, key_type: ca.KeyType, intermediate: bool, name_constraint: bool
+) -> None:
     now = datetime.now(UTC)  # the openssl binary checks validity against the real clock
-    authority = ca.create_ca(TD, now=now, key_type=key_type, intermediate=intermediate, name_constraint=intermediate)
+    authority = ca.create_ca(TD, now=now, key_type=key_type, intermediate=intermediate, name_constraint=name_constraint)
     issued = ca.issue_svid(authority, WEB, now=now, key_type=key_type, dns_names=["web.default.svc"])
-    chain = ca.render_certificates(issued.chain)
+    chain = pem.render_certificates(issued.chain)
     result = openssl_verify(tmp_path, purpose, issued.bundle_pem(), chain, issued.cert.public_bytes(PEM))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(": OK")
@@ -624,7 +657,7 @@ def test_openssl_refuses_a_leaf_of_another_ca(tmp_path: Path, purpose: str, inte
     theirs = ca.create_ca(TD, now=now, intermediate=intermediate)
     issued = ca.issue_svid(theirs, WEB, now=now)
     result = openssl_verify(
-        tmp_path, purpose, ca.render_certificates(ours.roots), ca.render_certificates(issued.chain),
+        tmp_path, purpose, pem.render_certificates(ours.roots), pem.render_certificates(issued.chain),
         issued.cert.public_bytes(PEM),
     )  # fmt: skip
     assert result.returncode != 0
@@ -639,7 +672,7 @@ def test_openssl_enforces_the_name_constraint(tmp_path: Path) -> None:
     outsider = forge(san=_uris("spiffe://other.td/ns/default/sa/web"), authority=authority, now=now)
     assert svid.leaf_spiffe_id(outsider) == SpiffeId("other.td", "/ns/default/sa/web")  # the SVID rules pass
     result = openssl_verify(
-        tmp_path, "sslclient", ca.render_certificates(authority.roots), b"", outsider.public_bytes(PEM)
+        tmp_path, "sslclient", pem.render_certificates(authority.roots), b"", outsider.public_bytes(PEM)
     )
     assert result.returncode != 0
     assert "permitted subtree violation" in result.stdout + result.stderr
@@ -653,3 +686,37 @@ def test_openssl_refuses_an_expired_leaf(tmp_path: Path) -> None:
     result = openssl_verify(tmp_path, "sslserver", issued.bundle_pem(), b"", issued.cert.public_bytes(PEM))
     assert result.returncode != 0
     assert "certificate has expired" in result.stdout + result.stderr
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"a.pem": (b"a", 0o644), "b.pem": (b"b", 0o644)}
+    with pytest.raises(CertificateError, match=r"File name too long"):
+        pem.write_files(tmp_path / "new", {**files, "x" * 300: (b"", 0o644)}, force=False)
+    assert not (tmp_path / "new").exists()
+
+    # A disk that fills up while writing the second file: the first must not survive, nor the new directory.
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(CertificateError, match=r"new: cannot write: No space left on device"):
+        pem.write_files(tmp_path / "new", files, force=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    calls.clear()
+    with pytest.raises(CertificateError, match=r"cannot write: No space left on device"):
+        pem.write_files(tmp_path / "old", files, force=False)
+    assert list((tmp_path / "old").iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["mtlsmesh.ca", "mtlsmesh.svid", "mtlsmesh.pem", "mtlsmesh.identity"])
+def test_the_ca_core_loads_no_io_machinery(module: str) -> None:
+    # `socket` is not on the list: cryptography.x509 loads email.utils, which imports it; nothing here uses it.
+    io_modules = ("trio", "ssl", "OpenSSL", "subprocess", "asyncio")
+    probe = f"import sys, {module}; print(','.join(m for m in {io_modules!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == ""

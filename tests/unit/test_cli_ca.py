@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mtlsmesh import ca, svid
+from mtlsmesh import ca, pem, svid
 from mtlsmesh.cli import main
 from mtlsmesh.identity import parse_trust_domain, workload_id
 
@@ -100,7 +100,7 @@ def test_init_then_issue_writes_the_documented_layout(workdir: Path, capsys: pyt
     svid_dir = workdir / "certs" / "default-web"
     assert sorted(os.listdir(svid_dir)) == ["bundle.pem", "cert.pem", "key.pem"]
     assert stat.S_IMODE((svid_dir / "key.pem").stat().st_mode) == 0o600
-    (leaf,) = ca.load_certificates(svid_dir / "cert.pem")
+    (leaf,) = pem.load_certificates(svid_dir / "cert.pem")
     assert svid.leaf_spiffe_id(leaf) == WEB
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName
@@ -117,7 +117,7 @@ def test_init_options(workdir: Path, capsys: pytest.CaptureFixture[str], key_typ
     assert main([*argv, "--intermediate", "--name-constraint"]) == 0
     authority = ca.load_authority(workdir / "myca")
     assert authority.trust_domain == parse_trust_domain("example.org")
-    assert ca.key_type_name(authority.signer_cert.public_key()) == key_type
+    assert pem.key_type_name(authority.signer_cert.public_key()) == key_type
     assert len(authority.chain) == 1
     root = authority.roots[0]
     assert root.not_valid_after_utc - root.not_valid_before_utc == timedelta(days=90) + ca.BACKDATE
@@ -148,9 +148,9 @@ def test_issue_from_a_csr_takes_only_its_key(ca_dir: Path, workdir: Path, capsys
     argv = ["ca", "issue", "--namespace", "default", "--service-account", "web", "--csr", "req.pem", "--out", "o"]
     assert main(argv) == 0
     assert sorted(os.listdir(workdir / "o")) == ["bundle.pem", "cert.pem"]  # no key: the requester keeps it
-    leaf, *chain = ca.load_certificates(workdir / "o" / "cert.pem")
+    leaf, *chain = pem.load_certificates(workdir / "o" / "cert.pem")
     assert chain == list(ca.load_authority(ca_dir).chain)
-    ca.check_key_matches(leaf, key, "csr key")
+    pem.check_key_matches(leaf, key, "csr key")
     assert svid.leaf_spiffe_id(leaf) == WEB  # the flags' ID, not the one the request claims
     assert len(leaf.subject) == 0
 
@@ -172,11 +172,11 @@ def test_k8s_secret_goes_to_stdout_and_nothing_to_disk(
     assert secret["metadata"]["annotations"]["mtlsmesh.io/spiffe-id"] == "spiffe://cluster.local/ns/shop/sa/reviews"
     data = {name: base64.b64decode(value) for name, value in secret["data"].items()}
     assert sorted(data) == ["bundle.pem", "cert.pem", "key.pem"]
-    leaf, intermediate = ca.parse_certificates(data["cert.pem"], "cert.pem")
+    leaf, intermediate = pem.parse_certificates(data["cert.pem"], "cert.pem")
     assert (intermediate,) == ca.load_authority(ca_dir).chain
-    ca.check_key_matches(leaf, ca.parse_private_key(data["key.pem"], "key.pem"), "secret")
+    pem.check_key_matches(leaf, pem.parse_private_key(data["key.pem"], "key.pem"), "secret")
     assert str(svid.leaf_spiffe_id(leaf)) == "spiffe://cluster.local/ns/shop/sa/reviews"
-    assert ca.parse_certificates(data["bundle.pem"], "bundle") == ca.load_authority(ca_dir).roots
+    assert pem.parse_certificates(data["bundle.pem"], "bundle") == ca.load_authority(ca_dir).roots
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(secret, "1.30", strict=True)
 
@@ -264,7 +264,7 @@ def test_init_refuses(workdir: Path, capsys: pytest.CaptureFixture[str], argv: l
             r"intermediate-key\.pem: the private key does not match the certificate",
         ),
         (
-            lambda d: (d / "root-key.pem").write_bytes(ca.render_private_key(ec.generate_private_key(ec.SECP256R1()))),
+            lambda d: (d / "root-key.pem").write_bytes(pem.render_private_key(ec.generate_private_key(ec.SECP256R1()))),
             r"root-key\.pem: the private key does not match the certificate",
         ),
         (lambda d: (d / "intermediate-key.pem").unlink(), r"intermediate-key\.pem: no such file"),
@@ -334,7 +334,7 @@ def test_inspect_describes_a_chain(ca_dir: Path, workdir: Path, capsys: pytest.C
     capsys.readouterr()
     assert main(["ca", "inspect", "w/cert.pem"]) == 0
     out = capsys.readouterr().out
-    leaf = ca.load_certificates(workdir / "w" / "cert.pem")[0]
+    leaf = pem.load_certificates(workdir / "w" / "cert.pem")[0]
     fingerprint = ":".join(f"{b:02X}" for b in hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).digest())
     assert "w/cert.pem: certificate 1 of 2 (leaf)" in out
     assert "SPIFFE ID:   spiffe://cluster.local/ns/default/sa/web" in out
@@ -431,11 +431,11 @@ def test_bundle_merges_roots_for_rotation(ca_dir: Path, workdir: Path, capsys: p
     old_root, new_root = str(ca_dir / "root.pem"), str(workdir / "newca" / "root.pem")
     assert main(["ca", "bundle", "--add", old_root, "--add", new_root, "--add", old_root, "--bundle", "b.pem"]) == 0
     assert capsys.readouterr().err == "b.pem: 2 roots, 2 of them new\n"
-    roots = ca.load_certificates(workdir / "b.pem")
-    assert roots == (*ca.load_certificates(old_root), *ca.load_certificates(new_root))
+    roots = pem.load_certificates(workdir / "b.pem")
+    assert roots == (*pem.load_certificates(old_root), *pem.load_certificates(new_root))
     assert main(["ca", "bundle", "--add", new_root, "--bundle", "b.pem"]) == 0  # extending: nothing new
     assert capsys.readouterr().err == "b.pem: 2 roots, 0 of them new\n"
-    assert ca.load_certificates(workdir / "b.pem") == roots
+    assert pem.load_certificates(workdir / "b.pem") == roots
     # Leaves of both CAs verify against the merged bundle.
     assert main(["ca", "issue", "--namespace", "a", "--service-account", "x", "--out", "old"]) == 0
     assert main(["ca", "issue", "--ca-dir", "newca", "--namespace", "a", "--service-account", "x", "--out", "new"]) == 0
@@ -444,7 +444,7 @@ def test_bundle_merges_roots_for_rotation(ca_dir: Path, workdir: Path, capsys: p
     # Without --bundle the merged PEM goes to stdout.
     capsys.readouterr()
     assert main(["ca", "bundle", "--add", old_root, "--add", new_root]) == 0
-    assert ca.parse_certificates(capsys.readouterr().out.encode(), "stdout") == roots
+    assert pem.parse_certificates(capsys.readouterr().out.encode(), "stdout") == roots
 
 
 def test_bundle_refuses_a_leaf(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -162,6 +162,8 @@ def test_parse_duration_errors(value: object, message: str) -> None:
         ("127.0.0.1:0", False, ListenAddr("127.0.0.1", 0)),  # ephemeral, for tests
         ("db.default.svc:5432", True, ListenAddr("db.default.svc", 5432)),
         ("DB.Example:5432", True, ListenAddr("db.example", 5432)),
+        ("my_db.ns9.svc.cluster.local:5432", True, ListenAddr("my_db.ns9.svc.cluster.local", 5432)),
+        ("db1:5432", True, ListenAddr("db1", 5432)),
         ("198.18.0.20:15432", True, ListenAddr("198.18.0.20", 15432)),
         ("[fd00::20]:15432", True, ListenAddr("fd00::20", 15432)),
     ],
@@ -189,6 +191,8 @@ def test_parse_listen_addr(text: str, allow_name: bool, expected: ListenAddr) ->
         ("[db]:80", True, r"'\[db\]' is not an IP address or host name"),
         ("bad_host!:80", True, r"'bad_host!' is not an IP address or host name"),
         ("a..b:80", True, r"'a\.\.b' is not an IP address or host name"),
+        ("1.2.3.999:80", True, r"'1\.2\.3\.999' is not an IP address or host name"),
+        (f"{'a' * 64}.svc:80", True, r"'a+\.svc' is not an IP address or host name"),
     ],
 )
 def test_parse_listen_addr_errors(value: object, allow_name: bool, message: str) -> None:

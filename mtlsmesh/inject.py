@@ -1,0 +1,484 @@
+"""Sidecar injection: Kubernetes manifests in, the same manifests with every pod template meshed out.
+
+For each pod template (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob,
+and those inside a `kind: List`) the injector prepends two init containers:
+
+- `mtlsmesh-init` runs `mtlsmesh iptables` as root with only NET_ADMIN and NET_RAW, and installs the pod's capture
+  rules; the `mtlsmesh.io/*` annotations become its `MTLSMESH_*` environment variables.
+- `mtlsmesh-proxy` is the sidecar as a *native* sidecar (an init container with `restartPolicy: Always`, Kubernetes
+  1.29 and later): it starts before the app, stays up beside it, and stops after it, so Jobs finish. It runs as the
+  proxy uid (1337), reads its SVID from the Secret `mtlsmesh-svid-<service account>` and its config from the
+  ConfigMap `mtlsmesh-config`.
+
+A template already injected (it carries the `mtlsmesh.io/status` annotation) is stripped of what the injector added
+and injected again, so running the injector twice gives the same bytes, and re-running it after an annotation or
+image change updates the pod. Every other field and every other document is left as it was; key order is kept;
+YAML comments are lost (PyYAML does not keep them) and empty documents are dropped.
+
+This module is pure: dicts in, dicts out, no files, no cluster; YAML text is `manifest`'s job and the annotations
+are `annotations`'s. It does not create the Secrets or the ConfigMap (see `deploy/README.md`), and it does not
+rewrite the app's kubelet probes: it warns when a probe would reach a port the sidecar serves in strict mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mtlsmesh import __version__
+from mtlsmesh.annotations import (
+    EXCLUDE_INBOUND_PORTS,
+    INBOUND_MODE,
+    NEVER_CAPTURED_INBOUND,
+    STATUS_ANNOTATION,
+    CaptureSettings,
+    opted_out,
+    parse_capture,
+    read_annotations,
+)
+from mtlsmesh.errors import ConfigError
+from mtlsmesh.manifest import parse_manifests, render_manifests
+
+INIT_CONTAINER = "mtlsmesh-init"
+PROXY_CONTAINER = "mtlsmesh-proxy"
+SVID_VOLUME = "mtlsmesh-svid"
+CONFIG_VOLUME = "mtlsmesh-config"
+INIT_RUN_VOLUME = "mtlsmesh-init-run"
+INJECTED_CONTAINERS = (INIT_CONTAINER, PROXY_CONTAINER)
+INJECTED_VOLUMES = (SVID_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
+
+# The Kubernetes conventions every part of the mesh shares (the CA writes this Secret; deploy/README.md).
+SVID_DIR = "/var/run/mtlsmesh/svid"
+CONFIG_DIR = "/etc/mtlsmesh"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+SVID_SECRET_PREFIX = "mtlsmesh-svid-"
+CONFIG_MAP = "mtlsmesh-config"
+
+# Ports the sidecar binds in the pod (DESIGN.md section 2); an app container must not claim them.
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+ADMIN_PORT = 15000
+HEALTH_PORT = 15021
+METRICS_PORT = 15090
+RESERVED_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, HEALTH_PORT, METRICS_PORT})
+
+# Kind -> (API groups it may come from, path from the document to its pod template). A kind from another group
+# (a custom resource that happens to be called "Deployment") is not ours to touch.
+_TEMPLATE_PATHS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "Pod": (frozenset({""}), ()),
+    "ReplicationController": (frozenset({""}), ("spec", "template")),
+    "Deployment": (frozenset({"apps", "extensions"}), ("spec", "template")),
+    "StatefulSet": (frozenset({"apps"}), ("spec", "template")),
+    "DaemonSet": (frozenset({"apps", "extensions"}), ("spec", "template")),
+    "ReplicaSet": (frozenset({"apps", "extensions"}), ("spec", "template")),
+    "Job": (frozenset({"batch"}), ("spec", "template")),
+    "CronJob": (frozenset({"batch"}), ("spec", "jobTemplate", "spec", "template")),
+}
+
+_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+JsonDict = dict[str, Any]
+CommandLine = tuple[list[str], dict[str, str]]  # (argv, environment) of one container
+
+
+@dataclass(frozen=True, slots=True)
+class InjectOptions:
+    """What the injected containers look like; the defaults follow the mesh's Kubernetes conventions."""
+
+    image: str = f"mtlsmesh/mtlsmesh:{__version__}"
+    image_pull_policy: str = "IfNotPresent"
+    proxy_uid: int = 1337
+    proxy_gid: int = 1337
+    proxy_cpu_request: str = "50m"
+    proxy_memory_request: str = "64Mi"
+    proxy_memory_limit: str = "256Mi"
+    init_cpu_request: str = "10m"
+    init_memory_request: str = "32Mi"
+    init_memory_limit: str = "128Mi"
+
+
+@dataclass(frozen=True, slots=True)
+class InjectResult:
+    """The documents after injection, plus what a person should know about them."""
+
+    documents: tuple[object, ...]
+    injected: tuple[str, ...]  # "Deployment default/reviews" for each template injected
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InjectedText:
+    text: str
+    injected: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+def inject_text(text: str, *, source: str, options: InjectOptions | None = None) -> InjectedText:
+    """Parse, inject and render: what `mtlsmesh inject` does between reading and writing."""
+    result = inject_documents(parse_manifests(text, source), source=source, options=options)
+    return InjectedText(render_manifests(result.documents), result.injected, result.warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documents
+
+
+def inject_documents(
+    documents: Sequence[object], *, source: str = "<input>", options: InjectOptions | None = None
+) -> InjectResult:
+    """Inject every pod template in `documents` (not changed: the result holds deep copies)."""
+    opts = options if options is not None else InjectOptions()
+    injected: list[str] = []
+    warnings: list[str] = []
+    out: list[object] = []
+    for index, doc in enumerate(documents, start=1):
+        doc_copy = copy.deepcopy(doc)
+        _inject_object(doc_copy, f"{source}: document {index}", opts, injected, warnings)
+        out.append(doc_copy)
+    return InjectResult(tuple(out), tuple(injected), tuple(warnings))
+
+
+def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[str], warnings: list[str]) -> None:
+    if not isinstance(doc, dict):
+        return
+    kind = doc.get("kind")
+    if kind == "List" and isinstance(doc.get("items"), list):
+        for index, item in enumerate(doc["items"], start=1):
+            _inject_object(item, f"{where} item {index}", opts, injected, warnings)
+        return
+    if not isinstance(kind, str) or kind not in _TEMPLATE_PATHS:
+        return
+    groups, path = _TEMPLATE_PATHS[kind]
+    api_version = doc.get("apiVersion")
+    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else None
+    if group not in groups:
+        return
+    label = f"{where} ({kind} {_object_name(doc)})"
+    workload_annotations = read_annotations(doc, label)
+    template: object = doc
+    walked: list[str] = []
+    for key in path:
+        walked.append(key)
+        template = template.get(key) if isinstance(template, dict) else None
+        if not isinstance(template, dict):
+            raise ConfigError(label, f"{'.'.join(walked)}: expected a mapping")
+    assert isinstance(template, dict)
+    template_annotations = read_annotations(template, label) if path else workload_annotations
+    if opted_out(workload_annotations, label) or opted_out(template_annotations, label):
+        return
+    spec = template.get("spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(label, f"{'.'.join([*path, 'spec'])}: expected a mapping")
+    if spec.get("hostNetwork") is True:
+        warnings.append(f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node")
+        return
+    capture = parse_capture({**workload_annotations, **template_annotations}, label)
+    if STATUS_ANNOTATION in template_annotations:
+        _strip(spec)
+    _check_pod(spec, label, opts)
+    warnings.extend(_probe_warnings(spec, capture, label))
+    _inject_spec(spec, capture, opts)
+    _set_status(template, opts)
+    injected.append(f"{kind} {_object_name(doc)}")
+
+
+def _object_name(doc: JsonDict) -> str:
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        return "<unnamed>"
+    name = str(metadata.get("name", "<unnamed>"))
+    namespace = metadata.get("namespace")
+    return f"{namespace}/{name}" if namespace else name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks on the app's pod spec
+
+
+def _containers(spec: JsonDict, label: str) -> Iterator[tuple[str, JsonDict]]:
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        items = spec.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise ConfigError(label, f"spec.{key}: expected a list")
+        for item in items:
+            if not isinstance(item, dict):
+                raise ConfigError(label, f"spec.{key}: expected a list of mappings")
+            yield key, item
+
+
+def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
+    """Refuse what would break the mesh: the proxy's uid or gid, our names, our ports."""
+    ids = (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid))
+    pod_context = spec.get("securityContext")
+    if isinstance(pod_context, dict):
+        for field, what, proxy_id in ids:
+            if pod_context.get(field) == proxy_id:
+                raise ConfigError(
+                    label,
+                    f"the pod's securityContext runs as {what} {proxy_id}, the proxy's {what}: the capture "
+                    f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
+                )
+    for key, container in _containers(spec, label):
+        name = container.get("name", "<unnamed>")
+        if name in INJECTED_CONTAINERS:
+            raise ConfigError(label, f"spec.{key} already has a container named {name!r}, a name the injector uses")
+        context = container.get("securityContext")
+        if isinstance(context, dict):
+            for field, what, proxy_id in ids:
+                if context.get(field) == proxy_id:
+                    raise ConfigError(
+                        label,
+                        f"container {name!r} runs as {what} {proxy_id}, the proxy's {what}: the capture "
+                        f"rules let that {what}'s traffic bypass the mesh; choose another {what}",
+                    )
+        ports = container.get("ports")
+        for port in ports if isinstance(ports, list) else ():
+            if isinstance(port, dict) and port.get("containerPort") in RESERVED_PORTS:
+                raise ConfigError(
+                    label,
+                    f"container {name!r} declares port {port['containerPort']}, which the proxy binds "
+                    f"(reserved: {', '.join(map(str, sorted(RESERVED_PORTS)))})",
+                )
+    volumes = spec.get("volumes")
+    for volume in volumes if isinstance(volumes, list) else ():
+        if isinstance(volume, dict) and volume.get("name") in INJECTED_VOLUMES:
+            raise ConfigError(
+                label, f"spec.volumes already has a volume named {volume['name']!r}, a name the injector uses"
+            )
+
+
+def _probe_warnings(spec: JsonDict, capture: CaptureSettings, label: str) -> list[str]:
+    """Kubelet probes come in plaintext from the node: in strict mode the sidecar refuses them on captured ports."""
+    if capture.inbound_mode in ("permissive", "disable"):
+        return []
+    excluded = {int(p) for p in capture.exclude_inbound_ports.split(",") if p} | NEVER_CAPTURED_INBOUND
+    included = None if capture.inbound_ports == "*" else {int(p) for p in capture.inbound_ports.split(",") if p}
+    warnings: list[str] = []
+    for key, container in _containers(spec, label):
+        if key != "containers":
+            continue
+        named = {
+            port.get("name"): port.get("containerPort")
+            for port in container.get("ports") or ()
+            if isinstance(port, dict) and port.get("name")
+        }
+        for probe_name in _PROBES:
+            probe = container.get(probe_name)
+            if not isinstance(probe, dict):
+                continue
+            for action in ("httpGet", "tcpSocket", "grpc"):
+                target = probe.get(action)
+                if not isinstance(target, dict):
+                    continue
+                port = target.get("port")
+                port = named.get(port, port) if isinstance(port, str) else port
+                if not isinstance(port, int) or port in excluded or (included is not None and port not in included):
+                    continue
+                warnings.append(
+                    f"{label}: container {container.get('name')!r}: {probe_name} reaches port {port} in plaintext "
+                    f"from the kubelet; in strict inbound mode the sidecar refuses it: set {INBOUND_MODE}: "
+                    f"permissive or add the port to {EXCLUDE_INBOUND_PORTS}"
+                )
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adding and removing the mesh
+
+
+def _strip(spec: JsonDict) -> None:
+    """Remove what an earlier injection added, keeping the keys (and so their place in the mapping)."""
+    init_containers = spec.get("initContainers")
+    if isinstance(init_containers, list):
+        init_containers[:] = [
+            c for c in init_containers if not (isinstance(c, dict) and c.get("name") in INJECTED_CONTAINERS)
+        ]
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list):
+        volumes[:] = [v for v in volumes if not (isinstance(v, dict) and v.get("name") in INJECTED_VOLUMES)]
+
+
+def _env(pairs: Sequence[tuple[str, str]]) -> list[JsonDict]:
+    return [{"name": name, "value": value} for name, value in pairs]
+
+
+def _init_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
+    env = [
+        ("MTLSMESH_PROXY_UID", str(opts.proxy_uid)),
+        ("MTLSMESH_PROXY_GID", str(opts.proxy_gid)),
+        ("MTLSMESH_OUTBOUND_PORT", str(OUTBOUND_PORT)),
+        ("MTLSMESH_INBOUND_PORT", str(INBOUND_PORT)),
+        ("MTLSMESH_INBOUND_PORTS", capture.inbound_ports),
+        ("MTLSMESH_EXCLUDE_INBOUND_PORTS", capture.exclude_inbound_ports),
+        ("MTLSMESH_EXCLUDE_OUTBOUND_PORTS", capture.exclude_outbound_ports),
+        ("MTLSMESH_INCLUDE_OUTBOUND_CIDRS", capture.include_outbound_cidrs),
+        ("MTLSMESH_EXCLUDE_OUTBOUND_CIDRS", capture.exclude_outbound_cidrs),
+    ]
+    return {
+        "name": INIT_CONTAINER,
+        "image": opts.image,
+        "imagePullPolicy": opts.image_pull_policy,
+        "command": ["mtlsmesh"],
+        "args": ["iptables"],
+        "env": _env(env),
+        "resources": {
+            "requests": {"cpu": opts.init_cpu_request, "memory": opts.init_memory_request},
+            "limits": {"memory": opts.init_memory_limit},
+        },
+        "securityContext": {
+            # Root, but with nothing beyond what installing netfilter rules needs.
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+        # iptables-legacy takes its lock in /run; a small tmpfs keeps the root filesystem read-only.
+        "volumeMounts": [{"name": INIT_RUN_VOLUME, "mountPath": "/run"}],
+    }
+
+
+def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
+    env = [("MTLSMESH_INBOUND_MODE", capture.inbound_mode)] if capture.inbound_mode is not None else []
+    probe = {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
+    container: JsonDict = {
+        "name": PROXY_CONTAINER,
+        "image": opts.image,
+        "imagePullPolicy": opts.image_pull_policy,
+        # A native sidecar: runs beside the app for the pod's whole life (Kubernetes >= 1.29).
+        "restartPolicy": "Always",
+        "command": ["mtlsmesh"],
+        "args": [
+            "sidecar",
+            "--config",
+            CONFIG_FILE,
+            "--cert",
+            f"{SVID_DIR}/cert.pem",
+            "--key",
+            f"{SVID_DIR}/key.pem",
+            "--bundle",
+            f"{SVID_DIR}/bundle.pem",
+        ],
+    }
+    if env:
+        container["env"] = _env(env)
+    container.update(
+        {
+            "ports": [
+                {"name": "mesh-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+                {"name": "mesh-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            ],
+            # The app starts only once the sidecar is ready, so its first connections are not refused.
+            "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 60},
+            "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+            "resources": {
+                "requests": {"cpu": opts.proxy_cpu_request, "memory": opts.proxy_memory_request},
+                "limits": {"memory": opts.proxy_memory_limit},
+            },
+            "securityContext": {
+                "runAsUser": opts.proxy_uid,
+                "runAsGroup": opts.proxy_gid,
+                "runAsNonRoot": True,
+                "privileged": False,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+                # The proxy makes only ordinary socket and file calls; the runtime's default filter suffices.
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "volumeMounts": [
+                {"name": SVID_VOLUME, "mountPath": SVID_DIR, "readOnly": True},
+                {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            ],
+        }
+    )
+    return container
+
+
+def _volumes(spec: JsonDict) -> list[JsonDict]:
+    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    return [
+        # Only the proxy mounts the SVID, so the files may be readable by every uid: the app never sees them.
+        # Secret files are owned by root; 0444 lets uid 1337 read the key without a pod-wide fsGroup.
+        {"name": SVID_VOLUME, "secret": {"secretName": f"{SVID_SECRET_PREFIX}{account}", "defaultMode": 0o444}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": CONFIG_MAP}},
+        {"name": INIT_RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
+
+
+def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) -> None:
+    ours = [_init_container(capture, opts), _proxy_container(capture, opts)]
+    init_containers = spec.get("initContainers")
+    if isinstance(init_containers, list):
+        # First: the capture rules exist, and the sidecar is up, before any of the app's own init containers runs.
+        init_containers[:0] = ours
+    else:
+        spec["initContainers"] = ours
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list):
+        volumes.extend(_volumes(spec))
+    else:
+        spec["volumes"] = _volumes(spec)
+
+
+def _set_status(template: JsonDict, opts: InjectOptions) -> None:
+    metadata = template.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = template["metadata"] = {}
+    annotations = metadata.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = metadata["annotations"] = {}
+    status = {
+        "version": __version__,
+        "image": opts.image,
+        "initContainers": list(INJECTED_CONTAINERS),
+        "volumes": list(INJECTED_VOLUMES),
+    }
+    annotations[STATUS_ANNOTATION] = json.dumps(status, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading an injected pod back
+
+
+def pod_commands(pod_spec: Mapping[str, object]) -> tuple[CommandLine, CommandLine]:
+    """The (argv, env) of the injected init container and of the proxy, exactly as the pod spec gives them.
+
+    For running an injected pod without a cluster (a lab namespace): argv is `command + args`, env the literal
+    `value`s. Raises `ConfigError` when the spec is not injected or the commands come from somewhere else
+    (an env `valueFrom`, no `command`).
+    """
+    containers = pod_spec.get("initContainers")
+    found: dict[str, CommandLine] = {}
+    for container in containers if isinstance(containers, list) else ():
+        if isinstance(container, dict) and container.get("name") in INJECTED_CONTAINERS:
+            found[container["name"]] = _command_line(container)
+    for name in INJECTED_CONTAINERS:
+        if name not in found:
+            raise ConfigError("spec.initContainers", f"no container {name!r}: the pod spec is not injected")
+    return found[INIT_CONTAINER], found[PROXY_CONTAINER]
+
+
+def _command_line(container: Mapping[str, Any]) -> CommandLine:
+    name = container["name"]
+    command, args = container.get("command"), container.get("args", [])
+    if not isinstance(command, list) or not command or not isinstance(args, list):
+        raise ConfigError(f"{name}", "expected command (a non-empty list) and args (a list)")
+    argv = [str(part) for part in [*command, *args]]
+    env: dict[str, str] = {}
+    for entry in container.get("env") or ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
+            raise ConfigError(f"{name}.env", f"{entry!r}: only literal string values can be read back")
+        env[entry["name"]] = entry["value"]
+    return argv, env

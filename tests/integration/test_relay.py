@@ -1,0 +1,110 @@
+"""The relay over in-memory stream pairs: counts, half-close, idle timeout, and failure mapping."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from trio.testing import memory_stream_pair
+
+from mtlsmesh import runtime
+from mtlsmesh.relay import REASON_CLOSED, REASON_IDLE, relay
+
+
+def pairs() -> tuple[trio.StapledStream, trio.StapledStream, trio.StapledStream, trio.StapledStream]:
+    """client ↔ (downstream | relay | upstream) ↔ server"""
+    client, downstream = memory_stream_pair()
+    upstream, server = memory_stream_pair()
+    return client, downstream, upstream, server  # type: ignore[return-value]
+
+
+async def test_counts_and_half_close_each_way() -> None:
+    client, downstream, upstream, server = pairs()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def run() -> None:
+                results.append(await relay(downstream, upstream))
+
+            nursery.start_soon(run)
+            await client.send_all(b"12345")
+            assert await server.receive_some() == b"12345"
+            await client.send_eof()
+            assert await server.receive_some() == b""  # the FIN crossed; the other way is still open
+            await server.send_all(b"abc")
+            assert await client.receive_some() == b"abc"
+            await server.send_eof()
+            assert await client.receive_some() == b""
+    (result,) = results
+    assert (result.downstream_to_upstream, result.upstream_to_downstream) == (5, 3)
+    assert result.reason == REASON_CLOSED and not result.aborted
+
+
+async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
+    client, downstream, upstream, server = pairs()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def run() -> None:
+                results.append(await relay(downstream, upstream, idle_timeout=0.3))
+
+            nursery.start_soon(run)
+            started = trio.current_time()
+            for _ in range(6):  # 0.6 s of traffic, one byte every 0.1 s: never idle for 0.3 s
+                await client.send_all(b"x")
+                assert await server.receive_some() == b"x"
+                await trio.sleep(0.1)
+            assert not results
+        elapsed = trio.current_time() - started
+    (result,) = results
+    assert result.reason == REASON_IDLE and result.aborted
+    assert 0.8 < elapsed < 2.0
+
+
+@pytest.mark.parametrize("breaks", ["client", "server"])
+async def test_a_broken_side_aborts_both(breaks: str) -> None:
+    client, downstream, upstream, server = pairs()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def run() -> None:
+                results.append(await relay(downstream, upstream, downstream_name="app", upstream_name="peer"))
+
+            nursery.start_soon(run)
+            await client.send_all(b"x")
+            assert await server.receive_some() == b"x"
+            # Closing one end's receive side makes the relay's next write to it fail (a broken stream).
+            victim, other = (client, server) if breaks == "client" else (server, client)
+            await victim.aclose()
+            await other.send_all(b"y")
+            with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+                while True:  # the relay aborted this side too
+                    if not await other.receive_some():
+                        raise trio.ClosedResourceError
+    (result,) = results
+    assert result.aborted
+    assert result.reason.startswith("reset_by_app" if breaks == "client" else "reset_by_peer")
+
+
+@pytest.mark.parametrize(
+    ("fields", "line"),
+    [
+        ({"a": "plain", "b": 3}, "a=plain b=3"),
+        ({"reason": "denied: rule 0"}, 'reason="denied: rule 0"'),
+        ({"x": 'say "hi"'}, 'x="say \\"hi\\""'),
+        ({"empty": ""}, 'empty=""'),
+        ({"nl": "a\nb"}, 'nl="a\\nb"'),
+    ],
+)
+def test_log_values_are_quoted_when_needed(fields: dict[str, object], line: str) -> None:
+    assert runtime.render_kv(fields) == line
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [("closed", "closed"), ("handshake: bad cert", "handshake"), ("limit: max", "limit"), ("", "-")],
+)
+def test_reason_class_is_bounded(reason: str, label: str) -> None:
+    assert runtime.reason_class(reason) == label

@@ -1,0 +1,401 @@
+"""The sidecar at its edges: outbound routing decisions, limits, abandoned handshakes, the HTTP endpoints,
+credential reloads under traffic, and explicit (non-transparent) listeners."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from mtlsmesh import netio
+from mtlsmesh.config import (
+    Destination,
+    ExplicitListener,
+    ExplicitMode,
+    InboundConfig,
+    ListenAddr,
+    OutboundConfig,
+    OutboundPolicy,
+)
+from mtlsmesh.credentials import CredentialStore, load_credentials
+from mtlsmesh.errors import CertificateError
+from tests.integration.mesh import (
+    ANY_PORT,
+    LOOPBACK,
+    TD,
+    Pki,
+    app_server,
+    base_config,
+    client_hello,
+    conn_lines,
+    connect,
+    echo,
+    files_in,
+    fixed_dst,
+    mesh_pair,
+    outcome,
+    read_all,
+    running_sidecar,
+)
+
+IO = 15.0
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mtlsmesh")
+
+
+async def roundtrip(port: int, payload: bytes) -> bytes:
+    client = await connect(port)
+    await client.send_all(payload)
+    await client.send_eof()
+    try:
+        return await read_all(client)
+    finally:
+        await client.aclose()
+
+
+# --- outbound decisions ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "expect"),
+    [(OutboundPolicy.ALLOW_ANY, "passthrough"), (OutboundPolicy.REGISTRY_ONLY, "refuse")],
+)
+async def test_outbound_outside_the_mesh(
+    pki: Pki, caplog: pytest.LogCaptureFixture, policy: OutboundPolicy, expect: str
+) -> None:
+    async with app_server(echo) as (app_port, seen):
+        outbound = OutboundConfig(enabled=True, listen=ANY_PORT, policy=policy, destinations=())
+        cfg = base_config(pki.issue("productpage"), outbound=outbound)
+        with trio.fail_after(IO):
+            async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
+                client = await connect(state.bound["outbound"][1])
+                try:
+                    await client.send_all(b"plain")
+                    await client.send_eof()
+                except trio.BrokenResourceError:  # the reset came first and the send saw it (once)
+                    kind, data = "reset", b""
+                else:
+                    kind, data = await outcome(client)
+    (line,) = conn_lines(caplog.records, "outbound")
+    assert f"decision={expect}" in line
+    if expect == "passthrough":
+        assert (kind, data) == ("eof", b"plain")
+        assert seen == ["127.0.0.1"]  # outbound passthrough keeps the kernel's source
+    else:
+        assert (kind, data) == ("reset", b"")
+        assert "registry_only" in line and seen == []
+
+
+async def test_outbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    destinations = (Destination((), frozenset(), ()),)  # everything is "in the mesh"
+    cfg = base_config(pki.issue("a"), outbound=OutboundConfig(enabled=True, listen=ANY_PORT, destinations=destinations))
+    own_port: list[int] = []
+
+    def orig_dst(stream: trio.SocketStream) -> tuple[ipaddress.IPv4Address, int]:
+        return ipaddress.IPv4Address(LOOPBACK), own_port[0]  # as if the app had dialed 15001 itself
+
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg, orig_dst=orig_dst) as (_rt, state):
+            own_port.append(state.bound["outbound"][1])
+            client = await connect(own_port[0])
+            kind, _ = await outcome(client)
+    assert kind == "reset"
+    (line,) = conn_lines(caplog.records, "outbound")
+    assert 'reason="loop:' in line
+
+
+async def test_no_original_destination_is_refused_with_a_reason(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    # The real lookup on a connection no NAT rule touched: the kernel has no original destination to give.
+    cfg = base_config(pki.issue("a"), outbound=OutboundConfig(enabled=True, listen=ANY_PORT))
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg) as (_rt, state):
+            client = await connect(state.bound["outbound"][1])
+            kind, _ = await outcome(client)
+    assert kind == "reset"
+    (line,) = conn_lines(caplog.records, "outbound")
+    # Without conntrack: no_orig_dst; with it, the "original" destination is the listener itself: a loop.
+    assert 'reason="no_orig_dst:' in line or 'reason="loop:' in line
+
+
+# --- limits and abuse ------------------------------------------------------------------------------------------
+
+
+async def test_max_connections_refuses_the_one_too_many(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async with app_server(echo) as (app_port, _):
+        with trio.fail_after(IO):
+            async with mesh_pair(pki, app_port, client_changes={"max_connections": 1}) as mesh:
+                first = await connect(mesh.port)
+                await first.send_all(b"one")
+                assert await first.receive_some(10) == b"one"  # established and relaying
+                try:
+                    second = await connect(mesh.port)
+                except OSError:  # the RST can beat trio's check that connect() finished
+                    kind = "reset"
+                else:
+                    kind, _ = await outcome(second)
+                assert kind == "reset"
+                await first.send_eof()
+                assert await read_all(first) == b""
+                await first.aclose()
+                while mesh.client_rt.tracker.active:
+                    await trio.sleep(0.01)
+                assert await roundtrip(mesh.port, b"after") == b"after"
+    lines = conn_lines(caplog.records, "outbound")
+    assert sum('reason="limit:' in line for line in lines) == 1
+    assert mesh.client_rt.stats.connections[("outbound", "refuse", "limit")] == 1
+
+
+ABANDONED = 1000  # connections opened and dropped mid-handshake
+
+
+async def test_many_connections_abandoned_mid_handshake(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    hello = client_hello()
+    async with app_server(echo) as (app_port, seen):
+        with trio.fail_after(120):
+            async with mesh_pair(pki, app_port) as mesh:
+                limiter = trio.CapacityLimiter(100)
+                started = trio.current_time()
+
+                async def abandon(index: int) -> None:
+                    async with limiter:
+                        stream = await connect(mesh.inbound_port)
+                        await stream.send_all(hello[: len(hello) if index % 2 else len(hello) // 2])
+                        if index % 3 == 0 and index % 2:
+                            await stream.receive_some(65536)  # the server's first flight: truly mid-handshake
+                        await netio.abort_close(stream) if index % 2 else await stream.aclose()
+
+                async with trio.open_nursery() as nursery:
+                    for index in range(ABANDONED):
+                        nursery.start_soon(abandon, index)
+                assert await roundtrip(mesh.port, b"still serving") == b"still serving"
+                with trio.fail_after(30):
+                    while mesh.server_rt.tracker.active:
+                        await trio.sleep(0.05)
+                elapsed = trio.current_time() - started
+    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
+    assert len(refused) == ABANDONED
+    assert seen == ["127.0.0.6"]
+    print(f"{ABANDONED} abandoned handshakes handled in {elapsed:.1f} s")
+
+
+# --- HTTP endpoints ---------------------------------------------------------------------------------------------
+
+
+async def http(port: int, request: bytes) -> tuple[int, bytes]:
+    stream = await connect(port)
+    await stream.send_all(request)
+    response = await read_all(stream)
+    await stream.aclose()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "request_bytes", "status", "body_part"),
+    [
+        ("health", b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n", 200, b"ready"),
+        ("health", b"GET /stats/prometheus HTTP/1.1\r\n\r\n", 404, b"not found"),
+        ("health", b"\x16\x03\x01garbage\r\n\r\n", 400, b"bad request"),
+        ("health", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431, b"too large"),
+        ("metrics", b"GET /stats/prometheus HTTP/1.1\r\n\r\n", 200, b"mtlsmesh_connections_total"),
+        ("admin", b"GET /certs HTTP/1.1\r\n\r\n", 200, b"spiffe://cluster.local/ns/default/sa/a"),
+        ("admin", b"GET /config_dump HTTP/1.1\r\n\r\n", 200, b'"trust_domain": "cluster.local"'),
+        ("admin", b"POST /logging?level=loud HTTP/1.1\r\n\r\n", 400, b"level must be"),
+    ],
+)
+async def test_http_endpoints(pki: Pki, endpoint: str, request_bytes: bytes, status: int, body_part: bytes) -> None:
+    cfg = base_config(pki.issue("a"))
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg) as (_rt, state):
+            got_status, body = await http(state.bound[endpoint][1], request_bytes)
+    assert got_status == status
+    assert body_part in body
+    assert b"PRIVATE KEY" not in body
+
+
+async def test_http_stalled_client_gets_a_timeout_and_others_are_answered(pki: Pki) -> None:
+    from mtlsmesh import admin
+
+    cfg = base_config(pki.issue("a"))
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg) as (_rt, state):
+            port = state.bound["health"][1]
+            stalled = await connect(port)
+            await stalled.send_all(b"GET /healthz/ready HTT")
+            assert (await http(port, b"GET /healthz/ready HTTP/1.0\r\n\r\n"))[0] == 200
+            with trio.fail_after(admin.READ_TIMEOUT + 2):
+                response = await read_all(stalled)
+            assert response.startswith(b"HTTP/1.1 408")
+
+
+async def test_admin_drain_turns_health_to_503(pki: Pki) -> None:
+    cfg = base_config(pki.issue("a"), timeouts=dataclasses.replace(base_config(pki.issue("a")).timeouts, drain=5.0))
+    with trio.fail_after(IO):
+        async with running_sidecar(cfg) as (rt, state):
+            health = state.bound["health"][1]
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
+            rt.tracker.opened()  # an open connection keeps the drain going while we look
+            assert await http(state.bound["admin"][1], b"POST /drain HTTP/1.1\r\n\r\n") == (200, b"draining\n")
+            with trio.fail_after(2):
+                while not state.draining:
+                    await trio.sleep(0.01)
+            assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (503, b"draining\n")
+            rt.tracker.closed()
+
+
+async def test_a_stalled_handshake_hits_the_handshake_timeout(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    changes = {"timeouts": dataclasses.replace(base_config(pki.issue("x")).timeouts, handshake=0.5)}
+    async with app_server(echo) as (app_port, seen):
+        with trio.fail_after(IO):
+            async with mesh_pair(pki, app_port, server_changes=changes) as mesh:
+                stalled = await connect(mesh.inbound_port)
+                await stalled.send_all(client_hello())  # a whole ClientHello, then nothing more
+                started = trio.current_time()
+                kind, _ = await outcome(stalled)
+                elapsed = trio.current_time() - started
+    assert kind == "reset" and 0.4 < elapsed < 3
+    (line,) = conn_lines(caplog.records, "inbound")
+    assert "reason=handshake_timeout" in line and seen == []
+
+
+# --- credentials ------------------------------------------------------------------------------------------------
+
+
+def test_credentials_that_do_not_belong_together_are_refused_at_startup(pki: Pki, tmp_path: Path) -> None:
+    good = pki.issue("a")
+    other = pki.issue("b")
+    mixed = dataclasses.replace(good, key=other.key)
+    with pytest.raises(CertificateError, match="does not match the certificate"):
+        load_credentials(mixed, TD)
+    corrupt = tmp_path / "corrupt.pem"
+    corrupt.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(CertificateError, match="corrupt PEM certificate"):
+        load_credentials(dataclasses.replace(good, cert=str(corrupt)), TD)
+    foreign = Pki(tmp_path / "foreign").issue("c")
+    with pytest.raises(CertificateError, match="does not chain to the bundle"):
+        load_credentials(dataclasses.replace(good, bundle=foreign.bundle), TD)
+    with pytest.raises(CertificateError, match="no such file"):
+        load_credentials(dataclasses.replace(good, key=str(tmp_path / "missing.pem")), TD)
+
+
+def swap_secret(pki: Pki, name: str, live: Path, generation: int) -> None:
+    """What the kubelet does to a Secret volume: write a new directory, then swap the `..data` symlink."""
+    source = Path(pki.issue(name).cert).parent
+    target = live / f"..gen{generation}"
+    shutil.copytree(source, target)
+    tmp_link = live / "..data_tmp"
+    tmp_link.symlink_to(target.name)
+    os.replace(tmp_link, live / "..data")
+
+
+async def test_reload_under_traffic_breaks_no_connection(pki: Pki, tmp_path: Path) -> None:
+    live = tmp_path / "secret"
+    live.mkdir()
+    swap_secret(pki, "reviews", live, 0)
+    for name in ("cert.pem", "key.pem", "bundle.pem"):
+        (live / name).symlink_to(f"..data/{name}")
+    server_files = files_in(live, reload_interval=0.05)
+
+    async with app_server(echo) as (app_port, _):
+        server_cfg = base_config(server_files, inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=0.5))
+        with trio.fail_after(60):
+            async with running_sidecar(server_cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (server_rt, state):
+                inbound_port = state.bound["inbound"][1]
+                client_cfg = base_config(
+                    pki.issue("productpage"),
+                    outbound=OutboundConfig(
+                        enabled=True, listen=ANY_PORT, destinations=(Destination((), frozenset({inbound_port})),)
+                    ),
+                )
+                async with running_sidecar(client_cfg, orig_dst=fixed_dst(LOOPBACK, inbound_port)) as (_c, cstate):
+                    port = cstate.bound["outbound"][1]
+                    first = server_rt.credentials.current.fingerprint
+                    streams = [await connect(port) for _ in range(4)]
+                    sent = [0] * len(streams)
+                    echoed = [0] * len(streams)
+                    stop = trio.Event()
+
+                    async def pump(i: int) -> None:
+                        chunk = os.urandom(8192)
+                        while not stop.is_set():
+                            await streams[i].send_all(chunk)
+                            sent[i] += len(chunk)
+                            await trio.sleep(0.005)
+                        await streams[i].send_eof()
+
+                    async def drain(i: int) -> None:
+                        while data := await streams[i].receive_some(65536):
+                            echoed[i] += len(data)
+
+                    async with trio.open_nursery() as nursery:
+                        for i in range(len(streams)):
+                            nursery.start_soon(pump, i)
+                            nursery.start_soon(drain, i)
+                        for generation in (1, 2):
+                            await trio.sleep(0.3)
+                            swap_secret(pki, "reviews", live, generation)
+                            with trio.fail_after(5):
+                                while server_rt.credentials.reloads < generation:
+                                    await trio.sleep(0.02)
+                            # New connections handshake with the new SVID while the old ones keep flowing.
+                            assert await roundtrip(port, b"new handshake") == b"new handshake"
+                        # A bad update is refused and the last good material keeps serving.
+                        (live / "..gen2" / "key.pem").write_bytes(b"not a key")
+                        with trio.fail_after(5):
+                            while server_rt.credentials.reload_failures < 1:
+                                await trio.sleep(0.02)
+                        assert await roundtrip(port, b"still good") == b"still good"
+                        await trio.sleep(0.2)
+                        stop.set()
+                    for stream in streams:
+                        await stream.aclose()
+    assert server_rt.credentials.reloads == 2
+    assert server_rt.credentials.current.fingerprint != first
+    assert all(s > 0 for s in sent)
+    assert echoed == sent
+
+
+def test_credential_store_ignores_unchanged_files(pki: Pki) -> None:
+    store = CredentialStore.load(pki.issue("a"), TD)
+    assert store.check_once() is False
+    assert store.reloads == 0
+
+
+# --- explicit listeners -----------------------------------------------------------------------------------------
+
+
+async def test_explicit_originate_and_terminate_listeners(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async with app_server(echo) as (app_port, seen):
+        terminate = ExplicitListener("db-server", ANY_PORT, ListenAddr(LOOPBACK, app_port), ExplicitMode.TERMINATE)
+        server_cfg = base_config(pki.issue("db"), explicit=(terminate,))
+        with trio.fail_after(IO):
+            async with running_sidecar(server_cfg) as (_s, server_state):
+                originate = ExplicitListener(
+                    "db",
+                    ANY_PORT,
+                    ListenAddr(LOOPBACK, server_state.bound["db-server"][1]),
+                    ExplicitMode.ORIGINATE,
+                    (pki.id_of("db"),),
+                )
+                client_cfg = base_config(pki.issue("api"), explicit=(originate,))
+                async with running_sidecar(client_cfg) as (_c, client_state):
+                    assert await roundtrip(client_state.bound["db"][1], b"SELECT 1") == b"SELECT 1"
+    assert seen == ["127.0.0.1"]  # explicit listeners dial forward_to with the kernel's source
+    out_line = next(line for line in conn_lines(caplog.records, "outbound"))
+    in_line = next(line for line in conn_lines(caplog.records, "inbound"))
+    assert "listener=db " in out_line and "peer_id=spiffe://cluster.local/ns/default/sa/db" in out_line
+    assert "listener=db-server " in in_line and "peer_id=spiffe://cluster.local/ns/default/sa/api" in in_line
