@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.round(number, spec)
         print()
         print(f"{started:%Y-%m-%d %H:%M} UTC, `{command}`, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+              f"load average at the end {os.getloadavg()[0]:.2f}")  # fmt: skip
         print(stats.render_table(bench.results))
         print()
         print(stats.render_rounds(bench.results))
