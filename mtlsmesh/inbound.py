@@ -99,6 +99,7 @@ async def handle_inbound(
             await refuse(downstream, rec, why)
             return
     front: trio.abc.HalfCloseableStream = netio.ReplayStream(downstream, prefix)
+    del prefix  # the replaying stream drops it once handed back; this frame lives as long as the connection
 
     caller = None
     if mesh:

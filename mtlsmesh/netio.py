@@ -138,6 +138,11 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self.transport_stream = transport_stream
         self._prefix = memoryview(prefix) if prefix else None
 
+    @property
+    def replayed(self) -> bool:
+        """True once the prefix is all handed back: from then on this is `transport_stream` itself."""
+        return self._prefix is None
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix is not None:
             n = len(self._prefix) if max_bytes is None else min(max_bytes, len(self._prefix))

@@ -23,7 +23,7 @@ import trio
 
 from mtlsmesh import netio
 
-CHUNK = 65536  # bytes per read; the TLS stream returns at most one 16 KiB record per read whatever we ask
+CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
 CLOSE_GRACE = 2.0  # seconds a graceful close may take (a close_notify to a peer that stopped reading) before giving up
 
 REASON_CLOSED = "closed"  # both directions ended with FIN / close_notify

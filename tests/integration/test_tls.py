@@ -218,9 +218,18 @@ async def test_client_refuses_an_unexpected_server_identity(
     client_ctx, server_ctx = contexts
     a, b = memory_stream_pair()
     server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    server_saw: list[str] = []
+
+    async def serve() -> None:
+        try:
+            await server.do_handshake()
+            server_saw.append("done")
+        except HandshakeError as exc:
+            server_saw.append(exc.reason)
+
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(serve)
             with pytest.raises(HandshakeError, match=match):
                 await tls.open_mtls(
                     a,
@@ -229,6 +238,9 @@ async def test_client_refuses_an_unexpected_server_identity(
                     TrustDomain(trust_domain),
                     expected=tuple(parse_spiffe_id(e) for e in expected),
                 )
+            await a.aclose()  # what the caller does on a refusal
+    # The client judged the server before sending its Finished: the server never completed a handshake with it.
+    assert len(server_saw) == 1 and server_saw[0] != "done"
 
 
 async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Context, SSL.Context]) -> None:
