@@ -145,8 +145,10 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # pyOpenSSL turns partial writes on; over a memory BIO, which never blocks, they only cut every SSL_write to one
-    # record. Off, one SSL_write encrypts a whole SEND_CHUNK.
+    # record. Off, one SSL_write encrypts a whole SEND_CHUNK. Released buffers: an idle connection hands its record
+    # buffers back to malloc instead of keeping them for the next record.
     _lib.SSL_CTX_clear_mode(ctx._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    ctx.set_mode(_lib.SSL_MODE_RELEASE_BUFFERS)
     try:
         ctx.use_certificate(material.chain[0])
         for intermediate in material.chain[1:]:
