@@ -10,6 +10,7 @@ What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -129,6 +130,45 @@ async def abort_close(stream: trio.abc.Stream) -> None:
     if sock is not None:
         sock.close()
     await trio.aclose_forcefully(stream)
+
+
+def _stream_error(exc: OSError) -> Exception:
+    """A socket error as trio.SocketStream reports it."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes, bool]:
+    """`stream.receive_some(max_bytes)` without its checkpoint when data is already there: (data, whether it waited).
+    A caller that loops must checkpoint itself when nothing waited (the relay does)."""
+    fd = stream.socket.fileno()
+    waited = False
+    while True:
+        try:
+            return os.read(fd, max_bytes), waited
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> bool:
+    """`stream.send_all(data)` without its checkpoint when the socket takes everything at once; True when it waited.
+    A caller that loops must checkpoint itself when nothing waited."""
+    fd = stream.socket.fileno()
+    waited = False
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            waited = True
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+    return waited
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):

@@ -17,11 +17,13 @@ underneath). When both directions end cleanly both streams are closed gracefully
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
-from mtlsmesh import netio
+from mtlsmesh import netio, tls
 
 CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
 CLOSE_GRACE = 2.0  # seconds a graceful close may take (a close_notify to a peer that stopped reading) before giving up
@@ -64,9 +66,10 @@ async def relay(
 
     async def pump(p: _Pump) -> None:
         src, dst = p.src, p.dst
+        receive, send = _receiver(src), _sender(dst)
         while True:
             try:
-                data = await src.receive_some(CHUNK)
+                data, waited = await receive(CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 failure.append(f"reset_by_{p.src_name}: {_why(exc)}")
                 scope.cancel()
@@ -79,12 +82,16 @@ async def relay(
                     if isinstance(dst, trio.abc.HalfCloseableStream):
                         await dst.send_eof()
                     return
-                await dst.send_all(data)
+                if await send(data):
+                    waited = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 failure.append(f"reset_by_{p.dst_name}: {_why(exc)}")
                 scope.cancel()
                 return
             p.copied += len(data)
+            if not waited:
+                # Neither side had to wait: one checkpoint per round keeps the scheduler fair and cancellation live.
+                await trio.lowlevel.checkpoint()
 
     aborted = True
     try:
@@ -115,6 +122,38 @@ async def relay(
                 await netio.abort_close(downstream)
                 await netio.abort_close(upstream)
     return RelayResult(forward.copied, backward.copied, reason, aborted)
+
+
+Receive = Callable[[int], Awaitable[tuple[bytes | bytearray, bool]]]
+Send = Callable[[bytes | bytearray], Awaitable[bool]]
+
+
+def _receiver(stream: trio.abc.Stream) -> Receive:
+    """How the pump reads `stream`: (data, whether it waited). Sockets and TLS streams skip the checkpoint when data
+    is already there (the pump checkpoints once per round instead); any other stream is an ordinary receive_some."""
+    if type(stream) is trio.SocketStream:
+        return partial(netio.receive_raw, stream)
+    if type(stream) is tls.TLSStream:
+        return stream.receive_chunk
+
+    async def receive(max_bytes: int) -> tuple[bytes | bytearray, bool]:
+        return await stream.receive_some(max_bytes), True
+
+    return receive
+
+
+def _sender(stream: trio.abc.Stream) -> Send:
+    """How the pump writes `stream`; True when it waited (see `_receiver`)."""
+    if type(stream) is trio.SocketStream:
+        return partial(netio.send_raw, stream)
+    if type(stream) is tls.TLSStream:
+        return stream.send_chunk
+
+    async def send(data: bytes | bytearray) -> bool:
+        await stream.send_all(data)
+        return True
+
+    return send
 
 
 def _why(exc: BaseException) -> str:

@@ -272,7 +272,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return _ffi.buffer(_SCRATCH, n)[:] if n > 0 else b""
 
     async def _flush(self, *, wait: bool = True) -> bool:
-        """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited.
+        """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited (a socket transport is
+        written without a checkpoint when it takes everything at once).
 
         With `wait=False` (the receive path) a drain in progress in another task will take what we added before it
         ends (it ends only after finding the BIO empty), so we need not wait. Waiting there would deadlock a
@@ -293,14 +294,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._draining = True
         try:
             while data:
+                transport = self.transport_stream
                 try:
-                    await self.transport_stream.send_all(data)
+                    if type(transport) is trio.SocketStream:
+                        if await netio.send_raw(transport, data):
+                            awaited = True
+                    else:
+                        await transport.send_all(data)
+                        awaited = True
                 except trio.Cancelled:
                     # Part of a record may be out: the TLS stream can no longer be trusted.
                     self._broken = "cancelled while sending"
                     raise
                 data = self._take_output()
-            return True
+            return awaited
         finally:
             self._draining = False
             if self._drain_done is not None:
@@ -422,6 +429,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the TLS stream is closed")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not await self.send_chunk(data):
+            await trio.lowlevel.checkpoint()
+
+    async def send_chunk(self, data: bytes | bytearray | memoryview) -> bool:
+        """`send_all` without its checkpoint when nothing had to wait; returns whether it waited. For loops that
+        checkpoint once per round themselves (the relay)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already in send_all/send_eof")
         self._sending = True
@@ -429,15 +442,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof was already called")
+            yielded = False
             if not self._handshake_done:
                 await self._ensure_handshake()
+                yielded = True
             if self._broken is not None:
                 raise trio.BrokenResourceError(self._broken)
             view = memoryview(data)
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            yielded = False
             for start in range(0, len(view), SEND_CHUNK):
                 chunk = view[start : start + SEND_CHUNK]
                 # Partial writes are off and the BIO is memory: one SSL_write encrypts the whole chunk.
@@ -452,8 +463,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         yielded = True
                 except trio.BrokenResourceError as exc:
                     raise self._fail(exc) from exc
-            if not yielded:
-                await trio.lowlevel.checkpoint()
+            return yielded
         finally:
             self._sending = False
 
@@ -492,23 +502,29 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data, yielded = await self.receive_chunk(RECORD_SIZE if max_bytes is None else max_bytes)
+        if not yielded:
+            await trio.lowlevel.checkpoint()
+        return data
+
+    async def receive_chunk(self, max_bytes: int) -> tuple[bytes, bool]:
+        """`receive_some` without its checkpoint when nothing had to wait: (data, whether it waited). For loops
+        that checkpoint once per round themselves (the relay)."""
         if self._receiving:
             raise trio.BusyResourceError("another task is already in receive_some")
         self._receiving = True
         try:
             self._check_open()
-            if max_bytes is None:
-                max_bytes = RECORD_SIZE
-            elif max_bytes < 1:
+            if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
+            yielded = False
             if not self._handshake_done:
                 await self._ensure_handshake()
+                yielded = True
             if self._eof_received:
-                await trio.lowlevel.checkpoint()
-                return b""
+                return b"", yielded
             if self._broken is not None:
                 raise trio.BrokenResourceError(self._broken)
-            yielded = False
             try:
                 while True:
                     data = None if self._starved else self._decrypt(max_bytes)
@@ -525,9 +541,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._fail(exc) from exc
             if not data:
                 self._eof_received = True
-            if not yielded:
-                await trio.lowlevel.checkpoint()
-            return data
+            return data, yielded
         finally:
             self._receiving = False
 
