@@ -9,10 +9,12 @@ reset too; enforces an optional idle timeout; counts bytes and says why the rela
 What it does not: open, authenticate or authorize anything (see `outbound`, `inbound`); it owns the two streams
 once called and closes both before it returns.
 
-Theory of operation: one task per direction, both under one cancel scope whose deadline is pushed forward on every
-chunk when an idle timeout is set. A direction that ends cleanly just returns. The first failure records its reason
-and cancels the scope; both streams are then closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is
-underneath). When both directions end cleanly both streams are closed gracefully.
+Theory of operation: one task per direction (the forward one is the caller's own), both under one cancel scope
+whose deadline is pushed forward on every chunk when an idle timeout is set. A direction that ends cleanly just
+returns. The first failure records its reason and cancels the scope; both streams are then closed abortively
+(`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly both streams are
+closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per call; each pump
+checkpoints once per round in which neither side had to wait.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ async def relay(
             if idle_timeout is not None:
                 scope.deadline = trio.current_time() + idle_timeout
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, forward)
                 nursery.start_soon(pump, backward)
+                await pump(forward)  # in this task: one task fewer per connection
         if failure:
             reason = failure[0]
         elif scope.cancelled_caught:

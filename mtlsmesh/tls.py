@@ -293,8 +293,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return awaited
         self._draining = True
         try:
+            transport = self.transport_stream
+            if type(transport) is netio.ReplayStream:
+                transport = transport.transport_stream  # it replays what was read; what we send goes straight through
             while data:
-                transport = self.transport_stream
                 try:
                     if type(transport) is trio.SocketStream:
                         if await netio.send_raw(transport, data):
@@ -418,6 +420,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def peer_certificate(self) -> x509.Certificate | None:
         return self._conn.get_peer_certificate(as_cryptography=True)
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's leaf in DER, without parsing it."""
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
     def alpn(self) -> bytes | None:
         return self._conn.get_alpn_proto_negotiated() or None
@@ -581,18 +588,33 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await self.transport_stream.aclose()
 
 
+# The SVID leaf rules depend on nothing but the certificate's bytes (OpenSSL checks the chain and the validity period
+# on every handshake), and a peer presents the same leaf on every connection until it rotates: their verdict is
+# remembered per leaf instead of parsing it again each time. Bounded: emptied when full.
+LEAF_VERDICTS_MAX = 1024
+_LEAF_VERDICTS: dict[bytes, SpiffeId | str] = {}
+
+
 def check_peer(stream: TLSStream, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = ()) -> SpiffeId:
     """After the handshake: the peer's leaf obeys the SVID rules, is in our trust domain and, when `expected` names
     identities (secure naming), is one of them. Returns its SPIFFE ID; raises `HandshakeError` with the reason."""
     if stream.alpn() != ALPN:
         raise HandshakeError(stream.peer, "peer did not negotiate ALPN mtlsmesh")
-    cert = stream.peer_certificate()
-    if cert is None:
+    der = stream.peer_certificate_der()
+    if der is None:
         raise HandshakeError(stream.peer, "peer presented no certificate")
-    try:
-        spiffe_id = svid.leaf_spiffe_id(cert)
-    except CertificateError as exc:
-        raise HandshakeError(stream.peer, f"peer certificate is not a valid SVID: {exc.message}") from exc
+    verdict = _LEAF_VERDICTS.get(der)
+    if verdict is None:
+        try:
+            verdict = svid.leaf_spiffe_id(x509.load_der_x509_certificate(der))
+        except CertificateError as exc:
+            verdict = f"peer certificate is not a valid SVID: {exc.message}"
+        if len(_LEAF_VERDICTS) >= LEAF_VERDICTS_MAX:
+            _LEAF_VERDICTS.clear()
+        _LEAF_VERDICTS[der] = verdict
+    if isinstance(verdict, str):
+        raise HandshakeError(stream.peer, verdict)
+    spiffe_id = verdict
     if spiffe_id.trust_domain != trust_domain:
         raise HandshakeError(stream.peer, f"peer {spiffe_id} is not in trust domain {trust_domain}")
     if expected and spiffe_id not in expected:
