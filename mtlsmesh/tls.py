@@ -94,6 +94,7 @@ _RECV_SCRATCH = _ffi.new("char[]", RECV_SCRATCH_SIZE)
 _READ_SCRATCH = bytearray(TRANSPORT_READ)
 _READ_SCRATCH_C = _ffi.from_buffer(_READ_SCRATCH)
 _READ_SCRATCH_LIST = [_READ_SCRATCH]
+_PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter (unused)
 
 T = TypeVar("T")
 
@@ -406,6 +407,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 except trio.BrokenResourceError as exc:
                     raise self._fail(exc) from exc
             self._handshake_done = True
+            self._fresh_bios()
+
+    def _fresh_bios(self) -> None:
+        """Swap each empty memory BIO for a new one: they never shrink, and after the handshake they still hold
+        what the largest flight needed (about 5 KiB per connection)."""
+        if _lib.BIO_get_mem_data(self._in_bio, _PTR) == 0:
+            bio = _lib.BIO_new(_lib.BIO_s_mem())
+            if bio != _ffi.NULL:
+                _lib.SSL_set_bio(self._ssl, bio, self._out_bio)  # frees the old one
+                self._in_bio = self._conn._into_ssl = bio
+        if _lib.BIO_get_mem_data(self._out_bio, _PTR) == 0:
+            bio = _lib.BIO_new(_lib.BIO_s_mem())
+            if bio != _ffi.NULL:
+                _lib.SSL_set_bio(self._ssl, self._in_bio, bio)
+                self._out_bio = self._conn._from_ssl = bio
 
     async def _ensure_handshake(self) -> None:
         """The implicit handshake of send_all/receive_some/send_eof: failures are a broken stream there."""
