@@ -49,7 +49,12 @@ async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, 
     buffer = bytearray()
     with trio.move_on_after(timeout):
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
-            data = await stream.receive_some(min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer)))
+            want = min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer))
+            if type(stream) is trio.SocketStream:
+                data: bytes | bytearray
+                data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
+            else:
+                data = await stream.receive_some(want)
             if not data:
                 return bytes(buffer), None, "closed_during_sniff"
             buffer += data

@@ -80,8 +80,7 @@ async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None
             except BaseException:
                 sock.close()
                 raise
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return trio.SocketStream(sock)
+            return trio.SocketStream(sock)  # sets TCP_NODELAY
         assert last_error is not None
         raise last_error
 
@@ -119,6 +118,8 @@ def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 async def abort_close(stream: trio.abc.Stream) -> None:
     """Close at once; when a socket is underneath, with an RST (SO_LINGER 0) so the peer sees the abort."""
     sock = socket_of(stream)
+    if sock is not None and sock.fileno() == -1 and isinstance(stream, trio.SocketStream):
+        return  # closed already (the usual case for the accept loop's final clean-up)
     if sock is not None:
         # Already closed or never connected: a plain close is all there is.
         with contextlib.suppress(OSError):
