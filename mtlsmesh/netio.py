@@ -1,4 +1,4 @@
-"""Socket-level helpers for the sidecar: the original destination, dialing, abortive close, replaying streams.
+"""Socket-level pieces of the sidecar: the original destination, dialing, abortive close, replaying streams.
 
 What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`), dials
 with a connect timeout and an optional source address (`dial`), closes a connection with an RST (`abort_close`),

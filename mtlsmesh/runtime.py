@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -31,8 +32,13 @@ log = logging.getLogger("mtlsmesh.conn")
 OrigDstLookup = Callable[[trio.SocketStream], tuple[IPAddress, int]]
 
 
-# `await dial(host, port, timeout=seconds, source=ip_or_None)`, like `netio.dial`; raises OSError/TooSlowError.
-DialFn = Callable[..., Awaitable[trio.abc.HalfCloseableStream]]
+class Dialer(Protocol):
+    """How handlers open upstream connections: `netio.dial`, or a test's stand-in. Raises OSError/TooSlowError."""
+
+    def __call__(
+        self, host: str, port: int, *, timeout: float, source: IPAddress | None = None
+    ) -> Awaitable[trio.abc.HalfCloseableStream]: ...
+
 
 DECISION_MTLS = "mtls"
 DECISION_PASSTHROUGH = "passthrough"
@@ -44,7 +50,7 @@ def format_addr(ip: IPAddress | str, port: int) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def peer_addr(stream: trio.SocketStream) -> str:
+def client_addr_of(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
@@ -150,7 +156,7 @@ class Runtime:
     config: Config
     credentials: CredentialStore
     orig_dst: OrigDstLookup = netio.original_dst
-    dial: DialFn = netio.dial
+    dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)
     tracker: Tracker = field(default_factory=lambda: Tracker(10_000))
 
@@ -207,7 +213,7 @@ async def serve_listener(
                 log.warning("event=accept_failed listener=%s error=%r", name, str(exc))
                 await trio.sleep(0.1)
                 continue
-            rec = ConnRecord(direction, name, client_addr=peer_addr(stream))
+            rec = ConnRecord(direction, name, client_addr=client_addr_of(stream))
             if rt.tracker.active >= rt.tracker.limit:
                 await refuse(stream, rec, "limit: max_connections reached")
                 rt.stats.record(rec)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -22,7 +23,7 @@ from mtlsmesh import admin, inbound, netio, outbound
 from mtlsmesh.config import Config, ExplicitMode, ListenAddr
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError
-from mtlsmesh.runtime import DialFn, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
+from mtlsmesh.runtime import Dialer, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
 
 log = logging.getLogger("mtlsmesh.sidecar")
 
@@ -60,12 +61,32 @@ def _plan(cfg: Config) -> list[_Listen]:
     return plan
 
 
+BACKLOG = 1024
+
+
 async def _bind(item: _Listen) -> list[trio.SocketListener]:
     try:
-        return list(await trio.open_tcp_listeners(item.addr.port, host=item.addr.host, backlog=1024))
+        if item.addr.host == "::":
+            return [await _bind_dual_stack(item.addr.port)]
+        return list(await trio.open_tcp_listeners(item.addr.port, host=item.addr.host, backlog=BACKLOG))
     except OSError as exc:
         hint = " (address in use)" if exc.errno == errno.EADDRINUSE else ""
         raise ConfigError(item.path, f"cannot listen on {item.addr}: {exc.strerror or exc}{hint}") from exc
+
+
+async def _bind_dual_stack(port: int) -> trio.SocketListener:
+    """`[::]:port` serves IPv4 too (IPV6_V6ONLY off; trio's own listeners set it on): one capture port for both
+    families. IPv4 clients then show up as ::ffff:a.b.c.d, which `netio.original_dst` sees through."""
+    sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(("::", port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 async def serve_sidecar(
@@ -74,7 +95,7 @@ async def serve_sidecar(
     *,
     stop: trio.Event | None = None,
     orig_dst: OrigDstLookup = netio.original_dst,
-    dial: DialFn = netio.dial,
+    dial: Dialer = netio.dial,
     task_status: trio.TaskStatus[tuple[Runtime, admin.State]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind everything, report `(runtime, state)` through `task_status` (`state.bound` has the real ports), serve

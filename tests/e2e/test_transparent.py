@@ -139,7 +139,7 @@ def test_a_pod_calls_its_own_service_through_outbound_and_inbound(netns: str, pr
             {
                 "credentials": {"cert": files.cert, "key": files.key, "bundle": files.bundle},
                 "outbound": {
-                    "listen": "0.0.0.0:15001",
+                    "listen": "[::]:15001",  # dual stack: the IPv4 app's connection arrives as ::ffff:198.18.0.1
                     "destinations": [
                         {"cidrs": [f"{SERVICE_IP}/32"], "ports": [APP_PORT], "identities": [str(pki.id_of("web"))]}
                     ],

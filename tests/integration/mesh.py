@@ -46,7 +46,7 @@ LOOPBACK_NET = ipaddress.ip_network("127.0.0.1/32")
 
 
 class Pki:
-    """One CA (optionally with an intermediate) and helpers that write SVIDs into directories."""
+    """One CA (optionally with an intermediate) that writes SVIDs into directories."""
 
     def __init__(self, root: Path, *, intermediate: bool = False, trust_domain: TrustDomain = TD) -> None:
         self.root = root

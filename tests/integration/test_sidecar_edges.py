@@ -399,3 +399,16 @@ async def test_explicit_originate_and_terminate_listeners(pki: Pki, caplog: pyte
     in_line = next(line for line in conn_lines(caplog.records, "inbound"))
     assert "listener=db " in out_line and "peer_id=spiffe://cluster.local/ns/default/sa/db" in out_line
     assert "listener=db-server " in in_line and "peer_id=spiffe://cluster.local/ns/default/sa/api" in in_line
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/if_inet6"), reason="needs IPv6")
+async def test_a_wildcard_ipv6_listener_serves_ipv4_clients_too(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async with app_server(echo) as (app_port, _):
+        outbound = OutboundConfig(enabled=True, listen=ListenAddr("::", 0))
+        cfg = base_config(pki.issue("a"), outbound=outbound)
+        with trio.fail_after(IO):
+            async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
+                assert state.bound["outbound"][0] == "::"
+                assert await roundtrip(state.bound["outbound"][1], b"v4 via v6") == b"v4 via v6"
+    (line,) = conn_lines(caplog.records, "outbound")
+    assert " client=127.0.0.1:" in line and "decision=passthrough" in line  # shown as IPv4, not ::ffff:127.0.0.1
