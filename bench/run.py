@@ -112,11 +112,11 @@ class Bench:
         self.results[tool].setdefault(key, []).append(value)
 
     def start_backends(self) -> None:
-        helper = [sys.executable, "-m", "bench.helpers"]
+        tool = [sys.executable, "-m", "bench.loadtools"]
         ns_b = self.lab.ns_b
         for name, argv in (
-            ("echo", [*helper, "echo-server", "--port", str(BACKEND_PORTS["echo"])]),
-            ("http", [*helper, "http-server", "--port", str(BACKEND_PORTS["http"])]),
+            ("echo", [*tool, "echo-server", "--port", str(BACKEND_PORTS["echo"])]),
+            ("http", [*tool, "http-server", "--port", str(BACKEND_PORTS["http"])]),
             ("iperf", ["iperf3", "--server", "--bind", "127.0.0.1", "--port", str(BACKEND_PORTS["iperf"])]),
         ):
             proc = self.lab.start(ns_b, f"backend-{name}", argv, env=self.env)
@@ -182,7 +182,7 @@ class Bench:
 
     @contextlib.contextmanager
     def _idle_connections(self, port: int, count: int) -> Iterator[int]:
-        argv = [sys.executable, "-m", "bench.helpers", "idle", "--port", str(port), "--count", str(count),
+        argv = [sys.executable, "-m", "bench.loadtools", "idle", "--port", str(port), "--count", str(count),
                 "--max-seconds", "120"]  # fmt: skip
         popen = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.ns_a, *argv],
@@ -215,7 +215,7 @@ class Bench:
                 popen.wait(timeout=5)
 
     def _latency(self, port: int, *, count: int, warmup: int) -> dict[str, float]:
-        argv = [sys.executable, "-m", "bench.helpers", "latency", "--port", str(port), "--count", str(count),
+        argv = [sys.executable, "-m", "bench.loadtools", "latency", "--port", str(port), "--count", str(count),
                 "--warmup", str(warmup), "--max-seconds", "30"]  # fmt: skip
         out = self.lab.run(self.lab.ns_a, argv, timeout=60, env=self.env)
         result: dict[str, float] = json.loads(out)
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [spec for spec in (STUNNEL, MTLSMESH) if spec.tool in args.tools.split(",")]
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = datetime.datetime.now(datetime.UTC)
+    load_before = os.getloadavg()[0]  # the run itself drives the load average to ~5 on two CPUs
 
     old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = Path(tempfile.mkdtemp(prefix="mtlsmesh-bench-"))
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.round(number, spec)
         print()
         print(f"{started:%Y-%m-%d %H:%M} UTC, `{command}`, {os.cpu_count()} CPUs, "
-              f"load average at the end {os.getloadavg()[0]:.2f}")  # fmt: skip
+              f"load average {load_before:.2f} before the run")  # fmt: skip
         print(stats.render_table(bench.results))
         print()
         print(stats.render_rounds(bench.results))

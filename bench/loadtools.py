@@ -1,4 +1,4 @@
-"""Small load tools the benchmark runs inside the namespaces: `python -m bench.helpers <tool> ...`.
+"""Small load tools the benchmark runs inside the namespaces: `python -m bench.loadtools <tool> ...`.
 
 - `echo-server`: echoes every byte back (the backend for latency and idle connections).
 - `http-server`: answers every request with a tiny 200 and closes (the backend for connections per second).
@@ -117,7 +117,7 @@ async def _idle(host: str, port: int, count: int, concurrency: int, max_seconds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.helpers")
+    parser = argparse.ArgumentParser(prog="python -m bench.loadtools")
     sub = parser.add_subparsers(dest="tool", required=True)
     for tool in ("echo-server", "http-server", "latency", "idle"):
         p = sub.add_parser(tool)
