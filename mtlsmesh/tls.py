@@ -86,8 +86,8 @@ BIO_DRAIN = SEND_CHUNK + 16 * 1024  # ciphertext taken from the outgoing BIO per
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call (several records at once)
 RECV_SCRATCH_SIZE = 256 * 1024  # plaintext decrypted per receive_some at most
 
-# Scratch buffers shared by every stream: the data path copies through them instead of allocating per call (a
-# fresh 256 KiB buffer per call is a page-faulting mmap). Sharing is safe because each use is synchronous: filled
+# Scratch buffers shared by every stream: the data path copies through them instead of allocating a buffer of the
+# requested size per call as pyOpenSSL's recv/bio_read do. Sharing is safe because each use is synchronous: filled
 # and copied out with no await in between, and trio runs one task at a time.
 _SCRATCH = _ffi.new("char[]", BIO_DRAIN)
 _RECV_SCRATCH = _ffi.new("char[]", RECV_SCRATCH_SIZE)
@@ -214,6 +214,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._reading = False  # a task is reading the transport into the incoming BIO (see _fill)
         self._read_done: trio.lowlevel.ParkingLot | None = None
         self._starved = True  # OpenSSL holds no whole record: the next read must go to the transport first
+        self._read_error: SSL.Error | None = None  # an error found after good records, raised at the next read
         self._handshake_lock: trio.Lock | None = None
         self._handshake_done = False
         self._eof_sent = False
@@ -522,8 +523,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if got:
                     break  # hand over what came before it; the next call sees the close_notify again
                 return b""
-            self._conn._raise_ssl_error(ssl, result)
-            raise SSL.Error([("", "", "SSL_read failed")])  # pragma: no cover - _raise_ssl_error always raises
+            try:
+                self._conn._raise_ssl_error(ssl, result)
+                raise SSL.Error([("", "", "SSL_read failed")])  # pragma: no cover - _raise_ssl_error always raises
+            except SSL.Error as exc:
+                if not got:
+                    raise
+                # Deliver the good records that came first, as a record-at-a-time reader would; fail next time.
+                self._read_error = exc
+                break
         data: bytes = _ffi.buffer(_RECV_SCRATCH, got)[:]
         return data
 
@@ -553,6 +561,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(self._broken)
             try:
                 while True:
+                    if self._read_error is not None:
+                        raise self._read_error
                     data = None if self._starved else self._decrypt(max_bytes)
                     # Anything OpenSSL answered while reading (an alert, a KeyUpdate) goes out now.
                     if await self._flush(wait=False):

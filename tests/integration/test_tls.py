@@ -105,6 +105,34 @@ async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Con
         assert await client.receive_some() == b""
 
 
+@pytest.mark.parametrize(
+    ("tail", "then"),
+    [
+        ("close_notify", "eof"),  # records, then close_notify, all in one transport read
+        ("garbage", "broken"),  # records, then bytes that are no TLS record
+    ],
+)
+async def test_one_receive_decrypts_every_buffered_record_and_keeps_what_follows(
+    contexts: tuple[SSL.Context, SSL.Context], tail: str, then: str
+) -> None:
+    payload = os.urandom(3 * tls.RECORD_SIZE + 100)  # four records
+    a, b = memory_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await client.send_all(payload)
+        if tail == "close_notify":
+            await client.send_eof()
+        else:
+            await a.send_all(b"\x17\x03\x03\x00\x20" + bytes(32))  # an application record that fails to decrypt
+        assert await server.receive_some(1 << 20) == payload  # everything before the tail, in one call
+        if then == "eof":
+            assert await server.receive_some(1 << 20) == b""
+        else:
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some(1 << 20)
+
+
 async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tuple[SSL.Context, SSL.Context]) -> None:
     a, b = memory_stream_pair()
     client, server = tls_pair(contexts, (a, b))
