@@ -23,7 +23,7 @@ The data path (`send_all`, `receive_some`) is straight-line code over the raw bi
 still go through pyOpenSSL's `_raise_ssl_error`, so they are the same `SSL.Error`s. Partial writes are off, so one
 `SSL_write` encrypts a whole `SEND_CHUNK`; `receive_some` decrypts every whole record OpenSSL holds, up to
 `max_bytes`, and reads the transport only when OpenSSL holds none (`_starved`), so one socket write or read carries
-many records. Ciphertext and plaintext pass through module-wide scratch buffers, never a fresh buffer per call.
+many records. Ciphertext and plaintext pass through per-thread scratch buffers, never a fresh buffer per call.
 
 Two tasks may use the stream at once (one sending, one receiving, as the relay does). The outgoing BIO is drained
 by one task at a time (`_draining`; a task that must wait parks), and the draining task goes on until the BIO is
@@ -48,6 +48,7 @@ import contextlib
 import enum
 import errno
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -86,15 +87,22 @@ BIO_DRAIN = SEND_CHUNK + 16 * 1024  # ciphertext taken from the outgoing BIO per
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call (several records at once)
 RECV_SCRATCH_SIZE = 256 * 1024  # plaintext decrypted per receive_some at most
 
-# Scratch buffers shared by every stream: the data path copies through them instead of allocating a buffer of the
-# requested size per call as pyOpenSSL's recv/bio_read do. Sharing is safe because each use is synchronous: filled
-# and copied out with no await in between, and trio runs one task at a time.
-_SCRATCH = _ffi.new("char[]", BIO_DRAIN)
-_RECV_SCRATCH = _ffi.new("char[]", RECV_SCRATCH_SIZE)
-_READ_SCRATCH = bytearray(TRANSPORT_READ)
-_READ_SCRATCH_C = _ffi.from_buffer(_READ_SCRATCH)
-_READ_SCRATCH_LIST = [_READ_SCRATCH]
-_PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter (unused)
+
+# Scratch buffers shared by every stream of a thread: the data path copies through them instead of allocating a
+# buffer of the requested size per call as pyOpenSSL's recv/bio_read do. Sharing is safe because each use is
+# synchronous (filled and copied out with no await in between) and trio runs one task at a time per thread; they
+# are per thread because cffi calls let other threads run.
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.drain = _ffi.new("char[]", BIO_DRAIN)
+        self.plain = _ffi.new("char[]", RECV_SCRATCH_SIZE)
+        read = bytearray(TRANSPORT_READ)
+        self.read_c = _ffi.from_buffer(read)
+        self.read_list = [read]
+
+
+_SCRATCH = _Scratch()
+_PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter, never read
 
 T = TypeVar("T")
 
@@ -273,8 +281,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _take_output(self) -> bytes:
         """What OpenSSL wrote to the outgoing BIO (up to BIO_DRAIN bytes), b"" when nothing."""
-        n = _lib.BIO_read(self._out_bio, _SCRATCH, BIO_DRAIN)
-        return _ffi.buffer(_SCRATCH, n)[:] if n > 0 else b""
+        buffer = _SCRATCH.drain
+        n = _lib.BIO_read(self._out_bio, buffer, BIO_DRAIN)
+        return _ffi.buffer(buffer, n)[:] if n > 0 else b""
 
     async def _flush(self, *, wait: bool = True) -> bool:
         """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited (a socket transport is
@@ -324,13 +333,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Read what the socket has (up to TRANSPORT_READ) into the incoming BIO, waiting for it when there is none.
         True when it awaited.
 
-        The read goes through a buffer shared by all streams, with no allocation per read: safe because the bytes
+        The read goes through the thread's scratch buffer, with no allocation per read: safe because the bytes
         are copied into the BIO before anything can await (trio's recv_into checkpoints after reading, so it is
         not used here)."""
         awaited = False
+        scratch = _SCRATCH
         while True:
             try:
-                n = os.readv(fd, _READ_SCRATCH_LIST)
+                n = os.readv(fd, scratch.read_list)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
@@ -340,7 +350,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("this socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if n:
-            _lib.BIO_write(self._in_bio, _READ_SCRATCH_C, n)
+            _lib.BIO_write(self._in_bio, scratch.read_c, n)
         else:
             self._conn.bio_shutdown()
         return awaited
@@ -507,9 +517,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """Plaintext of the whole records OpenSSL holds, up to `max_bytes`: b"" at close_notify, None when it needs
         more ciphertext first. Errors raise SSL.Error."""
-        ssl, got, limit = self._ssl, 0, min(max_bytes, RECV_SCRATCH_SIZE)
+        ssl, got, limit, buffer = self._ssl, 0, min(max_bytes, RECV_SCRATCH_SIZE), _SCRATCH.plain
         while got < limit:
-            result = _lib.SSL_read(ssl, _RECV_SCRATCH + got, limit - got)
+            result = _lib.SSL_read(ssl, buffer + got, limit - got)
             if result > 0:
                 got += result
                 continue
@@ -532,7 +542,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # Deliver the good records that came first, as a record-at-a-time reader would; fail next time.
                 self._read_error = exc
                 break
-        data: bytes = _ffi.buffer(_RECV_SCRATCH, got)[:]
+        data: bytes = _ffi.buffer(buffer, got)[:]
         return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -327,3 +328,47 @@ async def test_full_duplex_over_a_socketpair_does_not_deadlock(contexts: tuple[S
     assert got == {"client": total, "server": total}
     await client.aclose()
     await server.aclose()
+
+
+def test_streams_in_two_threads_keep_their_bytes_apart(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    """The data path copies through scratch buffers; two trio loops in two threads must not see each other's bytes
+    (OpenSSL calls let the other thread run)."""
+    client_ctx, server_ctx = contexts
+
+    async def transfer(payload: bytes) -> bytes:
+        left, right = trio.socket.socketpair()
+        client = tls.TLSStream(trio.SocketStream(left), client_ctx, tls.Side.CLIENT)
+        server = tls.TLSStream(trio.SocketStream(right), server_ctx, tls.Side.SERVER)
+        received = bytearray()
+
+        async def send() -> None:
+            await client.send_all(payload)
+            await client.send_eof()
+
+        async def receive() -> None:
+            while data := await server.receive_some(1 << 18):
+                received.extend(data)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+        await client.aclose()
+        await server.aclose()
+        return bytes(received)
+
+    payloads = [os.urandom(4 << 20), os.urandom(4 << 20)]
+    results: dict[int, bytes | BaseException] = {}
+
+    def run(index: int) -> None:
+        try:
+            results[index] = trio.run(transfer, payloads[index])
+        except BaseException as exc:  # handed to the test's thread below
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {0: payloads[0], 1: payloads[1]}
