@@ -91,7 +91,12 @@ async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, 
     buffer = bytearray()
     with trio.move_on_after(timeout):
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
-            data = await stream.receive_some(min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer)))
+            want = min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer))
+            if type(stream) is trio.SocketStream:
+                data: bytes | bytearray
+                data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
+            else:
+                data = await stream.receive_some(want)
             if not data:
                 return bytes(buffer), None, "closed_during_sniff"
             buffer += data
@@ -146,6 +151,7 @@ async def handle_inbound(
             await refuse(downstream, rec, why)
             return
     front: trio.abc.HalfCloseableStream = netio.ReplayStream(downstream, prefix)
+    del prefix  # the replaying stream drops it once handed back; this frame lives as long as the connection
 
     caller = None
     if mesh:

@@ -10,6 +10,7 @@ What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -79,8 +80,7 @@ async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None
             except BaseException:
                 sock.close()
                 raise
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return trio.SocketStream(sock)
+            return trio.SocketStream(sock)  # sets TCP_NODELAY
         assert last_error is not None
         raise last_error
 
@@ -118,6 +118,8 @@ def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 async def abort_close(stream: trio.abc.Stream) -> None:
     """Close at once; when a socket is underneath, with an RST (SO_LINGER 0) so the peer sees the abort."""
     sock = socket_of(stream)
+    if sock is not None and sock.fileno() == -1 and isinstance(stream, trio.SocketStream):
+        return  # closed already (the usual case for the accept loop's final clean-up)
     if sock is not None:
         # Already closed or never connected: a plain close is all there is.
         with contextlib.suppress(OSError):
@@ -131,12 +133,56 @@ async def abort_close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+def _stream_error(exc: OSError) -> Exception:
+    """A socket error as trio.SocketStream reports it."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes, bool]:
+    """`stream.receive_some(max_bytes)` without its checkpoint when data is already there: (data, whether it waited).
+    A caller that loops must checkpoint itself when nothing waited (the relay does)."""
+    fd = stream.socket.fileno()
+    waited = False
+    while True:
+        try:
+            return os.read(fd, max_bytes), waited
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> bool:
+    """`stream.send_all(data)` without its checkpoint when the socket takes everything at once; True when it waited.
+    A caller that loops must checkpoint itself when nothing waited."""
+    fd = stream.socket.fileno()
+    waited = False
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            waited = True
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+    return waited
+
+
 class ReplayStream(trio.abc.HalfCloseableStream):
     """A stream that first returns `prefix` (bytes already read from `transport_stream`), then reads on."""
 
     def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
         self.transport_stream = transport_stream
         self._prefix = memoryview(prefix) if prefix else None
+
+    @property
+    def replayed(self) -> bool:
+        """True once the prefix is all handed back: from then on this is `transport_stream` itself."""
+        return self._prefix is None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix is not None:

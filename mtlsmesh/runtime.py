@@ -107,6 +107,13 @@ class ConnRecord:
         )
 
 
+def log_connection(rec: ConnRecord) -> None:
+    """The connection's one log line, as `log.info` would emit it but without looking up the caller's source line
+    (logging walks the stack for that on every call)."""
+    if log.isEnabledFor(logging.INFO):
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec.line(),), None, "log_connection"))
+
+
 def reason_class(reason: str) -> str:
     """The bounded-cardinality part of a reason (`handshake: bad cert` → `handshake`) for metric labels."""
     return reason.split(":", 1)[0].strip().replace(" ", "_")[:40] or "-"
@@ -232,7 +239,7 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
         rt.tracker.closed()
         rt.stats.active[rec.direction] -= 1
         rt.stats.record(rec)
-        log.info("%s", rec.line())
+        log_connection(rec)
 
 
 async def serve_listener(
@@ -260,7 +267,7 @@ async def serve_listener(
             if rt.tracker.active >= rt.tracker.limit:
                 await refuse(stream, rec, "limit: max_connections reached")
                 rt.stats.record(rec)
-                log.info("%s", rec.line())
+                log_connection(rec)
                 continue
             rt.tracker.opened()
             rt.stats.active[direction] += 1

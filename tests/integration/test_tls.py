@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -103,6 +104,34 @@ async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Con
         assert await client.receive_some() == b"reply after the client's close_notify"
         await server.send_eof()
         assert await client.receive_some() == b""
+
+
+@pytest.mark.parametrize(
+    ("tail", "then"),
+    [
+        ("close_notify", "eof"),  # records, then close_notify, all in one transport read
+        ("garbage", "broken"),  # records, then bytes that are no TLS record
+    ],
+)
+async def test_one_receive_decrypts_every_buffered_record_and_keeps_what_follows(
+    contexts: tuple[SSL.Context, SSL.Context], tail: str, then: str
+) -> None:
+    payload = os.urandom(3 * tls.RECORD_SIZE + 100)  # four records
+    a, b = memory_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await client.send_all(payload)
+        if tail == "close_notify":
+            await client.send_eof()
+        else:
+            await a.send_all(b"\x17\x03\x03\x00\x20" + bytes(32))  # an application record that fails to decrypt
+        assert await server.receive_some(1 << 20) == payload  # everything before the tail, in one call
+        if then == "eof":
+            assert await server.receive_some(1 << 20) == b""
+        else:
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some(1 << 20)
 
 
 async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tuple[SSL.Context, SSL.Context]) -> None:
@@ -245,9 +274,18 @@ async def test_client_refuses_an_unexpected_server_identity(
     client_ctx, server_ctx = contexts
     a, b = memory_stream_pair()
     server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    server_saw: list[str] = []
+
+    async def serve() -> None:
+        try:
+            await server.do_handshake()
+            server_saw.append("done")
+        except HandshakeError as exc:
+            server_saw.append(exc.reason)
+
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(serve)
             with pytest.raises(HandshakeError, match=match):
                 await tls.open_mtls(
                     a,
@@ -256,6 +294,9 @@ async def test_client_refuses_an_unexpected_server_identity(
                     TrustDomain(trust_domain),
                     expected=tuple(parse_spiffe_id(e) for e in expected),
                 )
+            await a.aclose()  # what the caller does on a refusal
+    # The client judged the server before sending its Finished: the server never completed a handshake with it.
+    assert len(server_saw) == 1 and server_saw[0] != "done"
 
 
 async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Context, SSL.Context]) -> None:
@@ -314,3 +355,47 @@ async def test_full_duplex_over_a_socketpair_does_not_deadlock(contexts: tuple[S
     assert got == {"client": total, "server": total}
     await client.aclose()
     await server.aclose()
+
+
+def test_streams_in_two_threads_keep_their_bytes_apart(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    """The data path copies through scratch buffers; two trio loops in two threads must not see each other's bytes
+    (OpenSSL calls let the other thread run)."""
+    client_ctx, server_ctx = contexts
+
+    async def transfer(payload: bytes) -> bytes:
+        left, right = trio.socket.socketpair()
+        client = tls.TLSStream(trio.SocketStream(left), client_ctx, tls.Side.CLIENT)
+        server = tls.TLSStream(trio.SocketStream(right), server_ctx, tls.Side.SERVER)
+        received = bytearray()
+
+        async def send() -> None:
+            await client.send_all(payload)
+            await client.send_eof()
+
+        async def receive() -> None:
+            while data := await server.receive_some(1 << 18):
+                received.extend(data)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+        await client.aclose()
+        await server.aclose()
+        return bytes(received)
+
+    payloads = [os.urandom(4 << 20), os.urandom(4 << 20)]
+    results: dict[int, bytes | BaseException] = {}
+
+    def run(index: int) -> None:
+        try:
+            results[index] = trio.run(transfer, payloads[index])
+        except BaseException as exc:  # handed to the test's thread below
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {0: payloads[0], 1: payloads[1]}

@@ -1,0 +1,131 @@
+"""The two tunnel pairs under test, each an originator in namespace A and a terminator in namespace B.
+
+    ns A: client tool -> 127.0.0.1:<front> [originator] == TLS 1.3, mutual ==> 198.18.9.2:<front> [terminator]
+    ns B: [terminator] -> 127.0.0.1:<backend>
+
+Both pairs carry the same three services (echo, http, iperf3), use the same certificates (ECDSA P-256 SVIDs from
+the mtlsmesh CA), verify the peer's chain against the same root and require a client certificate. Session
+resumption is off for stunnel, and mtlsmesh does not resume sessions, so every new connection costs a full
+handshake on both. Each tool keeps its default logging (stunnel: notice, mtlsmesh: info).
+
+Differences that remain and are part of what is measured: mtlsmesh also checks the SPIFFE ID of each peer
+(the server's against the expected identity, the client's against the authorization policy); stunnel checks only
+the chain.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.certs import BenchCerts
+from bench.netns import ADDR_B, Lab, Proc
+
+SERVICES = ("echo", "http", "iperf")
+BACKEND_PORTS = {"echo": 7001, "http": 7002, "iperf": 7003}
+
+
+@dataclass(frozen=True, slots=True)
+class PairSpec:
+    tool: str  # "stunnel" or "mtlsmesh"
+    front_ports: dict[str, int]  # per service: originator port on 127.0.0.1 in A == terminator port on ADDR_B in B
+
+
+STUNNEL = PairSpec("stunnel", {"echo": 8101, "http": 8102, "iperf": 8103})
+MTLSMESH = PairSpec("mtlsmesh", {"echo": 8201, "http": 8202, "iperf": 8203})
+
+
+def render_stunnel_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> str:
+    svid = certs.client if client else certs.server
+    lines = ["foreground = yes", "pid =", "syslog = no", ""]
+    for service in SERVICES:
+        port = spec.front_ports[service]
+        if client:
+            accept, connect = f"127.0.0.1:{port}", f"{ADDR_B}:{port}"
+        else:
+            accept, connect = f"{ADDR_B}:{port}", f"127.0.0.1:{BACKEND_PORTS[service]}"
+        lines += [
+            f"[{service}]",
+            f"client = {'yes' if client else 'no'}",
+            f"accept = {accept}",
+            f"connect = {connect}",
+            f"cert = {svid.cert}",
+            f"key = {svid.key}",
+            f"CAfile = {svid.bundle}",
+            "verifyChain = yes",
+            "requireCert = yes",
+            "sslVersionMin = TLSv1.3",
+            "sessionResume = no",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def render_mtlsmesh_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> str:
+    """A sidecar config with only explicit listeners: no capture, no admin/health/metrics ports."""
+    svid = certs.client if client else certs.server
+    lines = [
+        "trust_domain: cluster.local",
+        f"credentials: {{cert: {svid.cert}, key: {svid.key}, bundle: {svid.bundle}}}",
+        "outbound: {enabled: false}",
+        "inbound: {enabled: false}",
+        "admin: null",
+        "health: null",
+        "metrics: null",
+        "explicit:",
+    ]
+    for service in SERVICES:
+        port = spec.front_ports[service]
+        if client:
+            lines.append(
+                f"  - {{name: {service}, listen: 127.0.0.1:{port}, forward_to: {ADDR_B}:{port}, mode: originate, "
+                f"identities: [{certs.server.spiffe_id}]}}"
+            )
+        else:
+            lines.append(
+                f"  - {{name: {service}, listen: {ADDR_B}:{port}, forward_to: 127.0.0.1:{BACKEND_PORTS[service]}, "
+                "mode: terminate}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def python_env(repo_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass(slots=True)
+class RunningPair:
+    spec: PairSpec
+    originator: Proc
+    terminator: Proc
+
+    @property
+    def pids(self) -> tuple[int, int]:
+        return (self.originator.pid, self.terminator.pid)
+
+
+def start_pair(lab: Lab, spec: PairSpec, certs: BenchCerts, workdir: Path, repo_root: Path, label: str) -> RunningPair:
+    """Start the terminator in B and the originator in A, and wait until every listener accepts."""
+    procs: list[Proc] = []
+    for client, ns, role in ((False, lab.ns_b, "terminator"), (True, lab.ns_a, "originator")):
+        conf = workdir / f"{label}-{role}.conf"
+        if spec.tool == "stunnel":
+            conf.write_text(render_stunnel_conf(spec, certs, client=client))
+            argv = ["stunnel", str(conf)]
+        else:
+            conf.write_text(render_mtlsmesh_conf(spec, certs, client=client))
+            argv = [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(conf)]
+        proc = lab.start(ns, f"{label}-{role}", argv, env=python_env(repo_root))
+        procs.append(proc)
+        lab.wait_listening(proc, list(spec.front_ports.values()))
+    return RunningPair(spec, originator=procs[1], terminator=procs[0])
+
+
+def stop_pair(lab: Lab, pair: RunningPair) -> None:
+    lab.stop(pair.originator)
+    lab.stop(pair.terminator)

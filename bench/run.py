@@ -1,0 +1,374 @@
+"""The benchmark runner: build the lab, run stunnel and mtlsmesh round by round, print medians and ratios.
+
+One run = two namespaces joined by veth, backends in B (echo, http, iperf3), and for each round each pair started
+fresh (stunnel, then mtlsmesh), measured, and stopped:
+
+1. memory: RSS of both proxy processes before and after opening N idle connections through the tunnel;
+2. latency: 64-byte round trips on one kept-alive connection, p50/p99;
+3. throughput: iperf3 through the tunnel with 1 and 4 streams;
+4. new connections per second: wrk with `Connection: close`, so every request is a new full mTLS handshake.
+
+Memory comes first so it is measured in a fresh process. Whatever fails in one measurement is reported and the
+rest goes on; the lab is torn down on every way out (normal end, Ctrl-C, SIGTERM, an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import stats
+from bench.certs import BenchCerts, issue_bench_certs
+from bench.netns import ADDR_A, ADDR_B, Lab, LabError, rss_kib
+from bench.profile import Profiler, find_py_spy
+from bench.proxies import BACKEND_PORTS, MTLSMESH, STUNNEL, PairSpec, RunningPair, python_env, start_pair, stop_pair
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOOLS_NEEDED = ("ip", "stunnel", "iperf3", "wrk")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    rounds: int
+    iperf_seconds: int
+    wrk_seconds: int
+    wrk_connections: int
+    latency_count: int
+    idle_connections: int
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls(
+            rounds=3, iperf_seconds=5, wrk_seconds=5, wrk_connections=16, latency_count=5000, idle_connections=1000
+        )
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(rounds=1, iperf_seconds=2, wrk_seconds=2, wrk_connections=8, latency_count=500, idle_connections=100)
+
+
+Results = dict[str, dict[str, list[float]]]
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived; handled like Ctrl-C."""
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User+system CPU time of the given processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return total / CLK_TCK
+
+
+class Bench:
+    def __init__(
+        self,
+        lab: Lab,
+        certs: BenchCerts,
+        settings: Settings,
+        workdir: Path,
+        metrics: set[str],
+        profile_dir: Path | None = None,
+    ) -> None:
+        self.profile_dir = profile_dir
+        self.lab = lab
+        self.certs = certs
+        self.settings = settings
+        self.workdir = workdir
+        self.metrics = metrics
+        self.env = python_env(REPO_ROOT)
+        self.results: Results = {"stunnel": {}, "mtlsmesh": {}}
+        self.errors: list[str] = []
+
+    def record(self, tool: str, key: str, value: float) -> None:
+        self.results[tool].setdefault(key, []).append(value)
+
+    def start_backends(self) -> None:
+        tool = [sys.executable, "-m", "bench.loadtools"]
+        ns_b = self.lab.ns_b
+        for name, argv in (
+            ("echo", [*tool, "echo-server", "--port", str(BACKEND_PORTS["echo"])]),
+            ("http", [*tool, "http-server", "--port", str(BACKEND_PORTS["http"])]),
+            ("iperf", ["iperf3", "--server", "--bind", "127.0.0.1", "--port", str(BACKEND_PORTS["iperf"])]),
+        ):
+            proc = self.lab.start(ns_b, f"backend-{name}", argv, env=self.env)
+            self.lab.wait_listening(proc, [BACKEND_PORTS[name]])
+
+    def round(self, number: int, spec: PairSpec) -> None:
+        label = f"r{number}-{spec.tool}"
+        try:
+            pair = start_pair(self.lab, spec, self.certs, self.workdir, REPO_ROOT, label)
+        except LabError as exc:
+            self.errors.append(f"{label}: start: {exc}")
+            print(f"  {label}: could not start: {exc}", flush=True)
+            return
+        try:
+            steps: list[tuple[str, Callable[[RunningPair], str]]] = [
+                ("mem", self.measure_memory),
+                ("lat", self.measure_latency),
+                ("tput", self.measure_throughput),
+                ("cps", self.measure_cps),
+            ]
+            for key, step in steps:
+                if key not in self.metrics:
+                    continue
+                try:
+                    with self._profiled(pair, f"{label}-{key}"):
+                        summary = step(pair)
+                except LabError as exc:
+                    self.errors.append(f"{label}: {key}: {exc}")
+                    summary = f"FAILED: {exc}"
+                print(f"  {label:14} {key:5} {summary}", flush=True)
+                for proc in (pair.originator, pair.terminator):
+                    if proc.popen.poll() is not None:
+                        raise LabError(f"{proc.name} died (exit {proc.popen.returncode}):\n{proc.log_tail()}")
+        except LabError as exc:
+            self.errors.append(f"{label}: {exc}")
+            print(f"  {label}: {exc}", flush=True)
+        finally:
+            stop_pair(self.lab, pair)
+
+    def _profiled(self, pair: RunningPair, tag: str) -> contextlib.AbstractContextManager[object]:
+        if self.profile_dir is None or pair.spec.tool != "mtlsmesh":
+            return contextlib.nullcontext()
+        targets = {"originator": pair.originator.pid, "terminator": pair.terminator.pid}
+        return Profiler(targets, self.profile_dir, tag, py_spy=find_py_spy())
+
+    # --- measurements -------------------------------------------------------------------------------------------
+
+    def measure_memory(self, pair: RunningPair) -> str:
+        tool, port = pair.spec.tool, pair.spec.front_ports["echo"]
+        # One connection first, so lazily loaded code and first-use allocations are not counted per connection.
+        self._latency(port, count=20, warmup=0)
+        time.sleep(0.5)
+        before = sum(rss_kib(pid) for pid in pair.pids)
+        wanted = self.settings.idle_connections
+        with self._idle_connections(port, wanted) as opened:
+            time.sleep(1.0)  # let both proxies finish their side of the last handshakes
+            after = sum(rss_kib(pid) for pid in pair.pids)
+        if opened < wanted * 0.95:
+            raise LabError(f"only {opened} of {wanted} idle connections were established")
+        per_conn = (after - before) / opened
+        self.record(tool, "mem", per_conn)
+        return f"{per_conn:.1f} KiB/conn (RSS {before} -> {after} KiB, {opened} connections)"
+
+    @contextlib.contextmanager
+    def _idle_connections(self, port: int, count: int) -> Iterator[int]:
+        argv = [sys.executable, "-m", "bench.loadtools", "idle", "--port", str(port), "--count", str(count),
+                "--max-seconds", "120"]  # fmt: skip
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.ns_a, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            process_group=0,
+        )
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        try:
+            ready, _, _ = select.select([popen.stdout], [], [], 150)
+            line = popen.stdout.readline() if ready else b""
+            if not line:
+                if popen.poll() is None:
+                    popen.kill()
+                popen.wait(timeout=10)
+                raise LabError(f"idle: no report: {popen.stderr.read().decode(errors='replace').strip()[-500:]}")
+            report = json.loads(line)
+            if report["failed"]:
+                print(f"    idle: {report['failed']} connections failed, first: {report['first_error']}")
+            yield int(report["ready"])
+        finally:
+            with contextlib.suppress(OSError):
+                popen.stdin.close()
+            try:
+                popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=5)
+
+    def _latency(self, port: int, *, count: int, warmup: int) -> dict[str, float]:
+        argv = [sys.executable, "-m", "bench.loadtools", "latency", "--port", str(port), "--count", str(count),
+                "--warmup", str(warmup), "--max-seconds", "30"]  # fmt: skip
+        out = self.lab.run(self.lab.ns_a, argv, timeout=60, env=self.env)
+        result: dict[str, float] = json.loads(out)
+        return result
+
+    def measure_latency(self, pair: RunningPair) -> str:
+        result = self._latency(pair.spec.front_ports["echo"], count=self.settings.latency_count, warmup=200)
+        self.record(pair.spec.tool, "p50", result["p50_us"])
+        self.record(pair.spec.tool, "p99", result["p99_us"])
+        return f"p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us ({result['count']:.0f} round trips)"
+
+    def _iperf(self, pair: RunningPair, streams: int) -> tuple[float, float]:
+        seconds = self.settings.iperf_seconds
+        argv = ["iperf3", "--client", "127.0.0.1", "--port", str(pair.spec.front_ports["iperf"]), "--time",
+                str(seconds), "--parallel", str(streams), "--json", "--connect-timeout", "5000"]  # fmt: skip
+        cpu0 = cpu_seconds(pair.pids)
+        out = self.lab.run(self.lab.ns_a, argv, timeout=seconds + 30)
+        cpu = cpu_seconds(pair.pids) - cpu0
+        try:
+            end = json.loads(out)["end"]["sum_received"]
+            return float(end["bits_per_second"]) / 1e6, cpu / (float(end["bytes"]) / 1e9)
+        except (KeyError, ValueError, ZeroDivisionError) as exc:
+            raise LabError(f"iperf3: unexpected output: {out[:300]!r}") from exc
+
+    def measure_throughput(self, pair: RunningPair) -> str:
+        one, cpu_gb = self._iperf(pair, 1)
+        self.record(pair.spec.tool, "tput1", one)
+        self.record(pair.spec.tool, "cpu_gb", cpu_gb)
+        four, _ = self._iperf(pair, 4)
+        self.record(pair.spec.tool, "tput4", four)
+        return f"1 stream {one:.0f} Mbit/s ({cpu_gb:.2f} CPU s/GB), 4 streams {four:.0f} Mbit/s"
+
+    def measure_cps(self, pair: RunningPair) -> str:
+        seconds = self.settings.wrk_seconds
+        url = f"http://127.0.0.1:{pair.spec.front_ports['http']}/"
+        argv = ["wrk", "--threads", "1", "--connections", str(self.settings.wrk_connections), "--duration",
+                f"{seconds}s", "--timeout", "5s", "--header", "Connection: close", url]  # fmt: skip
+        cpu0 = cpu_seconds(pair.pids)
+        out = self.lab.run(self.lab.ns_a, argv, timeout=seconds + 30)
+        cpu = cpu_seconds(pair.pids) - cpu0
+        rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        total = re.search(r"(\d+) requests in", out)
+        if rate is None or total is None:
+            raise LabError(f"wrk: unexpected output: {out[:300]!r}")
+        requests = int(total.group(1))
+        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        failed = (sum(int(g) for g in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0)
+        if requests == 0 or failed > requests * 0.05:
+            raise LabError(f"wrk: {requests} requests, {failed} errors: {out.strip()[-300:]!r}")
+        self.record(pair.spec.tool, "cps", float(rate.group(1)))
+        self.record(pair.spec.tool, "cpu_conn", cpu * 1000 / requests)
+        note = f", {failed} socket errors" if failed else ""
+        return f"{float(rate.group(1)):.0f} conn/s ({cpu * 1000 / requests:.2f} CPU ms/conn{note})"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, short durations")
+    parser.add_argument("--rounds", type=int, help="rounds per tool (default 3, --quick 1)")
+    parser.add_argument("--tools", default="stunnel,mtlsmesh", help="comma-separated: stunnel,mtlsmesh")
+    parser.add_argument("--metrics", default="mem,lat,tput,cps", help="comma-separated: mem,lat,tput,cps")
+    parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
+    parser.add_argument("--json", type=Path, help="also write the raw per-round results to this file")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="profile the mtlsmesh sidecars with py-spy during each step into DIR (slows them: not for results)",
+    )
+    args = parser.parse_args(argv)
+    tools = set(args.tools.split(","))
+    if not tools <= {"stunnel", "mtlsmesh"} or not tools:
+        parser.error(f"--tools: expected stunnel and/or mtlsmesh, got {args.tools!r}")
+    metrics = set(args.metrics.split(","))
+    if not metrics <= {"mem", "lat", "tput", "cps"} or not metrics:
+        parser.error(f"--metrics: expected some of mem,lat,tput,cps, got {args.metrics!r}")
+    if args.rounds is not None and not 1 <= args.rounds <= 50:
+        parser.error("--rounds: expected 1..50")
+    if args.idle_connections is not None and not 1 <= args.idle_connections <= 10000:
+        parser.error("--idle-connections: expected 1..10000")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: error: needs root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    missing = [tool for tool in TOOLS_NEEDED if shutil.which(tool) is None]
+    if args.py_spy is not None and find_py_spy() is None:
+        missing.append("py-spy")
+    if missing:
+        print(f"bench: error: missing programs: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    settings = Settings.quick() if args.quick else Settings.full()
+    if args.rounds is not None:
+        settings = Settings(**{**_asdict(settings), "rounds": args.rounds})
+    if args.idle_connections is not None:
+        settings = Settings(**{**_asdict(settings), "idle_connections": args.idle_connections})
+    specs = [spec for spec in (STUNNEL, MTLSMESH) if spec.tool in args.tools.split(",")]
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = datetime.datetime.now(datetime.UTC)
+    load_before = os.getloadavg()[0]  # the run itself drives the load average to ~5 on two CPUs
+
+    old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    workdir = Path(tempfile.mkdtemp(prefix="mtlsmesh-bench-"))
+    lab = Lab(workdir)
+    status = 0
+    try:
+        lab.build()
+        certs = issue_bench_certs(workdir / "certs")
+        bench = Bench(lab, certs, settings, workdir, set(args.metrics.split(",")), args.py_spy)
+        bench.start_backends()
+        print(f"lab: {lab.ns_a} ({ADDR_A}) <-> {lab.ns_b} ({ADDR_B}); {settings}", flush=True)
+        for number in range(1, settings.rounds + 1):
+            print(f"round {number}/{settings.rounds}", flush=True)
+            for spec in specs:
+                bench.round(number, spec)
+        print()
+        print(f"{started:%Y-%m-%d %H:%M} UTC, `{command}`, {os.cpu_count()} CPUs, "
+              f"load average {load_before:.2f} before the run")  # fmt: skip
+        print(stats.render_table(bench.results))
+        print()
+        print(stats.render_rounds(bench.results))
+        if bench.errors:
+            status = 1
+            print("\nerrors:")
+            for error in bench.errors:
+                print(f"  {error}")
+        if args.json:
+            args.json.write_text(json.dumps({"command": command, "started": started.isoformat(),
+                                             "settings": _asdict(settings), "results": bench.results,
+                                             "errors": bench.errors}, indent=2))  # fmt: skip
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"\nbench: interrupted ({str(exc) or 'SIGINT'}), cleaning up", file=sys.stderr)
+        status = 130
+    except LabError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        lab.close()
+        shutil.rmtree(workdir, ignore_errors=True)  # holds the private keys
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return status
+
+
+def _asdict(settings: Settings) -> dict[str, int]:
+    return {name: getattr(settings, name) for name in Settings.__slots__}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

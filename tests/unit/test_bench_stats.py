@@ -1,0 +1,82 @@
+"""The benchmark's arithmetic and profile bucketing: the numbers in its table must be the right ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import profile, stats
+
+
+@pytest.mark.parametrize(
+    ("samples", "fraction", "expected"),
+    [
+        ([5.0], 0.5, 5.0),
+        ([1.0, 2.0, 3.0, 4.0], 0.5, 2.0),
+        ([4.0, 3.0, 2.0, 1.0], 0.5, 2.0),
+        ([float(i) for i in range(1, 101)], 0.99, 99.0),
+        ([float(i) for i in range(1, 101)], 1.0, 100.0),
+        ([float(i) for i in range(1, 101)], 0.0, 1.0),
+    ],
+)
+def test_percentile_is_nearest_rank(samples: list[float], fraction: float, expected: float) -> None:
+    assert stats.percentile(samples, fraction) == expected
+
+
+@pytest.mark.parametrize(
+    ("samples", "fraction", "message"),
+    [([], 0.5, "no samples"), ([1.0], 1.5, "outside"), ([1.0], -0.1, "outside")],
+)
+def test_percentile_rejects_bad_input(samples: list[float], fraction: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stats.percentile(samples, fraction)
+
+
+@pytest.mark.parametrize(
+    ("target", "ratio", "value", "met"),
+    [
+        (stats.Target(">= 1.3x", ratio_min=1.3), 1.3, 10.0, True),
+        (stats.Target(">= 1.3x", ratio_min=1.3), 1.29, 10.0, False),
+        (stats.Target("<= 1.8x", ratio_max=1.8), 1.81, 10.0, False),
+        (stats.Target("<= 1.8x", ratio_max=1.8), 0.5, 10.0, True),
+        (stats.Target("<= 50 KiB", value_max=50.0), 9.0, 50.0, True),
+        (stats.Target("<= 50 KiB", value_max=50.0), 0.1, 50.1, False),
+        (stats.Target(">= 1.3x", ratio_min=1.3), None, 10.0, None),
+        (stats.Target("<= 50 KiB", value_max=50.0), 1.0, None, None),
+    ],
+)
+def test_target_met(target: stats.Target, ratio: float | None, value: float | None, met: bool | None) -> None:
+    assert target.met(ratio, value) is met
+
+
+def test_table_shows_medians_ratio_and_verdict() -> None:
+    results = {
+        "stunnel": {"tput1": [100.0, 300.0, 200.0], "mem": [250.0]},
+        "mtlsmesh": {"tput1": [260.0, 280.0, 270.0], "mem": [60.0]},
+    }
+    table = stats.render_table(results)
+    assert "| throughput, 1 stream | Mbit/s | 200 | 270 | 1.35x | >= 1.3x | yes | 3/3 |" in table
+    assert "| memory per idle connection | KiB | 250 | 60.0 | 0.24x | <= 50 KiB | NO | 1/1 |" in table
+    assert "| new connections (full mTLS) | conn/s | - | - | - | >= 1.3x | - | 0/0 |" in table
+
+
+@pytest.mark.parametrize(
+    ("stack", "bucket"),
+    [
+        ("main (m.py:1);TLSStream._flush (mtlsmesh/tls.py:9);ossl_aes_gcm_encrypt_avx512 (x/_rust.abi3.so)",
+         "OpenSSL C (libssl/libcrypto)"),
+        ("main (m.py:1);_RNvXs_pyo3_call (cryptography/hazmat/bindings/_rust.abi3.so)",
+         "cryptography Rust/pyo3 (X.509, glue)"),
+        ("main (m.py:1);wrapper (trio/_socket.py:476);send (libc.so.6)", "sockets (libc, socket.py)"),
+        ("main (m.py:1);relay (mtlsmesh/relay.py:3);_PyEval_EvalFrameDefault (python3.11)", "mtlsmesh code"),
+        ("main (m.py:1);run (trio/_core/_run.py:2);epoll_wait (libc.so.6)", profile.IDLE_NAME),
+        ("main (m.py:1);Connection.recv (OpenSSL/SSL.py:2)", "pyOpenSSL Python code"),
+        ("main (m.py:1)", profile.OTHER),
+    ],
+)  # fmt: skip
+def test_profile_bucket_is_innermost_match(stack: str, bucket: str) -> None:
+    assert profile.bucket_of(stack.split(";")) == bucket
+
+
+def test_profile_summarize_counts_samples() -> None:
+    collapsed = "a (mtlsmesh/x.py:1) 7\na (mtlsmesh/x.py:1);send (libc.so.6) 3\nnot a sample line\n"
+    assert profile.summarize(collapsed) == {"mtlsmesh code": 7, "sockets (libc, socket.py)": 3}
