@@ -37,5 +37,9 @@ test: debs lint typecheck
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit tests/integration
 
+bench: debs $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 iperf3 wrk >/dev/null; fi
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
