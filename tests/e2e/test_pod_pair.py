@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,17 +52,6 @@ def pod_pair() -> Iterator[tuple[str, str]]:
             netns.run(["ip", "-n", ns, "link", "set", dev, "up"])
         subprocess.run(netns.ns_exec(pod, capture), check=True, capture_output=True, timeout=30, cwd=ROOT)
         yield client, pod
-
-
-@pytest.fixture
-def proxy_dir() -> Iterator[Path]:
-    """A directory the proxy uid can read (pytest's tmp_path is private to root)."""
-    directory = Path(tempfile.mkdtemp(prefix="mtlsmesh-e2e-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def sidecar_config(proxy_dir: Path) -> Path:

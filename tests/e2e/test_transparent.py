@@ -11,10 +11,8 @@ the test fails.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,17 +71,6 @@ def netns() -> Iterator[str]:
     rules = [["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", *rule] for rule in RULES]
     with harness.loopback_namespace("shltp", [f"{SERVICE_IP}/24"], rules) as name:
         yield name
-
-
-@pytest.fixture
-def proxy_dir() -> Iterator[Path]:
-    """A directory the proxy uid can read (pytest's tmp_path is private to root)."""
-    directory = Path(tempfile.mkdtemp(prefix="mtlsmesh-e2e-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def start(netns: str, argv: list[str], *, as_proxy: bool = False) -> subprocess.Popen[str]:
