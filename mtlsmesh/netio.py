@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -155,9 +156,12 @@ async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes,
             raise _stream_error(exc) from exc
 
 
-async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> bool:
+async def send_raw(
+    stream: trio.SocketStream, data: bytes | bytearray | memoryview, progress: Callable[[], object] | None = None
+) -> bool:
     """`stream.send_all(data)` without its checkpoint when the socket takes everything at once; True when it waited.
-    A caller that loops must checkpoint itself when nothing waited."""
+    A caller that loops must checkpoint itself when nothing waited. `progress` is called each time the socket takes
+    more after a wait (the peer is reading, however slowly): the relay's idle timer."""
     fd = stream.socket.fileno()
     waited = False
     view = memoryview(data)
@@ -167,6 +171,8 @@ async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryvi
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
             waited = True
+            if progress is not None:
+                progress()  # writable again: the peer acknowledged bytes, room was made
         except OSError as exc:
             raise _stream_error(exc) from exc
     return waited

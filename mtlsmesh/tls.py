@@ -230,6 +230,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken: str | None = None
         self._sending = False  # the Stream contract: one task per direction (BusyResourceError otherwise)
+        # Called when a socket transport takes more ciphertext after waiting (see netio.send_raw): the relay's idle
+        # timer, so a send held back by a slow reader counts as progress.
+        self.send_progress: Callable[[], object] | None = None
         self._receiving = False
 
     # --- errors ------------------------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             while data:
                 try:
                     if type(transport) is trio.SocketStream:
-                        if await netio.send_raw(transport, data):
+                        if await netio.send_raw(transport, data, self.send_progress):
                             awaited = True
                     else:
                         await transport.send_all(data)

@@ -1,6 +1,8 @@
-"""The relay over in-memory stream pairs: counts, half-close, idle timeout, and failure mapping."""
+"""The relay over in-memory stream pairs and loopback TCP: counts, half-close, idle timeout, and failure mapping."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import trio
@@ -15,6 +17,23 @@ def pairs() -> tuple[trio.StapledStream, trio.StapledStream, trio.StapledStream,
     client, downstream = memory_stream_pair()
     upstream, server = memory_stream_pair()
     return client, downstream, upstream, server  # type: ignore[return-value]
+
+
+async def tcp_pair(*, buffer: int | None = None) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of one loopback TCP connection (dialer, accepted). `buffer`: small kernel buffers on both ends, so a
+    slow reader pushes back on the writer at once."""
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dialer = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        for sock in (listener, dialer):  # before connect: the window is agreed on at the handshake
+            if buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        await dialer.connect(listener.getsockname())
+        accepted, _ = await listener.accept()
+    return trio.SocketStream(dialer), trio.SocketStream(accepted)
 
 
 async def test_counts_and_half_close_each_way() -> None:
@@ -60,6 +79,41 @@ async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
     (result,) = results
     assert result.reason == REASON_IDLE and result.aborted
     assert 0.8 < elapsed < 2.0
+
+
+async def test_a_send_blocked_by_a_slow_reader_is_not_idle() -> None:
+    """Bytes leaving towards a slow reader are progress: a relay whose only activity for several idle timeouts is a
+    send held back by backpressure stays up and delivers everything."""
+    client, downstream = await tcp_pair()
+    upstream, server = await tcp_pair(buffer=4096)
+    total = 240 * 1024
+    results = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await client.send_all(b"z" * total)
+                await client.send_eof()
+
+            async def run() -> None:
+                results.append(await relay(downstream, upstream, idle_timeout=1.0))
+
+            # The bytes wait in the relay's receive buffer: its first read takes a large chunk, and then its only
+            # activity is sending that chunk to a reader taking 4 KiB every 50 ms (about 3 s), over the 1 s timeout.
+            nursery.start_soon(send)
+            await trio.sleep(0.2)
+            nursery.start_soon(run)
+            started = trio.current_time()
+            got = 0
+            while data := await server.receive_some(4096):
+                got += len(data)
+                await trio.sleep(0.05)
+            elapsed = trio.current_time() - started
+            await server.send_eof()
+    (result,) = results
+    assert (result.reason, result.aborted, got) == (REASON_CLOSED, False, total)
+    assert result.downstream_to_upstream == total
+    assert elapsed > 2.0  # the test really outlasted the idle timeout
 
 
 @pytest.mark.parametrize("breaks", ["client", "server"])
