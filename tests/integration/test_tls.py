@@ -399,3 +399,22 @@ def test_streams_in_two_threads_keep_their_bytes_apart(contexts: tuple[SSL.Conte
     for thread in threads:
         thread.join(timeout=120)
     assert results == {0: payloads[0], 1: payloads[1]}
+
+
+@pytest.mark.parametrize("transport", ["memory", "socket"])
+async def test_a_transport_closed_during_the_handshake_is_a_refusal(
+    contexts: tuple[SSL.Context, SSL.Context], transport: str
+) -> None:
+    """A transport closed under the handshake (trio.ClosedResourceError) is a failed handshake, which the sidecar
+    refuses and logs, not an error it does not know (an internal_error with a traceback)."""
+    if transport == "memory":
+        a, _b = memory_stream_pair()
+        stream: trio.abc.Stream = a
+    else:
+        left, right = trio.socket.socketpair()
+        right.close()
+        stream = trio.SocketStream(left)
+    await stream.aclose()
+    client = tls.TLSStream(stream, contexts[0], tls.Side.CLIENT)
+    with trio.fail_after(IO), pytest.raises(HandshakeError, match="transport closed"):
+        await client.do_handshake()
