@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import socket
+from datetime import UTC, datetime
 
 import pytest
 import trio
+from OpenSSL import SSL
 from trio.testing import memory_stream_pair
 
-from mtlsmesh import netio, runtime
+from mtlsmesh import ca, netio, runtime, tls
+from mtlsmesh.identity import workload_id
 from mtlsmesh.relay import REASON_CLOSED, REASON_IDLE, relay
+from tests.pki import TD, material_for
 
 
 def pairs() -> tuple[trio.StapledStream, trio.StapledStream, trio.StapledStream, trio.StapledStream]:
@@ -81,14 +85,25 @@ async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
     assert 0.8 < elapsed < 2.0
 
 
-async def test_a_send_blocked_by_a_slow_reader_is_not_idle() -> None:
+@pytest.mark.parametrize("upstream_kind", ["tcp", "tls"])
+async def test_a_send_blocked_by_a_slow_reader_is_not_idle(upstream_kind: str) -> None:
     """Bytes leaving towards a slow reader are progress: a relay whose only activity for several idle timeouts is a
-    send held back by backpressure stays up and delivers everything."""
+    send held back by backpressure stays up and delivers everything, to a plain socket and to TLS over a socket."""
     client, downstream = await tcp_pair()
-    upstream, server = await tcp_pair(buffer=4096)
+    upstream_tcp, server_tcp = await tcp_pair(buffer=4096)
+    upstream: trio.abc.HalfCloseableStream = upstream_tcp
+    server: trio.abc.HalfCloseableStream = server_tcp
     total = 240 * 1024
     results = []
     with trio.fail_after(20):
+        if upstream_kind == "tls":
+            authority = ca.create_ca(TD, now=datetime.now(UTC))
+            up_tls = tls.TLSStream(upstream_tcp, tls_context(authority, "client", tls.Side.CLIENT), tls.Side.CLIENT)
+            server_tls = tls.TLSStream(server_tcp, tls_context(authority, "server", tls.Side.SERVER), tls.Side.SERVER)
+            async with trio.open_nursery() as handshakes:
+                handshakes.start_soon(up_tls.do_handshake)
+                handshakes.start_soon(server_tls.do_handshake)
+            upstream, server = up_tls, server_tls
         async with trio.open_nursery() as nursery:
 
             async def send() -> None:
@@ -114,6 +129,10 @@ async def test_a_send_blocked_by_a_slow_reader_is_not_idle() -> None:
     assert (result.reason, result.aborted, got) == (REASON_CLOSED, False, total)
     assert result.downstream_to_upstream == total
     assert elapsed > 2.0  # the test really outlasted the idle timeout
+
+
+def tls_context(authority: ca.Authority, name: str, side: tls.Side) -> SSL.Context:
+    return tls.build_context(material_for(authority, workload_id(TD, "default", name)), side)
 
 
 @pytest.mark.parametrize("breaks", ["client", "server"])
