@@ -1,7 +1,8 @@
 """Socket-level pieces of the sidecar: the original destination, dialing, abortive close, replaying streams.
 
 What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`), dials
-with a connect timeout and an optional source address (`dial`), closes a connection with an RST (`abort_close`),
+with a connect timeout and an optional source address (`dial`), turns TCP keepalive on (`set_keepalive`: dialed
+sockets and the listeners, whose accepted sockets inherit it), closes a connection with an RST (`abort_close`),
 and `ReplayStream` hands back bytes already read from a stream (the inbound sniffer's peek-by-buffering).
 
 What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see `tls`).
@@ -15,6 +16,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -29,6 +31,15 @@ _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, 
 _SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, IPv6 address, scope id
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on with a zero timeout: close() sends RST, drops unsent data
 
+# TCP keepalive on every socket the sidecar accepts or dials. The idle timeout is off by default, and a peer that
+# vanished (its node died, a NAT or conntrack entry expired) sends no RST: without probes both ends of the relay
+# would be held forever. After 60 s of silence the kernel probes every 10 s and resets the connection after 6
+# unanswered probes: a dead peer is found within about 2 minutes, at the cost of one tiny packet a minute on an
+# otherwise idle but healthy connection (and well under the usual 5-minute idle cut of cloud load balancers/NATs).
+KEEPALIVE_IDLE = 60  # seconds of silence before the first probe (TCP_KEEPIDLE)
+KEEPALIVE_INTERVAL = 10  # seconds between unanswered probes (TCP_KEEPINTVL)
+KEEPALIVE_COUNT = 6  # unanswered probes before the connection is reset (TCP_KEEPCNT)
+
 
 def local_ip(sock: trio.socket.SocketType) -> IPAddress:
     """The socket's own address as the family it really is: `::ffff:a.b.c.d` on a dual-stack socket is IPv4."""
@@ -36,6 +47,15 @@ def local_ip(sock: trio.socket.SocketType) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def set_keepalive(sock: trio.socket.SocketType) -> None:
+    """Turn TCP keepalive on with the KEEPALIVE_* settings. On a listening socket Linux hands them down to every
+    connection it accepts, so the accept loop pays nothing per connection."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def original_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
@@ -70,6 +90,7 @@ async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None
         for family, address in targets:
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
             try:
+                set_keepalive(sock)
                 if source is not None:
                     await _bind_source(sock, family, source)
                 await sock.connect((address, port))
@@ -155,9 +176,12 @@ async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes,
             raise _stream_error(exc) from exc
 
 
-async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> bool:
+async def send_raw(
+    stream: trio.SocketStream, data: bytes | bytearray | memoryview, progress: Callable[[], object] | None = None
+) -> bool:
     """`stream.send_all(data)` without its checkpoint when the socket takes everything at once; True when it waited.
-    A caller that loops must checkpoint itself when nothing waited."""
+    A caller that loops must checkpoint itself when nothing waited. `progress` is called each time the socket takes
+    more after a wait (the peer is reading, however slowly): the relay's idle timer."""
     fd = stream.socket.fileno()
     waited = False
     view = memoryview(data)
@@ -167,6 +191,8 @@ async def send_raw(stream: trio.SocketStream, data: bytes | bytearray | memoryvi
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
             waited = True
+            if progress is not None:
+                progress()  # writable again: the peer acknowledged bytes, room was made
         except OSError as exc:
             raise _stream_error(exc) from exc
     return waited

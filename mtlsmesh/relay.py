@@ -10,11 +10,13 @@ What it does not: open, authenticate or authorize anything (see `outbound`, `inb
 once called and closes both before it returns.
 
 Theory of operation: one task per direction (the forward one is the caller's own), both under one cancel scope
-whose deadline is pushed forward on every chunk when an idle timeout is set. A direction that ends cleanly just
-returns. The first failure records its reason and cancels the scope; both streams are then closed abortively
-(`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly both streams are
-closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per call; each pump
-checkpoints once per round in which neither side had to wait.
+whose deadline is pushed forward, when an idle timeout is set, on every chunk received and every time a send that
+had to wait (backpressure from a slow reader) gets more bytes out: progress either way keeps the relay up, and a
+send that is merely slow is not idle (the fast path pays nothing for that: it runs only after a wait). A direction
+that ends cleanly just returns. The first failure records its reason and cancels the scope; both streams are then
+closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly
+both streams are closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per
+call; each pump checkpoints once per round in which neither side had to wait.
 """
 
 from __future__ import annotations
@@ -66,9 +68,16 @@ async def relay(
     forward = _Pump(downstream, upstream, downstream_name, upstream_name)
     backward = _Pump(upstream, downstream, upstream_name, downstream_name)
 
+    touch: Callable[[], None] | None = None
+    if idle_timeout is not None:
+        timeout = idle_timeout
+
+        def touch() -> None:
+            scope.deadline = trio.current_time() + timeout
+
     async def pump(p: _Pump) -> None:
         src, dst = p.src, p.dst
-        receive, send = _receiver(src), _sender(dst)
+        receive, send = _receiver(src), _sender(dst, touch)
         while True:
             try:
                 data, waited = await receive(CHUNK)
@@ -144,11 +153,17 @@ def _receiver(stream: trio.abc.Stream) -> Receive:
     return receive
 
 
-def _sender(stream: trio.abc.Stream) -> Send:
-    """How the pump writes `stream`; True when it waited (see `_receiver`)."""
+def _sender(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> Send:
+    """How the pump writes `stream`; True when it waited (see `_receiver`). `progress` is called when a send that
+    had to wait gets more bytes out (sockets and TLS over sockets; other streams only report whole sends)."""
+    if type(stream) is netio.ReplayStream:
+        stream = stream.transport_stream  # it replays only what was read; what is sent goes straight through
     if type(stream) is trio.SocketStream:
-        return partial(netio.send_raw, stream)
+        if progress is None:  # the default (idle timeout off): exactly the plain call
+            return partial(netio.send_raw, stream)
+        return partial(netio.send_raw, stream, progress=progress)
     if type(stream) is tls.TLSStream:
+        stream.send_progress = progress
         return stream.send_chunk
 
     async def send(data: bytes | bytearray) -> bool:

@@ -68,6 +68,13 @@ _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 async def _bind(item: _Listen) -> list[trio.SocketListener]:
+    listeners = await _bind_listeners(item)
+    for listener in listeners:
+        netio.set_keepalive(listener.socket)  # inherited by every accepted socket (netio.KEEPALIVE_*)
+    return listeners
+
+
+async def _bind_listeners(item: _Listen) -> list[trio.SocketListener]:
     try:
         if item.addr.host == "::":
             try:

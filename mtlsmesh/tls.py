@@ -38,8 +38,9 @@ Half-close: `send_eof` sends close_notify (and a FIN when the transport can half
 sending (RFC 8446 §6.1). Receiving close_notify makes `receive_some` return b"". A transport EOF without close_notify
 is a truncation and raises `trio.BrokenResourceError`.
 
-Errors are translated by `_fail`: an OpenSSL or transport error during the handshake becomes `HandshakeError`,
-afterwards `trio.BrokenResourceError`. `open_mtls` checks the peer before our last handshake flight leaves.
+Errors are translated by `_fail`: an OpenSSL or transport error (broken or closed) during the handshake becomes
+`HandshakeError`, afterwards `trio.BrokenResourceError`. `open_mtls` checks the peer before our last handshake
+flight leaves.
 """
 
 from __future__ import annotations
@@ -230,13 +231,24 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken: str | None = None
         self._sending = False  # the Stream contract: one task per direction (BusyResourceError otherwise)
+        # Called when a socket transport takes more ciphertext after waiting (see netio.send_raw): the relay's idle
+        # timer, so a send held back by a slow reader counts as progress.
+        self.send_progress: Callable[[], object] | None = None
         self._receiving = False
 
     # --- errors ------------------------------------------------------------------------------------------------
 
     def _fail(self, exc: BaseException) -> BaseException:
-        """OpenSSL and transport failures → HandshakeError (during the handshake) or BrokenResourceError."""
-        reason = _openssl_reason(exc) if isinstance(exc, SSL.Error) else f"transport broken: {exc}"
+        """OpenSSL and transport failures → HandshakeError (during the handshake) or BrokenResourceError. A
+        transport closed under us (ClosedResourceError: closed by another task, a drain) is a failure too: during the
+        handshake it is a refusal like any other, not an error the caller does not expect. (When this stream itself
+        was closed, its callers re-raise ClosedResourceError instead, as trio's Stream contract wants.)"""
+        if isinstance(exc, SSL.Error):
+            reason = _openssl_reason(exc)
+        elif isinstance(exc, trio.ClosedResourceError):
+            reason = f"transport closed: {exc}"
+        else:
+            reason = f"transport broken: {exc}"
         self._broken = reason
         if not self._handshake_done:
             return HandshakeError(self.peer, reason)
@@ -273,6 +285,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         await trio.lowlevel.checkpoint()
                     return result
                 await self._fill()
+            except trio.ClosedResourceError as exc:
+                if self._closed:
+                    raise  # this stream was closed (aclose in another task): the Stream contract's error
+                raise self._fail(exc) from exc
             except trio.BrokenResourceError as exc:
                 raise self._fail(exc) from exc
             yielded = True
@@ -313,7 +329,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             while data:
                 try:
                     if type(transport) is trio.SocketStream:
-                        if await netio.send_raw(transport, data):
+                        if await netio.send_raw(transport, data, self.send_progress):
                             awaited = True
                     else:
                         await transport.send_all(data)
@@ -415,6 +431,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     raise
                 try:
                     await self._flush()
+                except trio.ClosedResourceError as exc:
+                    if self._closed:
+                        raise
+                    raise self._fail(exc) from exc
                 except trio.BrokenResourceError as exc:
                     raise self._fail(exc) from exc
             self._handshake_done = True

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import ipaddress
 import os
 import shutil
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -609,3 +611,43 @@ async def test_an_endpoint_bug_costs_one_request_not_the_sidecar(
             assert await http(port, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
     (record,) = [r for r in caplog.records if "event=internal_error" in r.getMessage()]
     assert record.getMessage() == "event=internal_error listener=admin" and record.exc_info is not None
+
+
+async def test_keepalive_on_accepted_and_dialed_sockets(pki: Pki) -> None:
+    """Both sockets of a relayed connection probe an idle peer, so a dead one is found even with no idle timeout."""
+    wanted = {
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE): 1,
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE): netio.KEEPALIVE_IDLE,
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): netio.KEEPALIVE_INTERVAL,
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): netio.KEEPALIVE_COUNT,
+    }
+    seen: dict[str, dict[tuple[int, int], int]] = {}
+
+    def options(sock: trio.socket.SocketType) -> dict[tuple[int, int], int]:
+        return {key: sock.getsockopt(*key) for key in wanted}
+
+    async with app_server(echo) as (app_port, _seen):
+        app = ipaddress.ip_address(LOOPBACK)
+
+        def orig_dst(stream: trio.SocketStream) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+            seen["accepted"] = options(stream.socket)
+            return app, app_port
+
+        async def dial(host: str, port: int, *, timeout: float, source: object = None) -> trio.SocketStream:
+            stream = await netio.dial(host, port, timeout=timeout)
+            seen["dialed"] = options(stream.socket)
+            return stream
+
+        outbound = OutboundConfig(enabled=True, listen=ANY_PORT, policy=OutboundPolicy.ALLOW_ANY, destinations=())
+        cfg = base_config(pki.issue("productpage"), outbound=outbound)
+        store = CredentialStore.load(cfg.credentials, cfg.trust_domain)  # type: ignore[arg-type]
+        stop = trio.Event()
+        with trio.fail_after(IO):
+            async with trio.open_nursery() as nursery:
+                serve = functools.partial(sidecar.serve_sidecar, cfg, store, stop=stop, orig_dst=orig_dst, dial=dial)
+                _rt, state = await nursery.start(serve)
+                try:
+                    assert await exchange(state.bound["outbound"][1], b"ping") == b"ping"
+                finally:
+                    stop.set()
+    assert seen == {"accepted": wanted, "dialed": wanted}

@@ -180,6 +180,11 @@ def tls12_client(material: tls.Material) -> SSL.Context:
 
 ClientMaker = Callable[[ca.Authority, ca.Authority], SSL.Context]
 
+# Refused after the handshake, by our SVID checks: no alert, the server just closes. The client's read then finds the
+# end of the transport (a close, or an RST on a socket), or, when the server closed the memory transport before the
+# client's "hello" went out, that send finds the transport closed.
+CLOSED_AFTER_HANDSHAKE = r"(closed|reset) by peer$|transport broken: MemoryReceiveStream was closed$"
+
 # (case, client, the server's whole reason (a regex), what the client is told). The server's reason for a failed
 # chain is OpenSSL's "certificate verify failed" whatever the cause; its alert names the cause, the client reads it.
 BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
@@ -212,14 +217,14 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
         "two-uri-sans",
         lambda ours, other: tls.build_context(two_uri_sans(ours), tls.Side.CLIENT),
         r"peer certificate is not a valid SVID: 2 URI SANs: an SVID carries exactly one \(L-1, V-6\)",
-        r"(closed|reset) by peer",  # refused after the handshake, by our SVID checks: no alert, a close or an RST
+        CLOSED_AFTER_HANDSHAKE,
     ),
     (
         "malformed-san",
         # Chains fine; its extensions do not parse: a refusal with the reason, not an internal error.
         lambda ours, other: tls.build_context(malformed_san(ours), tls.Side.CLIENT),
         "peer certificate is not a valid SVID: malformed certificate extensions: error parsing asn1 .*",
-        r"(closed|reset) by peer",
+        CLOSED_AFTER_HANDSHAKE,
     ),
     (
         "tls12",
@@ -399,3 +404,22 @@ def test_streams_in_two_threads_keep_their_bytes_apart(contexts: tuple[SSL.Conte
     for thread in threads:
         thread.join(timeout=120)
     assert results == {0: payloads[0], 1: payloads[1]}
+
+
+@pytest.mark.parametrize("transport", ["memory", "socket"])
+async def test_a_transport_closed_during_the_handshake_is_a_refusal(
+    contexts: tuple[SSL.Context, SSL.Context], transport: str
+) -> None:
+    """A transport closed under the handshake (trio.ClosedResourceError) is a failed handshake, which the sidecar
+    refuses and logs, not an error it does not know (an internal_error with a traceback)."""
+    if transport == "memory":
+        a, _b = memory_stream_pair()
+        stream: trio.abc.Stream = a
+    else:
+        left, right = trio.socket.socketpair()
+        right.close()
+        stream = trio.SocketStream(left)
+    await stream.aclose()
+    client = tls.TLSStream(stream, contexts[0], tls.Side.CLIENT)
+    with trio.fail_after(IO), pytest.raises(HandshakeError, match="transport closed"):
+        await client.do_handshake()
