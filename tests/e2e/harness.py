@@ -184,6 +184,25 @@ def assert_tls_only(streams: dict[pcap.Flow, bytes], port: int) -> int:
     return app_records
 
 
+def assert_encrypted_hop(lab: Lab, pcap_path: Path, callee: str, port: int, marker: str, caller_id: str) -> None:
+    """One mesh hop, proven from both ends: the capture on the callee's link holds only TLS records on `port` (at
+    least a request and a response) and never the plaintext `marker`, and the callee's inbound sidecar logged an
+    mTLS connection to its app port from `caller_id`."""
+    streams = wire_streams(pcap_path)
+    assert assert_tls_only(streams, port) >= 2
+    assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
+    wait_records(
+        lab,
+        callee,
+        lambda r: (
+            r.get("dir") == "inbound"
+            and r.get("orig_dst") == f"{lab.ip(callee)}:{port}"
+            and r.get("peer_id") == caller_id
+            and r.get("decision") == "mtls"
+        ),
+    )
+
+
 def server_certificate_serial(lab: Lab, pod: str, port: int, client_dir: Path) -> int:
     """Handshake with a pod's inbound sidecar from the node, as a mesh peer would, and return the serial number of
     the certificate it presents. `client_dir` holds a cert.pem/key.pem/bundle.pem issued by the lab's CA."""

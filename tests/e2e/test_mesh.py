@@ -78,19 +78,7 @@ def test_mesh_to_mesh_is_encrypted_on_the_wire(lab: Lab) -> None:
     app_log = lab.app_log("web", "http")
     assert marker in app_log
     assert "peer=127.0.0.6:" in app_log  # delivered by the inbound sidecar
-    streams = harness.wire_streams(pcap_path)
-    assert harness.assert_tls_only(streams, 9080) >= 2  # request and response at least
-    assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
-    harness.wait_records(
-        lab,
-        "web",
-        lambda r: (
-            r.get("dir") == "inbound"
-            and r.get("orig_dst") == f"{lab.ip('web')}:9080"
-            and r.get("peer_id") == CLIENT_ID
-            and r.get("decision") == "mtls"
-        ),
-    )
+    harness.assert_encrypted_hop(lab, pcap_path, "web", 9080, marker, CLIENT_ID)
     harness.wait_records(
         lab,
         "client",
