@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -60,7 +61,7 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from mtlsmesh import netio, svid
+from mtlsmesh import netio, records, svid
 from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.pem import PrivateKey
@@ -80,32 +81,36 @@ NEGOTIATED_CIPHER = "TLS_AES_256_GCM_SHA384"
 NEGOTIATED_GROUP_PQ = "X25519MLKEM768"
 
 RECORD_SIZE = 16384  # TLS max plaintext record (RFC 8446 §5.1): what receive_some returns when not told a size
-# OpenSSL's memory BIOs never give back what they grew to, so these two also bound what a connection keeps after a
-# bulk transfer (about 90 KiB per direction). 64 KiB used less CPU per GB than 256 KiB (measured) and 4x fewer
-# Python rounds than one record.
-SEND_CHUNK = 64 * 1024  # plaintext handed to OpenSSL per SSL_write
-BIO_DRAIN = SEND_CHUNK + 16 * 1024  # ciphertext taken from the outgoing BIO per transport write (a chunk + overhead)
+SEND_CHUNK = 64 * 1024  # plaintext sealed per round of send_all (four records), then sent before the next
+HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO at a time during the handshake
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call (several records at once)
-RECV_SCRATCH_SIZE = 256 * 1024  # plaintext decrypted per receive_some at most
+RECV_SCRATCH_SIZE = 128 * 1024  # room for the plaintext of every whole record one read can hold
 
 
-# Scratch buffers shared by every stream of a thread: the data path copies through them instead of allocating a
-# buffer of the requested size per call as pyOpenSSL's recv/bio_read do. Sharing is safe because each use is
-# synchronous (filled and copied out with no await in between) and trio runs one task at a time per thread; they
-# are per thread because cffi calls let other threads run.
+# Scratch buffers shared by every stream of a thread: the data path reads, seals and opens through them instead of
+# allocating per call. Sharing is safe because each use is synchronous (filled and copied out with no await in
+# between) and trio runs one task at a time per thread; they are per thread because cffi calls let other threads
+# run.
 class _Scratch(threading.local):
     def __init__(self) -> None:
-        self.drain = _ffi.new("char[]", BIO_DRAIN)
-        self.plain = _ffi.new("char[]", RECV_SCRATCH_SIZE)
-        read = bytearray(TRANSPORT_READ)
-        self.read_c = _ffi.from_buffer(read)
-        self.read_list = [read]
+        self.drain = _ffi.new("char[]", HANDSHAKE_DRAIN)
+        # Ciphertext: what is left of a partial record, then what one read brings.
+        self.read = bytearray(records.MAX_RECORD + TRANSPORT_READ)
+        self.read_view = memoryview(self.read)
+        self.read_c = _ffi.from_buffer(self.read)
+        self.plain = bytearray(RECV_SCRATCH_SIZE)
+        self.plain_view = memoryview(self.plain)
+        self.inner = bytearray(records.MAX_PLAINTEXT + 1)  # one record's content and content type, to be sealed
 
 
 _SCRATCH = _Scratch()
 _PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter, never read
 
 T = TypeVar("T")
+
+# The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
+_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
+_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
 
 
 def _probe_groups() -> bytes | None:
@@ -180,12 +185,26 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     if GROUPS is not None:
         _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
+    # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
+    _lib.SSL_CTX_set_ciphersuites(ctx._context, records.CIPHERSUITES.encode())
+    ctx.set_keylog_callback(_keylog)
     if side is Side.SERVER:
         ctx.set_alpn_select_callback(_select_alpn)
         ctx.set_session_id(b"mtlsmesh")
     else:
         ctx.set_alpn_protos([ALPN])
     return ctx
+
+
+def _keylog(conn: SSL.Connection, line: bytes) -> None:
+    """OpenSSL's key log callback: keep the two application traffic secrets on the connection's stream, for the
+    record layer. Nothing is written anywhere, and the other secrets of the line-up are ignored."""
+    label, _, rest = line.partition(b" ")
+    if label in (_CLIENT_SECRET, _SERVER_SECRET):
+        stream = conn.get_app_data()
+        if isinstance(stream, TLSStream):
+            with contextlib.suppress(ValueError):  # OpenSSL writes hex; a bad line leaves the secret missing
+                stream._secrets[label] = bytes.fromhex(rest.partition(b" ")[2].decode("ascii"))
 
 
 def _openssl_reason(exc: BaseException) -> str:
@@ -210,20 +229,32 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.transport_stream = transport_stream
         self.peer = peer
         self.peer_id: SpiffeId | None = None
-        conn = self._conn = SSL.Connection(context, None)
+        self._side = side
+        if context._keylog_callback is None and not context._used:
+            context.set_keylog_callback(_keylog)  # a context not made by build_context (tests, foreign peers)
+        conn = SSL.Connection(context, None)
+        self._conn: SSL.Connection | None = conn
+        conn.set_app_data(self)  # for _keylog; undone when the connection is handed over
         if side is Side.SERVER:
             conn.set_accept_state()
         else:
             conn.set_connect_state()
-        self._ssl = conn._ssl  # the raw SSL* and the two memory BIOs, for the data path (see _lib)
-        self._out_bio = conn._from_ssl
-        self._in_bio = conn._into_ssl
-        self._draining = False  # a task is moving the outgoing BIO to the transport (see _flush)
+        # The raw SSL* and the two memory BIOs (see _lib), until the handshake is done.
+        self._ssl: Any = conn._ssl
+        self._out_bio: Any = conn._from_ssl
+        self._in_bio: Any = conn._into_ssl
+        self._secrets: dict[bytes, bytes] = {}  # filled by _keylog during the handshake, emptied after it
+        # After the handshake: the record layer, what is left of the ciphertext read (a partial record, or whole
+        # records there was no room to open yet) and plaintext opened beyond what the last receive wanted.
+        self._session: records.Session | None = None
+        self._cin: bytes = b""
+        self._plain_left: bytes = b""
+        self._negotiated: tuple[str | None, str | None, str | None] = (None, None, None)
+        self._alpn: bytes | None = None
+        self._draining = False  # a task is moving queued ciphertext to the transport (see _flush)
         self._drain_done: trio.lowlevel.ParkingLot | None = None  # tasks waiting for that drain to end
         self._reading = False  # a task is reading the transport into the incoming BIO (see _fill)
         self._read_done: trio.lowlevel.ParkingLot | None = None
-        self._starved = True  # OpenSSL holds no whole record: the next read must go to the transport first
-        self._read_error: SSL.Error | None = None  # an error found after good records, raised at the next read
         self._handshake_lock: trio.Lock | None = None
         self._handshake_done = False
         self._eof_sent = False
@@ -247,6 +278,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             reason = _openssl_reason(exc)
         elif isinstance(exc, trio.ClosedResourceError):
             reason = f"transport closed: {exc}"
+        elif isinstance(exc, (records.RecordError, records.PeerAlert)):
+            reason = str(exc)
         else:
             reason = f"transport broken: {exc}"
         self._broken = reason
@@ -255,17 +288,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return trio.BrokenResourceError(reason)
 
     async def _alert_and_fail(self, exc: BaseException) -> BaseException:
-        # OpenSSL queued an alert saying why: send it so the peer fails now, not at its timeout.
-        if isinstance(exc, SSL.Error):
+        # An alert saying why is queued (by OpenSSL, or by us for a record error): send it so the peer fails now,
+        # not at its timeout.
+        if isinstance(exc, records.RecordError) and self._session is not None:
+            self._session.alert(exc.alert)
+        if isinstance(exc, (SSL.Error, records.RecordError)):
+            self._broken = None  # the flush below must not refuse because of an earlier failure
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._flush()
         return self._fail(exc)
 
-    # --- the handshake and shutdown path: pyOpenSSL calls, retried on WantReadError ------------------------------
+    # --- the handshake path: pyOpenSSL calls over memory BIOs, retried on WantReadError ---------------------------
 
     async def _retry(self, fn: Callable[..., T], *args: Any, hold_last: bool = False) -> T:
         """Call `fn` until OpenSSL needs no more input, sending what it writes. `hold_last`: leave the output of the
-        final, successful call in the BIO (the client's Finished, until the caller has judged the server)."""
+        final, successful call in the BIO (it is handed to the record layer with the connection)."""
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
         yielded = False
@@ -293,20 +330,70 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._fail(exc) from exc
             yielded = True
 
-    # --- moving ciphertext between OpenSSL's memory BIOs and the transport --------------------------------------
-
-    def _take_output(self) -> bytes:
-        """What OpenSSL wrote to the outgoing BIO (up to BIO_DRAIN bytes), b"" when nothing."""
+    def _bio_take(self, bio: Any) -> bytes:
+        """Everything in one of OpenSSL's memory BIOs, b"" when it is empty."""
+        parts: list[bytes] = []
         buffer = _SCRATCH.drain
-        n = _lib.BIO_read(self._out_bio, buffer, BIO_DRAIN)
+        while True:
+            n = _lib.BIO_read(bio, buffer, HANDSHAKE_DRAIN)
+            if n <= 0:
+                return b"".join(parts)
+            parts.append(_ffi.buffer(buffer, n)[:])
+
+    async def _fill(self) -> None:
+        """During the handshake: read one chunk of ciphertext from the transport into OpenSSL's incoming BIO (or
+        wait for another task's read, then the caller retries)."""
+        if self._reading:
+            if self._read_done is None:
+                self._read_done = trio.lowlevel.ParkingLot()
+            await self._read_done.park()
+            return
+        self._reading = True
+        try:
+            transport = self.transport_stream
+            if type(transport) is trio.SocketStream:
+                fd, scratch = transport.socket.fileno(), _SCRATCH
+                while True:
+                    try:
+                        n = os.readv(fd, [scratch.read_view[:TRANSPORT_READ]])
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(fd)
+                    except OSError as exc:
+                        raise _socket_error(exc) from exc
+                if n:
+                    _lib.BIO_write(self._in_bio, scratch.read_c, n)
+                else:
+                    _lib.BIO_set_mem_eof_return(self._in_bio, 0)
+            else:
+                data = await transport.receive_some(TRANSPORT_READ)
+                if data:
+                    _lib.BIO_write(self._in_bio, _ffi.from_buffer(data), len(data))
+                else:
+                    _lib.BIO_set_mem_eof_return(self._in_bio, 0)
+        finally:
+            self._reading = False
+            if self._read_done is not None:
+                self._read_done.unpark_all()
+
+    # --- sending: OpenSSL's outgoing BIO during the handshake, the record layer's queue after it -----------------
+
+    def _take_output(self) -> bytes | bytearray:
+        """The oldest ciphertext waiting to be sent, b"" when nothing."""
+        if self._session is not None:
+            return self._session.take()
+        if self._out_bio is None:
+            return b""
+        buffer = _SCRATCH.drain
+        n = _lib.BIO_read(self._out_bio, buffer, HANDSHAKE_DRAIN)
         return _ffi.buffer(buffer, n)[:] if n > 0 else b""
 
     async def _flush(self, *, wait: bool = True) -> bool:
-        """Send whatever OpenSSL wrote to the outgoing BIO, in order. True when it awaited (a socket transport is
-        written without a checkpoint when it takes everything at once).
+        """Send all waiting ciphertext, in order. True when it awaited (a socket transport is written without a
+        checkpoint when it takes everything at once).
 
         With `wait=False` (the receive path) a drain in progress in another task will take what we added before it
-        ends (it ends only after finding the BIO empty), so we need not wait. Waiting there would deadlock a
+        ends (it ends only after finding nothing left), so we need not wait. Waiting there would deadlock a
         full-duplex relay: our receive would wait behind our own blocked send while the peer's send waits for our
         receive."""
         awaited = False
@@ -345,63 +432,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._drain_done is not None:
                 self._drain_done.unpark_all()
 
-    async def _read_socket(self, fd: int) -> bool:
-        """Read what the socket has (up to TRANSPORT_READ) into the incoming BIO, waiting for it when there is none.
-        True when it awaited.
-
-        The read goes through the thread's scratch buffer, with no allocation per read: safe because the bytes
-        are copied into the BIO before anything can await (trio's recv_into checkpoints after reading, so it is
-        not used here)."""
-        awaited = False
-        scratch = _SCRATCH
-        while True:
-            try:
-                n = os.readv(fd, scratch.read_list)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                awaited = True
-            except OSError as exc:  # as trio.SocketStream translates them
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("this socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if n:
-            _lib.BIO_write(self._in_bio, scratch.read_c, n)
-        else:
-            self._conn.bio_shutdown()
-        return awaited
-
-    async def _fill(self) -> bool:
-        """Read one chunk of ciphertext from the transport into OpenSSL (or wait for another task's read). True when
-        it awaited."""
-        if self._reading:
-            # Another task is reading; its data will feed OpenSSL too. Wait for it, then the caller retries.
-            if self._read_done is None:
-                self._read_done = trio.lowlevel.ParkingLot()
-            await self._read_done.park()
-            return True
-        self._reading = True
-        try:
-            transport = self.transport_stream
-            if type(transport) is netio.ReplayStream and transport.replayed:
-                # The sniffed prefix is consumed: read the socket underneath from now on.
-                transport = self.transport_stream = transport.transport_stream
-            if type(transport) is trio.SocketStream:
-                awaited = await self._read_socket(transport.socket.fileno())
-            else:
-                data = await transport.receive_some(TRANSPORT_READ)
-                awaited = True
-                if data:
-                    self._conn.bio_write(data)
-                else:
-                    self._conn.bio_shutdown()
-            self._starved = False
-            return awaited
-        finally:
-            self._reading = False
-            if self._read_done is not None:
-                self._read_done.unpark_all()
-
     # --- handshake ---------------------------------------------------------------------------------------------
 
     async def do_handshake(self, verify: Callable[[], object] | None = None) -> None:
@@ -409,7 +439,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
         `verify` runs once OpenSSL has finished, before our last flight leaves: a client that refuses the server
         (by raising `HandshakeError`) never sends its Finished, so the server never completes a handshake with it
-        and never reaches its app."""
+        and never reaches its app. Then the connection moves to the record layer (`_hand_over`)."""
         if self._handshake_done:
             return
         if self._closed:
@@ -420,39 +450,72 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._handshake_done:
                 return
             try:
-                await self._retry(self._conn.do_handshake, hold_last=verify is not None)
+                await self._retry(self._handshake_step, hold_last=True)
             except trio.BrokenResourceError as exc:  # broken before: report as a handshake failure
                 raise HandshakeError(self.peer, str(exc)) from exc
-            if verify is not None:
-                try:
+            try:
+                if verify is not None:
                     verify()
-                except HandshakeError as exc:
-                    self._broken = exc.reason
+                self._hand_over()
+            except HandshakeError as exc:
+                self._broken = exc.reason
+                raise
+            try:
+                await self._flush()
+            except trio.ClosedResourceError as exc:
+                if self._closed:
                     raise
-                try:
-                    await self._flush()
-                except trio.ClosedResourceError as exc:
-                    if self._closed:
-                        raise
-                    raise self._fail(exc) from exc
-                except trio.BrokenResourceError as exc:
-                    raise self._fail(exc) from exc
+                raise self._fail(exc) from exc
+            except trio.BrokenResourceError as exc:
+                raise self._fail(exc) from exc
             self._handshake_done = True
-            self._fresh_bios()
 
-    def _fresh_bios(self) -> None:
-        """Swap each empty memory BIO for a new one: they never shrink, and after the handshake they still hold
-        what the largest flight needed (about 5 KiB per connection)."""
-        if _lib.BIO_get_mem_data(self._in_bio, _PTR) == 0:
-            bio = _lib.BIO_new(_lib.BIO_s_mem())
-            if bio != _ffi.NULL:
-                _lib.SSL_set_bio(self._ssl, bio, self._out_bio)  # frees the old one
-                self._in_bio = self._conn._into_ssl = bio
-        if _lib.BIO_get_mem_data(self._out_bio, _PTR) == 0:
-            bio = _lib.BIO_new(_lib.BIO_s_mem())
-            if bio != _ffi.NULL:
-                _lib.SSL_set_bio(self._ssl, self._in_bio, bio)
-                self._out_bio = self._conn._from_ssl = bio
+    def _handshake_step(self) -> None:
+        if self._conn is None:  # pragma: no cover - the lock lets one task run the handshake
+            raise SSL.Error([("", "", "the handshake is over")])
+        self._conn.do_handshake()
+
+    def _hand_over(self) -> None:
+        """Move the finished connection from OpenSSL to a `records.Session`, then free OpenSSL's connection.
+
+        What carries over: the two application traffic secrets (from the key log), the cipher suite, the records
+        OpenSSL wrote in its last step and we held (client: its Certificate..Finished flight under handshake keys;
+        server: its NewSessionTickets, already under the application key, so the server's write sequence number
+        starts after them), and the ciphertext OpenSSL has not read (records the peer sent right behind its last
+        flight; OpenSSL reads a memory BIO one record at a time, so nothing of them is inside it)."""
+        conn = self._conn
+        assert conn is not None
+        held = self._bio_take(self._out_bio)
+        unread = self._bio_take(self._in_bio)
+        cipher = conn.get_cipher_name()
+        suite = records.SUITES.get(cipher or "")
+        client_secret = self._secrets.get(_CLIENT_SECRET)
+        server_secret = self._secrets.get(_SERVER_SECRET)
+        if suite is None or client_secret is None or server_secret is None:
+            raise HandshakeError(self.peer, f"no record layer for this connection (suite {cipher})")
+        if _lib.SSL_pending(self._ssl) > 0:
+            raise HandshakeError(self.peer, "application data arrived inside the handshake")
+        write_seq = 0
+        if self._side is Side.SERVER:
+            tickets = _count_records(held)
+            if tickets is None:
+                raise HandshakeError(self.peer, "OpenSSL's last handshake output is not application records")
+            write_seq = tickets
+            read_secret, write_secret = client_secret, server_secret
+        else:
+            read_secret, write_secret = server_secret, client_secret
+        session = records.Session(
+            suite, read_secret, write_secret, is_client=self._side is Side.CLIENT, write_seq=write_seq
+        )
+        if held:
+            session.outgoing.append(held)
+        self._negotiated = (conn.get_protocol_version_name(), cipher, conn.get_group_name())
+        self._alpn = conn.get_alpn_proto_negotiated() or None
+        self._cin = unread
+        self._session = session
+        self._secrets.clear()
+        conn.set_app_data(None)
+        self._conn = self._ssl = self._in_bio = self._out_bio = None
 
     async def _ensure_handshake(self) -> None:
         """The implicit handshake of send_all/receive_some/send_eof: failures are a broken stream there."""
@@ -466,18 +529,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
     @property
     def negotiated(self) -> tuple[str | None, str | None, str | None]:
         """(protocol version, cipher suite, key exchange group) after the handshake."""
-        return (self._conn.get_protocol_version_name(), self._conn.get_cipher_name(), self._conn.get_group_name())
-
-    def peer_certificate(self) -> x509.Certificate | None:
-        return self._conn.get_peer_certificate(as_cryptography=True)
+        if self._conn is not None:
+            return (self._conn.get_protocol_version_name(), self._conn.get_cipher_name(), self._conn.get_group_name())
+        return self._negotiated
 
     def peer_certificate_der(self) -> bytes | None:
-        """The peer's leaf in DER, without parsing it."""
-        cert = self._conn.get_peer_certificate()
+        """The peer's leaf in DER, without parsing it; None once the handshake is over (it is not kept)."""
+        cert = None if self._conn is None else self._conn.get_peer_certificate()
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
     def alpn(self) -> bytes | None:
-        return self._conn.get_alpn_proto_negotiated() or None
+        if self._conn is not None:
+            return self._conn.get_alpn_proto_negotiated() or None
+        return self._alpn
 
     # --- the Stream interface ----------------------------------------------------------------------------------
 
@@ -505,16 +569,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 yielded = True
             if self._broken is not None:
                 raise trio.BrokenResourceError(self._broken)
-            view = memoryview(data)
+            session = self._session
+            assert session is not None
+            view = memoryview(data).cast("B")
+            inner = _SCRATCH.inner
             for start in range(0, len(view), SEND_CHUNK):
-                chunk = view[start : start + SEND_CHUNK]
-                # Partial writes are off and the BIO is memory: one SSL_write encrypts the whole chunk.
-                result = _lib.SSL_write(self._ssl, _ffi.from_buffer(chunk), len(chunk))
-                if result <= 0:
-                    try:
-                        self._conn._raise_ssl_error(self._ssl, result)
-                    except SSL.Error as exc:  # WantReadError included: TLS 1.3 never needs input to send
-                        raise await self._alert_and_fail(exc) from exc
+                session.seal(view[start : start + SEND_CHUNK], inner)
                 try:
                     if await self._flush():
                         yielded = True
@@ -534,36 +594,59 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    def _decrypt(self, max_bytes: int) -> bytes | None:
-        """Plaintext of the whole records OpenSSL holds, up to `max_bytes`: b"" at close_notify, None when it needs
-        more ciphertext first. Errors raise SSL.Error."""
-        ssl, got, limit, buffer = self._ssl, 0, min(max_bytes, RECV_SCRATCH_SIZE), _SCRATCH.plain
-        while got < limit:
-            result = _lib.SSL_read(ssl, buffer + got, limit - got)
-            if result > 0:
-                got += result
-                continue
-            error = _lib.SSL_get_error(ssl, result)
-            if error == _lib.SSL_ERROR_WANT_READ:
-                self._starved = True
-                if got:
+    def _open(self, ciphertext: memoryview, max_bytes: int) -> bytes | None:
+        """Open the whole records of `ciphertext`, keep what follows them in `_cin`: up to `max_bytes` of
+        plaintext (the rest is kept for the next call), b"" at close_notify, None when there was no application
+        data. Raises `records.RecordError`/`PeerAlert` (after delivering any good records before the bad one)."""
+        session = self._session
+        assert session is not None
+        scratch = _SCRATCH
+        used, produced = session.open_into(ciphertext, scratch.plain_view)
+        self._cin = bytes(ciphertext[used:]) if used < len(ciphertext) else b""
+        if produced:
+            if produced > max_bytes:
+                self._plain_left = bytes(scratch.plain_view[max_bytes:produced])
+                produced = max_bytes
+            return bytes(scratch.plain_view[:produced])
+        if session.closed:
+            return b""
+        return None
+
+    async def _read_records(self, max_bytes: int) -> tuple[bytes | None, bool]:
+        """Read the transport once and open what came (see `_open`): (data or None, whether it awaited)."""
+        awaited = False
+        transport = self.transport_stream
+        if type(transport) is netio.ReplayStream and transport.replayed:
+            # The sniffed prefix is consumed: read the socket underneath from now on.
+            transport = self.transport_stream = transport.transport_stream
+        if type(transport) is trio.SocketStream:
+            fd, scratch = transport.socket.fileno(), _SCRATCH
+            view = scratch.read_view
+            while True:
+                # What is left of a partial record goes first; no await between this copy and the opening below.
+                left = len(self._cin)
+                view[:left] = self._cin
+                try:
+                    n = os.readv(fd, [view[left : left + TRANSPORT_READ]])
                     break
-                return None
-            if error == _lib.SSL_ERROR_ZERO_RETURN:  # close_notify: the peer will send no more
-                if got:
-                    break  # hand over what came before it; the next call sees the close_notify again
-                return b""
-            try:
-                self._conn._raise_ssl_error(ssl, result)
-                raise SSL.Error([("", "", "SSL_read failed")])  # pragma: no cover - _raise_ssl_error always raises
-            except SSL.Error as exc:
-                if not got:
-                    raise
-                # Deliver the good records that came first, as a record-at-a-time reader would; fail next time.
-                self._read_error = exc
-                break
-        data: bytes = _ffi.buffer(buffer, got)[:]
-        return data
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    awaited = True
+                except OSError as exc:
+                    raise _socket_error(exc) from exc
+            if not n:
+                raise self._truncated()
+            return self._open(view[: left + n], max_bytes), awaited
+        data = await transport.receive_some(TRANSPORT_READ)
+        if not data:
+            raise self._truncated()
+        return self._open(memoryview(self._cin + data), max_bytes), True
+
+    def _truncated(self) -> trio.BrokenResourceError:
+        # No close_notify: a truncation, not an end (RFC 8446 §6.1).
+        reason = "in a record, connection closed by peer" if self._cin else "connection closed by peer"
+        self._broken = reason
+        return trio.BrokenResourceError(reason)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data, yielded = await self.receive_chunk(RECORD_SIZE if max_bytes is None else max_bytes)
@@ -579,29 +662,39 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._receiving = True
         try:
             self._check_open()
+            max_bytes = operator.index(max_bytes)  # TypeError for anything but an integer
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
             yielded = False
             if not self._handshake_done:
                 await self._ensure_handshake()
                 yielded = True
+            if self._plain_left:
+                left = self._plain_left
+                self._plain_left = left[max_bytes:]
+                return left[:max_bytes], yielded
             if self._eof_received:
                 return b"", yielded
             if self._broken is not None:
                 raise trio.BrokenResourceError(self._broken)
+            session = self._session
+            assert session is not None
+            data: bytes | None = None
             try:
                 while True:
-                    if self._read_error is not None:
-                        raise self._read_error
-                    data = None if self._starved else self._decrypt(max_bytes)
-                    # Anything OpenSSL answered while reading (an alert, a KeyUpdate) goes out now.
-                    if await self._flush(wait=False):
+                    if session.closed:
+                        data = b""
+                    elif _whole_record(self._cin):
+                        data = self._open(memoryview(self._cin), max_bytes)
+                    else:
+                        data, awaited = await self._read_records(max_bytes)
+                        yielded = yielded or awaited
+                    # Anything the peer's records made us owe it (a KeyUpdate answer) goes out now.
+                    if session.outgoing and await self._flush(wait=False):
                         yielded = True
                     if data is not None:
                         break
-                    if await self._fill():
-                        yielded = True
-            except SSL.Error as exc:
+            except (records.RecordError, records.PeerAlert) as exc:
                 raise await self._alert_and_fail(exc) from exc
             except trio.BrokenResourceError as exc:
                 raise self._fail(exc) from exc
@@ -622,10 +715,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._eof_sent:
                 await trio.lowlevel.checkpoint()
                 return
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
             self._eof_sent = True
-            await self._retry(self._conn.shutdown)
+            assert self._session is not None
+            self._session.alert(records.CLOSE_NOTIFY)
+            try:
+                await self._flush()
+            except trio.BrokenResourceError as exc:
+                raise self._fail(exc) from exc
             if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
                 await self.transport_stream.send_eof()
+            else:
+                await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
 
@@ -636,15 +738,36 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         try:
-            if self._handshake_done and not self._eof_sent and self._broken is None:
+            if self._session is not None and not self._eof_sent and self._broken is None:
                 self._eof_sent = True
-                try:
-                    self._conn.shutdown()
+                self._session.alert(records.CLOSE_NOTIFY)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._flush()
-                except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the peer is gone already; nothing more to tell it
         finally:
+            self._conn = self._ssl = self._in_bio = self._out_bio = None  # frees a connection never handed over
             await self.transport_stream.aclose()
+
+
+def _socket_error(exc: OSError) -> trio.TrioInternalError | trio.ClosedResourceError | trio.BrokenResourceError:
+    """An OSError of a raw socket call, as trio.SocketStream translates them."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def _whole_record(data: bytes) -> bool:
+    return len(data) >= records.HEADER_SIZE and len(data) >= records.HEADER_SIZE + ((data[3] << 8) | data[4])
+
+
+def _count_records(data: bytes) -> int | None:
+    """How many application-data records `data` is, exactly; None when it is anything else."""
+    pos = count = 0
+    while pos < len(data):
+        if len(data) - pos < records.HEADER_SIZE or data[pos] != records.APPLICATION_DATA:
+            return None
+        pos += records.HEADER_SIZE + ((data[pos + 3] << 8) | data[pos + 4])
+        count += 1
+    return count if pos == len(data) else None
 
 
 # The SVID leaf rules depend on nothing but the certificate's bytes (OpenSSL checks the chain and the validity period
