@@ -217,8 +217,10 @@ class Session:
     def seal(self, data: memoryview, scratch: bytearray) -> None:
         """Queue application-data records carrying `data` in `outgoing`, MAX_PLAINTEXT per record. `scratch` (at
         least MAX_PLAINTEXT + 1 bytes) holds each record's inner plaintext while it is sealed: the caller's, so
-        nothing is allocated per record."""
+        nothing is allocated per record. Empty data makes no record."""
         n_records = -(-len(data) // MAX_PLAINTEXT)
+        if not n_records:
+            return
         if self._write.seq + n_records > self.key_update_after:
             self._update_write_key(requested=False)  # before these records, so the KeyUpdate goes out first
         out = bytearray(len(data) + n_records * OVERHEAD)

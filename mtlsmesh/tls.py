@@ -11,36 +11,38 @@ speak any TLS version but 1.3 (a TLS 1.2 peer fails the handshake with "unsuppor
 
 Theory of operation
 -------------------
-The `SSL.Connection` is built with no socket (`SSL.Connection(ctx, None)`), so OpenSSL reads ciphertext from a
-memory BIO we fill and writes ciphertext to a memory BIO we drain. OpenSSL never does I/O itself; it only says "I
-need more input" (WANT_READ). The handshake and the shutdown go through `_retry` with pyOpenSSL's calls:
+The handshake is OpenSSL's. The `SSL.Connection` is built with no socket (`SSL.Connection(ctx, None)`), so OpenSSL
+reads ciphertext from a memory BIO we fill and writes ciphertext to a memory BIO we drain; it never does I/O itself,
+it only says "I need more input" (WANT_READ). `_retry` drives it:
 
-    call fn (do_handshake / shutdown)  →  drain the outgoing BIO to the transport  →  if OpenSSL wanted input,
-    read one chunk from the transport into the incoming BIO and call fn again.
+    call do_handshake  →  drain the outgoing BIO to the transport  →  if OpenSSL wanted input, read one chunk from
+    the transport into the incoming BIO and call it again.
 
-The data path (`send_all`, `receive_some`) is straight-line code over the raw binding (`SSL_write`, `SSL_read`,
-`BIO_read`/`BIO_write` on pyOpenSSL's own `SSL*` and BIOs): no exception for "no data yet", no lock objects. Errors
-still go through pyOpenSSL's `_raise_ssl_error`, so they are the same `SSL.Error`s. Partial writes are off, so one
-`SSL_write` encrypts a whole `SEND_CHUNK`; `receive_some` decrypts every whole record OpenSSL holds, up to
-`max_bytes`, and reads the transport only when OpenSSL holds none (`_starved`), so one socket write or read carries
-many records. Ciphertext and plaintext pass through per-thread scratch buffers, never a fresh buffer per call.
+The records after the handshake are ours (`records.Session`). When OpenSSL is done, `_hand_over` takes the two
+application traffic secrets that OpenSSL gave the key log callback, the records its last step wrote (held back, not
+yet sent) and the ciphertext it has not read, and frees the OpenSSL connection: an idle connection keeps two AEAD
+contexts instead of OpenSSL's ~40 KiB. (Why that is sound: see `_hand_over`.)
 
-Two tasks may use the stream at once (one sending, one receiving, as the relay does). The outgoing BIO is drained
-by one task at a time (`_draining`; a task that must wait parks), and the draining task goes on until the BIO is
-empty, so ciphertext leaves in the order OpenSSL produced it whichever task drains it. Reads from the transport are
-made by one task at a time (`_reading`); a task that needs input while another task is already reading waits for
-that read and retries instead of reading twice. In TLS 1.3 a `send` never needs input after the handshake, so in
-practice only `receive_some` reads. The receive path never waits for a drain: the draining task takes what we
-added, and waiting would deadlock a full-duplex relay whose send is blocked on a peer that is itself blocked sending
-to us.
+The data path (`send_all`, `receive_some`) is straight-line code. `send_all` seals up to `SEND_CHUNK` of plaintext
+into records queued on the session and sends the queue; `receive_some` reads the transport once (a socket: straight
+into a scratch buffer, after the partial record left from last time) and opens every whole record into a scratch
+buffer, so one socket read or write carries many records. Scratch buffers are per thread, never one per call.
+
+Two tasks may use the stream at once (one sending, one receiving, as the relay does). Records are queued in the
+order they are sealed; the queue is drained by one task at a time (`_draining`; a task that must wait parks), and the
+draining task goes on until the queue is empty, so ciphertext leaves in sequence-number order whichever task drains
+it. The receive path queues records too (the answer to a peer's KeyUpdate, an alert) and never waits for a drain: the
+draining task takes what we added, and waiting would deadlock a full-duplex relay whose send is blocked on a peer that
+is itself blocked sending to us. During the handshake, reads from the transport are made by one task at a time
+(`_reading`).
 
 Half-close: `send_eof` sends close_notify (and a FIN when the transport can half-close); TLS 1.3 lets the peer go on
 sending (RFC 8446 §6.1). Receiving close_notify makes `receive_some` return b"". A transport EOF without close_notify
 is a truncation and raises `trio.BrokenResourceError`.
 
 Errors are translated by `_fail`: an OpenSSL or transport error (broken or closed) during the handshake becomes
-`HandshakeError`, afterwards `trio.BrokenResourceError`. `open_mtls` checks the peer before our last handshake
-flight leaves.
+`HandshakeError`, afterwards `trio.BrokenResourceError`; a record the peer got wrong is answered with the alert
+`records` names before the stream breaks. `open_mtls` checks the peer before our last handshake flight leaves.
 """
 
 from __future__ import annotations

@@ -423,3 +423,46 @@ async def test_a_transport_closed_during_the_handshake_is_a_refusal(
     client = tls.TLSStream(stream, contexts[0], tls.Side.CLIENT)
     with trio.fail_after(IO), pytest.raises(HandshakeError, match="transport closed"):
         await client.do_handshake()
+
+
+async def drive_raw_client(raw: SSL.Connection, transport: trio.abc.Stream) -> bytes:
+    """Run a plain pyOpenSSL client's handshake over `transport` until it completes; return its last flight, unsent."""
+    while True:
+        try:
+            raw.do_handshake()
+        except SSL.WantReadError:
+            await transport.send_all(raw.bio_read(1 << 16))
+            raw.bio_write(await transport.receive_some(1 << 16))
+            continue
+        return raw.bio_read(1 << 16)
+
+
+async def test_records_right_behind_the_clients_finished_are_not_lost(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    # The server's last handshake read can bring the client's first records too (one TCP segment): they must reach
+    # the record layer, not stay inside OpenSSL, and be opened with the right sequence numbers.
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    raw = SSL.Connection(client_ctx, None)  # stock OpenSSL records on the client side
+    raw.set_connect_state()
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            finished = await drive_raw_client(raw, a)
+            raw.sendall(b"first")
+            raw.sendall(b"second")
+            await a.send_all(finished + raw.bio_read(1 << 16))  # one transport chunk: Finished and two records
+        assert await server.receive_some(1 << 16) == b"firstsecond"
+        # and back: our first records come after the two session tickets OpenSSL wrote for the server
+        await server.send_all(b"reply")
+        data = b""
+        while True:
+            raw.bio_write(await a.receive_some(1 << 16))
+            try:
+                data += raw.recv(1 << 16)
+                break
+            except SSL.WantReadError:
+                continue
+        assert data == b"reply"

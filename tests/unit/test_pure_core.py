@@ -10,7 +10,9 @@ import pytest
 IO_MODULES = ("trio", "socket", "ssl", "OpenSSL", "subprocess", "asyncio")
 
 
-@pytest.mark.parametrize("module", ["mtlsmesh.sniff", "mtlsmesh.policy", "mtlsmesh.config", "mtlsmesh.schema"])
+@pytest.mark.parametrize(
+    "module", ["mtlsmesh.sniff", "mtlsmesh.policy", "mtlsmesh.config", "mtlsmesh.schema", "mtlsmesh.records"]
+)
 def test_importing_loads_no_io_module(module: str) -> None:
     # A fresh interpreter, since this one has long since imported all of them.
     probe = f"import sys, {module}; print(','.join(m for m in {IO_MODULES!r} if m in sys.modules))"
