@@ -114,6 +114,13 @@ class _Aead(Protocol):
     def decrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes, buf: memoryview) -> int: ...
 
 
+def _one_block(length: int, label: bytes) -> bytes:
+    """HKDF-Expand's input for T(1) of HKDF-Expand-Label(secret, label, "", length): a key, an IV or the next secret
+    are all at most one hash long, so one HMAC each with this precomputed input (the same as `hkdf_expand_label`)."""
+    full = b"tls13 " + label
+    return length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00\x01"
+
+
 @dataclass(frozen=True, slots=True)
 class Suite:
     """A TLS 1.3 cipher suite: its AEAD, key length and HKDF hash."""
@@ -123,14 +130,22 @@ class Suite:
     key_size: int
     hash_name: str
     hash_size: int
+    key_info: bytes  # HKDF-Expand inputs for its key and its next secret (see _one_block)
+    update_info: bytes
+
+
+def _suite(name: str, aead: Callable[[bytes], _Aead], key_size: int, hash_name: str, hash_size: int) -> Suite:
+    return Suite(
+        name, aead, key_size, hash_name, hash_size, _one_block(key_size, b"key"), _one_block(hash_size, b"traffic upd")
+    )
 
 
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
-        Suite("TLS_AES_256_GCM_SHA384", AESGCM, 32, "sha384", 48),
-        Suite("TLS_AES_128_GCM_SHA256", AESGCM, 16, "sha256", 32),
-        Suite("TLS_CHACHA20_POLY1305_SHA256", ChaCha20Poly1305, 32, "sha256", 32),
+        _suite("TLS_AES_256_GCM_SHA384", AESGCM, 32, "sha384", 48),
+        _suite("TLS_AES_128_GCM_SHA256", AESGCM, 16, "sha256", 32),
+        _suite("TLS_CHACHA20_POLY1305_SHA256", ChaCha20Poly1305, 32, "sha256", 32),
     )
 }
 # What build_context offers: exactly the suites this module can carry on with (OpenSSL's own order).
@@ -149,6 +164,9 @@ def hkdf_expand_label(hash_name: str, secret: bytes, label: bytes, context: byte
     return out[:length]
 
 
+_IV_INFO = _one_block(12, b"iv")
+
+
 class _Direction:
     """One direction's protection: the traffic secret, the AEAD keyed from it, the IV and the sequence number."""
 
@@ -162,14 +180,15 @@ class _Direction:
     def _install(self, secret: bytes) -> None:
         suite = self.suite
         self.secret = secret
-        self.aead = suite.aead(hkdf_expand_label(suite.hash_name, secret, b"key", b"", suite.key_size))
-        self.iv = int.from_bytes(hkdf_expand_label(suite.hash_name, secret, b"iv", b"", 12), "big")
+        key = hmac.digest(secret, suite.key_info, suite.hash_name)[: suite.key_size]
+        self.aead = suite.aead(key)
+        self.iv = int.from_bytes(hmac.digest(secret, _IV_INFO, suite.hash_name)[:12], "big")
         self.seq = 0
 
     def update(self) -> None:
         """The next generation of this direction's secret (§7.2), sequence number back to 0."""
         suite = self.suite
-        self._install(hkdf_expand_label(suite.hash_name, self.secret, b"traffic upd", b"", suite.hash_size))
+        self._install(hmac.digest(self.secret, suite.update_info, suite.hash_name)[: suite.hash_size])
 
     def nonce(self) -> bytes:
         seq = self.seq

@@ -53,6 +53,7 @@ import errno
 import operator
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -189,7 +190,7 @@ def build_context(material: Material, side: Side) -> SSL.Context:
         _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
     # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
     _lib.SSL_CTX_set_ciphersuites(ctx._context, records.CIPHERSUITES.encode())
-    ctx.set_keylog_callback(_keylog)
+    _set_keylog(ctx)
     if side is Side.SERVER:
         ctx.set_alpn_select_callback(_select_alpn)
         ctx.set_session_id(b"mtlsmesh")
@@ -198,15 +199,30 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     return ctx
 
 
-def _keylog(conn: SSL.Connection, line: bytes) -> None:
+def _keylog(ssl: Any, line: Any) -> None:
     """OpenSSL's key log callback: keep the two application traffic secrets on the connection's stream, for the
-    record layer. Nothing is written anywhere, and the other secrets of the line-up are ignored."""
-    label, _, rest = line.partition(b" ")
-    if label in (_CLIENT_SECRET, _SERVER_SECRET):
-        stream = conn.get_app_data()
-        if isinstance(stream, TLSStream):
-            with contextlib.suppress(ValueError):  # OpenSSL writes hex; a bad line leaves the secret missing
-                stream._secrets[label] = bytes.fromhex(rest.partition(b" ")[2].decode("ascii"))
+    record layer. Nothing is written anywhere; the other lines (handshake and exporter secrets) are skipped before
+    the stream is even looked up, which is why this is a raw callback and not pyOpenSSL's wrapper."""
+    text = _ffi.string(line)
+    if not text.startswith(_TRAFFIC_PREFIXES):
+        return
+    conn = SSL.Connection._reverse_mapping.get(ssl)
+    stream = None if conn is None else conn.get_app_data()
+    if isinstance(stream, TLSStream):
+        label, _, rest = text.partition(b" ")
+        with contextlib.suppress(ValueError):  # OpenSSL writes hex; a bad line leaves the secret missing
+            stream._secrets[label] = bytes.fromhex(rest.partition(b" ")[2].decode("ascii"))
+
+
+_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
+_KEYLOGGED: weakref.WeakSet[SSL.Context] = weakref.WeakSet()  # contexts that have the callback
+_KEYLOG_CALLBACK = _ffi.callback("void (*)(const SSL *, const char *)", _keylog)  # kept alive for OpenSSL
+
+
+def _set_keylog(ctx: SSL.Context) -> None:
+    # On the SSL_CTX directly: OpenSSL reads it at each handshake, so even a context already in use can get it.
+    _lib.SSL_CTX_set_keylog_callback(ctx._context, _KEYLOG_CALLBACK)
+    _KEYLOGGED.add(ctx)
 
 
 def _openssl_reason(exc: BaseException) -> str:
@@ -232,8 +248,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.peer = peer
         self.peer_id: SpiffeId | None = None
         self._side = side
-        if context._keylog_callback is None and not context._used:
-            context.set_keylog_callback(_keylog)  # a context not made by build_context (tests, foreign peers)
+        if context not in _KEYLOGGED:  # a context not made by build_context (tests, foreign peers)
+            _set_keylog(context)
+            _KEYLOGGED.add(context)
         conn = SSL.Connection(context, None)
         self._conn: SSL.Connection | None = conn
         conn.set_app_data(self)  # for _keylog; undone when the connection is handed over
@@ -360,9 +377,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         n = os.readv(fd, [scratch.read_view[:TRANSPORT_READ]])
                         break
                     except BlockingIOError:
-                        await trio.lowlevel.wait_readable(fd)
+                        pass  # wait outside the except clause: a parked task must not keep the exception alive
                     except OSError as exc:
                         raise _socket_error(exc) from exc
+                    await trio.lowlevel.wait_readable(fd)
                 if n:
                     _lib.BIO_write(self._in_bio, scratch.read_c, n)
                 else:
@@ -632,10 +650,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     n = os.readv(fd, [view[left : left + TRANSPORT_READ]])
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
-                    awaited = True
+                    pass  # wait outside the except clause: an idle connection must not keep the exception alive
                 except OSError as exc:
                     raise _socket_error(exc) from exc
+                await trio.lowlevel.wait_readable(fd)
+                awaited = True
             if not n:
                 raise self._truncated()
             return self._open(view[: left + n], max_bytes), awaited
