@@ -4,8 +4,9 @@ What it does: `Session` holds one connection's two traffic keys once OpenSSL has
 turns plaintext into application-data records, `alert` makes an alert record, `open_into` turns whole records into
 plaintext in a caller's buffer and handles what else may arrive after a handshake: alerts, NewSessionTicket (read
 and dropped: we never resume) and KeyUpdate (the read key moves on; when the peer asks, our answer is queued in
-`outgoing` and the write key moves on after it). Our own write key is replaced after `KEY_UPDATE_AFTER` records,
-well inside the AEAD usage limits of RFC 8446 §5.5. Protocol errors raise `RecordError` naming the alert to send.
+`outgoing` and the write key moves on after it, unless we have sent close_notify and will send nothing more). Our
+own write key is replaced after `KEY_UPDATE_AFTER` records, well inside the AEAD usage limits of RFC 8446 §5.5.
+Protocol errors raise `RecordError` naming the alert to send.
 
 What it does not: the handshake, certificates or any I/O. `tls.TLSStream` runs the handshake with OpenSSL, takes
 the two traffic secrets from OpenSSL's key log callback and the two sequence numbers from the records it moved, then
@@ -209,7 +210,17 @@ class Session:
     records under the application traffic keys each side has already sent when we take over.
     """
 
-    __slots__ = ("_error", "_hs_in", "_read", "_write", "closed", "is_client", "key_update_after", "outgoing")
+    __slots__ = (
+        "_error",
+        "_hs_in",
+        "_read",
+        "_write",
+        "_write_closed",
+        "closed",
+        "is_client",
+        "key_update_after",
+        "outgoing",
+    )
 
     def __init__(
         self,
@@ -228,6 +239,7 @@ class Session:
         # Records to send, oldest first: what we sealed, alerts, KeyUpdates (ours and answers to the peer's).
         self.outgoing: list[bytes | bytearray] = []
         self.closed = False  # close_notify received: nothing after it is read
+        self._write_closed = False  # an alert of ours is queued (close_notify or fatal): nothing more is sent
         self._error: RecordError | PeerAlert | None = None  # found after good records: raised by the next call
         self.key_update_after = KEY_UPDATE_AFTER
 
@@ -275,6 +287,8 @@ class Session:
         """Queue an alert record: close_notify is a warning, everything else fatal (§6)."""
         level = 1 if description in (CLOSE_NOTIFY, USER_CANCELED) else 2
         self._seal_message(bytes((level, description)), ALERT)
+        if description != USER_CANCELED:
+            self._write_closed = True
 
     def take(self) -> bytes | bytearray:
         """The oldest queued records (b"" when none), to be sent before anything queued after them."""
@@ -384,7 +398,10 @@ class Session:
                 if pos != len(buf):  # a key change must end its record (§5.1)
                     raise RecordError(UNEXPECTED_MESSAGE, "KeyUpdate not at the end of its record")
                 self._read.update()
-                if body[0] == 1:
+                # The answer is owed before our next application data (§4.6.3); after our close_notify there is
+                # none, and the peer may go on sending (§6.1): no answer then, which the transport, shut for
+                # writing after close_notify, could not carry anyway.
+                if body[0] == 1 and not self._write_closed:
                     self._update_write_key(requested=False)
                 continue
             raise RecordError(UNEXPECTED_MESSAGE, f"unexpected handshake message {msg_type} after the handshake")

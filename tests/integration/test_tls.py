@@ -106,6 +106,36 @@ async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Con
         assert await client.receive_some() == b""
 
 
+@pytest.mark.parametrize("transport", ["memory", "socket"])
+async def test_a_key_update_request_after_our_close_notify_does_not_break_our_reading(
+    contexts: tuple[SSL.Context, SSL.Context], transport: str
+) -> None:
+    """After our close_notify the peer may go on sending (RFC 8446 §6.1), and may ask for a KeyUpdate: we owe it
+    only before our next application data (§4.6.3), which will never come. Answering would write to a transport
+    shut for writing and lose what the peer sends next."""
+    pair: tuple[trio.abc.Stream, trio.abc.Stream]
+    if transport == "memory":
+        pair = memory_stream_pair()
+    else:
+        left, right = trio.socket.socketpair()
+        pair = (trio.SocketStream(left), trio.SocketStream(right))
+    client, server = tls_pair(contexts, pair)
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await client.send_eof()
+        assert await server.receive_some() == b""
+        assert server._session is not None and client._session is not None
+        server._session.request_key_update()
+        await server.send_all(b"sent under the server's next key")
+        written_under = client._session._write.secret
+        assert await client.receive_some() == b"sent under the server's next key"
+        assert client._session._write.secret == written_under, "we answered after our close_notify"
+        await server.send_eof()
+        assert await client.receive_some() == b""
+    await client.aclose()
+    await server.aclose()
+
+
 @pytest.mark.parametrize(
     ("tail", "then"),
     [
