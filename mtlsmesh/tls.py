@@ -243,6 +243,38 @@ class TLSStream(trio.abc.HalfCloseableStream):
     `peer` labels the other end in errors. `peer_id` is set by `open_mtls` once the peer's SVID is checked.
     """
 
+    # Slotted: a sidecar keeps one per connection, and the data path reads these on every call.
+    __slots__ = (
+        "__weakref__",
+        "_alpn",
+        "_broken",
+        "_cin",
+        "_closed",
+        "_conn",
+        "_drain_done",
+        "_draining",
+        "_eof_received",
+        "_eof_sent",
+        "_handshake_done",
+        "_handshake_lock",
+        "_in_bio",
+        "_negotiated",
+        "_out_bio",
+        "_plain_left",
+        "_read_done",
+        "_reading",
+        "_receiving",
+        "_secrets",
+        "_sending",
+        "_session",
+        "_side",
+        "_ssl",
+        "peer",
+        "peer_id",
+        "send_progress",
+        "transport_stream",
+    )
+
     def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, side: Side, peer: str = "peer"):
         self.transport_stream = transport_stream
         self.peer = peer
