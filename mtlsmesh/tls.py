@@ -256,7 +256,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_eof_received",
         "_eof_sent",
         "_handshake_done",
-        "_handshake_lock",
+        "_handshake_waiters",
         "_in_bio",
         "_negotiated",
         "_out_bio",
@@ -306,7 +306,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._drain_done: trio.lowlevel.ParkingLot | None = None  # tasks waiting for that drain to end
         self._reading = False  # a task is reading the transport into the incoming BIO (see _fill)
         self._read_done: trio.lowlevel.ParkingLot | None = None
-        self._handshake_lock: trio.Lock | None = None
+        self._handshake_waiters: trio.lowlevel.ParkingLot | None = None  # set while a task runs the handshake
         self._handshake_done = False
         self._eof_sent = False
         self._eof_received = False
@@ -402,6 +402,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._reading = True
         try:
             transport = self.transport_stream
+            if type(transport) is netio.ReplayStream and transport.replayed:
+                # The sniffed prefix is consumed: read the socket underneath from now on.
+                transport = self.transport_stream = transport.transport_stream
             if type(transport) is trio.SocketStream:
                 fd, scratch = transport.socket.fileno(), _SCRATCH
                 while True:
@@ -496,11 +499,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         if self._closed:
             raise trio.ClosedResourceError("the TLS stream is closed")
-        if self._handshake_lock is None:
-            self._handshake_lock = trio.Lock()
-        async with self._handshake_lock:
+        if self._handshake_waiters is not None:  # another task is running it: wait for its outcome
+            await self._handshake_waiters.park()
             if self._handshake_done:
                 return
+            raise HandshakeError(self.peer, self._broken or "the handshake failed")
+        self._handshake_waiters = trio.lowlevel.ParkingLot()
+        try:
             try:
                 await self._retry(self._handshake_step, hold_last=True)
             except trio.BrokenResourceError as exc:  # broken before: report as a handshake failure
@@ -521,6 +526,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except trio.BrokenResourceError as exc:
                 raise self._fail(exc) from exc
             self._handshake_done = True
+        finally:
+            # Waiters wake to the outcome; after a failure or a cancellation a later call starts afresh (and finds
+            # the stream broken when it is).
+            self._handshake_waiters.unpark_all()
+            self._handshake_waiters = None
 
     def _handshake_step(self) -> None:
         if self._conn is None:  # pragma: no cover - the lock lets one task run the handshake
