@@ -198,6 +198,18 @@ async def send_raw(
     return waited
 
 
+async def send_eof_raw(stream: trio.SocketStream) -> None:
+    """`stream.send_eof()` without its checkpoint: shut the socket down for writing (a FIN), once. A caller that
+    loops must checkpoint itself."""
+    sock = stream.socket
+    if sock.did_shutdown_SHUT_WR:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
 class ReplayStream(trio.abc.HalfCloseableStream):
     """A stream that first returns `prefix` (bytes already read from `transport_stream`), then reads on."""
 
