@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -49,7 +50,7 @@ def local_ip(sock: trio.socket.SocketType) -> IPAddress:
     return ip
 
 
-def set_keepalive(sock: trio.socket.SocketType) -> None:
+def set_keepalive(sock: trio.socket.SocketType | socket.socket) -> None:
     """Turn TCP keepalive on with the KEEPALIVE_* settings. On a listening socket Linux hands them down to every
     connection it accepts, so the accept loop pays nothing per connection."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -73,40 +74,65 @@ def original_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
     return ipaddress.IPv6Address(packed6), port
 
 
+@functools.lru_cache(maxsize=1024)
+def _literal_target(host: str) -> tuple[int, str] | None:
+    """(family, address text) when `host` is an IP address literal, None when it is a name. Cached: the same few
+    destinations are dialed over and over, and the answer depends on the text alone."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))
+
+
 async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None = None) -> trio.SocketStream:
     """Connect to `host`:`port` within `timeout` seconds, from `source` when given (port chosen by the kernel).
 
     Raises OSError (refused, unreachable, bad source) or trio.TooSlowError (connect timeout)."""
-    with trio.fail_after(timeout):
-        try:
-            ip = ipaddress.ip_address(host)
-            targets: list[tuple[int, str]] = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
-        except ValueError:  # a name (explicit forward_to): resolve it, first answer that connects wins
+    # What trio.fail_after does, without its generator-based context manager (once per connection).
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
+        literal = _literal_target(host)
+        if literal is not None:
+            targets = [literal]
+        else:  # a name (explicit forward_to): resolve it, first answer that connects wins
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             targets = [(int(info[0]), str(info[4][0])) for info in infos]
             if not targets:
                 raise OSError(f"{host} resolves to no address") from None
         last_error: OSError | None = None
         for family, address in targets:
-            sock = trio.socket.socket(family, socket.SOCK_STREAM)
             try:
-                set_keepalive(sock)
-                if source is not None:
-                    await _bind_source(sock, family, source)
-                await sock.connect((address, port))
+                return await _connect(family, address, port, source)
             except OSError as exc:
-                sock.close()
                 last_error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return trio.SocketStream(sock)  # sets TCP_NODELAY
         assert last_error is not None
         raise last_error
+    raise trio.TooSlowError  # the scope can only have ended early by its deadline
 
 
-async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddress) -> None:
+async def _connect(family: int, address: str, port: int, source: IPAddress | None) -> trio.SocketStream:
+    """One non-blocking connect to a numeric address, as trio's `connect` does it but on the plain socket: the
+    address needs no resolving and the options no async wrappers."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        set_keepalive(sock)
+        if source is not None:
+            _bind_source(sock, family, source)
+        try:
+            sock.connect((address, port))
+        except BlockingIOError:  # EINPROGRESS: writable once the handshake is over, either way
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"Error connecting to {(address, port)!r}: {os.strerror(err)}") from None
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
+
+
+def _bind_source(sock: socket.socket, family: int, source: IPAddress) -> None:
     if family == socket.AF_INET6 and source.version == 4:
         # 127.0.0.6 has an IPv6 twin, ::6 (DESIGN.md §3); it sits on no interface, hence FREEBIND.
         source = ipaddress.IPv6Address("::6") if source == ipaddress.IPv4Address("127.0.0.6") else source
@@ -116,8 +142,8 @@ async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddr
         return
     if source.version == 6:
         sock.setsockopt(SOL_IPV6, IPV6_FREEBIND, 1)
-    # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo.
-    await sock.bind((str(source), 0))
+    # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo. A numeric address: bind() does not block.
+    sock.bind((str(source), 0))
 
 
 def describe_error(exc: OSError) -> str:

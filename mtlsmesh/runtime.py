@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -56,15 +57,20 @@ def client_addr_of(stream: trio.SocketStream) -> str:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "-"
+    if ":" not in host:  # IPv4 as the kernel wrote it: already the text we want (one per connection, so no parsing)
+        return f"{host}:{port}"
     ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return format_addr(ip, int(port))
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\\n\t]')
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\\\n\t'):
+    if text and _NEEDS_QUOTES.search(text) is None:
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
 
@@ -91,19 +97,13 @@ class ConnRecord:
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
-        return render_kv(
-            {
-                "dir": self.direction,
-                "listener": self.listener,
-                "client": self.client_addr,
-                "orig_dst": self.orig_dst,
-                "peer_id": self.peer_id,
-                "decision": self.decision,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "duration_ms": int((time.monotonic() - self.started) * 1000),
-                "reason": self.reason,
-            }
+        """`render_kv` of the fields in this order, written out (one line per connection: no dict to build)."""
+        q = _quote
+        return (
+            f"dir={q(self.direction)} listener={q(self.listener)} client={q(self.client_addr)} "
+            f"orig_dst={q(self.orig_dst)} peer_id={q(self.peer_id)} decision={q(self.decision)} "
+            f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} "
+            f"duration_ms={int((time.monotonic() - self.started) * 1000)} reason={q(self.reason)}"
         )
 
 
@@ -212,13 +212,13 @@ async def open_mtls_or_reason(
     opened."""
     current = rt.credentials.current
     context = current.server_context if side is tls.Side.SERVER else current.client_context
-    try:
-        with trio.fail_after(rt.config.timeouts.handshake):
+    # What trio.fail_after does, without its generator-based context manager (once per connection).
+    with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
+        try:
             return await tls.open_mtls(transport, context, side, rt.config.trust_domain, expected=expected, peer=peer)
-    except HandshakeError as exc:
-        return f"handshake: {exc.reason}"
-    except trio.TooSlowError:
-        return "handshake_timeout"
+        except HandshakeError as exc:
+            return f"handshake: {exc.reason}"
+    return "handshake_timeout"  # the scope can only have ended early by its deadline
 
 
 async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
@@ -233,9 +233,10 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
         rec.reason = f"internal_error: {type(exc).__name__}: {exc}"
         logging.getLogger("mtlsmesh").error("event=internal_error listener=%s", rec.listener, exc_info=True)
     finally:
-        with trio.CancelScope(shield=True):
-            # Handlers close what they open; this catches what an error left open (a no-op on a closed stream).
-            await netio.abort_close(stream)
+        if stream.socket.fileno() != -1:
+            with trio.CancelScope(shield=True):
+                # Handlers close what they open; this catches what an error left open.
+                await netio.abort_close(stream)
         rt.tracker.closed()
         rt.stats.active[rec.direction] -= 1
         rt.stats.record(rec)
