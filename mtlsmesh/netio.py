@@ -180,6 +180,42 @@ async def abort_close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+# Errors accept() reports for a connection that died while it waited in the backlog (accept(2), "Error handling":
+# Linux passes pending network errors on): skip it and take the next one, as trio's SocketListener does.
+_ACCEPT_SKIP = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+                 "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name)
+)  # fmt: skip
+
+
+def listening_socket(listener: trio.SocketListener) -> socket.socket:
+    """A plain socket object over `listener`'s own descriptor, for `accept_ready`. It does not own the descriptor
+    (the listener does): let go of it with `.detach()`, never `.close()`."""
+    raw = socket.socket(fileno=listener.socket.fileno())
+    raw.setblocking(False)
+    return raw
+
+
+def accept_ready(raw: socket.socket) -> trio.SocketStream | None:
+    """A connection waiting in the backlog, or None when there is none (wait with `trio.lowlevel.wait_readable`).
+    Unlike trio's accept this takes no checkpoint: a loop that accepts many in a row must checkpoint itself.
+    Raises OSError (EMFILE and friends) or trio.ClosedResourceError, as `trio.SocketListener.accept` does."""
+    while True:
+        try:
+            sock, _ = raw.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _ACCEPT_SKIP:
+                continue
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the listener was closed") from None
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
 def _stream_error(exc: OSError) -> Exception:
     """A socket error as trio.SocketStream reports it."""
     if exc.errno == errno.EBADF:
