@@ -118,13 +118,12 @@ async def _connect(family: int, address: str, port: int, source: IPAddress | Non
         set_keepalive(sock)
         if source is not None:
             _bind_source(sock, family, source)
-        try:
-            sock.connect((address, port))
-        except BlockingIOError:  # EINPROGRESS: writable once the handshake is over, either way
+        err = sock.connect_ex((address, port))  # an errno, not an exception: EINPROGRESS is the usual answer
+        if err == errno.EINPROGRESS:  # writable once the TCP handshake is over, either way
             await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"Error connecting to {(address, port)!r}: {os.strerror(err)}") from None
+        if err:
+            raise OSError(err, f"Error connecting to {(address, port)!r}: {os.strerror(err)}")
     except BaseException:
         trio.lowlevel.notify_closing(sock)
         sock.close()
@@ -198,13 +197,14 @@ def listening_socket(listener: trio.SocketListener) -> socket.socket:
     return raw
 
 
-def accept_ready(raw: socket.socket) -> trio.SocketStream | None:
-    """A connection waiting in the backlog, or None when there is none (wait with `trio.lowlevel.wait_readable`).
-    Unlike trio's accept this takes no checkpoint: a loop that accepts many in a row must checkpoint itself.
-    Raises OSError (EMFILE and friends) or trio.ClosedResourceError, as `trio.SocketListener.accept` does."""
+def accept_ready(raw: socket.socket) -> tuple[trio.SocketStream, tuple[str, int]] | None:
+    """A connection waiting in the backlog and the peer's (host, port), or None when there is none (wait with
+    `trio.lowlevel.wait_readable`). Unlike trio's accept this takes no checkpoint: a loop that accepts many in a row
+    must checkpoint itself. Raises OSError (EMFILE and friends) or trio.ClosedResourceError, as
+    `trio.SocketListener.accept` does."""
     while True:
         try:
-            sock, _ = raw.accept()
+            sock, peer = raw.accept()
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -213,7 +213,7 @@ def accept_ready(raw: socket.socket) -> trio.SocketStream | None:
             if exc.errno == errno.EBADF:
                 raise trio.ClosedResourceError("the listener was closed") from None
             raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), (str(peer[0]), int(peer[1]))
 
 
 def _stream_error(exc: OSError) -> Exception:

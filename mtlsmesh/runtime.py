@@ -54,11 +54,8 @@ def format_addr(ip: IPAddress | str, port: int) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def client_addr_of(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "-"
+def render_peer(host: str, port: int) -> str:
+    """A peer address as the kernel gave it (getpeername, accept), in the log's form: IPv4-mapped IPv6 as IPv4."""
     if ":" not in host:  # IPv4 as the kernel wrote it: already the text we want (one per connection, so no parsing)
         return f"{host}:{port}"
     ip = ipaddress.ip_address(host)
@@ -266,16 +263,17 @@ async def serve_listener(
             in_a_row = 0
             while True:
                 try:
-                    stream = netio.accept_ready(raw)
+                    accepted = netio.accept_ready(raw)
                 except OSError as exc:  # EMFILE and friends: trio does not retry these; back off and go on
                     log.warning("event=accept_failed listener=%s error=%r", name, str(exc))
                     await trio.sleep(0.1)
                     continue
-                if stream is None:
+                if accepted is None:
                     in_a_row = 0
                     await trio.lowlevel.wait_readable(listener.socket)
                     continue
-                rec = ConnRecord(direction, name, client_addr=client_addr_of(stream))
+                stream, (host, port) = accepted
+                rec = ConnRecord(direction, name, client_addr=render_peer(host, port))
                 if rt.tracker.active >= rt.tracker.limit:
                     await refuse(stream, rec, "limit: max_connections reached")
                     rt.stats.record(rec)
