@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import trio
 
@@ -37,6 +38,23 @@ ENV = {
     "inbound_mode": "MTLSMESH_INBOUND_MODE",
     "log_level": "MTLSMESH_LOG_LEVEL",
 }
+
+
+class LineFormatter(logging.Formatter):
+    """`logging.Formatter` with the date and time of `ts=` rendered once per second instead of once per line (the
+    text is the same: the milliseconds are still the record's own)."""
+
+    _second: tuple[int, str] = (-1, "")  # (whole second, its rendering); one tuple, so it is swapped atomically
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, text = self._second
+        if cached != second:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (second, text)
+        return f"{text},{int(record.msecs):03d}"  # what logging.Formatter.default_msec_format "%s,%03d" gives
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     assert cfg.credentials is not None
     credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
+    # process and multiprocessing names) and LOG_FORMAT never shows.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger("mtlsmesh")
     root.addHandler(handler)
     root.setLevel(cfg.log_level.upper())
