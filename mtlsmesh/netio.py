@@ -223,6 +223,17 @@ def _stream_error(exc: OSError) -> Exception:
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
+def read_ready(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
+    """What the socket already holds (up to `max_bytes`; b"" at EOF), or None when nothing has arrived yet. Never
+    waits; errors as `receive_raw`."""
+    try:
+        return os.read(stream.socket.fileno(), max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
 async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes, bool]:
     """`stream.receive_some(max_bytes)` without its checkpoint when data is already there: (data, whether it waited).
     A caller that loops must checkpoint itself when nothing waited (the relay does)."""
