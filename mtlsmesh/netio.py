@@ -180,10 +180,11 @@ async def abort_close(stream: trio.abc.Stream) -> None:
 
 
 # Errors accept() reports for a connection that died while it waited in the backlog (accept(2), "Error handling":
-# Linux passes pending network errors on): skip it and take the next one, as trio's SocketListener does.
+# Linux passes pending network errors on; EPERM: a firewall rule refused it): skip it and take the next one, as
+# trio's SocketListener does (the same list).
 _ACCEPT_SKIP = frozenset(
     getattr(errno, name)
-    for name in ("ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+    for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
                  "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
     if hasattr(errno, name)
 )  # fmt: skip
