@@ -89,7 +89,15 @@ async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, 
     """Read until the sniffer decides. Returns the bytes read (to replay), the verdict, and when there is none,
     why: `sniff_timeout` (the peer went quiet), `closed_during_sniff` (EOF) or `client_hello_too_large`."""
     buffer = bytearray()
-    with trio.move_on_after(timeout):
+    if type(stream) is trio.SocketStream:
+        # What has arrived by now is judged before the timer is set: a mesh client sends its ClientHello right
+        # after connecting, so under load the whole of it is nearly always there already (no wait, no timer).
+        first = netio.read_ready(stream, SNIFF_READ)
+        if first is not None:
+            judged = _judge(buffer, first)
+            if judged is not None:
+                return judged
+    with trio.CancelScope(deadline=trio.current_time() + timeout):  # move_on_after, minus its wrapper
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
             want = min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer))
             if type(stream) is trio.SocketStream:
@@ -97,14 +105,22 @@ async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, 
                 data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
             else:
                 data = await stream.receive_some(want)
-            if not data:
-                return bytes(buffer), None, "closed_during_sniff"
-            buffer += data
-            verdict = sniff.parse_client_hello(buffer)
-            if verdict.state is not sniff.SniffState.NEED_MORE:
-                return bytes(buffer), verdict, ""
+            judged = _judge(buffer, data)
+            if judged is not None:
+                return judged
         return bytes(buffer), None, "client_hello_too_large"
     return bytes(buffer), None, "sniff_timeout"
+
+
+def _judge(buffer: bytearray, data: bytes | bytearray) -> tuple[bytes, sniff.Sniff | None, str] | None:
+    """Add `data` (b"": EOF) to what was sniffed so far; the answer of `sniff_stream` once there is one."""
+    if not data:
+        return bytes(buffer), None, "closed_during_sniff"
+    buffer += data
+    verdict = sniff.parse_client_hello(buffer)
+    if verdict.state is not sniff.SniffState.NEED_MORE:
+        return bytes(buffer), verdict, ""
+    return None
 
 
 async def handle_inbound(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -49,7 +50,7 @@ def local_ip(sock: trio.socket.SocketType) -> IPAddress:
     return ip
 
 
-def set_keepalive(sock: trio.socket.SocketType) -> None:
+def set_keepalive(sock: trio.socket.SocketType | socket.socket) -> None:
     """Turn TCP keepalive on with the KEEPALIVE_* settings. On a listening socket Linux hands them down to every
     connection it accepts, so the accept loop pays nothing per connection."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -73,40 +74,64 @@ def original_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
     return ipaddress.IPv6Address(packed6), port
 
 
+@functools.lru_cache(maxsize=1024)
+def _literal_target(host: str) -> tuple[int, str] | None:
+    """(family, address text) when `host` is an IP address literal, None when it is a name. Cached: the same few
+    destinations are dialed over and over, and the answer depends on the text alone."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))
+
+
 async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None = None) -> trio.SocketStream:
     """Connect to `host`:`port` within `timeout` seconds, from `source` when given (port chosen by the kernel).
 
     Raises OSError (refused, unreachable, bad source) or trio.TooSlowError (connect timeout)."""
-    with trio.fail_after(timeout):
-        try:
-            ip = ipaddress.ip_address(host)
-            targets: list[tuple[int, str]] = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
-        except ValueError:  # a name (explicit forward_to): resolve it, first answer that connects wins
+    # What trio.fail_after does, without its generator-based context manager (once per connection).
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
+        literal = _literal_target(host)
+        if literal is not None:
+            targets = [literal]
+        else:  # a name (explicit forward_to): resolve it, first answer that connects wins
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             targets = [(int(info[0]), str(info[4][0])) for info in infos]
             if not targets:
                 raise OSError(f"{host} resolves to no address") from None
         last_error: OSError | None = None
         for family, address in targets:
-            sock = trio.socket.socket(family, socket.SOCK_STREAM)
             try:
-                set_keepalive(sock)
-                if source is not None:
-                    await _bind_source(sock, family, source)
-                await sock.connect((address, port))
+                return await _connect(family, address, port, source)
             except OSError as exc:
-                sock.close()
                 last_error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return trio.SocketStream(sock)  # sets TCP_NODELAY
         assert last_error is not None
         raise last_error
+    raise trio.TooSlowError  # the scope can only have ended early by its deadline
 
 
-async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddress) -> None:
+async def _connect(family: int, address: str, port: int, source: IPAddress | None) -> trio.SocketStream:
+    """One non-blocking connect to a numeric address, as trio's `connect` does it but on the plain socket: the
+    address needs no resolving and the options no async wrappers."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        set_keepalive(sock)
+        if source is not None:
+            _bind_source(sock, family, source)
+        err = sock.connect_ex((address, port))  # an errno, not an exception: EINPROGRESS is the usual answer
+        if err == errno.EINPROGRESS:  # writable once the TCP handshake is over, either way
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"Error connecting to {(address, port)!r}: {os.strerror(err)}")
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
+
+
+def _bind_source(sock: socket.socket, family: int, source: IPAddress) -> None:
     if family == socket.AF_INET6 and source.version == 4:
         # 127.0.0.6 has an IPv6 twin, ::6 (DESIGN.md §3); it sits on no interface, hence FREEBIND.
         source = ipaddress.IPv6Address("::6") if source == ipaddress.IPv4Address("127.0.0.6") else source
@@ -116,8 +141,8 @@ async def _bind_source(sock: trio.socket.SocketType, family: int, source: IPAddr
         return
     if source.version == 6:
         sock.setsockopt(SOL_IPV6, IPV6_FREEBIND, 1)
-    # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo.
-    await sock.bind((str(source), 0))
+    # 127.0.0.6 needs no FREEBIND: all of 127/8 is local on lo. A numeric address: bind() does not block.
+    sock.bind((str(source), 0))
 
 
 def describe_error(exc: OSError) -> str:
@@ -154,11 +179,60 @@ async def abort_close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+# Errors accept() reports for a connection that died while it waited in the backlog (accept(2), "Error handling":
+# Linux passes pending network errors on; EPERM: a firewall rule refused it): skip it and take the next one, as
+# trio's SocketListener does (the same list).
+_ACCEPT_SKIP = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+                 "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name)
+)  # fmt: skip
+
+
+def listening_socket(listener: trio.SocketListener) -> socket.socket:
+    """A plain socket object over `listener`'s own descriptor, for `accept_ready`. It does not own the descriptor
+    (the listener does): let go of it with `.detach()`, never `.close()`."""
+    raw = socket.socket(fileno=listener.socket.fileno())
+    raw.setblocking(False)
+    return raw
+
+
+def accept_ready(raw: socket.socket) -> tuple[trio.SocketStream, tuple[str, int]] | None:
+    """A connection waiting in the backlog and the peer's (host, port), or None when there is none (wait with
+    `trio.lowlevel.wait_readable`). Unlike trio's accept this takes no checkpoint: a loop that accepts many in a row
+    must checkpoint itself. Raises OSError (EMFILE and friends) or trio.ClosedResourceError, as
+    `trio.SocketListener.accept` does."""
+    while True:
+        try:
+            sock, peer = raw.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _ACCEPT_SKIP:
+                continue
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the listener was closed") from None
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), (str(peer[0]), int(peer[1]))
+
+
 def _stream_error(exc: OSError) -> Exception:
     """A socket error as trio.SocketStream reports it."""
     if exc.errno == errno.EBADF:
         return trio.ClosedResourceError("this socket was already closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def read_ready(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
+    """What the socket already holds (up to `max_bytes`; b"" at EOF), or None when nothing has arrived yet. Never
+    waits; errors as `receive_raw`."""
+    try:
+        return os.read(stream.socket.fileno(), max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
 
 
 async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes, bool]:
@@ -196,6 +270,18 @@ async def send_raw(
         except OSError as exc:
             raise _stream_error(exc) from exc
     return waited
+
+
+async def send_eof_raw(stream: trio.SocketStream) -> None:
+    """`stream.send_eof()` without its checkpoint: shut the socket down for writing (a FIN), once. A caller that
+    loops must checkpoint itself."""
+    sock = stream.socket
+    if sock.did_shutdown_SHUT_WR:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise _stream_error(exc) from exc
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):

@@ -16,7 +16,9 @@ send that is merely slow is not idle (the fast path pays nothing for that: it ru
 that ends cleanly just returns. The first failure records its reason and cancels the scope; both streams are then
 closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly
 both streams are closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per
-call; each pump checkpoints once per round in which neither side had to wait.
+call; a pump checkpoints on the second of two rounds in a row in which neither side had to wait (a wait is a
+checkpoint already, and a short exchange usually waits on its next read). Sockets are also half-closed and closed
+without trio's checkpoint: the task goes through the scheduler when it ends anyway.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ async def relay(
 ) -> RelayResult:
     """Relay until both directions end or one fails; close both streams; return the counts and the reason."""
     failure: list[str] = []
-    scope = trio.CancelScope()
     forward = _Pump(downstream, upstream, downstream_name, upstream_name)
     backward = _Pump(upstream, downstream, upstream_name, downstream_name)
+    # The nursery's own cancel scope is the relay's: the first failure cancels it, the idle deadline is its deadline.
+    scope: trio.CancelScope  # bound before either pump runs
 
     touch: Callable[[], None] | None = None
     if idle_timeout is not None:
@@ -77,7 +80,8 @@ async def relay(
 
     async def pump(p: _Pump) -> None:
         src, dst = p.src, p.dst
-        receive, send = _receiver(src), _sender(dst, touch)
+        receive, send, send_eof = _receiver(src), _sender(dst, touch), _eof_sender(dst)
+        owed = False  # a round ended without waiting and without a checkpoint: the next such round must take one
         while True:
             try:
                 data, waited = await receive(CHUNK)
@@ -90,8 +94,8 @@ async def relay(
             try:
                 if not data:
                     # Half-close: the other direction goes on (TLS 1.3 close_notify / TCP FIN).
-                    if isinstance(dst, trio.abc.HalfCloseableStream):
-                        await dst.send_eof()
+                    if send_eof is not None:
+                        await send_eof()
                     return
                 if await send(data):
                     waited = True
@@ -100,18 +104,25 @@ async def relay(
                 scope.cancel()
                 return
             p.copied += len(data)
-            if not waited:
-                # Neither side had to wait: one checkpoint per round keeps the scheduler fair and cancellation live.
+            if waited:
+                owed = False
+            elif owed:
+                # Two rounds in a row without waiting: a checkpoint keeps the scheduler fair and cancellation live.
+                # (After one such round the next receive usually waits, which is a checkpoint already: a short
+                # exchange, a request or a reply, then goes through without an extra trip through the scheduler.)
                 await trio.lowlevel.checkpoint()
+                owed = False
+            else:
+                owed = True
 
     aborted = True
     try:
-        with scope:
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
             if idle_timeout is not None:
                 scope.deadline = trio.current_time() + idle_timeout
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, backward)
-                await pump(forward)  # in this task: one task fewer per connection
+            nursery.start_soon(pump, backward)
+            await pump(forward)  # in this task: one task fewer per connection
         if failure:
             reason = failure[0]
         elif scope.cancelled_caught:
@@ -125,10 +136,9 @@ async def relay(
             await netio.abort_close(downstream)
             await netio.abort_close(upstream)
         else:
-            with trio.move_on_after(CLOSE_GRACE) as grace:
-                grace.shield = True
-                await downstream.aclose()
-                await upstream.aclose()
+            with trio.CancelScope(deadline=trio.current_time() + CLOSE_GRACE, shield=True) as grace:
+                await _close(downstream)
+                await _close(upstream)
             if grace.cancelled_caught:
                 await netio.abort_close(downstream)
                 await netio.abort_close(upstream)
@@ -171,6 +181,24 @@ def _sender(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> Sen
         return True
 
     return send
+
+
+def _eof_sender(stream: trio.abc.Stream) -> Callable[[], Awaitable[None]] | None:
+    """How the pump half-closes `stream` (None: it cannot). A socket is shut down for writing at once, without
+    trio's checkpoint (the pump returns right after, and its task ends: that is its trip through the scheduler)."""
+    if type(stream) is trio.SocketStream:
+        return partial(netio.send_eof_raw, stream)
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        return stream.send_eof
+    return None
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """A graceful close; a socket is closed at once, without trio's checkpoint (see `_eof_sender`)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+    else:
+        await stream.aclose()
 
 
 def _why(exc: BaseException) -> str:

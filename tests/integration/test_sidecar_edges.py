@@ -141,13 +141,17 @@ async def test_inbound_refuses_a_connection_from_the_app_source(pki: Pki, caplog
             async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_rt, state):
                 port = state.bound["inbound"][1]
                 source = ipaddress.IPv4Address("127.0.0.6")
-                looped = await netio.dial(LOOPBACK, port, timeout=IO, source=source)
                 try:
-                    await looped.send_all(b"x")
-                except trio.BrokenResourceError:  # the reset came first
+                    looped = await netio.dial(LOOPBACK, port, timeout=IO, source=source)
+                except ConnectionResetError:  # the sidecar accepted and reset it before the dial looked
                     kind = "reset"
                 else:
-                    kind, _ = await outcome(looped)
+                    try:
+                        await looped.send_all(b"x")
+                    except trio.BrokenResourceError:  # the reset came first
+                        kind = "reset"
+                    else:
+                        kind, _ = await outcome(looped)
                 assert await exchange(port, b"plain") == b"plain"  # any other source still passes (PERMISSIVE)
     assert kind == "reset"
     first, second = conn_lines(caplog.records, "inbound")
@@ -651,3 +655,32 @@ async def test_keepalive_on_accepted_and_dialed_sockets(pki: Pki) -> None:
                 finally:
                     stop.set()
     assert seen == {"accepted": wanted, "dialed": wanted}
+
+
+async def test_accept_ready_takes_every_waiting_connection_and_leaves_the_listener_its_socket() -> None:
+    (listener,) = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    port = listener.socket.getsockname()[1]
+    raw = netio.listening_socket(listener)
+    clients: list[trio.SocketStream] = []
+    accepted: list[trio.SocketStream] = []
+    try:
+        assert netio.accept_ready(raw) is None  # an empty backlog: no wait, no exception
+        clients = [await trio.open_tcp_stream(LOOPBACK, port) for _ in range(3)]  # each waits in the backlog
+        peers = []
+        while (ready := netio.accept_ready(raw)) is not None:
+            accepted.append(ready[0])
+            peers.append(ready[1])
+        assert peers == [(LOOPBACK, client.socket.getsockname()[1]) for client in clients]
+        assert [stream.socket.getpeername()[1] for stream in accepted] == [peer[1] for peer in peers]
+        assert netio.accept_ready(raw) is None
+    finally:
+        raw.detach()
+        for stream in (*clients, *accepted):
+            await stream.aclose()
+    assert listener.socket.fileno() != -1  # the plain socket let go of the descriptor without closing it
+    late = await trio.open_tcp_stream(LOOPBACK, port)
+    with trio.fail_after(IO):
+        served = await listener.accept()
+    await late.aclose()
+    await served.aclose()
+    await listener.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from mtlsmesh import pem
 from mtlsmesh.cli import build_parser, main
-from mtlsmesh.cli.sidecar import ENV, build_config
+from mtlsmesh.cli.sidecar import ENV, LOG_FORMAT, LineFormatter, build_config
 from mtlsmesh.config import Mode
 from mtlsmesh.errors import ConfigError
 from tests.pki import MALFORMED_SAN, Pki, forge_leaf
@@ -117,3 +118,12 @@ def test_a_malformed_certificate_is_one_error_line(
     err = capsys.readouterr().err
     assert err.startswith(f"mtlsmesh: error: {tmp_path}/cert.pem: malformed certificate extensions: ")
     assert err.count("\n") == 1
+
+
+def test_line_formatter_writes_what_logging_formatter_writes() -> None:
+    # Records in one second, across a second boundary and back: the cached date must never leak into another second.
+    plain, fast = logging.Formatter(LOG_FORMAT), LineFormatter(LOG_FORMAT)
+    for created in (1764482000.0, 1764482000.4999, 1764482000.999, 1764482001.0, 1764482001.25, 1764481999.9):
+        record = logging.LogRecord("mtlsmesh.conn", logging.INFO, __file__, 0, "%s", ("dir=inbound",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert fast.format(record) == plain.format(record)
