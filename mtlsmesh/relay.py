@@ -183,11 +183,13 @@ def _sender(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> Sen
     return send
 
 
-def _eof_sender(stream: trio.abc.Stream) -> Callable[[], Awaitable[None]] | None:
+def _eof_sender(stream: trio.abc.Stream) -> Callable[[], Awaitable[object]] | None:
     """How the pump half-closes `stream` (None: it cannot). A socket is shut down for writing at once, without
     trio's checkpoint (the pump returns right after, and its task ends: that is its trip through the scheduler)."""
     if type(stream) is trio.SocketStream:
         return partial(netio.send_eof_raw, stream)
+    if type(stream) is tls.TLSStream:
+        return stream.send_eof_chunk  # the same for a TLS stream over a socket
     if isinstance(stream, trio.abc.HalfCloseableStream):
         return stream.send_eof
     return None
@@ -197,6 +199,8 @@ async def _close(stream: trio.abc.Stream) -> None:
     """A graceful close; a socket is closed at once, without trio's checkpoint (see `_eof_sender`)."""
     if type(stream) is trio.SocketStream:
         stream.socket.close()
+    elif type(stream) is tls.TLSStream:
+        await stream.close_chunk()
     else:
         await stream.aclose()
 

@@ -769,46 +769,77 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         """Send close_notify (and a FIN when the transport half-closes); receiving goes on."""
+        if not await self.send_eof_chunk():
+            await trio.lowlevel.checkpoint()
+
+    async def send_eof_chunk(self) -> bool:
+        """`send_eof` without its checkpoint when nothing had to wait; returns whether it waited. For callers that
+        checkpoint themselves or end their task right after (the relay)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already in send_all/send_eof")
         self._sending = True
         try:
             self._check_open()
-            await self._ensure_handshake()
+            awaited = False
+            if not self._handshake_done:
+                await self._ensure_handshake()
+                awaited = True
             if self._eof_sent:
-                await trio.lowlevel.checkpoint()
-                return
+                return awaited
             if self._broken is not None:
                 raise trio.BrokenResourceError(self._broken)
             self._eof_sent = True
             assert self._session is not None
             self._session.alert(records.CLOSE_NOTIFY)
             try:
-                await self._flush()
+                if await self._flush():
+                    awaited = True
             except trio.BrokenResourceError as exc:
                 raise self._fail(exc) from exc
-            if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+            transport = self._socket_transport()
+            if transport is not None:
+                await netio.send_eof_raw(transport)  # a FIN, at once
+            elif isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
                 await self.transport_stream.send_eof()
-            else:
-                await trio.lowlevel.checkpoint()
+                awaited = True
+            return awaited
         finally:
             self._sending = False
 
+    def _socket_transport(self) -> trio.SocketStream | None:
+        """The socket stream under us (directly or under a ReplayStream), if that is what we run over."""
+        transport = self.transport_stream
+        if type(transport) is netio.ReplayStream:
+            transport = transport.transport_stream
+        return transport if type(transport) is trio.SocketStream else None
+
     async def aclose(self) -> None:
         """Close: send close_notify when nothing went wrong and it is not sent yet, then close the transport."""
-        if self._closed:
+        if not await self.close_chunk():
             await trio.lowlevel.checkpoint()
-            return
+
+    async def close_chunk(self) -> bool:
+        """`aclose` without its checkpoint when nothing had to wait (a socket is closed at once); returns whether it
+        waited. For callers that end their task right after (the relay)."""
+        if self._closed:
+            return False
         self._closed = True
+        awaited = False
         try:
             if self._session is not None and not self._eof_sent and self._broken is None:
                 self._eof_sent = True
                 self._session.alert(records.CLOSE_NOTIFY)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._flush()
+                    awaited = await self._flush()
         finally:
             self._conn = self._ssl = self._in_bio = self._out_bio = None  # frees a connection never handed over
-            await self.transport_stream.aclose()
+            transport = self._socket_transport()
+            if transport is not None:
+                transport.socket.close()
+            else:
+                await self.transport_stream.aclose()
+                awaited = True
+        return awaited
 
 
 def _socket_error(exc: OSError) -> trio.TrioInternalError | trio.ClosedResourceError | trio.BrokenResourceError:
