@@ -214,7 +214,16 @@ async def open_mtls_or_reason(
     # What trio.fail_after does, without its generator-based context manager (once per connection).
     with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
         try:
-            return await tls.open_mtls(transport, context, side, rt.config.trust_domain, expected=expected, peer=peer)
+            # A client's Finished leaves with the first request bytes (or when it first waits for the server).
+            return await tls.open_mtls(
+                transport,
+                context,
+                side,
+                rt.config.trust_domain,
+                expected=expected,
+                peer=peer,
+                send_last=side is tls.Side.SERVER,
+            )
         except HandshakeError as exc:
             return f"handshake: {exc.reason}"
     return "handshake_timeout"  # the scope can only have ended early by its deadline

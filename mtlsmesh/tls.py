@@ -257,6 +257,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_eof_sent",
         "_handshake_done",
         "_handshake_waiters",
+        "_held",
+        "_held_before_read",
         "_in_bio",
         "_negotiated",
         "_out_bio",
@@ -307,6 +309,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._reading = False  # a task is reading the transport into the incoming BIO (see _fill)
         self._read_done: trio.lowlevel.ParkingLot | None = None
         self._handshake_waiters: trio.lowlevel.ParkingLot | None = None  # set while a task runs the handshake
+        # Our last handshake records, when they wait to leave in one write with the first records after them (see
+        # do_handshake); `_held_before_read`: they must also be out before we wait for the peer.
+        self._held: bytes = b""
+        self._held_before_read = False
         self._handshake_done = False
         self._eof_sent = False
         self._eof_received = False
@@ -436,6 +442,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def _take_output(self) -> bytes | bytearray:
         """The oldest ciphertext waiting to be sent, b"" when nothing."""
         if self._session is not None:
+            if self._held:
+                held, self._held = self._held, b""
+                return held + self._session.take()
             return self._session.take()
         if self._out_bio is None:
             return b""
@@ -489,12 +498,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # --- handshake ---------------------------------------------------------------------------------------------
 
-    async def do_handshake(self, verify: Callable[[], object] | None = None) -> None:
+    async def do_handshake(self, verify: Callable[[], object] | None = None, *, send_last: bool = True) -> None:
         """Run the TLS handshake (once; concurrent callers wait for it). Raises `HandshakeError`.
 
         `verify` runs once OpenSSL has finished, before our last flight leaves: a client that refuses the server
         (by raising `HandshakeError`) never sends its Finished, so the server never completes a handshake with it
-        and never reaches its app. Then the connection moves to the record layer (`_hand_over`)."""
+        and never reaches its app. Then the connection moves to the record layer (`_hand_over`).
+
+        What OpenSSL wrote last is held to leave in one write with our first records (one segment, one read for
+        the peer) or with close_notify. A server's last records are its session tickets, which nobody waits for.
+        A client's are its Finished, which the server does wait for: it leaves here, unless `send_last=False` (a
+        client about to send), and then at the latest when this stream first waits to receive."""
         if self._handshake_done:
             return
         if self._closed:
@@ -518,7 +532,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._broken = exc.reason
                 raise
             try:
-                await self._flush()
+                if self._side is Side.CLIENT and send_last:
+                    await self._flush()
             except trio.ClosedResourceError as exc:
                 if self._closed:
                     raise
@@ -569,8 +584,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         session = records.Session(
             suite, read_secret, write_secret, is_client=self._side is Side.CLIENT, write_seq=write_seq
         )
-        if held:
-            session.outgoing.append(held)
+        self._held = held
+        self._held_before_read = self._side is Side.CLIENT
         self._negotiated = (conn.get_protocol_version_name(), cipher, conn.get_group_name())
         self._alpn = conn.get_alpn_proto_negotiated() or None
         self._cin = unread
@@ -745,6 +760,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             data: bytes | None = None
             try:
                 while True:
+                    # What we owe the peer goes out first: a held Finished, before we wait for the answer to it,
+                    # and, after a read, the answer to a KeyUpdate it sent.
+                    owed = session.outgoing or (self._held_before_read and self._held)
+                    if owed and await self._flush(wait=False):
+                        yielded = True
+                    if data is not None:
+                        break
                     if session.closed:
                         data = b""
                     elif _whole_record(self._cin):
@@ -752,11 +774,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     else:
                         data, awaited = await self._read_records(max_bytes)
                         yielded = yielded or awaited
-                    # Anything the peer's records made us owe it (a KeyUpdate answer) goes out now.
-                    if session.outgoing and await self._flush(wait=False):
-                        yielded = True
-                    if data is not None:
-                        break
             except (records.RecordError, records.PeerAlert) as exc:
                 raise await self._alert_and_fail(exc) from exc
             except trio.BrokenResourceError as exc:
@@ -908,9 +925,10 @@ async def open_mtls(
     *,
     expected: Sequence[SpiffeId] = (),
     peer: str = "peer",
+    send_last: bool = True,
 ) -> TLSStream:
     """Handshake over `transport` and check the peer's SVID. The caller bounds it in time and closes `transport`
-    on error. Raises `HandshakeError`."""
+    on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`."""
     stream = TLSStream(transport, context, side, peer)
-    await stream.do_handshake(lambda: check_peer(stream, trust_domain, expected))
+    await stream.do_handshake(lambda: check_peer(stream, trust_domain, expected), send_last=send_last)
     return stream

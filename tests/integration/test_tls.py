@@ -496,3 +496,94 @@ async def test_records_right_behind_the_clients_finished_are_not_lost(
             except SSL.WantReadError:
                 continue
         assert data == b"reply"
+
+
+class Recording(trio.abc.HalfCloseableStream):
+    """A transport that notes every write it is given (what would be one segment each on a socket)."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def record_types(write: bytes) -> list[int]:
+    """The outer content types of the records in one write."""
+    types, pos = [], 0
+    while pos < len(write):
+        types.append(write[pos])
+        pos += 5 + int.from_bytes(write[pos + 3 : pos + 5], "big")
+    return types
+
+
+async def test_a_client_that_sends_first_puts_its_finished_and_first_records_in_one_write(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    a, b = memory_stream_pair()
+    wire = Recording(a)  # type: ignore[arg-type]
+    client = tls.TLSStream(wire, contexts[0], tls.Side.CLIENT)
+    server = tls.TLSStream(b, contexts[1], tls.Side.SERVER)
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            await client.do_handshake(send_last=False)
+            assert len(wire.writes) == 1  # the ClientHello only: the Finished is held
+            await client.send_all(b"request")
+        assert len(wire.writes) == 2
+        # its Certificate..Finished flight (under handshake keys) and the request, in one write
+        assert len(record_types(wire.writes[1])) >= 4
+        assert await server.receive_some() == b"request"
+
+
+async def test_a_held_finished_leaves_before_the_client_waits_for_the_server(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    # A server-first protocol: the client only reads. Holding its Finished must not deadlock the two.
+    client, server = tls_pair(contexts, memory_stream_pair())
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                await server.do_handshake()
+                await server.send_all(b"220 greeting")
+
+            nursery.start_soon(serve)
+            await client.do_handshake(send_last=False)
+            assert await client.receive_some() == b"220 greeting"
+
+
+@pytest.mark.parametrize("first", ["data", "close"])
+async def test_the_servers_tickets_leave_with_its_first_records(
+    contexts: tuple[SSL.Context, SSL.Context], first: str
+) -> None:
+    a, b = memory_stream_pair()
+    wire = Recording(b)  # type: ignore[arg-type]
+    client = tls.TLSStream(a, contexts[0], tls.Side.CLIENT)
+    server = tls.TLSStream(wire, contexts[1], tls.Side.SERVER)
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        assert len(wire.writes) == 1  # its first flight; the tickets are held
+        if first == "data":
+            await server.send_all(b"reply")
+            assert await client.receive_some() == b"reply"
+        else:
+            await server.send_eof()
+            assert await client.receive_some() == b""
+        # the tickets (two records), then the reply or close_notify, in one write
+        assert len(wire.writes) == 2
+        assert record_types(wire.writes[1]) == [23, 23, 23]
