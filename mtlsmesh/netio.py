@@ -235,19 +235,25 @@ def read_ready(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
         raise _stream_error(exc) from exc
 
 
-async def receive_raw(stream: trio.SocketStream, max_bytes: int) -> tuple[bytes, bool]:
+async def receive_raw(stream: trio.SocketStream, max_bytes: int, wait_first: bool = False) -> tuple[bytes, bool]:
     """`stream.receive_some(max_bytes)` without its checkpoint when data is already there: (data, whether it waited).
-    A caller that loops must checkpoint itself when nothing waited (the relay does)."""
+    A caller that loops must checkpoint itself when nothing waited (the relay does). `wait_first`: wait for the
+    socket to be readable before trying (the caller's last read was short, so the socket is most likely empty: this
+    saves the read that would find nothing)."""
     fd = stream.socket.fileno()
     waited = False
+    if wait_first:
+        await trio.lowlevel.wait_readable(fd)
+        waited = True
     while True:
         try:
             return os.read(fd, max_bytes), waited
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
-            waited = True
+            pass  # wait outside the except clause: a parked task must not keep the exception alive
         except OSError as exc:
             raise _stream_error(exc) from exc
+        await trio.lowlevel.wait_readable(fd)
+        waited = True
 
 
 async def send_raw(

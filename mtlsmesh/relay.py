@@ -82,9 +82,10 @@ async def relay(
         src, dst = p.src, p.dst
         receive, send, send_eof = _receiver(src), _sender(dst, touch), _eof_sender(dst)
         owed = False  # a round ended without waiting and without a checkpoint: the next such round must take one
+        short = False  # the last read got less than it asked for: the source is most likely empty now
         while True:
             try:
-                data, waited = await receive(CHUNK)
+                data, waited = await receive(CHUNK, short)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 failure.append(f"reset_by_{p.src_name}: {_why(exc)}")
                 scope.cancel()
@@ -104,6 +105,7 @@ async def relay(
                 scope.cancel()
                 return
             p.copied += len(data)
+            short = len(data) < CHUNK
             if waited:
                 owed = False
             elif owed:
@@ -145,19 +147,21 @@ async def relay(
     return RelayResult(forward.copied, backward.copied, reason, aborted)
 
 
-Receive = Callable[[int], Awaitable[tuple[bytes | bytearray, bool]]]
+# (max_bytes, whether the last read was short) -> (data, whether it waited)
+Receive = Callable[[int, bool], Awaitable[tuple[bytes | bytearray, bool]]]
 Send = Callable[[bytes | bytearray], Awaitable[bool]]
 
 
 def _receiver(stream: trio.abc.Stream) -> Receive:
     """How the pump reads `stream`: (data, whether it waited). Sockets and TLS streams skip the checkpoint when data
-    is already there (the pump checkpoints once per round instead); any other stream is an ordinary receive_some."""
+    is already there (the pump checkpoints once per round instead); any other stream is an ordinary receive_some.
+    After a short read a socket is waited for before it is read (a TLS stream judges that by its own reads)."""
     if type(stream) is trio.SocketStream:
         return partial(netio.receive_raw, stream)
     if type(stream) is tls.TLSStream:
         return stream.receive_chunk
 
-    async def receive(max_bytes: int) -> tuple[bytes | bytearray, bool]:
+    async def receive(max_bytes: int, _short: bool) -> tuple[bytes | bytearray, bool]:
         return await stream.receive_some(max_bytes), True
 
     return receive

@@ -252,6 +252,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_closed",
         "_conn",
         "_drain_done",
+        "_drained",
         "_draining",
         "_eof_received",
         "_eof_sent",
@@ -302,6 +303,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._session: records.Session | None = None
         self._cin: bytes = b""
         self._plain_left: bytes = b""
+        self._drained = False  # the last socket read got less than it asked for: wait before the next one
         self._negotiated: tuple[str | None, str | None, str | None] = (None, None, None)
         self._alpn: bytes | None = None
         self._draining = False  # a task is moving queued ciphertext to the transport (see _flush)
@@ -699,6 +701,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if type(transport) is trio.SocketStream:
             fd, scratch = transport.socket.fileno(), _SCRATCH
             view = scratch.read_view
+            if self._drained:  # the socket is most likely empty: wait, rather than make a read that finds nothing
+                await trio.lowlevel.wait_readable(fd)
+                awaited = True
             while True:
                 # What is left of a partial record goes first; no await between this copy and the opening below.
                 left = len(self._cin)
@@ -714,6 +719,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 awaited = True
             if not n:
                 raise self._truncated()
+            self._drained = n < TRANSPORT_READ
             return self._open(view[: left + n], max_bytes), awaited
         data = await transport.receive_some(TRANSPORT_READ)
         if not data:
@@ -732,7 +738,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
         return data
 
-    async def receive_chunk(self, max_bytes: int) -> tuple[bytes, bool]:
+    async def receive_chunk(self, max_bytes: int, _short: bool = False) -> tuple[bytes, bool]:
         """`receive_some` without its checkpoint when nothing had to wait: (data, whether it waited). For loops
         that checkpoint once per round themselves (the relay)."""
         if self._receiving:
