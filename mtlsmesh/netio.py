@@ -217,7 +217,7 @@ def accept_ready(raw: socket.socket) -> tuple[trio.SocketStream, tuple[str, int]
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), (str(peer[0]), int(peer[1]))
 
 
-def _stream_error(exc: OSError) -> Exception:
+def stream_error(exc: OSError) -> Exception:
     """A socket error as trio.SocketStream reports it."""
     if exc.errno == errno.EBADF:
         return trio.ClosedResourceError("this socket was already closed")
@@ -232,7 +232,7 @@ def read_ready(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
     except BlockingIOError:
         return None
     except OSError as exc:
-        raise _stream_error(exc) from exc
+        raise stream_error(exc) from exc
 
 
 async def receive_raw(stream: trio.SocketStream, max_bytes: int, wait_first: bool = False) -> tuple[bytes, bool]:
@@ -251,7 +251,7 @@ async def receive_raw(stream: trio.SocketStream, max_bytes: int, wait_first: boo
         except BlockingIOError:
             pass  # wait outside the except clause: a parked task must not keep the exception alive
         except OSError as exc:
-            raise _stream_error(exc) from exc
+            raise stream_error(exc) from exc
         await trio.lowlevel.wait_readable(fd)
         waited = True
 
@@ -274,7 +274,7 @@ async def send_raw(
             if progress is not None:
                 progress()  # writable again: the peer acknowledged bytes, room was made
         except OSError as exc:
-            raise _stream_error(exc) from exc
+            raise stream_error(exc) from exc
     return waited
 
 
@@ -287,7 +287,7 @@ async def send_eof_raw(stream: trio.SocketStream) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError as exc:
-        raise _stream_error(exc) from exc
+        raise stream_error(exc) from exc
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):

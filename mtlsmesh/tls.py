@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import operator
 import os
 import threading
@@ -422,7 +421,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     except BlockingIOError:
                         pass  # wait outside the except clause: a parked task must not keep the exception alive
                     except OSError as exc:
-                        raise _socket_error(exc) from exc
+                        raise netio.stream_error(exc) from exc
                     await trio.lowlevel.wait_readable(fd)
                 if n:
                     _lib.BIO_write(self._in_bio, scratch.read_c, n)
@@ -714,7 +713,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 except BlockingIOError:
                     pass  # wait outside the except clause: an idle connection must not keep the exception alive
                 except OSError as exc:
-                    raise _socket_error(exc) from exc
+                    raise netio.stream_error(exc) from exc
                 await trio.lowlevel.wait_readable(fd)
                 awaited = True
             if not n:
@@ -863,13 +862,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await self.transport_stream.aclose()
                 awaited = True
         return awaited
-
-
-def _socket_error(exc: OSError) -> trio.TrioInternalError | trio.ClosedResourceError | trio.BrokenResourceError:
-    """An OSError of a raw socket call, as trio.SocketStream translates them."""
-    if exc.errno == errno.EBADF:
-        return trio.ClosedResourceError("this socket was already closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 def _whole_record(data: bytes) -> bool:
