@@ -13,7 +13,7 @@ Theory of operation
 -------------------
 The handshake is OpenSSL's. The `SSL.Connection` is built with no socket (`SSL.Connection(ctx, None)`), so OpenSSL
 reads ciphertext from a memory BIO we fill and writes ciphertext to a memory BIO we drain; it never does I/O itself,
-it only says "I need more input" (WANT_READ). `_retry` drives it:
+it only says "I need more input" (WANT_READ). `_run_handshake` drives it:
 
     call do_handshake  →  drain the outgoing BIO to the transport  →  if OpenSSL wanted input, read one chunk from
     the transport into the incoming BIO and call it again.
@@ -358,27 +358,31 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # --- the handshake path: pyOpenSSL calls over memory BIOs, retried on WantReadError ---------------------------
 
-    async def _retry(self, fn: Callable[..., T], *args: Any, hold_last: bool = False) -> T:
-        """Call `fn` until OpenSSL needs no more input, sending what it writes. `hold_last`: leave the output of the
-        final, successful call in the BIO (it is handed to the record layer with the connection)."""
+    async def _run_handshake(self) -> None:
+        """Call SSL_do_handshake until OpenSSL needs no more input, sending what it writes and reading what it asks
+        for. The output of the final, successful call stays in the BIO (it goes to the record layer with the
+        connection). WANT_READ is read from SSL_get_error, not raised and caught (pyOpenSSL's way), once or twice
+        per handshake."""
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
+        ssl = self._ssl
         yielded = False
         while True:
-            want_read = False
+            result = _lib.SSL_do_handshake(ssl)
+            want_read = result <= 0
+            if want_read and _lib.SSL_get_error(ssl, result) != _lib.SSL_ERROR_WANT_READ:
+                try:
+                    assert self._conn is not None
+                    self._conn._raise_ssl_error(ssl, result)
+                except SSL.Error as exc:
+                    raise await self._alert_and_fail(exc) from exc
             try:
-                result = fn(*args)
-            except SSL.WantReadError:
-                want_read = True
-            except SSL.Error as exc:
-                raise await self._alert_and_fail(exc) from exc
-            try:
-                if (want_read or not hold_last) and await self._flush():
+                if want_read and await self._flush():
                     yielded = True
                 if not want_read:
                     if not yielded:
                         await trio.lowlevel.checkpoint()
-                    return result
+                    return
                 await self._fill()
             except trio.ClosedResourceError as exc:
                 if self._closed:
@@ -522,7 +526,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._handshake_waiters = trio.lowlevel.ParkingLot()
         try:
             try:
-                await self._retry(self._handshake_step, hold_last=True)
+                await self._run_handshake()
             except trio.BrokenResourceError as exc:  # broken before: report as a handshake failure
                 raise HandshakeError(self.peer, str(exc)) from exc
             try:
@@ -547,11 +551,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # the stream broken when it is).
             self._handshake_waiters.unpark_all()
             self._handshake_waiters = None
-
-    def _handshake_step(self) -> None:
-        if self._conn is None:  # pragma: no cover - the lock lets one task run the handshake
-            raise SSL.Error([("", "", "the handshake is over")])
-        self._conn.do_handshake()
 
     def _hand_over(self) -> None:
         """Move the finished connection from OpenSSL to a `records.Session`, then free OpenSSL's connection.
