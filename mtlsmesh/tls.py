@@ -55,7 +55,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 from cryptography import x509
@@ -108,7 +108,6 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 _PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter, never read
 
-T = TypeVar("T")
 
 # The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
 _CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
