@@ -106,7 +106,6 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
-_PTR = _ffi.new("char **")  # BIO_get_mem_data's out-parameter, never read
 
 
 # The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
