@@ -24,9 +24,11 @@ yet sent) and the ciphertext it has not read, and frees the OpenSSL connection: 
 contexts instead of OpenSSL's ~40 KiB. (Why that is sound: see `_hand_over`.)
 
 The data path (`send_all`, `receive_some`) is straight-line code. `send_all` seals up to `SEND_CHUNK` of plaintext
-into records queued on the session and sends the queue; `receive_some` reads the transport once (a socket: straight
-into a scratch buffer, after the partial record left from last time) and opens every whole record into a scratch
-buffer, so one socket read or write carries many records. Scratch buffers are per thread, never one per call.
+into one buffer of records queued on the session (its own: a send may have to wait for the socket) and sends the
+queue; `receive_some` reads the transport once (a socket: straight into a per-thread scratch buffer, after the
+partial record left from last time), opens every whole record into another and returns a copy, so one socket read
+or write carries many records. Our last handshake records wait in `_held` to go out with the next write (see
+`do_handshake`).
 
 Two tasks may use the stream at once (one sending, one receiving, as the relay does). Records are queued in the
 order they are sealed; the queue is drained by one task at a time (`_draining`; a task that must wait parks), and the
