@@ -154,7 +154,7 @@ Send = Callable[[bytes | bytearray], Awaitable[bool]]
 
 def _receiver(stream: trio.abc.Stream) -> Receive:
     """How the pump reads `stream`: (data, whether it waited). Sockets and TLS streams skip the checkpoint when data
-    is already there (the pump checkpoints once per round instead); any other stream is an ordinary receive_some.
+    is already there (the pump takes its own checkpoints instead); any other stream is an ordinary receive_some.
     After a short read a socket is waited for before it is read (a TLS stream judges that by its own reads)."""
     if type(stream) is trio.SocketStream:
         return partial(netio.receive_raw, stream)

@@ -214,15 +214,10 @@ async def open_mtls_or_reason(
     # What trio.fail_after does, without its generator-based context manager (once per connection).
     with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
         try:
-            # A client's Finished leaves with the first request bytes (or when it first waits for the server).
+            # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
+            # for the server); a server holds its session tickets for its first records either way.
             return await tls.open_mtls(
-                transport,
-                context,
-                side,
-                rt.config.trust_domain,
-                expected=expected,
-                peer=peer,
-                send_last=side is tls.Side.SERVER,
+                transport, context, side, rt.config.trust_domain, expected=expected, peer=peer, send_last=False
             )
         except HandshakeError as exc:
             return f"handshake: {exc.reason}"
