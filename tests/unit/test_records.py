@@ -118,7 +118,10 @@ def test_what_one_side_seals_the_other_opens(suite: records.Suite, size: int) ->
     parts = split_records(sent)
     assert len(parts) == -(-size // records.MAX_PLAINTEXT)  # full records, the last one partial
     assert all(len(p) <= records.HEADER_SIZE + records.MAX_PLAINTEXT + 1 + records.TAG_SIZE for p in parts)
-    assert data not in sent
+    # A short plaintext turns up in random ciphertext by chance (one byte in a 22-byte record: about 8%), so the
+    # check that nothing leaks in the clear looks for 16 bytes or more, which chance never finds.
+    if size >= 16:
+        assert data[:16] not in sent
     assert receive(b, sent) == (data, len(sent))
     # and back, on the other key
     reply = os.urandom(size)
