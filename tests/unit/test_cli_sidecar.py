@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,33 @@ def test_line_formatter_writes_what_logging_formatter_writes() -> None:
         record = logging.LogRecord("mtlsmesh.conn", logging.INFO, __file__, 0, "%s", ("dir=inbound",), None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert fast.format(record) == plain.format(record)
+
+
+# Run in a fresh interpreter: malloc's thresholds are per process, and glibc moves its own as blocks are freed.
+MALLOC_PROBE = """
+import ctypes, sys
+from mtlsmesh import relay
+from mtlsmesh.cli.sidecar import tune_malloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+tuned = sys.argv[1] == "tuned" and tune_malloc()
+before = libc.mallinfo2().hblks
+buffer = bytearray(relay.CHUNK)  # what os.read(fd, relay.CHUNK) allocates before it shrinks
+print(int(tuned), libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's"
+)
+@pytest.mark.parametrize(("how", "tuned", "new_mappings"), [("default", "0", "1"), ("tuned", "1", "0")])
+def test_tune_malloc_keeps_a_relay_read_buffer_off_its_own_mmap(how: str, tuned: str, new_mappings: str) -> None:
+    probe = subprocess.run(
+        [sys.executable, "-c", MALLOC_PROBE, how], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert probe.stdout.split() == [tuned, new_mappings]
