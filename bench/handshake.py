@@ -44,7 +44,8 @@ def _load(files: SvidFiles) -> Credentials:
     return load_credentials(CredentialFiles(str(files.cert), str(files.key), str(files.bundle)), TRUST_DOMAIN)
 
 
-def openssl_handshake(client_ctx: SSL.Context, server_ctx: SSL.Context) -> None:
+def openssl_handshake(client_ctx: SSL.Context, server_ctx: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
+    """A handshake between two plain pyOpenSSL connections over memory BIOs, driven by hand: (client, server)."""
     client, server = SSL.Connection(client_ctx, None), SSL.Connection(server_ctx, None)
     client.set_connect_state()
     server.set_accept_state()
@@ -56,6 +57,7 @@ def openssl_handshake(client_ctx: SSL.Context, server_ctx: SSL.Context) -> None:
                 other.bio_write(one.bio_read(65536))
     if server.get_peer_finished() is None:
         raise RuntimeError("the handshake did not finish")
+    return client, server
 
 
 Opener = Callable[[trio.SocketStream], Awaitable[trio.abc.HalfCloseableStream]]

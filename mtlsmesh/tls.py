@@ -110,9 +110,9 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-# The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
-# ssl.h's SSL_MODE_NO_AUTO_CHAIN, which the binding does not name.
+# ssl.h's SSL_MODE_NO_AUTO_CHAIN, which the binding does not name (see build_context).
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
+# The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
 _CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
 _SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
 

@@ -6,7 +6,6 @@ the server reaches the client only at its first read (DESIGN.md §11): refusal t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -19,6 +18,7 @@ import trio
 from OpenSSL import SSL
 from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memory_stream_pair
 
+from bench.handshake import openssl_handshake
 from mtlsmesh import ca, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
@@ -354,20 +354,6 @@ async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Con
             await a.aclose()
 
 
-def raw_handshake(client_ctx: SSL.Context, server_ctx: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
-    """A handshake between two plain pyOpenSSL connections over memory BIOs, driven by hand."""
-    client, server = SSL.Connection(client_ctx, None), SSL.Connection(server_ctx, None)
-    client.set_connect_state()
-    server.set_accept_state()
-    for _ in range(4):  # ClientHello, the server's flight, the client's, the tickets
-        for one, other in ((client, server), (server, client)):
-            with contextlib.suppress(SSL.WantReadError):
-                one.do_handshake()
-            with contextlib.suppress(SSL.WantReadError):
-                other.bio_write(one.bio_read(65536))
-    return client, server
-
-
 @pytest.mark.parametrize("intermediate", [False, True], ids=["root-signed", "with-intermediate"])
 def test_each_side_sends_its_leaf_and_intermediates_and_never_the_root(intermediate: bool) -> None:
     # Not OpenSSL's auto chain, which would verify our own leaf on every handshake to build a chain ending at
@@ -376,10 +362,10 @@ def test_each_side_sends_its_leaf_and_intermediates_and_never_the_root(intermedi
     client_material = material_for(issuer, workload_id(TD, "default", "client"))
     server_material = material_for(issuer, workload_id(TD, "default", "server"))
     assert len(client_material.chain) == len(server_material.chain) == (2 if intermediate else 1)
-    client, server = raw_handshake(
+    # openssl_handshake fails unless the server took the client's certificate and Finished.
+    client, server = openssl_handshake(
         tls.build_context(client_material, tls.Side.CLIENT), tls.build_context(server_material, tls.Side.SERVER)
     )
-    assert server.get_peer_finished() is not None  # the server took the client's certificate and Finished
     # A client's chain includes the server's leaf; a server's leaves out the client's (OpenSSL's convention).
     sent_by_server = [c.to_cryptography() for c in client.get_peer_cert_chain() or []]
     sent_by_client = [c.to_cryptography() for c in server.get_peer_cert_chain() or []]
