@@ -1,16 +1,16 @@
 """The `mtlsmesh` command line: one subcommand per module in this package.
 
-Each module `mtlsmesh/cli/<name>.py` defines `add_parser(subparsers)`, which registers the subcommand and sets
-`run=<callable(args) -> int>` as its default. This module finds them, parses the arguments, and turns a
-`MeshError` into one line on stderr and exit status 2. A traceback from here is a bug. It names no subcommand
-itself: adding a module is all it takes to add one.
+`COMMANDS` names each subcommand and its one-line help. Only the module of the subcommand being run is imported:
+`mtlsmesh sidecar` loads the sidecar and nothing of the CA's CLI or the pod lab. Each module `mtlsmesh/cli/<name>.py`
+defines `add_parser(subparsers, help_text)`, which registers its subcommand and sets `run=<callable(args) -> int>`
+as its default. For `mtlsmesh --help` (no subcommand given) the others are listed by name and help alone. This
+module turns a `MeshError` into one line on stderr and exit status 2. A traceback from here is a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 from collections.abc import Sequence
 
@@ -19,21 +19,39 @@ from mtlsmesh.errors import MeshError
 
 EXIT_ERROR = 2
 
+COMMANDS = {
+    "ca": "the built-in SPIFFE CA",
+    "demo": "build the bookinfo mesh in network namespaces and show mTLS at work (root)",
+    "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
+    "iptables": "install the pod's traffic-capture rules (the init step)",
+    "sidecar": "run the pod's mTLS sidecar",
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` asks for: its first word that is not an option (the top level takes no values)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full arguments of the subcommand `argv` names (every one when `argv` is None)."""
     parser = argparse.ArgumentParser(prog="mtlsmesh", description="Zero-code mutual TLS between pods.")
     parser.add_argument("--version", action="version", version=f"mtlsmesh {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    package_path = sys.modules[__name__].__path__
-    for module_info in sorted(pkgutil.iter_modules(package_path), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        module.add_parser(subparsers)
+    wanted = None if argv is None else _command_in(argv)
+    for name, help_text in COMMANDS.items():
+        if argv is None or name == wanted:
+            module = importlib.import_module(f"{__name__}.{name}")
+            module.add_parser(subparsers, help_text)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(words)
+    args = parser.parse_args(words)
     try:
         status = args.run(args)
     except MeshError as exc:

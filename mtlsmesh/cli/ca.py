@@ -66,8 +66,8 @@ def parse_ttl(text: str, flag: str = "--ttl") -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("ca", help="the built-in SPIFFE CA", description="The built-in SPIFFE CA.")
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
+    parser = subparsers.add_parser("ca", help=help_text, description="The built-in SPIFFE CA.")
     commands = parser.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
     key_types = [k.value for k in ca.KeyType]
 

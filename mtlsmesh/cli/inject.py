@@ -20,10 +20,10 @@ from mtlsmesh.errors import ConfigError
 from mtlsmesh.inject import InjectOptions, inject_text
 
 
-def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[Any], help_text: str) -> None:
     parser = subparsers.add_parser(
         "inject",
-        help="add the mesh's init container and sidecar to Kubernetes manifests",
+        help=help_text,
         description="Add the mtlsmesh capture init container and native sidecar to every pod template.",
     )
     parser.add_argument("-f", "--filename", required=True, metavar="FILE", help="manifest to read, - for stdin")

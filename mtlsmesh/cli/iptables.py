@@ -57,10 +57,10 @@ _BACKEND_ENV = "MTLSMESH_IPTABLES_BACKEND"
 _IPV6_ENV = "MTLSMESH_IPV6"
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
     parser = subparsers.add_parser(
         "iptables",
-        help="install the pod's traffic-capture rules (the init step)",
+        help=help_text,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

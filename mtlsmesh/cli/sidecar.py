@@ -66,8 +66,8 @@ class LineFormatter(logging.Formatter):
         return f"{text},{int(record.msecs):03d}"  # what logging.Formatter.default_msec_format "%s,%03d" gives
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("sidecar", help="run the pod's mTLS sidecar", description=__doc__)
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
+    parser = subparsers.add_parser("sidecar", help=help_text, description=__doc__)
     parser.add_argument("--config", metavar="FILE", help="the sidecar YAML config (env MTLSMESH_CONFIG)")
     parser.add_argument("--cert", metavar="FILE", help="SVID chain, leaf first (env MTLSMESH_CERT)")
     parser.add_argument("--key", metavar="FILE", help="SVID private key (env MTLSMESH_KEY)")

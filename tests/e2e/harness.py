@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from mtlsmesh import netns, pcap
-from mtlsmesh.demoapps import MARKER_HEADER
-from mtlsmesh.lab import Lab, http_get, log_records
-from mtlsmesh.topology import SERVICES_CHAIN, Topology
+from mtlsmesh.lab import netns, pcap
+from mtlsmesh.lab.demoapps import MARKER_HEADER
+from mtlsmesh.lab.pods import Lab, http_get, log_records
+from mtlsmesh.lab.topology import SERVICES_CHAIN, Topology
 
 
 def open_lab(topology: Topology) -> Iterator[Lab]:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from mtlsmesh import netns
-from mtlsmesh.lab import child_env
+from mtlsmesh.lab import netns
+from mtlsmesh.lab.pods import child_env
 from tests.e2e import harness
 
 pytestmark = pytest.mark.root

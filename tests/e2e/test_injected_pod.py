@@ -31,10 +31,12 @@ from typing import Any
 import pytest
 import yaml
 
-from mtlsmesh import inject, kubelet, netns
-from mtlsmesh.lab import Lab, child_env, http_get
+from mtlsmesh import inject
+from mtlsmesh.lab import netns
+from mtlsmesh.lab.pods import Lab, child_env, http_get
+from mtlsmesh.lab.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec, PodSpec, ServiceSpec, Topology
 from mtlsmesh.manifest import parse_manifests
-from mtlsmesh.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec, PodSpec, ServiceSpec, Topology
+from tests import kubelet
 from tests.e2e import harness
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from mtlsmesh import netns
 from mtlsmesh.errors import LabError
-from mtlsmesh.lab import Lab, child_env, http_get, preflight
-from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
+from mtlsmesh.lab import netns
+from mtlsmesh.lab.pods import Lab, child_env, http_get, preflight
+from mtlsmesh.lab.topology import AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
 
 pytestmark = pytest.mark.root
@@ -36,8 +36,8 @@ PLAIN = Topology(
 CHILD = textwrap.dedent(
     """
     import signal, sys
-    from mtlsmesh.lab import Lab
-    from mtlsmesh.topology import AppSpec, PodSpec, Topology
+    from mtlsmesh.lab.pods import Lab
+    from mtlsmesh.lab.topology import AppSpec, PodSpec, Topology
     topology = Topology(pods=(PodSpec("a", mesh=False, apps=(AppSpec("http", ("http", "--name", "a", "--port",
         "8080"), ports=(8080,)),)),))
     with Lab(topology, tag="mmt") as lab:

@@ -15,8 +15,8 @@ import pytest
 
 from mtlsmesh import ca
 from mtlsmesh.identity import parse_spiffe_id
-from mtlsmesh.lab import Lab
-from mtlsmesh.topology import AppSpec, PodSpec, Topology
+from mtlsmesh.lab.pods import Lab
+from mtlsmesh.lab.topology import AppSpec, PodSpec, Topology
 from tests.e2e import harness
 
 pytestmark = pytest.mark.root

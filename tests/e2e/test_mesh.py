@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import pytest
 
-from mtlsmesh.lab import Lab, log_records
-from mtlsmesh.topology import AppSpec, PodSpec, ServiceSpec, Topology
+from mtlsmesh.lab.pods import Lab, log_records
+from mtlsmesh.lab.topology import AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
 
 pytestmark = pytest.mark.root

@@ -26,7 +26,8 @@ import pytest
 import trio
 import yaml
 
-from mtlsmesh import inbound, netns
+from mtlsmesh import inbound
+from mtlsmesh.lab import netns
 from tests.e2e import harness
 from tests.pki import Pki
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from mtlsmesh import kubelet
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.inject import CONFIG_FILE, INIT_CONTAINER, PROXY_CONTAINER, SVID_DIR, inject_documents, pod_commands
+from tests import kubelet
 
 MOUNTS = {"/etc/mtlsmesh": "/lab/pod/config", "/var/run/mtlsmesh/svid": "/lab/pod/svid", "/var/run": "/lab/pod/run"}
 

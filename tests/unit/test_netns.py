@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtlsmesh import netns
+from mtlsmesh.lab import netns
 
 LIVE_PID = 4242
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from mtlsmesh.pcap import Flow, PcapError, TlsRecord, parse_pcap, reassemble, tls_records
+from mtlsmesh.lab.pcap import Flow, PcapError, TlsRecord, parse_pcap, reassemble, tls_records
 
 
 def tcp_frame(src: str, dst: str, sport: int, dport: int, seq: int, payload: bytes, flags: int = 0x18) -> bytes:

@@ -9,7 +9,7 @@ import yaml
 
 from mtlsmesh import config
 from mtlsmesh.errors import LabError
-from mtlsmesh.topology import (
+from mtlsmesh.lab.topology import (
     AppSpec,
     PodSpec,
     ServiceSpec,

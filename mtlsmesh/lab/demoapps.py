@@ -3,11 +3,11 @@
 They know nothing of the mesh: they listen and dial in plaintext, and the mesh's capture rules and sidecars do the
 rest. That is the point the demo and the end-to-end tests make, so these apps must stay mesh-unaware.
 
-    python -m mtlsmesh.demoapps http --name reviews --port 9080 --call ratings=http://198.19.0.12:9080/ratings
+    python -m mtlsmesh.lab.demoapps http --name reviews --port 9080 --call ratings=http://198.19.0.12:9080/ratings
         A JSON HTTP service. Each request is logged on one line with what arrived in plaintext (peer, path and the
         `X-Demo-Marker` header), then each `--call` upstream is asked in turn (the marker is passed on) and the
         answers are nested in the reply.
-    python -m mtlsmesh.demoapps tcp --port 3306 --mode banner|echo|hash
+    python -m mtlsmesh.lab.demoapps tcp --port 3306 --mode banner|echo|hash
         echo: send back what arrives, and shut down writing after the peer's EOF (half-close passes through);
         banner: speak first (`BANNER <name>\\n`), then echo — a server-first protocol like MySQL;
         hash: read to EOF, then answer `<bytes> <sha256 hex>\\n`.
@@ -158,7 +158,7 @@ def parse_call(text: str) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtlsmesh.demoapps", description="The demo mesh's apps.")
+    parser = argparse.ArgumentParser(prog="python -m mtlsmesh.lab.demoapps", description="The demo mesh's apps.")
     sub = parser.add_subparsers(dest="kind", required=True)
     http_parser = sub.add_parser("http", help="a JSON HTTP service that may call upstreams")
     http_parser.add_argument("--name", required=True)

@@ -40,7 +40,7 @@ _POD_NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
 
 @dataclass(frozen=True, slots=True)
 class AppSpec:
-    """A process in a pod: `python -m mtlsmesh.demoapps ARGS...` as `uid`; `ports` are waited for before use."""
+    """A process in a pod: `python -m mtlsmesh.lab.demoapps ARGS...` as `uid`; `ports` are waited for before use."""
 
     name: str
     args: tuple[str, ...]

@@ -41,10 +41,11 @@ from pathlib import Path
 import yaml
 
 import mtlsmesh
-from mtlsmesh import ca, netns
+from mtlsmesh import ca
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import TrustDomain
-from mtlsmesh.topology import (
+from mtlsmesh.lab import netns
+from mtlsmesh.lab.topology import (
     GATEWAY,
     HEALTH_PORT,
     PROXY_UID,
@@ -339,7 +340,7 @@ class Lab:
 
     def _spawn_app(self, pod: PlannedPod, app_name: str) -> None:
         app = next(a for a in pod.spec.apps if a.name == app_name)
-        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.demoapps", *app.args])
+        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.lab.demoapps", *app.args])
         log = self.pod_dir(pod.spec.name) / f"app-{app.name}.log"
         self._apps[(pod.spec.name, app.name)] = self._spawn(
             f"{pod.spec.name}/{app.name}", self.pod_ns(pod.spec.name), argv, log
@@ -401,7 +402,7 @@ class Lab:
         and wait for its ports."""
         if app.uid in (0, PROXY_UID) or (pod, app.name) in self._apps:
             raise LabError(f"pod {pod}: app {app.name} exists already or runs as uid {app.uid}")
-        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.demoapps", *app.args])
+        argv = as_uid(app.uid, [self.python, "-m", "mtlsmesh.lab.demoapps", *app.args])
         log = self.pod_dir(pod) / f"app-{app.name}.log"
         proc = self._apps[(pod, app.name)] = self._spawn(f"{pod}/{app.name}", self.pod_ns(pod), argv, log)
         for port in app.ports:
