@@ -9,8 +9,8 @@ end), each printing the process's CPU time per connection, both ends together:
   layer adds on top (trio, the hand-over, the record layer, the SPIFFE check).
 - `plain`: the same exchange over the socketpair without TLS: the floor under `tlsstream`.
 
-`--auto-chain` turns OpenSSL's auto chain back on (the sidecar turns it off: see `tls.build_context`), to show what
-it costs. A benchmark, not a test: it asserts nothing beyond each handshake having happened.
+`--auto-chain` turns OpenSSL's auto chain back on (the sidecar turns it off: see `mtlsmesh.handshake.build_context`),
+to show what it costs. A benchmark, not a test: it asserts nothing beyond each handshake having happened.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import trio
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
 from bench.certs import BenchCerts, SvidFiles, issue_bench_certs
-from mtlsmesh import tls
+from mtlsmesh import handshake, tls
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.credentials import Credentials, load_credentials
 from mtlsmesh.identity import parse_spiffe_id, parse_trust_domain
@@ -37,7 +36,6 @@ from mtlsmesh.identity import parse_spiffe_id, parse_trust_domain
 TRUST_DOMAIN = parse_trust_domain("cluster.local")
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-_NO_AUTO_CHAIN = 0x8  # ssl.h's SSL_MODE_NO_AUTO_CHAIN
 
 
 def _load(files: SvidFiles) -> Credentials:
@@ -116,7 +114,7 @@ def run(certs: BenchCerts, count: int, auto_chain: bool) -> dict[str, float]:
     client_ctx, server_ctx = client.client_context, server.server_context
     if auto_chain:
         for ctx in (client_ctx, server_ctx):
-            _lib.SSL_CTX_clear_mode(ctx._context, _NO_AUTO_CHAIN)
+            ctx.clear_mode(handshake.SSL_MODE_NO_AUTO_CHAIN)
     expected = (parse_spiffe_id(certs.server.spiffe_id),)
 
     async def open_client(stream: trio.SocketStream) -> trio.abc.HalfCloseableStream:

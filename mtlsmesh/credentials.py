@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 
-from mtlsmesh import pem, svid, tls
+from mtlsmesh import handshake, pem, svid
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.identity import SpiffeId, TrustDomain
@@ -37,7 +37,7 @@ class Credentials:
     """One loaded generation of credentials: what the next handshakes use."""
 
     spiffe_id: SpiffeId
-    material: tls.Material
+    material: handshake.Material
     server_context: SSL.Context
     client_context: SSL.Context
     not_after: datetime
@@ -97,10 +97,10 @@ def load_credentials(files: CredentialFiles, trust_domain: TrustDomain, *, now: 
     if now > leaf.not_valid_after_utc:
         raise CertificateError(files.cert, f"the SVID expired at {leaf.not_valid_after_utc.isoformat()}")
     _check_chain(files, chain, roots)
-    material = tls.Material(chain, key, roots)
+    material = handshake.Material(chain, key, roots)
     try:
-        server_context = tls.build_context(material, tls.Side.SERVER)
-        client_context = tls.build_context(material, tls.Side.CLIENT)
+        server_context = handshake.build_context(material, handshake.Side.SERVER)
+        client_context = handshake.build_context(material, handshake.Side.CLIENT)
     except CertificateError as exc:
         raise CertificateError(files.cert, exc.message) from exc
     return Credentials(

@@ -3,10 +3,10 @@
 What it does, per accepted connection: find the app's address (the original destination, or an explicit listener's
 `forward_to`); unless the port is server-first or its mode is DISABLE, sniff the first bytes (up to
 `sniff.MAX_CLIENT_HELLO`, within `sniff_timeout`) and keep them, so nothing is lost whichever way it goes; a
-ClientHello offering ALPN `mtlsmesh` is mesh traffic: the bytes are replayed into a TLS 1.3 server that requires the
-caller's SVID; anything else is passed through in PERMISSIVE and refused in STRICT. Then the authorization policy
-decides on (caller, port) (a plaintext caller is None), the app is dialed from `inbound.app_source` (127.0.0.6) so the
-dial is not captured again, and the two are relayed.
+ClientHello offering ALPN `mtlsmesh` is mesh traffic: the bytes are handed to a TLS 1.3 server that requires the
+caller's SVID (which reads them first); anything else is passed through in PERMISSIVE (the app gets them first) and
+refused in STRICT. Then the authorization policy decides on (caller, port) (a plaintext caller is None), the app is
+dialed from `inbound.app_source` (127.0.0.6) so the dial is not captured again, and the two are relayed.
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
 A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
@@ -166,12 +166,11 @@ async def handle_inbound(
                 why = f"not_mesh: {verdict.reason or 'not TLS'}"
             await refuse(downstream, rec, why)
             return
-    front: trio.abc.HalfCloseableStream = netio.ReplayStream(downstream, prefix)
-    del prefix  # the replaying stream drops it once handed back; this frame lives as long as the connection
-
+    front: trio.abc.HalfCloseableStream = downstream
     caller = None
     if mesh:
-        opened = await open_mtls_or_reason(rt, front, tls.Side.SERVER, peer=rec.client_addr)
+        opened = await open_mtls_or_reason(rt, downstream, tls.Side.SERVER, peer=rec.client_addr, prefix=prefix)
+        prefix = b""  # the handshake has it; this frame lives as long as the connection
         if isinstance(opened, str):
             await refuse(downstream, rec, opened)
             return
@@ -193,6 +192,14 @@ async def handle_inbound(
     app = await dial_or_refuse(rt, app_host, port, front, rec, source=source)
     if app is None:
         return
+    if prefix:  # passthrough: what the sniffer read goes to the app before anything else
+        try:
+            await app.send_all(prefix)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await netio.abort_close(app)
+            await refuse(front, rec, f"reset_by_app: {exc}", decision=rec.decision)
+            return
     result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
-    rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream
+    rec.bytes_in = len(prefix) + result.downstream_to_upstream
+    rec.bytes_out = result.upstream_to_downstream
     rec.reason = result.reason

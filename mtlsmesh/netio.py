@@ -1,9 +1,9 @@
-"""Socket-level pieces of the sidecar: the original destination, dialing, abortive close, replaying streams.
+"""Socket-level pieces of the sidecar: the original destination, dialing, abortive close, raw reads and writes.
 
 What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`), dials
 with a connect timeout and an optional source address (`dial`), turns TCP keepalive on (`set_keepalive`: dialed
 sockets and the listeners, whose accepted sockets inherit it), closes a connection with an RST (`abort_close`),
-and `ReplayStream` hands back bytes already read from a stream (the inbound sniffer's peek-by-buffering).
+and reads and writes sockets without trio's checkpoint when no wait is needed (the data path's raw calls).
 
 What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see `tls`).
 """
@@ -288,38 +288,3 @@ async def send_eof_raw(stream: trio.SocketStream) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError as exc:
         raise stream_error(exc) from exc
-
-
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream that first returns `prefix` (bytes already read from `transport_stream`), then reads on."""
-
-    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
-        self.transport_stream = transport_stream
-        self._prefix = memoryview(prefix) if prefix else None
-
-    @property
-    def replayed(self) -> bool:
-        """True once the prefix is all handed back: from then on this is `transport_stream` itself."""
-        return self._prefix is None
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix is not None:
-            n = len(self._prefix) if max_bytes is None else min(max_bytes, len(self._prefix))
-            chunk, rest = self._prefix[:n], self._prefix[n:]
-            self._prefix = rest if rest else None
-            await trio.lowlevel.checkpoint()
-            return bytes(chunk)
-        return bytes(await self.transport_stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.transport_stream.send_eof()
-
-    async def aclose(self) -> None:
-        self._prefix = None
-        await self.transport_stream.aclose()

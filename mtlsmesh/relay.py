@@ -51,7 +51,7 @@ class RelayResult:
 class _Pump:
     __slots__ = ("copied", "dst", "dst_name", "src", "src_name")
 
-    def __init__(self, src: trio.abc.Stream, dst: trio.abc.Stream, src_name: str, dst_name: str) -> None:
+    def __init__(self, src: _End, dst: _End, src_name: str, dst_name: str) -> None:
         self.src, self.dst, self.src_name, self.dst_name = src, dst, src_name, dst_name
         self.copied = 0
 
@@ -66,8 +66,6 @@ async def relay(
 ) -> RelayResult:
     """Relay until both directions end or one fails; close both streams; return the counts and the reason."""
     failure: list[str] = []
-    forward = _Pump(downstream, upstream, downstream_name, upstream_name)
-    backward = _Pump(upstream, downstream, upstream_name, downstream_name)
     # The nursery's own cancel scope is the relay's: the first failure cancels it, the idle deadline is its deadline.
     scope: trio.CancelScope  # bound before either pump runs
 
@@ -78,9 +76,12 @@ async def relay(
         def touch() -> None:
             scope.deadline = trio.current_time() + timeout
 
+    down, up = _end(downstream, touch), _end(upstream, touch)
+    forward = _Pump(down, up, downstream_name, upstream_name)
+    backward = _Pump(up, down, upstream_name, downstream_name)
+
     async def pump(p: _Pump) -> None:
-        src, dst = p.src, p.dst
-        receive, send, send_eof = _receiver(src), _sender(dst, touch), _eof_sender(dst)
+        receive, send, send_eof = p.src.receive, p.dst.send, p.dst.send_eof
         owed = False  # a round ended without waiting and without a checkpoint: the next such round must take one
         short = False  # the last read got less than it asked for: the source is most likely empty now
         while True:
@@ -139,8 +140,8 @@ async def relay(
             await netio.abort_close(upstream)
         else:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_GRACE, shield=True) as grace:
-                await _close(downstream)
-                await _close(upstream)
+                await down.close()
+                await up.close()
             if grace.cancelled_caught:
                 await netio.abort_close(downstream)
                 await netio.abort_close(upstream)
@@ -152,61 +153,45 @@ Receive = Callable[[int, bool], Awaitable[tuple[bytes | bytearray, bool]]]
 Send = Callable[[bytes | bytearray], Awaitable[bool]]
 
 
-def _receiver(stream: trio.abc.Stream) -> Receive:
-    """How the pump reads `stream`: (data, whether it waited). Sockets and TLS streams skip the checkpoint when data
-    is already there (the pump takes its own checkpoints instead); any other stream is an ordinary receive_some.
-    After a short read a socket is waited for before it is read (a TLS stream judges that by its own reads)."""
+@dataclass(frozen=True, slots=True)
+class _End:
+    """How the relay reads, writes, half-closes (None: it cannot) and closes one stream."""
+
+    receive: Receive
+    send: Send
+    send_eof: Callable[[], Awaitable[object]] | None
+    close: Callable[[], Awaitable[object]]
+
+
+def _end(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> _End:
+    """The one place that looks at what a stream is. Sockets and TLS streams are read and written without trio's
+    checkpoint when no wait is needed (the pump takes its own checkpoints instead), and report whether they waited;
+    after a short read a socket is waited for before it is read (a TLS stream judges that by its own reads). A
+    socket is half-closed and closed at once, without trio's checkpoint (the pump's task ends right after, which is
+    its trip through the scheduler). Any other stream is used through the Stream interface. `progress` is called when
+    a send that had to wait gets more bytes out (sockets and TLS over sockets; other streams only report whole
+    sends)."""
     if type(stream) is trio.SocketStream:
-        return partial(netio.receive_raw, stream)
+        sock = stream
+        send = partial(netio.send_raw, sock) if progress is None else partial(netio.send_raw, sock, progress=progress)
+
+        async def close_socket() -> None:
+            sock.socket.close()
+
+        return _End(partial(netio.receive_raw, sock), send, partial(netio.send_eof_raw, sock), close_socket)
     if type(stream) is tls.TLSStream:
-        return stream.receive_chunk
+        stream.send_progress = progress
+        return _End(stream.receive_chunk, stream.send_chunk, stream.send_eof, stream.aclose)
 
     async def receive(max_bytes: int, _short: bool) -> tuple[bytes | bytearray, bool]:
         return await stream.receive_some(max_bytes), True
 
-    return receive
-
-
-def _sender(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> Send:
-    """How the pump writes `stream`; True when it waited (see `_receiver`). `progress` is called when a send that
-    had to wait gets more bytes out (sockets and TLS over sockets; other streams only report whole sends)."""
-    if type(stream) is netio.ReplayStream:
-        stream = stream.transport_stream  # it replays only what was read; what is sent goes straight through
-    if type(stream) is trio.SocketStream:
-        if progress is None:  # the default (idle timeout off): exactly the plain call
-            return partial(netio.send_raw, stream)
-        return partial(netio.send_raw, stream, progress=progress)
-    if type(stream) is tls.TLSStream:
-        stream.send_progress = progress
-        return stream.send_chunk
-
-    async def send(data: bytes | bytearray) -> bool:
+    async def send_all(data: bytes | bytearray) -> bool:
         await stream.send_all(data)
         return True
 
-    return send
-
-
-def _eof_sender(stream: trio.abc.Stream) -> Callable[[], Awaitable[object]] | None:
-    """How the pump half-closes `stream` (None: it cannot). A socket is shut down for writing at once, without
-    trio's checkpoint (the pump returns right after, and its task ends: that is its trip through the scheduler)."""
-    if type(stream) is trio.SocketStream:
-        return partial(netio.send_eof_raw, stream)
-    if type(stream) is tls.TLSStream:
-        return stream.send_eof_chunk  # the same for a TLS stream over a socket
-    if isinstance(stream, trio.abc.HalfCloseableStream):
-        return stream.send_eof
-    return None
-
-
-async def _close(stream: trio.abc.Stream) -> None:
-    """A graceful close; a socket is closed at once, without trio's checkpoint (see `_eof_sender`)."""
-    if type(stream) is trio.SocketStream:
-        stream.socket.close()
-    elif type(stream) is tls.TLSStream:
-        await stream.close_chunk()
-    else:
-        await stream.aclose()
+    send_eof = stream.send_eof if isinstance(stream, trio.abc.HalfCloseableStream) else None
+    return _End(receive, send_all, send_eof, stream.aclose)
 
 
 def _why(exc: BaseException) -> str:

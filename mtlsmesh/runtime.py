@@ -205,10 +205,11 @@ async def open_mtls_or_reason(
     *,
     peer: str,
     expected: tuple[SpiffeId, ...] = (),
+    prefix: bytes = b"",
 ) -> tls.TLSStream | str:
     """The mTLS handshake over `transport` with the current SVID, within `timeouts.handshake`. Returns the checked
     TLS stream, or the reason to refuse with (`handshake: ...` or `handshake_timeout`); the caller closes what it
-    opened."""
+    opened. `prefix`: what the inbound sniffer already read of the peer's first flight."""
     current = rt.credentials.current
     context = current.server_context if side is tls.Side.SERVER else current.client_context
     # What trio.fail_after does, without its generator-based context manager (once per connection).
@@ -217,7 +218,14 @@ async def open_mtls_or_reason(
             # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
             # for the server); a server holds its session tickets for its first records either way.
             return await tls.open_mtls(
-                transport, context, side, rt.config.trust_domain, expected=expected, peer=peer, send_last=False
+                transport,
+                context,
+                side,
+                rt.config.trust_domain,
+                expected=expected,
+                peer=peer,
+                send_last=False,
+                prefix=prefix,
             )
         except HandshakeError as exc:
             return f"handshake: {exc.reason}"

@@ -1,34 +1,36 @@
-"""Mutual TLS between sidecars: pyOpenSSL contexts and a TLS stream over any trio stream.
+"""Mutual TLS between sidecars: a TLS stream over any trio stream, and the check of the peer's SVID.
 
-What it does: `build_context` turns an SVID (chain + key) and a trust bundle into a TLS 1.3-only pyOpenSSL
-context that presents the SVID, requires the peer's certificate and lets OpenSSL validate the peer's chain against
-the bundle. `TLSStream` runs TLS over any `trio.abc.Stream` (a socket, a memory pair, a replaying wrapper) and is
-itself a `trio.abc.HalfCloseableStream`. `open_mtls` does the handshake and then checks the peer's SPIFFE ID
-(the SVID leaf rules, our trust domain, the expected identities) before anyone sends an application byte.
+What it does: `TLSStream` runs TLS over any `trio.abc.Stream` (a socket, a memory pair) and is itself a
+`trio.abc.HalfCloseableStream`. `open_mtls` does the handshake and then checks the peer's SPIFFE ID (the SVID leaf
+rules, our trust domain, the expected identities) before anyone sends an application byte.
 
-What it does not: pick identities or decide policy (see `policy`), load or reload files (see `credentials`), or
-speak any TLS version but 1.3 (a TLS 1.2 peer fails the handshake with "unsupported protocol").
+What it does not: build TLS contexts or talk to OpenSSL (see `handshake`, the one seam to it), pick identities or
+decide policy (see `policy`), load or reload files (see `credentials`), or speak any TLS version but 1.3 (a TLS 1.2
+peer fails the handshake with "unsupported protocol").
 
 Theory of operation
 -------------------
-The handshake is OpenSSL's. The `SSL.Connection` is built with no socket (`SSL.Connection(ctx, None)`), so OpenSSL
-reads ciphertext from a memory BIO we fill and writes ciphertext to a memory BIO we drain; it never does I/O itself,
-it only says "I need more input" (WANT_READ). `_run_handshake` drives it:
+The handshake is OpenSSL's, driven through `handshake.Handshake` with no socket: OpenSSL reads ciphertext we feed it
+and writes ciphertext we take; it never does I/O itself, it only says "I need more input". `_run_handshake` drives
+it:
 
-    call do_handshake  →  drain the outgoing BIO to the transport  →  if OpenSSL wanted input, read one chunk from
-    the transport into the incoming BIO and call it again.
+    step  →  send what it wrote  →  if it wanted input, read one chunk from the transport, feed it and step again.
 
-The records after the handshake are ours (`records.Session`). When OpenSSL is done, `_hand_over` takes the two
-application traffic secrets that OpenSSL gave the key log callback, the records its last step wrote (held back, not
-yet sent) and the ciphertext it has not read, and frees the OpenSSL connection: an idle connection keeps two AEAD
-contexts instead of OpenSSL's ~40 KiB. (Why that is sound: see `_hand_over`.)
+Bytes already read from the transport before the stream was made (the inbound sniffer's ClientHello) are fed to
+the handshake first: the stream takes them as `prefix`, so nothing wraps the transport to replay them.
+
+The records after the handshake are ours (`records.Session`). When OpenSSL is done, `Handshake.hand_over` gives us
+the session (built from the two application traffic secrets), the records its last step wrote (held back, not yet
+sent) and the ciphertext it has not read, and frees the OpenSSL connection: an idle connection keeps two AEAD
+contexts instead of OpenSSL's ~40 KiB.
 
 The data path (`send_all`, `receive_some`) is straight-line code. `send_all` seals up to `SEND_CHUNK` of plaintext
 into one buffer of records queued on the session (its own: a send may have to wait for the socket) and sends the
 queue; `receive_some` reads the transport once (a socket: straight into a per-thread scratch buffer, after the
 partial record left from last time), opens every whole record into another and returns a copy, so one socket read
 or write carries many records. Our last handshake records wait in `_held` to go out with the next write (see
-`do_handshake`).
+`do_handshake`). Whether the transport is a socket (read and written directly, without trio's checkpoint when no
+wait is needed) is decided once, when the stream is made.
 
 Two tasks may use the stream at once (one sending, one receiving, as the relay does). Records are queued in the
 order they are sealed; the queue is drained by one task at a time (`_draining`; a task that must wait parks), and the
@@ -42,7 +44,7 @@ Half-close: `send_eof` sends close_notify (and a FIN when the transport can half
 sending (RFC 8446 §6.1). Receiving close_notify makes `receive_some` return b"". A transport EOF without close_notify
 is a truncation and raises `trio.BrokenResourceError`.
 
-Errors are translated by `_fail`: an OpenSSL or transport error (broken or closed) during the handshake becomes
+Errors are translated by `_fail`: a handshake or transport error (broken or closed) during the handshake becomes
 `HandshakeError`, afterwards `trio.BrokenResourceError`; a record the peer got wrong is answered with the alert
 `records` names before the stream breaks. `open_mtls` checks the peer before our last handshake flight leaves.
 """
@@ -50,32 +52,21 @@ Errors are translated by `_fail`: an OpenSSL or transport error (broken or close
 from __future__ import annotations
 
 import contextlib
-import enum
 import operator
 import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import trio
 from cryptography import x509
-from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
+from OpenSSL import SSL
 
-from mtlsmesh import netio, records, svid
+from mtlsmesh import handshake, netio, records, svid
 from mtlsmesh.errors import CertificateError, HandshakeError
+from mtlsmesh.handshake import ALPN, Side
 from mtlsmesh.identity import SpiffeId, TrustDomain
-from mtlsmesh.pem import PrivateKey
 
-ALPN = b"mtlsmesh"  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
-
-# Key exchange groups offered between sidecars, most preferred first. X25519MLKEM768 is the hybrid post-quantum
-# group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.
-PQ_GROUPS = b"X25519MLKEM768:X25519:P-256"
-CLASSIC_GROUPS = b"X25519:P-256"
+__all__ = ["ALPN", "RECORD_SIZE", "Side", "TLSStream", "check_peer", "open_mtls"]
 
 # What two sidecars negotiate with the OpenSSL that pyOpenSSL bundles here (checked by tests/integration/test_tls):
 # TLS 1.3, cipher suite TLS_AES_256_GCM_SHA384 (OpenSSL's default TLS 1.3 order), key exchange X25519MLKEM768,
@@ -86,7 +77,6 @@ NEGOTIATED_GROUP_PQ = "X25519MLKEM768"
 
 RECORD_SIZE = 16384  # TLS max plaintext record (RFC 8446 §5.1): what receive_some returns when not told a size
 SEND_CHUNK = 64 * 1024  # plaintext sealed per round of send_all (four records), then sent before the next
-HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO at a time during the handshake
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call (several records at once)
 RECV_SCRATCH_SIZE = 128 * 1024  # room for the plaintext of every whole record one read can hold
 
@@ -97,148 +87,15 @@ RECV_SCRATCH_SIZE = 128 * 1024  # room for the plaintext of every whole record o
 # run.
 class _Scratch(threading.local):
     def __init__(self) -> None:
-        self.drain = _ffi.new("char[]", HANDSHAKE_DRAIN)
         # Ciphertext: what is left of a partial record, then what one read brings.
         self.read = bytearray(records.MAX_RECORD + TRANSPORT_READ)
         self.read_view = memoryview(self.read)
-        self.read_c = _ffi.from_buffer(self.read)
         self.plain = bytearray(RECV_SCRATCH_SIZE)
         self.plain_view = memoryview(self.plain)
         self.inner = bytearray(records.MAX_PLAINTEXT + 1)  # one record's content and content type, to be sealed
 
 
 _SCRATCH = _Scratch()
-
-
-# ssl.h's SSL_MODE_NO_AUTO_CHAIN, which the binding does not name (see build_context).
-_SSL_MODE_NO_AUTO_CHAIN = 0x8
-# The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
-_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
-_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
-
-
-def _probe_groups() -> bytes | None:
-    """The groups list this OpenSSL accepts, or None when setting groups is not possible at all."""
-    # pyOpenSSL exposes no groups setter; its cffi binding does.
-    setter = getattr(_lib, "SSL_CTX_set1_curves_list", None)  # "curves" is OpenSSL's older name for groups
-    if setter is None:  # pragma: no cover
-        return None
-    probe = SSL.Context(SSL.TLS_METHOD)
-    for groups in (PQ_GROUPS, CLASSIC_GROUPS):
-        if setter(probe._context, groups) == 1:
-            return groups
-    return None  # pragma: no cover
-
-
-GROUPS = _probe_groups()  # what build_context sets; None: OpenSSL's defaults
-
-
-class Side(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-@dataclass(frozen=True, slots=True)
-class Material:
-    """An SVID and a trust bundle, already parsed: `chain` is the leaf first, then intermediates."""
-
-    chain: tuple[x509.Certificate, ...]
-    key: PrivateKey
-    roots: tuple[x509.Certificate, ...]
-
-
-def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
-    # A peer that does not offer our ALPN is not a sidecar: fail the handshake with no_application_protocol.
-    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
-
-
-def build_context(material: Material, side: Side) -> SSL.Context:
-    """A fresh TLS 1.3-only context presenting `material`'s SVID and trusting its roots.
-
-    A new context per credential reload: adding roots to a live context's store only ever grows it.
-    Raises `CertificateError` when OpenSSL refuses the key or a certificate.
-    """
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    # No resumption: a resumed session would skip the client certificate check we rely on. OP_NO_TICKET turns off
-    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still sends after a TLS 1.3
-    # handshake name nothing it could resume (pyOpenSSL cannot set their number to 0). Our clients never offer one.
-    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    # pyOpenSSL turns partial writes on; over a memory BIO, which never blocks, they only cut every SSL_write to one
-    # record. Off, one SSL_write encrypts a whole SEND_CHUNK. Released buffers: an idle connection hands its record
-    # buffers back to malloc instead of keeping them for the next record. No auto chain: with no intermediates
-    # configured, OpenSSL would otherwise build the chain it sends by verifying our own leaf against the trust store
-    # on every handshake (one signature check, a sixth of the handshake's CPU) and then send the root as well. We
-    # send what the cert file holds: the leaf and its intermediates.
-    _lib.SSL_CTX_clear_mode(ctx._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    ctx.set_mode(_lib.SSL_MODE_RELEASE_BUFFERS | _SSL_MODE_NO_AUTO_CHAIN)
-    try:
-        ctx.use_certificate(material.chain[0])
-        for intermediate in material.chain[1:]:
-            ctx.add_extra_chain_cert(intermediate)
-        ctx.use_privatekey(material.key)
-        ctx.check_privatekey()
-        store = ctx.get_cert_store()
-        if store is None:  # pragma: no cover - a fresh context always has a store
-            raise CertificateError("", "OpenSSL gave no certificate store")
-        for root in material.roots:
-            store.add_cert(crypto.X509.from_cryptography(root))
-    except (SSL.Error, crypto.Error) as exc:
-        raise CertificateError("", f"OpenSSL refused the credential: {_openssl_reason(exc)}") from exc
-    # OpenSSL validates the peer's chain against the bundle (no callback: its verdict stands); the SPIFFE rules are
-    # checked after the handshake by `check_peer`.
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-    if GROUPS is not None:
-        _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
-    # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
-    _lib.SSL_CTX_set_ciphersuites(ctx._context, records.CIPHERSUITES.encode())
-    _set_keylog(ctx)
-    if side is Side.SERVER:
-        ctx.set_alpn_select_callback(_select_alpn)
-        ctx.set_session_id(b"mtlsmesh")
-    else:
-        ctx.set_alpn_protos([ALPN])
-    return ctx
-
-
-def _keylog(ssl: Any, line: Any) -> None:
-    """OpenSSL's key log callback: keep the two application traffic secrets on the connection's stream, for the
-    record layer. Nothing is written anywhere; the other lines (handshake and exporter secrets) are skipped before
-    the stream is even looked up, which is why this is a raw callback and not pyOpenSSL's wrapper."""
-    text = _ffi.string(line)
-    if not text.startswith(_TRAFFIC_PREFIXES):
-        return
-    conn = SSL.Connection._reverse_mapping.get(ssl)
-    stream = None if conn is None else conn.get_app_data()
-    if isinstance(stream, TLSStream):
-        label, _, rest = text.partition(b" ")
-        with contextlib.suppress(ValueError):  # OpenSSL writes hex; a bad line leaves the secret missing
-            stream._secrets[label] = bytes.fromhex(rest.partition(b" ")[2].decode("ascii"))
-
-
-_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
-_KEYLOGGED: weakref.WeakSet[SSL.Context] = weakref.WeakSet()  # contexts that have the callback
-_KEYLOG_CALLBACK = _ffi.callback("void (*)(const SSL *, const char *)", _keylog)  # kept alive for OpenSSL
-
-
-def _set_keylog(ctx: SSL.Context) -> None:
-    # On the SSL_CTX directly: OpenSSL reads it at each handshake, so even a context already in use can get it.
-    _lib.SSL_CTX_set_keylog_callback(ctx._context, _KEYLOG_CALLBACK)
-    _KEYLOGGED.add(ctx)
-
-
-def _openssl_reason(exc: BaseException) -> str:
-    """The most useful line of an OpenSSL error: the last reason string of its error queue."""
-    args = exc.args
-    if args and isinstance(args[0], list) and args[0]:
-        entry = args[0][-1]
-        if isinstance(entry, tuple) and entry:
-            return str(entry[-1])
-    if isinstance(exc, SSL.SysCallError):
-        return "connection closed by peer"
-    return str(exc) or type(exc).__name__
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
@@ -254,7 +111,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_broken",
         "_cin",
         "_closed",
-        "_conn",
         "_drain_done",
         "_drained",
         "_draining",
@@ -264,44 +120,42 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_handshake_waiters",
         "_held",
         "_held_before_read",
-        "_in_bio",
+        "_hs",
         "_negotiated",
-        "_out_bio",
         "_plain_left",
         "_read_done",
         "_reading",
         "_receiving",
-        "_secrets",
         "_sending",
         "_session",
         "_side",
-        "_ssl",
+        "_socket",
         "peer",
         "peer_id",
         "send_progress",
         "transport_stream",
     )
 
-    def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, side: Side, peer: str = "peer"):
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        context: SSL.Context,
+        side: Side,
+        peer: str = "peer",
+        *,
+        prefix: bytes = b"",
+    ) -> None:
+        """`context` comes from `handshake.build_context`; `prefix`: bytes already read from `transport_stream`
+        (the start of the peer's first flight), handed to the handshake before anything is read."""
         self.transport_stream = transport_stream
+        # The one place that looks at what the transport is: a socket is read and written directly.
+        self._socket = transport_stream if type(transport_stream) is trio.SocketStream else None
         self.peer = peer
         self.peer_id: SpiffeId | None = None
         self._side = side
-        if context not in _KEYLOGGED:  # a context not made by build_context (tests, foreign peers)
-            _set_keylog(context)
-            _KEYLOGGED.add(context)
-        conn = SSL.Connection(context, None)
-        self._conn: SSL.Connection | None = conn
-        conn.set_app_data(self)  # for _keylog; undone when the connection is handed over
-        if side is Side.SERVER:
-            conn.set_accept_state()
-        else:
-            conn.set_connect_state()
-        # The raw SSL* and the two memory BIOs (see _lib), until the handshake is done.
-        self._ssl: Any = conn._ssl
-        self._out_bio: Any = conn._from_ssl
-        self._in_bio: Any = conn._into_ssl
-        self._secrets: dict[bytes, bytes] = {}  # filled by _keylog during the handshake, emptied after it
+        self._hs: handshake.Handshake | None = handshake.Handshake(context, side)  # until the hand-over
+        if prefix:
+            self._hs.feed(prefix)
         # After the handshake: the record layer, what is left of the ciphertext read (a partial record, or whole
         # records there was no room to open yet) and plaintext opened beyond what the last receive wanted.
         self._session: records.Session | None = None
@@ -337,8 +191,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         transport closed under us (ClosedResourceError: closed by another task, a drain) is a failure too: during the
         handshake it is a refusal like any other, not an error the caller does not expect. (When this stream itself
         was closed, its callers re-raise ClosedResourceError instead, as trio's Stream contract wants.)"""
-        if isinstance(exc, SSL.Error):
-            reason = _openssl_reason(exc)
+        if isinstance(exc, handshake.HandshakeFailure):
+            reason = exc.reason
         elif isinstance(exc, trio.ClosedResourceError):
             reason = f"transport closed: {exc}"
         elif isinstance(exc, (records.RecordError, records.PeerAlert)):
@@ -355,40 +209,36 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # not at its timeout.
         if isinstance(exc, records.RecordError) and self._session is not None:
             self._session.alert(exc.alert)
-        if isinstance(exc, (SSL.Error, records.RecordError)):
+        if isinstance(exc, (handshake.HandshakeFailure, records.RecordError)):
             self._broken = None  # the flush below must not refuse because of an earlier failure
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._flush()
         return self._fail(exc)
 
-    # --- the handshake path: pyOpenSSL calls over memory BIOs, retried on WantReadError ---------------------------
+    # --- the handshake path: `handshake.Handshake` stepped until done ---------------------------------------------
 
     async def _run_handshake(self) -> None:
-        """Call SSL_do_handshake until OpenSSL needs no more input, sending what it writes and reading what it asks
-        for. The output of the final, successful call stays in the BIO (it goes to the record layer with the
-        connection). WANT_READ is read from SSL_get_error, not raised and caught (pyOpenSSL's way), once or twice
-        per handshake."""
+        """Step the handshake until OpenSSL needs no more input, sending what it writes and reading what it asks
+        for. The output of the final, successful step stays with OpenSSL (it goes to the record layer with the
+        connection)."""
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
-        ssl = self._ssl
+        hs = self._hs
+        assert hs is not None
         yielded = False
         while True:
-            result = _lib.SSL_do_handshake(ssl)
-            want_read = result <= 0
-            if want_read and _lib.SSL_get_error(ssl, result) != _lib.SSL_ERROR_WANT_READ:
-                try:
-                    assert self._conn is not None
-                    self._conn._raise_ssl_error(ssl, result)
-                except SSL.Error as exc:
-                    raise await self._alert_and_fail(exc) from exc
             try:
-                if want_read and await self._flush():
+                done = hs.step()
+            except handshake.HandshakeFailure as exc:
+                raise await self._alert_and_fail(exc) from exc
+            try:
+                if not done and await self._flush():
                     yielded = True
-                if not want_read:
+                if done:
                     if not yielded:
                         await trio.lowlevel.checkpoint()
                     return
-                await self._fill()
+                await self._fill(hs)
             except trio.ClosedResourceError as exc:
                 if self._closed:
                     raise  # this stream was closed (aclose in another task): the Stream contract's error
@@ -397,19 +247,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._fail(exc) from exc
             yielded = True
 
-    def _bio_take(self, bio: Any) -> bytes:
-        """Everything in one of OpenSSL's memory BIOs, b"" when it is empty."""
-        parts: list[bytes] = []
-        buffer = _SCRATCH.drain
-        while True:
-            n = _lib.BIO_read(bio, buffer, HANDSHAKE_DRAIN)
-            if n <= 0:
-                return b"".join(parts)
-            parts.append(_ffi.buffer(buffer, n)[:])
-
-    async def _fill(self) -> None:
-        """During the handshake: read one chunk of ciphertext from the transport into OpenSSL's incoming BIO (or
-        wait for another task's read, then the caller retries)."""
+    async def _fill(self, hs: handshake.Handshake) -> None:
+        """During the handshake: read one chunk of ciphertext from the transport and feed it to OpenSSL (or wait
+        for another task's read, then the caller retries)."""
         if self._reading:
             if self._read_done is None:
                 self._read_done = trio.lowlevel.ParkingLot()
@@ -417,31 +257,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         self._reading = True
         try:
-            transport = self.transport_stream
-            if type(transport) is netio.ReplayStream and transport.replayed:
-                # The sniffed prefix is consumed: read the socket underneath from now on.
-                transport = self.transport_stream = transport.transport_stream
-            if type(transport) is trio.SocketStream:
-                fd, scratch = transport.socket.fileno(), _SCRATCH
+            if self._socket is not None:
+                fd = self._socket.socket.fileno()
                 while True:
                     try:
-                        n = os.readv(fd, [scratch.read_view[:TRANSPORT_READ]])
+                        data = os.read(fd, TRANSPORT_READ)
                         break
                     except BlockingIOError:
                         pass  # wait outside the except clause: a parked task must not keep the exception alive
                     except OSError as exc:
                         raise netio.stream_error(exc) from exc
                     await trio.lowlevel.wait_readable(fd)
-                if n:
-                    _lib.BIO_write(self._in_bio, scratch.read_c, n)
-                else:
-                    _lib.BIO_set_mem_eof_return(self._in_bio, 0)
             else:
-                data = await transport.receive_some(TRANSPORT_READ)
-                if data:
-                    _lib.BIO_write(self._in_bio, _ffi.from_buffer(data), len(data))
-                else:
-                    _lib.BIO_set_mem_eof_return(self._in_bio, 0)
+                data = bytes(await self.transport_stream.receive_some(TRANSPORT_READ))
+            if data:
+                hs.feed(data)
+            else:
+                hs.feed_eof()
         finally:
             self._reading = False
             if self._read_done is not None:
@@ -456,11 +288,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 held, self._held = self._held, b""
                 return held + self._session.take()
             return self._session.take()
-        if self._out_bio is None:
-            return b""
-        buffer = _SCRATCH.drain
-        n = _lib.BIO_read(self._out_bio, buffer, HANDSHAKE_DRAIN)
-        return _ffi.buffer(buffer, n)[:] if n > 0 else b""
+        return b"" if self._hs is None else self._hs.take_output()
 
     async def _flush(self, *, wait: bool = True) -> bool:
         """Send all waiting ciphertext, in order. True when it awaited (a socket transport is written without a
@@ -484,16 +312,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return awaited
         self._draining = True
         try:
-            transport = self.transport_stream
-            if type(transport) is netio.ReplayStream:
-                transport = transport.transport_stream  # it replays what was read; what we send goes straight through
+            sock = self._socket
             while data:
                 try:
-                    if type(transport) is trio.SocketStream:
-                        if await netio.send_raw(transport, data, self.send_progress):
+                    if sock is not None:
+                        if await netio.send_raw(sock, data, self.send_progress):
                             awaited = True
                     else:
-                        await transport.send_all(data)
+                        await self.transport_stream.send_all(data)
                         awaited = True
                 except trio.Cancelled:
                     # Part of a record may be out: the TLS stream can no longer be trusted.
@@ -558,46 +384,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._handshake_waiters = None
 
     def _hand_over(self) -> None:
-        """Move the finished connection from OpenSSL to a `records.Session`, then free OpenSSL's connection.
-
-        What carries over: the two application traffic secrets (from the key log), the cipher suite, the records
-        OpenSSL wrote in its last step and we held (client: its Certificate..Finished flight under handshake keys;
-        server: its NewSessionTickets, already under the application key, so the server's write sequence number
-        starts after them), and the ciphertext OpenSSL has not read (records the peer sent right behind its last
-        flight; OpenSSL reads a memory BIO one record at a time, so nothing of them is inside it)."""
-        conn = self._conn
-        assert conn is not None
-        held = self._bio_take(self._out_bio)
-        unread = self._bio_take(self._in_bio)
-        cipher = conn.get_cipher_name()
-        suite = records.SUITES.get(cipher or "")
-        client_secret = self._secrets.get(_CLIENT_SECRET)
-        server_secret = self._secrets.get(_SERVER_SECRET)
-        if suite is None or client_secret is None or server_secret is None:
-            raise HandshakeError(self.peer, f"no record layer for this connection (suite {cipher})")
-        if _lib.SSL_pending(self._ssl) > 0:
-            raise HandshakeError(self.peer, "application data arrived inside the handshake")
-        write_seq = 0
-        if self._side is Side.SERVER:
-            tickets = _count_records(held)
-            if tickets is None:
-                raise HandshakeError(self.peer, "OpenSSL's last handshake output is not application records")
-            write_seq = tickets
-            read_secret, write_secret = client_secret, server_secret
-        else:
-            read_secret, write_secret = server_secret, client_secret
-        session = records.Session(
-            suite, read_secret, write_secret, is_client=self._side is Side.CLIENT, write_seq=write_seq
-        )
-        self._held = held
+        """Take the connection over from OpenSSL (see `handshake.Handshake.hand_over`). Raises `HandshakeError`."""
+        assert self._hs is not None
+        try:
+            handed = self._hs.hand_over()
+        except handshake.HandshakeFailure as exc:
+            raise HandshakeError(self.peer, exc.reason) from exc
+        self._hs = None
+        self._held = handed.held
         self._held_before_read = self._side is Side.CLIENT
-        self._negotiated = (conn.get_protocol_version_name(), cipher, conn.get_group_name())
-        self._alpn = conn.get_alpn_proto_negotiated() or None
-        self._cin = unread
-        self._session = session
-        self._secrets.clear()
-        conn.set_app_data(None)
-        self._conn = self._ssl = self._in_bio = self._out_bio = None
+        self._negotiated = handed.negotiated
+        self._alpn = handed.alpn
+        self._cin = handed.unread
+        self._session = handed.session
 
     async def _ensure_handshake(self) -> None:
         """The implicit handshake of send_all/receive_some/send_eof: failures are a broken stream there."""
@@ -611,19 +410,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
     @property
     def negotiated(self) -> tuple[str | None, str | None, str | None]:
         """(protocol version, cipher suite, key exchange group) after the handshake."""
-        if self._conn is not None:
-            return (self._conn.get_protocol_version_name(), self._conn.get_cipher_name(), self._conn.get_group_name())
-        return self._negotiated
+        return self._negotiated if self._hs is None else self._hs.negotiated()
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's leaf in DER, without parsing it; None once the handshake is over (it is not kept)."""
-        cert = None if self._conn is None else self._conn.get_peer_certificate()
-        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        return None if self._hs is None else self._hs.peer_certificate_der()
 
     def alpn(self) -> bytes | None:
-        if self._conn is not None:
-            return self._conn.get_alpn_proto_negotiated() or None
-        return self._alpn
+        return self._alpn if self._hs is None else self._hs.alpn()
 
     # --- the Stream interface ----------------------------------------------------------------------------------
 
@@ -697,12 +491,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def _read_records(self, max_bytes: int) -> tuple[bytes | None, bool]:
         """Read the transport once and open what came (see `_open`): (data or None, whether it awaited)."""
         awaited = False
-        transport = self.transport_stream
-        if type(transport) is netio.ReplayStream and transport.replayed:
-            # The sniffed prefix is consumed: read the socket underneath from now on.
-            transport = self.transport_stream = transport.transport_stream
-        if type(transport) is trio.SocketStream:
-            fd, scratch = transport.socket.fileno(), _SCRATCH
+        if self._socket is not None:
+            fd, scratch = self._socket.socket.fileno(), _SCRATCH
             view = scratch.read_view
             if self._drained:  # the socket is most likely empty: wait, rather than make a read that finds nothing
                 await trio.lowlevel.wait_readable(fd)
@@ -724,7 +514,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._truncated()
             self._drained = n < TRANSPORT_READ
             return self._open(view[: left + n], max_bytes), awaited
-        data = await transport.receive_some(TRANSPORT_READ)
+        data = await self.transport_stream.receive_some(TRANSPORT_READ)
         if not data:
             raise self._truncated()
         return self._open(memoryview(self._cin + data), max_bytes), True
@@ -795,12 +585,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         """Send close_notify (and a FIN when the transport half-closes); receiving goes on."""
-        if not await self.send_eof_chunk():
+        if not await self._send_eof():
             await trio.lowlevel.checkpoint()
 
-    async def send_eof_chunk(self) -> bool:
-        """`send_eof` without its checkpoint when nothing had to wait; returns whether it waited. For callers that
-        checkpoint themselves or end their task right after (the relay)."""
+    async def _send_eof(self) -> bool:
         if self._sending:
             raise trio.BusyResourceError("another task is already in send_all/send_eof")
         self._sending = True
@@ -822,7 +610,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     awaited = True
             except trio.BrokenResourceError as exc:
                 raise self._fail(exc) from exc
-            transport = self._socket_transport()
+            transport = self._socket
             if transport is not None:
                 await netio.send_eof_raw(transport)  # a FIN, at once
             elif isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
@@ -832,21 +620,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    def _socket_transport(self) -> trio.SocketStream | None:
-        """The socket stream under us (directly or under a ReplayStream), if that is what we run over."""
-        transport = self.transport_stream
-        if type(transport) is netio.ReplayStream:
-            transport = transport.transport_stream
-        return transport if type(transport) is trio.SocketStream else None
-
     async def aclose(self) -> None:
         """Close: send close_notify when nothing went wrong and it is not sent yet, then close the transport."""
-        if not await self.close_chunk():
+        if not await self._close():
             await trio.lowlevel.checkpoint()
 
-    async def close_chunk(self) -> bool:
-        """`aclose` without its checkpoint when nothing had to wait (a socket is closed at once); returns whether it
-        waited. For callers that end their task right after (the relay)."""
+    async def _close(self) -> bool:
         if self._closed:
             return False
         self._closed = True
@@ -858,8 +637,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     awaited = await self._flush()
         finally:
-            self._conn = self._ssl = self._in_bio = self._out_bio = None  # frees a connection never handed over
-            transport = self._socket_transport()
+            if self._hs is not None:  # a connection never handed over
+                self._hs.free()
+                self._hs = None
+            transport = self._socket
             if transport is not None:
                 transport.socket.close()
             else:
@@ -870,17 +651,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
 def _whole_record(data: bytes) -> bool:
     return len(data) >= records.HEADER_SIZE and len(data) >= records.HEADER_SIZE + ((data[3] << 8) | data[4])
-
-
-def _count_records(data: bytes) -> int | None:
-    """How many application-data records `data` is, exactly; None when it is anything else."""
-    pos = count = 0
-    while pos < len(data):
-        if len(data) - pos < records.HEADER_SIZE or data[pos] != records.APPLICATION_DATA:
-            return None
-        pos += records.HEADER_SIZE + ((data[pos + 3] << 8) | data[pos + 4])
-        count += 1
-    return count if pos == len(data) else None
 
 
 # The SVID leaf rules depend on nothing but the certificate's bytes (OpenSSL checks the chain and the validity period
@@ -928,9 +698,10 @@ async def open_mtls(
     expected: Sequence[SpiffeId] = (),
     peer: str = "peer",
     send_last: bool = True,
+    prefix: bytes = b"",
 ) -> TLSStream:
     """Handshake over `transport` and check the peer's SVID. The caller bounds it in time and closes `transport`
-    on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`."""
-    stream = TLSStream(transport, context, side, peer)
+    on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`; `prefix`: see `TLSStream`."""
+    stream = TLSStream(transport, context, side, peer, prefix=prefix)
     await stream.do_handshake(lambda: check_peer(stream, trust_domain, expected), send_last=send_last)
     return stream

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from mtlsmesh import ca, tls
+from mtlsmesh import ca, handshake
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.identity import SpiffeId, TrustDomain, workload_id
 
@@ -55,11 +55,11 @@ def files_in(directory: Path, reload_interval: float = 0.2) -> CredentialFiles:
 
 def material_for(
     authority: ca.Authority, spiffe_id: SpiffeId, *, now: datetime | None = None, **kwargs: object
-) -> tls.Material:
-    """An SVID issued by `authority` (now, unless told), as the in-memory material `tls.build_context` takes."""
+) -> handshake.Material:
+    """An SVID issued by `authority` (now, unless told), as the in-memory material `handshake.build_context` takes."""
     issued = ca.issue_svid(authority, spiffe_id, now=now or datetime.now(UTC), **kwargs)  # type: ignore[arg-type]
     assert issued.key is not None
-    return tls.Material((issued.cert, *issued.chain), issued.key, issued.roots)
+    return handshake.Material((issued.cert, *issued.chain), issued.key, issued.roots)
 
 
 def key_usage(**flags: bool) -> x509.KeyUsage:

@@ -34,7 +34,7 @@ from typing import TypeVar
 import pytest
 import trio
 
-from mtlsmesh import records, tls
+from mtlsmesh import handshake, records, tls
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.identity import SpiffeId
 from tests.pki import TD, Pki, material_for
@@ -51,9 +51,9 @@ SIDES = [tls.Side.CLIENT, tls.Side.SERVER]
 
 @dataclass(frozen=True, slots=True)
 class Ends:
-    """Our SVID (in memory, for `tls.build_context`) and the peer's (in files, for OpenSSL), from one CA."""
+    """Our SVID (in memory, for `handshake.build_context`) and the peer's (in files, for OpenSSL), from one CA."""
 
-    ours: tls.Material
+    ours: handshake.Material
     peer: CredentialFiles
     peer_id: SpiffeId
 
@@ -77,7 +77,7 @@ def trio_stream(sock: socket.socket) -> trio.SocketStream:
 
 
 async def open_ours(ends: Ends, transport: trio.abc.Stream, side: tls.Side) -> tls.TLSStream:
-    return await tls.open_mtls(transport, tls.build_context(ends.ours, side), side, TD, expected=(ends.peer_id,))
+    return await tls.open_mtls(transport, handshake.build_context(ends.ours, side), side, TD, expected=(ends.peer_id,))
 
 
 def session_of(stream: tls.TLSStream) -> records.Session:

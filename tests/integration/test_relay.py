@@ -10,7 +10,7 @@ import trio
 from OpenSSL import SSL
 from trio.testing import memory_stream_pair
 
-from mtlsmesh import ca, netio, runtime, tls
+from mtlsmesh import ca, handshake, netio, runtime, tls
 from mtlsmesh.identity import workload_id
 from mtlsmesh.relay import REASON_CLOSED, REASON_IDLE, relay
 from tests.pki import TD, material_for
@@ -132,7 +132,7 @@ async def test_a_send_blocked_by_a_slow_reader_is_not_idle(upstream_kind: str) -
 
 
 def tls_context(authority: ca.Authority, name: str, side: tls.Side) -> SSL.Context:
-    return tls.build_context(material_for(authority, workload_id(TD, "default", name)), side)
+    return handshake.build_context(material_for(authority, workload_id(TD, "default", name)), side)
 
 
 @pytest.mark.parametrize("breaks", ["client", "server"])

@@ -19,7 +19,7 @@ from OpenSSL import SSL
 from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memory_stream_pair
 
 from bench.handshake import openssl_handshake
-from mtlsmesh import ca, tls
+from mtlsmesh import ca, handshake, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
 from tests.pki import MALFORMED_SAN, TD, forge_leaf, material_for, uri_sans
@@ -35,8 +35,8 @@ def authority() -> ca.Authority:
 
 @pytest.fixture(scope="module")
 def contexts(authority: ca.Authority) -> tuple[SSL.Context, SSL.Context]:
-    client = tls.build_context(material_for(authority, workload_id(TD, "default", "client")), tls.Side.CLIENT)
-    server = tls.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    client = handshake.build_context(material_for(authority, workload_id(TD, "default", "client")), tls.Side.CLIENT)
+    server = handshake.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
     return client, server
 
 
@@ -87,7 +87,7 @@ async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Contex
     version, cipher, group = client.negotiated
     assert version == tls.NEGOTIATED_VERSION
     assert cipher == tls.NEGOTIATED_CIPHER
-    if tls.GROUPS == tls.PQ_GROUPS:
+    if handshake.GROUPS == handshake.PQ_GROUPS:
         assert group == tls.NEGOTIATED_GROUP_PQ
     assert server.negotiated == client.negotiated
     assert client.alpn() == tls.ALPN
@@ -175,18 +175,18 @@ async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tupl
             await server.receive_some()
 
 
-def two_uri_sans(authority: ca.Authority) -> tls.Material:
+def two_uri_sans(authority: ca.Authority) -> handshake.Material:
     cert, key = forge_leaf(
         authority,
         now=NOW - timedelta(minutes=1),
         san=uri_sans("spiffe://cluster.local/ns/default/sa/one", "spiffe://cluster.local/ns/default/sa/two"),
     )
-    return tls.Material((cert, *authority.chain), key, authority.roots)
+    return handshake.Material((cert, *authority.chain), key, authority.roots)
 
 
-def malformed_san(authority: ca.Authority) -> tls.Material:
+def malformed_san(authority: ca.Authority) -> handshake.Material:
     cert, key = forge_leaf(authority, now=NOW - timedelta(minutes=1), san=MALFORMED_SAN)
-    return tls.Material((cert, *authority.chain), key, authority.roots)
+    return handshake.Material((cert, *authority.chain), key, authority.roots)
 
 
 def without_certificate(authority: ca.Authority) -> SSL.Context:
@@ -200,7 +200,7 @@ def without_certificate(authority: ca.Authority) -> SSL.Context:
     return ctx
 
 
-def tls12_client(material: tls.Material) -> SSL.Context:
+def tls12_client(material: handshake.Material) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_alpn_protos([tls.ALPN])
@@ -222,7 +222,7 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
     (
         "foreign-ca",
         # Signed by another CA of the same trust domain; it trusts our roots, so only the server refuses.
-        lambda ours, other: tls.build_context(
+        lambda ours, other: handshake.build_context(
             dataclasses.replace(material_for(other, workload_id(TD, "default", "intruder")), roots=ours.roots),
             tls.Side.CLIENT,
         ),
@@ -231,7 +231,7 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
     ),
     (
         "expired",
-        lambda ours, other: tls.build_context(
+        lambda ours, other: handshake.build_context(
             material_for(ours, workload_id(TD, "default", "old"), now=NOW - timedelta(days=2), ttl=timedelta(hours=1)),
             tls.Side.CLIENT,
         ),
@@ -246,14 +246,14 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
     ),
     (
         "two-uri-sans",
-        lambda ours, other: tls.build_context(two_uri_sans(ours), tls.Side.CLIENT),
+        lambda ours, other: handshake.build_context(two_uri_sans(ours), tls.Side.CLIENT),
         r"peer certificate is not a valid SVID: 2 URI SANs: an SVID carries exactly one \(L-1, V-6\)",
         CLOSED_AFTER_HANDSHAKE,
     ),
     (
         "malformed-san",
         # Chains fine; its extensions do not parse: a refusal with the reason, not an internal error.
-        lambda ours, other: tls.build_context(malformed_san(ours), tls.Side.CLIENT),
+        lambda ours, other: handshake.build_context(malformed_san(ours), tls.Side.CLIENT),
         "peer certificate is not a valid SVID: malformed certificate extensions: error parsing asn1 .*",
         CLOSED_AFTER_HANDSHAKE,
     ),
@@ -271,7 +271,7 @@ async def test_server_refuses_bad_clients(
     authority: ca.Authority, case: str, make_client: ClientMaker, reason: str, told: str
 ) -> None:
     other = ca.create_ca(TD, now=NOW)
-    server_ctx = tls.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
     client_ctx = make_client(authority, other)
     a, b = memory_stream_pair()
     client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
@@ -338,7 +338,7 @@ async def test_client_refuses_an_unexpected_server_identity(
 async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Context, SSL.Context]) -> None:
     client_ctx, _ = contexts
     other = ca.create_ca(TD, now=NOW)
-    server_ctx = tls.build_context(material_for(other, workload_id(TD, "default", "server")), tls.Side.SERVER)
+    server_ctx = handshake.build_context(material_for(other, workload_id(TD, "default", "server")), tls.Side.SERVER)
     a, b = memory_stream_pair()
     server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
     with trio.fail_after(IO):
@@ -364,7 +364,8 @@ def test_each_side_sends_its_leaf_and_intermediates_and_never_the_root(intermedi
     assert len(client_material.chain) == len(server_material.chain) == (2 if intermediate else 1)
     # openssl_handshake fails unless the server took the client's certificate and Finished.
     client, server = openssl_handshake(
-        tls.build_context(client_material, tls.Side.CLIENT), tls.build_context(server_material, tls.Side.SERVER)
+        handshake.build_context(client_material, tls.Side.CLIENT),
+        handshake.build_context(server_material, tls.Side.SERVER),
     )
     # A client's chain includes the server's leaf; a server's leaves out the client's (OpenSSL's convention).
     sent_by_server = [c.to_cryptography() for c in client.get_peer_cert_chain() or []]
@@ -377,7 +378,7 @@ def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority
     good = material_for(authority, workload_id(TD, "default", "a"))
     other = material_for(authority, workload_id(TD, "default", "b"))
     with pytest.raises(Exception, match="OpenSSL refused the credential"):
-        tls.build_context(tls.Material(good.chain, other.key, good.roots), tls.Side.SERVER)
+        handshake.build_context(handshake.Material(good.chain, other.key, good.roots), tls.Side.SERVER)
 
 
 async def test_full_duplex_over_a_socketpair_does_not_deadlock(contexts: tuple[SSL.Context, SSL.Context]) -> None:

@@ -1,0 +1,363 @@
+"""The one seam to OpenSSL: TLS contexts, and a TLS 1.3 handshake over memory BIOs up to its hand-over to `records`.
+
+What it does: `build_context` turns an SVID (chain + key) and a trust bundle into a TLS 1.3-only pyOpenSSL context
+that presents the SVID, requires the peer's certificate and lets OpenSSL validate the peer's chain against the
+bundle. `Handshake` is one connection's handshake with no I/O of its own: the caller feeds it the peer's ciphertext,
+calls `step` until it says the handshake is complete, and sends what `take_output` hands back. `hand_over` then
+builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
+
+What it does not: read or write sockets (see `tls`), check the peer's SPIFFE ID (see `tls.check_peer`, `svid`), or
+speak any TLS version but 1.3.
+
+This is the only module that uses pyOpenSSL's private parts, and it uses two, each because the public API has no
+equivalent: the cffi binding's `SSL_CTX_set1_curves_list` (pyOpenSSL can set one elliptic curve, not a list of key
+exchange groups with the hybrid post-quantum one first), and `BIO_read` on the connection's incoming memory BIO (to
+take back the ciphertext the peer sent right behind its last handshake flight, which the record layer must read).
+Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
+checked at import, so an unsupported pyOpenSSL fails with one line naming what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import OpenSSL
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from mtlsmesh import records
+from mtlsmesh.errors import CertificateError
+from mtlsmesh.pem import PrivateKey
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - checked below, with a message that says what is missing
+    _ffi = _lib = None
+
+ALPN = b"mtlsmesh"  # the ALPN that marks mesh traffic for the inbound sniffer
+
+# Key exchange groups offered between sidecars, most preferred first. X25519MLKEM768 is the hybrid post-quantum
+# group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.
+PQ_GROUPS = b"X25519MLKEM768:X25519:P-256"
+CLASSIC_GROUPS = b"X25519:P-256"
+
+HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO per call
+
+# ssl.h's SSL_MODE_NO_AUTO_CHAIN, which pyOpenSSL does not name (see build_context).
+SSL_MODE_NO_AUTO_CHAIN = 0x8
+# The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
+_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
+_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
+_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
+
+# What this module uses of pyOpenSSL, public and private: (where, name). Public methods newer than our lowest
+# supported pyOpenSSL are listed too, so the message names them rather than failing at the first handshake.
+REQUIRED = (
+    ("OpenSSL._util.lib", "SSL_CTX_set1_curves_list"),
+    ("OpenSSL._util.lib", "BIO_read"),
+    ("OpenSSL.SSL.Connection", "_into_ssl"),
+    ("OpenSSL.SSL.Context", "set_tls13_ciphersuites"),
+    ("OpenSSL.SSL.Context", "set_keylog_callback"),
+    ("OpenSSL.SSL.Connection", "get_group_name"),
+    ("OpenSSL.SSL.Connection", "bio_shutdown"),
+)
+
+
+def _missing() -> list[str]:
+    probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    where: dict[str, object] = {
+        "OpenSSL._util.lib": _lib,
+        "OpenSSL.SSL.Connection": probe,
+        "OpenSSL.SSL.Context": SSL.Context,
+    }
+    return [f"{place}.{name}" for place, name in REQUIRED if not hasattr(where[place], name)]
+
+
+_MISSING = _missing()
+if _MISSING:  # pragma: no cover - only on a pyOpenSSL we do not support
+    raise ImportError(
+        f"mtlsmesh needs {', '.join(_MISSING)}, which pyOpenSSL {OpenSSL.__version__} does not have: "
+        "install the pyOpenSSL version pyproject.toml asks for"
+    )
+
+
+def _probe_groups() -> bytes | None:
+    """The groups list this OpenSSL accepts, or None (then OpenSSL's defaults stand)."""
+    probe = SSL.Context(SSL.TLS_METHOD)
+    for groups in (PQ_GROUPS, CLASSIC_GROUPS):
+        if _lib.SSL_CTX_set1_curves_list(probe._context, groups) == 1:  # "curves": OpenSSL's older name for groups
+            return groups
+    return None  # pragma: no cover
+
+
+GROUPS = _probe_groups()  # what build_context sets; None: OpenSSL's defaults
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """An SVID and a trust bundle, already parsed: `chain` is the leaf first, then intermediates."""
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKey
+    roots: tuple[x509.Certificate, ...]
+
+
+class HandshakeFailure(Exception):
+    """OpenSSL ended the handshake (the peer's message was wrong, its certificate did not verify, the transport
+    ended). An alert telling the peer why may be waiting in `Handshake.take_output`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    # A peer that does not offer our ALPN is not a sidecar: fail the handshake with no_application_protocol.
+    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+
+_CONTEXTS: weakref.WeakSet[SSL.Context] = weakref.WeakSet()  # contexts that have our key log
+
+
+def build_context(material: Material, side: Side) -> SSL.Context:
+    """A fresh TLS 1.3-only context presenting `material`'s SVID and trusting its roots.
+
+    A new context per credential reload: adding roots to a live context's store only ever grows it.
+    Raises `CertificateError` when OpenSSL refuses the key or a certificate.
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    # No resumption: a resumed session would skip the client certificate check we rely on. OP_NO_TICKET turns off
+    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still sends after a TLS 1.3
+    # handshake name nothing it could resume (pyOpenSSL cannot set their number to 0). Our clients never offer one.
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # Released buffers: an idle connection hands its record buffers back to malloc instead of keeping them for the
+    # next record. No auto chain: with no intermediates configured, OpenSSL would otherwise build the chain it sends
+    # by verifying our own leaf against the trust store on every handshake (one signature check, a sixth of the
+    # handshake's CPU) and then send the root as well. We send what the cert file holds: the leaf and its
+    # intermediates. (OpenSSL never writes application data for us: after the handshake the records are ours.)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN)
+    try:
+        ctx.use_certificate(material.chain[0])
+        for intermediate in material.chain[1:]:
+            ctx.add_extra_chain_cert(intermediate)
+        ctx.use_privatekey(material.key)
+        ctx.check_privatekey()
+        store = ctx.get_cert_store()
+        if store is None:  # pragma: no cover - a fresh context always has a store
+            raise CertificateError("", "OpenSSL gave no certificate store")
+        for root in material.roots:
+            store.add_cert(crypto.X509.from_cryptography(root))
+    except (SSL.Error, crypto.Error) as exc:
+        raise CertificateError("", f"OpenSSL refused the credential: {openssl_reason(exc)}") from exc
+    # OpenSSL validates the peer's chain against the bundle (no callback: its verdict stands); the SPIFFE rules are
+    # checked after the handshake by `tls.check_peer`.
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    if GROUPS is not None:
+        _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
+    # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
+    ctx.set_tls13_ciphersuites(records.CIPHERSUITES.encode())
+    ctx.set_keylog_callback(_keylog)
+    if side is Side.SERVER:
+        ctx.set_alpn_select_callback(_select_alpn)
+        ctx.set_session_id(b"mtlsmesh")
+    else:
+        ctx.set_alpn_protos([ALPN])
+    _CONTEXTS.add(ctx)
+    return ctx
+
+
+def _keylog(conn: SSL.Connection, line: bytes) -> None:
+    """OpenSSL's key log callback: keep the two application traffic secrets on the connection's `Handshake`, for
+    the record layer. Nothing is written anywhere; the other lines (handshake and exporter secrets) are skipped."""
+    if not line.startswith(_TRAFFIC_PREFIXES):
+        return
+    handshake = conn.get_app_data()
+    if isinstance(handshake, Handshake):
+        label, _, rest = line.partition(b" ")
+        with contextlib.suppress(ValueError):  # OpenSSL writes hex; a bad line leaves the secret missing
+            handshake._secrets[label] = bytes.fromhex(rest.partition(b" ")[2].decode("ascii"))
+
+
+def openssl_reason(exc: BaseException) -> str:
+    """The most useful line of an OpenSSL error: the last reason string of its error queue."""
+    args = exc.args
+    if args and isinstance(args[0], list) and args[0]:
+        entry = args[0][-1]
+        if isinstance(entry, tuple) and entry:
+            return str(entry[-1])
+    if isinstance(exc, SSL.SysCallError):
+        return "connection closed by peer"
+    return str(exc) or type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """What carries a finished handshake on: the record layer's session, our last handshake records (not yet sent),
+    the peer's ciphertext OpenSSL did not read, what was negotiated and the ALPN."""
+
+    session: records.Session
+    held: bytes
+    unread: bytes
+    negotiated: tuple[str | None, str | None, str | None]
+    alpn: bytes | None
+
+
+class Handshake:
+    """One TLS 1.3 handshake over memory BIOs, driven by its caller: `feed` what the peer sent, `step` until it
+    returns True, send `take_output` after every step. `context` comes from `build_context` (one made elsewhere
+    gets the key log the hand-over needs, so it must not have made a connection yet)."""
+
+    __slots__ = ("_conn", "_secrets", "_side", "_wrote")
+
+    def __init__(self, context: SSL.Context, side: Side) -> None:
+        if context not in _CONTEXTS:  # made elsewhere (tests, peers that are not sidecars): it needs our key log
+            context.set_keylog_callback(_keylog)
+            _CONTEXTS.add(context)
+        conn = SSL.Connection(context, None)
+        conn.set_app_data(self)  # for _keylog; undone by hand_over and free
+        if side is Side.SERVER:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+        self._conn: SSL.Connection | None = conn
+        self._side = side
+        self._secrets: dict[bytes, bytes] = {}  # filled by _keylog during the handshake, emptied by hand_over
+        # A step ran since the output was last taken: only then can there be output (OpenSSL writes only when
+        # stepped), so an empty BIO is not asked again (pyOpenSSL answers an empty read with an exception).
+        self._wrote = False
+
+    def step(self) -> bool:
+        """Let OpenSSL take the handshake as far as its input allows: True once it is complete, False while it needs
+        more from the peer. Raises `HandshakeFailure`."""
+        assert self._conn is not None
+        self._wrote = True
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as exc:
+            raise HandshakeFailure(openssl_reason(exc)) from exc
+        return True
+
+    def take_output(self) -> bytes:
+        """The ciphertext OpenSSL wrote for the peer since the last call, b"" when none."""
+        conn = self._conn
+        if conn is None or not self._wrote:
+            return b""
+        self._wrote = False
+        parts: list[bytes] = []
+        while True:
+            try:
+                part = conn.bio_read(HANDSHAKE_DRAIN)
+            except SSL.WantReadError:
+                break
+            parts.append(part)
+            if len(part) < HANDSHAKE_DRAIN:  # the BIO is empty now
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def feed(self, data: bytes) -> None:
+        """Ciphertext from the peer, for the next `step`."""
+        assert self._conn is not None
+        self._conn.bio_write(data)
+
+    def feed_eof(self) -> None:
+        """The peer closed: the next `step` fails instead of waiting for more."""
+        assert self._conn is not None
+        self._conn.bio_shutdown()
+
+    def negotiated(self) -> tuple[str | None, str | None, str | None]:
+        """(protocol version, cipher suite, key exchange group) so far."""
+        assert self._conn is not None
+        conn = self._conn
+        return (conn.get_protocol_version_name(), conn.get_cipher_name(), conn.get_group_name())
+
+    def alpn(self) -> bytes | None:
+        assert self._conn is not None
+        return self._conn.get_alpn_proto_negotiated() or None
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's leaf in DER, without parsing it."""
+        assert self._conn is not None
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+    def hand_over(self) -> HandOver:
+        """Move the finished connection from OpenSSL to a `records.Session`, then free OpenSSL's connection.
+
+        What carries over: the two application traffic secrets (from the key log), the cipher suite, the records
+        OpenSSL wrote in its last step (client: its Certificate..Finished flight under handshake keys; server: its
+        NewSessionTickets, already under the application key, so the server's write sequence number starts after
+        them), and the ciphertext OpenSSL has not read (records the peer sent right behind its last flight; OpenSSL
+        reads a memory BIO one record at a time, so nothing of them is inside it). Raises `HandshakeFailure`."""
+        conn = self._conn
+        assert conn is not None
+        held = self.take_output()
+        unread = _take_unread(conn)
+        cipher = conn.get_cipher_name()
+        suite = records.SUITES.get(cipher or "")
+        client_secret = self._secrets.get(_CLIENT_SECRET)
+        server_secret = self._secrets.get(_SERVER_SECRET)
+        if suite is None or client_secret is None or server_secret is None:
+            raise HandshakeFailure(f"no record layer for this connection (suite {cipher})")
+        if conn.pending() > 0:
+            raise HandshakeFailure("application data arrived inside the handshake")
+        write_seq = 0
+        if self._side is Side.SERVER:
+            tickets = count_records(held)
+            if tickets is None:
+                raise HandshakeFailure("OpenSSL's last handshake output is not application records")
+            write_seq = tickets
+            read_secret, write_secret = client_secret, server_secret
+        else:
+            read_secret, write_secret = server_secret, client_secret
+        session = records.Session(
+            suite, read_secret, write_secret, is_client=self._side is Side.CLIENT, write_seq=write_seq
+        )
+        handed = HandOver(session, held, unread, self.negotiated(), self.alpn())
+        self.free()
+        return handed
+
+    def free(self) -> None:
+        """Let go of OpenSSL's connection and the secrets (after `hand_over`, or when the stream closes early)."""
+        self._secrets.clear()
+        if self._conn is not None:
+            self._conn.set_app_data(None)
+            self._conn = None
+
+
+def _take_unread(conn: SSL.Connection) -> bytes:
+    """Everything in the connection's incoming memory BIO that OpenSSL has not read (private: see the module
+    docstring)."""
+    bio: Any = conn._into_ssl
+    buffer = _ffi.new("char[]", HANDSHAKE_DRAIN)
+    parts: list[bytes] = []
+    while True:
+        n = _lib.BIO_read(bio, buffer, HANDSHAKE_DRAIN)
+        if n <= 0:
+            return b"".join(parts)
+        parts.append(_ffi.buffer(buffer, n)[:])
+
+
+def count_records(data: bytes) -> int | None:
+    """How many application-data records `data` is, exactly; None when it is anything else."""
+    pos = count = 0
+    while pos < len(data):
+        if len(data) - pos < records.HEADER_SIZE or data[pos] != records.APPLICATION_DATA:
+            return None
+        pos += records.HEADER_SIZE + ((data[pos + 3] << 8) | data[pos + 4])
+        count += 1
+    return count if pos == len(data) else None
