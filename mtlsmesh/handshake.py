@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import cryptography
 import OpenSSL
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -68,21 +69,24 @@ REQUIRED = (
 )
 
 
-def _missing() -> list[str]:
+def missing_bindings() -> list[str]:
+    """What of `REQUIRED` this pyOpenSSL and cryptography lack, each named with the package that should have it."""
     probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-    where: dict[str, object] = {
-        "OpenSSL._util.lib": _lib,
-        "OpenSSL.SSL.Connection": probe,
-        "OpenSSL.SSL.Context": SSL.Context,
+    where: dict[str, tuple[object, str]] = {
+        # pyOpenSSL's `_util.lib` is cryptography's cffi binding of OpenSSL.
+        "OpenSSL._util.lib": (_lib, f"cryptography {cryptography.__version__}"),
+        "OpenSSL.SSL.Connection": (probe, f"pyOpenSSL {OpenSSL.__version__}"),
+        "OpenSSL.SSL.Context": (SSL.Context, f"pyOpenSSL {OpenSSL.__version__}"),
     }
-    return [f"{place}.{name}" for place, name in REQUIRED if not hasattr(where[place], name)]
+    return [
+        f"{place}.{name} (not in {where[place][1]})" for place, name in REQUIRED if not hasattr(where[place][0], name)
+    ]
 
 
-_MISSING = _missing()
-if _MISSING:  # pragma: no cover - only on a pyOpenSSL we do not support
+_MISSING = missing_bindings()
+if _MISSING:  # pragma: no cover - only on versions pyproject.toml does not allow
     raise ImportError(
-        f"mtlsmesh needs {', '.join(_MISSING)}, which pyOpenSSL {OpenSSL.__version__} does not have: "
-        "install the pyOpenSSL version pyproject.toml asks for"
+        f"mtlsmesh needs {', '.join(_MISSING)}: install the pyOpenSSL and cryptography versions pyproject.toml asks for"
     )
 
 
