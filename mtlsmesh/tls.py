@@ -70,7 +70,7 @@ from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.pem import PrivateKey
 
-ALPN = b"mtlsmesh"  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
+ALPN = b"mtlsmesh"  # the ALPN that marks mesh traffic for the inbound sniffer (docs/ARCHITECTURE.md §5)
 
 # Key exchange groups offered between sidecars, most preferred first. X25519MLKEM768 is the hybrid post-quantum
 # group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.
