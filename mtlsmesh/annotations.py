@@ -28,7 +28,7 @@ INBOUND_MODE = "mtlsmesh.io/inbound-mode"
 
 INBOUND_MODES = ("strict", "permissive", "disable")
 _PORT = re.compile(r"[0-9]{1,5}")
-# Health and metrics: the capture rules never redirect them (DESIGN.md section 2), so they cannot be "included".
+# Health and metrics: the capture rules never redirect them (docs/ARCHITECTURE.md §3), so they cannot be "included".
 NEVER_CAPTURED_INBOUND = frozenset({15021, 15090})
 
 

@@ -1,7 +1,7 @@
 """A tiny SPIFFE certificate authority: a root, an optional intermediate, and short-lived X.509-SVID leaves.
 
 Every certificate comes out of one private builder, `_build_certificate`, which differs between root,
-intermediate and leaf only by the values handed to it; the profile is DESIGN.md section 7 and SVID-PROFILE.md 1f:
+intermediate and leaf only by the values handed to it; the profile is docs/svid-profile.md §6:
 
 - leaf: empty subject, exactly one URI SAN (critical, because the subject is empty), optional DNS SANs,
   basicConstraints CA:false (critical), keyUsage digitalSignature only (critical), EKU serverAuth+clientAuth,
@@ -44,10 +44,10 @@ from mtlsmesh.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, parse_spiffe_
 PrivateKey = pem.PrivateKey
 PublicKey = pem.PublicKey
 
-DEFAULT_CA_TTL = timedelta(days=3650)  # DESIGN.md 7: a 10-year root
-DEFAULT_SVID_TTL = timedelta(hours=24)  # DESIGN.md 7: short-lived leaves, rotated by reissue
-# Peers whose clocks run a little behind still accept a fresh certificate. SPIRE backdates 10 s; SVID-PROFILE 1f
-# says 1-5 min is fine, and a minute covers the skew of machines that run NTP at all.
+DEFAULT_CA_TTL = timedelta(days=3650)  # a 10-year root (docs/svid-profile.md §6)
+DEFAULT_SVID_TTL = timedelta(hours=24)  # short-lived leaves, rotated by reissue (docs/svid-profile.md §6)
+# Peers whose clocks run a little behind still accept a fresh certificate. SPIRE backdates 10 s; anything from
+# there to a few minutes does, and a minute covers the skew of machines that run NTP at all.
 BACKDATE = timedelta(minutes=1)
 
 # The file layout of a CA directory (save_authority / load_authority).
@@ -173,7 +173,7 @@ def _build_certificate(
     """Every certificate of the CA, root to leaf; what differs is passed in, the profile is fixed here."""
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(uri))]
     san += [x509.DNSName(name) for name in dns_names]
-    # SVID-PROFILE 1f and Appendix A: a CA only signs certificates (and CRLs); a leaf only signs handshakes.
+    # S-8 (docs/svid-profile.md): a CA only signs certificates (and CRLs); a leaf only signs handshakes.
     key_usage = x509.KeyUsage(
         digital_signature=not is_ca,
         content_commitment=False,
@@ -202,7 +202,7 @@ def _build_certificate(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key), critical=False)
     )
     if not is_ca:
-        # SVID-PROFILE L-9: both usages, so one SVID serves a sidecar as TLS client and as TLS server.
+        # L-9 (docs/svid-profile.md): both usages, so one SVID serves a sidecar as TLS client and as TLS server.
         eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
         builder = builder.add_extension(eku, critical=False)
     if name_constraint is not None:

@@ -1,7 +1,7 @@
 """The pod's traffic-capture rules as data: validated options in, frozen rules out.
 
 What it does: validates the capture options (flags and environment variables arrive as strings), builds the rules
-for each address family in the order DESIGN.md §3 gives, and renders them as `iptables-save` would print them.
+for each address family in the order docs/ARCHITECTURE.md §3 gives, and renders them as `iptables-save` prints them.
 What it does not: read the namespace's current rules or plan commands (`capture_plan`), or run anything
 (`installer`). No socket, subprocess or file is touched here, so every byte it produces is pinned by golden files.
 
@@ -41,7 +41,7 @@ from mtlsmesh.errors import ConfigError
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = TypeVar("_T")
 
-# Chain names (DESIGN.md §2). Every chain we ever create is listed here: cleanup removes exactly these.
+# Chain names (docs/ARCHITECTURE.md §2). Every chain we ever create is listed here: cleanup removes exactly these.
 INBOUND = "MTLSMESH_INBOUND"
 IN_REDIRECT = "MTLSMESH_IN_REDIRECT"
 OUTPUT = "MTLSMESH_OUTPUT"
@@ -55,12 +55,12 @@ OWN_CHAINS: Mapping[str, tuple[str, ...]] = {
 TABLES = ("nat", "mangle")
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
-# Ports the sidecar serves to the kubelet and Prometheus directly (DESIGN.md §2): never captured inbound.
+# Ports the sidecar serves to the kubelet and Prometheus directly (docs/ARCHITECTURE.md §2): never captured inbound.
 HEALTH_PORT = 15021
 METRICS_PORT = 15090
 ALWAYS_EXCLUDED_INBOUND = (HEALTH_PORT, METRICS_PORT)
 
-# The inbound sidecar dials the app from this source, and OUTPUT lets it through (DESIGN.md §5).
+# The inbound sidecar dials the app from this source, and OUTPUT lets it through (docs/ARCHITECTURE.md §3).
 APP_SOURCE_V4 = ipaddress.IPv4Network("127.0.0.6/32")
 APP_SOURCE_V6 = ipaddress.IPv6Network("::6/128")
 LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.1/32")
@@ -354,7 +354,7 @@ def _tcp_port(port: int) -> tuple[str, ...]:
 
 
 def build_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
-    """All rules for one address family, in the order DESIGN.md §3 gives (and istio-iptables converged on)."""
+    """All rules for one address family, in the order of docs/ARCHITECTURE.md §3 (which istio-iptables settled on)."""
     version = 4 if family is Family.V4 else 6
     loopback = LOOPBACK_V4 if version == 4 else LOOPBACK_V6
     tproxy = options.mode is InterceptionMode.TPROXY
@@ -393,8 +393,8 @@ def build_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
         rules.extend(_tproxy_rules(options, loopback))
         policy_route = PolicyRoute(family, options.tproxy_mark, options.tproxy_table)
 
-    # The inbound sidecar dials the app from ::6 (DESIGN.md §5). IPv4 has all of 127/8 on lo; IPv6 only has ::1,
-    # and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself. `replace` makes this idempotent.
+    # The inbound sidecar dials the app from ::6 (docs/ARCHITECTURE.md §3). IPv4 has all of 127/8 on lo; IPv6 only
+    # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself. `replace` makes this idempotent.
     setup = (("ip", "-6", "addr", "replace", str(APP_SOURCE_V6), "dev", "lo"),) if version == 6 else ()
     return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, setup)
 

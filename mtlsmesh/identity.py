@@ -1,7 +1,7 @@
 """SPIFFE IDs and trust domains: parsing by the SPIFFE-ID grammar, and the mesh's naming convention.
 
 `parse_spiffe_id` is the one gate every ID passes (CLI flags, config, certificates). It applies the rules of
-SPIFFE-ID.md section 2 as written in `SVID-PROFILE.md` (ID-1 ... ID-12) and names the rule it found broken.
+section 2 of the SPIFFE ID standard (ID-1 ... ID-13 in docs/svid-profile.md) and names the rule it found broken.
 Leaf-only rules (a non-root path, L-2/V-5) are the caller's: `SpiffeId.is_root` tells.
 
 What this module does not do: certificates (see `ca` and `svid`), or policy matching (see `policy`).
@@ -16,8 +16,8 @@ from mtlsmesh.errors import IdentityError
 
 SCHEME = "spiffe"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-MAX_ID_BYTES = 2048  # SPIFFE-ID.md 2.3: accept up to 2048 bytes, generate no longer
-MAX_TRUST_DOMAIN_BYTES = 255  # RFC 3986 host limit, as SPIFFE-ID.md 2.1 inherits it
+MAX_ID_BYTES = 2048  # ID-11: accept up to 2048 bytes, generate no longer
+MAX_TRUST_DOMAIN_BYTES = 255  # ID-12: RFC 3986's host limit, which the SPIFFE ID standard inherits
 
 _TRUST_DOMAIN_CHARS = re.compile(r"[a-z0-9._-]+")
 _SEGMENT_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
@@ -104,7 +104,7 @@ def _check_trust_domain(value: str, host: str) -> None:
 def parse_spiffe_id(text: str) -> SpiffeId:
     """Parse and validate a SPIFFE ID; raise `IdentityError` naming the broken rule.
 
-    The scheme is matched case-insensitively (SPIFFE-ID.md 2.4); the trust domain must already be lowercase (ID-4).
+    The scheme is matched case-insensitively (ID-1); the trust domain must already be lowercase (ID-4).
     """
     if not isinstance(text, str):
         raise IdentityError(repr(text), "a SPIFFE ID must be text", "ID-1")

@@ -1,4 +1,4 @@
-"""The inbound handler (DESIGN.md §5): a captured connection to a local app, authenticated and authorized.
+"""The inbound handler (docs/ARCHITECTURE.md §5): a captured connection to a local app, authenticated and authorized.
 
 What it does, per accepted connection: find the app's address (the original destination, or an explicit listener's
 `forward_to`); unless the port is server-first or its mode is DISABLE, sniff the first bytes (up to
@@ -62,17 +62,17 @@ def _is_local_address(ip: IPAddress) -> bool:
 def loop_reason(downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int) -> str | None:
     """Why a captured inbound connection would loop back into this listener, or None.
 
-    Two ways, both seen under the capture rules (DESIGN.md §3): the peer is `app_source` (our own dial to the app is
-    exempt from capture only from that address, so a connection from it that reached the inbound listener is one of
-    ours coming back: legitimate callers never use it); or the original destination is this listener itself on a
-    local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
+    Two ways, both seen under the capture rules (docs/ARCHITECTURE.md §3): the peer is `app_source` (our own dial to
+    the app is exempt from capture only from that address, so a connection from it that reached the inbound listener
+    is one of ours coming back: legitimate callers never use it); or the original destination is this listener itself
+    on a local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
     try:
         peer = ipaddress.ip_address(downstream.socket.getpeername()[0])
     except (OSError, ValueError):
         peer = None
     if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
         peer = peer.ipv4_mapped
-    # netio dials an IPv6 app from ::6, the IPv6 twin of 127.0.0.6 (DESIGN.md §3).
+    # netio dials an IPv6 app from ::6, the IPv6 twin of 127.0.0.6 (docs/ARCHITECTURE.md §3).
     twin = ipaddress.IPv6Address("::6") if app_source == ipaddress.IPv4Address("127.0.0.6") else None
     if peer is not None and peer in (app_source, twin):
         return "loop: connection from the app source address"

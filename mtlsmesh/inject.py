@@ -57,7 +57,7 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 SVID_SECRET_PREFIX = "mtlsmesh-svid-"
 CONFIG_MAP = "mtlsmesh-config"
 
-# Ports the sidecar binds in the pod (DESIGN.md section 2); an app container must not claim them.
+# Ports the sidecar binds in the pod (docs/ARCHITECTURE.md §2); an app container must not claim them.
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 ADMIN_PORT = 15000

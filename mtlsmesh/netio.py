@@ -133,7 +133,7 @@ async def _connect(family: int, address: str, port: int, source: IPAddress | Non
 
 def _bind_source(sock: socket.socket, family: int, source: IPAddress) -> None:
     if family == socket.AF_INET6 and source.version == 4:
-        # 127.0.0.6 has an IPv6 twin, ::6 (DESIGN.md §3); it sits on no interface, hence FREEBIND.
+        # 127.0.0.6 has an IPv6 twin, ::6 (docs/ARCHITECTURE.md §3); it sits on no interface, hence FREEBIND.
         source = ipaddress.IPv6Address("::6") if source == ipaddress.IPv4Address("127.0.0.6") else source
         if source.version == 4:
             return  # no sensible IPv6 source for this IPv4 address: let the kernel pick

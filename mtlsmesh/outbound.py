@@ -1,4 +1,4 @@
-"""The outbound handler (DESIGN.md §4): an app's captured connection, wrapped in mutual TLS or passed through.
+"""The outbound handler (docs/ARCHITECTURE.md §4): an app's captured connection, in mutual TLS or passed through.
 
 What it does, per accepted connection: find where the app was going (the original destination, or an explicit
 listener's `forward_to`); refuse a loop back into this listener; ask `policy.route_outbound` whether the destination

@@ -104,8 +104,8 @@ def check_key_matches(cert: x509.Certificate, key: PrivateKey, source: str) -> N
 def parse_csr_public_key(data: bytes, source: str) -> PublicKey:
     """The public key of a PEM certificate request whose signature verifies; nothing else of it is used.
 
-    The CA signs the identity its caller is told to sign, never the subject or SANs a request claims (DESIGN.md 7);
-    the self-signature only proves the requester holds the matching private key.
+    The CA signs the identity its caller is told to sign, never the subject or SANs a request claims
+    (docs/ARCHITECTURE.md §7); the self-signature only proves the requester holds the matching private key.
     """
     try:
         csr = x509.load_pem_x509_csr(data)

@@ -1,4 +1,4 @@
-"""The relay: two streams joined so that the tunnel behaves like the TCP connection it carries (DESIGN.md §6).
+"""The relay: two streams joined so the tunnel behaves like the TCP connection it carries (docs/ARCHITECTURE.md §6).
 
 What it does: copies bytes both ways with backpressure (one fixed-size read at a time per direction, each written out
 before the next read, so a slow reader slows the writer and nothing buffers without bound); maps a clean end of one

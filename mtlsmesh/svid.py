@@ -1,7 +1,7 @@
 """The SPIFFE X.509-SVID rules that OpenSSL does not check, applied to a leaf after OpenSSL verified its chain.
 
 `leaf_spiffe_id(cert)` returns the workload's `SpiffeId` or raises `CertificateError` naming the broken rule
-(SVID-PROFILE.md 1b and 1d: L-1 ... L-9, V-2 ... V-6). `ca_spiffe_id(cert)` does the same for a signing
+(docs/svid-profile.md §2 and §4: L-1 ... L-9, V-2 ... V-6). `ca_spiffe_id(cert)` does the same for a signing
 certificate (S-1, S-4, S-7), which the CLI uses to describe and to build bundles.
 
 What this module does not do: chain building, signatures, validity dates, or name constraints — RFC 5280 path

@@ -4,7 +4,8 @@
 `mtlsmesh sidecar` loads the sidecar and nothing of the CA's CLI or the pod lab. Each module `mtlsmesh/cli/<name>.py`
 defines `add_parser(subparsers, help_text)`, which registers its subcommand and sets `run=<callable(args) -> int>`
 as its default. For `mtlsmesh --help` (no subcommand given) the others are listed by name and help alone. This
-module turns a `MeshError` into one line on stderr and exit status 2. A traceback from here is a bug.
+module turns a `MeshError` into one line on stderr and exit status 2; a line citing SPIFFE rule ids says where they
+are explained (`errors.with_rules_doc`). A traceback from here is a bug.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from mtlsmesh import __version__
-from mtlsmesh.errors import MeshError
+from mtlsmesh.errors import MeshError, with_rules_doc
 
 EXIT_ERROR = 2
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = args.run(args)
     except MeshError as exc:
-        print(f"mtlsmesh: error: {exc}", file=sys.stderr)
+        print(f"mtlsmesh: error: {with_rules_doc(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

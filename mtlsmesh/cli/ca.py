@@ -38,12 +38,12 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from mtlsmesh import ca, pem, svid
-from mtlsmesh.errors import CertificateError, ConfigError, IdentityError
+from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
 
 DEFAULT_CA_DIR = "certs/ca"
 DEFAULT_CERTS_DIR = "certs"
-SECRET_PREFIX = "mtlsmesh-svid-"  # the Kubernetes Secret per service account (BRIEF: Kubernetes conventions)
+SECRET_PREFIX = "mtlsmesh-svid-"  # the Kubernetes Secret per service account (docs/ARCHITECTURE.md §2)
 EXIT_INVALID = 1
 
 _DURATION_UNITS = {"y": 365 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -357,7 +357,7 @@ def run_verify(args: argparse.Namespace) -> int:
         if trust_domain is not None and spiffe_id.trust_domain != trust_domain:
             raise CertificateError("", f"{spiffe_id} is not in trust domain {trust_domain} (V-7)")
     except (CertificateError, IdentityError) as exc:
-        print(f"mtlsmesh: invalid: {args.cert}: {exc}", file=sys.stderr)
+        print(f"mtlsmesh: invalid: {args.cert}: {with_rules_doc(str(exc))}", file=sys.stderr)
         return EXIT_INVALID
     until = ca.format_time(chain[0].not_valid_after_utc)
     print(f"{args.cert}: OK {spiffe_id} (valid until {until})")

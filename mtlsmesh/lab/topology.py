@@ -2,8 +2,8 @@
 
 A `Topology` names pods (network namespaces on one bridge) and Services (virtual IPs). `plan_topology` gives every
 pod an address and every Service a virtual IP; `render_sidecar_config` writes the YAML mapping a pod's sidecar
-reads (docs in BRIEF/DESIGN section 9); `render_service_rules` writes the node's kube-proxy-like DNAT rules as one
-`iptables-restore` payload.
+reads (its keys: deploy/sidecar-config.example.yaml); `render_service_rules` writes the node's kube-proxy-like DNAT
+rules as one `iptables-restore` payload.
 
 Address plan (all of 198.18.0.0/15, the benchmarking range, never routed out of the lab's node namespace):
 pods get /32 addresses from 198.18.0.0/24 with 198.18.0.1 on the node's bridge as their only gateway, so even
@@ -31,7 +31,7 @@ FIRST_POD_HOST = 10  # 198.18.0.10 is the first pod; low addresses stay free for
 SERVICE_NETWORK = ipaddress.IPv4Network("198.19.0.0/24")
 FIRST_SERVICE_HOST = 10
 SERVICES_CHAIN = "MTLSMESH_LAB_SERVICES"  # the node's KUBE-SERVICES
-PROXY_UID = 1337  # DESIGN.md section 2
+PROXY_UID = 1337  # docs/ARCHITECTURE.md §2
 DEFAULT_APP_UID = 1000
 HEALTH_PORT = 15021
 

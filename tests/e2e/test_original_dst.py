@@ -1,7 +1,7 @@
 """`netio.original_dst` against the kernel: REDIRECT rules in a network namespace this test creates.
 
 A dual-stack listener (IPV6_V6ONLY off) accepts an IPv4 client as `::ffff:a.b.c.d`: the lookup must still ask the
-IPv4 NAT table (DESIGN.md §11). Needs root; the namespace is removed even when the test fails.
+IPv4 NAT table (docs/ARCHITECTURE.md §13). Needs root; the namespace is removed even when the test fails.
 """
 
 from __future__ import annotations

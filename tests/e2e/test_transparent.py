@@ -1,6 +1,6 @@
 """The sidecar in transparent mode against real capture rules, in a network namespace this test creates.
 
-One "pod" calls its own service IP through its sidecar, the path istio-iptables keeps for that case (DESIGN.md §3):
+One "pod" calls its own service IP through its sidecar, the path istio-iptables keeps for it (docs/ARCHITECTURE.md §3):
 the app dials 198.18.0.1:9080 → OUTPUT REDIRECT to the outbound listener (15001) → the sidecar, running as uid
 1337, dials 198.18.0.1:9080 with mTLS → that dial is redirected to the inbound listener (15006) → the inbound side
 reads the original destination, terminates mTLS, and dials the app from 127.0.0.6, which the rules let through.
@@ -28,7 +28,7 @@ PROXY_UID = 1337
 SERVICE_IP = "198.18.0.1"
 APP_PORT = 9080
 
-# nat OUTPUT, in the order DESIGN.md §3 gives (the parts a pod calling itself goes through).
+# nat OUTPUT, in the order docs/ARCHITECTURE.md §3 gives (the parts a pod calling itself goes through).
 RULES = [
     ["-o", "lo", "-s", "127.0.0.6", "-j", "RETURN"],
     ["-o", "lo", "!", "-d", "127.0.0.1", "-m", "owner", "--uid-owner", str(PROXY_UID), "-j", "REDIRECT",

@@ -2,7 +2,7 @@
 
 Everything runs on loopback in the test's own trio loop. The sidecars are the real `serve_sidecar` with real
 listeners, real TLS and real sockets; only the original-destination lookup is injected (there is no iptables
-here), which is exactly the parameter the design leaves open for this.
+here), which is exactly the parameter the design leaves open for this (docs/ARCHITECTURE.md §9).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both sides present an SVID and require the other's, as the sidecars do. The handshake must succeed with SVIDs from
 one CA (with and without an intermediate) and fail when one side's certificate comes from another CA or has
 expired. In TLS 1.3 the client's handshake call completes before the server has judged the client's certificate,
-so a refusal by the server reaches the client only at its first read (DESIGN.md 11): the tests read.
+so a refusal by the server reaches the client only at its first read (docs/ARCHITECTURE.md §13): the tests read.
 """
 
 from __future__ import annotations

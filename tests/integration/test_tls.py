@@ -1,7 +1,7 @@
 """The TLS stream: trio's stream contract over memory and lockstep pairs, and every peer the sidecars must refuse.
 
 In TLS 1.3 the client's handshake finishes before the server has judged the client's certificate, so a refusal by
-the server reaches the client only at its first read (DESIGN.md §11): refusal tests read.
+the server reaches the client only at its first read (docs/ARCHITECTURE.md §13): refusal tests read.
 """
 
 from __future__ import annotations

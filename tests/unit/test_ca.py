@@ -1,6 +1,6 @@
 """The built-in CA: the certificate profile of root, intermediate and leaf, and the SVID leaf rules.
 
-`assert_profile` checks every field of DESIGN.md 7 / SVID-PROFILE.md 1f for one certificate; the tests run it for
+`assert_profile` checks every field of docs/svid-profile.md §6 for one certificate; the tests run it for
 every key type, with and without an intermediate and a name constraint. `forge` builds certificates that break one
 rule at a time, signed by a real CA key, to show `svid.leaf_spiffe_id` refuses each. OpenSSL's own `verify`
 (the binary) must accept our chains in strict mode for both TLS purposes and refuse leaves of another CA.

@@ -91,6 +91,7 @@ def rendered(options: CaptureOptions, family: Family = Family.V4, chain: str = c
 
 
 def test_output_chain_follows_the_design_order() -> None:
+    # The order and the reason for each rule: docs/ARCHITECTURE.md §3.
     options = capture.parse_capture_options(
         {
             "exclude_outbound_ports": "5432",

@@ -221,6 +221,15 @@ def test_issue_refuses(
     assert re.search(message, line), line
 
 
+def test_a_refusal_citing_a_rule_says_where_rules_are_explained(
+    ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = refused(["ca", "issue", "--spiffe-id", "spiffe://cluster.local/a//b"], capsys, workdir)
+    assert line.endswith("the path has an empty segment (ID-8); see docs/svid-profile.md"), line
+    line = refused(["ca", "issue", "--namespace", "default"], capsys, workdir)
+    assert line == "mtlsmesh: error: --namespace: needs --service-account too"  # no rule cited, no pointer
+
+
 def test_issue_refuses_an_existing_output(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["ca", "issue", "--namespace", "default", "--service-account", "web"]
     assert main(argv) == 0
@@ -485,7 +494,7 @@ def test_verify_checks_the_trust_domain(ca_dir: Path, workdir: Path, capsys: pyt
     argv = ["ca", "verify", "--bundle", "w/bundle.pem", "w/cert.pem", "--trust-domain"]
     assert main([*argv, "cluster.local"]) == 0
     assert main([*argv, "example.org"]) == 1
-    assert "is not in trust domain example.org (V-7)" in capsys.readouterr().err
+    assert "is not in trust domain example.org (V-7); see docs/svid-profile.md\n" in capsys.readouterr().err
 
 
 def test_verify_usage_errors(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""SPIFFE ID grammar: every rule of SVID-PROFILE.md 1a (ID-1 ... ID-13), each with accept and reject cases."""
+"""SPIFFE ID grammar: every rule of docs/svid-profile.md §1 (ID-1 ... ID-13), each with accept and reject cases."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ ID_2048 = "spiffe://td/" + "p" * (MAX_ID_BYTES - len("spiffe://td/"))
         ("spiffe://example.org/a", "example.org", "/a"),
         # ID-7 / ID-8: '.' inside a segment is fine, only a whole '.' or '..' segment is not
         ("spiffe://td/a.b/..c/.d.", "td", "/a.b/..c/.d."),
-        # ID-10: segment characters, and the path is case-sensitive (SPIFFE-ID 2.4)
+        # ID-10: segment characters, and the path is case-sensitive (ID-1)
         ("spiffe://td/A-Z_a-z.0-9", "td", "/A-Z_a-z.0-9"),
         ("spiffe://td/Web", "td", "/Web"),
         # ID-11: 2048 bytes is accepted

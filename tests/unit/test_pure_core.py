@@ -1,4 +1,4 @@
-"""The pure core stays pure: importing it loads no I/O machinery (DESIGN.md §8)."""
+"""The pure core stays pure: importing it loads no I/O machinery (docs/ARCHITECTURE.md §10)."""
 
 from __future__ import annotations
 
