@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 
 import trio
 
 from mtlsmesh import netio, policy, sniff, tls
-from mtlsmesh.config import IPAddress, Mode
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.addresses import IPAddress, host_port, ipv6_twin, unmapped
+from mtlsmesh.config import ExplicitListener, Mode
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
     DECISION_MTLS,
@@ -30,22 +29,11 @@ from mtlsmesh.runtime import (
     ConnRecord,
     Runtime,
     dial_or_refuse,
-    format_addr,
     open_mtls_or_reason,
     refuse,
 )
 
 SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (with an ML-KEM share) is ~1.4 KB
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An explicit listener's fixed app address (terminate mode): no original destination, always STRICT mTLS;
-    `identities`, when given, are the only callers let through (empty: any workload of our trust domain)."""
-
-    host: str
-    port: int
-    identities: tuple[SpiffeId, ...] = ()
 
 
 def _is_local_address(ip: IPAddress) -> bool:
@@ -67,17 +55,13 @@ def loop_reason(downstream: trio.SocketStream, app_source: IPAddress | None, ip:
     ours coming back: legitimate callers never use it); or the original destination is this listener itself on a
     local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
     try:
-        peer = ipaddress.ip_address(downstream.socket.getpeername()[0])
+        peer: IPAddress | None = unmapped(ipaddress.ip_address(downstream.socket.getpeername()[0]))
     except (OSError, ValueError):
         peer = None
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    # netio dials an IPv6 app from ::6, the IPv6 twin of 127.0.0.6 (DESIGN.md §3).
-    twin = ipaddress.IPv6Address("::6") if app_source == ipaddress.IPv4Address("127.0.0.6") else None
-    if peer is not None and peer in (app_source, twin):
+    # netio dials an IPv6 app from the IPv6 twin of the app source (::6 for 127.0.0.6, DESIGN.md §3).
+    if peer is not None and app_source is not None and peer in (app_source, ipv6_twin(app_source)):
         return "loop: connection from the app source address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     if port != int(downstream.socket.getsockname()[1]):
         return None
     if ip == netio.local_ip(downstream.socket) or ip.is_loopback or ip.is_unspecified or _is_local_address(ip):
@@ -124,10 +108,12 @@ def _judge(buffer: bytearray, data: bytes | bytearray) -> tuple[bytes, sniff.Sni
 
 
 async def handle_inbound(
-    rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, target: Target | None = None
+    rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
 ) -> None:
+    """Handle one captured connection, or with `explicit` one accepted by that terminate listener: no original
+    destination (the app is its `forward_to`), always STRICT mTLS, only its `identities` let through (when any)."""
     cfg = rt.config
-    if target is None:
+    if explicit is None:
         try:
             ip, port = rt.orig_dst(downstream)
         except OSError as exc:
@@ -136,14 +122,14 @@ async def handle_inbound(
         app_host = str(ip)
         looping = loop_reason(downstream, cfg.inbound.app_source, ip, port)
         if looping is not None:
-            rec.orig_dst = format_addr(app_host, port)
+            rec.orig_dst = host_port(app_host, port)
             await refuse(downstream, rec, looping)
             return
         mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
     else:
-        app_host, port = target.host, target.port
+        app_host, port = explicit.forward_to.host, explicit.forward_to.port
         mode, server_first = Mode.STRICT, False
-    rec.orig_dst = format_addr(app_host, port)
+    rec.orig_dst = host_port(app_host, port)
 
     prefix = b""
     if mode is Mode.DISABLE:
@@ -178,8 +164,8 @@ async def handle_inbound(
         caller = opened.peer_id
         rec.peer_id = str(caller)
         front = opened
-        if target is not None and target.identities and caller not in target.identities:
-            allowed = ", ".join(str(identity) for identity in target.identities)
+        if explicit is not None and explicit.identities and caller not in explicit.identities:
+            allowed = ", ".join(str(identity) for identity in explicit.identities)
             await refuse(front, rec, f"denied: {caller} is not one of this listener's identities ({allowed})")
             return
     rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
@@ -189,7 +175,7 @@ async def handle_inbound(
         await refuse(front, rec, f"denied: {decision.reason}")
         return
 
-    source = cfg.inbound.app_source if target is None else None
+    source = cfg.inbound.app_source if explicit is None else None
     app = await dial_or_refuse(rt, app_host, port, front, rec, source=source)
     if app is None:
         return

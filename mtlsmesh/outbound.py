@@ -11,13 +11,11 @@ What it does not: accept connections or log them (see `runtime`), or know anythi
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
-
 import trio
 
 from mtlsmesh import netio, policy, tls
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.addresses import IPAddress, host_port, unmapped
+from mtlsmesh.config import ExplicitListener
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import (
     DECISION_MTLS,
@@ -25,39 +23,32 @@ from mtlsmesh.runtime import (
     ConnRecord,
     Runtime,
     dial_or_refuse,
-    format_addr,
     open_mtls_or_reason,
     refuse,
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An explicit listener's fixed destination (originate mode): no original destination, always mTLS."""
-
-    host: str
-    port: int
-    identities: tuple[SpiffeId, ...] = ()
-
-
-def _is_loop(app: trio.SocketStream, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+def _is_loop(app: trio.SocketStream, ip: IPAddress, port: int) -> bool:
     """The original destination is this listener itself: dialing it would come straight back to us."""
     local = netio.local_ip(app.socket)
     local_port = int(app.socket.getsockname()[1])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     return port == local_port and (ip == local or ip.is_loopback or ip.is_unspecified)
 
 
-async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, target: Target | None = None) -> None:
+async def handle_outbound(
+    rt: Runtime, app: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
+) -> None:
+    """Handle one captured connection, or with `explicit` one accepted by that originate listener: no original
+    destination (the peer is its `forward_to`), always mTLS, expecting its `identities` (when any)."""
     cfg = rt.config
-    if target is None:
+    if explicit is None:
         try:
             ip, port = rt.orig_dst(app)
         except OSError as exc:
             await refuse(app, rec, f"no_orig_dst: {netio.describe_error(exc)}")
             return
-        rec.orig_dst = format_addr(ip, port)
+        rec.orig_dst = host_port(ip, port)
         if _is_loop(app, ip, port):
             await refuse(app, rec, "loop: the original destination is this listener")
             return
@@ -67,8 +58,9 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
             return
         host, identities, mtls = str(ip), route.identities, route.kind is policy.RouteKind.MTLS
     else:
-        host, port, identities, mtls = target.host, target.port, target.identities, True
-        rec.orig_dst = format_addr(host, port)
+        host, port = explicit.forward_to.host, explicit.forward_to.port
+        identities, mtls = explicit.identities, True
+        rec.orig_dst = host_port(host, port)
     rec.decision = DECISION_MTLS if mtls else DECISION_PASSTHROUGH
 
     upstream = await dial_or_refuse(rt, host, port, app, rec)

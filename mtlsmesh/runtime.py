@@ -12,7 +12,6 @@ What it does not: decide what happens to a connection (see `outbound`, `inbound`
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import time
@@ -24,7 +23,8 @@ from typing import Protocol
 import trio
 
 from mtlsmesh import netio, tls
-from mtlsmesh.config import Config, IPAddress
+from mtlsmesh.addresses import IPAddress, unmapped_host_port
+from mtlsmesh.config import Config
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import HandshakeError, MeshError
 from mtlsmesh.identity import SpiffeId
@@ -47,21 +47,6 @@ ACCEPT_BURST = 16  # connections a listener accepts in a row before it lets the 
 DECISION_MTLS = "mtls"
 DECISION_PASSTHROUGH = "passthrough"
 DECISION_REFUSE = "refuse"
-
-
-def format_addr(ip: IPAddress | str, port: int) -> str:
-    text = str(ip)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
-def render_peer(host: str, port: int) -> str:
-    """A peer address as the kernel gave it (getpeername, accept), in the log's form: IPv4-mapped IPv6 as IPv4."""
-    if ":" not in host:  # IPv4 as the kernel wrote it: already the text we want (one per connection, so no parsing)
-        return f"{host}:{port}"
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return format_addr(ip, int(port))
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\\n\t]')
@@ -277,7 +262,7 @@ async def serve_listener(
                     await trio.lowlevel.wait_readable(listener.socket)
                     continue
                 stream, (host, port) = accepted
-                rec = ConnRecord(direction, name, client_addr=render_peer(host, port))
+                rec = ConnRecord(direction, name, client_addr=unmapped_host_port(host, port))
                 if rt.tracker.active >= rt.tracker.limit:
                     await refuse(stream, rec, "limit: max_connections reached")
                     rt.stats.record(rec)

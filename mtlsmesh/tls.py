@@ -65,12 +65,12 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from mtlsmesh import netio, records, svid
+from mtlsmesh import conventions, netio, records, svid
 from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.pem import PrivateKey
 
-ALPN = b"mtlsmesh"  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
+ALPN = conventions.MESH_ALPN.encode()  # DESIGN.md §1: the ALPN that marks mesh traffic for the inbound sniffer
 
 # Key exchange groups offered between sidecars, most preferred first. X25519MLKEM768 is the hybrid post-quantum
 # group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.

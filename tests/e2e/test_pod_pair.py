@@ -27,12 +27,12 @@ import trio
 import yaml
 
 from mtlsmesh import inbound
+from mtlsmesh.conventions import PROXY_GID, PROXY_UID
 from mtlsmesh.lab import netns
 from tests.e2e import harness
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
-PROXY_UID = 1337
 CLIENT_IP, POD_IP = "198.18.61.1", "198.18.61.2"
 CLIENT_IP6, POD_IP6 = "2001:2::61:1", "2001:2::61:2"  # RFC 5180 benchmarking range, the twin of 198.18.0.0/15
 MAX_CONNECTIONS = 50
@@ -60,7 +60,7 @@ def sidecar_config(proxy_dir: Path) -> Path:
     pki = Pki(proxy_dir / "pki")
     files = pki.issue("web")
     for path in (files.cert, files.key, files.bundle):
-        os.chown(path, PROXY_UID, PROXY_UID)
+        os.chown(path, PROXY_UID, PROXY_GID)
     for directory in (proxy_dir / "pki", Path(files.cert).parent):
         directory.chmod(0o755)
     config = proxy_dir / "config.yaml"
@@ -78,7 +78,7 @@ def sidecar_config(proxy_dir: Path) -> Path:
 def running_sidecar(pod_ns: str, config: Path) -> Iterator[list[str]]:
     """The sidecar in `pod_ns` as the proxy uid, ready; at exit it is stopped and the list gets its connection
     lines."""
-    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_GID}", "--clear-groups"]
     argv += [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)]
     sidecar = subprocess.Popen(
         netns.ns_exec(pod_ns, argv),
