@@ -200,7 +200,7 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         lab, "productpage", lambda r: r.get("client", "").startswith(legacy_from) and r.get("decision") == "refuse"
     )
     if refusal is not None:
-        print(f"    productpage's sidecar refused it: reason={refusal.get('reason')}")
+        print(f"    productpage's sidecar refused it: reason={refusal.get('reason')} ({refusal.get('detail', '')})")
     report.check("STRICT refuses plaintext from outside the mesh", isinstance(strict, str) or strict[0] != 200)
     excluded = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("details"), EXCLUDED_PORT, "/excl", timeout=10))
     print(f"  legacy -> details:{EXCLUDED_PORT} (excluded from capture): {_describe(excluded)}")

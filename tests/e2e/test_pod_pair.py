@@ -29,6 +29,7 @@ import yaml
 from mtlsmesh import inbound
 from mtlsmesh.conventions import PROXY_GID, PROXY_UID
 from mtlsmesh.lab import netns
+from mtlsmesh.outcome import Failure, Reason
 from tests.e2e import harness
 from tests.pki import Pki
 
@@ -124,7 +125,8 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
             sock.close()
     inbound = conn_lines(lines, "inbound")
     assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
-    assert "decision=refuse" in inbound[0] and 'reason="loop: the original destination is this listener"' in inbound[0]
+    assert "decision=refuse" in inbound[0]
+    assert inbound[0].endswith(' reason=loop detail="the original destination is this listener"')
     assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
 
 
@@ -168,9 +170,9 @@ def test_ipv6_from_the_app_to_outside_the_mesh_is_passed_through(pod_pair: tuple
     assert "decision=passthrough" in outbound and f"orig_dst=[{CLIENT_IP6}]:8080" in outbound
 
 
-def _loop_reasons_by_source() -> dict[str, str | None]:
+def _loop_reasons_by_source() -> dict[str, Failure | None]:
     """Accept one connection from ::6 and one from ::1 on [::1], and ask the guard about each (orig dst ::1:9080)."""
-    reasons: dict[str, str | None] = {}
+    reasons: dict[str, Failure | None] = {}
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         listener.bind(("::1", 0))
         listener.listen(2)
@@ -192,4 +194,4 @@ def test_a_connection_from_the_ipv6_twin_of_the_app_source_is_a_loop() -> None:
     # so this runs in one of our own with ::6 on lo.
     with harness.loopback_namespace("fxl6", ["::6/128"]) as name:
         reasons = netns.run_in_netns(name, _loop_reasons_by_source)
-    assert reasons == {"::6": "loop: connection from the app source address", "::1": None}
+    assert reasons == {"::6": Failure(Reason.LOOP, "connection from the app source address"), "::1": None}

@@ -20,6 +20,7 @@ IO_MODULES = ("trio", "socket", "ssl", "OpenSSL", "subprocess", "asyncio")
         "mtlsmesh.records",
         "mtlsmesh.conventions",
         "mtlsmesh.addresses",
+        "mtlsmesh.outcome",
     ],
 )
 def test_importing_loads_no_io_module(module: str) -> None:
