@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import trio
 
 from mtlsmesh import config as config_module
+from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.runtime import Runtime
 
 log = logging.getLogger("mtlsmesh.admin")
@@ -31,7 +32,6 @@ READ_TIMEOUT = 5.0  # seconds to send the whole request head
 HEALTH_READ_TIMEOUT = 1.0  # the kubelet sends its probe at once (and itself gives up after 1 s by default)
 LINGER = 1.0  # seconds to drain a client's unread bytes after answering
 MAX_CLIENTS = 64  # concurrent HTTP connections per endpoint; more are closed at once
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Response = tuple[int, str, bytes]  # status, content type, body
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",

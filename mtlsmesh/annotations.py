@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mtlsmesh.conventions import NEVER_CAPTURED_INBOUND
 from mtlsmesh.errors import ConfigError
 
 ANNOTATION_PREFIX = "mtlsmesh.io/"
@@ -28,8 +29,6 @@ INBOUND_MODE = "mtlsmesh.io/inbound-mode"
 
 INBOUND_MODES = ("strict", "permissive", "disable")
 _PORT = re.compile(r"[0-9]{1,5}")
-# Health and metrics: the capture rules never redirect them (docs/ARCHITECTURE.md §3), so they cannot be "included".
-NEVER_CAPTURED_INBOUND = frozenset({15021, 15090})
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +133,7 @@ def _check_consistency(settings: CaptureSettings, label: str) -> None:
     included = [] if settings.inbound_ports == "*" else [p for p in settings.inbound_ports.split(",") if p]
     excluded = set(settings.exclude_inbound_ports.split(","))
     for port in included:
-        if int(port) in NEVER_CAPTURED_INBOUND:
+        if int(port) in NEVER_CAPTURED_INBOUND:  # health and metrics: they cannot be "included"
             raise ConfigError(
                 label, f"annotation {INCLUDE_INBOUND_PORTS}: port {port} is the sidecar's own and is never captured"
             )

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mtlsmesh import pem, svid
+from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, parse_spiffe_id
 
@@ -50,16 +51,13 @@ DEFAULT_SVID_TTL = timedelta(hours=24)  # short-lived leaves, rotated by reissue
 # there to a few minutes does, and a minute covers the skew of machines that run NTP at all.
 BACKDATE = timedelta(minutes=1)
 
-# The file layout of a CA directory (save_authority / load_authority).
+# The file layout of a CA directory (save_authority / load_authority); its roots are in BUNDLE_FILE, as an SVID's.
+# An issued SVID (IssuedSvid.write_to_dir) is CERT_FILE, KEY_FILE and BUNDLE_FILE (`conventions`).
 ROOT_CERT_FILE = "root.pem"
 ROOT_KEY_FILE = "root-key.pem"
 INTERMEDIATE_CERT_FILE = "intermediate.pem"
 INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
-BUNDLE_FILE = "bundle.pem"
 CA_FILES = (ROOT_CERT_FILE, ROOT_KEY_FILE, INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, BUNDLE_FILE)
-# The file layout of an issued SVID (IssuedSvid.write_to_dir), as the sidecar and the Kubernetes Secret expect.
-CERT_FILE = "cert.pem"
-KEY_FILE = "key.pem"
 
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
 _MAX_DNS_NAME = 253  # RFC 1035 2.3.4, without the trailing dot

@@ -36,9 +36,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mtlsmesh.addresses import IPNetwork
+from mtlsmesh.conventions import (
+    APP_SOURCE,
+    APP_SOURCE_V6,
+    INBOUND_PORT,
+    NEVER_CAPTURED_INBOUND,
+    OUTBOUND_PORT,
+    PROXY_GID,
+    PROXY_UID,
+)
 from mtlsmesh.errors import ConfigError
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = TypeVar("_T")
 
 # Chain names (docs/ARCHITECTURE.md §2). Every chain we ever create is listed here: cleanup removes exactly these.
@@ -55,14 +64,9 @@ OWN_CHAINS: Mapping[str, tuple[str, ...]] = {
 TABLES = ("nat", "mangle")
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
-# Ports the sidecar serves to the kubelet and Prometheus directly (docs/ARCHITECTURE.md §2): never captured inbound.
-HEALTH_PORT = 15021
-METRICS_PORT = 15090
-ALWAYS_EXCLUDED_INBOUND = (HEALTH_PORT, METRICS_PORT)
-
 # The inbound sidecar dials the app from this source, and OUTPUT lets it through (docs/ARCHITECTURE.md §3).
-APP_SOURCE_V4 = ipaddress.IPv4Network("127.0.0.6/32")
-APP_SOURCE_V6 = ipaddress.IPv6Network("::6/128")
+APP_SOURCE_NET_V4 = ipaddress.IPv4Network(APP_SOURCE)
+APP_SOURCE_NET_V6 = ipaddress.IPv6Network(APP_SOURCE_V6)
 LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.1/32")
 LOOPBACK_V6 = ipaddress.IPv6Network("::1/128")
 
@@ -86,10 +90,10 @@ class InterceptionMode(enum.Enum):
 class CaptureOptions:
     """What to capture. Build it with `parse_capture_options` from flags/env, or directly in code and tests."""
 
-    proxy_uid: int = 1337
-    proxy_gid: int = 1337
-    outbound_port: int = 15001
-    inbound_port: int = 15006
+    proxy_uid: int = PROXY_UID
+    proxy_gid: int = PROXY_GID
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
     inbound_ports: tuple[int, ...] | None = None  # None: every port ("*"); (): no inbound capture at all
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
@@ -108,8 +112,8 @@ class CaptureOptions:
 
     @property
     def inbound_excluded(self) -> tuple[int, ...]:
-        """Ports that RETURN in MTLSMESH_INBOUND: the always-excluded ones, then the user's, without repeats."""
-        return _unique((*ALWAYS_EXCLUDED_INBOUND, *self.exclude_inbound_ports))
+        """Ports that RETURN in MTLSMESH_INBOUND: the never-captured ones, then the user's, without repeats."""
+        return _unique((*NEVER_CAPTURED_INBOUND, *self.exclude_inbound_ports))
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +326,7 @@ def _check_consistency(options: CaptureOptions, where: Callable[[str], str]) -> 
     if options.outbound_port == options.inbound_port:
         raise ConfigError(where("inbound_port"), f"inbound and outbound port are both {options.inbound_port}")
     for port in options.inbound_ports or ():
-        if port in ALWAYS_EXCLUDED_INBOUND:
+        if port in NEVER_CAPTURED_INBOUND:
             raise ConfigError(where("inbound_ports"), f"port {port} is the sidecar's own and is never captured")
         if port in (options.inbound_port, options.outbound_port):
             # Redirecting a connection to the sidecar's listener back to that listener only makes it loop.
@@ -395,12 +399,12 @@ def build_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
 
     # The inbound sidecar dials the app from ::6 (docs/ARCHITECTURE.md §3). IPv4 has all of 127/8 on lo; IPv6 only
     # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself. `replace` makes this idempotent.
-    setup = (("ip", "-6", "addr", "replace", str(APP_SOURCE_V6), "dev", "lo"),) if version == 6 else ()
+    setup = (("ip", "-6", "addr", "replace", str(APP_SOURCE_NET_V6), "dev", "lo"),) if version == 6 else ()
     return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, setup)
 
 
 def _outbound_rules(options: CaptureOptions, version: int, loopback: IPNetwork, nat: Callable[..., None]) -> None:
-    app_source = APP_SOURCE_V4 if version == 4 else APP_SOURCE_V6
+    app_source = APP_SOURCE_NET_V4 if version == 4 else APP_SOURCE_NET_V6
     # Excluded ports first: they must bypass even the "back to ourselves" redirect below.
     for port in options.exclude_outbound_ports:
         nat(OUTPUT, *_tcp_port(port), target=("RETURN",))

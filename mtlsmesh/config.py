@@ -21,6 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtlsmesh import schema
+from mtlsmesh.addresses import IPAddress, IPNetwork, host_port, split_host_port
+from mtlsmesh.conventions import (
+    ADMIN_PORT,
+    APP_SOURCE,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    LOG_LEVELS,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+)
 from mtlsmesh.errors import ConfigError, IdentityError
 from mtlsmesh.identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -30,9 +40,6 @@ from mtlsmesh.identity import (
     parse_trust_domain,
     parse_workload_id,
 )
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Mode(enum.Enum):
@@ -66,7 +73,7 @@ class ListenAddr:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +98,7 @@ class Destination:
 @dataclass(frozen=True, slots=True)
 class OutboundConfig:
     enabled: bool = True
-    listen: ListenAddr = ListenAddr("::", 15001)  # dual stack; the sidecar falls back to 0.0.0.0 without IPv6
+    listen: ListenAddr = ListenAddr("::", OUTBOUND_PORT)  # dual stack; the sidecar falls back to 0.0.0.0 without IPv6
     policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     # Destinations inside the mesh, first match wins. A destination that matches none is outside the mesh.
     destinations: tuple[Destination, ...] = ()
@@ -106,13 +113,13 @@ class PortConfig:
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     enabled: bool = True
-    listen: ListenAddr = ListenAddr("::", 15006)  # dual stack, as outbound
+    listen: ListenAddr = ListenAddr("::", INBOUND_PORT)  # dual stack, as outbound
     mode: Mode = Mode.STRICT
     ports: dict[int, PortConfig] = field(default_factory=dict)  # treat as read-only
     # Source for dialing the app; None: the kernel picks. Under the capture rules it must be 127.0.0.6 (::6 for an
     # IPv6 app): only a dial from there skips the capture, anything else is redirected back to the inbound listener
     # (refused as a loop). 127.0.0.1 or None only suit an inbound listener without iptables.
-    app_source: IPAddress | None = ipaddress.ip_address("127.0.0.6")
+    app_source: IPAddress | None = APP_SOURCE
     sniff_timeout: float = 1.0
 
     def port_mode(self, port: int) -> Mode:
@@ -164,16 +171,15 @@ class Config:
     explicit: tuple[ExplicitListener, ...] = ()
     timeouts: Timeouts = Timeouts()
     max_connections: int = 10_000
-    admin_listen: ListenAddr | None = ListenAddr("127.0.0.1", 15000)
-    health_listen: ListenAddr | None = ListenAddr("0.0.0.0", 15021)
-    metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", 15090)
+    admin_listen: ListenAddr | None = ListenAddr("127.0.0.1", ADMIN_PORT)
+    health_listen: ListenAddr | None = ListenAddr("0.0.0.0", HEALTH_PORT)
+    metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", METRICS_PORT)
     log_level: str = "info"
 
 
 # --- parsing: the YAML format (an annotated example is deploy/sidecar-config.example.yaml) ------------------------
 
 parse_duration = schema.parse_duration
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # RFC 1123 §2.1 (plus '_', common in service names)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -208,20 +214,20 @@ def parse_listen_addr(value: object, path: str = "listen", *, allow_name: bool =
     """
     if not isinstance(value, str):
         raise ConfigError(path, f"expected host:port as a string (got {schema.kind(value)})")
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not port_text.isascii():
+    split = split_host_port(value)
+    if split is None:
         raise ConfigError(path, f"expected host:port, e.g. 0.0.0.0:15001 or [::]:15001 (got {value!r})")
-    port = int(port_text)
+    host, port, bracketed = split
     if port > 65535 or (allow_name and port == 0):
         raise ConfigError(path, f"port {port} is out of range {1 if allow_name else 0}-65535")
-    bracketed = host.startswith("[") and host.endswith("]")
     try:
-        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         # An all-digit last label (1.2.3.999) is a mistyped address, never a DNS name (RFC 1123 §2.1).
         if allow_name and not bracketed and _HOST_NAME.fullmatch(host) and not host.rpartition(".")[2].isdigit():
             return ListenAddr(host.lower(), port)
-        raise ConfigError(path, f"{host!r} is not an IP address{' or host name' if allow_name else ''}") from None
+        shown = f"[{host}]" if bracketed else host
+        raise ConfigError(path, f"{shown!r} is not an IP address{' or host name' if allow_name else ''}") from None
     if (address.version == 6) != bracketed:
         raise ConfigError(path, "an IPv6 address needs brackets ([::1]:80), an IPv4 address none")
     return ListenAddr(str(address), port)

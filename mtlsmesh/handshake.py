@@ -30,7 +30,7 @@ import OpenSSL
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
-from mtlsmesh import records
+from mtlsmesh import conventions, records
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.pem import PrivateKey
 
@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - checked below, with a message that says what is missing
     _ffi = _lib = None
 
-ALPN = b"mtlsmesh"  # the ALPN that marks mesh traffic for the inbound sniffer (docs/ARCHITECTURE.md §5)
+ALPN = conventions.MESH_ALPN.encode()  # what every sidecar offers and requires
 
 # Key exchange groups offered between sidecars, most preferred first. X25519MLKEM768 is the hybrid post-quantum
 # group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.

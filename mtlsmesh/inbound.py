@@ -6,7 +6,9 @@ What it does, per accepted connection: find the app's address (the original dest
 ClientHello offering ALPN `mtlsmesh` is mesh traffic: the bytes are handed to a TLS 1.3 server that requires the
 caller's SVID (which reads them first); anything else is passed through in PERMISSIVE (the app gets them first) and
 refused in STRICT. Then the authorization policy decides on (caller, port) (a plaintext caller is None), the app is
-dialed from `inbound.app_source` (127.0.0.6) so the dial is not captured again, and the two are relayed.
+dialed from `inbound.app_source` (127.0.0.6) so the dial is not captured again, and the two are relayed. The
+decision (mtls or passthrough) is recorded once the sniff or the port's mode has told which it is, before the
+handshake (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
 A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
@@ -15,79 +17,44 @@ A server-first port in PERMISSIVE is passed through without sniffing: mesh clien
 from __future__ import annotations
 
 import ipaddress
-import socket
-from dataclasses import dataclass
 
 import trio
 
 from mtlsmesh import netio, policy, sniff, tls
-from mtlsmesh.config import IPAddress, Mode
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.addresses import IPAddress, host_port, ipv6_twin, unmapped
+from mtlsmesh.config import ExplicitListener, Mode
+from mtlsmesh.conventions import MESH_ALPN
+from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import (
-    DECISION_MTLS,
-    DECISION_PASSTHROUGH,
-    ConnRecord,
-    Runtime,
-    dial_or_refuse,
-    format_addr,
-    open_mtls_or_reason,
-    refuse,
-)
+from mtlsmesh.runtime import ConnRecord, Runtime
+from mtlsmesh.steps import LOOP_TO_LISTENER, dial_or_refuse, is_own_listener, open_mtls_or_failure, refuse
 
 SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (with an ML-KEM share) is ~1.4 KB
+LOOP_FROM_APP_SOURCE = Failure(Reason.LOOP, "connection from the app source address")
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An explicit listener's fixed app address (terminate mode): no original destination, always STRICT mTLS;
-    `identities`, when given, are the only callers let through (empty: any workload of our trust domain)."""
-
-    host: str
-    port: int
-    identities: tuple[SpiffeId, ...] = ()
-
-
-def _is_local_address(ip: IPAddress) -> bool:
-    """Whether `ip` is one of this namespace's own addresses: binding to it (port 0, no FREEBIND) succeeds only then."""
-    family = socket.AF_INET6 if isinstance(ip, ipaddress.IPv6Address) else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((str(ip), 0))
-    except OSError:
-        return False
-    return True
-
-
-def loop_reason(downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int) -> str | None:
-    """Why a captured inbound connection would loop back into this listener, or None.
+def loop_reason(
+    downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int
+) -> Failure | None:
+    """Why a captured inbound connection would loop back into this listener (a LOOP failure), or None.
 
     Two ways, both seen under the capture rules (docs/ARCHITECTURE.md §3): the peer is `app_source` (our own dial to
     the app is exempt from capture only from that address, so a connection from it that reached the inbound listener
     is one of ours coming back: legitimate callers never use it); or the original destination is this listener itself
     on a local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
     try:
-        peer = ipaddress.ip_address(downstream.socket.getpeername()[0])
+        peer: IPAddress | None = unmapped(ipaddress.ip_address(downstream.socket.getpeername()[0]))
     except (OSError, ValueError):
         peer = None
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    # netio dials an IPv6 app from ::6, the IPv6 twin of 127.0.0.6 (docs/ARCHITECTURE.md §3).
-    twin = ipaddress.IPv6Address("::6") if app_source == ipaddress.IPv4Address("127.0.0.6") else None
-    if peer is not None and peer in (app_source, twin):
-        return "loop: connection from the app source address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if port != int(downstream.socket.getsockname()[1]):
-        return None
-    if ip == netio.local_ip(downstream.socket) or ip.is_loopback or ip.is_unspecified or _is_local_address(ip):
-        return "loop: the original destination is this listener"
-    return None
+    # netio dials an IPv6 app from the IPv6 twin of the app source (::6 for 127.0.0.6, docs/ARCHITECTURE.md §3).
+    if peer is not None and app_source is not None and peer in (app_source, ipv6_twin(app_source)):
+        return LOOP_FROM_APP_SOURCE
+    return LOOP_TO_LISTENER if is_own_listener(downstream.socket, ip, port) else None
 
 
-async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None, str]:
+async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None, Reason | None]:
     """Read until the sniffer decides. Returns the bytes read (to replay), the verdict, and when there is none,
-    why: `sniff_timeout` (the peer went quiet), `closed_during_sniff` (EOF) or `client_hello_too_large`."""
+    why: SNIFF_TIMEOUT (the peer went quiet), CLOSED_DURING_SNIFF (EOF) or CLIENT_HELLO_TOO_LARGE."""
     buffer = bytearray()
     if type(stream) is trio.SocketStream:
         # What has arrived by now is judged before the timer is set: a mesh client sends its ClientHello right
@@ -108,42 +75,44 @@ async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, 
             judged = _judge(buffer, data)
             if judged is not None:
                 return judged
-        return bytes(buffer), None, "client_hello_too_large"
-    return bytes(buffer), None, "sniff_timeout"
+        return bytes(buffer), None, Reason.CLIENT_HELLO_TOO_LARGE
+    return bytes(buffer), None, Reason.SNIFF_TIMEOUT
 
 
-def _judge(buffer: bytearray, data: bytes | bytearray) -> tuple[bytes, sniff.Sniff | None, str] | None:
+def _judge(buffer: bytearray, data: bytes | bytearray) -> tuple[bytes, sniff.Sniff | None, Reason | None] | None:
     """Add `data` (b"": EOF) to what was sniffed so far; the answer of `sniff_stream` once there is one."""
     if not data:
-        return bytes(buffer), None, "closed_during_sniff"
+        return bytes(buffer), None, Reason.CLOSED_DURING_SNIFF
     buffer += data
     verdict = sniff.parse_client_hello(buffer)
     if verdict.state is not sniff.SniffState.NEED_MORE:
-        return bytes(buffer), verdict, ""
+        return bytes(buffer), verdict, None
     return None
 
 
 async def handle_inbound(
-    rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, target: Target | None = None
+    rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
 ) -> None:
+    """Handle one captured connection, or with `explicit` one accepted by that terminate listener: no original
+    destination (the app is its `forward_to`), always STRICT mTLS, only its `identities` let through (when any)."""
     cfg = rt.config
-    if target is None:
+    if explicit is None:
         try:
             ip, port = rt.orig_dst(downstream)
         except OSError as exc:
-            await refuse(downstream, rec, f"no_orig_dst: {netio.describe_error(exc)}")
+            await refuse(downstream, rec, Reason.NO_ORIG_DST, netio.describe_error(exc))
             return
         app_host = str(ip)
         looping = loop_reason(downstream, cfg.inbound.app_source, ip, port)
         if looping is not None:
-            rec.orig_dst = format_addr(app_host, port)
-            await refuse(downstream, rec, looping)
+            rec.orig_dst = host_port(app_host, port)
+            await refuse(downstream, rec, looping.reason, looping.detail)
             return
         mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
     else:
-        app_host, port = target.host, target.port
+        app_host, port = explicit.forward_to.host, explicit.forward_to.port
         mode, server_first = Mode.STRICT, False
-    rec.orig_dst = format_addr(app_host, port)
+    rec.orig_dst = host_port(app_host, port)
 
     prefix = b""
     if mode is Mode.DISABLE:
@@ -154,41 +123,41 @@ async def handle_inbound(
         try:
             prefix, verdict, no_verdict = await sniff_stream(downstream, cfg.inbound.sniff_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await refuse(downstream, rec, f"reset_by_downstream: during sniff: {exc}")
+            await refuse(downstream, rec, Reason.RESET_BY_PEER, f"during sniff: {exc}")
             return
         mesh = verdict is not None and sniff.is_mesh(verdict)
         if not mesh and mode is Mode.STRICT:
             if verdict is None:
-                why = f"{no_verdict}: {len(prefix)} bytes, no complete ClientHello"
+                assert no_verdict is not None
+                await refuse(downstream, rec, no_verdict, f"{len(prefix)} bytes, no complete ClientHello")
             elif verdict.state is sniff.SniffState.CLIENT_HELLO:
-                why = f"not_mesh: TLS without ALPN mtlsmesh (alpn={','.join(verdict.alpn) or 'none'})"
+                alpn = ",".join(verdict.alpn) or "none"
+                await refuse(downstream, rec, Reason.NOT_MESH, f"TLS without ALPN {MESH_ALPN} (alpn={alpn})")
             else:
-                why = f"not_mesh: {verdict.reason or 'not TLS'}"
-            await refuse(downstream, rec, why)
+                await refuse(downstream, rec, Reason.NOT_MESH, verdict.reason or "not TLS")
             return
+    rec.decision = Decision.MTLS if mesh else Decision.PASSTHROUGH
     front: trio.abc.HalfCloseableStream = downstream
     caller = None
     if mesh:
-        opened = await open_mtls_or_reason(rt, downstream, tls.Side.SERVER, peer=rec.client_addr, prefix=prefix)
+        opened = await open_mtls_or_failure(rt, downstream, tls.Side.SERVER, peer=rec.client_addr, prefix=prefix)
         prefix = b""  # the handshake has it; this frame lives as long as the connection
-        if isinstance(opened, str):
-            await refuse(downstream, rec, opened)
+        if isinstance(opened, Failure):
+            await refuse(downstream, rec, opened.reason, opened.detail)
             return
-        caller = opened.peer_id
-        rec.peer_id = str(caller)
+        caller = rec.peer_id = opened.peer_id
         front = opened
-        if target is not None and target.identities and caller not in target.identities:
-            allowed = ", ".join(str(identity) for identity in target.identities)
-            await refuse(front, rec, f"denied: {caller} is not one of this listener's identities ({allowed})")
+        if explicit is not None and explicit.identities and caller not in explicit.identities:
+            allowed = ", ".join(str(identity) for identity in explicit.identities)
+            await refuse(front, rec, Reason.DENIED, f"{caller} is not one of this listener's identities ({allowed})")
             return
-    rec.decision = DECISION_MTLS if mesh else DECISION_PASSTHROUGH
 
-    decision = policy.authorize(cfg.authorization, caller, port)
-    if not decision.allowed:
-        await refuse(front, rec, f"denied: {decision.reason}")
+    authz = policy.authorize(cfg.authorization, caller, port)
+    if not authz.allowed:
+        await refuse(front, rec, Reason.DENIED, authz.reason)
         return
 
-    source = cfg.inbound.app_source if target is None else None
+    source = cfg.inbound.app_source if explicit is None else None
     app = await dial_or_refuse(rt, app_host, port, front, rec, source=source)
     if app is None:
         return
@@ -197,9 +166,15 @@ async def handle_inbound(
             await app.send_all(prefix)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await netio.abort_close(app)
-            await refuse(front, rec, f"reset_by_app: {exc}", decision=rec.decision)
+            await refuse(front, rec, Reason.RESET_BY_APP, str(exc))
             return
-    result = await relay(front, app, idle_timeout=cfg.timeouts.idle, downstream_name="peer", upstream_name="app")
+    result = await relay(
+        front,
+        app,
+        idle_timeout=cfg.timeouts.idle,
+        downstream_reset=Reason.RESET_BY_PEER,
+        upstream_reset=Reason.RESET_BY_APP,
+    )
     rec.bytes_in = len(prefix) + result.downstream_to_upstream
     rec.bytes_out = result.upstream_to_downstream
-    rec.reason = result.reason
+    rec.reason, rec.detail = result.reason, result.detail

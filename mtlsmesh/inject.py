@@ -32,12 +32,25 @@ from mtlsmesh import __version__
 from mtlsmesh.annotations import (
     EXCLUDE_INBOUND_PORTS,
     INBOUND_MODE,
-    NEVER_CAPTURED_INBOUND,
     STATUS_ANNOTATION,
     CaptureSettings,
     opted_out,
     parse_capture,
     read_annotations,
+)
+from mtlsmesh.conventions import (
+    BUNDLE_FILE,
+    CERT_FILE,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    KEY_FILE,
+    METRICS_PORT,
+    NEVER_CAPTURED_INBOUND,
+    OUTBOUND_PORT,
+    PROXY_GID,
+    PROXY_UID,
+    SIDECAR_PORTS,
+    SVID_SECRET_PREFIX,
 )
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.manifest import parse_manifests, render_manifests
@@ -50,20 +63,11 @@ INIT_RUN_VOLUME = "mtlsmesh-init-run"
 INJECTED_CONTAINERS = (INIT_CONTAINER, PROXY_CONTAINER)
 INJECTED_VOLUMES = (SVID_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
 
-# The Kubernetes conventions every part of the mesh shares (the CA writes this Secret; deploy/README.md).
+# Where the injected containers find their SVID and config (deploy/README.md): the SVID Secret is mounted here.
 SVID_DIR = "/var/run/mtlsmesh/svid"
 CONFIG_DIR = "/etc/mtlsmesh"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
-SVID_SECRET_PREFIX = "mtlsmesh-svid-"
 CONFIG_MAP = "mtlsmesh-config"
-
-# Ports the sidecar binds in the pod (docs/ARCHITECTURE.md §2); an app container must not claim them.
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-ADMIN_PORT = 15000
-HEALTH_PORT = 15021
-METRICS_PORT = 15090
-RESERVED_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, HEALTH_PORT, METRICS_PORT})
 
 # Kind -> (API groups it may come from, path from the document to its pod template). A kind from another group
 # (a custom resource that happens to be called "Deployment") is not ours to touch.
@@ -90,8 +94,8 @@ class InjectOptions:
 
     image: str = f"mtlsmesh/mtlsmesh:{__version__}"
     image_pull_policy: str = "IfNotPresent"
-    proxy_uid: int = 1337
-    proxy_gid: int = 1337
+    proxy_uid: int = PROXY_UID
+    proxy_gid: int = PROXY_GID
     proxy_cpu_request: str = "50m"
     proxy_memory_request: str = "64Mi"
     proxy_memory_limit: str = "256Mi"
@@ -241,11 +245,12 @@ def _check_pod(spec: JsonDict, label: str, opts: InjectOptions) -> None:
             raise ConfigError(label, f"container {name!r}: ports: expected a list (got {ports!r})")
         for entry in ports or ():
             port = _port_entry(entry, name, label)
-            if port.get("containerPort") in RESERVED_PORTS:
+            # The sidecar binds these in the pod's network namespace: an app container must not claim them.
+            if port.get("containerPort") in SIDECAR_PORTS:
                 raise ConfigError(
                     label,
                     f"container {name!r} declares port {port['containerPort']}, which the proxy binds "
-                    f"(reserved: {', '.join(map(str, sorted(RESERVED_PORTS)))})",
+                    f"(reserved: {', '.join(map(str, sorted(SIDECAR_PORTS)))})",
                 )
     volumes = spec.get("volumes")
     for volume in volumes if isinstance(volumes, list) else ():
@@ -272,7 +277,7 @@ def _probe_warnings(spec: JsonDict, capture: CaptureSettings, label: str) -> lis
     """Kubelet probes come in plaintext from the node: in strict mode the sidecar refuses them on captured ports."""
     if capture.inbound_mode in ("permissive", "disable"):
         return []
-    excluded = {int(p) for p in capture.exclude_inbound_ports.split(",") if p} | NEVER_CAPTURED_INBOUND
+    excluded = {*(int(p) for p in capture.exclude_inbound_ports.split(",") if p), *NEVER_CAPTURED_INBOUND}
     included = None if capture.inbound_ports == "*" else {int(p) for p in capture.inbound_ports.split(",") if p}
     warnings: list[str] = []
     for key, container in _containers(spec, label):
@@ -376,11 +381,11 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
             "--config",
             CONFIG_FILE,
             "--cert",
-            f"{SVID_DIR}/cert.pem",
+            f"{SVID_DIR}/{CERT_FILE}",
             "--key",
-            f"{SVID_DIR}/key.pem",
+            f"{SVID_DIR}/{KEY_FILE}",
             "--bundle",
-            f"{SVID_DIR}/bundle.pem",
+            f"{SVID_DIR}/{BUNDLE_FILE}",
         ],
     }
     if env:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import trio
 
-from mtlsmesh.config import IPAddress
+from mtlsmesh.addresses import IPAddress, ipv6_twin, unmapped
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, at level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV6
@@ -44,10 +44,7 @@ KEEPALIVE_COUNT = 6  # unanswered probes before the connection is reset (TCP_KEE
 
 def local_ip(sock: trio.socket.SocketType) -> IPAddress:
     """The socket's own address as the family it really is: `::ffff:a.b.c.d` on a dual-stack socket is IPv4."""
-    ip = ipaddress.ip_address(sock.getsockname()[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return unmapped(ipaddress.ip_address(sock.getsockname()[0]))
 
 
 def set_keepalive(sock: trio.socket.SocketType | socket.socket) -> None:
@@ -132,11 +129,12 @@ async def _connect(family: int, address: str, port: int, source: IPAddress | Non
 
 
 def _bind_source(sock: socket.socket, family: int, source: IPAddress) -> None:
-    if family == socket.AF_INET6 and source.version == 4:
+    if family == socket.AF_INET6:
         # 127.0.0.6 has an IPv6 twin, ::6 (docs/ARCHITECTURE.md §3); it sits on no interface, hence FREEBIND.
-        source = ipaddress.IPv6Address("::6") if source == ipaddress.IPv4Address("127.0.0.6") else source
-        if source.version == 4:
+        twin = ipv6_twin(source)
+        if twin is None:
             return  # no sensible IPv6 source for this IPv4 address: let the kernel pick
+        source = twin
     if family == socket.AF_INET and source.version == 6:
         return
     if source.version == 6:

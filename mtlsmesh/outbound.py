@@ -5,71 +5,50 @@ listener's `forward_to`); refuse a loop back into this listener; ask `policy.rou
 is in the mesh (mTLS), outside it (passthrough under ALLOW_ANY) or refused (REGISTRY_ONLY, reset); dial it with the
 connect timeout (failure: reset the app, whose connect() already succeeded against us); for mTLS run the TLS 1.3
 client, present our SVID and check the server's SPIFFE ID (secure naming) before any app byte flows; then relay.
+The decision (mtls or passthrough) is recorded once the route is known, before the dial (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the inbound side.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
-
 import trio
 
 from mtlsmesh import netio, policy, tls
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.addresses import host_port
+from mtlsmesh.config import ExplicitListener
+from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import (
-    DECISION_MTLS,
-    DECISION_PASSTHROUGH,
-    ConnRecord,
-    Runtime,
-    dial_or_refuse,
-    format_addr,
-    open_mtls_or_reason,
-    refuse,
-)
+from mtlsmesh.runtime import ConnRecord, Runtime
+from mtlsmesh.steps import LOOP_TO_LISTENER, dial_or_refuse, is_own_listener, open_mtls_or_failure, refuse
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An explicit listener's fixed destination (originate mode): no original destination, always mTLS."""
-
-    host: str
-    port: int
-    identities: tuple[SpiffeId, ...] = ()
-
-
-def _is_loop(app: trio.SocketStream, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
-    """The original destination is this listener itself: dialing it would come straight back to us."""
-    local = netio.local_ip(app.socket)
-    local_port = int(app.socket.getsockname()[1])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return port == local_port and (ip == local or ip.is_loopback or ip.is_unspecified)
-
-
-async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, target: Target | None = None) -> None:
+async def handle_outbound(
+    rt: Runtime, app: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
+) -> None:
+    """Handle one captured connection, or with `explicit` one accepted by that originate listener: no original
+    destination (the peer is its `forward_to`), always mTLS, expecting its `identities` (when any)."""
     cfg = rt.config
-    if target is None:
+    if explicit is None:
         try:
             ip, port = rt.orig_dst(app)
         except OSError as exc:
-            await refuse(app, rec, f"no_orig_dst: {netio.describe_error(exc)}")
+            await refuse(app, rec, Reason.NO_ORIG_DST, netio.describe_error(exc))
             return
-        rec.orig_dst = format_addr(ip, port)
-        if _is_loop(app, ip, port):
-            await refuse(app, rec, "loop: the original destination is this listener")
+        rec.orig_dst = host_port(ip, port)
+        if is_own_listener(app.socket, ip, port):
+            await refuse(app, rec, LOOP_TO_LISTENER.reason, LOOP_TO_LISTENER.detail)
             return
         route = policy.route_outbound(cfg.outbound, ip, port)
         if route.kind is policy.RouteKind.REFUSE:
-            await refuse(app, rec, f"registry_only: {route.reason}")
+            await refuse(app, rec, Reason.REGISTRY_ONLY, route.reason)
             return
         host, identities, mtls = str(ip), route.identities, route.kind is policy.RouteKind.MTLS
     else:
-        host, port, identities, mtls = target.host, target.port, target.identities, True
-        rec.orig_dst = format_addr(host, port)
-    rec.decision = DECISION_MTLS if mtls else DECISION_PASSTHROUGH
+        host, port = explicit.forward_to.host, explicit.forward_to.port
+        identities, mtls = explicit.identities, True
+        rec.orig_dst = host_port(host, port)
+    rec.decision = Decision.MTLS if mtls else Decision.PASSTHROUGH
 
     upstream = await dial_or_refuse(rt, host, port, app, rec)
     if upstream is None:
@@ -77,13 +56,19 @@ async def handle_outbound(rt: Runtime, app: trio.SocketStream, rec: ConnRecord, 
 
     peer: trio.abc.HalfCloseableStream = upstream
     if mtls:
-        opened = await open_mtls_or_reason(rt, upstream, tls.Side.CLIENT, peer=rec.orig_dst, expected=identities)
-        if isinstance(opened, str):
+        opened = await open_mtls_or_failure(rt, upstream, tls.Side.CLIENT, peer=rec.orig_dst, expected=identities)
+        if isinstance(opened, Failure):
             await netio.abort_close(upstream)
-            await refuse(app, rec, opened, decision=rec.decision)
+            await refuse(app, rec, opened.reason, opened.detail)
             return
-        rec.peer_id = str(opened.peer_id)
+        rec.peer_id = opened.peer_id
         peer = opened
-    result = await relay(app, peer, idle_timeout=cfg.timeouts.idle, downstream_name="app", upstream_name="peer")
+    result = await relay(
+        app,
+        peer,
+        idle_timeout=cfg.timeouts.idle,
+        downstream_reset=Reason.RESET_BY_APP,
+        upstream_reset=Reason.RESET_BY_PEER,
+    )
     rec.bytes_in, rec.bytes_out = result.downstream_to_upstream, result.upstream_to_downstream
-    rec.reason = result.reason
+    rec.reason, rec.detail = result.reason, result.detail

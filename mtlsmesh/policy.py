@@ -20,11 +20,11 @@ it passes rule 3 but never rule 2, and no DENY rule can name it.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mtlsmesh.config import Action, AuthzRule, IPAddress, OutboundConfig, OutboundPolicy
+from mtlsmesh.addresses import IPAddress, unmapped
+from mtlsmesh.config import Action, AuthzRule, OutboundConfig, OutboundPolicy
 from mtlsmesh.identity import SpiffeId
 
 ANY_PRINCIPAL = "*"
@@ -102,8 +102,7 @@ def authorize(rules: Sequence[AuthzRule], caller: SpiffeId | None, port: int) ->
 def route_outbound(cfg: OutboundConfig, dst_ip: IPAddress, dst_port: int) -> Route:
     """Where an outbound connection to `dst_ip`:`dst_port` goes: the first matching destination decides."""
     # An IPv4 peer reached through a dual-stack socket shows up as ::ffff:a.b.c.d; match it as the IPv4 it is.
-    if isinstance(dst_ip, ipaddress.IPv6Address) and dst_ip.ipv4_mapped is not None:
-        dst_ip = dst_ip.ipv4_mapped
+    dst_ip = unmapped(dst_ip)
     for index, destination in enumerate(cfg.destinations):
         if destination.ports and dst_port not in destination.ports:
             continue

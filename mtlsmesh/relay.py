@@ -4,7 +4,8 @@ What it does: copies bytes both ways with backpressure (one fixed-size read at a
 before the next read, so a slow reader slows the writer and nothing buffers without bound); maps a clean end of one
 direction (FIN, or TLS close_notify) to `send_eof` on the other side while the other direction keeps flowing; maps a
 failure on either side (an RST, a broken TLS record, a truncation) to an abortive close of both, so the far ends see a
-reset too; enforces an optional idle timeout; counts bytes and says why the relay ended.
+reset too; enforces an optional idle timeout; counts bytes and says why the relay ended (`outcome.Reason`: closed,
+idle_timeout, or the reset reason the caller named for the side that failed).
 
 What it does not: open, authenticate or authorize anything (see `outbound`, `inbound`); it owns the two streams
 once called and closes both before it returns.
@@ -30,29 +31,29 @@ from functools import partial
 import trio
 
 from mtlsmesh import netio, tls
+from mtlsmesh.outcome import Reason
 
 CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
 CLOSE_GRACE = 2.0  # seconds a graceful close may take (a close_notify to a peer that stopped reading) before giving up
 
-REASON_CLOSED = "closed"  # both directions ended with FIN / close_notify
-REASON_IDLE = "idle_timeout"
-
 
 @dataclass(frozen=True, slots=True)
 class RelayResult:
-    """Bytes copied each way and why the relay ended (`closed`, `idle_timeout`, `reset_by_<side>`, ...)."""
+    """Bytes copied each way and why the relay ended: CLOSED, IDLE_TIMEOUT, or the reset reason of the side that failed
+    first, with what failed as `detail` (empty otherwise)."""
 
     downstream_to_upstream: int
     upstream_to_downstream: int
-    reason: str
+    reason: Reason
+    detail: str
     aborted: bool
 
 
 class _Pump:
-    __slots__ = ("copied", "dst", "dst_name", "src", "src_name")
+    __slots__ = ("copied", "dst", "dst_reset", "src", "src_reset")
 
-    def __init__(self, src: _End, dst: _End, src_name: str, dst_name: str) -> None:
-        self.src, self.dst, self.src_name, self.dst_name = src, dst, src_name, dst_name
+    def __init__(self, src: _End, dst: _End, src_reset: Reason, dst_reset: Reason) -> None:
+        self.src, self.dst, self.src_reset, self.dst_reset = src, dst, src_reset, dst_reset
         self.copied = 0
 
 
@@ -61,11 +62,13 @@ async def relay(
     upstream: trio.abc.HalfCloseableStream,
     *,
     idle_timeout: float | None = None,
-    downstream_name: str = "downstream",
-    upstream_name: str = "upstream",
+    downstream_reset: Reason = Reason.RESET_BY_APP,
+    upstream_reset: Reason = Reason.RESET_BY_PEER,
 ) -> RelayResult:
-    """Relay until both directions end or one fails; close both streams; return the counts and the reason."""
-    failure: list[str] = []
+    """Relay until both directions end or one fails; close both streams; return the counts and the reason.
+    `downstream_reset`, `upstream_reset`: the reason when that side fails (by default the outbound sidecar's view:
+    the app dialed us, the peer is upstream)."""
+    failure: list[tuple[Reason, str]] = []
     # The nursery's own cancel scope is the relay's: the first failure cancels it, the idle deadline is its deadline.
     scope: trio.CancelScope  # bound before either pump runs
 
@@ -77,8 +80,8 @@ async def relay(
             scope.deadline = trio.current_time() + timeout
 
     down, up = _end(downstream, touch), _end(upstream, touch)
-    forward = _Pump(down, up, downstream_name, upstream_name)
-    backward = _Pump(up, down, upstream_name, downstream_name)
+    forward = _Pump(down, up, downstream_reset, upstream_reset)
+    backward = _Pump(up, down, upstream_reset, downstream_reset)
 
     async def pump(p: _Pump) -> None:
         receive, send, send_eof = p.src.receive, p.dst.send, p.dst.send_eof
@@ -88,7 +91,7 @@ async def relay(
             try:
                 data, waited = await receive(CHUNK, short)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append(f"reset_by_{p.src_name}: {_why(exc)}")
+                failure.append((p.src_reset, _why(exc)))
                 scope.cancel()
                 return
             if idle_timeout is not None:
@@ -102,7 +105,7 @@ async def relay(
                 if await send(data):
                     waited = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append(f"reset_by_{p.dst_name}: {_why(exc)}")
+                failure.append((p.dst_reset, _why(exc)))
                 scope.cancel()
                 return
             p.copied += len(data)
@@ -119,6 +122,7 @@ async def relay(
                 owed = True
 
     aborted = True
+    detail = ""
     try:
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
@@ -127,11 +131,11 @@ async def relay(
             nursery.start_soon(pump, backward)
             await pump(forward)  # in this task: one task fewer per connection
         if failure:
-            reason = failure[0]
+            reason, detail = failure[0]
         elif scope.cancelled_caught:
-            reason = REASON_IDLE
+            reason = Reason.IDLE_TIMEOUT
         else:
-            reason = REASON_CLOSED
+            reason = Reason.CLOSED
             aborted = False
     finally:
         # Reached on every path, including an outer cancellation (drain): never leave a stream open.
@@ -145,7 +149,7 @@ async def relay(
             if grace.cancelled_caught:
                 await netio.abort_close(downstream)
                 await netio.abort_close(upstream)
-    return RelayResult(forward.copied, backward.copied, reason, aborted)
+    return RelayResult(forward.copied, backward.copied, reason, detail, aborted)
 
 
 # (max_bytes, whether the last read was short) -> (data, whether it waited)

@@ -1,18 +1,18 @@
-"""What the listeners share: the dependency bundle, the per-connection record and log line, counters, and the accept
+"""The connection boundary: the dependency bundle, the per-connection record and log line, counters, and the accept
 loop that puts a boundary around every connection.
 
 What it does: `Runtime` carries the config, the credential store, the original-destination lookup and the dialer
 (parameters, so tests run the handlers on loopback without root or iptables), the counters and the connection
 tracker. `serve_listener` accepts connections, enforces `max_connections`, and runs each handler inside
 `_run_connection`, which catches every error (no handler error may stop the server: trio's `serve_listeners` would
-let it), closes what is left, counts the connection and logs exactly one key=value line for it.
+let it), closes what is left, counts the connection by its outcome and logs exactly one key=value line for it.
 
-What it does not: decide what happens to a connection (see `outbound`, `inbound`).
+What it does not: decide what happens to a connection (see `outbound`, `inbound`), or give the handlers the steps
+they share (see `steps`).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import time
@@ -23,11 +23,12 @@ from typing import Protocol
 
 import trio
 
-from mtlsmesh import netio, tls
-from mtlsmesh.config import Config, IPAddress
+from mtlsmesh import netio
+from mtlsmesh.addresses import IPAddress, unmapped_host_port
+from mtlsmesh.config import Config
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.errors import HandshakeError, MeshError
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.errors import MeshError
+from mtlsmesh.outcome import Decision, Outcome, Reason
 
 log = logging.getLogger("mtlsmesh.conn")
 
@@ -43,25 +44,6 @@ class Dialer(Protocol):
 
 
 ACCEPT_BURST = 16  # connections a listener accepts in a row before it lets the other tasks run
-
-DECISION_MTLS = "mtls"
-DECISION_PASSTHROUGH = "passthrough"
-DECISION_REFUSE = "refuse"
-
-
-def format_addr(ip: IPAddress | str, port: int) -> str:
-    text = str(ip)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
-def render_peer(host: str, port: int) -> str:
-    """A peer address as the kernel gave it (getpeername, accept), in the log's form: IPv4-mapped IPv6 as IPv4."""
-    if ":" not in host:  # IPv4 as the kernel wrote it: already the text we want (one per connection, so no parsing)
-        return f"{host}:{port}"
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return format_addr(ip, int(port))
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\\n\t]')
@@ -80,30 +62,31 @@ def render_kv(fields: dict[str, object]) -> str:
 
 
 @dataclass(slots=True)
-class ConnRecord:
-    """What one connection's log line says; handlers fill it as they go. bytes_in: received from the accepted
-    (downstream) side and forwarded; bytes_out: sent back to it."""
+class ConnRecord(Outcome):
+    """What one connection's log line says: its outcome (decision, reason, detail, peer_id) and where it came from
+    and went; handlers fill it as they go. bytes_in: received from the accepted (downstream) side and forwarded;
+    bytes_out: sent back to it."""
 
     direction: str
     listener: str
     client_addr: str = "-"
     orig_dst: str = "-"
-    peer_id: str = "-"
-    decision: str = "-"
     bytes_in: int = 0
     bytes_out: int = 0
-    reason: str = "-"
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
-        """`render_kv` of the fields in this order, written out (one line per connection: no dict to build)."""
+        """`render_kv` of the fields in this order, written out (one line per connection: no dict to build). The
+        decision and the reason are words of a closed set, never quoted; the detail, when there is one, comes last."""
         q = _quote
-        return (
+        peer_id = "-" if self.peer_id is None else q(self.peer_id)
+        text = (
             f"dir={q(self.direction)} listener={q(self.listener)} client={q(self.client_addr)} "
-            f"orig_dst={q(self.orig_dst)} peer_id={q(self.peer_id)} decision={q(self.decision)} "
+            f"orig_dst={q(self.orig_dst)} peer_id={peer_id} decision={self.decision} "
             f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} "
-            f"duration_ms={int((time.monotonic() - self.started) * 1000)} reason={q(self.reason)}"
+            f"duration_ms={int((time.monotonic() - self.started) * 1000)} reason={self.reason}"
         )
+        return f"{text} detail={q(self.detail)}" if self.detail else text
 
 
 def log_connection(rec: ConnRecord) -> None:
@@ -113,21 +96,17 @@ def log_connection(rec: ConnRecord) -> None:
         log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec.line(),), None, "log_connection"))
 
 
-def reason_class(reason: str) -> str:
-    """The bounded-cardinality part of a reason (`handshake: bad cert` → `handshake`) for metric labels."""
-    return reason.split(":", 1)[0].strip().replace(" ", "_")[:40] or "-"
-
-
 class Stats:
-    """Counters for /stats/prometheus: connections by direction/decision/reason, bytes by direction."""
+    """Counters for /stats/prometheus: connections by direction and outcome (decision, reason: closed sets, so the
+    labels stay bounded), bytes by direction."""
 
     def __init__(self) -> None:
-        self.connections: Counter[tuple[str, str, str]] = Counter()
+        self.connections: Counter[tuple[str, Decision, Reason]] = Counter()
         self.bytes: Counter[tuple[str, str]] = Counter()
         self.active: Counter[str] = Counter()
 
     def record(self, rec: ConnRecord) -> None:
-        self.connections[(rec.direction, rec.decision, reason_class(rec.reason))] += 1
+        self.connections[(rec.direction, rec.decision, rec.reason)] += 1
         self.bytes[(rec.direction, "in")] += rec.bytes_in
         self.bytes[(rec.direction, "out")] += rec.bytes_out
 
@@ -171,77 +150,16 @@ class Runtime:
 Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
 
 
-async def refuse(stream: trio.abc.Stream, rec: ConnRecord, reason: str, *, decision: str = DECISION_REFUSE) -> None:
-    """Close the accepted connection with an RST (its connect() succeeded against us; a reset is the honest answer)."""
-    rec.decision = decision
-    rec.reason = reason
-    await netio.abort_close(stream)
-
-
-async def dial_or_refuse(
-    rt: Runtime,
-    host: str,
-    port: int,
-    downstream: trio.abc.Stream,
-    rec: ConnRecord,
-    *,
-    source: IPAddress | None = None,
-) -> trio.abc.HalfCloseableStream | None:
-    """Dial the upstream within `timeouts.connect`. On failure refuse `downstream` with `connect_timeout` or
-    `connect_failed: ...`, keeping the decision taken so far, and return None."""
-    try:
-        return await rt.dial(host, port, timeout=rt.config.timeouts.connect, source=source)
-    except trio.TooSlowError:
-        await refuse(downstream, rec, "connect_timeout", decision=rec.decision)
-    except OSError as exc:
-        await refuse(downstream, rec, f"connect_failed: {netio.describe_error(exc)}", decision=rec.decision)
-    return None
-
-
-async def open_mtls_or_reason(
-    rt: Runtime,
-    transport: trio.abc.Stream,
-    side: tls.Side,
-    *,
-    peer: str,
-    expected: tuple[SpiffeId, ...] = (),
-    prefix: bytes = b"",
-) -> tls.TLSStream | str:
-    """The mTLS handshake over `transport` with the current SVID, within `timeouts.handshake`. Returns the checked
-    TLS stream, or the reason to refuse with (`handshake: ...` or `handshake_timeout`); the caller closes what it
-    opened. `prefix`: what the inbound sniffer already read of the peer's first flight."""
-    current = rt.credentials.current
-    context = current.server_context if side is tls.Side.SERVER else current.client_context
-    # What trio.fail_after does, without its generator-based context manager (once per connection).
-    with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
-        try:
-            # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
-            # for the server); a server holds its session tickets for its first records either way.
-            return await tls.open_mtls(
-                transport,
-                context,
-                side,
-                rt.config.trust_domain,
-                expected=expected,
-                peer=peer,
-                send_last=False,
-                prefix=prefix,
-            )
-        except HandshakeError as exc:
-            return f"handshake: {exc.reason}"
-    return "handshake_timeout"  # the scope can only have ended early by its deadline
-
-
 async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
     try:
         await handler(rt, stream, rec)
     except trio.Cancelled:
-        rec.reason = "drain_timeout" if rt.tracker.draining else "cancelled"
+        rec.reason = Reason.DRAIN_TIMEOUT if rt.tracker.draining else Reason.CANCELLED
         raise
     except MeshError as exc:
-        rec.reason = f"error: {exc}"
+        rec.reason, rec.detail = Reason.ERROR, str(exc)
     except Exception as exc:  # a bug: show its traceback, and keep serving everyone else
-        rec.reason = f"internal_error: {type(exc).__name__}: {exc}"
+        rec.reason, rec.detail = Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
         logging.getLogger("mtlsmesh").error("event=internal_error listener=%s", rec.listener, exc_info=True)
     finally:
         if stream.socket.fileno() != -1:
@@ -285,9 +203,10 @@ async def serve_listener(
                     await trio.lowlevel.wait_readable(listener.socket)
                     continue
                 stream, (host, port) = accepted
-                rec = ConnRecord(direction, name, client_addr=render_peer(host, port))
+                rec = ConnRecord(direction, name, client_addr=unmapped_host_port(host, port))
                 if rt.tracker.active >= rt.tracker.limit:
-                    await refuse(stream, rec, "limit: max_connections reached")
+                    rec.reason, rec.detail = Reason.LIMIT, "max_connections reached"
+                    await netio.abort_close(stream)  # an RST: its connect() succeeded against us
                     rt.stats.record(rec)
                     log_connection(rec)
                 else:

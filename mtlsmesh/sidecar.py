@@ -46,13 +46,9 @@ def _plan(cfg: Config) -> list[_Listen]:
     for index, entry in enumerate(cfg.explicit):
         handler: Handler
         if entry.mode is ExplicitMode.ORIGINATE:
-            target = outbound.Target(entry.forward_to.host, entry.forward_to.port, entry.identities)
-            handler = functools.partial(outbound.handle_outbound, target=target)
-            direction = "outbound"
+            handler, direction = functools.partial(outbound.handle_outbound, explicit=entry), "outbound"
         else:
-            app = inbound.Target(entry.forward_to.host, entry.forward_to.port, entry.identities)
-            handler = functools.partial(inbound.handle_inbound, target=app)
-            direction = "inbound"
+            handler, direction = functools.partial(inbound.handle_inbound, explicit=entry), "inbound"
         plan.append(_Listen(entry.name, f"explicit.{index}.listen", entry.listen, direction, handler))
     for name, addr in (("health", cfg.health_listen), ("metrics", cfg.metrics_listen), ("admin", cfg.admin_listen)):
         if addr is not None:

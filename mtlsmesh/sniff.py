@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-MESH_ALPN = "mtlsmesh"  # the ALPN protocol the mesh's own mTLS offers (docs/ARCHITECTURE.md §5)
+from mtlsmesh.conventions import MESH_ALPN
 
 # Enough for any real ClientHello (post-quantum ones are under 2 KB) with room for fragmentation overhead; the
 # largest Envoy's tls_inspector waits for is of the same order. A longer one is treated as not TLS.

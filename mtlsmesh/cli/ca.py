@@ -38,12 +38,12 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from mtlsmesh import ca, pem, svid
+from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, SVID_SECRET_PREFIX
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
 
 DEFAULT_CA_DIR = "certs/ca"
 DEFAULT_CERTS_DIR = "certs"
-SECRET_PREFIX = "mtlsmesh-svid-"  # the Kubernetes Secret per service account (docs/ARCHITECTURE.md §2)
 EXIT_INVALID = 1
 
 _DURATION_UNITS = {"y": 365 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -181,15 +181,15 @@ def _k8s_secret(issued: ca.IssuedSvid, spiffe_id: SpiffeId) -> str:
     namespace, service_account = spiffe_id.namespace, spiffe_id.service_account
     if namespace is None or service_account is None:
         raise ConfigError("--k8s-secret", f"needs an ID of the form spiffe://<td>/ns/NS/sa/SA, not {spiffe_id}")
-    name = SECRET_PREFIX + service_account
+    name = SVID_SECRET_PREFIX + service_account
     if not _DNS_1123_LABEL.fullmatch(namespace):
         raise ConfigError("--k8s-secret", f"{namespace!r} is not a valid Kubernetes namespace name")
     if len(name) > _MAX_SUBDOMAIN or not _DNS_1123_SUBDOMAIN.fullmatch(name):
         raise ConfigError("--k8s-secret", f"{name!r} is not a valid Kubernetes Secret name")
     data = {
-        ca.CERT_FILE: issued.cert_chain_pem(),
-        ca.KEY_FILE: issued.key_pem(),
-        ca.BUNDLE_FILE: issued.bundle_pem(),
+        CERT_FILE: issued.cert_chain_pem(),
+        KEY_FILE: issued.key_pem(),
+        BUNDLE_FILE: issued.bundle_pem(),
     }
     secret = {
         "apiVersion": "v1",
@@ -223,7 +223,7 @@ def run_issue(args: argparse.Namespace) -> int:
     public_key = pem.load_csr_public_key(args.csr) if args.csr else None
     out = Path(args.out) if args.out else _default_out(spiffe_id)
     if not args.k8s_secret:
-        names = [ca.CERT_FILE, ca.BUNDLE_FILE] + ([] if public_key else [ca.KEY_FILE])
+        names = [CERT_FILE, BUNDLE_FILE] + ([] if public_key else [KEY_FILE])
         pem.check_writable(out, names, force=args.force)
     issued = ca.issue_svid(
         authority,

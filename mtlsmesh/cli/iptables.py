@@ -13,14 +13,26 @@ import sys
 from collections.abc import Mapping
 
 from mtlsmesh import capture, capture_plan, installer
+from mtlsmesh.conventions import NEVER_CAPTURED_INBOUND
 from mtlsmesh.errors import ConfigError
 
-# (field, flag, environment variable, help). Defaults live in capture.CaptureOptions; help repeats them.
+# (field, flag, environment variable, help). Defaults live in capture.CaptureOptions; help shows them.
+_DEFAULTS = capture.CaptureOptions()
 _OPTIONS = (
-    ("proxy_uid", "--proxy-uid", "MTLSMESH_PROXY_UID", "uid of the sidecar, never captured (1337)"),
-    ("proxy_gid", "--proxy-gid", "MTLSMESH_PROXY_GID", "gid of the sidecar, never captured (1337)"),
-    ("outbound_port", "--outbound-port", "MTLSMESH_OUTBOUND_PORT", "port of the outbound sidecar (15001)"),
-    ("inbound_port", "--inbound-port", "MTLSMESH_INBOUND_PORT", "port of the inbound sidecar (15006)"),
+    ("proxy_uid", "--proxy-uid", "MTLSMESH_PROXY_UID", f"uid of the sidecar, never captured ({_DEFAULTS.proxy_uid})"),
+    ("proxy_gid", "--proxy-gid", "MTLSMESH_PROXY_GID", f"gid of the sidecar, never captured ({_DEFAULTS.proxy_gid})"),
+    (
+        "outbound_port",
+        "--outbound-port",
+        "MTLSMESH_OUTBOUND_PORT",
+        f"port of the outbound sidecar ({_DEFAULTS.outbound_port})",
+    ),
+    (
+        "inbound_port",
+        "--inbound-port",
+        "MTLSMESH_INBOUND_PORT",
+        f"port of the inbound sidecar ({_DEFAULTS.inbound_port})",
+    ),
     (
         "inbound_ports",
         "--inbound-ports",
@@ -31,7 +43,7 @@ _OPTIONS = (
         "exclude_inbound_ports",
         "--exclude-inbound-ports",
         "MTLSMESH_EXCLUDE_INBOUND_PORTS",
-        "comma-separated inbound ports never captured (15021 and 15090 never are)",
+        f"comma-separated inbound ports never captured ({' and '.join(map(str, NEVER_CAPTURED_INBOUND))} never are)",
     ),
     (
         "exclude_outbound_ports",

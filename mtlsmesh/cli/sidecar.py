@@ -23,12 +23,12 @@ import trio
 
 from mtlsmesh import relay
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
+from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 # glibc malloc: blocks at least this big get their own mmap, and free memory above this much at the top of the heap
 # is handed back to the kernel (mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; see tune_malloc()).
@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     parser.add_argument(
         "--inbound-mode", metavar="MODE", help="strict | permissive | disable (env MTLSMESH_INBOUND_MODE)"
     )
-    parser.add_argument("--log-level", metavar="LEVEL", help="debug | info | warning | error (env MTLSMESH_LOG_LEVEL)")
+    parser.add_argument("--log-level", metavar="LEVEL", help=f"{' | '.join(LOG_LEVELS)} (env MTLSMESH_LOG_LEVEL)")
     parser.set_defaults(run=run)
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mtlsmesh.conventions import APP_SOURCE, PROXY_UID
 from mtlsmesh.errors import LabError
 from mtlsmesh.lab import netns, pcap
 from mtlsmesh.lab.demoapps import MARKER_HEADER
@@ -150,14 +151,14 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         print("  first answer: " + answers[0][1].decode(errors="replace")[:400])
     report.check("every request answered through all four services", good == requests, f"{good}/{requests}")
 
-    section("what the apps received (plaintext, from 127.0.0.6 = delivered by their inbound sidecar)")
+    section(f"what the apps received (plaintext, from {APP_SOURCE} = delivered by their inbound sidecar)")
     for name in SERVICES:
         lines = [line for line in lab.app_log(name, name).splitlines() if marker in line]
         for line in lines[:2]:
             print(f"  {line}")
         report.check(
             f"{name} logged the plaintext marker, delivered by its sidecar",
-            len(lines) >= requests and all("peer=127.0.0.6:" in line for line in lines),
+            len(lines) >= requests and all(f"peer={APP_SOURCE}:" in line for line in lines),
             f"{len(lines)} requests",
         )
 
@@ -173,7 +174,7 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         if in_hit is not None:
             print(
                 f"    {callee}'s sidecar (inbound) accepted {in_hit.get('client')} presenting {caller_id}"
-                f" ({in_hit.get('decision', '?')}), then handed plaintext to the app from 127.0.0.6"
+                f" ({in_hit.get('decision', '?')}), then handed plaintext to the app from {APP_SOURCE}"
             )
         report.check(
             f"{caller} -> {callee}: both sidecars logged the other's identity",
@@ -199,7 +200,7 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         lab, "productpage", lambda r: r.get("client", "").startswith(legacy_from) and r.get("decision") == "refuse"
     )
     if refusal is not None:
-        print(f"    productpage's sidecar refused it: reason={refusal.get('reason')}")
+        print(f"    productpage's sidecar refused it: reason={refusal.get('reason')} ({refusal.get('detail', '')})")
     report.check("STRICT refuses plaintext from outside the mesh", isinstance(strict, str) or strict[0] != 200)
     excluded = attempt(lambda: http_get(lab.pod_ns("legacy"), lab.ip("details"), EXCLUDED_PORT, "/excl", timeout=10))
     print(f"  legacy -> details:{EXCLUDED_PORT} (excluded from capture): {_describe(excluded)}")
@@ -333,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     if shutil.which("tcpdump") is None:  # checked before building anything: the wire is half the evidence
         raise LabError("tcpdump is missing: apt-get install -y tcpdump")
     report = Report()
-    print("building the lab: node namespace, bridge, pods, capture rules, SVIDs, sidecars (uid 1337), apps ...")
+    print(f"building the lab: node namespace, bridge, pods, capture rules, SVIDs, sidecars (uid {PROXY_UID}), apps ...")
     started = time.monotonic()
     with Lab(bookinfo()) as lab:
         print(f"  ready in {time.monotonic() - started:.1f}s (prefix {lab.prefix})")

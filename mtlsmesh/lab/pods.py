@@ -42,13 +42,12 @@ import yaml
 
 import mtlsmesh
 from mtlsmesh import ca
+from mtlsmesh.conventions import HEALTH_PORT, KEY_FILE, PROXY_GID, PROXY_UID, SVID_FILES
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import TrustDomain
 from mtlsmesh.lab import netns
 from mtlsmesh.lab.topology import (
     GATEWAY,
-    HEALTH_PORT,
-    PROXY_UID,
     AppSpec,
     Plan,
     PlannedPod,
@@ -64,7 +63,6 @@ REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
 READY_TIMEOUT = 30.0  # a sidecar imports trio, OpenSSL and cryptography on a busy machine
 APP_TIMEOUT = 15.0
 STOP_GRACE = 5.0  # after SIGTERM, before SIGKILL: the sidecars drain for `timeouts.drain` (1s in the lab)
-SVID_FILES = ("cert.pem", "key.pem", "bundle.pem")
 
 _letters = itertools.count()
 _live_labs: list[Lab] = []
@@ -280,12 +278,12 @@ class Lab:
         self.run_in(name, argv)
         svid_dir = self.pod_dir(name) / "svid"
         svid_dir.mkdir(mode=0o700)
-        os.chown(svid_dir, PROXY_UID, PROXY_UID)
+        os.chown(svid_dir, PROXY_UID, PROXY_GID)
         self.rotate_svid(name)
         for filename in SVID_FILES:
             link = svid_dir / filename
             link.symlink_to(Path("..data") / filename)
-            os.chown(link, PROXY_UID, PROXY_UID, follow_symlinks=False)
+            os.chown(link, PROXY_UID, PROXY_GID, follow_symlinks=False)
         config = render_sidecar_config(self.plan, name, *(str(svid_dir / filename) for filename in SVID_FILES))
         config_path = self.pod_dir(name) / "sidecar.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -304,16 +302,16 @@ class Lab:
         contents = (issued.cert_chain_pem(), issued.key_pem(), issued.bundle_pem())
         for filename, data in zip(SVID_FILES, contents, strict=True):
             path = version / filename
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename == "key.pem" else 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if filename == KEY_FILE else 0o644)
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.chown(path, PROXY_UID, PROXY_UID)
-        os.chown(version, PROXY_UID, PROXY_UID)
+            os.chown(path, PROXY_UID, PROXY_GID)
+        os.chown(version, PROXY_UID, PROXY_GID)
         data_link = svid_dir / "..data"
         previous = svid_dir / os.readlink(data_link) if data_link.is_symlink() else None
         tmp_link = svid_dir / "..data_tmp"
         tmp_link.symlink_to(version.name)
-        os.chown(tmp_link, PROXY_UID, PROXY_UID, follow_symlinks=False)
+        os.chown(tmp_link, PROXY_UID, PROXY_GID, follow_symlinks=False)
         os.replace(tmp_link, data_link)
         if previous is not None:
             shutil.rmtree(previous)  # as the kubelet does once the new version is in place
@@ -378,7 +376,7 @@ class Lab:
         init: tuple[Sequence[str], Mapping[str, str]],
         proxy: tuple[Sequence[str], Mapping[str, str]],
         proxy_uid: int = PROXY_UID,
-        proxy_gid: int = PROXY_UID,
+        proxy_gid: int = PROXY_GID,
     ) -> None:
         """Mesh a running lab's pod with the command lines its pod spec gives, instead of the lab's own: run the init
         step `init` = (argv, env) as root to completion, start the proxy `proxy` = (argv, env) as `proxy_uid` /

@@ -22,6 +22,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mtlsmesh.addresses import host_port
+from mtlsmesh.conventions import (
+    ADMIN_PORT,
+    APP_SOURCE,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    PROXY_UID,
+)
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, workload_id
 
@@ -31,9 +41,7 @@ FIRST_POD_HOST = 10  # 198.18.0.10 is the first pod; low addresses stay free for
 SERVICE_NETWORK = ipaddress.IPv4Network("198.19.0.0/24")
 FIRST_SERVICE_HOST = 10
 SERVICES_CHAIN = "MTLSMESH_LAB_SERVICES"  # the node's KUBE-SERVICES
-PROXY_UID = 1337  # docs/ARCHITECTURE.md §2
 DEFAULT_APP_UID = 1000
-HEALTH_PORT = 15021
 
 _POD_NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
 
@@ -189,12 +197,22 @@ def render_sidecar_config(plan: Plan, pod_name: str, cert: str, key: str, bundle
     base: dict[str, object] = {
         "trust_domain": plan.topology.trust_domain,
         "credentials": {"cert": cert, "key": key, "bundle": bundle, "reload_interval": "500ms"},
-        "outbound": {"enabled": True, "listen": "0.0.0.0:15001", "policy": "ALLOW_ANY", "destinations": destinations},
-        "inbound": {"enabled": True, "listen": "0.0.0.0:15006", "mode": "strict", "app_source": "127.0.0.6"},
+        "outbound": {
+            "enabled": True,
+            "listen": host_port("0.0.0.0", OUTBOUND_PORT),
+            "policy": "ALLOW_ANY",
+            "destinations": destinations,
+        },
+        "inbound": {
+            "enabled": True,
+            "listen": host_port("0.0.0.0", INBOUND_PORT),
+            "mode": "strict",
+            "app_source": str(APP_SOURCE),
+        },
         "timeouts": {"handshake": "10s", "connect": "5s", "idle": 0, "drain": "1s"},
-        "admin": {"listen": "127.0.0.1:15000"},
-        "health": {"listen": f"0.0.0.0:{HEALTH_PORT}"},
-        "metrics": {"listen": "0.0.0.0:15090"},
+        "admin": {"listen": host_port("127.0.0.1", ADMIN_PORT)},
+        "health": {"listen": host_port("0.0.0.0", HEALTH_PORT)},
+        "metrics": {"listen": host_port("0.0.0.0", METRICS_PORT)},
         "log": {"level": "info"},
     }
     return merge_config(base, pod.spec.sidecar)

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from mtlsmesh import inject
+from mtlsmesh.conventions import METRICS_PORT
 from mtlsmesh.lab import netns
 from mtlsmesh.lab.pods import Lab, child_env, http_get
 from mtlsmesh.lab.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec, PodSpec, ServiceSpec, Topology
@@ -292,7 +293,7 @@ def test_the_proxy_answers_its_manifest_probes_and_ports(lab: Lab, pod: str) -> 
     assert isinstance(ports, list) and ports
     for port in ports:
         netns.connect_in(lab.node_ns, lab.ip(pod), port["containerPort"], timeout=5.0).close()
-    status, body = lab_http_get(lab, pod, inject.METRICS_PORT, "/stats/prometheus")
+    status, body = lab_http_get(lab, pod, METRICS_PORT, "/stats/prometheus")
     assert status == 200 and body
 
 

@@ -97,13 +97,15 @@ def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
     harness.refused(lambda: harness.exchange(lab, "intruder", lab.ip("web"), 7000, b"not allowed\n"))
     assert "/denied" not in lab.app_log("web", "http")
 
-    # The web pod's inbound sidecar authenticated the intruder, then refused it by policy, on both ports.
+    # The web pod's inbound sidecar authenticated the intruder (mTLS), then refused it by policy, on both ports.
     def denied(port: int) -> Callable[[dict[str, str]], bool]:
         return lambda r: (
             r.get("orig_dst") == f"{lab.ip('web')}:{port}"
             and r.get("peer_id") == INTRUDER_ID
-            and r.get("decision") == "refuse"
-            and r.get("reason", "").startswith("denied")
+            and r.get("decision") == "mtls"
+            and r.get("reason") == "denied"
+            and INTRUDER_ID in r.get("detail", "")
+            and f"port {port}" in r.get("detail", "")
         )
 
     for port in (9081, 7000):

@@ -27,12 +27,13 @@ import trio
 import yaml
 
 from mtlsmesh import inbound
+from mtlsmesh.conventions import PROXY_GID, PROXY_UID
 from mtlsmesh.lab import netns
+from mtlsmesh.outcome import Failure, Reason
 from tests.e2e import harness
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
-PROXY_UID = 1337
 CLIENT_IP, POD_IP = "198.18.61.1", "198.18.61.2"
 CLIENT_IP6, POD_IP6 = "2001:2::61:1", "2001:2::61:2"  # RFC 5180 benchmarking range, the twin of 198.18.0.0/15
 MAX_CONNECTIONS = 50
@@ -60,7 +61,7 @@ def sidecar_config(proxy_dir: Path) -> Path:
     pki = Pki(proxy_dir / "pki")
     files = pki.issue("web")
     for path in (files.cert, files.key, files.bundle):
-        os.chown(path, PROXY_UID, PROXY_UID)
+        os.chown(path, PROXY_UID, PROXY_GID)
     for directory in (proxy_dir / "pki", Path(files.cert).parent):
         directory.chmod(0o755)
     config = proxy_dir / "config.yaml"
@@ -78,7 +79,7 @@ def sidecar_config(proxy_dir: Path) -> Path:
 def running_sidecar(pod_ns: str, config: Path) -> Iterator[list[str]]:
     """The sidecar in `pod_ns` as the proxy uid, ready; at exit it is stopped and the list gets its connection
     lines."""
-    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_GID}", "--clear-groups"]
     argv += [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)]
     sidecar = subprocess.Popen(
         netns.ns_exec(pod_ns, argv),
@@ -124,7 +125,8 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
             sock.close()
     inbound = conn_lines(lines, "inbound")
     assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
-    assert "decision=refuse" in inbound[0] and 'reason="loop: the original destination is this listener"' in inbound[0]
+    assert "decision=refuse" in inbound[0]
+    assert inbound[0].endswith(' reason=loop detail="the original destination is this listener"')
     assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
 
 
@@ -168,9 +170,9 @@ def test_ipv6_from_the_app_to_outside_the_mesh_is_passed_through(pod_pair: tuple
     assert "decision=passthrough" in outbound and f"orig_dst=[{CLIENT_IP6}]:8080" in outbound
 
 
-def _loop_reasons_by_source() -> dict[str, str | None]:
+def _loop_reasons_by_source() -> dict[str, Failure | None]:
     """Accept one connection from ::6 and one from ::1 on [::1], and ask the guard about each (orig dst ::1:9080)."""
-    reasons: dict[str, str | None] = {}
+    reasons: dict[str, Failure | None] = {}
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         listener.bind(("::1", 0))
         listener.listen(2)
@@ -192,4 +194,4 @@ def test_a_connection_from_the_ipv6_twin_of_the_app_source_is_a_loop() -> None:
     # so this runs in one of our own with ::6 on lo.
     with harness.loopback_namespace("fxl6", ["::6/128"]) as name:
         reasons = netns.run_in_netns(name, _loop_reasons_by_source)
-    assert reasons == {"::6": "loop: connection from the app source address", "::1": None}
+    assert reasons == {"::6": Failure(Reason.LOOP, "connection from the app source address"), "::1": None}

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mtlsmesh.conventions import PROXY_GID, PROXY_UID
 from tests.e2e import harness
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
-PROXY_UID = 1337
 SERVICE_IP = "198.18.0.1"
 APP_PORT = 9080
 
@@ -76,7 +76,7 @@ def netns() -> Iterator[str]:
 def start(netns: str, argv: list[str], *, as_proxy: bool = False) -> subprocess.Popen[str]:
     prefix = ["ip", "netns", "exec", netns]
     if as_proxy:
-        prefix += ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+        prefix += ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_GID}", "--clear-groups"]
     return subprocess.Popen(
         [*prefix, *argv],
         stdout=subprocess.PIPE,
@@ -107,7 +107,7 @@ def test_a_pod_calls_its_own_service_through_outbound_and_inbound(netns: str, pr
     pki = Pki(proxy_dir / "pki")
     files = pki.issue("web")
     for path in (files.cert, files.key, files.bundle):
-        os.chown(path, PROXY_UID, PROXY_UID)  # the key stays 0600, owned by the proxy uid
+        os.chown(path, PROXY_UID, PROXY_GID)  # the key stays 0600, owned by the proxy uid
     for directory in (proxy_dir / "pki", Path(files.cert).parent):
         directory.chmod(0o755)
     config = proxy_dir / "config.yaml"

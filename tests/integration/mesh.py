@@ -17,12 +17,12 @@ from contextlib import asynccontextmanager, suppress
 import trio
 
 from mtlsmesh import admin
+from mtlsmesh.addresses import IPAddress
 from mtlsmesh.config import (
     Config,
     CredentialFiles,
     Destination,
     InboundConfig,
-    IPAddress,
     ListenAddr,
     OutboundConfig,
     Timeouts,

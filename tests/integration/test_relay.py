@@ -12,7 +12,8 @@ from trio.testing import memory_stream_pair
 
 from mtlsmesh import ca, handshake, netio, runtime, tls
 from mtlsmesh.identity import workload_id
-from mtlsmesh.relay import REASON_CLOSED, REASON_IDLE, relay
+from mtlsmesh.outcome import Reason
+from mtlsmesh.relay import relay
 from tests.pki import TD, material_for
 
 
@@ -60,7 +61,7 @@ async def test_counts_and_half_close_each_way() -> None:
             assert await client.receive_some() == b""
     (result,) = results
     assert (result.downstream_to_upstream, result.upstream_to_downstream) == (5, 3)
-    assert result.reason == REASON_CLOSED and not result.aborted
+    assert (result.reason, result.detail, result.aborted) == (Reason.CLOSED, "", False)
 
 
 async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
@@ -81,7 +82,7 @@ async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
             assert not results
         elapsed = trio.current_time() - started
     (result,) = results
-    assert result.reason == REASON_IDLE and result.aborted
+    assert (result.reason, result.detail, result.aborted) == (Reason.IDLE_TIMEOUT, "", True)
     assert 0.8 < elapsed < 2.0
 
 
@@ -126,7 +127,7 @@ async def test_a_send_blocked_by_a_slow_reader_is_not_idle(upstream_kind: str) -
             elapsed = trio.current_time() - started
             await server.send_eof()
     (result,) = results
-    assert (result.reason, result.aborted, got) == (REASON_CLOSED, False, total)
+    assert (result.reason, result.aborted, got) == (Reason.CLOSED, False, total)
     assert result.downstream_to_upstream == total
     assert elapsed > 2.0  # the test really outlasted the idle timeout
 
@@ -146,7 +147,11 @@ async def test_a_broken_side_aborts_both(breaks: str) -> None:
             results = []
 
             async def run() -> None:
-                results.append(await relay(downstream, upstream, downstream_name="app", upstream_name="peer"))
+                results.append(
+                    await relay(
+                        downstream, upstream, downstream_reset=Reason.RESET_BY_APP, upstream_reset=Reason.RESET_BY_PEER
+                    )
+                )
 
             nursery.start_soon(run)
             await client.send_all(b"x")
@@ -158,8 +163,8 @@ async def test_a_broken_side_aborts_both(breaks: str) -> None:
             await other.aclose()
     (result,) = results
     assert result.aborted
-    assert result.reason.startswith("reset_by_app: " if breaks == "client" else "reset_by_peer: ")
-    assert "Connection reset by peer" in result.reason
+    assert result.reason is (Reason.RESET_BY_APP if breaks == "client" else Reason.RESET_BY_PEER)
+    assert "Connection reset by peer" in result.detail
 
 
 @pytest.mark.parametrize(
@@ -174,11 +179,3 @@ async def test_a_broken_side_aborts_both(breaks: str) -> None:
 )
 def test_log_values_are_quoted_when_needed(fields: dict[str, object], line: str) -> None:
     assert runtime.render_kv(fields) == line
-
-
-@pytest.mark.parametrize(
-    ("reason", "label"),
-    [("closed", "closed"), ("handshake: bad cert", "handshake"), ("limit: max", "limit"), ("", "-")],
-)
-def test_reason_class_is_bounded(reason: str, label: str) -> None:
-    assert runtime.reason_class(reason) == label

@@ -30,6 +30,7 @@ from mtlsmesh.config import (
 )
 from mtlsmesh.credentials import CredentialStore, load_credentials
 from mtlsmesh.errors import CertificateError
+from mtlsmesh.outcome import Decision, Reason
 from tests.integration.mesh import (
     ANY_PORT,
     LOOPBACK,
@@ -83,7 +84,7 @@ async def test_outbound_outside_the_mesh(
         assert seen == ["127.0.0.1"]  # outbound passthrough keeps the kernel's source
     else:
         assert (kind, data) == ("reset", b"")
-        assert "registry_only" in line and seen == []
+        assert " reason=registry_only detail=" in line and seen == []
 
 
 async def test_outbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
@@ -101,7 +102,8 @@ async def test_outbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogC
             kind, _ = await outcome(client)
     assert kind == "reset"
     (line,) = conn_lines(caplog.records, "outbound")
-    assert 'reason="loop:' in line
+    assert line.endswith(' reason=loop detail="the original destination is this listener"')
+    assert "decision=refuse" in line
 
 
 @pytest.mark.parametrize("mode", ["permissive", "strict"])
@@ -128,7 +130,8 @@ async def test_inbound_refuses_a_loop_into_itself(pki: Pki, caplog: pytest.LogCa
             await trio.sleep(0.3)  # room for a loop to show up in the log, were there one
     assert kind == "reset"
     (line,) = conn_lines(caplog.records, "inbound")
-    assert 'reason="loop: the original destination is this listener"' in line and "decision=refuse" in line
+    assert line.endswith(' reason=loop detail="the original destination is this listener"')
+    assert "decision=refuse" in line
 
 
 async def test_inbound_refuses_a_connection_from_the_app_source(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
@@ -155,7 +158,8 @@ async def test_inbound_refuses_a_connection_from_the_app_source(pki: Pki, caplog
                 assert await exchange(port, b"plain") == b"plain"  # any other source still passes (PERMISSIVE)
     assert kind == "reset"
     first, second = conn_lines(caplog.records, "inbound")
-    assert 'reason="loop: connection from the app source address"' in first and "client=127.0.0.6:" in first
+    assert first.endswith(' reason=loop detail="connection from the app source address"')
+    assert "client=127.0.0.6:" in first and "decision=refuse" in first
     assert "decision=passthrough" in second
     assert seen == ["127.0.0.6"]  # only the legitimate connection reached the app
 
@@ -170,7 +174,8 @@ async def test_no_original_destination_is_refused_with_a_reason(pki: Pki, caplog
     assert kind == "reset"
     (line,) = conn_lines(caplog.records, "outbound")
     # Without conntrack: no_orig_dst; with it, the "original" destination is the listener itself: a loop.
-    assert 'reason="no_orig_dst:' in line or 'reason="loop:' in line
+    assert " reason=no_orig_dst detail=" in line or " reason=loop detail=" in line
+    assert "decision=refuse" in line
 
 
 # --- limits and abuse ------------------------------------------------------------------------------------------
@@ -197,8 +202,8 @@ async def test_max_connections_refuses_the_one_too_many(pki: Pki, caplog: pytest
                     await trio.sleep(0.01)
                 assert await exchange(mesh.port, b"after") == b"after"
     lines = conn_lines(caplog.records, "outbound")
-    assert sum('reason="limit:' in line for line in lines) == 1
-    assert mesh.client_rt.stats.connections[("outbound", "refuse", "limit")] == 1
+    assert sum(line.endswith(' reason=limit detail="max_connections reached"') for line in lines) == 1
+    assert mesh.client_rt.stats.connections[("outbound", Decision.REFUSE, Reason.LIMIT)] == 1
 
 
 ABANDONED = 1000  # connections opened and dropped mid-handshake
@@ -228,8 +233,21 @@ async def test_many_connections_abandoned_mid_handshake(pki: Pki, caplog: pytest
                     while mesh.server_rt.tracker.active:
                         await trio.sleep(0.05)
                 elapsed = trio.current_time() - started
-    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
-    assert len(refused) == ABANDONED
+    # Half a ClientHello then EOF: refused before any decision. A whole one: carried as mTLS, and the handshake
+    # fails (or, when the RST overtakes the bytes, the caller reset while being sniffed). Either way, not closed.
+    lines = conn_lines(caplog.records, "inbound")
+    refused = [line for line in lines if not line.endswith(" reason=closed")]
+    assert len(refused) == ABANDONED and len(lines) == ABANDONED + 1
+    before_decision = (" reason=closed_during_sniff ", " reason=reset_by_peer ")
+    for line in refused:
+        if "decision=refuse" in line:
+            assert any(reason in line for reason in before_decision), line
+        else:
+            assert "decision=mtls" in line and " reason=handshake_failed " in line, line
+    counts = mesh.server_rt.stats.connections
+    assert counts[("inbound", Decision.REFUSE, Reason.CLOSED_DURING_SNIFF)] == ABANDONED // 2
+    failed = counts[("inbound", Decision.MTLS, Reason.HANDSHAKE_FAILED)]
+    assert failed > 0 and failed + counts[("inbound", Decision.REFUSE, Reason.RESET_BY_PEER)] == ABANDONED // 2
     assert seen == ["127.0.0.6"]
     print(f"{ABANDONED} abandoned handshakes handled in {elapsed:.1f} s")
 
@@ -544,11 +562,11 @@ async def test_terminate_listener_lets_through_only_its_identities(
         assert (kind, data) == ("eof", b"SELECT secret") and seen == ["127.0.0.1"]
     else:
         assert (kind, data) == ("reset", b"") and seen == []  # nothing reached the app
-        assert "decision=refuse" in in_line
-        assert (
-            "reason=\"denied: spiffe://cluster.local/ns/default/sa/intruder is not one of this listener's identities"
-            ' (spiffe://cluster.local/ns/default/sa/api)"'
-        ) in in_line
+        assert "decision=mtls" in in_line  # carried as mTLS, then denied: decided before the identity was known
+        assert in_line.endswith(
+            " reason=denied detail=\"spiffe://cluster.local/ns/default/sa/intruder is not one of this listener's"
+            ' identities (spiffe://cluster.local/ns/default/sa/api)"'
+        )
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/if_inet6"), reason="needs IPv6")

@@ -45,9 +45,9 @@ async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog:
     outbound, inbound = conn_lines(caplog.records, "outbound"), conn_lines(caplog.records, "inbound")
     assert len(outbound) == 1 and len(inbound) == 1, caplog.records
     assert "decision=mtls" in outbound[0] and "peer_id=spiffe://cluster.local/ns/default/sa/reviews" in outbound[0]
-    assert "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in inbound[0]
+    assert "decision=mtls" in inbound[0] and "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in inbound[0]
     assert f"bytes_in={len(payload)}" in outbound[0] and f"bytes_out={len(payload)}" in outbound[0]
-    assert "reason=closed" in outbound[0] and "reason=closed" in inbound[0]
+    assert outbound[0].endswith(" reason=closed") and inbound[0].endswith(" reason=closed")  # no detail
 
 
 async def test_half_close_from_the_app_side_lets_the_client_keep_sending(pki: Pki) -> None:
@@ -88,8 +88,8 @@ async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(pki: Pki, caplog
             kind, data = await outcome(client)
     assert kind == "reset"
     assert data in (b"", b"partial")
-    assert any("reset_by_app" in line for line in conn_lines(caplog.records, "inbound"))
-    assert any("reset_by_peer" in line for line in conn_lines(caplog.records, "outbound"))
+    assert any(" reason=reset_by_app detail=" in line for line in conn_lines(caplog.records, "inbound"))
+    assert any(" reason=reset_by_peer detail=" in line for line in conn_lines(caplog.records, "outbound"))
 
 
 async def test_a_reset_by_the_client_reaches_the_app_as_a_reset(pki: Pki) -> None:
@@ -125,8 +125,9 @@ async def test_policy_denies_a_caller_and_others_keep_working(pki: Pki, caplog: 
                 assert await exchange(mesh.port, b"allowed") == b"allowed"
     assert (kind, data) == ("reset", b"")
     assert seen == ["127.0.0.6"]  # only the allowed caller reached the app
-    denied = [line for line in conn_lines(caplog.records, "inbound") if 'reason="denied:' in line]
+    denied = [line for line in conn_lines(caplog.records, "inbound") if " reason=denied detail=" in line]
     assert len(denied) == 1 and "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in denied[0]
+    assert "decision=mtls" in denied[0] and 'detail="rule 0 DENY matches' in denied[0]
 
 
 async def test_a_server_with_an_unexpected_identity_is_refused(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
@@ -138,7 +139,7 @@ async def test_a_server_with_an_unexpected_identity_is_refused(pki: Pki, caplog:
     assert kind == "reset"
     assert seen == []
     (line,) = conn_lines(caplog.records, "outbound")
-    assert "not an expected identity" in line and "decision=mtls" in line
+    assert "not an expected identity" in line and "decision=mtls" in line and " reason=handshake_failed " in line
 
 
 async def test_an_upstream_that_refuses_resets_the_app(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
@@ -152,7 +153,7 @@ async def test_an_upstream_that_refuses_resets_the_app(pki: Pki, caplog: pytest.
     closed.close()
     assert kind == "reset"
     (line,) = conn_lines(caplog.records, "inbound")
-    assert 'reason="connect_failed: Connection refused"' in line
+    assert line.endswith(' reason=connect_failed detail="Connection refused"') and "decision=mtls" in line
 
 
 async def test_an_upstream_that_never_answers_hits_the_connect_timeout(
@@ -183,7 +184,7 @@ async def test_an_upstream_that_never_answers_hits_the_connect_timeout(
     assert kind == "reset"
     assert 0.4 < elapsed < 5
     (line,) = conn_lines(caplog.records, "inbound")
-    assert "reason=connect_timeout" in line
+    assert line.endswith(" reason=connect_timeout") and "decision=mtls" in line
 
 
 BAD_INBOUND = [
@@ -215,7 +216,7 @@ async def test_strict_inbound_refuses_what_is_not_mesh_tls(
     if reason == "sniff_timeout":
         assert elapsed >= 0.4  # sniff_timeout is 0.5 s in these configs
     refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
-    assert len(refused) == 1 and (f'reason="{reason}' in refused[0] or f"reason={reason}" in refused[0]), refused
+    assert len(refused) == 1 and f" reason={reason} detail=" in refused[0], refused
     assert seen == ["127.0.0.6"]
 
 
@@ -251,9 +252,11 @@ async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
                 await bad.receive_some()  # TLS 1.3: the server's refusal shows at the first read
             await trio.aclose_forcefully(bad)
             assert await exchange(mesh.port, b"others keep working") == b"others keep working"
-    refused = [line for line in conn_lines(caplog.records, "inbound") if "decision=refuse" in line]
+    # Decided as mTLS once the sniff saw a mesh ClientHello; the handshake then failed.
+    refused = [line for line in conn_lines(caplog.records, "inbound") if not line.endswith(" reason=closed")]
     assert len(refused) == 1, refused
-    assert re.search(f'reason="handshake: {reason}"', refused[0]), refused[0]
+    assert "decision=mtls" in refused[0] and "peer_id=-" in refused[0]
+    assert re.search(f' reason=handshake_failed detail="{reason}"$', refused[0]), refused[0]
     assert seen == ["127.0.0.6"]
 
 

@@ -11,7 +11,17 @@ IO_MODULES = ("trio", "socket", "ssl", "OpenSSL", "subprocess", "asyncio")
 
 
 @pytest.mark.parametrize(
-    "module", ["mtlsmesh.sniff", "mtlsmesh.policy", "mtlsmesh.config", "mtlsmesh.schema", "mtlsmesh.records"]
+    "module",
+    [
+        "mtlsmesh.sniff",
+        "mtlsmesh.policy",
+        "mtlsmesh.config",
+        "mtlsmesh.schema",
+        "mtlsmesh.records",
+        "mtlsmesh.conventions",
+        "mtlsmesh.addresses",
+        "mtlsmesh.outcome",
+    ],
 )
 def test_importing_loads_no_io_module(module: str) -> None:
     # A fresh interpreter, since this one has long since imported all of them.

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import pytest
 from OpenSSL import SSL
 
-from mtlsmesh.sniff import MAX_CLIENT_HELLO, MESH_ALPN, Sniff, SniffState, is_mesh, parse_client_hello
+from mtlsmesh.conventions import MESH_ALPN
+from mtlsmesh.sniff import MAX_CLIENT_HELLO, Sniff, SniffState, is_mesh, parse_client_hello
 
 TLS12 = 0x0303
 TLS13 = 0x0304

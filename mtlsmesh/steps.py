@@ -1,0 +1,112 @@
+"""The steps both handlers take on a connection: refuse it, dial its upstream, run the mTLS handshake, and tell
+whether its original destination is the listener itself.
+
+What it does: each step that can fail ends the connection's outcome with a `Reason` and a detail (`refuse`,
+`dial_or_refuse`) or answers a typed `Failure` for the caller to refuse with once it has closed what it opened
+(`open_mtls_or_failure`). None of them touches the decision: that is the handler's to set, once (see `outcome`), so
+a step fails the same way whichever direction takes it.
+
+What it does not: decide how a connection is carried (see `outbound`, `inbound`), or accept, count and log
+connections (see `runtime`).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from mtlsmesh import netio, tls
+from mtlsmesh.addresses import IPAddress, unmapped
+from mtlsmesh.errors import HandshakeError
+from mtlsmesh.identity import SpiffeId
+from mtlsmesh.outcome import Failure, Outcome, Reason
+from mtlsmesh.runtime import Runtime
+
+# Failures without a varying detail, made once rather than per connection.
+HANDSHAKE_TIMEOUT = Failure(Reason.HANDSHAKE_TIMEOUT)
+LOOP_TO_LISTENER = Failure(Reason.LOOP, "the original destination is this listener")
+
+
+async def refuse(stream: trio.abc.Stream, rec: Outcome, reason: Reason, detail: str = "") -> None:
+    """End the connection with `reason` and an RST (its connect() succeeded against us; a reset is the honest
+    answer). The decision stays what it was."""
+    rec.reason = reason
+    rec.detail = detail
+    await netio.abort_close(stream)
+
+
+async def dial_or_refuse(
+    rt: Runtime,
+    host: str,
+    port: int,
+    downstream: trio.abc.Stream,
+    rec: Outcome,
+    *,
+    source: IPAddress | None = None,
+) -> trio.abc.HalfCloseableStream | None:
+    """Dial the upstream within `timeouts.connect`. On failure refuse `downstream` with CONNECT_TIMEOUT or
+    CONNECT_FAILED (the errno's text as detail) and return None."""
+    try:
+        return await rt.dial(host, port, timeout=rt.config.timeouts.connect, source=source)
+    except trio.TooSlowError:
+        await refuse(downstream, rec, Reason.CONNECT_TIMEOUT)
+    except OSError as exc:
+        await refuse(downstream, rec, Reason.CONNECT_FAILED, netio.describe_error(exc))
+    return None
+
+
+async def open_mtls_or_failure(
+    rt: Runtime,
+    transport: trio.abc.Stream,
+    side: tls.Side,
+    *,
+    peer: str,
+    expected: tuple[SpiffeId, ...] = (),
+    prefix: bytes = b"",
+) -> tls.TLSStream | Failure:
+    """The mTLS handshake over `transport` with the current SVID, within `timeouts.handshake`. Returns the checked
+    TLS stream, or the failure to refuse with (HANDSHAKE_FAILED with the handshake's error, or HANDSHAKE_TIMEOUT);
+    the caller closes what it opened. `prefix`: what the inbound sniffer already read of the peer's first flight."""
+    current = rt.credentials.current
+    context = current.server_context if side is tls.Side.SERVER else current.client_context
+    # What trio.fail_after does, without its generator-based context manager (once per connection).
+    with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
+        try:
+            # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
+            # for the server); a server holds its session tickets for its first records either way.
+            return await tls.open_mtls(
+                transport,
+                context,
+                side,
+                rt.config.trust_domain,
+                expected=expected,
+                peer=peer,
+                send_last=False,
+                prefix=prefix,
+            )
+        except HandshakeError as exc:
+            return Failure(Reason.HANDSHAKE_FAILED, exc.reason)
+    return HANDSHAKE_TIMEOUT  # the scope can only have ended early by its deadline
+
+
+def is_own_listener(sock: trio.socket.SocketType, ip: IPAddress, port: int) -> bool:
+    """Whether `ip`:`port`, the original destination of a connection accepted on `sock`, is the listener itself:
+    dialing it would come back to us, and again. So it is when the port is the listener's and the address is this
+    namespace's own: the one the connection arrived on, loopback, unspecified, or any other address bound here (a
+    client dialing pod-IP:15006)."""
+    if port != int(sock.getsockname()[1]):
+        return False
+    ip = unmapped(ip)
+    return ip == netio.local_ip(sock) or ip.is_loopback or ip.is_unspecified or _is_local_address(ip)
+
+
+def _is_local_address(ip: IPAddress) -> bool:
+    """Whether `ip` is one of this namespace's own addresses: binding to it (port 0, no FREEBIND) succeeds only then."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
