@@ -2,9 +2,11 @@
 
 What it does: `build_context` turns an SVID (chain + key) and a trust bundle into a TLS 1.3-only pyOpenSSL context
 that presents the SVID, requires the peer's certificate and lets OpenSSL validate the peer's chain against the
-bundle. `Handshake` is one connection's handshake with no I/O of its own: the caller feeds it the peer's ciphertext,
-calls `step` until it says the handshake is complete, and sends what `take_output` hands back. `hand_over` then
-builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
+bundle. Between sidecars that is all it is used for; its keyword arguments make the variants the CA service and its
+clients need (ALPN `http/1.1` instead of `mtlsmesh`, a client certificate that is optional, a client that presents
+none), each off by default. `Handshake` is one connection's handshake with no I/O of its own: the caller feeds it
+the peer's ciphertext, calls `step` until it says the handshake is complete, and sends what `take_output` hands
+back. `hand_over` then builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
 
 What it does not: read or write sockets (see `tls`), check the peer's SPIFFE ID (see `tls.check_peer`, `svid`), or
 speak any TLS version but 1.3.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,15 +133,48 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
 
+def _alpn_selector(accepted: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    """A server's ALPN choice among `accepted`, ours in order of preference. OpenSSL asks only a client that offers
+    ALPN at all; for one that offers none of ours, pyOpenSSL turns NO_OVERLAPPING_PROTOCOLS into "no ALPN" and the
+    handshake goes on without it."""
+    if accepted == (ALPN,):
+        return _select_alpn
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        chosen = next((protocol for protocol in accepted if protocol in offered), None)
+        return chosen if chosen is not None else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+    return select
+
+
 _CONTEXTS: weakref.WeakSet[SSL.Context] = weakref.WeakSet()  # contexts that have our key log
 
 
-def build_context(material: Material, side: Side) -> SSL.Context:
+def build_context(
+    material: Material | None,
+    side: Side,
+    *,
+    roots: Sequence[x509.Certificate] = (),
+    alpn: Sequence[bytes] = (ALPN,),
+    require_peer_certificate: bool = True,
+) -> SSL.Context:
     """A fresh TLS 1.3-only context presenting `material`'s SVID and trusting its roots.
 
     A new context per credential reload: adding roots to a live context's store only ever grows it.
     Raises `CertificateError` when OpenSSL refuses the key or a certificate.
+
+    The keywords, for the CA service and its clients (the defaults are what two sidecars use):
+    `material` None: a client that presents no certificate (a sidecar enrolling with a token) and trusts `roots`.
+    `alpn`: the protocols a client offers, or a server accepts, in order of preference; a server accepts a client
+    that offers no ALPN at all (or none of `alpn`: it then negotiates none), and `()` turns ALPN off.
+    `require_peer_certificate=False`: a server asks for a client certificate but lets a client without one finish
+    the handshake (one that is sent must still verify against the roots); a client always requires the server's.
     """
+    if material is None and side is Side.SERVER:
+        raise ValueError("a TLS server must present a certificate")
+    if material is not None and roots:
+        raise ValueError("the roots come from the material when there is one")
+    trusted = material.roots if material is not None else tuple(roots)
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
@@ -154,31 +190,35 @@ def build_context(material: Material, side: Side) -> SSL.Context:
     # intermediates. (OpenSSL never writes application data for us: after the handshake the records are ours.)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN)
     try:
-        ctx.use_certificate(material.chain[0])
-        for intermediate in material.chain[1:]:
-            ctx.add_extra_chain_cert(intermediate)
-        ctx.use_privatekey(material.key)
-        ctx.check_privatekey()
+        if material is not None:
+            ctx.use_certificate(material.chain[0])
+            for intermediate in material.chain[1:]:
+                ctx.add_extra_chain_cert(intermediate)
+            ctx.use_privatekey(material.key)
+            ctx.check_privatekey()
         store = ctx.get_cert_store()
         if store is None:  # pragma: no cover - a fresh context always has a store
             raise CertificateError("", "OpenSSL gave no certificate store")
-        for root in material.roots:
+        for root in trusted:
             store.add_cert(crypto.X509.from_cryptography(root))
     except (SSL.Error, crypto.Error) as exc:
         raise CertificateError("", f"OpenSSL refused the credential: {openssl_reason(exc)}") from exc
     # OpenSSL validates the peer's chain against the bundle (no callback: its verdict stands); the SPIFFE rules are
     # checked after the handshake by `tls.check_peer`.
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    # A client's VERIFY_PEER alone already fails a server that sends no certificate (TLS 1.3 servers always send one).
+    required = require_peer_certificate or side is Side.CLIENT
+    ctx.set_verify((SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER)
     if GROUPS is not None:
         _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
     # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
     ctx.set_tls13_ciphersuites(records.CIPHERSUITES.encode())
     ctx.set_keylog_callback(_keylog)
     if side is Side.SERVER:
-        ctx.set_alpn_select_callback(_select_alpn)
+        if alpn:
+            ctx.set_alpn_select_callback(_alpn_selector(tuple(alpn)))
         ctx.set_session_id(b"mtlsmesh")
-    else:
-        ctx.set_alpn_protos([ALPN])
+    elif alpn:
+        ctx.set_alpn_protos(list(alpn))
     _CONTEXTS.add(ctx)
     return ctx
 
