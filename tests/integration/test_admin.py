@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mtlsmesh import admin, config
 from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.outcome import Decision, Reason
 from mtlsmesh.runtime import ConnRecord, Runtime
 from tests.integration.mesh import LOOPBACK, base_config, connect, read_all
 from tests.pki import TD, Pki
@@ -308,18 +309,24 @@ def parse_exposition(text: str) -> dict[str, float]:
 
 
 async def test_stats_prometheus_is_valid_text_exposition(rt: Runtime, state: admin.State) -> None:
-    # What the accept loop records for finished connections, one of them with a long free-text reason.
-    for reason, count in (("closed", 3), ("handshake: peer certificate is not a valid SVID: 2 URI SANs", 2)):
+    # What the accept loop records for finished connections, one of them with a long free-text detail.
+    ended = (
+        (Decision.MTLS, Reason.CLOSED, "", 3),
+        (Decision.MTLS, Reason.HANDSHAKE_FAILED, "peer certificate is not a valid SVID: 2 URI SANs", 2),
+    )
+    for decision, reason, detail, count in ended:
         for _ in range(count):
-            rec = ConnRecord("inbound", "inbound", bytes_in=10, bytes_out=20, reason=reason)
+            rec = ConnRecord(
+                "inbound", "inbound", bytes_in=10, bytes_out=20, decision=decision, reason=reason, detail=detail
+            )
             rt.stats.record(rec)
     rt.stats.active["inbound"] = 1
     async with endpoint(rt, state, "metrics") as port:
         status, headers, body = await ask(port, "GET", "/stats/prometheus")
     assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4"
     samples = parse_exposition(body.decode())
-    assert samples['mtlsmesh_connections_total{direction="inbound",decision="-",reason="closed"}'] == 3
-    assert samples['mtlsmesh_connections_total{direction="inbound",decision="-",reason="handshake"}'] == 2
+    assert samples['mtlsmesh_connections_total{direction="inbound",decision="mtls",reason="closed"}'] == 3
+    assert samples['mtlsmesh_connections_total{direction="inbound",decision="mtls",reason="handshake_failed"}'] == 2
     assert samples['mtlsmesh_bytes_total{direction="inbound",side="in"}'] == 50
     assert samples['mtlsmesh_bytes_total{direction="inbound",side="out"}'] == 100
     assert samples['mtlsmesh_active_connections{direction="inbound"}'] == 1

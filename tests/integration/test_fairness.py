@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mtlsmesh import ca, tls
+from mtlsmesh import ca, handshake, tls
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.identity import workload_id
 from mtlsmesh.relay import RelayResult, relay
@@ -231,7 +231,7 @@ async def load_flood(
 
 
 def context(authority: ca.Authority, name: str, side: tls.Side) -> tls.SSL.Context:
-    return tls.build_context(material_for(authority, workload_id(TD, "default", name)), side)
+    return handshake.build_context(material_for(authority, workload_id(TD, "default", name)), side)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "tls"])

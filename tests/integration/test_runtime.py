@@ -21,6 +21,7 @@ import trio.testing
 
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError
+from mtlsmesh.outcome import Decision, Reason
 from mtlsmesh.runtime import ConnRecord, Handler, Runtime, Tracker, serve_listener
 from tests.integration.mesh import LOOPBACK, base_config, conn_lines, connect, exchange, outcome
 from tests.pki import TD, Pki
@@ -31,24 +32,24 @@ IO = 10.0
 LISTENER = "edge"
 DIRECTION = "test"
 
-# What the log line says (decision, reason) and under which reason class the counters count it, for each way a
-# connection can end here. The one place these strings are spelled: they are becoming typed values.
+# What the log line says (decision, reason, detail) for each way a connection can end here; the counters count it
+# by (decision, reason). A handler that is cut off before it decides leaves the decision at `refuse`.
 OUTCOMES = {
-    "handled": ("-", "-", "-"),  # the handler returned and set nothing
-    "bug": ("-", "internal_error: RuntimeError: a bug in the handler", "internal_error"),
-    "mesh_error": ("-", "error: listen.port: a refusal the handler reports", "error"),
-    "limit": ("refuse", "limit: max_connections reached", "limit"),
-    "drain_timeout": ("-", "drain_timeout", "drain_timeout"),
-    "cancelled": ("-", "cancelled", "cancelled"),
+    "handled": (Decision.PASSTHROUGH, Reason.CLOSED, ""),  # what `echo` records, as a real handler does
+    "bug": (Decision.REFUSE, Reason.INTERNAL_ERROR, "RuntimeError: a bug in the handler"),
+    "mesh_error": (Decision.REFUSE, Reason.ERROR, "listen.port: a refusal the handler reports"),
+    "limit": (Decision.REFUSE, Reason.LIMIT, "max_connections reached"),
+    "drain_timeout": (Decision.REFUSE, Reason.DRAIN_TIMEOUT, ""),
+    "cancelled": (Decision.REFUSE, Reason.CANCELLED, ""),
 }
 
 
 def check_outcome(rt: Runtime, line: dict[str, str], outcome_name: str, count: int = 1) -> None:
-    """The line's decision and reason are those of `outcome_name`, and the counters hold `count` such
+    """The line's decision, reason and detail are those of `outcome_name`, and the counters hold `count` such
     connections."""
-    decision, reason, reason_class = OUTCOMES[outcome_name]
-    assert (line["decision"], line["reason"]) == (decision, reason)
-    assert rt.stats.connections[(DIRECTION, decision, reason_class)] == count
+    decision, reason, detail = OUTCOMES[outcome_name]
+    assert (line["decision"], line["reason"], line.get("detail", "")) == (decision, reason, detail)
+    assert rt.stats.connections[(DIRECTION, decision, reason)] == count
 
 
 def fields(line: str) -> dict[str, str]:
@@ -107,13 +108,15 @@ async def serving(rt: Runtime, handler: Handler) -> AsyncIterator[Serving]:
 
 
 async def echo(rt: Runtime, stream: trio.SocketStream, rec: ConnRecord) -> None:
-    """Echo to EOF, counting as handlers do; half-close back and close."""
+    """Echo to EOF, counting and recording as handlers do; half-close back and close."""
+    rec.decision = Decision.PASSTHROUGH
     while data := await stream.receive_some(65536):
         rec.bytes_in += len(data)
         await stream.send_all(data)
         rec.bytes_out += len(data)
     await stream.send_eof()
     await stream.aclose()
+    rec.reason = Reason.CLOSED
 
 
 async def reset_at_once(port: int) -> int:
