@@ -241,6 +241,8 @@ async def receive_raw(stream: trio.SocketStream, max_bytes: int, wait_first: boo
     fd = stream.socket.fileno()
     waited = False
     if wait_first:
+        if fd < 0:  # closed under us: what the read below would say (trio's wait would refuse -1 with a ValueError)
+            raise trio.ClosedResourceError("this socket was already closed")
         await trio.lowlevel.wait_readable(fd)
         waited = True
     while True:

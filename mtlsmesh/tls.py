@@ -495,6 +495,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             fd, scratch = self._socket.socket.fileno(), _SCRATCH
             view = scratch.read_view
             if self._drained:  # the socket is most likely empty: wait, rather than make a read that finds nothing
+                if fd < 0:  # closed under us (trio's wait would refuse -1 with a ValueError)
+                    raise trio.ClosedResourceError("this socket was already closed")
                 await trio.lowlevel.wait_readable(fd)
                 awaited = True
             while True:

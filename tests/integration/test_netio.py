@@ -21,7 +21,7 @@ import pytest
 import trio
 from trio.testing import memory_stream_pair
 
-from mtlsmesh import ca, netio, tls
+from mtlsmesh import ca, handshake, netio, tls
 from mtlsmesh.identity import workload_id
 from tests.pki import TD, material_for
 
@@ -329,8 +329,8 @@ async def test_abort_close_sends_a_reset() -> None:
 
 async def test_abort_close_of_a_tls_stream_resets_without_a_close_notify() -> None:
     authority = ca.create_ca(TD, now=datetime.now(UTC))
-    client_ctx = tls.build_context(material_for(authority, workload_id(TD, "default", "c")), tls.Side.CLIENT)
-    server_ctx = tls.build_context(material_for(authority, workload_id(TD, "default", "s")), tls.Side.SERVER)
+    client_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "c")), tls.Side.CLIENT)
+    server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "s")), tls.Side.SERVER)
     async with pair() as (a, b):
         client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
         server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
@@ -568,3 +568,29 @@ def test_stream_error_translates_like_trio(code: int, kind: type[Exception], mat
 )  # fmt: skip
 def test_describe_error_is_the_errno_text_alone(error: OSError, text: str) -> None:
     assert netio.describe_error(error) == text
+
+
+async def test_a_socket_closed_under_a_read_that_waits_first_is_closed_not_a_value_error() -> None:
+    async with pair() as (ours, _theirs):
+        ours.socket.close()
+        with pytest.raises(trio.ClosedResourceError, match="already closed"):
+            await netio.receive_raw(ours, 10)
+        with pytest.raises(trio.ClosedResourceError, match="already closed"):
+            await netio.receive_raw(ours, 10, wait_first=True)  # trio's wait_readable(-1) raised ValueError here
+
+
+async def test_a_tls_stream_whose_socket_closed_after_a_short_read_says_closed() -> None:
+    authority = ca.create_ca(TD, now=datetime.now(UTC))
+    client_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "c")), tls.Side.CLIENT)
+    server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "s")), tls.Side.SERVER)
+    async with pair() as (a, b):
+        client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
+        server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await server.send_all(b"hi")
+        assert await client.receive_some(10) == b"hi"  # a short read: the next one waits for the socket first
+        a.socket.close()
+        with pytest.raises(trio.ClosedResourceError, match="already closed"):
+            await client.receive_some(10)
