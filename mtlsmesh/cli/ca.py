@@ -6,15 +6,19 @@
                         [--dns NAME]... [--key-type T] [--out DIR] [--csr FILE] [--force] [--k8s-secret]
     mtlsmesh ca inspect FILE [--json]
     mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
-    mtlsmesh ca bundle  --add ROOT.pem [--add ...] [--bundle FILE]
+    mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE]
+    mtlsmesh ca rotate  --to DIR [--dir certs/ca]
 
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
 `inspect` describes (exit 0 whenever the file can be read; a certificate whose extensions do not parse is an
 error, exit 2); `verify` judges: exit 0 for a valid SVID, 1 for an invalid one (with the reason; malformed
-extensions included), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
-`mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
+extensions included), 2 for bad usage. A root rotation is three commands: `bundle --add` the new CA's root to the
+bundle, `rotate` the directory to sign under it (the bundle keeps the old root), `bundle --remove` the old root
+once nothing it signed is still valid. Certificate work is in
+`mtlsmesh.ca`, `mtlsmesh.pem` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain
+verification.
 """
 
 from __future__ import annotations
@@ -108,9 +112,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     verify.set_defaults(run=run_verify)
 
     bundle = commands.add_parser("bundle", help="build a trust bundle from several roots (rotation)")
-    bundle.add_argument("--add", action="append", required=True, metavar="ROOT.pem")
+    bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem")
+    bundle.add_argument("--remove", action="append", default=[], metavar="ROOT.pem", help="drop these roots")
     bundle.add_argument("--bundle", help="bundle file to extend (created if missing); default: print to stdout")
     bundle.set_defaults(run=run_bundle)
+
+    rotate = commands.add_parser(
+        "rotate",
+        help="switch a CA directory to another CA's signer, keeping its bundle (root rotation, step 2)",
+        description="Make --dir sign with the CA in --to (made by `mtlsmesh ca init --dir ...`). The bundle of --dir "
+        "must already hold the new root (`mtlsmesh ca bundle --bundle DIR/bundle.pem --add TO/root.pem`); it keeps "
+        "the old root too, which is also written to DIR/previous-root.pem for the last step.",
+    )
+    rotate.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory to switch (default: %(default)s)")
+    rotate.add_argument("--to", required=True, metavar="DIR", help="the CA directory whose signer takes over")
+    rotate.set_defaults(run=run_rotate)
 
 
 def _now() -> datetime:
@@ -374,8 +390,17 @@ def run_bundle(args: argparse.Namespace) -> int:
         existing = pem.load_certificates(target) if target is not None and target.exists() else ()
     except OSError as exc:  # exists() lets EACCES on a parent through
         raise CertificateError(str(target), f"cannot read: {exc.strerror or exc}") from exc
+    if not args.add and not args.remove:
+        raise ConfigError("--add", "give at least one --add or --remove")
     roots = list(existing)
-    added = 0
+    added = removed = 0
+    for path in args.remove:
+        for cert in pem.load_certificates(path):
+            if cert in roots:
+                roots.remove(cert)
+                removed += 1
+    if args.remove and not roots:
+        raise ConfigError("--remove", "that would leave the bundle empty")
     for path in args.add:
         for cert in pem.load_certificates(path):
             if not svid.is_ca(cert):
@@ -393,5 +418,49 @@ def run_bundle(args: argparse.Namespace) -> int:
     else:
         pem.write_files(target.parent, {target.name: (merged, pem.PUBLIC_MODE)}, force=True, directory_mode=0o755)
     where = str(target) if target is not None else "stdout"
-    print(f"{where}: {len(roots)} roots, {added} of them new", file=sys.stderr)
+    dropped = f", {removed} removed" if args.remove else ""
+    print(f"{where}: {len(roots)} roots, {added} of them new{dropped}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rotate
+
+PREVIOUS_ROOT_FILE = "previous-root.pem"
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    directory, source = Path(args.dir), Path(args.to)
+    old, new = ca.load_authority(directory), ca.load_authority(source)
+    if new.trust_domain != old.trust_domain:
+        raise ConfigError("--to", f"{source} is a CA of {new.trust_domain}, {directory} of {old.trust_domain}")
+    old_root, new_root = old.roots[0], new.roots[0]
+    if new_root == old_root:
+        raise ConfigError("--to", f"{directory} already signs under the root of {source}")
+    bundle_path = directory / ca.BUNDLE_FILE
+    if new_root not in old.roots:
+        raise CertificateError(
+            str(bundle_path),
+            f"does not trust the new root yet; first run `mtlsmesh ca bundle --bundle {bundle_path} --add "
+            f"{source / ca.ROOT_CERT_FILE}` and wait until every sidecar has the new bundle (its refresh hint)",
+        )
+    # The directory keeps every root it trusts (the old one included), the new root first, as load_authority
+    # orders them; save_authority replaces the signer's files and removes those the new CA does not have.
+    roots = (new_root, *(root for root in old.roots if root != new_root))
+    switched = ca.Authority(
+        signer_cert=new.signer_cert,
+        signer_key=new.signer_key,
+        chain=new.chain,
+        roots=roots,
+        trust_domain=new.trust_domain,
+        root_key=new.root_key,
+    )
+    previous = {PREVIOUS_ROOT_FILE: (pem.render_certificates([old_root]), pem.PUBLIC_MODE)}
+    pem.write_files(directory, previous, force=True)
+    ca.save_authority(switched, directory, force=True)
+    print(
+        f"{directory} now signs under the root of {source} ({len(roots)} roots trusted; the old one is in "
+        f"{directory / PREVIOUS_ROOT_FILE}). Once every SVID it signed has expired, remove it: mtlsmesh ca bundle "
+        f"--bundle {bundle_path} --remove {directory / PREVIOUS_ROOT_FILE}"
+    )
     return 0
