@@ -8,6 +8,8 @@
     mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
     mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE]
     mtlsmesh ca rotate  --to DIR [--dir certs/ca]
+    mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE [--dir certs/ca] [--listen 0.0.0.0:15012] [--ttl 24h]
+                        [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
 
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
@@ -16,7 +18,7 @@ Every output is checked before any is written, and files are renamed into place,
 error, exit 2); `verify` judges: exit 0 for a valid SVID, 1 for an invalid one (with the reason; malformed
 extensions included), 2 for bad usage. A root rotation is three commands: `bundle --add` the new CA's root to the
 bundle, `rotate` the directory to sign under it (the bundle keeps the old root), `bundle --remove` the old root
-once nothing it signed is still valid. Certificate work is in
+once nothing it signed is still valid. `serve` runs the CA service (`mtlsmesh.caserver`). Certificate work is in
 `mtlsmesh.ca`, `mtlsmesh.pem` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain
 verification.
 """
@@ -27,6 +29,7 @@ import argparse
 import base64
 import hashlib
 import json
+import logging
 import re
 import stat
 import sys
@@ -110,6 +113,26 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     verify.add_argument("--trust-domain", help="also require the ID to be in this trust domain")
     verify.add_argument("cert")
     verify.set_defaults(run=run_verify)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the CA service: sidecars send a CSR with a service-account token or their SVID",
+        description="Serve POST /v1/sign and GET /v1/bundle over TLS 1.3 (see README: The CA service).",
+    )
+    serve.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory, reloaded when it changes (%(default)s)")
+    serve.add_argument("--listen", action="append", metavar="ADDR", help="host:port (default: 0.0.0.0:15012)")
+    serve.add_argument("--token-issuer", required=True, metavar="ISSUER", help="the tokens' iss claim")
+    serve.add_argument("--token-jwks", required=True, metavar="FILE", help="the issuer's JWKS, reloaded on change")
+    serve.add_argument("--token-audience", default="mtlsmesh-ca", metavar="AUD", help="default: %(default)s")
+    serve.add_argument("--ttl", default="24h", help="the longest SVID lifetime it grants (default: %(default)s)")
+    serve.add_argument("--metrics-listen", metavar="ADDR", help="serve GET /metrics (Prometheus) here; off if unset")
+    serve.add_argument("--reload-interval", default="2s", metavar="DURATION", help="default: %(default)s")
+    serve.add_argument("--refresh-hint", default="5m", metavar="DURATION", help="the bundle's spiffe_refresh_hint")
+    serve.add_argument("--rate-burst", type=float, default=10.0, help="sign requests per identity at once")
+    serve.add_argument("--rate", type=float, default=2.0, help="sign requests per identity per second after that")
+    serve.add_argument("--san", action="append", default=[], metavar="NAME", help="DNS name or IP for its own cert")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(run=run_serve)
 
     bundle = commands.add_parser("bundle", help="build a trust bundle from several roots (rotation)")
     bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem")
@@ -463,4 +486,67 @@ def run_rotate(args: argparse.Namespace) -> int:
         f"{directory / PREVIOUS_ROOT_FILE}). Once every SVID it signed has expired, remove it: mtlsmesh ca bundle "
         f"--bundle {bundle_path} --remove {directory / PREVIOUS_ROOT_FILE}"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # Imported here: `mtlsmesh ca init` and friends need none of the service's TLS and HTTP machinery.
+    import signal
+
+    import prometheus_client
+    import trio
+
+    from mtlsmesh import caserver, schema
+    from mtlsmesh.cli.sidecar import LOG_FORMAT, LineFormatter, unwrap_mesh_errors
+    from mtlsmesh.config import parse_listen_addr
+    from mtlsmesh.tokens import TokenPolicy
+
+    listen = tuple(parse_listen_addr(value, "--listen") for value in args.listen or ["0.0.0.0:15012"])
+    metrics = parse_listen_addr(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
+    for flag, value in (("--token-issuer", args.token_issuer), ("--token-audience", args.token_audience)):
+        if not value.strip():
+            raise ConfigError(flag, "must not be empty")
+    for flag, rate in (("--rate-burst", args.rate_burst), ("--rate", args.rate)):
+        if not rate > 0 or rate == float("inf"):
+            raise ConfigError(flag, f"must be a positive number (got {rate})")
+    if args.rate_burst < 1:
+        raise ConfigError("--rate-burst", "must be at least 1 (one request)")
+    cfg = caserver.ServeConfig(
+        directory=args.dir,
+        listen=listen,
+        policy=TokenPolicy(args.token_issuer, args.token_audience),
+        jwks=args.token_jwks,
+        ttl=parse_ttl(args.ttl),
+        metrics_listen=metrics,
+        reload_interval=schema.duration(args.reload_interval, "--reload-interval", positive=True),
+        refresh_hint=int(parse_ttl(args.refresh_hint, "--refresh-hint").total_seconds()),
+        extra_names=tuple(args.san),
+        rate_burst=args.rate_burst,
+        rate_per_second=args.rate,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    root = logging.getLogger("mtlsmesh")
+    root.addHandler(handler)
+    root.setLevel(args.log_level.upper())
+    root.propagate = False
+    # The *_created series double the output and say little here. (prometheus_client leaves this one untyped.)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    service = caserver.CaService(cfg)  # loads and checks everything before anything binds
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.serve)
+                async for signum in signals:
+                    logging.getLogger("mtlsmesh.ca").info("event=stopped signal=%s", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+
+    with unwrap_mesh_errors():
+        trio.run(main)
     return 0

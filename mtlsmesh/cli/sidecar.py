@@ -10,6 +10,7 @@ What it does not: serve connections (see `sidecar`, which this module hands the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 
 import trio
 
@@ -190,15 +192,21 @@ def run(args: argparse.Namespace) -> int:
                 await serve_sidecar(cfg, credentials, stop=stop)
                 nursery.cancel_scope.cancel()
 
-    try:
+    with unwrap_mesh_errors():
         trio.run(main)
+    return 0
+
+
+@contextlib.contextmanager
+def unwrap_mesh_errors() -> Iterator[None]:
+    """trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user."""
+    try:
+        yield
     except BaseExceptionGroup as group:
-        # trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user.
         leaves = _leaves(group)
         if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
             raise leaves[0] from None
         raise
-    return 0
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
