@@ -25,12 +25,24 @@ from mtlsmesh.identity import SpiffeId
 
 
 class CaError(MeshError):
-    """A call to the CA failed: `status` is the HTTP status of a refusal, None when there was no answer."""
+    """A call to the CA failed: `status` is the HTTP status of a refusal, None when there was no answer;
+    `unreachable` when no connection could be made at all (trying another credential would not help)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, unreachable: bool = False) -> None:
         self.message = message
         self.status = status
+        self.unreachable = unreachable
         super().__init__(f"{status}: {message}" if status is not None else message)
+
+
+def _connect_error(exc: OSError) -> str:
+    """What went wrong dialing: trio reports "all attempts ... failed" and keeps each attempt's error underneath."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    if exc.errno is None and isinstance(cause, OSError):
+        return netio.describe_error(cause)
+    return netio.describe_error(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +86,7 @@ async def open_ca(
     try:
         transport = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     except OSError as exc:
-        raise CaError(f"cannot connect to the CA at {endpoint}: {netio.describe_error(exc)}") from None
+        raise CaError(f"cannot connect to the CA at {endpoint}: {_connect_error(exc)}", unreachable=True) from None
     stream = tls.TLSStream(transport, context, handshake.Side.CLIENT, str(endpoint))
     try:
         await stream.do_handshake(lambda: _check_ca(stream, endpoint.identity))

@@ -25,7 +25,7 @@ import trio
 
 from mtlsmesh import netio, tls
 from mtlsmesh.config import Config, IPAddress
-from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import HandshakeError, MeshError
 from mtlsmesh.identity import SpiffeId
 
@@ -161,7 +161,7 @@ class Runtime:
     """The one dependency bundle handed to every listener and handler."""
 
     config: Config
-    credentials: CredentialStore
+    credentials: CredentialSource
     orig_dst: OrigDstLookup = netio.original_dst
     dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)

@@ -96,7 +96,9 @@ def test_credentials_are_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         monkeypatch.delenv(variable, raising=False)
     path = tmp_path / "config.yaml"
     path.write_text("trust_domain: cluster.local\n")
-    with pytest.raises(ConfigError, match="credentials: the sidecar needs cert, key and bundle"):
+    with pytest.raises(
+        ConfigError, match=r"credentials: the sidecar needs cert, key and bundle .* or an identity section"
+    ):
         build_config(build_parser().parse_args(["sidecar", "--config", str(path)]))
     with pytest.raises(ConfigError, match="--key: no credentials in the config file"):
         build_config(build_parser().parse_args(["sidecar", "--config", str(path), "--cert", "c.pem"]))
