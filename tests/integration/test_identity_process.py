@@ -1,11 +1,15 @@
 """Real processes end to end: `mtlsmesh ca serve`, and two `mtlsmesh sidecar` processes with an identity section
 that get their SVIDs from it, renew them, and carry mTLS traffic between each other; no key file is ever written.
+And one that cannot reach its CA: it binds nothing, says so once, and stops on SIGTERM.
 """
 
 from __future__ import annotations
 
 import re
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -14,7 +18,7 @@ import yaml
 from tests.integration.castack import CaLab
 from tests.integration.mesh import app_server, echo, exchange
 from tests.integration.test_ca_serve_process import ca_process
-from tests.integration.test_sidecar_process import sidecar_process
+from tests.integration.test_sidecar_process import ROOT, sidecar_process
 
 
 def write_config(lab: CaLab, path: Path, ca_port: int, service_account: str, explicit: dict[str, object]) -> Path:
@@ -80,3 +84,40 @@ async def test_two_sidecar_processes_with_svids_from_a_ca_process(tmp_path: Path
     # The sidecars' keys lived in their memory only: the one key file here is the CA's own.
     keys = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "key" in p.name)
     assert keys == ["ca/root-key.pem"]
+
+
+async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on_sigterm(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        config = write_config(lab, tmp_path / "c.yaml", closed.getsockname()[1], "reviews", {
+            "name": "in", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:9", "mode": "terminate",
+        })  # fmt: skip
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)],
+            stderr=subprocess.PIPE, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            assert process.stderr is not None
+            output = b""
+            with trio.fail_after(30):
+                while b"event=svid_renewal_failing" not in output:
+                    output += await process.stderr.receive_some(65536)
+                await trio.sleep(3)  # several retries (1 s, 2 s, ... with jitter): still one line
+                process.send_signal(signal.SIGTERM)
+                while data := await process.stderr.receive_some(65536):
+                    output += data
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()  # only the process this test started
+                await process.wait()
+    finally:
+        closed.close()
+    text = output.decode()
+    assert process.returncode == 0, text
+    assert text.count("event=svid_renewal_failing") == 1
+    assert "Connection refused" in text
+    assert "event=ready" not in text  # nothing was bound without an SVID
+    assert "Traceback" not in text
