@@ -13,8 +13,9 @@ with capped exponential backoff and jitter, until the CA answers. `serve_reload`
 Each new generation is swapped in the way a file reload is: the next handshakes use it, open connections keep what
 they started with. When the CA cannot be reached the current SVID stays in use, every retry waits longer (up to
 `max_backoff`), and one line is logged when renewals start failing, one when they work again and one when the SVID
-expires meanwhile, not one per retry. Every CA connection verifies the CA's chain against the roots we hold and
-that its SPIFFE ID is `identity.ca_identity` (`caclient`).
+expires meanwhile, not one per retry (`event=svid_renewal_failing`, `svid_renewal_recovered`, `svid_expired`; for
+the first SVID `svid_enrollment_failing`, `svid_enrollment_recovered`). Every CA connection verifies the CA's chain
+against the roots we hold and that its SPIFFE ID is `identity.ca_identity` (`caclient`).
 
 What it does not: write any file (the key exists in this process only), parse config, or serve connections.
 """
@@ -229,18 +230,19 @@ class IdentityAgent:
         delay: float = min(self.max_backoff, self.min_backoff * 2.0 ** min(attempt, 30))
         return delay * self.rng.uniform(0.5, 1.0)
 
-    def _failed(self, exc: Exception, retry_in: float) -> None:
+    def _failed(self, exc: Exception, retry_in: float, what: str = "renewal") -> None:
         self.reload_failures += 1
         reason = str(exc)
         if self._failing is None:
             left = self._seconds_left()
             log.warning(
-                "event=svid_renewal_failing reason=%r svid_seconds_left=%s retrying=backoff",
+                "event=svid_%s_failing reason=%r svid_seconds_left=%s retrying=backoff",
+                what,
                 reason,
                 "-" if left is None else f"{left:.0f}",
             )
         else:
-            log.debug("event=svid_renewal_retry reason=%r retry_in=%.1f", reason, retry_in)
+            log.debug("event=svid_%s_retry reason=%r retry_in=%.1f", what, reason, retry_in)
         self._failing = reason
         left = self._seconds_left()
         if left is not None and left <= 0 and not self._expired_logged:
@@ -248,9 +250,9 @@ class IdentityAgent:
             expired = caproto.format_time(self.current.not_after)
             log.error("event=svid_expired spiffe_id=%s not_after=%s", self.current.spiffe_id, expired)
 
-    def _recovered(self) -> None:
+    def _recovered(self, what: str = "renewal") -> None:
         if self._failing is not None:
-            log.info("event=svid_renewal_recovered after=%r", self._failing)
+            log.info("event=svid_%s_recovered after=%r", what, self._failing)
             self._failing = None
 
     def _seconds_left(self) -> float | None:
@@ -266,12 +268,12 @@ class IdentityAgent:
                 credential, issued = await self._sign(use_svid=False)
             except (caclient.CaError, CertificateError) as exc:
                 delay = self._backoff(attempt)
-                self._failed(exc, delay)
+                self._failed(exc, delay, "enrollment")
                 attempt += 1
                 await trio.sleep(delay)
                 continue
             self._install(issued, credential)
-            self._recovered()
+            self._recovered("enrollment")
 
     def renew_at(self) -> datetime:
         """When the current SVID should be renewed: its renewal fraction, jittered, from when it arrived."""

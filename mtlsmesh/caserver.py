@@ -12,7 +12,9 @@ connections keep theirs.
 
 A request (`handle`) is judged in this order: the credential (a service-account token in `Authorization: Bearer`,
 else the caller's current SVID as TLS client certificate), the rate limit of that identity (a token bucket), the
-body and its CSR (only the CSR's public key is used; the identity is the credential's), then the signature. Every
+body and its CSR (only the CSR's public key is used; the identity is the credential's), then the signature. A
+request with a token is judged by the token, even when the connection also presented a client certificate.
+`GET /v1/bundle` and `GET /healthz/ready` need no credential. Every
 issuance and every refusal is one key=value log line and a Prometheus counter; a refusal is a status and
 `{"error": "<one line>"}`. Whatever one caller does (garbage instead of TLS, a slow request, a flood), it costs that
 caller's connection only; everyone else is served.

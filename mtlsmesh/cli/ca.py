@@ -500,12 +500,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import prometheus_client
     import trio
 
-    from mtlsmesh import caserver, schema
+    from mtlsmesh import caproto, caserver, schema
     from mtlsmesh.cli.sidecar import LOG_FORMAT, LineFormatter, unwrap_mesh_errors
     from mtlsmesh.config import parse_listen_addr
     from mtlsmesh.tokens import TokenPolicy
 
-    listen = tuple(parse_listen_addr(value, "--listen") for value in args.listen or ["0.0.0.0:15012"])
+    listen = tuple(parse_listen_addr(value, "--listen") for value in args.listen or [f"0.0.0.0:{caproto.CA_PORT}"])
     metrics = parse_listen_addr(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
     for flag, value in (("--token-issuer", args.token_issuer), ("--token-audience", args.token_audience)):
         if not value.strip():

@@ -159,7 +159,7 @@ async def test_a_server_that_is_not_the_ca_is_refused(lab: CaLab, caplog: pytest
             await agent.enroll()
     with pytest.raises(RuntimeError, match="no SVID yet"):
         agent.current  # noqa: B018
-    (failing,) = lines(caplog, "svid_renewal_failing")
+    (failing,) = lines(caplog, "svid_enrollment_failing")
     assert "the server is spiffe://cluster.local/ns/mtlsmesh-system/sa/mtlsmesh-ca, not the CA" in failing
     assert agent.reload_failures >= 2
     assert lines(caplog, "issued") == []  # nothing was sent: the CA never saw a request
@@ -175,6 +175,6 @@ async def test_enrollment_waits_for_the_token_file(lab: CaLab, caplog: pytest.Lo
             await eventually(lambda: agent.reload_failures >= 2)
             token.write_text(lab.issuer.token("default", "late"))
             await eventually(lambda: agent.renewals == 1)
-    (failing,) = lines(caplog, "svid_renewal_failing")
+    (failing,) = lines(caplog, "svid_enrollment_failing")
     assert f"cannot read the token file {token}: No such file or directory" in failing
     assert str(agent.current.spiffe_id) == "spiffe://cluster.local/ns/default/sa/late"

@@ -313,3 +313,25 @@ async def test_a_flood_from_one_identity_is_rate_limited_and_the_others_are_serv
     limited = [line for line in ca_lines(caplog, "refused") if "refusal=rate_limited" in line]
     assert len(limited) == statuses.count(429)
     assert f"spiffe_id={workload('default', 'flood')} status=429" in limited[0]
+
+
+async def test_with_an_intermediate_the_chain_carries_it(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path / "i", intermediate=True)
+    async with running_ca(lab.config()) as (_, port, _):
+        answer, material = await enroll(port, lab.roots, token_for(lab))
+        renewed, _ = await renew(port, material)
+    for got in (answer, renewed):
+        assert len(got.chain) == 2 and got.chain[1] == lab.authority.signer_cert
+        verify_chain(got.chain, got.bundle)
+
+
+async def test_a_token_wins_over_a_client_certificate(lab: CaLab) -> None:
+    """A caller that sends both is judged by its token (a sidecar falling back presents no certificate anyway)."""
+    async with running_ca(lab.config()) as (_, port, _):
+        _, material = await enroll(port, lab.roots, token_for(lab, "default", "reviews"))
+        answer = await raw_call(
+            port, lab.roots, "POST", "/v1/sign", headers=_bearer(token_for(lab, "shop", "cart")), body=_body(_csr()),
+            material=material,
+        )  # fmt: skip
+    assert answer.status == 200
+    assert json.loads(answer.body)["spiffe_id"] == workload("shop", "cart")

@@ -102,7 +102,7 @@ async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on
             assert process.stderr is not None
             output = b""
             with trio.fail_after(30):
-                while b"event=svid_renewal_failing" not in output:
+                while b"event=svid_enrollment_failing" not in output:
                     output += await process.stderr.receive_some(65536)
                 await trio.sleep(3)  # several retries (1 s, 2 s, ... with jitter): still one line
                 process.send_signal(signal.SIGTERM)
@@ -117,7 +117,7 @@ async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on
         closed.close()
     text = output.decode()
     assert process.returncode == 0, text
-    assert text.count("event=svid_renewal_failing") == 1
+    assert text.count("event=svid_enrollment_failing") == 1
     assert "Connection refused" in text
     assert "event=ready" not in text  # nothing was bound without an SVID
     assert "Traceback" not in text
