@@ -174,8 +174,8 @@ def _build_certificate(
 ) -> x509.Certificate:
     """Every certificate of the CA, root to leaf; what differs is passed in, the profile is fixed here."""
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(uri))]
-    san += [x509.DNSName(name) for name in dns_names]
     san += [x509.IPAddress(address) for address in ip_addresses]
+    san += [x509.DNSName(name) for name in dns_names]
     # SVID-PROFILE 1f and Appendix A: a CA only signs certificates (and CRLs); a leaf only signs handshakes.
     key_usage = x509.KeyUsage(
         digital_signature=not is_ca,

@@ -49,7 +49,7 @@ from mtlsmesh.caproto import Refusal
 from mtlsmesh.config import ListenAddr
 from mtlsmesh.errors import CertificateError, ConfigError, HandshakeError, IdentityError, MeshError
 from mtlsmesh.identity import SpiffeId
-from mtlsmesh.runtime import render_kv, render_peer
+from mtlsmesh.runtime import render_kv
 from mtlsmesh.tokens import TokenError, TokenPolicy
 
 log = logging.getLogger("mtlsmesh.ca")
@@ -506,7 +506,7 @@ class CaService:
         """One client: the TLS handshake (bounded in time), then HTTP/1.1 until it is done. Never raises."""
         try:
             host, port = stream.socket.getpeername()[:2]
-            client = render_peer(str(host), int(port))
+            client = _peer_text(str(host), int(port))
         except OSError:
             client = "-"
         if self.state.active >= self.cfg.max_connections:
@@ -612,6 +612,14 @@ def _replace_renewal(generation: Generation, when: datetime) -> Generation:
         generation.bundle_body,
         generation.stamp,
     )
+
+
+def _peer_text(host: str, port: int) -> str:
+    """A caller's address for the log: `1.2.3.4:5`, `[fd00::1]:5`, an IPv4-mapped IPv6 address as IPv4."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _serial(cert: x509.Certificate) -> str:

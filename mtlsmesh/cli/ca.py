@@ -492,6 +492,9 @@ def run_rotate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # serve
 
+# The sidecar's line format (cli/sidecar.py), so that one log pipeline reads both.
+SERVE_LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
 
 def run_serve(args: argparse.Namespace) -> int:
     # Imported here: `mtlsmesh ca init` and friends need none of the service's TLS and HTTP machinery.
@@ -501,7 +504,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import trio
 
     from mtlsmesh import caproto, caserver, schema
-    from mtlsmesh.cli.sidecar import LOG_FORMAT, LineFormatter, unwrap_mesh_errors
+    from mtlsmesh.cli import unwrap_mesh_errors
     from mtlsmesh.config import parse_listen_addr
     from mtlsmesh.tokens import TokenPolicy
 
@@ -529,7 +532,7 @@ def run_serve(args: argparse.Namespace) -> int:
         rate_per_second=args.rate,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
     root = logging.getLogger("mtlsmesh")
     root.addHandler(handler)
     root.setLevel(args.log_level.upper())

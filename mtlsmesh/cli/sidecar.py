@@ -10,7 +10,6 @@ What it does not: serve connections (see `sidecar`, which this module hands the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -19,15 +18,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 
 import trio
 
 from mtlsmesh import relay
 from mtlsmesh.agent import IdentityAgent
+from mtlsmesh.cli import unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.errors import ConfigError, MeshError
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
 
@@ -221,22 +220,3 @@ def run(args: argparse.Namespace) -> int:
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-@contextlib.contextmanager
-def unwrap_mesh_errors() -> Iterator[None]:
-    """trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
