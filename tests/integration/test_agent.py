@@ -11,16 +11,19 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from mtlsmesh import caserver
-from mtlsmesh.agent import IdentityAgent
+from mtlsmesh import ca, caserver
+from mtlsmesh.agent import IdentityAgent, build_credentials
 from mtlsmesh.cli import main
 from mtlsmesh.config import IdentityConfig, ListenAddr
-from mtlsmesh.identity import parse_spiffe_id
+from mtlsmesh.errors import CertificateError
+from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
 from tests.integration.castack import LOOPBACK, CaLab, make_ca_dir, running_ca
 from tests.pki import TD
 
@@ -178,3 +181,19 @@ async def test_enrollment_waits_for_the_token_file(lab: CaLab, caplog: pytest.Lo
     (failing,) = lines(caplog, "svid_enrollment_failing")
     assert f"cannot read the token file {token}: No such file or directory" in failing
     assert str(agent.current.spiffe_id) == "spiffe://cluster.local/ns/default/sa/late"
+
+
+def test_an_answer_that_is_not_ours_is_refused(lab: CaLab) -> None:
+    """What the CA sent must be an SVID of our trust domain, for our key, chaining to the bundle it sent."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    ours = ca.issue_svid(lab.authority, workload_id(TD, "default", "reviews"), now=now, public_key=key.public_key())
+    chain = (ours.cert, *ours.chain)
+    assert str(build_credentials(chain, key, lab.roots, TD).spiffe_id).endswith("/sa/reviews")
+    with pytest.raises(CertificateError, match="does not match the certificate"):
+        build_credentials(chain, ec.generate_private_key(ec.SECP256R1()), lab.roots, TD)
+    with pytest.raises(CertificateError, match=r"is not in trust domain other\.example"):
+        build_credentials(chain, key, lab.roots, TrustDomain("other.example"))
+    stranger = ca.create_ca(TD, now=now - timedelta(hours=1))
+    with pytest.raises(CertificateError, match="does not chain to the CA's trust bundle"):
+        build_credentials(chain, key, stranger.roots, TD)
