@@ -119,10 +119,10 @@ class IdentityAgent:
         self.rng = rng or random.Random()
         self.reloads = 0
         self.reload_failures = 0
-        self.renewals = 0
+        self.received = 0  # SVIDs received from the CA, the first one included
         self.refresh_hint = DEFAULT_REFRESH
         self._issued: Issued | None = None
-        self._failing: str | None = None  # why renewals fail, while they do (logged once per change)
+        self._failing: str | None = None  # why requests to the CA fail, while they do (logged when it starts)
         self._bundle_failing = False
         self._expired_logged = False
         self._renew_now = trio.Event()
@@ -209,7 +209,7 @@ class IdentityAgent:
         creds = issued.credentials
         if not first:
             self.reloads += 1
-        self.renewals += 1
+        self.received += 1
         leaf = creds.material.chain[0]
         extra = f" fallback_from_svid={fallback!r}" if fallback is not None else ""
         log.info(

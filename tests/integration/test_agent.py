@@ -177,7 +177,7 @@ async def test_enrollment_waits_for_the_token_file(lab: CaLab, caplog: pytest.Lo
             nursery.start_soon(agent.enroll)
             await eventually(lambda: agent.reload_failures >= 2)
             token.write_text(lab.issuer.token("default", "late"))
-            await eventually(lambda: agent.renewals == 1)
+            await eventually(lambda: agent.received == 1)
     (failing,) = lines(caplog, "svid_enrollment_failing")
     assert f"cannot read the token file {token}: No such file or directory" in failing
     assert str(agent.current.spiffe_id) == "spiffe://cluster.local/ns/default/sa/late"
