@@ -72,6 +72,9 @@ def render_prometheus(rt: Runtime, state: State) -> bytes:
         f"mtlsmesh_credential_reload_failures_total {creds.reload_failures}",
         "# TYPE mtlsmesh_certificate_expiry_seconds gauge",
         f"mtlsmesh_certificate_expiry_seconds {creds.current.not_after.timestamp():.0f}",
+        "# HELP mtlsmesh_svid_seconds_left Seconds until our SVID expires (0 once it has).",
+        "# TYPE mtlsmesh_svid_seconds_left gauge",
+        f"mtlsmesh_svid_seconds_left {max(0.0, (creds.current.not_after - datetime.now(UTC)).total_seconds()):.0f}",
         "# TYPE mtlsmesh_ready gauge",
         f"mtlsmesh_ready {int(state.ready)}",
     ]

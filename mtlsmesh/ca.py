@@ -24,6 +24,7 @@ the key from a request.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -164,12 +165,14 @@ def _build_certificate(
     not_after: datetime,
     uri: SpiffeId,
     dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     path_length: int | None = None,
     is_ca: bool,
     name_constraint: TrustDomain | None = None,
 ) -> x509.Certificate:
     """Every certificate of the CA, root to leaf; what differs is passed in, the profile is fixed here."""
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(uri))]
+    san += [x509.IPAddress(address) for address in ip_addresses]
     san += [x509.DNSName(name) for name in dns_names]
     # S-8 (docs/svid-profile.md): a CA only signs certificates (and CRLs); a leaf only signs handshakes.
     key_usage = x509.KeyUsage(
@@ -305,8 +308,10 @@ def issue_svid(
     dns_names: Iterable[str] = (),
     key_type: KeyType = KeyType.ECDSA_P256,
     public_key: PublicKey | None = None,
+    ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
 ) -> IssuedSvid:
     """Sign a leaf SVID for `spiffe_id`: a fresh key of `key_type`, or the caller's `public_key` (then key=None).
+    `ip_addresses` become IP SANs (the CA service's own certificate, for clients that dial it by address).
 
     Refuses an ID that names no workload (root path), an ID over 2048 bytes or outside the CA's trust domain,
     and a lifetime that would outlast the signing certificate (the message says until when it could go).
@@ -353,6 +358,7 @@ def issue_svid(
         not_after=not_after,
         uri=spiffe_id,
         dns_names=names,
+        ip_addresses=tuple(ip_addresses),
         is_ca=False,
     )
     return IssuedSvid(cert=leaf, key=key, chain=authority.chain, roots=authority.roots)

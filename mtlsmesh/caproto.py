@@ -84,6 +84,7 @@ class Refusal(MeshError):
         self.status = status
         self.reason = reason
         self.message = " ".join(message.split())  # one line, whatever an underlying error said
+        self.retry_after: int | None = None  # seconds, for a 429
         super().__init__(f"{status} {reason}: {self.message}")
 
 

@@ -87,6 +87,19 @@ class CredentialFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """Where the sidecar gets its SVID when no files are given: from the CA service (see `agent`). The key is made
+    in memory and never leaves the process."""
+
+    ca_address: ListenAddr  # host:port; the host may be a DNS name
+    token: str  # the projected service-account token (audience mtlsmesh-ca), read afresh for every request
+    bundle: str  # the roots that the CA's own SVID must chain to on first contact
+    ca_identity: SpiffeId | None = None  # None: spiffe://<trust_domain>/ns/mtlsmesh-system/sa/mtlsmesh-ca
+    ttl: float = 86400.0  # seconds of lifetime asked for (the CA may grant less)
+    renew_fraction: float = 0.5  # renew when this fraction of the lifetime has passed
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     """A mesh destination: traffic to these addresses/ports is mTLS, expecting these server identities."""
 
@@ -164,7 +177,8 @@ class Timeouts:
 @dataclass(frozen=True, slots=True)
 class Config:
     trust_domain: TrustDomain = TrustDomain(DEFAULT_TRUST_DOMAIN)
-    credentials: CredentialFiles | None = None  # required by the sidecar; None only in partial configs
+    credentials: CredentialFiles | None = None  # the sidecar needs this or `identity`; None only in partial configs
+    identity: IdentityConfig | None = None  # the SVID from the CA service instead of files; excludes `credentials`
     outbound: OutboundConfig = OutboundConfig()
     inbound: InboundConfig = InboundConfig()
     authorization: tuple[AuthzRule, ...] = ()
@@ -186,9 +200,10 @@ _EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
 _DEFAULT = Config()
 _DEFAULT_RELOAD_INTERVAL = CredentialFiles("", "", "").reload_interval
+_DEFAULT_IDENTITY = IdentityConfig(ListenAddr("", 0), "", "")
 _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
-    "admin", "health", "metrics", "log",
+    "admin", "health", "metrics", "log", "identity",
 )  # fmt: skip
 
 
@@ -239,6 +254,7 @@ def _parse_config(data: object) -> Config:
     config = Config(
         trust_domain=_trust_domain(top.get("trust_domain", _DEFAULT.trust_domain.name)),
         credentials=_credentials(top["credentials"]) if top.get("credentials") is not None else None,
+        identity=_identity(top["identity"]) if top.get("identity") is not None else None,
         outbound=_outbound(schema.section(top, "outbound")),
         inbound=_inbound(schema.section(top, "inbound")),
         authorization=tuple(_authz_rule(v, f"authorization[{i}]") for i, v in schema.items(top, "authorization")),
@@ -252,6 +268,8 @@ def _parse_config(data: object) -> Config:
         metrics_listen=_optional_listener(top, "metrics", _DEFAULT.metrics_listen),
         log_level=schema.choice(log.get("level", _DEFAULT.log_level), "log.level", LOG_LEVELS),
     )
+    if config.credentials is not None and config.identity is not None:
+        raise ConfigError("identity", "give either credentials (SVID files) or identity (from the CA), not both")
     _check_unique_names(config.explicit)
     _check_listeners_distinct(config)
     return config
@@ -276,6 +294,31 @@ def _credentials(value: object) -> CredentialFiles:
         reload_interval=schema.duration(
             section.get("reload_interval", _DEFAULT_RELOAD_INTERVAL), "credentials.reload_interval", positive=True
         ),
+    )
+
+
+def _identity(value: object) -> IdentityConfig:
+    keys = ("ca_address", "ca_identity", "token", "bundle", "ttl", "renew_fraction")
+    section = schema.mapping(value, "identity", keys)
+    for key in ("ca_address", "token", "bundle"):
+        if key not in section:
+            raise ConfigError("identity", f"missing required key {key!r} (ca_address, token and bundle are required)")
+    ca_identity = None
+    if section.get("ca_identity") is not None:
+        try:
+            ca_identity = parse_workload_id(schema.string(section["ca_identity"], "identity.ca_identity"))
+        except IdentityError as exc:
+            raise ConfigError("identity.ca_identity", str(exc)) from exc
+    fraction = section.get("renew_fraction", _DEFAULT_IDENTITY.renew_fraction)
+    if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise ConfigError("identity.renew_fraction", f"expected a number between 0 and 1 (got {schema.kind(fraction)})")
+    return IdentityConfig(
+        ca_address=parse_listen_addr(section["ca_address"], "identity.ca_address", allow_name=True),
+        token=schema.string(section["token"], "identity.token"),
+        bundle=schema.string(section["bundle"], "identity.bundle"),
+        ca_identity=ca_identity,
+        ttl=schema.duration(section.get("ttl", _DEFAULT_IDENTITY.ttl), "identity.ttl", positive=True),
+        renew_fraction=float(fraction),
     )
 
 
@@ -460,6 +503,12 @@ def render_config(cfg: Config) -> dict[str, Any]:
         out["credentials"] = {
             "cert": creds.cert, "key": creds.key, "bundle": creds.bundle, "reload_interval": creds.reload_interval
         }  # fmt: skip
+    if cfg.identity is not None:
+        identity = cfg.identity
+        out["identity"] = {
+            "ca_address": str(identity.ca_address), "token": identity.token, "bundle": identity.bundle,
+            "ttl": identity.ttl, "renew_fraction": identity.renew_fraction,
+        } | ({"ca_identity": str(identity.ca_identity)} if identity.ca_identity is not None else {})  # fmt: skip
     outbound, inbound, timeouts = cfg.outbound, cfg.inbound, cfg.timeouts
     out["outbound"] = {
         "enabled": outbound.enabled,

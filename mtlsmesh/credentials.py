@@ -7,15 +7,21 @@ period) and builds a fresh server and client TLS context. `CredentialStore.serve
 changes) and swaps in new material; new handshakes use it, open connections keep the context they started with.
 A bad new file is logged and refused while the old material keeps serving.
 
-What it does not: issue or renew certificates (see `ca`), or watch with inotify (polling is simple and enough).
+`CredentialSource` is what the listeners and the admin endpoints use of a store: `CredentialStore` here (files)
+and `agent.IdentityAgent` (an SVID from the CA service) are its two implementations.
+
+What it does not: issue or renew certificates (see `ca` and `agent`), or watch with inotify (polling is simple and
+enough).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import trio
 from cryptography import x509
@@ -118,6 +124,13 @@ def _check_chain(
     files: CredentialFiles, chain: tuple[x509.Certificate, ...], roots: tuple[x509.Certificate, ...]
 ) -> None:
     """Our own SVID must verify against our bundle, as a peer will check it (same OpenSSL, same store)."""
+    check_chain(chain, roots, files.cert, f"the bundle {files.bundle}")
+
+
+def check_chain(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], source: str, bundle: str = "the bundle"
+) -> None:
+    """`chain` (leaf first) verifies against `roots` now, with OpenSSL; `CertificateError` naming `source` if not."""
     store = crypto.X509Store()
     for root in roots:
         store.add_cert(crypto.X509.from_cryptography(root))
@@ -126,7 +139,20 @@ def _check_chain(
     try:
         context.verify_certificate()
     except crypto.X509StoreContextError as exc:
-        raise CertificateError(files.cert, f"the SVID does not chain to the bundle {files.bundle}: {exc}") from exc
+        raise CertificateError(source, f"the SVID does not chain to {bundle}: {exc}") from exc
+
+
+class CredentialSource(Protocol):
+    """What the listeners and the admin endpoints use of a credential store: the generation the next handshakes
+    use, counters for the metrics, and the task `serve_sidecar` runs to keep it fresh."""
+
+    reloads: int
+    reload_failures: int
+
+    @property
+    def current(self) -> Credentials: ...
+
+    async def serve_reload(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
 
 
 class CredentialStore:

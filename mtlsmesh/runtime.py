@@ -26,7 +26,7 @@ import trio
 from mtlsmesh import netio
 from mtlsmesh.addresses import IPAddress, unmapped_host_port
 from mtlsmesh.config import Config
-from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import MeshError
 from mtlsmesh.outcome import Decision, Outcome, Reason
 
@@ -140,7 +140,7 @@ class Runtime:
     """The one dependency bundle handed to every listener and handler."""
 
     config: Config
-    credentials: CredentialStore
+    credentials: CredentialSource
     orig_dst: OrigDstLookup = netio.original_dst
     dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)

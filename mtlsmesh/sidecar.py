@@ -21,7 +21,7 @@ import trio
 
 from mtlsmesh import admin, inbound, netio, outbound
 from mtlsmesh.config import Config, ExplicitMode, ListenAddr
-from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.runtime import Dialer, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
 
@@ -105,7 +105,7 @@ async def _bind_dual_stack(port: int) -> trio.SocketListener:
 
 async def serve_sidecar(
     cfg: Config,
-    credentials: CredentialStore,
+    credentials: CredentialSource,
     *,
     stop: trio.Event | None = None,
     orig_dst: OrigDstLookup = netio.original_dst,

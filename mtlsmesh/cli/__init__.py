@@ -11,9 +11,10 @@ are explained (`errors.with_rules_doc`). A traceback from here is a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mtlsmesh import __version__
 from mtlsmesh.errors import MeshError, with_rules_doc
@@ -61,3 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(status or 0)
+
+
+@contextlib.contextmanager
+def unwrap_mesh_errors() -> Iterator[None]:
+    """trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

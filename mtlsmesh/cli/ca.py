@@ -6,15 +6,21 @@
                         [--dns NAME]... [--key-type T] [--out DIR] [--csr FILE] [--force] [--k8s-secret]
     mtlsmesh ca inspect FILE [--json]
     mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
-    mtlsmesh ca bundle  --add ROOT.pem [--add ...] [--bundle FILE]
+    mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE]
+    mtlsmesh ca rotate  --to DIR [--dir certs/ca]
+    mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE [--dir certs/ca] [--listen 0.0.0.0:15012] [--ttl 24h]
+                        [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
 
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
 Every output is checked before any is written, and files are renamed into place, so a refusal writes nothing.
 `inspect` describes (exit 0 whenever the file can be read; a certificate whose extensions do not parse is an
 error, exit 2); `verify` judges: exit 0 for a valid SVID, 1 for an invalid one (with the reason; malformed
-extensions included), 2 for bad usage. Certificate work is in `mtlsmesh.ca`, `mtlsmesh.pem` and
-`mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain verification.
+extensions included), 2 for bad usage. A root rotation is three commands: `bundle --add` the new CA's root to the
+bundle, `rotate` the directory to sign under it (the bundle keeps the old root), `bundle --remove` the old root
+once nothing it signed is still valid. `serve` runs the CA service (`mtlsmesh.caserver`). Certificate work is in
+`mtlsmesh.ca`, `mtlsmesh.pem` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain
+verification.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import base64
 import hashlib
 import json
+import logging
 import re
 import stat
 import sys
@@ -107,10 +114,42 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     verify.add_argument("cert")
     verify.set_defaults(run=run_verify)
 
+    serve = commands.add_parser(
+        "serve",
+        help="run the CA service: sidecars send a CSR with a service-account token or their SVID",
+        description="Serve POST /v1/sign and GET /v1/bundle over TLS 1.3 (see README: The CA service).",
+    )
+    serve.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory, reloaded when it changes (%(default)s)")
+    serve.add_argument("--listen", action="append", metavar="ADDR", help="host:port (default: 0.0.0.0:15012)")
+    serve.add_argument("--token-issuer", required=True, metavar="ISSUER", help="the tokens' iss claim")
+    serve.add_argument("--token-jwks", required=True, metavar="FILE", help="the issuer's JWKS, reloaded on change")
+    serve.add_argument("--token-audience", default="mtlsmesh-ca", metavar="AUD", help="default: %(default)s")
+    serve.add_argument("--ttl", default="24h", help="the longest SVID lifetime it grants (default: %(default)s)")
+    serve.add_argument("--metrics-listen", metavar="ADDR", help="serve GET /metrics (Prometheus) here; off if unset")
+    serve.add_argument("--reload-interval", default="2s", metavar="DURATION", help="default: %(default)s")
+    serve.add_argument("--refresh-hint", default="5m", metavar="DURATION", help="the bundle's spiffe_refresh_hint")
+    serve.add_argument("--rate-burst", type=float, default=10.0, help="sign requests per identity at once")
+    serve.add_argument("--rate", type=float, default=2.0, help="sign requests per identity per second after that")
+    serve.add_argument("--san", action="append", default=[], metavar="NAME", help="DNS name or IP for its own cert")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(run=run_serve)
+
     bundle = commands.add_parser("bundle", help="build a trust bundle from several roots (rotation)")
-    bundle.add_argument("--add", action="append", required=True, metavar="ROOT.pem")
+    bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem")
+    bundle.add_argument("--remove", action="append", default=[], metavar="ROOT.pem", help="drop these roots")
     bundle.add_argument("--bundle", help="bundle file to extend (created if missing); default: print to stdout")
     bundle.set_defaults(run=run_bundle)
+
+    rotate = commands.add_parser(
+        "rotate",
+        help="switch a CA directory to another CA's signer, keeping its bundle (root rotation, step 2)",
+        description="Make --dir sign with the CA in --to (made by `mtlsmesh ca init --dir ...`). The bundle of --dir "
+        "must already hold the new root (`mtlsmesh ca bundle --bundle DIR/bundle.pem --add TO/root.pem`); it keeps "
+        "the old root too, which is also written to DIR/previous-root.pem for the last step.",
+    )
+    rotate.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory to switch (default: %(default)s)")
+    rotate.add_argument("--to", required=True, metavar="DIR", help="the CA directory whose signer takes over")
+    rotate.set_defaults(run=run_rotate)
 
 
 def _now() -> datetime:
@@ -374,8 +413,17 @@ def run_bundle(args: argparse.Namespace) -> int:
         existing = pem.load_certificates(target) if target is not None and target.exists() else ()
     except OSError as exc:  # exists() lets EACCES on a parent through
         raise CertificateError(str(target), f"cannot read: {exc.strerror or exc}") from exc
+    if not args.add and not args.remove:
+        raise ConfigError("--add", "give at least one --add or --remove")
     roots = list(existing)
-    added = 0
+    added = removed = 0
+    for path in args.remove:
+        for cert in pem.load_certificates(path):
+            if cert in roots:
+                roots.remove(cert)
+                removed += 1
+    if args.remove and not roots:
+        raise ConfigError("--remove", "that would leave the bundle empty")
     for path in args.add:
         for cert in pem.load_certificates(path):
             if not svid.is_ca(cert):
@@ -393,5 +441,115 @@ def run_bundle(args: argparse.Namespace) -> int:
     else:
         pem.write_files(target.parent, {target.name: (merged, pem.PUBLIC_MODE)}, force=True, directory_mode=0o755)
     where = str(target) if target is not None else "stdout"
-    print(f"{where}: {len(roots)} roots, {added} of them new", file=sys.stderr)
+    dropped = f", {removed} removed" if args.remove else ""
+    print(f"{where}: {len(roots)} roots, {added} of them new{dropped}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rotate
+
+PREVIOUS_ROOT_FILE = "previous-root.pem"
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    directory, source = Path(args.dir), Path(args.to)
+    old, new = ca.load_authority(directory), ca.load_authority(source)
+    if new.trust_domain != old.trust_domain:
+        raise ConfigError("--to", f"{source} is a CA of {new.trust_domain}, {directory} of {old.trust_domain}")
+    old_root, new_root = old.roots[0], new.roots[0]
+    if new_root == old_root:
+        raise ConfigError("--to", f"{directory} already signs under the root of {source}")
+    bundle_path = directory / BUNDLE_FILE
+    if new_root not in old.roots:
+        raise CertificateError(
+            str(bundle_path),
+            f"does not trust the new root yet; first run `mtlsmesh ca bundle --bundle {bundle_path} --add "
+            f"{source / ca.ROOT_CERT_FILE}` and wait until every sidecar has the new bundle (its refresh hint)",
+        )
+    # The directory keeps every root it trusts (the old one included), the new root first, as load_authority
+    # orders them; save_authority replaces the signer's files and removes those the new CA does not have.
+    roots = (new_root, *(root for root in old.roots if root != new_root))
+    switched = ca.Authority(
+        signer_cert=new.signer_cert,
+        signer_key=new.signer_key,
+        chain=new.chain,
+        roots=roots,
+        trust_domain=new.trust_domain,
+        root_key=new.root_key,
+    )
+    previous = {PREVIOUS_ROOT_FILE: (pem.render_certificates([old_root]), pem.PUBLIC_MODE)}
+    pem.write_files(directory, previous, force=True)
+    ca.save_authority(switched, directory, force=True)
+    print(
+        f"{directory} now signs under the root of {source} ({len(roots)} roots trusted; the old one is in "
+        f"{directory / PREVIOUS_ROOT_FILE}). Once every SVID it signed has expired, remove it: mtlsmesh ca bundle "
+        f"--bundle {bundle_path} --remove {directory / PREVIOUS_ROOT_FILE}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve
+
+# The sidecar's line format (cli/sidecar.py), so that one log pipeline reads both.
+SERVE_LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # Imported here: `mtlsmesh ca init` and friends need none of the service's TLS and HTTP machinery.
+    import signal
+
+    import prometheus_client
+    import trio
+
+    from mtlsmesh import caproto, caserver, schema
+    from mtlsmesh.cli import unwrap_mesh_errors
+    from mtlsmesh.config import parse_listen_addr
+    from mtlsmesh.tokens import TokenPolicy
+
+    listen = tuple(parse_listen_addr(value, "--listen") for value in args.listen or [f"0.0.0.0:{caproto.CA_PORT}"])
+    metrics = parse_listen_addr(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
+    for flag, value in (("--token-issuer", args.token_issuer), ("--token-audience", args.token_audience)):
+        if not value.strip():
+            raise ConfigError(flag, "must not be empty")
+    for flag, rate in (("--rate-burst", args.rate_burst), ("--rate", args.rate)):
+        if not rate > 0 or rate == float("inf"):
+            raise ConfigError(flag, f"must be a positive number (got {rate})")
+    if args.rate_burst < 1:
+        raise ConfigError("--rate-burst", "must be at least 1 (one request)")
+    cfg = caserver.ServeConfig(
+        directory=args.dir,
+        listen=listen,
+        policy=TokenPolicy(args.token_issuer, args.token_audience),
+        jwks=args.token_jwks,
+        ttl=parse_ttl(args.ttl),
+        metrics_listen=metrics,
+        reload_interval=schema.duration(args.reload_interval, "--reload-interval", positive=True),
+        refresh_hint=int(parse_ttl(args.refresh_hint, "--refresh-hint").total_seconds()),
+        extra_names=tuple(args.san),
+        rate_burst=args.rate_burst,
+        rate_per_second=args.rate,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
+    root = logging.getLogger("mtlsmesh")
+    root.addHandler(handler)
+    root.setLevel(args.log_level.upper())
+    root.propagate = False
+    # The *_created series double the output and say little here. (prometheus_client leaves this one untyped.)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    service = caserver.CaService(cfg)  # loads and checks everything before anything binds
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.serve)
+                async for signum in signals:
+                    logging.getLogger("mtlsmesh.ca").info("event=stopped signal=%s", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+
+    with unwrap_mesh_errors():
+        trio.run(main)
     return 0

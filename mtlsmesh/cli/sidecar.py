@@ -22,10 +22,12 @@ import time
 import trio
 
 from mtlsmesh import relay
+from mtlsmesh.agent import IdentityAgent
+from mtlsmesh.cli import unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
-from mtlsmesh.errors import ConfigError, MeshError
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
 
@@ -108,6 +110,9 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--inbound-mode", "expected one of strict, permissive, disable") from None
         cfg = dataclasses.replace(cfg, inbound=dataclasses.replace(cfg.inbound, mode=inbound_mode))
     files = {name: _value(args, name) for name in ("cert", "key", "bundle")}
+    if any(files.values()) and cfg.identity is not None:
+        flag = next(f"--{name}" for name, value in files.items() if value)
+        raise ConfigError(flag, "the config's identity section gets the SVID from the CA; no SVID files apply")
     if any(files.values()):
         base = cfg.credentials
         missing = [name for name, value in files.items() if value is None and base is None]
@@ -122,8 +127,11 @@ def build_config(args: argparse.Namespace) -> Config:
                 reload_interval=base.reload_interval if base else 2.0,
             ),
         )
-    if cfg.credentials is None:
-        raise ConfigError("credentials", "the sidecar needs cert, key and bundle (config or --cert/--key/--bundle)")
+    if cfg.credentials is None and cfg.identity is None:
+        raise ConfigError(
+            "credentials",
+            "the sidecar needs cert, key and bundle (config or --cert/--key/--bundle), or an identity section",
+        )
     level = _value(args, "log_level")
     if level is not None:
         if level.lower() not in LOG_LEVELS:
@@ -153,8 +161,13 @@ def tune_malloc() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
-    assert cfg.credentials is not None
-    credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
+    # Everything that can be checked before anything binds is: the SVID files, or the identity agent's bundle.
+    credentials: CredentialStore | IdentityAgent
+    if cfg.identity is not None:
+        credentials = IdentityAgent(cfg.identity, cfg.trust_domain)
+    else:
+        assert cfg.credentials is not None
+        credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter(LOG_FORMAT))
     # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
@@ -187,22 +200,23 @@ def run(args: argparse.Namespace) -> int:
                         return
 
                 nursery.start_soon(watch)
+                if isinstance(credentials, IdentityAgent):
+                    # The first SVID before anything binds: the kubelet sees no health port until it is there.
+                    async with trio.open_nursery() as enrolling:
+                        enrolling.start_soon(_cancel_when, stop, enrolling.cancel_scope)
+                        await credentials.enroll()
+                        enrolling.cancel_scope.cancel()
+                    if stop.is_set():
+                        nursery.cancel_scope.cancel()
+                        return
                 await serve_sidecar(cfg, credentials, stop=stop)
                 nursery.cancel_scope.cancel()
 
-    try:
+    with unwrap_mesh_errors():
         trio.run(main)
-    except BaseExceptionGroup as group:
-        # trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user.
-        leaves = _leaves(group)
-        if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
-            raise leaves[0] from None
-        raise
     return 0
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

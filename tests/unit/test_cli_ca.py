@@ -538,3 +538,56 @@ def test_bundle_refuses_a_leaf(ca_dir: Path, workdir: Path, capsys: pytest.Captu
         ["ca", "bundle", "--add", str(ca_dir / "root.pem"), "--add", "w/cert.pem", "--bundle", "b.pem"], capsys, workdir
     )
     assert line == "mtlsmesh: error: w/cert.pem: a leaf is not a CA certificate"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# root rotation: bundle --add, rotate, bundle --remove
+
+
+def test_a_root_rotation_typed_in_three_commands(
+    ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = ca.load_authority(ca_dir)
+    assert main(["ca", "init", "--dir", "next"]) == 0
+    capsys.readouterr()
+    new_root = pem.load_certificates(workdir / "next" / "root.pem")[0]
+    bundle = str(ca_dir / "bundle.pem")
+
+    # Switching before the new root is trusted everywhere would cut off every sidecar: refused.
+    line = refused(["ca", "rotate", "--dir", str(ca_dir), "--to", "next"], capsys, workdir)
+    assert line.startswith(f"mtlsmesh: error: {bundle}: does not trust the new root yet; first run `mtlsmesh ca bundle")
+
+    # (a) trust the new root as well
+    assert main(["ca", "bundle", "--bundle", bundle, "--add", "next/root.pem"]) == 0
+    assert ca.load_authority(ca_dir).roots == (old.roots[0], new_root)
+    # (b) sign with it
+    assert main(["ca", "rotate", "--dir", str(ca_dir), "--to", "next"]) == 0
+    assert "--remove" in capsys.readouterr().out
+    switched = ca.load_authority(ca_dir)
+    assert switched.signer_cert == new_root and switched.chain == ()
+    assert switched.roots == (new_root, old.roots[0])
+    assert sorted(os.listdir(ca_dir)) == ["bundle.pem", "previous-root.pem", "root-key.pem", "root.pem"]
+    assert stat.S_IMODE((ca_dir / "root-key.pem").stat().st_mode) == 0o600
+    assert pem.load_certificates(ca_dir / "previous-root.pem") == (old.roots[0],)
+    assert main(["ca", "issue", "--namespace", "a", "--service-account", "x", "--out", "after"]) == 0
+    assert main(["ca", "verify", "--bundle", bundle, "after/cert.pem"]) == 0
+    assert pem.load_certificates("after/cert.pem")[0].issuer == new_root.subject
+    # (c) stop trusting the old root
+    capsys.readouterr()
+    assert main(["ca", "bundle", "--bundle", bundle, "--remove", str(ca_dir / "previous-root.pem")]) == 0
+    assert capsys.readouterr().err == f"{bundle}: 1 roots, 0 of them new, 1 removed\n"
+    assert ca.load_authority(ca_dir).roots == (new_root,)
+
+
+def test_rotate_and_remove_refusals(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ca", "init", "--dir", "other", "--trust-domain", "other.example"]) == 0
+    capsys.readouterr()
+    line = refused(["ca", "rotate", "--dir", str(ca_dir), "--to", "other"], capsys, workdir)
+    assert line == f"mtlsmesh: error: --to: other is a CA of other.example, {ca_dir} of cluster.local"
+    line = refused(["ca", "rotate", "--dir", str(ca_dir), "--to", str(ca_dir)], capsys, workdir)
+    assert line == f"mtlsmesh: error: --to: {ca_dir} already signs under the root of {ca_dir}"
+    bundle = str(ca_dir / "bundle.pem")
+    line = refused(["ca", "bundle", "--bundle", bundle, "--remove", str(ca_dir / "root.pem")], capsys, workdir)
+    assert line == "mtlsmesh: error: --remove: that would leave the bundle empty"
+    line = refused(["ca", "bundle", "--bundle", bundle], capsys, workdir)
+    assert line == "mtlsmesh: error: --add: give at least one --add or --remove"

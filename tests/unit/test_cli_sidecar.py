@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from mtlsmesh.config import Mode
 from mtlsmesh.errors import ConfigError
 from tests.pki import MALFORMED_SAN, Pki, forge_leaf
 
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
 trust_domain: cluster.local
 credentials: {cert: /file/cert.pem, key: /file/key.pem, bundle: /file/bundle.pem}
@@ -96,7 +98,9 @@ def test_credentials_are_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         monkeypatch.delenv(variable, raising=False)
     path = tmp_path / "config.yaml"
     path.write_text("trust_domain: cluster.local\n")
-    with pytest.raises(ConfigError, match="credentials: the sidecar needs cert, key and bundle"):
+    with pytest.raises(
+        ConfigError, match=r"credentials: the sidecar needs cert, key and bundle .* or an identity section"
+    ):
         build_config(build_parser().parse_args(["sidecar", "--config", str(path)]))
     with pytest.raises(ConfigError, match="--key: no credentials in the config file"):
         build_config(build_parser().parse_args(["sidecar", "--config", str(path), "--cert", "c.pem"]))
@@ -167,3 +171,45 @@ def test_tune_malloc_keeps_a_relay_read_buffer_off_its_own_mmap(how: str, tuned:
         check=True,
     )
     assert probe.stdout.split() == [tuned, new_mappings]
+
+
+IDENTITY_CONFIG = """
+trust_domain: cluster.local
+identity: {ca_address: "mtlsmesh-ca.mtlsmesh-system.svc:15012", token: /t, bundle: /b.pem}
+"""
+
+
+def test_an_identity_section_needs_no_files_and_takes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ENV.values():
+        monkeypatch.delenv(variable, raising=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(IDENTITY_CONFIG)
+    cfg = build_config(build_parser().parse_args(["sidecar", "--config", str(path)]))
+    assert cfg.credentials is None and cfg.identity is not None and cfg.identity.bundle == "/b.pem"
+    with pytest.raises(ConfigError, match=r"^--key: the config's identity section gets the SVID from the CA"):
+        build_config(build_parser().parse_args(["sidecar", "--config", str(path), "--key", "k.pem"]))
+    monkeypatch.setenv(ENV["cert"], "c.pem")
+    with pytest.raises(ConfigError, match=r"^--cert: the config's identity section"):
+        build_config(build_parser().parse_args(["sidecar", "--config", str(path)]))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "extra", "match"),
+    [
+        ("/nonexistent/bundle.pem", "", r"^mtlsmesh: error: /nonexistent/bundle\.pem: no such file$"),
+        ("REAL", "  ca_identity: spiffe://other.example/ns/x/sa/ca\n",
+         r"^mtlsmesh: error: identity\.ca_identity: spiffe://other\.example/ns/x/sa/ca is not in trust domain"),
+    ],
+)  # fmt: skip
+def test_identity_mode_start_errors_are_one_line(tmp_path: Path, bundle: str, extra: str, match: str) -> None:
+    if bundle == "REAL":
+        bundle = Pki(tmp_path).issue("x").bundle
+    path = tmp_path / "config.yaml"
+    path.write_text(f"identity:\n  ca_address: 127.0.0.1:9\n  token: /t\n  bundle: {bundle}\n{extra}")
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(match, lines[0]), result.stderr

@@ -19,6 +19,7 @@ from mtlsmesh.config import (
     Destination,
     ExplicitListener,
     ExplicitMode,
+    IdentityConfig,
     InboundConfig,
     ListenAddr,
     Mode,
@@ -619,3 +620,85 @@ def test_render_config_is_plain_values() -> None:
     assert rendered["timeouts"]["idle"] == 0
     assert rendered["outbound"]["destinations"][1] == {"cidrs": ["198.18.0.0/15", "fd00:198:18::/64"]}
     assert rendered["authorization"][1] == {"action": "ALLOW", "principals": ["spiffe://cluster.local/ns/default/*"]}
+
+
+# --- identity: the SVID from the CA service -------------------------------------------------------------------
+
+IDENTITY = {"ca_address": "mtlsmesh-ca.mtlsmesh-system.svc:15012", "token": "/t/token", "bundle": "/b/bundle.pem"}
+
+
+def test_the_example_identity_block_parses_to_what_its_comments_say() -> None:
+    lines = EXAMPLE_FILE.read_text().splitlines()
+    start = lines.index("#identity:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[1:])
+    data = yaml.safe_load("\n".join(block))
+    assert parse_config(data) == Config(
+        identity=IdentityConfig(
+            ca_address=ListenAddr("mtlsmesh-ca.mtlsmesh-system.svc", 15012),
+            token="/var/run/secrets/tokens/mtlsmesh-token",
+            bundle="/etc/mtlsmesh/bundle/bundle.pem",
+            ca_identity=parse_spiffe_id("spiffe://cluster.local/ns/mtlsmesh-system/sa/mtlsmesh-ca"),
+            ttl=86400.0,
+            renew_fraction=0.5,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, IdentityConfig(ListenAddr("mtlsmesh-ca.mtlsmesh-system.svc", 15012), "/t/token", "/b/bundle.pem")),
+        (
+            {"ca_address": "[fd00::1]:15012", "ttl": "4s", "renew_fraction": 0.7, "ca_identity": "spiffe://td/ns/x/sa/ca"},
+            IdentityConfig(ListenAddr("fd00::1", 15012), "/t/token", "/b/bundle.pem",
+                           parse_spiffe_id("spiffe://td/ns/x/sa/ca"), 4.0, 0.7),
+        ),
+        ({"ca_identity": None, "ttl": 60}, IdentityConfig(ListenAddr("mtlsmesh-ca.mtlsmesh-system.svc", 15012),
+                                                          "/t/token", "/b/bundle.pem", None, 60.0)),
+    ],
+)  # fmt: skip
+def test_parse_identity(changes: dict[str, Any], expected: IdentityConfig) -> None:
+    cfg = parse_config({"identity": {**IDENTITY, **changes}})
+    assert cfg.identity == expected and cfg.credentials is None
+    assert parse_config(render_config(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ca_address": None}, "identity: missing required key 'ca_address' (ca_address, token and bundle are"),
+        ({"token": None}, "identity: missing required key 'token'"),
+        ({"bundle": None}, "identity: missing required key 'bundle'"),
+        ({"ca_address": "mtlsmesh-ca"}, "identity.ca_address: expected host:port"),
+        ({"ca_address": "ca:0"}, "identity.ca_address: port 0 is out of range 1-65535"),
+        ({"ca_address": "ca_!:15012"}, "identity.ca_address: 'ca_!' is not an IP address or host name"),
+        ({"ca_address": 15012}, "identity.ca_address: expected host:port as a string (got 15012)"),
+        ({"token": ""}, "identity.token: expected a non-empty string (got '')"),
+        ({"bundle": ["a"]}, "identity.bundle: expected a non-empty string (got a list)"),
+        ({"ca_identity": "spiffe://cluster.local"}, "identity.ca_identity: invalid SPIFFE ID 'spiffe://cluster.local'"),
+        ({"ca_identity": "https://ca"}, "identity.ca_identity: invalid SPIFFE ID 'https://ca': the scheme must be"),
+        ({"ttl": "1d"}, "identity.ttl: expected a duration like 5s, 250ms, 2m or a number of seconds (got '1d')"),
+        ({"ttl": 0}, "identity.ttl: must be greater than zero"),
+        ({"renew_fraction": 1}, "identity.renew_fraction: expected a number between 0 and 1 (got 1)"),
+        ({"renew_fraction": 0}, "identity.renew_fraction: expected a number between 0 and 1 (got 0)"),
+        ({"renew_fraction": "half"}, "identity.renew_fraction: expected a number between 0 and 1 (got 'half')"),
+        ({"renew_fraction": True}, "identity.renew_fraction: expected a number between 0 and 1 (got True)"),
+        ({"cert": "/c"}, "identity: unknown key 'cert' (expected one of ca_address, ca_identity, token, bundle, ttl, "),
+    ],
+)
+def test_parse_identity_errors(changes: dict[str, Any], message: str) -> None:
+    section = {key: value for key, value in {**IDENTITY, **changes}.items() if value is not None}
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        parse_config({"identity": section})
+
+
+def test_identity_and_credentials_exclude_each_other() -> None:
+    data = {"identity": IDENTITY, "credentials": {"cert": "c", "key": "k", "bundle": "b"}}
+    with pytest.raises(ConfigError, match=r"^config\.yaml: identity: give either credentials \(SVID files\) or"):
+        parse_config(data, "config.yaml")
+    with pytest.raises(ConfigError, match=r"^identity: expected a mapping"):
+        parse_config({"identity": "ca:15012"})

@@ -1,0 +1,161 @@
+"""`python -m mtlsmesh ca serve` as a real process: bad inputs are one line and exit 2, curl can fetch the bundle and
+get an SVID with a token, and SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mtlsmesh import caproto
+from tests.integration.castack import CaLab, make_csr
+from tests.jwt_issuer import AUDIENCE, ISSUER
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def serve_args(lab: CaLab, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "mtlsmesh", "ca", "serve", "--dir", str(lab.ca_dir), "--token-issuer", ISSUER,
+        "--token-jwks", str(lab.jwks), "--token-audience", AUDIENCE, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> CaLab:
+    return CaLab.create(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (["--listen", "localhost:99999"], r"--listen: port 99999 is out of range|--listen: 'localhost' is not an IP"),
+        (["--listen", "::1:80"], r"--listen: .*IPv6 address needs brackets"),
+        (["--ttl", "forever"], r"--ttl: 'forever' is not a duration"),
+        (["--rate", "-1"], r"--rate: must be a positive number"),
+        (["--rate-burst", "0.5"], r"--rate-burst: must be at least 1"),
+        (["--reload-interval", "0s"], r"--reload-interval: must be greater than zero"),
+        (["--token-jwks", "https://kubernetes.default.svc/openid/v1/jwks"], r"--token-jwks: fetching the JWKS"),
+        (["--token-jwks", "/nonexistent/jwks.json"], r"/nonexistent/jwks.json: cannot read the JWKS"),
+        (["--dir", "/nonexistent/ca"], r"/nonexistent/ca: no CA directory here"),
+        (["--san", "not a name"], r"'not a name' is not a valid DNS name"),
+        (["--token-issuer", " "], r"--token-issuer: must not be empty"),
+        (["KEY-0640"], r"root-key\.pem: is accessible by group or others \(mode 0640\)"),
+        (["PORT-IN-USE"], r"--listen: cannot listen on 127\.0\.0\.1:\d+: Address already in use"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_exit_2(lab: CaLab, change: list[str], match: str) -> None:
+    taken = socket.socket()
+    try:
+        extra = list(change)
+        if change == ["KEY-0640"]:
+            os.chmod(lab.ca_dir / "root-key.pem", 0o640)
+            extra = ["--listen", "127.0.0.1:0"]
+        elif change == ["PORT-IN-USE"]:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            extra = ["--listen", f"127.0.0.1:{taken.getsockname()[1]}"]
+        result = subprocess.run(serve_args(lab, *extra), capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV)
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtlsmesh: error: "), result.stderr
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_a_missing_required_flag_is_argparse_usage_and_exit_2(lab: CaLab) -> None:
+    argv = [sys.executable, "-m", "mtlsmesh", "ca", "serve", "--dir", str(lab.ca_dir)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mtlsmesh ca serve: error: the following arguments are required: --token-issuer, --token-jwks"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@asynccontextmanager
+async def ca_process(lab: CaLab) -> AsyncIterator[tuple[trio.Process, int, list[str]]]:
+    process = await trio.lowlevel.open_process(
+        serve_args(lab, "--listen", "127.0.0.1:0", "--reload-interval", "200ms"),
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=ENV,
+    )
+    lines: list[str] = []
+    ports: list[int] = []
+    ready = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def read_stderr() -> None:
+                assert process.stderr is not None
+                buffer = b""
+                while data := await process.stderr.receive_some(65536):
+                    buffer += data
+                    *complete, buffer = buffer.split(b"\n")
+                    for raw in complete:
+                        line = raw.decode()
+                        lines.append(line)
+                        if "event=ready" in line:
+                            ports.append(int(re.findall(r"ca=127\.0\.0\.1:(\d+)", line)[0]))
+                            ready.set()
+
+            nursery.start_soon(read_stderr)
+            with trio.fail_after(30):
+                await ready.wait()
+            yield process, ports[0], lines
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await process.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()  # only the process this test started
+            await process.wait()
+
+
+async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(["curl", "-sS", "--max-time", "20", *args], capture_stdout=True,
+                                      capture_stderr=True, check=False)  # fmt: skip
+
+
+async def test_curl_gets_the_bundle_and_an_svid(lab: CaLab, tmp_path: Path) -> None:
+    bundle = str(lab.ca_dir / "bundle.pem")
+    body = tmp_path / "sign.json"
+    body.write_bytes(caproto.SignRequest(make_csr(ec.generate_private_key(ec.SECP256R1()))).encode())
+    token = lab.issuer.token("default", "reviews")
+    async with ca_process(lab) as (process, port, lines):
+        fetched = await curl("--cacert", bundle, f"https://127.0.0.1:{port}/v1/bundle")
+        signed = await curl(
+            "--cacert", bundle, "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json",
+            "--data-binary", f"@{body}", f"https://127.0.0.1:{port}/v1/sign",
+        )  # fmt: skip
+        refused = await curl(
+            "--cacert", bundle, "-w", "%{http_code}", "--data-binary", f"@{body}", f"https://127.0.0.1:{port}/v1/sign"
+        )
+    assert fetched.returncode == 0, fetched.stderr
+    assert caproto.parse_bundle(fetched.stdout).roots == lab.roots
+    assert signed.returncode == 0, signed.stderr
+    assert str(caproto.parse_sign_response(signed.stdout).spiffe_id) == "spiffe://cluster.local/ns/default/sa/reviews"
+    assert refused.stdout.endswith(b"401")
+    assert json.loads(refused.stdout[:-3])["error"].startswith("no credential")
+    assert process.returncode == 0
+    assert any("event=issued" in line and "credential=token" in line for line in lines)
+    assert any("event=refused" in line and "refusal=no_credential" in line for line in lines)
+    assert any("event=stopped signal=SIGTERM" in line for line in lines)
+    assert not any("Traceback" in line for line in lines)
