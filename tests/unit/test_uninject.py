@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mtlsmesh.annotations import STATUS_ANNOTATION
+from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.inject import inject_documents, inject_text, uninject_documents, uninject_text
 from mtlsmesh.manifest import parse_manifests, render_manifests
@@ -174,3 +180,68 @@ def test_a_status_the_injector_did_not_write_is_refused(status: str, match: str)
 def test_our_names_without_the_status_annotation_are_refused(spec: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match + r" but the template has no mtlsmesh.io/status annotation"):
         uninject_documents([deployment(**spec)], source="app.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def test_cli_uninjects_a_file_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "app.yaml"
+    source.write_text((GOLDEN / "cronjob.injected.yaml").read_text())
+    assert main(["uninject", "-f", str(source)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == render_manifests(parse_manifests((GOLDEN / "cronjob.yaml").read_text(), "cronjob"))
+    assert captured.err == ""
+
+
+def test_cli_writes_the_output_file_and_may_overwrite_its_input(tmp_path: Path) -> None:
+    source = tmp_path / "app.yaml"
+    source.write_text((GOLDEN / "statefulset.injected.yaml").read_text())
+    assert main(["uninject", "-f", str(source), "-o", str(source)]) == 0
+    expected = render_manifests(parse_manifests((GOLDEN / "statefulset.yaml").read_text(), "statefulset"))
+    assert source.read_text() == expected
+    assert main(["inject", "-f", str(source), "-o", str(source)]) == 0
+    assert source.read_text() == (GOLDEN / "statefulset.injected.yaml").read_text()
+
+
+def test_cli_on_a_manifest_never_injected_is_a_no_op_with_a_note() -> None:
+    text = (GOLDEN / "deployment.yaml").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", "uninject", "-f", "-"], input=text, capture_output=True, text=True,
+        timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert yaml.safe_load(result.stdout) == yaml.safe_load(text)
+    assert result.stderr == (
+        "mtlsmesh: note: <stdin>: no pod template carries mtlsmesh.io/status: nothing to uninject\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("kind: Pod\nmetadata: [\n", r"^mtlsmesh: error: .*app.yaml:3: malformed YAML"),
+        (yaml.safe_dump(deployment(initContainers=[{"name": "mtlsmesh-init"}])),
+         r"^mtlsmesh: error: .*app.yaml: document 1 \(Deployment shop/app\): spec.initContainers has 'mtlsmesh-init'"),
+    ],
+)  # fmt: skip
+def test_cli_error_is_one_line_exit_2_and_leaves_output_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, match: str
+) -> None:
+    source = tmp_path / "app.yaml"
+    source.write_text(content)
+    out = tmp_path / "out.yaml"
+    out.write_text("previous\n")
+    assert main(["uninject", "-f", str(source), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert re.match(match, captured.err)
+    assert out.read_text() == "previous\n"
+
+
+def test_cli_missing_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["uninject", "-f", str(missing)]) == 2
+    assert capsys.readouterr().err == f"mtlsmesh: error: {missing}: cannot read: No such file or directory\n"
