@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mtlsmesh import __version__
@@ -110,6 +110,10 @@ class InjectOptions:
     init_memory_limit: str = "128Mi"
 
 
+SKIP_OPTED_OUT = "opted_out"  # mtlsmesh.io/inject: "false"
+SKIP_HOST_NETWORK = "host_network"
+
+
 @dataclass(frozen=True, slots=True)
 class InjectResult:
     """The documents after injection, plus what a person should know about them."""
@@ -117,6 +121,8 @@ class InjectResult:
     documents: tuple[object, ...]
     injected: tuple[str, ...]  # "Deployment default/reviews" for each template injected
     warnings: tuple[str, ...]
+    # ("Deployment default/reviews", SKIP_OPTED_OUT or SKIP_HOST_NETWORK) for each pod template left alone
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +177,23 @@ def inject_documents(
 ) -> InjectResult:
     """Inject every pod template in `documents` (not changed: the result holds deep copies)."""
     opts = options if options is not None else InjectOptions()
-    injected: list[str] = []
-    warnings: list[str] = []
+    tally = _Tally()
     out: list[object] = []
     for index, doc in enumerate(documents, start=1):
         doc_copy = copy.deepcopy(doc)
-        _inject_object(doc_copy, f"{source}: document {index}", opts, injected, warnings)
+        for found in _pod_templates(doc_copy, f"{source}: document {index}"):
+            _inject_template(found, opts, tally)
         out.append(doc_copy)
-    return InjectResult(tuple(out), tuple(injected), tuple(warnings))
+    return InjectResult(tuple(out), tuple(tally.injected), tuple(tally.warnings), tuple(tally.skipped))
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What `inject_documents` reports, gathered template by template."""
+
+    injected: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _pod_templates(doc: object, where: str) -> Iterator[_Template]:
@@ -211,23 +226,23 @@ def _pod_templates(doc: object, where: str) -> Iterator[_Template]:
     yield _Template(kind, name, label, doc, template)
 
 
-def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[str], warnings: list[str]) -> None:
-    for found in _pod_templates(doc, where):
-        _inject_template(found, opts, injected, warnings)
-
-
-def _inject_template(found: _Template, opts: InjectOptions, injected: list[str], warnings: list[str]) -> None:
+def _inject_template(found: _Template, opts: InjectOptions, tally: _Tally) -> None:
     label, template = found.label, found.template
+    workload = f"{found.kind} {found.name}"
     workload_annotations = read_annotations(found.workload, label)
     nested = template is not found.workload
     template_annotations = read_annotations(template, label) if nested else workload_annotations
     if opted_out(workload_annotations, label) or opted_out(template_annotations, label):
+        tally.skipped.append((workload, SKIP_OPTED_OUT))
         return
     spec = template.get("spec")
     if not isinstance(spec, dict):
         raise ConfigError(label, f"{'.'.join([*_TEMPLATE_PATHS[found.kind][1], 'spec'])}: expected a mapping")
     if spec.get("hostNetwork") is True:
-        warnings.append(f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node")
+        tally.warnings.append(
+            f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node"
+        )
+        tally.skipped.append((workload, SKIP_HOST_NETWORK))
         return
     capture = parse_capture({**workload_annotations, **template_annotations}, label)
     record = _Record()
@@ -236,10 +251,10 @@ def _inject_template(found: _Template, opts: InjectOptions, injected: list[str],
         record = _read_status(template_annotations[STATUS_ANNOTATION], label).record
         _strip(spec)
     _check_pod(spec, label, opts)
-    warnings.extend(_probe_warnings(spec, capture, label))
+    tally.warnings.extend(_probe_warnings(spec, capture, label))
     record = record.merged(_inject_spec(spec, capture, opts))
-    record = record.merged(_set_status(template, opts, record))
-    injected.append(f"{found.kind} {found.name}")
+    _set_status(template, opts, record)
+    tally.injected.append(workload)
 
 
 def _object_name(doc: JsonDict) -> str:
@@ -272,8 +287,8 @@ def _check_run_as(context: object, who: str, label: str, opts: InjectOptions) ->
     """A securityContext (the pod's or a container's) must not run as the proxy's uid or gid."""
     if not isinstance(context, dict):
         return
-    for field, what, proxy_id in (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid)):
-        if context.get(field) == proxy_id:
+    for key, what, proxy_id in (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid)):
+        if context.get(key) == proxy_id:
             raise ConfigError(
                 label,
                 f"{who} runs as {what} {proxy_id}, the proxy's {what}: the capture "
@@ -503,7 +518,7 @@ def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) 
     return record
 
 
-def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> _Record:
+def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> None:
     """Write the status annotation: what was added, and the record of every key injection created (this one's
     own `metadata` and `metadata.annotations` included, so uninjecting removes them too)."""
     metadata = template.get("metadata")
@@ -525,7 +540,6 @@ def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> _Re
     if record.replaced_null:
         status["replacedNull"] = list(record.replaced_null)
     annotations[STATUS_ANNOTATION] = json.dumps(status, separators=(",", ":"))
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
