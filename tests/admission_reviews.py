@@ -278,7 +278,7 @@ def post(
 ) -> Reply:
     """One request to the webhook at `address`, over HTTPS to `WEBHOOK_DNS` (resolved to `address`)."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    connection = _Connection(address, context=client_context(bundle), timeout=timeout)
+    connection = WebhookConnection(address, context=client_context(bundle), timeout=timeout)
     try:
         headers = {"Content-Type": content_type} if content_type else {}
         connection.request(method, path, body=data if method != "GET" else None, headers=headers)
@@ -288,7 +288,7 @@ def post(
         connection.close()
 
 
-class _Connection(http.client.HTTPSConnection):
+class WebhookConnection(http.client.HTTPSConnection):
     """HTTPS to the webhook's Service name without DNS: connect to `address`, verify the name `WEBHOOK_DNS`."""
 
     def __init__(self, address: tuple[str, int], *, context: ssl.SSLContext, timeout: float) -> None:

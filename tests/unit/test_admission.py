@@ -37,9 +37,9 @@ def golden_pod(case: str) -> dict[str, Any]:
     return controller_pod(workload)
 
 
-def cli_injected(pod: dict[str, Any]) -> dict[str, Any]:
+def cli_injected(pod: dict[str, Any], options: InjectOptions = OPTIONS) -> dict[str, Any]:
     """What `mtlsmesh inject -f pod.yaml` prints for this pod, read back."""
-    (out,) = parse_manifests(inject_text(render_manifests([pod]), source="pod.yaml").text, "out")
+    (out,) = parse_manifests(inject_text(render_manifests([pod]), source="pod.yaml", options=options).text, "out")
     assert isinstance(out, dict)
     return out
 
