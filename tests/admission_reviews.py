@@ -15,25 +15,36 @@ Shared by the admission tests (unit, integration, e2e), so each posts the same d
 - `patched(review_answer, pod)`: the answer's base64 JSONPatch applied to the pod with jsonpatch.
 - `post(...)`: one HTTPS request with Python's `ssl` and `http.client`, verifying the webhook's certificate and its
   DNS name against the mesh's bundle, as the API server does with the `caBundle`.
+- `webhook_process(directory)`: a real `mtlsmesh webhook` on 127.0.0.1, with a CA and a serving SVID made by the
+  `mtlsmesh ca` commands deploy/README.md gives, stopped (by its PID) when the block ends.
 
-What it does not: run a webhook (the tests do), or know the answer a review should get.
+What it does not: run a webhook in-process (the integration tests do), or know the answer a review should get.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import http.client
 import json
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
+
+from mtlsmesh.lab.pods import log_records
 
 WEBHOOK_DNS = "mtlsmesh-webhook.mtlsmesh-system.svc"  # what the webhook's SVID is issued for, as deploy/ says
 TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -298,3 +309,68 @@ class WebhookConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         sock = socket.create_connection(self._address, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=WEBHOOK_DNS)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real `mtlsmesh webhook` process
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class WebhookProcess:
+    process: subprocess.Popen[str]
+    address: tuple[str, int]
+    bundle: Path  # the mesh CA's bundle.pem: what a deployment puts in the caBundle
+    ca_dir: Path
+
+    def stop(self) -> list[dict[str, str]]:
+        """SIGTERM, wait for a clean exit, and return everything it logged, parsed."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=10) == 0
+        assert self.process.stderr is not None
+        return log_records(self.process.stderr.read())
+
+
+def mtlsmesh(*args: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+    assert done.returncode == 0, f"mtlsmesh {' '.join(args)}: {done.stderr.strip()}"
+    return done.stdout
+
+
+@contextlib.contextmanager
+def webhook_process(directory: Path, *extra: str) -> Iterator[WebhookProcess]:
+    """`mtlsmesh webhook` with a fresh CA (`directory/ca`) and its serving SVID (`directory/svid`), issued as
+    deploy/README.md says; killed by PID when the block ends, however it ends."""
+    ca_dir, svid = directory / "ca", directory / "svid"
+    mtlsmesh("ca", "init", "--dir", str(ca_dir), cwd=directory)
+    mtlsmesh("ca", "issue", "--ca-dir", str(ca_dir), "--namespace", "mtlsmesh-system", "--service-account",
+             "mtlsmesh-webhook", "--dns", WEBHOOK_DNS, "--out", str(svid), cwd=directory)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtlsmesh", "webhook", "--listen", "127.0.0.1:0", "--cert", str(svid / "cert.pem"),
+         "--key", str(svid / "key.pem"), *extra],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        address: tuple[str, int] | None = None
+        while address is None and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if "event=listening" in line:
+                host, _, port = log_records(line)[0]["address"].rpartition(":")
+                address = (host, int(port))
+            elif not line and process.poll() is not None:
+                break
+        if address is None:
+            raise AssertionError(f"mtlsmesh webhook did not start (exit status {process.poll()})")
+        yield WebhookProcess(process, address, svid / "bundle.pem", ca_dir)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()

@@ -11,15 +11,12 @@ Once, the whole thing runs as a real `mtlsmesh webhook` process.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,15 @@ from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.inject import InjectOptions
 from mtlsmesh.lab.pods import log_records
 from mtlsmesh.webhook import LIMITS, MAX_BODY, WebhookSettings, serve_webhook
-from tests.admission_reviews import WEBHOOK_DNS, Reply, WebhookConnection, admission_review, client_context, post
+from tests.admission_reviews import (
+    WEBHOOK_DNS,
+    Reply,
+    WebhookConnection,
+    admission_review,
+    client_context,
+    post,
+    webhook_process,
+)
 from tests.pki import TD, Pki
 from tests.unit.test_admission import KINDS, cli_injected, golden_pod, patched
 from tests.unit.test_manifests import check_pod_spec, validate
@@ -342,68 +347,21 @@ def _raw_exchange(webhook: Served, data: bytes) -> bytes:
 # As a process: `mtlsmesh webhook`
 
 
-@pytest.fixture
-def webhook_process(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[str], tuple[str, int], Path]]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def run(*extra: str) -> tuple[subprocess.Popen[str], tuple[str, int], Path]:
-        ca_dir, svid = tmp_path / "ca", tmp_path / "svid"
-        cli("ca", "init", "--dir", str(ca_dir))
-        cli("ca", "issue", "--ca-dir", str(ca_dir), "--namespace", "mtlsmesh-system", "--service-account",
-            "mtlsmesh-webhook", "--dns", WEBHOOK_DNS, "--out", str(svid))  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mtlsmesh", "webhook", "--listen", "127.0.0.1:0", "--cert", str(svid / "cert.pem"),
-             "--key", str(svid / "key.pem"), *extra],
-            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        started.append(process)
-        assert process.stderr is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if "event=listening" in line:
-                record = log_records(line)[0]
-                host, _, port = record["address"].rpartition(":")
-                return process, (host, int(port)), svid / "bundle.pem"
-            if not line and process.poll() is not None:
-                break
-        raise AssertionError(f"the webhook did not start (exit {process.poll()})")
-
-    yield run
-    for process in started:  # by PID, whatever the test did
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-def cli(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "mtlsmesh", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr
-
-
-def test_a_real_mtlsmesh_webhook_process(
-    webhook_process: Callable[..., tuple[subprocess.Popen[str], tuple[str, int], Path]],
-) -> None:
-    process, address, bundle = webhook_process("--image", "registry.example/mtlsmesh:7")
-    options = InjectOptions(image="registry.example/mtlsmesh:7")
-    for case in KINDS:
-        pod = golden_pod(case)
-        reply = post(address, bundle, admission_review(pod, namespace=pod["metadata"]["namespace"], uid=case))
-        assert reply.status == 200, reply.body
-        after = patched(reply.json(), pod)
-        assert after == cli_injected(pod, options)
-        validate(after, f"{case} pod patched by the webhook process")
-    bad = post(address, bundle, b"{not json")
-    assert bad.status == 400
-    assert post(address, bundle, admission_review(golden_pod("pod"), uid="last")).json()["response"]["uid"] == "last"
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=10) == 0
-    assert process.stderr is not None
-    records = log_records(process.stderr.read())
+def test_a_real_mtlsmesh_webhook_process(tmp_path: Path) -> None:
+    with webhook_process(tmp_path, "--image", "registry.example/mtlsmesh:7") as webhook:
+        options = InjectOptions(image="registry.example/mtlsmesh:7")
+        for case in KINDS:
+            pod = golden_pod(case)
+            review = admission_review(pod, namespace=pod["metadata"]["namespace"], uid=case)
+            reply = post(webhook.address, webhook.bundle, review)
+            assert reply.status == 200, reply.body
+            after = patched(reply.json(), pod)
+            assert after == cli_injected(pod, options)
+            validate(after, f"{case} pod patched by the webhook process")
+        assert post(webhook.address, webhook.bundle, b"{not json").status == 400
+        last = post(webhook.address, webhook.bundle, admission_review(golden_pod("pod"), uid="last"))
+        assert last.json()["response"]["uid"] == "last"
+        records = webhook.stop()
     reviews = [r for r in records if "decision" in r]
     assert [r["uid"] for r in reviews] == [*KINDS, "-", "last"]
     assert [r["decision"] for r in reviews] == ["inject"] * len(KINDS) + ["reject", "inject"]
