@@ -165,17 +165,25 @@ async def test_a_denial_reaches_the_client_with_its_message(served: Served) -> N
     await assert_good_request_served(served)
 
 
-async def test_skips_are_allowed_without_a_patch_and_logged(served: Served) -> None:
+async def test_skips_and_other_resources_are_allowed_without_a_patch_and_logged(served: Served) -> None:
     pod = golden_pod("pod")
     once = patched((await served.post(admission_review(pod, namespace="shop"))).json(), pod)
     reply = await served.post(admission_review(once, namespace="shop", uid="twice"))
     assert reply.json()["response"] == {"uid": "twice", "allowed": True}
     reply = await served.post(admission_review(pod, namespace="shop", uid="update", operation="UPDATE"))
     assert reply.json()["response"] == {"uid": "update", "allowed": True}
-    assert [(line["uid"], line["reason"]) for line in served.lines()[1:]] == [
-        ("twice", "already_injected"),
-        ("update", "not_pod_create"),
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {}}
+    other = admission_review(deployment, uid="deploy", resource=("apps", "v1", "deployments"),
+                             kind=("apps", "v1", "Deployment"))  # fmt: skip
+    reply = await served.post(other)
+    assert (reply.status, reply.json()["response"]) == (200, {"uid": "deploy", "allowed": True})
+    assert [(line["uid"], line["decision"], line["reason"]) for line in served.lines()[1:]] == [
+        ("twice", "skip", "already_injected"),
+        ("update", "skip", "not_pod_create"),
+        ("deploy", "skip", "not_pod_create"),
     ]
+    assert served.lines()[-1]["detail"] == "apps/v1 deployments CREATE: not a Pod CREATE, left alone"
+    await assert_good_request_served(served)
 
 
 async def test_the_health_path_answers_and_is_not_logged(served: Served) -> None:
