@@ -117,8 +117,8 @@ class Answer:
 def answer(method: str, path: str, content_type: str | None, body: bytes, options: InjectOptions) -> Answer:
     """The answer to one HTTP request to the webhook. Pure: the same request always gets the same answer."""
     if path == HEALTH_PATH:
-        if method not in ("GET", "HEAD"):
-            return _reject(405, Reason.METHOD_NOT_ALLOWED, f"{path} answers GET", (("allow", "GET, HEAD"),))
+        if method != "GET":  # the kubelet's probes GET; HEAD would need an answer without the body
+            return _reject(405, Reason.METHOD_NOT_ALLOWED, f"{path} answers GET", (("allow", "GET"),))
         return Answer(200, b"ok\n", TEXT, None, None)
     if path != INJECT_PATH:
         return _reject(404, Reason.NOT_FOUND, f"no such path {path!r}: reviews go to POST {INJECT_PATH}")
