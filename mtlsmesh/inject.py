@@ -15,9 +15,15 @@ and injected again, so running the injector twice gives the same bytes, and re-r
 image change updates the pod. Every other field and every other document is left as it was; key order is kept;
 YAML comments are lost (PyYAML does not keep them) and empty documents are dropped.
 
+`uninject_documents` is the exact inverse: it removes what the status annotation says was added, the annotation
+itself, and the keys injection had to create (the status records which: `created` for keys that were absent,
+`replacedNull` for keys that were null), so uninjecting an injected manifest gives back the input. A template that
+was never injected is left as it is.
+
 This module is pure: dicts in, dicts out, no files, no cluster; YAML text is `manifest`'s job and the annotations
-are `annotations`'s. It does not create the Secrets or the ConfigMap (see `deploy/README.md`), and it does not
-rewrite the app's kubelet probes: it warns when a probe would reach a port the sidecar serves in strict mode.
+are `annotations`'s; the admission webhook's review of a Pod is `admission`'s, which calls the same functions. It
+does not create the Secrets or the ConfigMap (see `deploy/README.md`), and it does not rewrite the app's kubelet
+probes: it warns when a probe would reach a port the sidecar serves in strict mode.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mtlsmesh import __version__
@@ -104,6 +110,10 @@ class InjectOptions:
     init_memory_limit: str = "128Mi"
 
 
+SKIP_OPTED_OUT = "opted_out"  # mtlsmesh.io/inject: "false"
+SKIP_HOST_NETWORK = "host_network"
+
+
 @dataclass(frozen=True, slots=True)
 class InjectResult:
     """The documents after injection, plus what a person should know about them."""
@@ -111,6 +121,8 @@ class InjectResult:
     documents: tuple[object, ...]
     injected: tuple[str, ...]  # "Deployment default/reviews" for each template injected
     warnings: tuple[str, ...]
+    # ("Deployment default/reviews", SKIP_OPTED_OUT or SKIP_HOST_NETWORK) for each pod template left alone
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +130,32 @@ class InjectedText:
     text: str
     injected: tuple[str, ...]
     warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UninjectResult:
+    """The documents with the mesh taken out again, and which templates it was taken out of."""
+
+    documents: tuple[object, ...]
+    uninjected: tuple[str, ...]  # "Deployment default/reviews" for each template uninjected
+
+
+@dataclass(frozen=True, slots=True)
+class UninjectedText:
+    text: str
+    uninjected: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """One pod template found in a document: the workload that holds it, and the template itself (the same
+    mapping for a bare Pod)."""
+
+    kind: str
+    name: str  # "namespace/name" of the workload
+    label: str  # where it is, for errors: "app.yaml: document 2 (Deployment default/reviews)"
+    workload: JsonDict
+    template: JsonDict
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,23 +177,34 @@ def inject_documents(
 ) -> InjectResult:
     """Inject every pod template in `documents` (not changed: the result holds deep copies)."""
     opts = options if options is not None else InjectOptions()
-    injected: list[str] = []
-    warnings: list[str] = []
+    tally = _Tally()
     out: list[object] = []
     for index, doc in enumerate(documents, start=1):
         doc_copy = copy.deepcopy(doc)
-        _inject_object(doc_copy, f"{source}: document {index}", opts, injected, warnings)
+        for found in _pod_templates(doc_copy, f"{source}: document {index}"):
+            _inject_template(found, opts, tally)
         out.append(doc_copy)
-    return InjectResult(tuple(out), tuple(injected), tuple(warnings))
+    return InjectResult(tuple(out), tuple(tally.injected), tuple(tally.warnings), tuple(tally.skipped))
 
 
-def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[str], warnings: list[str]) -> None:
+@dataclass(slots=True)
+class _Tally:
+    """What `inject_documents` reports, gathered template by template."""
+
+    injected: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _pod_templates(doc: object, where: str) -> Iterator[_Template]:
+    """Every pod template of a document (the items of a List one by one), in order; kinds from other API groups
+    and documents that are not workloads yield nothing. Raises `ConfigError` when the path to a template is broken."""
     if not isinstance(doc, dict):
         return
     kind = doc.get("kind")
     if kind == "List" and isinstance(doc.get("items"), list):
         for index, item in enumerate(doc["items"], start=1):
-            _inject_object(item, f"{where} item {index}", opts, injected, warnings)
+            yield from _pod_templates(item, f"{where} item {index}")
         return
     if not isinstance(kind, str) or kind not in _TEMPLATE_PATHS:
         return
@@ -164,8 +213,8 @@ def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[
     group = api_version.rpartition("/")[0] if isinstance(api_version, str) else None
     if group not in groups:
         return
-    label = f"{where} ({kind} {_object_name(doc)})"
-    workload_annotations = read_annotations(doc, label)
+    name = _object_name(doc)
+    label = f"{where} ({kind} {name})"
     template: object = doc
     walked: list[str] = []
     for key in path:
@@ -174,23 +223,38 @@ def _inject_object(doc: object, where: str, opts: InjectOptions, injected: list[
         if not isinstance(template, dict):
             raise ConfigError(label, f"{'.'.join(walked)}: expected a mapping")
     assert isinstance(template, dict)
-    template_annotations = read_annotations(template, label) if path else workload_annotations
+    yield _Template(kind, name, label, doc, template)
+
+
+def _inject_template(found: _Template, opts: InjectOptions, tally: _Tally) -> None:
+    label, template = found.label, found.template
+    workload = f"{found.kind} {found.name}"
+    workload_annotations = read_annotations(found.workload, label)
+    nested = template is not found.workload
+    template_annotations = read_annotations(template, label) if nested else workload_annotations
     if opted_out(workload_annotations, label) or opted_out(template_annotations, label):
+        tally.skipped.append((workload, SKIP_OPTED_OUT))
         return
     spec = template.get("spec")
     if not isinstance(spec, dict):
-        raise ConfigError(label, f"{'.'.join([*path, 'spec'])}: expected a mapping")
+        raise ConfigError(label, f"{'.'.join([*_TEMPLATE_PATHS[found.kind][1], 'spec'])}: expected a mapping")
     if spec.get("hostNetwork") is True:
-        warnings.append(f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node")
+        tally.warnings.append(
+            f"{label}: skipped: hostNetwork pods share the node's network, capture would hit the node"
+        )
+        tally.skipped.append((workload, SKIP_HOST_NETWORK))
         return
     capture = parse_capture({**workload_annotations, **template_annotations}, label)
+    record = _Record()
     if STATUS_ANNOTATION in template_annotations:
+        # What the first injection had to create is still ours to remove on uninject: carry its record over.
+        record = _read_status(template_annotations[STATUS_ANNOTATION], label).record
         _strip(spec)
     _check_pod(spec, label, opts)
-    warnings.extend(_probe_warnings(spec, capture, label))
-    _inject_spec(spec, capture, opts)
-    _set_status(template, opts)
-    injected.append(f"{kind} {_object_name(doc)}")
+    tally.warnings.extend(_probe_warnings(spec, capture, label))
+    record = record.merged(_inject_spec(spec, capture, opts))
+    _set_status(template, opts, record)
+    tally.injected.append(workload)
 
 
 def _object_name(doc: JsonDict) -> str:
@@ -223,8 +287,8 @@ def _check_run_as(context: object, who: str, label: str, opts: InjectOptions) ->
     """A securityContext (the pod's or a container's) must not run as the proxy's uid or gid."""
     if not isinstance(context, dict):
         return
-    for field, what, proxy_id in (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid)):
-        if context.get(field) == proxy_id:
+    for key, what, proxy_id in (("runAsUser", "uid", opts.proxy_uid), ("runAsGroup", "gid", opts.proxy_gid)):
+        if context.get(key) == proxy_id:
             raise ConfigError(
                 label,
                 f"{who} runs as {what} {proxy_id}, the proxy's {what}: the capture "
@@ -434,35 +498,180 @@ def _volumes(spec: JsonDict) -> list[JsonDict]:
     ]
 
 
-def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) -> None:
+def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) -> _Record:
+    """Add our containers and volumes; the record says which of the two lists had to be created."""
     ours = [_init_container(capture, opts), _proxy_container(capture, opts)]
+    record = _Record()
     init_containers = spec.get("initContainers")
     if isinstance(init_containers, list):
         # First: the capture rules exist, and the sidecar is up, before any of the app's own init containers runs.
         init_containers[:0] = ours
     else:
+        record = record.noting("spec.initContainers", was_null="initContainers" in spec)
         spec["initContainers"] = ours
     volumes = spec.get("volumes")
     if isinstance(volumes, list):
         volumes.extend(_volumes(spec))
     else:
+        record = record.noting("spec.volumes", was_null="volumes" in spec)
         spec["volumes"] = _volumes(spec)
+    return record
 
 
-def _set_status(template: JsonDict, opts: InjectOptions) -> None:
+def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> None:
+    """Write the status annotation: what was added, and the record of every key injection created (this one's
+    own `metadata` and `metadata.annotations` included, so uninjecting removes them too)."""
     metadata = template.get("metadata")
     if not isinstance(metadata, dict):
+        record = record.noting("metadata", was_null="metadata" in template)
         metadata = template["metadata"] = {}
     annotations = metadata.get("annotations")
     if not isinstance(annotations, dict):
+        record = record.noting("metadata.annotations", was_null="annotations" in metadata)
         annotations = metadata["annotations"] = {}
-    status = {
+    status: JsonDict = {
         "version": __version__,
         "image": opts.image,
         "initContainers": list(INJECTED_CONTAINERS),
         "volumes": list(INJECTED_VOLUMES),
     }
+    if record.created:
+        status["created"] = list(record.created)
+    if record.replaced_null:
+        status["replacedNull"] = list(record.replaced_null)
     annotations[STATUS_ANNOTATION] = json.dumps(status, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The status annotation, and taking the mesh out again
+
+# The keys injection may have to create, relative to the pod template; deepest first, the order uninject removes
+# them in (an emptied `annotations` goes before the `metadata` holding it).
+_CREATABLE = ("metadata.annotations", "metadata", "spec.initContainers", "spec.volumes")
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """Which keys of a template injection created: absent before (`created`) or null before (`replaced_null`)."""
+
+    created: tuple[str, ...] = ()
+    replaced_null: tuple[str, ...] = ()
+
+    def noting(self, path: str, *, was_null: bool) -> _Record:
+        if was_null:
+            return _Record(self.created, (*self.replaced_null, path))
+        return _Record((*self.created, path), self.replaced_null)
+
+    def merged(self, other: _Record) -> _Record:
+        return _Record(
+            (*self.created, *(p for p in other.created if p not in self.created)),
+            (*self.replaced_null, *(p for p in other.replaced_null if p not in self.replaced_null)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Status:
+    """The `mtlsmesh.io/status` annotation, read back."""
+
+    init_containers: tuple[str, ...]
+    volumes: tuple[str, ...]
+    record: _Record
+
+
+def _read_status(text: str, label: str) -> _Status:
+    """Parse the status annotation; anything but what `_set_status` writes is a `ConfigError`."""
+    where = f"annotation {STATUS_ANNOTATION}"
+    try:
+        status = json.loads(text)
+    except ValueError:
+        raise ConfigError(label, f"{where}: not JSON, so not written by the injector") from None
+    if not isinstance(status, dict):
+        raise ConfigError(label, f"{where}: expected a JSON object")
+
+    def names(key: str, allowed: Sequence[str]) -> tuple[str, ...]:
+        value = status.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(label, f"{where}: {key}: expected a list of strings")
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise ConfigError(label, f"{where}: {key}: {unknown[0]!r} is not something the injector adds")
+        return tuple(value)
+
+    return _Status(
+        names("initContainers", INJECTED_CONTAINERS),
+        names("volumes", INJECTED_VOLUMES),
+        _Record(names("created", _CREATABLE), names("replacedNull", _CREATABLE)),
+    )
+
+
+def uninject_text(text: str, *, source: str) -> UninjectedText:
+    """Parse, uninject and render: what `mtlsmesh uninject` does between reading and writing."""
+    result = uninject_documents(parse_manifests(text, source), source=source)
+    return UninjectedText(render_manifests(result.documents), result.uninjected)
+
+
+def uninject_documents(documents: Sequence[object], *, source: str = "<input>") -> UninjectResult:
+    """Take the mesh out of every injected pod template in `documents` (not changed: the result holds deep copies).
+
+    Templates without the status annotation are left alone, so uninjecting twice is uninjecting once; one that
+    holds a container or volume with one of our names but no status annotation was not made by the injector and
+    is a `ConfigError` (as injecting it would be)."""
+    uninjected: list[str] = []
+    out: list[object] = []
+    for index, doc in enumerate(documents, start=1):
+        doc_copy = copy.deepcopy(doc)
+        for found in _pod_templates(doc_copy, f"{source}: document {index}"):
+            if _uninject_template(found):
+                uninjected.append(f"{found.kind} {found.name}")
+        out.append(doc_copy)
+    return UninjectResult(tuple(out), tuple(uninjected))
+
+
+def _uninject_template(found: _Template) -> bool:
+    label, template = found.label, found.template
+    metadata = template.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    spec = template.get("spec")
+    if not isinstance(annotations, dict) or STATUS_ANNOTATION not in annotations:
+        if isinstance(spec, dict):
+            _refuse_lookalikes(spec, label)
+        return False
+    status_text = annotations[STATUS_ANNOTATION]
+    if not isinstance(status_text, str):
+        raise ConfigError(label, f"annotation {STATUS_ANNOTATION}: annotation values are strings")
+    status = _read_status(status_text, label)
+    if not isinstance(spec, dict):
+        raise ConfigError(label, f"{'.'.join([*_TEMPLATE_PATHS[found.kind][1], 'spec'])}: expected a mapping")
+    for key, names in (("initContainers", status.init_containers), ("volumes", status.volumes)):
+        items = spec.get(key)
+        if isinstance(items, list):
+            items[:] = [item for item in items if not (isinstance(item, dict) and item.get("name") in names)]
+    del annotations[STATUS_ANNOTATION]
+    for path in _CREATABLE:
+        created, was_null = path in status.record.created, path in status.record.replaced_null
+        if not (created or was_null):
+            continue
+        parent_path, _, key = path.rpartition(".")
+        parent = template.get(parent_path) if parent_path else template
+        # Only what is still empty goes: something added after injection (an init container of the app's) stays.
+        if isinstance(parent, dict) and parent.get(key) in ([], {}):
+            if created:
+                del parent[key]
+            else:
+                parent[key] = None
+    return True
+
+
+def _refuse_lookalikes(spec: JsonDict, label: str) -> None:
+    for key, names in (("initContainers", INJECTED_CONTAINERS), ("volumes", INJECTED_VOLUMES)):
+        items = spec.get(key)
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, dict) and item.get("name") in names:
+                raise ConfigError(
+                    label,
+                    f"spec.{key} has {item['name']!r} but the template has no {STATUS_ANNOTATION} annotation: "
+                    "it was not added by the injector; remove it by hand",
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------

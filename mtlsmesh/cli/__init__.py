@@ -27,6 +27,8 @@ COMMANDS = {
     "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
     "iptables": "install the pod's traffic-capture rules (the init step)",
     "sidecar": "run the pod's mTLS sidecar",
+    "uninject": "remove what inject added from Kubernetes manifests (its exact inverse)",
+    "webhook": "serve the Kubernetes admission webhook that injects pods as they are created",
 }
 
 

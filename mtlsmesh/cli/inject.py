@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any], help_text: str) -> N
 
 def run(args: argparse.Namespace) -> int:
     source = "<stdin>" if args.filename == "-" else args.filename
-    text = _read(args.filename, source)
+    text = read_manifest(args.filename, source)
     if not args.image.strip():
         raise ConfigError("--image", "must not be empty")
     result = inject_text(text, source=source, options=InjectOptions(image=args.image))
@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(result.text)
         sys.stdout.flush()
     else:
-        _write_atomically(args.output, result.text)
+        write_atomically(args.output, result.text)
     return 0
 
 
-def _read(filename: str, source: str) -> str:
+def read_manifest(filename: str, source: str) -> str:
+    """The manifest's text (`-`: stdin); `ConfigError` naming `source` when it cannot be read or is not UTF-8."""
     try:
         # Bytes, decoded strictly: stdin's text layer may smuggle bad bytes in as surrogates.
         if filename == "-":
@@ -64,7 +65,8 @@ def _read(filename: str, source: str) -> str:
         raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from exc
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
+    """Replace `path` with `text` in one rename, so a reader never sees half a manifest."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=".mtlsmesh-inject-", dir=directory)

@@ -25,7 +25,16 @@ import yaml
 from mtlsmesh.annotations import STATUS_ANNOTATION
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError, MeshError
-from mtlsmesh.inject import INIT_CONTAINER, PROXY_CONTAINER, InjectOptions, inject_documents, inject_text, pod_commands
+from mtlsmesh.inject import (
+    INIT_CONTAINER,
+    PROXY_CONTAINER,
+    SKIP_HOST_NETWORK,
+    SKIP_OPTED_OUT,
+    InjectOptions,
+    inject_documents,
+    inject_text,
+    pod_commands,
+)
 from mtlsmesh.manifest import parse_manifests
 from tests import golden
 
@@ -284,11 +293,13 @@ def test_inject_false_opts_out(where: str) -> None:
     result = inject_documents([doc])
     assert result.documents == (doc,)
     assert result.injected == ()
+    assert result.skipped == (("Deployment shop/app", SKIP_OPTED_OUT),)
 
 
 def test_inject_true_injects() -> None:
     result = inject_documents([deployment({"mtlsmesh.io/inject": "true"})])
     assert result.injected == ("Deployment shop/app",)
+    assert result.skipped == ()
 
 
 def test_reinjection_follows_changed_annotations_and_image() -> None:
@@ -361,6 +372,7 @@ def test_host_network_pod_is_skipped_with_a_warning() -> None:
         "app.yaml: document 1 (Deployment shop/app): skipped: hostNetwork pods share the node's network, "
         "capture would hit the node",
     )
+    assert result.skipped == (("Deployment shop/app", SKIP_HOST_NETWORK),)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ def _io_loaded(setup: str, module: str) -> str:
         "mtlsmesh.addresses",
         "mtlsmesh.outcome",
         "mtlsmesh.tokens",
+        "mtlsmesh.admission",
     ],
 )
 def test_importing_loads_no_io_module(module: str) -> None:

@@ -1,0 +1,164 @@
+"""Running a pod from its own pod spec in the lab, as a cluster would, and the bookinfo check both injectors share.
+
+The end-to-end tests of the injected manifest (`test_injected_pod.py`, the CLI's pods) and of the admission webhook
+(`test_webhook_pod.py`, the pods it patches) run the same way: the init container's and the proxy's own (argv,
+env) from the pod spec (`inject.pod_commands`), their volumes laid out as the kubelet would (`tests.kubelet`) from
+the SVID Secret `mtlsmesh ca issue --k8s-secret` prints and the ConfigMap deploy/base generates, with only the
+mesh CIDRs changed to the lab's. `assert_productpage_reaches_details_over_mtls` is deploy/README.md's check:
+productpage's app calls the details Service in plaintext, and the wire between them carries only TLS records.
+
+What it does not: build the lab (the test modules' fixtures do, through `harness`) or decide which pods to mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlsmesh import inject
+from mtlsmesh.lab.pods import Lab, child_env
+from mtlsmesh.lab.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec
+from tests import kubelet
+from tests.e2e import harness
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy" / "base"
+APP_PORT = 9080
+APP_UID = 1000
+
+
+def mtlsmesh_cli(*args: str, cwd: Path) -> str:
+    """Run the `mtlsmesh` command as a user would, and return its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mtlsmesh", *args],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"mtlsmesh {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}"
+    return done.stdout
+
+
+def workload(documents: list[Any], name: str) -> dict[str, Any]:
+    found = [d for d in documents if isinstance(d, dict) and d.get("kind") == "Deployment"]
+    matches = [d for d in found if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"Deployment {name} not found once in the manifest"
+    return matches[0]
+
+
+def lab_config_text(text: str) -> str:
+    """deploy/base/config.yaml for the lab: the config names a cluster's pod and Service CIDRs (10.244.0.0/16,
+    10.96.0.0/12) as the mesh's destinations; the lab's pods and Service VIPs live in 198.18.0.0/24 and
+    198.19.0.0/24 instead. Only those CIDRs change; everything else is the shipped config."""
+    config = yaml.safe_load(text)
+    destinations = config["outbound"]["destinations"]
+    assert destinations and all("cidrs" in d for d in destinations), "the shipped config has no mesh CIDRs"
+    for destination in destinations:
+        destination["cidrs"] = [str(POD_NETWORK), str(SERVICE_NETWORK)]
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def base_config_map() -> dict[str, Any]:
+    """The ConfigMap `kubectl apply -k deploy/base` creates for the sidecars (from its configMapGenerator), with the
+    lab's CIDRs (`lab_config_text`)."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    generators = [g for g in kustomization["configMapGenerator"] if g["name"] == inject.CONFIG_MAP]
+    assert len(generators) == 1, f"deploy/base generates no ConfigMap {inject.CONFIG_MAP}"
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # the pods mount it by this name
+    data: dict[str, str] = {}
+    for entry in generators[0]["files"]:
+        key, _, path = entry.rpartition("=")  # "key=path" or just "path"
+        text = (BASE / path).read_text()
+        data[key or Path(path).name] = lab_config_text(text) if path == "config.yaml" else text
+    metadata = {"name": generators[0]["name"], "namespace": generators[0].get("namespace", "default")}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def pod_spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Pod, or of a Deployment's pod template."""
+    spec: dict[str, Any] = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+    return spec
+
+
+def mesh_pod(lab: Lab, pod: str, obj: Mapping[str, Any], ca_dir: Path, config_map: dict[str, Any]) -> None:
+    """Do for one pod (a Pod, or a Deployment's template) what the cluster would: create its SVID Secret, mount its
+    volumes, run its mesh containers."""
+    namespace = obj["metadata"].get("namespace", "default")
+    pod_spec = pod_spec_of(obj)
+    account = pod_spec.get("serviceAccountName", "default")
+    secret_text = mtlsmesh_cli(
+        "ca", "issue", "--ca-dir", str(ca_dir), "--namespace", namespace, "--service-account", account, "--k8s-secret",
+        cwd=ca_dir,
+    )  # fmt: skip
+    secret = yaml.safe_load(secret_text)
+    init, proxy = inject.pod_commands(pod_spec)
+    local_entrypoint = [lab.python, "-m", "mtlsmesh"]
+    commands = []
+    for name, command in ((inject.INIT_CONTAINER, init), (inject.PROXY_CONTAINER, proxy)):
+        mounts = kubelet.container_mounts(pod_spec, name, [secret, config_map], namespace=namespace)
+        local_dirs: dict[str, str] = {}
+        for mount in mounts:
+            directory = lab.pod_dir(pod) / name / mount.volume
+            kubelet.write_volume(mount, directory)
+            local_dirs[mount.mount_path] = str(directory)
+        commands.append(
+            kubelet.translate_command(command, local_dirs, entrypoint="mtlsmesh", local_entrypoint=local_entrypoint)
+        )
+    assert kubelet.run_as(pod_spec, inject.INIT_CONTAINER) == (0, 0)  # the lab runs the init step as root
+    uid, gid = kubelet.run_as(pod_spec, inject.PROXY_CONTAINER)
+    lab.start_pod(pod, init=commands[0], proxy=commands[1], proxy_uid=uid, proxy_gid=gid)
+
+
+def spiffe_id(obj: Mapping[str, Any]) -> str:
+    """The SPIFFE ID a meshed pod serves: from its namespace and service account."""
+    namespace = obj["metadata"].get("namespace", "default")
+    return f"spiffe://cluster.local/ns/{namespace}/sa/{pod_spec_of(obj).get('serviceAccountName', 'default')}"
+
+
+def start_bookinfo_apps(lab: Lab) -> None:
+    """The demo HTTP app standing in for details and productpage (which calls the details Service), as uid 1000,
+    once both pods' sidecars are up."""
+    lab.start_app("details", AppSpec("http", ("http", "--name", "details", "--port", str(APP_PORT)), (APP_PORT,)))
+    upstream = f"details=http://{lab.vip('details')}:{APP_PORT}/details/0"
+    productpage_args = ("http", "--name", "productpage", "--port", str(APP_PORT), "--call", upstream)
+    lab.start_app("productpage", AppSpec("http", productpage_args, (APP_PORT,), uid=APP_UID))
+
+
+def assert_productpage_reaches_details_over_mtls(lab: Lab, productpage_id: str, details_id: str, tag: str) -> None:
+    marker = harness.unique_marker(tag)
+    with lab.capture("details") as pcap_path:
+        # As deploy/README.md's check does (`kubectl exec ... urlopen('http://localhost:9080/productpage')`): the
+        # productpage app, uid 1000, then calls the details Service in plaintext; the mesh does the rest.
+        status, body = harness.get(lab, "productpage", "127.0.0.1", APP_PORT, "/productpage", marker)
+    assert status == 200
+    reply = json.loads(body)
+    assert reply["service"] == "productpage"
+    details = reply["upstreams"]["details"]
+    assert details.get("status") == 200, details  # the productpage app reached details through both sidecars
+    assert details["body"]["service"] == "details"
+    assert details["body"]["marker"] == marker  # details' app received the marker in plaintext
+    details_log = lab.app_log("details", "http")
+    assert marker in details_log
+    assert "peer=127.0.0.6:" in details_log  # delivered by details' inbound sidecar, not straight from productpage
+    # On details' link only TLS records and never the marker; each sidecar authenticated the other as the service
+    # account its pod spec gives it.
+    harness.assert_encrypted_hop(lab, pcap_path, "details", APP_PORT, marker, productpage_id)
+    harness.wait_records(
+        lab,
+        "productpage",
+        lambda r: (
+            r.get("dir") == "outbound"
+            and r.get("orig_dst") == f"{lab.vip('details')}:{APP_PORT}"
+            and r.get("peer_id") == details_id
+            and r.get("decision") == "mtls"
+        ),
+    )
