@@ -50,6 +50,7 @@ class Limits:
     max_head: int = 8 * 1024  # request line and headers
     max_body: int = 16 * 1024
     read_timeout: float = 10.0  # for one whole request, and for the silence before the next one
+    write_timeout: float = 10.0  # for one answer to leave (a client that never reads must not hold us)
     max_requests: int = 100  # per connection; the last answer says Connection: close
 
 
@@ -159,10 +160,15 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, limits: L
     return Request(event.method.decode("ascii"), event.target.decode("ascii", "replace"), headers, bytes(body))
 
 
-async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *, close: bool) -> None:
+async def _send(
+    stream: trio.abc.Stream, conn: h11.Connection, response: Response, *, close: bool, head_only: bool
+) -> None:
+    """The answer; to a HEAD request its head alone (h11 refuses a body there: its length is what GET would send)."""
     reason = REASONS.get(response.status, "").encode()
     data = conn.send(h11.Response(status_code=response.status, headers=_head(response, close=close), reason=reason))
-    data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    if not head_only:
+        data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
+    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
     await stream.send_all(data)
 
 
@@ -183,37 +189,43 @@ async def serve_connection(
     stream: trio.abc.Stream, handler: Handler, limits: Limits = Limits(), refuse: Refuse = plain_refusal
 ) -> None:
     """Serve requests on `stream` until the client closes, asks to close, or breaks a limit; the caller closes
-    `stream` afterwards. Transport errors end the loop quietly; the handler's own errors propagate."""
+    `stream` afterwards. Transport errors, and a client too slow to take an answer within `limits.write_timeout`,
+    end the loop quietly; the handler's own errors propagate."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
     served = 0
     try:
         while True:
+            refusal: Response | None = None
             with trio.move_on_after(limits.read_timeout) as timer:
                 try:
                     request = await _read_request(stream, conn, limits)
                 except _Refused as exc:
-                    await stream.send_all(_raw(refuse(exc.status, exc.message)))
-                    await _close(stream)
-                    return
+                    refusal = refuse(exc.status, exc.message)
             if timer.cancelled_caught:
                 if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                     return  # silent between requests: close without a word
-                await stream.send_all(
-                    _raw(refuse(408, f"the request was not complete within {limits.read_timeout:g} s"))
-                )
-                await _close(stream)
+                refusal = refuse(408, f"the request was not complete within {limits.read_timeout:g} s")
+            if refusal is not None:
+                with trio.move_on_after(limits.write_timeout):
+                    await stream.send_all(_raw(refusal))
+                    await _close(stream)
                 return
             if request is None:
                 return
             served += 1
             response = await handler(request)
             close = served >= limits.max_requests or conn.their_state is h11.MUST_CLOSE
-            await _send(stream, conn, response, close=close)
+            with trio.move_on_after(limits.write_timeout) as writing:
+                await _send(stream, conn, response, close=close, head_only=request.method == "HEAD")
+            if writing.cancelled_caught:
+                return
             if close or conn.our_state is not h11.DONE:
-                await _close(stream)
+                with trio.move_on_after(limits.write_timeout):
+                    await _close(stream)
                 return
             conn.start_next_cycle()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        # LocalProtocolError: an answer h11 will not send in this state; the connection ends, nobody else's does.
         return
 
 

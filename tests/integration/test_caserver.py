@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mtlsmesh import ca, caclient, caproto, handshake, svid
+from mtlsmesh import ca, caclient, caproto, handshake, http11, svid
 from mtlsmesh.cli.ca import verify_chain
 from mtlsmesh.identity import TrustDomain, workload_id
 from tests.integration.castack import (
@@ -335,3 +335,20 @@ async def test_a_token_wins_over_a_client_certificate(lab: CaLab) -> None:
         )  # fmt: skip
     assert answer.status == 200
     assert json.loads(answer.body)["spiffe_id"] == workload("shop", "cart")
+
+
+async def test_head_requests_get_heads_on_both_ports_and_the_service_goes_on(
+    lab: CaLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_ca(lab.config()) as (_, port, metrics_port):
+        bundle = await raw_call(port, lab.roots, "HEAD", caproto.BUNDLE_PATH)
+        assert bundle.status == 405 and bundle.body == b""  # the API takes GET there; the refusal comes bodiless
+        stream = await trio.open_tcp_stream("127.0.0.1", metrics_port)
+        try:
+            with trio.fail_after(10):
+                scrape = await http11.request(stream, "HEAD", "/metrics", host="ca")
+        finally:
+            await trio.aclose_forcefully(stream)
+        assert scrape.status == 200 and scrape.body == b""
+        await well_behaved(lab, port)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

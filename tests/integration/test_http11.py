@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from mtlsmesh import http11
 from tests.integration.mesh import LOOPBACK, connect, outcome
@@ -168,3 +169,36 @@ async def test_the_client_refuses_a_broken_or_oversized_answer() -> None:
                 await http11.request(stream, "GET", "/v1/bundle", host="ca", max_answer=1000)
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_head_request_gets_the_head_alone_and_the_connection_goes_on() -> None:
+    # h11 refuses a body after a HEAD answer; sending one would raise out of the loop (and out of a listener that
+    # does not catch it). The answer's Content-Length is what GET would send, as HTTP says.
+    async with server() as (port, seen, _):
+        client = await connect(port)
+        wire = b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\nGET /y HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        await client.send_all(wire)
+        kind, answer = await outcome(client)
+        await client.aclose()
+    assert kind == "eof"
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 9" in head.lower()  # len(b"HEAD /x 0")
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"GET /y 0")  # no body came between the two
+    assert [(r.method, r.target) for r in seen] == [("HEAD", "/x"), ("GET", "/y")]
+
+
+async def test_a_client_that_never_reads_its_answer_is_let_go_after_the_write_timeout() -> None:
+    # A lockstep pair: a send waits until the other end reads, as a socket does once its buffers are full.
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    limits = http11.Limits(read_timeout=5.0, write_timeout=0.3)
+
+    async def handler(request: http11.Request) -> http11.Response:
+        return http11.Response(200, b"x" * 1000, "text/plain")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(theirs.send_all, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # then never reads
+        started = trio.current_time()
+        with trio.fail_after(3):
+            await http11.serve_connection(ours, handler, limits)
+        assert trio.current_time() - started < 2.0  # the write timeout ended it, not the read timeout (5 s)
+        nursery.cancel_scope.cancel()
