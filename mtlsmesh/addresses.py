@@ -7,7 +7,7 @@ is ::6 towards an IPv6 app); and writes and splits `host:port` text, IPv6 in bra
 `unmapped_host_port`, `split_host_port`).
 
 What it does not: touch sockets, resolve names, or validate ports and names (the config parser does, with its
-own error messages). Pure: it imports nothing but `ipaddress`.
+own error messages). Pure: it imports only `ipaddress` and `conventions`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from mtlsmesh.conventions import APP_SOURCE, APP_SOURCE_V6
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# The hosts a listener binds to mean "every address of this family", not one address.
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def unmapped(ip: IPAddress) -> IPAddress:

@@ -20,6 +20,7 @@ import trio
 from cryptography import x509
 
 from mtlsmesh import caproto, handshake, http11, netio, svid, tls
+from mtlsmesh.addresses import host_port
 from mtlsmesh.errors import CertificateError, HandshakeError, MeshError
 from mtlsmesh.identity import SpiffeId
 
@@ -54,7 +55,7 @@ class CaEndpoint:
     identity: SpiffeId
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def _check_ca(stream: tls.TLSStream, expected: SpiffeId) -> None:

@@ -44,7 +44,8 @@ from cryptography import x509
 from OpenSSL import SSL
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from mtlsmesh import ca, caproto, handshake, http11, jwtverify, svid, tls
+from mtlsmesh import ca, caproto, handshake, http11, jwtverify, pem, svid, tls
+from mtlsmesh.addresses import WILDCARD_HOSTS, unmapped_host_port
 from mtlsmesh.caproto import Refusal
 from mtlsmesh.config import ListenAddr
 from mtlsmesh.errors import CertificateError, ConfigError, HandshakeError, IdentityError, MeshError
@@ -59,11 +60,11 @@ DEFAULT_RELOAD_INTERVAL = 2.0
 DEFAULT_REFRESH_HINT = 300  # seconds: how often clients should fetch the bundle again
 HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 1024
+MAX_METRICS_CLIENTS = 16  # concurrent scrapes of --metrics-listen; more are closed at once
 RATE_BURST = 10.0  # sign requests one identity may make at once ...
 RATE_PER_SECOND = 2.0  # ... and on average after that
 LIMITS = http11.Limits(max_head=8 * 1024, max_body=caproto.MAX_BODY, read_timeout=10.0, max_requests=100)
 KEY_FILES = (ca.ROOT_KEY_FILE, ca.INTERMEDIATE_KEY_FILE)
-_WILDCARDS = ("0.0.0.0", "::")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,20 +109,17 @@ def check_key_modes(directory: str | os.PathLike[str]) -> None:
             )
 
 
-DirStamp = tuple[tuple[str, int, int, int] | None, ...]
+DirStamp = tuple[pem.FileStamp | None, ...]
 
 
 def stamp_directory(directory: str) -> DirStamp:
-    """What the CA files are right now (resolved path, inode, mtime, size; None for a missing one)."""
-    out: list[tuple[str, int, int, int] | None] = []
+    """What the CA files are right now (`pem.file_stamp`, so a chmod counts; None for a missing one)."""
+    out: list[pem.FileStamp | None] = []
     for name in ca.CA_FILES:
-        real = os.path.realpath(os.path.join(directory, name))
         try:
-            st = os.stat(real)
+            out.append(pem.file_stamp(os.path.join(directory, name)))
         except OSError:
             out.append(None)
-            continue
-        out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 
@@ -149,7 +147,7 @@ def _own_names(cfg: ServeConfig) -> tuple[list[str], list[ipaddress.IPv4Address 
     """The service's own SANs besides its SPIFFE ID: its Service's DNS name, the addresses it listens on (unless
     wildcards), and what `--san` added. Clients that check hostnames (curl) need one of them."""
     dns, ips = [caproto.CA_SERVICE_DNS], []
-    hosts = [addr.host for addr in cfg.listen if addr.host not in _WILDCARDS] + list(cfg.extra_names)
+    hosts = [addr.host for addr in cfg.listen if addr.host not in WILDCARD_HOSTS] + list(cfg.extra_names)
     for host in hosts:
         try:
             address = ipaddress.ip_address(host)
@@ -506,7 +504,7 @@ class CaService:
         """One client: the TLS handshake (bounded in time), then HTTP/1.1 until it is done. Never raises."""
         try:
             host, port = stream.socket.getpeername()[:2]
-            client = _peer_text(str(host), int(port))
+            client = unmapped_host_port(str(host), int(port))
         except OSError:
             client = "-"
         if self.state.active >= self.cfg.max_connections:
@@ -548,10 +546,21 @@ class CaService:
             return http11.Response(200, self.metrics.render(), CONTENT_TYPE_LATEST)
 
         async def one(stream: trio.SocketStream) -> None:
+            # As for the TLS port: nothing a scraper sends may end the process (trio.serve_listeners would let an
+            # escaping error stop every listener), and the endpoint holds at most MAX_METRICS_CLIENTS at once.
+            if metrics_clients.active >= MAX_METRICS_CLIENTS:
+                await trio.aclose_forcefully(stream)
+                return
+            metrics_clients.active += 1
             try:
                 await http11.serve_connection(stream, answer, http11.Limits(read_timeout=5.0, max_requests=10))
+            except Exception:  # a bug: show it, close this connection, keep serving
+                log.error("event=internal_error listener=metrics", exc_info=True)
             finally:
+                metrics_clients.active -= 1
                 await trio.aclose_forcefully(stream)
+
+        metrics_clients = State()
 
         await trio.serve_listeners(one, [listener])
 
@@ -612,14 +621,6 @@ def _replace_renewal(generation: Generation, when: datetime) -> Generation:
         generation.bundle_body,
         generation.stamp,
     )
-
-
-def _peer_text(host: str, port: int) -> str:
-    """A caller's address for the log: `1.2.3.4:5`, `[fd00::1]:5`, an IPv4-mapped IPv6 address as IPv4."""
-    address = ipaddress.ip_address(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _serial(cert: x509.Certificate) -> str:

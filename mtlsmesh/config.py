@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtlsmesh import schema
-from mtlsmesh.addresses import IPAddress, IPNetwork, host_port, split_host_port
+from mtlsmesh.addresses import WILDCARD_HOSTS, IPAddress, IPNetwork, host_port, split_host_port
 from mtlsmesh.conventions import (
     ADMIN_PORT,
     APP_SOURCE,
@@ -197,7 +197,6 @@ parse_duration = schema.parse_duration
 _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # RFC 1123 §2.1 (plus '_', common in service names)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_WILDCARD_HOSTS = ("0.0.0.0", "::")
 _DEFAULT = Config()
 _DEFAULT_RELOAD_INTERVAL = CredentialFiles("", "", "").reload_interval
 _DEFAULT_IDENTITY = IdentityConfig(ListenAddr("", 0), "", "")
@@ -486,7 +485,7 @@ def _check_listeners_distinct(cfg: Config) -> None:
         if addr is None or addr.port == 0:
             continue
         for other_path, other in taken:
-            wildcard = addr.host in _WILDCARD_HOSTS or other.host in _WILDCARD_HOSTS
+            wildcard = addr.host in WILDCARD_HOSTS or other.host in WILDCARD_HOSTS
             if addr.port == other.port and (addr.host == other.host or wildcard):
                 raise ConfigError(path, f"{addr} overlaps {other_path} ({other})")
         taken.append((path, addr))

@@ -17,7 +17,6 @@ enough).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from mtlsmesh.identity import SpiffeId, TrustDomain
 
 log = logging.getLogger("mtlsmesh.credentials")
 
-FileStamp = tuple[tuple[str, int, int, int], ...]  # per file: (resolved path, inode, mtime ns, size)
+FileStamp = tuple[pem.FileStamp, ...]  # one per file: cert, key, bundle
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +72,7 @@ def _uri(cert: x509.Certificate) -> str:
 
 def stamp_files(files: CredentialFiles) -> FileStamp:
     """Identity of the three files as they are now; raises OSError when one is missing."""
-    out = []
-    for path in (files.cert, files.key, files.bundle):
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
+    return tuple(pem.file_stamp(path) for path in (files.cert, files.key, files.bundle))
 
 
 def load_credentials(files: CredentialFiles, trust_domain: TrustDomain, *, now: datetime | None = None) -> Credentials:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from typing import Any
 
 import jwt
 
-from mtlsmesh import tokens
+from mtlsmesh import pem, tokens
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.tokens import TokenError, TokenPolicy
@@ -51,15 +50,12 @@ class IssuerKey:
         return self.kty != "EC" or self.crv == _CURVES[alg]
 
 
-FileStamp = tuple[str, int, int, int]  # (resolved path, inode, mtime ns, size)
-
-
 @dataclass(frozen=True, slots=True)
 class IssuerKeys:
     """One reading of the JWKS: the usable public keys."""
 
     keys: tuple[IssuerKey, ...]
-    stamp: FileStamp
+    stamp: pem.FileStamp
 
 
 def check_jwks_source(source: str, flag: str = "--token-jwks") -> str:
@@ -110,15 +106,9 @@ def parse_jwks(data: bytes, source: str) -> tuple[IssuerKey, ...]:
     return tuple(keys)
 
 
-def _stamp(path: str) -> FileStamp:
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return (real, st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 def load_jwks(path: str) -> IssuerKeys:
     try:
-        stamp = _stamp(path)
+        stamp = pem.file_stamp(path)
         with open(path, "rb") as handle:
             data = handle.read(MAX_JWKS_BYTES + 1)
     except OSError as exc:
@@ -136,12 +126,12 @@ class KeyFile:
         self.current = load_jwks(path)
         self.reloads = 0
         self.reload_failures = 0
-        self._last_attempt: FileStamp | None = self.current.stamp
+        self._last_attempt: pem.FileStamp | None = self.current.stamp
 
     def check_once(self) -> bool:
         """Reload when the file changed since the last attempt; True when new keys are in use."""
         try:
-            stamp = _stamp(self.path)
+            stamp = pem.file_stamp(self.path)
         except OSError as exc:
             if self._last_attempt is not None:
                 self._last_attempt = None

@@ -133,6 +133,17 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     return parse_private_key(_read(Path(path)), str(path))
 
 
+FileStamp = tuple[str, int, int, int, int]  # resolved path, inode, mode, mtime (ns), size
+
+
+def file_stamp(path: str | os.PathLike[str]) -> FileStamp:
+    """What a file is right now, to notice that it changed: through a symlink swap (a Kubernetes Secret volume), a
+    rewrite, or a chmod (which alone changes none of the others). Raises OSError when it cannot be read."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return (real, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()

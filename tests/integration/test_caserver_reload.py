@@ -192,3 +192,15 @@ async def test_two_replicas_on_one_directory(lab: CaLab) -> None:
     assert bundle_a.roots == bundle_b.roots == lab.roots
     ca.load_authority(lab.ca_dir)  # neither wrote anything into the directory
     assert sorted(os.listdir(lab.ca_dir)) == ["bundle.pem", "root-key.pem", "root.pem"]
+
+
+async def test_a_chmod_alone_is_noticed_both_ways(lab: CaLab, caplog: pytest.LogCaptureFixture) -> None:
+    # A chmod changes no inode, mtime or size: the directory's stamp must see the mode itself.
+    async with running_ca(lab.config()) as (_, port, _):
+        os.chmod(lab.ca_dir / "root-key.pem", 0o644)  # the key made readable on a running CA: noticed
+        await eventually(lambda: ca_lines(caplog, "reload_refused"))
+        os.chmod(lab.ca_dir / "root-key.pem", 0o600)  # and the fix is picked up without touching the file
+        await eventually(lambda: ca_lines(caplog, "reloaded"))
+        answer, _ = await enroll(port, lab.roots, token_for(lab))
+    assert "accessible by group or others (mode 0644)" in ca_lines(caplog, "reload_refused")[0]
+    assert answer.chain[0].issuer == lab.roots[0].subject
