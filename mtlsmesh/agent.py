@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mtlsmesh import caclient, caproto, handshake, pem, svid
 from mtlsmesh.config import IdentityConfig
 from mtlsmesh.credentials import Credentials, check_chain
-from mtlsmesh.errors import CertificateError, ConfigError
+from mtlsmesh.errors import CertificateError, ConfigError, MeshError
 from mtlsmesh.identity import TrustDomain
 
 log = logging.getLogger("mtlsmesh.identity")
@@ -173,6 +173,13 @@ class IdentityAgent:
             raise caclient.CaError(message, unreachable=True) from None
         received = datetime.now(UTC)
         credentials = build_credentials(answer.chain, key, answer.bundle, self.trust_domain)
+        if self._issued is not None and credentials.spiffe_id != self.current.spiffe_id:
+            # A sidecar's identity does not change under it: a different token mounted, or a CA that signed the
+            # wrong name, must not turn it into another workload. Keep the SVID we have, loudly.
+            raise CertificateError(
+                "the CA's answer",
+                f"the SVID names {credentials.spiffe_id}, not this sidecar's {self.current.spiffe_id}",
+            )
         return ("svid" if use_svid else "token"), Issued(credentials, received)
 
     async def renew_once(self) -> str:
@@ -316,7 +323,11 @@ class IdentityAgent:
                     self._bundle_failing = False
                     log.info("event=bundle_fetch_recovered")
                 self.refresh_hint = float(bundle.refresh_hint) if bundle.refresh_hint > 0 else DEFAULT_REFRESH
-                self.apply_bundle(bundle)
+                try:
+                    self.apply_bundle(bundle)
+                except MeshError as exc:  # a root OpenSSL refuses: keep the contexts we have, and say so
+                    self.reload_failures += 1
+                    log.warning("event=bundle_refused reason=%r", str(exc))
             await trio.sleep(min(MAX_REFRESH, max(MIN_REFRESH, self.refresh_hint)))
 
     def apply_bundle(self, bundle: caproto.TrustBundle) -> bool:

@@ -197,3 +197,18 @@ def test_an_answer_that_is_not_ours_is_refused(lab: CaLab) -> None:
     stranger = ca.create_ca(TD, now=now - timedelta(hours=1))
     with pytest.raises(CertificateError, match="does not chain to the CA's trust bundle"):
         build_credentials(chain, key, stranger.roots, TD)
+
+
+async def test_a_renewal_that_names_another_identity_is_refused(lab: CaLab) -> None:
+    # The token file now holds another service account's token (mounted by mistake): the sidecar must not become
+    # that workload. The renewal that falls back to the token is refused and the SVID in hand stays.
+    async with running_ca(lab.config()) as (_, port, _):
+        agent = agent_for(lab, port)
+        with trio.fail_after(15):
+            await agent.enroll()
+        before = agent.current
+        (lab.root / "token-reviews").write_text(lab.issuer.token("default", "ratings") + "\n")
+        with trio.fail_after(15), pytest.raises(CertificateError, match=r"names .*/sa/ratings, not this sidecar's"):
+            await agent._sign(use_svid=False)
+        assert agent.current is before
+        assert str(agent.current.spiffe_id) == "spiffe://cluster.local/ns/default/sa/reviews"
