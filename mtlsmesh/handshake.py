@@ -11,8 +11,9 @@ back. `hand_over` then builds the `records.Session` that carries the connection 
 What it does not: read or write sockets (see `tls`), check the peer's SPIFFE ID (see `tls.check_peer`, `svid`), or
 speak any TLS version but 1.3.
 
-This is the only module that uses pyOpenSSL's private parts, and it uses two, each because the public API has no
-equivalent: the cffi binding's `SSL_CTX_set1_curves_list` (pyOpenSSL can set one elliptic curve, not a list of key
+This is the only module that uses pyOpenSSL's private parts. It calls two bindings, each because the public API has
+no equivalent, through pyOpenSSL's private handles (`Context._context`, `Connection._into_ssl`, the cffi `lib` and
+`ffi`): the cffi binding's `SSL_CTX_set1_curves_list` (pyOpenSSL can set one elliptic curve, not a list of key
 exchange groups with the hybrid post-quantum one first), and `BIO_read` on the connection's incoming memory BIO (to
 take back the ciphertext the peer sent right behind its last handshake flight, which the record layer must read).
 Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,7 +131,8 @@ class HandshakeFailure(Exception):
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
-    # A peer that does not offer our ALPN is not a sidecar: fail the handshake with no_application_protocol.
+    # A peer that does not offer our ALPN is not a sidecar. pyOpenSSL turns "no overlap" into "no ALPN" (the
+    # handshake goes on without one), and `tls.check_peer` refuses such a peer before a byte flows.
     return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
 
@@ -383,11 +386,22 @@ class Handshake:
             self._conn = None
 
 
+class _Drain(threading.local):
+    """One buffer per thread for `_take_unread`, instead of a zeroed 16 KiB allocation per connection (each use is
+    synchronous, so the connections of a thread can share it)."""
+
+    def __init__(self) -> None:
+        self.buffer = _ffi.new("char[]", HANDSHAKE_DRAIN)
+
+
+_DRAIN = _Drain()
+
+
 def _take_unread(conn: SSL.Connection) -> bytes:
     """Everything in the connection's incoming memory BIO that OpenSSL has not read (private: see the module
     docstring)."""
     bio: Any = conn._into_ssl
-    buffer = _ffi.new("char[]", HANDSHAKE_DRAIN)
+    buffer = _DRAIN.buffer
     parts: list[bytes] = []
     while True:
         n = _lib.BIO_read(bio, buffer, HANDSHAKE_DRAIN)

@@ -52,26 +52,21 @@ def loop_reason(
     return LOOP_TO_LISTENER if is_own_listener(downstream.socket, ip, port) else None
 
 
-async def sniff_stream(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, sniff.Sniff | None, Reason | None]:
-    """Read until the sniffer decides. Returns the bytes read (to replay), the verdict, and when there is none,
+async def sniff_stream(stream: trio.SocketStream, timeout: float) -> tuple[bytes, sniff.Sniff | None, Reason | None]:
+    """Read until the sniffer decides. Returns the bytes read (to hand on), the verdict, and when there is none,
     why: SNIFF_TIMEOUT (the peer went quiet), CLOSED_DURING_SNIFF (EOF) or CLIENT_HELLO_TOO_LARGE."""
     buffer = bytearray()
-    if type(stream) is trio.SocketStream:
-        # What has arrived by now is judged before the timer is set: a mesh client sends its ClientHello right
-        # after connecting, so under load the whole of it is nearly always there already (no wait, no timer).
-        first = netio.read_ready(stream, SNIFF_READ)
-        if first is not None:
-            judged = _judge(buffer, first)
-            if judged is not None:
-                return judged
+    # What has arrived by now is judged before the timer is set: a mesh client sends its ClientHello right after
+    # connecting, so under load the whole of it is nearly always there already (no wait, no timer).
+    first = netio.read_ready(stream, SNIFF_READ)
+    if first is not None:
+        judged = _judge(buffer, first)
+        if judged is not None:
+            return judged
     with trio.CancelScope(deadline=trio.current_time() + timeout):  # move_on_after, minus its wrapper
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
             want = min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer))
-            if type(stream) is trio.SocketStream:
-                data: bytes | bytearray
-                data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
-            else:
-                data = await stream.receive_some(want)
+            data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
             judged = _judge(buffer, data)
             if judged is not None:
                 return judged
