@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from mtlsmesh import ca, pem, svid
-from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, SVID_SECRET_PREFIX
+from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, LOG_FORMAT, SVID_SECRET_PREFIX
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
 
@@ -493,7 +493,6 @@ def run_rotate(args: argparse.Namespace) -> int:
 # serve
 
 # The sidecar's line format (cli/sidecar.py), so that one log pipeline reads both.
-SERVE_LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -532,7 +531,7 @@ def run_serve(args: argparse.Namespace) -> int:
         rate_per_second=args.rate,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger("mtlsmesh")
     root.addHandler(handler)
     root.setLevel(args.log_level.upper())

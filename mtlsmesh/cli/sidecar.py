@@ -25,13 +25,12 @@ from mtlsmesh import relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import LOG_LEVELS
+from mtlsmesh.conventions import LOG_FORMAT, LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
 
-LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 # glibc malloc: blocks at least this big get their own mmap, and free memory above this much at the top of the heap
 # is handed back to the kernel (mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; see tune_malloc()).
 MALLOC_MMAP_THRESHOLD = 2 * relay.CHUNK

@@ -31,9 +31,9 @@ from typing import Any
 import trio
 
 from mtlsmesh import schema
-from mtlsmesh.cli.sidecar import LOG_FORMAT, LineFormatter
+from mtlsmesh.cli.sidecar import LineFormatter
 from mtlsmesh.config import CredentialFiles, parse_listen_addr
-from mtlsmesh.conventions import BUNDLE_FILE, LOG_LEVELS
+from mtlsmesh.conventions import BUNDLE_FILE, LOG_FORMAT, LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.identity import parse_trust_domain
