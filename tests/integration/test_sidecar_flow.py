@@ -47,6 +47,8 @@ async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog:
     assert "decision=mtls" in outbound[0] and "peer_id=spiffe://cluster.local/ns/default/sa/reviews" in outbound[0]
     assert "decision=mtls" in inbound[0] and "peer_id=spiffe://cluster.local/ns/default/sa/productpage" in inbound[0]
     assert f"bytes_in={len(payload)}" in outbound[0] and f"bytes_out={len(payload)}" in outbound[0]
+    # Inbound counts the plaintext the app got and sent, not the ClientHello the sniffer handed to the handshake.
+    assert f"bytes_in={len(payload)}" in inbound[0] and f"bytes_out={len(payload)}" in inbound[0]
     assert outbound[0].endswith(" reason=closed") and inbound[0].endswith(" reason=closed")  # no detail
 
 
@@ -233,6 +235,8 @@ async def test_permissive_port_passes_plaintext_through(pki: Pki, caplog: pytest
                 assert await read_all(plain) == b"plaintext hello"
     (line,) = conn_lines(caplog.records, "inbound")
     assert "decision=passthrough" in line and "peer_id=-" in line
+    # The sniffed bytes were sent to the app ahead of the relay, and counted once.
+    assert f"bytes_in={len(b'plaintext hello')} bytes_out={len(b'plaintext hello')}" in line
     assert seen == ["127.0.0.6"]
 
 
