@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
+from typing import Protocol
 
 import trio
 
@@ -84,12 +84,12 @@ async def relay(
     backward = _Pump(up, down, upstream_reset, downstream_reset)
 
     async def pump(p: _Pump) -> None:
-        receive, send, send_eof = p.src.receive, p.dst.send, p.dst.send_eof
+        src, dst = p.src, p.dst
         owed = False  # a round ended without waiting and without a checkpoint: the next such round must take one
         short = False  # the last read got less than it asked for: the source is most likely empty now
         while True:
             try:
-                data, waited = await receive(CHUNK, short)
+                data, waited = await src.receive_chunk(CHUNK, short)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 failure.append((p.src_reset, _why(exc)))
                 scope.cancel()
@@ -99,10 +99,9 @@ async def relay(
             try:
                 if not data:
                     # Half-close: the other direction goes on (TLS 1.3 close_notify / TCP FIN).
-                    if send_eof is not None:
-                        await send_eof()
+                    await dst.send_eof()
                     return
-                if await send(data):
+                if await dst.send_chunk(data):
                     waited = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 failure.append((p.dst_reset, _why(exc)))
@@ -144,58 +143,82 @@ async def relay(
             await netio.abort_close(upstream)
         else:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_GRACE, shield=True) as grace:
-                await down.close()
-                await up.close()
+                await down.aclose()
+                await up.aclose()
             if grace.cancelled_caught:
                 await netio.abort_close(downstream)
                 await netio.abort_close(upstream)
     return RelayResult(forward.copied, backward.copied, reason, detail, aborted)
 
 
-# (max_bytes, whether the last read was short) -> (data, whether it waited)
-Receive = Callable[[int, bool], Awaitable[tuple[bytes | bytearray, bool]]]
-Send = Callable[[bytes | bytearray], Awaitable[bool]]
+class _End(Protocol):
+    """How the relay reads, writes, half-closes and closes one stream: a `tls.TLSStream` itself, or the small
+    adapters below (see `_end`). `receive_chunk(max_bytes, short)` answers (data, whether it waited), where `short`
+    says the last read got less than it asked for; `send_chunk(data)` answers whether it waited."""
+
+    def receive_chunk(self, max_bytes: int, short: bool, /) -> Awaitable[tuple[bytes | bytearray, bool]]: ...
+    def send_chunk(self, data: bytes | bytearray, /) -> Awaitable[bool]: ...
+    def send_eof(self) -> Awaitable[object]: ...
+    def aclose(self) -> Awaitable[object]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _End:
-    """How the relay reads, writes, half-closes (None: it cannot) and closes one stream."""
+class _SocketEnd:
+    """A socket, read and written without trio's checkpoint when no wait is needed; after a short read it is waited
+    for before it is read. Half-closed and closed at once, without a checkpoint either (the pump's task ends right
+    after, which is its trip through the scheduler). Its methods hand back netio's coroutines: no frame of their
+    own per call, and no object per method (the pump looks them up on each use)."""
 
-    receive: Receive
-    send: Send
-    send_eof: Callable[[], Awaitable[object]] | None
-    close: Callable[[], Awaitable[object]]
+    __slots__ = ("progress", "stream")
+
+    def __init__(self, stream: trio.SocketStream, progress: Callable[[], None] | None) -> None:
+        self.stream, self.progress = stream, progress
+
+    def receive_chunk(self, max_bytes: int, short: bool, /) -> Awaitable[tuple[bytes, bool]]:
+        return netio.receive_raw(self.stream, max_bytes, short)
+
+    def send_chunk(self, data: bytes | bytearray, /) -> Awaitable[bool]:
+        return netio.send_raw(self.stream, data, self.progress)
+
+    def send_eof(self) -> Awaitable[None]:
+        return netio.send_eof_raw(self.stream)
+
+    async def aclose(self) -> None:
+        self.stream.socket.close()
+
+
+class _StreamEnd:
+    """Any other stream, through the Stream interface (a wait is assumed on every call)."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive_chunk(self, max_bytes: int, short: bool, /) -> tuple[bytes | bytearray, bool]:
+        return await self.stream.receive_some(max_bytes), True
+
+    async def send_chunk(self, data: bytes | bytearray, /) -> bool:
+        await self.stream.send_all(data)
+        return True
+
+    async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):  # else the direction just ends
+            await self.stream.send_eof()
+
+    def aclose(self) -> Awaitable[None]:
+        return self.stream.aclose()
 
 
 def _end(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> _End:
-    """The one place that looks at what a stream is. Sockets and TLS streams are read and written without trio's
-    checkpoint when no wait is needed (the pump takes its own checkpoints instead), and report whether they waited;
-    after a short read a socket is waited for before it is read (a TLS stream judges that by its own reads). A
-    socket is half-closed and closed at once, without trio's checkpoint (the pump's task ends right after, which is
-    its trip through the scheduler). Any other stream is used through the Stream interface. `progress` is called when
-    a send that had to wait gets more bytes out (sockets and TLS over sockets; other streams only report whole
-    sends)."""
+    """The one place that looks at what a stream is. `progress` is called when a send that had to wait gets more
+    bytes out (sockets and TLS over sockets; other streams only report whole sends). A TLS stream is its own end
+    (its `receive_chunk`/`send_chunk` skip the checkpoint when nothing waited, and it judges short reads itself)."""
     if type(stream) is trio.SocketStream:
-        sock = stream
-        send = partial(netio.send_raw, sock) if progress is None else partial(netio.send_raw, sock, progress=progress)
-
-        async def close_socket() -> None:
-            sock.socket.close()
-
-        return _End(partial(netio.receive_raw, sock), send, partial(netio.send_eof_raw, sock), close_socket)
+        return _SocketEnd(stream, progress)
     if type(stream) is tls.TLSStream:
         stream.send_progress = progress
-        return _End(stream.receive_chunk, stream.send_chunk, stream.send_eof, stream.aclose)
-
-    async def receive(max_bytes: int, _short: bool) -> tuple[bytes | bytearray, bool]:
-        return await stream.receive_some(max_bytes), True
-
-    async def send_all(data: bytes | bytearray) -> bool:
-        await stream.send_all(data)
-        return True
-
-    send_eof = stream.send_eof if isinstance(stream, trio.abc.HalfCloseableStream) else None
-    return _End(receive, send_all, send_eof, stream.aclose)
+        return stream
+    return _StreamEnd(stream)
 
 
 def _why(exc: BaseException) -> str:
