@@ -26,25 +26,39 @@ def add_parser(subparsers: argparse._SubParsersAction[Any], help_text: str) -> N
         help=help_text,
         description="Add the mtlsmesh capture init container and native sidecar to every pod template.",
     )
-    parser.add_argument("-f", "--filename", required=True, metavar="FILE", help="manifest to read, - for stdin")
-    parser.add_argument("-o", "--output", metavar="FILE", default="-", help="where to write (default: stdout)")
+    add_file_arguments(parser)
     parser.add_argument("--image", default=InjectOptions().image, help="mtlsmesh image (default: %(default)s)")
     parser.set_defaults(run=run)
 
 
+def add_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """-f FILE and -o FILE, as `inject` and `uninject` both take them."""
+    parser.add_argument("-f", "--filename", required=True, metavar="FILE", help="manifest to read, - for stdin")
+    parser.add_argument("-o", "--output", metavar="FILE", default="-", help="where to write (default: stdout)")
+
+
+def source_name(args: argparse.Namespace) -> str:
+    return "<stdin>" if args.filename == "-" else str(args.filename)
+
+
+def write_output(args: argparse.Namespace, text: str) -> None:
+    """The manifest out: to stdout, or written atomically to -o FILE."""
+    if args.output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_atomically(args.output, text)
+
+
 def run(args: argparse.Namespace) -> int:
-    source = "<stdin>" if args.filename == "-" else args.filename
+    source = source_name(args)
     text = read_manifest(args.filename, source)
     if not args.image.strip():
         raise ConfigError("--image", "must not be empty")
     result = inject_text(text, source=source, options=InjectOptions(image=args.image))
     for warning in result.warnings:
         print(f"mtlsmesh: warning: {warning}", file=sys.stderr)
-    if args.output == "-":
-        sys.stdout.write(result.text)
-        sys.stdout.flush()
-    else:
-        write_atomically(args.output, result.text)
+    write_output(args, result.text)
     return 0
 
 

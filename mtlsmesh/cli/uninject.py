@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Any
 
-from mtlsmesh.cli.inject import read_manifest, write_atomically
+from mtlsmesh.cli.inject import add_file_arguments, read_manifest, source_name, write_output
 from mtlsmesh.inject import uninject_text
 
 
@@ -27,22 +27,17 @@ def add_parser(subparsers: argparse._SubParsersAction[Any], help_text: str) -> N
         help=help_text,
         description="Remove what `mtlsmesh inject` added to every pod template: the exact inverse.",
     )
-    parser.add_argument("-f", "--filename", required=True, metavar="FILE", help="manifest to read, - for stdin")
-    parser.add_argument("-o", "--output", metavar="FILE", default="-", help="where to write (default: stdout)")
+    add_file_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    source = "<stdin>" if args.filename == "-" else args.filename
+    source = source_name(args)
     result = uninject_text(read_manifest(args.filename, source), source=source)
     if not result.uninjected:
         print(
             f"mtlsmesh: note: {source}: no pod template carries mtlsmesh.io/status: nothing to uninject",
             file=sys.stderr,
         )
-    if args.output == "-":
-        sys.stdout.write(result.text)
-        sys.stdout.flush()
-    else:
-        write_atomically(args.output, result.text)
+    write_output(args, result.text)
     return 0

@@ -327,16 +327,22 @@ async def test_abort_close_sends_a_reset() -> None:
         await netio.abort_close(ours)  # closed already: nothing to do, no error
 
 
-async def test_abort_close_of_a_tls_stream_resets_without_a_close_notify() -> None:
+async def tls_over(a: trio.SocketStream, b: trio.SocketStream) -> tuple[tls.TLSStream, tls.TLSStream]:
+    """A TLS client over `a` and server over `b`, both handshaken, SVIDs from a fresh CA."""
     authority = ca.create_ca(TD, now=datetime.now(UTC))
     client_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "c")), tls.Side.CLIENT)
     server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "s")), tls.Side.SERVER)
+    client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_abort_close_of_a_tls_stream_resets_without_a_close_notify() -> None:
     async with pair() as (a, b):
-        client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
-        server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
+        client, _server = await tls_over(a, b)
         assert netio.socket_of(client) is a.socket
         await netio.abort_close(client)
         assert a.socket.fileno() == -1
@@ -580,15 +586,8 @@ async def test_a_socket_closed_under_a_read_that_waits_first_is_closed_not_a_val
 
 
 async def test_a_tls_stream_whose_socket_closed_after_a_short_read_says_closed() -> None:
-    authority = ca.create_ca(TD, now=datetime.now(UTC))
-    client_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "c")), tls.Side.CLIENT)
-    server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "s")), tls.Side.SERVER)
     async with pair() as (a, b):
-        client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
-        server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
+        client, server = await tls_over(a, b)
         await server.send_all(b"hi")
         assert await client.receive_some(10) == b"hi"  # a short read: the next one waits for the socket first
         a.socket.close()
