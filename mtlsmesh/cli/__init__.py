@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from mtlsmesh import __version__
 from mtlsmesh.errors import MeshError, with_rules_doc
+
+if TYPE_CHECKING:  # trio is imported only by the commands that run an event loop
+    import trio
 
 EXIT_ERROR = 2
 
@@ -83,3 +88,18 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
+
+
+async def stop_on_signals(stop: trio.Event, logger: str, *, task_status: trio.TaskStatus[None]) -> None:
+    """Set `stop` at the first SIGTERM or SIGINT, with one log line: how the long-running commands (sidecar, CA
+    service, webhook) end. Started with `nursery.start`, so the signals are caught from then on."""
+    import signal
+
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            logging.getLogger(logger).info("event=signal signal=%s", signal.Signals(signum).name)
+            stop.set()
+            return

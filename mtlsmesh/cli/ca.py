@@ -497,13 +497,12 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     # Imported here: `mtlsmesh ca init` and friends need none of the service's TLS and HTTP machinery.
-    import signal
 
     import prometheus_client
     import trio
 
     from mtlsmesh import caproto, caserver, schema
-    from mtlsmesh.cli import unwrap_mesh_errors
+    from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
     from mtlsmesh.config import parse_listen_addr
     from mtlsmesh.tokens import TokenPolicy
 
@@ -541,13 +540,12 @@ def run_serve(args: argparse.Namespace) -> int:
     service = caserver.CaService(cfg)  # loads and checks everything before anything binds
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(service.serve)
-                async for signum in signals:
-                    logging.getLogger("mtlsmesh.ca").info("event=stopped signal=%s", signal.Signals(signum).name)
-                    break
-                nursery.cancel_scope.cancel()
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, stop, "mtlsmesh.ca")
+            await nursery.start(service.serve)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
 
     with unwrap_mesh_errors():
         trio.run(main)

@@ -15,7 +15,6 @@ import dataclasses
 import gc
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -23,7 +22,7 @@ import trio
 
 from mtlsmesh import relay
 from mtlsmesh.agent import IdentityAgent
-from mtlsmesh.cli import unwrap_mesh_errors
+from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.conventions import LOG_FORMAT, LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
@@ -188,28 +187,19 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        logging.getLogger("mtlsmesh.sidecar").info("event=signal signal=%s", name)
-                        stop.set()
-                        return
-
-                nursery.start_soon(watch)
-                if isinstance(credentials, IdentityAgent):
-                    # The first SVID before anything binds: the kubelet sees no health port until it is there.
-                    async with trio.open_nursery() as enrolling:
-                        enrolling.start_soon(_cancel_when, stop, enrolling.cancel_scope)
-                        await credentials.enroll()
-                        enrolling.cancel_scope.cancel()
-                    if stop.is_set():
-                        nursery.cancel_scope.cancel()
-                        return
-                await serve_sidecar(cfg, credentials, stop=stop)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, stop, "mtlsmesh.sidecar")
+            if isinstance(credentials, IdentityAgent):
+                # The first SVID before anything binds: the kubelet sees no health port until it is there.
+                async with trio.open_nursery() as enrolling:
+                    enrolling.start_soon(_cancel_when, stop, enrolling.cancel_scope)
+                    await credentials.enroll()
+                    enrolling.cancel_scope.cancel()
+                if stop.is_set():
+                    nursery.cancel_scope.cancel()
+                    return
+            await serve_sidecar(cfg, credentials, stop=stop)
+            nursery.cancel_scope.cancel()
 
     with unwrap_mesh_errors():
         trio.run(main)

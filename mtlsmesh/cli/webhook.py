@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import trio
 
 from mtlsmesh import schema
+from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.cli.sidecar import LineFormatter
 from mtlsmesh.config import CredentialFiles, parse_listen_addr
 from mtlsmesh.conventions import BUNDLE_FILE, LOG_FORMAT, LOG_LEVELS
@@ -148,34 +148,11 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, stop, "mtlsmesh.webhook")
+            await serve_webhook(settings.webhook, credentials, stop=stop)
+            nursery.cancel_scope.cancel()
 
-                async def watch() -> None:
-                    async for signum in signals:
-                        logging.getLogger("mtlsmesh.webhook").info(
-                            "event=signal signal=%s", signal.Signals(signum).name
-                        )
-                        stop.set()
-                        return
-
-                nursery.start_soon(watch)
-                await serve_webhook(settings.webhook, credentials, stop=stop)
-                nursery.cancel_scope.cancel()
-
-    try:
+    with unwrap_mesh_errors():
         trio.run(main)
-    except BaseExceptionGroup as group:
-        # trio's nurseries wrap errors in groups; a bind failure (ConfigError) is still one line for the user.
-        leaves = _leaves(group)
-        if leaves and all(isinstance(leaf, MeshError) for leaf in leaves):
-            raise leaves[0] from None
-        raise
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out

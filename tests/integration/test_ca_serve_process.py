@@ -157,5 +157,5 @@ async def test_curl_gets_the_bundle_and_an_svid(lab: CaLab, tmp_path: Path) -> N
     assert process.returncode == 0
     assert any("event=issued" in line and "credential=token" in line for line in lines)
     assert any("event=refused" in line and "refusal=no_credential" in line for line in lines)
-    assert any("event=stopped signal=SIGTERM" in line for line in lines)
+    assert any("event=signal signal=SIGTERM" in line for line in lines)
     assert not any("Traceback" in line for line in lines)
