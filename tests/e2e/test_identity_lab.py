@@ -1,0 +1,159 @@
+"""End-to-end: the lab plays the cluster for identity mode. No SVID file exists; each sidecar (uid 1337, under the
+real capture rules) makes its key in memory and enrols with `mtlsmesh ca serve` on the node, using a projected-like
+service-account token only it can read, then renews with its SVID.
+
+The pods: `web` (echo on 7000, hash on 7001) and `client`, both in the mesh. Each test builds its own lab, as the
+SVID lifetime differs between them; every lab is torn down and checked for leftovers even when a test fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mtlsmesh.conventions import PROXY_UID
+from mtlsmesh.lab.pods import Lab, log_records
+from mtlsmesh.lab.topology import DEFAULT_APP_UID, AppSpec, IdentitySpec, PodSpec, Topology
+from tests.e2e import harness
+
+pytestmark = pytest.mark.root
+
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+WEB_ID = "spiffe://cluster.local/ns/default/sa/web"
+IDS = {"web": WEB_ID, "client": CLIENT_ID}
+PODS = (
+    PodSpec(
+        "web",
+        apps=(
+            AppSpec("echo", ("tcp", "--name", "web-echo", "--port", "7000", "--mode", "echo"), ports=(7000,)),
+            AppSpec("hash", ("tcp", "--name", "web-hash", "--port", "7001", "--mode", "hash"), ports=(7001,)),
+        ),
+    ),
+    PodSpec("client"),
+)
+
+
+def ca_records(lab: Lab, credential: str) -> list[dict[str, str]]:
+    return [r for r in log_records(lab.ca_log()) if r.get("event") == "issued" and r.get("credential") == credential]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not after {timeout:g}s: {what}")
+        time.sleep(0.2)
+
+
+def inbound_mtls(orig_dst: str, peer_id: str) -> Callable[[dict[str, str]], bool]:
+    """A connection record of an inbound mTLS connection to `orig_dst` from `peer_id`."""
+    return lambda r: (
+        r.get("dir") == "inbound"
+        and r.get("orig_dst") == orig_dst
+        and r.get("peer_id") == peer_id
+        and r.get("decision") == "mtls"
+    )
+
+
+def serials(lab: Lab, pod: str) -> list[str]:
+    """The serials the CA issued to `pod`'s identity, enrolment first, in order."""
+    return [r["serial"] for r in log_records(lab.ca_log()) if r.get("event") == "issued" and r.get("spiffe_id") ==
+            IDS[pod]]  # fmt: skip
+
+
+def trickle(lab: Lab, seconds: float, seed: bytes) -> tuple[str, str]:
+    """One connection from client to web's hash app kept busy for `seconds`: 16 KiB every 50 ms, then EOF. Returns
+    the hash of what was sent and the app's answer (`<bytes> <sha256>`)."""
+    digest = hashlib.sha256()
+    total = 0
+    with lab.connect("client", lab.ip("web"), 7001, timeout=30.0) as sock:
+        deadline = time.monotonic() + seconds
+        counter = 0
+        while time.monotonic() < deadline:
+            chunk = hashlib.sha256(seed + counter.to_bytes(8, "big")).digest() * 512
+            sock.sendall(chunk)
+            digest.update(chunk)
+            total += len(chunk)
+            counter += 1
+            time.sleep(0.05)
+        sock.shutdown(socket.SHUT_WR)
+        answer = harness.read_all(sock).decode().strip()
+    return f"{total} {digest.hexdigest()}", answer
+
+
+def short_calls(lab: Lab, seconds: float) -> int:
+    """New connections (new handshakes, so the latest SVIDs) every 250 ms for `seconds`; each must echo intact.
+    Returns how many were made."""
+    made = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        payload = os.urandom(2048)
+        assert harness.exchange(lab, "client", lab.ip("web"), 7000, payload) == harness.echo_answer(payload)
+        made += 1
+        time.sleep(0.25)
+    return made
+
+
+def test_svids_come_only_from_the_ca_service_and_carry_mtls() -> None:
+    for lab in harness.open_lab(Topology(pods=PODS, identity=IdentitySpec(ttl="1h"))):
+        # No certificate or key was written for any pod: the only key files are the CA's own, in its directory.
+        assert not [path for path in lab.workdir.rglob("*.pem") if path.name in ("key.pem", "cert.pem")]
+        assert all(lab.ca_dir in path.parents for path in lab.workdir.rglob("*key*.pem"))
+        for pod in IDS:
+            token = lab.token_path(pod)
+            info = token.stat()
+            assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o400, PROXY_UID)
+            as_app = ["setpriv", f"--reuid={DEFAULT_APP_UID}", f"--regid={DEFAULT_APP_UID}", "--clear-groups"]
+            done = subprocess.run([*as_app, "cat", str(token)], capture_output=True, timeout=10, check=False)
+            assert done.returncode != 0 and not done.stdout, "the app's uid can read the sidecar's token"
+        # One enrolment per pod, with its token, for the pod's own service account.
+        issued = ca_records(lab, "token")
+        assert sorted(r["spiffe_id"] for r in issued) == sorted(IDS.values())
+        for pod in IDS:
+            assert [r for r in log_records(lab.sidecar_log(pod)) if r.get("event") == "svid_issued"]
+
+        payload = os.urandom(4096)
+        assert harness.exchange(lab, "client", lab.ip("web"), 7000, payload) == harness.echo_answer(payload)
+        harness.wait_records(
+            lab,
+            "client",
+            lambda r: r.get("dir") == "outbound" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls",
+        )
+        harness.wait_records(lab, "web", inbound_mtls(f"{lab.ip('web')}:7000", CLIENT_ID))
+        assert len(ca_records(lab, "token")) == len(IDS), "a sidecar enrolled twice"
+
+
+RENEWAL_SECONDS = 12.0  # with a 4 s lifetime renewed at half of it: about six renewals per sidecar
+
+
+def test_short_lived_svids_renew_under_continuous_traffic() -> None:
+    for lab in harness.open_lab(Topology(pods=PODS, identity=IdentitySpec(ttl="4s", renew_fraction=0.5))):
+        first = {pod: serials(lab, pod) for pod in IDS}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            streams = [pool.submit(trickle, lab, RENEWAL_SECONDS, bytes([n])) for n in range(3)]
+            calls = short_calls(lab, RENEWAL_SECONDS)
+            results = [stream.result(timeout=60) for stream in streams]
+        for sent, answer in results:
+            assert answer == sent, "a long-lived connection lost or changed bytes across renewals"
+        assert calls >= RENEWAL_SECONDS * 2
+        for pod in IDS:
+            issued = serials(lab, pod)
+            # At least four renewals during the traffic, each a new certificate.
+            assert len(issued) >= len(first[pod]) + 4, f"{pod}: {issued}"
+            assert len(set(issued)) == len(issued)
+            records = log_records(lab.sidecar_log(pod))
+            assert len([r for r in records if r.get("event") == "svid_renewed"]) >= 4
+            assert not [r for r in records if str(r.get("event", "")).endswith("_failing")]
+        assert [r for r in ca_records(lab, "svid")], "renewals did not use the SVID as credential"
+        assert len(ca_records(lab, "token")) == len(IDS), "a sidecar fell back to its token"
+        inbound = [inbound_mtls(f"{lab.ip('web')}:{port}", CLIENT_ID) for port in (7000, 7001)]
+        harness.wait_records(lab, "web", inbound[0], count=calls)
+        harness.wait_records(lab, "web", inbound[1], count=len(results))
