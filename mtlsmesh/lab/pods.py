@@ -399,6 +399,12 @@ class Lab:
     def ca_log(self) -> str:
         return self.ca_log_path.read_text(errors="replace")
 
+    def ca_command(self, *args: str) -> str:
+        """`mtlsmesh ca ARGS` run as root with the lab's environment and its output: the operator's steps on the CA
+        directory (`ca init`, `ca bundle`, `ca rotate`), which the running CA service follows without a restart.
+        They touch files only, so they run outside every namespace."""
+        return netns.run([self.python, "-m", "mtlsmesh", "ca", *args], env=child_env())
+
     def _ca_processes(self) -> list[_Process]:
         return [] if self._ca is None else [self._ca]
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
-from mtlsmesh.conventions import PROXY_UID
-from mtlsmesh.lab.pods import Lab, log_records
+from mtlsmesh.conventions import ADMIN_PORT, PROXY_UID
+from mtlsmesh.lab.pods import Lab, http_get, log_records
 from mtlsmesh.lab.topology import DEFAULT_APP_UID, AppSpec, IdentitySpec, PodSpec, Topology
 from tests.e2e import harness
 
@@ -69,15 +72,15 @@ def serials(lab: Lab, pod: str) -> list[str]:
             IDS[pod]]  # fmt: skip
 
 
-def trickle(lab: Lab, seconds: float, seed: bytes) -> tuple[str, str]:
-    """One connection from client to web's hash app kept busy for `seconds`: 16 KiB every 50 ms, then EOF. Returns
-    the hash of what was sent and the app's answer (`<bytes> <sha256>`)."""
+def trickle(lab: Lab, seconds: float, seed: bytes, stop: threading.Event | None = None) -> tuple[str, str]:
+    """One connection from client to web's hash app kept busy for `seconds` (or until `stop` is set): 16 KiB every
+    50 ms, then EOF. Returns the hash of what was sent and the app's answer (`<bytes> <sha256>`)."""
     digest = hashlib.sha256()
     total = 0
     with lab.connect("client", lab.ip("web"), 7001, timeout=30.0) as sock:
         deadline = time.monotonic() + seconds
         counter = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             chunk = hashlib.sha256(seed + counter.to_bytes(8, "big")).digest() * 512
             sock.sendall(chunk)
             digest.update(chunk)
@@ -171,6 +174,14 @@ def test_ca_outage_breaks_no_connection_and_renewals_resume() -> None:
         check_outage(lab)
 
 
+def has_event(lab: Lab, pod: str, name: str) -> bool:
+    return bool(events(lab, pod, name))
+
+
+def issued_at_least(lab: Lab, pod: str, count: int) -> bool:
+    return len(serials(lab, pod)) >= count
+
+
 def check_outage(lab: Lab) -> None:
     """Two connections stream across a CA outage longer than a renewal period and its restart."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -187,12 +198,84 @@ def check_outage(lab: Lab) -> None:
         assert lab.ca_pid() != old_pid
         for pod in IDS:
             # A retry comes at most 8 s (the fourth backoff step) after the restart; a renewal follows.
-            wait_for(f"{pod} recovered", lambda pod=pod: bool(events(lab, pod, "svid_renewal_recovered")), 15.0)
-            wait_for(f"{pod} renewed again", lambda pod=pod: len(serials(lab, pod)) >= issued_before[pod] + 2,
-                     10.0)  # fmt: skip
+            wait_for(f"{pod} recovered", partial(has_event, lab, pod, "svid_renewal_recovered"), 15.0)
+            renewed = partial(issued_at_least, lab, pod, issued_before[pod] + 2)
+            wait_for(f"{pod} renewed again", renewed, 10.0)
         # New connections handshake with the SVIDs issued after the restart.
         assert short_calls(lab, 1.0) >= 2
         results = [stream.result(timeout=60) for stream in streams]
     for sent, answer in results:
         assert answer == sent, "a connection open across the CA's outage lost or changed bytes"
     harness.wait_records(lab, "web", inbound_mtls(f"{lab.ip('web')}:7001", CLIENT_ID), count=len(results))
+
+
+def ca_events(lab: Lab, name: str) -> list[dict[str, str]]:
+    return [r for r in log_records(lab.ca_log()) if r.get("event") == name]
+
+
+def certs(lab: Lab, pod: str) -> dict[str, object]:
+    """The sidecar's admin `/certs` (its current SVID and the roots it trusts), asked from inside the pod."""
+    status, body = http_get(lab.pod_ns(pod), "127.0.0.1", ADMIN_PORT, "/certs")
+    assert status == 200
+    answer = json.loads(body)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def roots_of(lab: Lab, pod: str) -> int:
+    roots = certs(lab, pod)["roots"]
+    assert isinstance(roots, list)
+    return len(roots)
+
+
+def trusts(lab: Lab, pod: str, count: int) -> bool:
+    return roots_of(lab, pod) == count
+
+
+def test_root_rotation_with_traffic_at_every_step() -> None:
+    for lab in harness.open_lab(Topology(pods=PODS, identity=IdentitySpec(ttl="4s", renew_fraction=0.5))):
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            stream = pool.submit(trickle, lab, 90.0, b"rotation", stop)
+            try:
+                check_rotation(lab)
+            finally:
+                stop.set()
+            sent, answer = stream.result(timeout=60)
+        assert answer == sent, "the connection open across the whole rotation lost or changed bytes"
+
+
+def check_rotation(lab: Lab) -> None:
+    """README "Rotating the root", each step followed by the CA and by both sidecars, with new connections after
+    each step."""
+    ca_dir, next_dir = lab.ca_dir, lab.workdir / "ca-next"
+    bundle = str(ca_dir / "bundle.pem")
+    (old_signer,) = {r["signer"] for r in ca_events(lab, "ready")}
+    assert all(roots_of(lab, pod) == 1 for pod in IDS)
+
+    # (a) the new root is trusted everywhere: the CA serves both, the sidecars get them with their renewals.
+    lab.ca_command("init", "--dir", str(next_dir), "--trust-domain", "cluster.local")
+    lab.ca_command("bundle", "--bundle", bundle, "--add", str(next_dir / "root.pem"))
+    wait_for("the CA serves two roots", lambda: any(r.get("roots") == "2" for r in ca_events(lab, "reloaded")), 10.0)
+    for pod in IDS:
+        wait_for(f"{pod} trusts both roots", partial(trusts, lab, pod, 2), 15.0)
+    assert short_calls(lab, 1.0) >= 2
+
+    # (b) new SVIDs come from the new root; for a while old and new SVIDs meet, both trusted.
+    lab.ca_command("rotate", "--dir", str(ca_dir), "--to", str(next_dir))
+    wait_for("the CA signs with the new root", lambda: any(r.get("signer") not in (None, old_signer)
+             for r in ca_events(lab, "reloaded")), 10.0)  # fmt: skip
+    after = {pod: len(serials(lab, pod)) for pod in IDS}
+    for pod in IDS:
+        # Two renewals: the SVID from before the switch has expired by then (4 s lifetime, renewed at half).
+        wait_for(f"{pod} renewed from the new root", partial(issued_at_least, lab, pod, after[pod] + 2), 15.0)
+    assert short_calls(lab, 1.0) >= 2
+
+    # (c) the old root goes; only the new one is trusted, and traffic still flows.
+    lab.ca_command("bundle", "--bundle", bundle, "--remove", str(ca_dir / "previous-root.pem"))
+    wait_for("the CA serves one root again", lambda: ca_events(lab, "reloaded")[-1].get("roots") == "1", 10.0)
+    for pod in IDS:
+        wait_for(f"{pod} trusts only the new root", partial(trusts, lab, pod, 1), 15.0)
+    assert short_calls(lab, 1.0) >= 2
+    for pod in IDS:
+        assert not [r for r in log_records(lab.sidecar_log(pod)) if str(r.get("event", "")).endswith("_failing")]
