@@ -4,6 +4,7 @@ service-account token only it can read, then renews with its SVID.
 
 The pods: `web` (echo on 7000, hash on 7001) and `client`, both in the mesh. Each test builds its own lab, as the
 SVID lifetime differs between them; every lab is torn down and checked for leftovers even when a test fails.
+A last test kills a lab's process outright: `netns.cleanup_stale` still ends the CA service it left running.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +27,8 @@ from functools import partial
 import pytest
 
 from mtlsmesh.conventions import ADMIN_PORT, PROXY_UID
-from mtlsmesh.lab.pods import Lab, http_get, log_records
+from mtlsmesh.lab import netns
+from mtlsmesh.lab.pods import Lab, child_env, http_get, log_records
 from mtlsmesh.lab.topology import DEFAULT_APP_UID, AppSpec, IdentitySpec, PodSpec, Topology
 from tests.e2e import harness
 
@@ -279,3 +284,41 @@ def check_rotation(lab: Lab) -> None:
     assert short_calls(lab, 1.0) >= 2
     for pod in IDS:
         assert not [r for r in log_records(lab.sidecar_log(pod)) if str(r.get("event", "")).endswith("_failing")]
+
+
+# A child process that builds an identity-mode lab, prints its prefix and the CA's and the sidecar's PIDs, then
+# waits to be killed.
+CHILD = textwrap.dedent(
+    """
+    import signal
+    from mtlsmesh.lab.pods import Lab
+    from mtlsmesh.lab.topology import IdentitySpec, PodSpec, Topology
+    with Lab(Topology(pods=(PodSpec("a"),), identity=IdentitySpec()), tag="mmi") as lab:
+        print(lab.prefix, lab.ca_pid(), lab.sidecar_pid("a"), flush=True)
+        signal.pause()
+    """
+)
+
+
+def test_cleanup_stale_ends_the_ca_service_of_a_killed_lab() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], env=child_env(), stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    prefix = ""
+    try:
+        assert child.stdout is not None
+        words = child.stdout.readline().split()
+        assert len(words) == 3, "the child lab did not start"
+        prefix, pids = words[0], [int(word) for word in words[1:]]
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        assert all(netns.alive(pid) for pid in pids), "the CA and the sidecar outlive a SIGKILLed lab"
+        netns.cleanup_stale(prefix)
+        assert not harness.leftovers(prefix)
+        assert not [pid for pid in pids if netns.alive(pid)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if prefix:
+            netns.cleanup_stale(prefix)
