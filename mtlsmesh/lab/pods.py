@@ -231,7 +231,8 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        # Apps and tcpdump first, then the sidecars (they drain), all signalled at once and then waited for.
+        # Apps and tcpdump first, then the sidecars (they drain) and the CA service, all signalled at once and then
+        # waited for.
         procs = [*self._others, *self._apps.values(), *self._sidecars.values(), *self._ca_processes()]
         for proc in procs:
             if proc.running():
