@@ -30,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         "the mesh, and show the capture rules, the identities each sidecar saw and the encrypted wire.",
     )
     parser.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
+    parser.add_argument(
+        "--identity", action="store_true", help="get the SVIDs from the CA service with the pods' tokens, not files"
+    )
     parser.add_argument("--requests", type=int, default=3, help="requests to send through the mesh (default 3)")
     parser.add_argument(
         "--cleanup-stale", action="store_true", help="remove namespaces left by a killed demo or test run, and exit"

@@ -8,7 +8,9 @@ logged the peer identity of each hop, the wire (a tcpdump on the node-side veth 
 TLS records and never the plaintext marker, and the capture rules' packet counters moved. It ends with PASS or
 FAIL and the matching exit status (0 or 1; 2 when the lab cannot be built).
 
-`--keep` leaves the lab running and prints how to step into a pod; Ctrl-C tears it down.
+`--keep` leaves the lab running and prints how to step into a pod; Ctrl-C tears it down. `--identity` runs the
+same mesh in identity mode (the lab plays the cluster: the sidecars enrol with the CA service using their pods'
+service-account tokens, no SVID file exists) and also shows and checks each pod's enrolment.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mtlsmesh.lab.topology import (
     FIRST_SERVICE_HOST,
     SERVICE_NETWORK,
     AppSpec,
+    IdentitySpec,
     PodSpec,
     ServiceSpec,
     Topology,
@@ -49,7 +52,7 @@ def service_url(name: str, path: str) -> str:
     return f"{name}=http://{vip}:{APP_PORT}/{path}"
 
 
-def bookinfo() -> Topology:
+def bookinfo(*, identity: bool = False) -> Topology:
     def http_app(name: str, *extra: str, ports: tuple[int, ...] = (APP_PORT,)) -> AppSpec:
         port_args = [arg for port in ports for arg in ("--port", str(port))]
         return AppSpec(name, ("http", "--name", name, *port_args, *extra), ports=ports)
@@ -79,6 +82,7 @@ def bookinfo() -> Topology:
             PodSpec("legacy", mesh=False, apps=(http_app("legacy", ports=(LEGACY_PORT,)),)),
         ),
         services=tuple(ServiceSpec(name, APP_PORT, name, APP_PORT) for name in SERVICES),
+        identity=IdentitySpec() if identity else None,
     )
 
 
@@ -122,6 +126,9 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         print(f"  {pod.spec.name:<12} {pod.ip!s:<14} ns={lab.pod_ns(pod.spec.name):<22} {identity}")
     for service in plan.services:
         print(f"  service {service.spec.name:<12} {service.vip}:{service.spec.port} -> {service.target_ip}")
+
+    if plan.topology.identity is not None:
+        show_enrolments(lab, report)
 
     marker = f"SECRET-PLAINTEXT-{os.getpid()}-{time.time_ns()}"
     section(f"{requests} requests: sleep -> productpage VIP (marker {marker})")
@@ -225,6 +232,20 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     rules = lab.nat_rules("productpage")
     print("\n".join("  " + line for line in rules.splitlines()))
     report.check("the capture chains counted packets", _chain_counted(rules, "MTLSMESH_OUTPUT", "MTLSMESH_INBOUND"))
+
+
+def show_enrolments(lab: Lab, report: Report) -> None:
+    """Identity mode: what the CA service logged for each enrolment, checked against the mesh pods."""
+    section(f"identities from the CA service ({lab.ca_log_path}), enrolled with each pod's service-account token")
+    issued = [r for r in log_records(lab.ca_log()) if r.get("event") == "issued" and r.get("credential") == "token"]
+    for record in issued:
+        print(f"  {record.get('client', '?'):<20} {record.get('spiffe_id')} serial={record.get('serial', '?')[:16]}")
+    expected = sorted(str(pod.spiffe_id) for pod in lab.plan.pods if pod.spiffe_id is not None)
+    report.check(
+        "each mesh pod enrolled once with its token", sorted(r.get("spiffe_id", "") for r in issued) == expected
+    )
+    key_files = list(lab.workdir.rglob("key.pem"))
+    report.check("no SVID key file exists for any pod", not key_files, ", ".join(str(path) for path in key_files))
 
 
 def _with_peer(direction: str, peer_id: str) -> Callable[[dict[str, str]], bool]:
@@ -336,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     print(f"building the lab: node namespace, bridge, pods, capture rules, SVIDs, sidecars (uid {PROXY_UID}), apps ...")
     started = time.monotonic()
-    with Lab(bookinfo()) as lab:
+    with Lab(bookinfo(identity=args.identity)) as lab:
         print(f"  ready in {time.monotonic() - started:.1f}s (prefix {lab.prefix})")
         run_demo(lab, report, args.requests)
         section("summary")

@@ -11,6 +11,13 @@
    and a wait for `/healthz/ready` on 15021 from the node, as a kubelet probes;
 5. each pod's apps, as their own uids, and a wait for their ports.
 
+In identity mode (`Topology(identity=IdentitySpec(...))`) the lab plays the cluster instead of handing out SVID
+files: it keeps a service-account token issuer (`cluster.TokenIssuer`, its key in memory) and writes its JWKS,
+saves its CA in a root-only directory and runs `mtlsmesh ca serve` on the node's bridge address
+(`topology.CA_ADDRESS`, port 15012), and gives each mesh pod a projected-like token readable by uid 1337 alone
+(mode 0400), the CA's bundle for first contact and a sidecar config with an `identity:` section. No certificate
+or key is written for a pod: each sidecar makes its key in memory and enrols with the CA service.
+
 Everything is named `<tag><pid><letter>-...` so parallel runs never collide, and torn down on exit, Ctrl-C,
 SIGTERM, interpreter exit and failure part-way: processes first (by PID), then namespaces, then the temp dir.
 `netns.cleanup_stale(prefix)` removes what a killed run left.
@@ -41,12 +48,15 @@ from pathlib import Path
 import yaml
 
 import mtlsmesh
-from mtlsmesh import ca
+from mtlsmesh import ca, pem
+from mtlsmesh.caproto import CA_PORT
 from mtlsmesh.conventions import HEALTH_PORT, KEY_FILE, PROXY_GID, PROXY_UID, SVID_FILES
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import TrustDomain
 from mtlsmesh.lab import netns
+from mtlsmesh.lab.cluster import TokenIssuer
 from mtlsmesh.lab.topology import (
+    CA_ADDRESS,
     GATEWAY,
     AppSpec,
     Plan,
@@ -54,6 +64,7 @@ from mtlsmesh.lab.topology import (
     Topology,
     plan_topology,
     render_capture_args,
+    render_identity_config,
     render_service_rules,
     render_sidecar_config,
 )
@@ -62,6 +73,9 @@ DEFAULT_TAG = "mm"
 REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
 READY_TIMEOUT = 30.0  # a sidecar imports trio, OpenSSL and cryptography on a busy machine
 APP_TIMEOUT = 15.0
+CA_TIMEOUT = 30.0  # the CA service imports as much as a sidecar does
+CA_RELOAD_INTERVAL = "500ms"  # how soon the CA service sees a changed CA directory (a root rotation)
+TOKEN_FILE = "token"  # in the pod's token directory, as a projected volume names it
 STOP_GRACE = 5.0  # after SIGTERM, before SIGKILL: the sidecars drain for `timeouts.drain` (1s in the lab)
 
 _letters = itertools.count()
@@ -128,6 +142,8 @@ class Lab:
         self.bridge = f"{self.prefix}br"
         self.workdir = Path()
         self.authority: ca.Authority | None = None
+        self.issuer: TokenIssuer | None = None  # identity mode only
+        self._ca: _Process | None = None  # identity mode: the `mtlsmesh ca serve` process
         self._namespaces: list[str] = []
         self._sidecars: dict[str, _Process] = {}
         self._apps: dict[tuple[str, str], _Process] = {}
@@ -183,6 +199,8 @@ class Lab:
                 netns.run(netns.ns_exec(self.node_ns, ["iptables-restore", "--noflush"]), input_text=self._rules())
             now = datetime.datetime.now(datetime.UTC)
             self.authority = ca.create_ca(TrustDomain(self.plan.topology.trust_domain), now=now)
+            if self.plan.topology.identity is not None:
+                self._init_cluster()
             mesh = [pod for pod in self.plan.pods if pod.spiffe_id is not None]
             for pod in mesh:
                 self._init_pod(pod)
@@ -213,8 +231,9 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        # Apps and tcpdump first, then the sidecars (they drain), all signalled at once and then waited for.
-        procs = [*self._others, *self._apps.values(), *self._sidecars.values()]
+        # Apps and tcpdump first, then the sidecars (they drain) and the CA service, all signalled at once and then
+        # waited for.
+        procs = [*self._others, *self._apps.values(), *self._sidecars.values(), *self._ca_processes()]
         for proc in procs:
             if proc.running():
                 with contextlib.suppress(ProcessLookupError):
@@ -276,6 +295,9 @@ class Lab:
         name = pod.spec.name
         argv = [self.python, "-m", "mtlsmesh", "iptables", *render_capture_args(pod.spec)]
         self.run_in(name, argv)
+        if self.plan.topology.identity is not None:
+            self._init_identity_pod(pod)
+            return
         svid_dir = self.pod_dir(name) / "svid"
         svid_dir.mkdir(mode=0o700)
         os.chown(svid_dir, PROXY_UID, PROXY_GID)
@@ -295,6 +317,8 @@ class Lab:
         planned = self.plan.pod(pod)
         if planned.spiffe_id is None or self.authority is None:
             raise LabError(f"pod {pod} is outside the mesh and has no SVID")
+        if self.plan.topology.identity is not None:
+            raise LabError(f"pod {pod} gets its SVID from the CA service (identity mode), not from files")
         issued = ca.issue_svid(self.authority, planned.spiffe_id, now=datetime.datetime.now(datetime.UTC))
         svid_dir = self.pod_dir(pod) / "svid"
         version = svid_dir / f"..{next(self._rotations)}"
@@ -316,6 +340,98 @@ class Lab:
         if previous is not None:
             shutil.rmtree(previous)  # as the kubelet does once the new version is in place
         return version
+
+    # -- identity mode: the lab plays the cluster -------------------------------------------------------------------
+
+    @property
+    def ca_dir(self) -> Path:
+        """The CA directory `mtlsmesh ca serve` serves from (identity mode); root only, it holds the CA's key."""
+        return self.workdir / "ca"
+
+    @property
+    def ca_log_path(self) -> Path:
+        return self.workdir / "ca.log"
+
+    def _init_cluster(self) -> None:
+        assert self.authority is not None
+        self.ca_dir.mkdir(mode=0o700)
+        ca.save_authority(self.authority, self.ca_dir)
+        self.issuer = TokenIssuer()
+        self.issuer.write_jwks(self.workdir / "jwks.json")
+        self.start_ca()
+
+    def start_ca(self) -> None:
+        """Run `mtlsmesh ca serve` in the node namespace on the bridge address, as root (it reads the CA's key), and
+        wait until it accepts connections. Also after `stop_ca`."""
+        identity = self.plan.topology.identity
+        if identity is None or self.issuer is None:
+            raise LabError("this lab is not in identity mode: it runs no CA service")
+        if self._ca is not None and self._ca.running():
+            raise LabError("the CA service is running already")
+        argv = [
+            self.python, "-m", "mtlsmesh", "ca", "serve",
+            "--dir", str(self.ca_dir),
+            "--listen", f"{CA_ADDRESS}:{CA_PORT}",
+            "--token-issuer", self.issuer.issuer,
+            "--token-jwks", str(self.workdir / "jwks.json"),
+            "--token-audience", self.issuer.audience,
+            "--ttl", identity.ttl,
+            "--reload-interval", CA_RELOAD_INTERVAL,
+        ]  # fmt: skip
+        proc = self._ca = self._spawn("ca", self.node_ns, argv, self.ca_log_path)
+        netns.wait_port(self.node_ns, str(CA_ADDRESS), CA_PORT, timeout=CA_TIMEOUT, alive=proc.running)
+
+    def stop_ca(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the CA service (by its PID) and wait for it to exit; `start_ca` runs it again."""
+        if self._ca is None:
+            raise LabError("this lab runs no CA service")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._ca.popen.pid, sig)
+        try:
+            self._ca.popen.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            netns.stop_pid(self._ca.popen.pid)
+
+    def ca_pid(self) -> int:
+        if self._ca is None:
+            raise LabError("this lab runs no CA service")
+        return self._ca.popen.pid
+
+    def ca_log(self) -> str:
+        return self.ca_log_path.read_text(errors="replace")
+
+    def ca_command(self, *args: str) -> str:
+        """`mtlsmesh ca ARGS` run as root with the lab's environment and its output: the operator's steps on the CA
+        directory (`ca init`, `ca bundle`, `ca rotate`), which the running CA service follows without a restart.
+        They touch files only, so they run outside every namespace."""
+        return netns.run([self.python, "-m", "mtlsmesh", "ca", *args], env=child_env())
+
+    def _ca_processes(self) -> list[_Process]:
+        return [] if self._ca is None else [self._ca]
+
+    def token_path(self, pod: str) -> Path:
+        return self.pod_dir(pod) / "token" / TOKEN_FILE
+
+    def _init_identity_pod(self, pod: PlannedPod) -> None:
+        # What the pod spec's volumes would hold: a projected service-account token only the sidecar's uid reads,
+        # and the CA's bundle (public, as a ConfigMap would carry it). No certificate, no key.
+        assert self.issuer is not None and self.authority is not None
+        name = pod.spec.name
+        token_dir = self.token_path(name).parent
+        token_dir.mkdir(mode=0o500)
+        token = self.issuer.token(pod.spec.namespace, pod.spec.account, name)
+        fd = os.open(self.token_path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+        os.chown(self.token_path(name), PROXY_UID, PROXY_GID)
+        os.chown(token_dir, PROXY_UID, PROXY_GID)
+        bundle = self.pod_dir(name) / "ca-bundle.pem"
+        bundle.write_bytes(pem.render_certificates(self.authority.roots))
+        bundle.chmod(0o644)
+        config = render_identity_config(self.plan, name, str(self.token_path(name)), str(bundle))
+        config_path = self.pod_dir(name) / "sidecar.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config_path.chmod(0o644)
 
     def _spawn(
         self, name: str, ns: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None
@@ -465,7 +581,7 @@ class Lab:
 
     def processes(self) -> list[int]:
         """PIDs of the processes this lab started that are still running."""
-        procs = [*self._others, *self._apps.values(), *self._sidecars.values()]
+        procs = [*self._others, *self._apps.values(), *self._sidecars.values(), *self._ca_processes()]
         return [proc.popen.pid for proc in procs if proc.popen.poll() is None]
 
     @contextlib.contextmanager

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mtlsmesh.addresses import host_port
+from mtlsmesh.caproto import CA_PORT
 from mtlsmesh.conventions import (
     ADMIN_PORT,
     APP_SOURCE,
@@ -42,6 +43,10 @@ SERVICE_NETWORK = ipaddress.IPv4Network("198.19.0.0/24")
 FIRST_SERVICE_HOST = 10
 SERVICES_CHAIN = "MTLSMESH_LAB_SERVICES"  # the node's KUBE-SERVICES
 DEFAULT_APP_UID = 1000
+# Identity mode: the CA service listens on the node's bridge address, which every pod routes through. It is no mesh
+# destination (those are pod addresses and Service VIPs), and the sidecars' own connections (uid 1337) are never
+# captured, so they reach it directly.
+CA_ADDRESS = GATEWAY
 
 _POD_NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
 
@@ -91,10 +96,21 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentitySpec:
+    """Identity mode: the lab plays the cluster (a token issuer, `mtlsmesh ca serve` on the node) and every mesh
+    sidecar enrols with its projected token instead of reading SVID files. `ttl` is both what the sidecars ask for
+    and the longest lifetime the CA grants; `renew_fraction` is the sidecars' renewal point."""
+
+    ttl: str = "1h"
+    renew_fraction: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     pods: tuple[PodSpec, ...]
     services: tuple[ServiceSpec, ...] = ()
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    identity: IdentitySpec | None = None  # None: each pod gets SVID files from the lab's CA (file mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +193,32 @@ def merge_config(base: Mapping[str, object], override: Mapping[str, object]) -> 
 
 
 def render_sidecar_config(plan: Plan, pod_name: str, cert: str, key: str, bundle: str) -> dict[str, object]:
-    """The sidecar config mapping for one mesh pod (serialize with yaml.safe_dump).
+    """The sidecar config mapping for one mesh pod reading its SVID from files (serialize with yaml.safe_dump).
+
+    See `_render_config` for the rest of it.
+    """
+    source = {"credentials": {"cert": cert, "key": key, "bundle": bundle, "reload_interval": "500ms"}}
+    return _render_config(plan, pod_name, source)
+
+
+def render_identity_config(plan: Plan, pod_name: str, token: str, bundle: str) -> dict[str, object]:
+    """The sidecar config mapping for one mesh pod in identity mode: its SVID from the CA service at
+    `CA_ADDRESS`, enrolling with the projected token file `token`, trusting `bundle` on first contact."""
+    spec = plan.topology.identity
+    if spec is None:
+        raise LabError("this topology is not in identity mode")
+    section: dict[str, object] = {
+        "ca_address": host_port(str(CA_ADDRESS), CA_PORT),
+        "token": token,
+        "bundle": bundle,
+        "ttl": spec.ttl,
+        "renew_fraction": spec.renew_fraction,
+    }
+    return _render_config(plan, pod_name, {"identity": section})
+
+
+def _render_config(plan: Plan, pod_name: str, source: Mapping[str, object]) -> dict[str, object]:
+    """The config around the SVID source `source` (a `credentials:` or an `identity:` section).
 
     Every mesh pod's address is a mesh destination expecting that pod's identity, and every Service VIP in front
     of a mesh pod expects its backend's identity (secure naming); anything else is outside the mesh.
@@ -196,7 +237,7 @@ def render_sidecar_config(plan: Plan, pod_name: str, cert: str, key: str, bundle
             )
     base: dict[str, object] = {
         "trust_domain": plan.topology.trust_domain,
-        "credentials": {"cert": cert, "key": key, "bundle": bundle, "reload_interval": "500ms"},
+        **source,
         "outbound": {
             "enabled": True,
             "listen": host_port("0.0.0.0", OUTBOUND_PORT),

@@ -1,4 +1,5 @@
-"""End-to-end: `mtlsmesh demo`, the README's main command, passes and leaves nothing behind."""
+"""End-to-end: `mtlsmesh demo`, the README's main command, passes and leaves nothing behind, with SVID files and in
+identity mode (the SVIDs from the CA service)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from tests.e2e import harness
 pytestmark = pytest.mark.root
 
 
-def test_demo_passes_and_cleans_up() -> None:
+@pytest.mark.parametrize(
+    ("flags", "evidence"),
+    [
+        ((), ()),
+        (("--identity",), ("[PASS] each mesh pod enrolled once with its token", "[PASS] no SVID key file exists")),
+    ],
+)
+def test_demo_passes_and_cleans_up(flags: tuple[str, ...], evidence: tuple[str, ...]) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-m", "mtlsmesh", "demo", "--requests", "2"],
+        [sys.executable, "-m", "mtlsmesh", "demo", "--requests", "2", *flags],
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -28,8 +36,13 @@ def test_demo_passes_and_cleans_up() -> None:
         assert child.returncode == 0, out[-3000:]
         assert out.rstrip().endswith("PASS")
         assert "[FAIL]" not in out
-        for evidence in ("MTLSMESH_OUTPUT", "application_data", "peer_id=spiffe://cluster.local/ns/default/sa/"):
-            assert evidence in out
+        for shown in (
+            "MTLSMESH_OUTPUT",
+            "application_data",
+            "peer_id=spiffe://cluster.local/ns/default/sa/",
+            *evidence,
+        ):
+            assert shown in out
         # Checked before the safety net below: the demo itself must have removed all of it.
         assert not harness.leftovers(prefix)
     finally:

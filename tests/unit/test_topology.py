@@ -10,13 +10,16 @@ import yaml
 from mtlsmesh import config
 from mtlsmesh.errors import LabError
 from mtlsmesh.lab.topology import (
+    CA_ADDRESS,
     AppSpec,
+    IdentitySpec,
     PodSpec,
     ServiceSpec,
     Topology,
     merge_config,
     plan_topology,
     render_capture_args,
+    render_identity_config,
     render_service_rules,
     render_sidecar_config,
 )
@@ -141,3 +144,21 @@ def test_every_rendered_config_passes_the_sidecar_parser() -> None:
         "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
         "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
     ]
+
+
+def test_identity_config_enrols_with_the_ca_on_the_node_instead_of_reading_files() -> None:
+    plan = plan_topology(Topology(pods=TOPOLOGY.pods, identity=IdentitySpec(ttl="6s", renew_fraction=0.4)))
+    rendered = render_identity_config(plan, "reviews", "/p/token/token", "/p/ca-bundle.pem")
+    assert "credentials" not in rendered
+    parsed = config.parse_config(yaml.safe_load(yaml.safe_dump(rendered)), "reviews")
+    assert parsed.credentials is None and parsed.identity is not None
+    assert (parsed.identity.ca_address.host, parsed.identity.ca_address.port) == (str(CA_ADDRESS), 15012)
+    assert (parsed.identity.token, parsed.identity.bundle) == ("/p/token/token", "/p/ca-bundle.pem")
+    assert (parsed.identity.ttl, parsed.identity.renew_fraction) == (6.0, 0.4)
+    # The CA's address is no mesh destination: the sidecar dials it directly (its uid is never captured anyway).
+    assert not any(ipaddress.ip_address(CA_ADDRESS) in cidr for d in parsed.outbound.destinations for cidr in d.cidrs)
+
+
+def test_identity_config_needs_identity_mode() -> None:
+    with pytest.raises(LabError, match="not in identity mode"):
+        render_identity_config(plan_topology(TOPOLOGY), "reviews", "/t", "/b")
