@@ -7,7 +7,8 @@ issuer whose JWKS file the service reads. Keys live in tmp_path only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -140,3 +141,15 @@ def token_for(lab: CaLab, namespace: str = "default", service_account: str = "re
 
 def workload(namespace: str = "default", service_account: str = "reviews") -> str:
     return str(workload_id(TD, namespace, service_account))
+
+
+async def eventually(check: Callable[[], object], timeout: float = 15.0) -> None:
+    """Poll `check` (plain or async) until it gives something true, within `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await trio.sleep(0.05)

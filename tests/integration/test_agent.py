@@ -6,10 +6,9 @@ again, a trust bundle change, and a CA that is not who it should be.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from mtlsmesh.cli import main
 from mtlsmesh.config import IdentityConfig, ListenAddr
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
-from tests.integration.castack import LOOPBACK, CaLab, make_ca_dir, running_ca
+from tests.integration.castack import LOOPBACK, CaLab, eventually, make_ca_dir, running_ca
 from tests.pki import TD
 
 
@@ -51,17 +50,6 @@ def agent_for(
 
 def lines(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if f"event={event} " in r.getMessage() + " "]
-
-
-async def eventually(check: Callable[[], object], timeout: float = 15.0) -> None:
-    with trio.fail_after(timeout):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await trio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -5,10 +5,8 @@ with, its metrics, and two replicas on one directory.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from cryptography import x509
 from mtlsmesh import ca, caclient, caserver, handshake, http11, pem, tls
 from mtlsmesh.cli import main
 from mtlsmesh.errors import CertificateError, ConfigError
-from tests.integration.castack import CaLab, endpoint, enroll, make_ca_dir, renew, running_ca, token_for
+from tests.integration.castack import CaLab, endpoint, enroll, eventually, make_ca_dir, renew, running_ca, token_for
 from tests.integration.mesh import connect
 
 
@@ -31,18 +29,6 @@ def lab(tmp_path: Path) -> CaLab:
 @pytest.fixture(autouse=True)
 def ca_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mtlsmesh")
-
-
-async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    """Poll `check` (plain or async) until it gives something true; the CA polls its directory every 0.1 s."""
-    with trio.fail_after(timeout):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await trio.sleep(0.05)
 
 
 async def served_certificate(port: int, roots: tuple[x509.Certificate, ...]) -> x509.Certificate:
