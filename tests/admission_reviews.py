@@ -49,8 +49,9 @@ from mtlsmesh.lab.pods import log_records
 WEBHOOK_DNS = "mtlsmesh-webhook.mtlsmesh-system.svc"  # what the webhook's SVID is issued for, as deploy/ says
 TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
-# Kinds whose pods the webhook sees, and where the template is.
+# Where each kind keeps its pod template, written out here independently of mtlsmesh.inject (the tests' oracle).
 TEMPLATE_PATHS = {
+    "Pod": (),
     "Deployment": ("spec", "template"),
     "StatefulSet": ("spec", "template"),
     "DaemonSet": ("spec", "template"),

@@ -37,29 +37,12 @@ from mtlsmesh.inject import (
 )
 from mtlsmesh.manifest import parse_manifests
 from tests import golden
+from tests.admission_reviews import template_of
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
 CASES = sorted(p.name.removesuffix(".yaml") for p in GOLDEN.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
 KINDS = ["pod", "deployment", "statefulset", "daemonset", "job", "cronjob", "replicaset", "replicationcontroller"]
-
-TEMPLATE_PATH = {
-    "Pod": (),
-    "Deployment": ("spec", "template"),
-    "StatefulSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"),
-    "ReplicaSet": ("spec", "template"),
-    "ReplicationController": ("spec", "template"),
-    "Job": ("spec", "template"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template"),
-}
-
-
-def template_of(doc: dict[str, Any]) -> dict[str, Any]:
-    node = doc
-    for key in TEMPLATE_PATH[doc["kind"]]:
-        node = node[key]
-    return node
 
 
 def deployment(annotations: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
