@@ -50,7 +50,7 @@ test-lowest: debs
 	$(LOW_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
 bench: debs $(STAMP)
-	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq stunnel4 iperf3 wrk >/dev/null; fi
+	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq stunnel4 haproxy iperf3 wrk >/dev/null; fi
 	$(PY) -m bench
 
 clean:

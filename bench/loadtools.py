@@ -1,7 +1,8 @@
 """Small load tools the benchmark runs inside the namespaces: `python -m bench.loadtools <tool> ...`.
 
 - `echo-server`: echoes every byte back (the backend for latency and idle connections).
-- `http-server`: answers every request with a tiny 200 and closes (the backend for connections per second).
+- `http-server`: answers `GET /1k` with a 1 KiB body and keeps the connection (the backend for kept-alive small
+  requests); answers any other request with a tiny 200 and closes (the backend for connections per second).
 - `latency`: N round trips of a fixed-size message on one kept-alive connection; prints JSON percentiles.
 - `idle`: opens N connections, proves each reaches the backend with a one-byte echo, prints `ready <n>`, and holds
   them until its stdin closes; bounded in time.
@@ -21,6 +22,12 @@ import time
 from bench.stats import percentile
 
 HTTP_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nok"
+SMALL_BODY = bytes(range(256)) * 4  # 1 KiB
+HTTP_SMALL = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: application/octet-stream\r\n\r\n" % len(SMALL_BODY)
+    + SMALL_BODY
+)
+MAX_REQUEST = 65536
 
 
 class _Echo(asyncio.Protocol):
@@ -43,10 +50,15 @@ class _Http(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if b"\r\n\r\n" in self.buffer:
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+            if head.startswith(b"GET /1k ") and b"connection: close" not in head.lower():
+                self.transport.write(HTTP_SMALL)
+                continue
             self.transport.write(HTTP_RESPONSE)
             self.transport.close()
-        elif len(self.buffer) > 65536:
+            return
+        if len(self.buffer) > MAX_REQUEST:
             self.transport.abort()
 
 

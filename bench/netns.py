@@ -106,6 +106,17 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of `pid` and all its descendants, in KiB: shared pages split among their users."""
+    total = 0
+    for member in _descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total
+
+
 class Lab:
     """Namespaces `<tag><pid>a` and `<tag><pid>b`, veth `<tag><pid>a` (in A) <-> `<tag><pid>b` (in B)."""
 

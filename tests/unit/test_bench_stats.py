@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from bench import profile, stats
+from bench import certs, profile, proxies, stats
 
 
 @pytest.mark.parametrize(
@@ -48,15 +50,69 @@ def test_target_met(target: stats.Target, ratio: float | None, value: float | No
     assert target.met(ratio, value) is met
 
 
-def test_table_shows_medians_ratio_and_verdict() -> None:
+def test_table_shows_medians_ratios_and_verdict_against_the_best_c_peer() -> None:
     results = {
-        "stunnel": {"tput1": [100.0, 300.0, 200.0], "mem": [250.0]},
-        "mtlsmesh": {"tput1": [260.0, 280.0, 270.0], "mem": [60.0]},
+        "stunnel": {"tput1": [100.0, 300.0, 200.0], "mem": [250.0], "p50": [200.0]},
+        "haproxy": {"tput1": [240.0], "mem": [60.0], "p50": [300.0]},
+        "mtlsmesh": {"tput1": [260.0, 280.0, 270.0], "mem": [50.0], "p50": [250.0]},
+        "direct": {"tput1": [900.0], "p50": [20.0]},
     }
     table = stats.render_table(results)
-    assert "| throughput, 1 stream | Mbit/s | 200 | 270 | 1.35x | >= 1.3x | yes | 3/3 |" in table
-    assert "| memory per idle connection | KiB | 250 | 60.0 | 0.24x | <= 50 KiB | NO | 1/1 |" in table
-    assert "| new connections (full mTLS) | conn/s | - | - | - | >= 1.3x | - | 0/0 |" in table
+    # Higher is better: the best C peer is haproxy (240 > 200), 270 / 240 = 1.125.
+    assert (
+        "| throughput, 1 stream | Mbit/s | 200 | 240 | 270 | 900 | 1.35x | 1.12x (haproxy) | >= 1.0x | yes | 3/1/3/1 |"
+        in table
+    )
+    # Lower is better: the best C peer is haproxy (60 < 250).
+    assert (
+        "| memory per idle connection | KiB | 250 | 60.0 | 50.0 | - | 0.20x | 0.83x (haproxy) "
+        "| <= 1.0x | yes | 1/1/1/0 |" in table
+    )
+    # Lower is better, and stunnel is the best here: 250 / 200 = 1.25, above the target.
+    assert (
+        "| 64 B round trip p50 | us | 200 | 300 | 250 | 20.0 | 1.25x | 1.25x (stunnel) | <= 1.0x | NO | 1/1/1/1 |"
+        in table
+    )
+    assert "| new connections (full mTLS) | conn/s | - | - | - | - | - | - | >= 1.0x | - | 0/0/0/0 |" in table
+
+
+def test_best_c_peer_ignores_mtlsmesh_and_the_no_tunnel_path() -> None:
+    metric = next(m for m in stats.METRICS if m.key == "rps")
+    results = {"stunnel": {"rps": [10.0]}, "haproxy": {"rps": [12.0, 14.0]}, "mtlsmesh": {"rps": [99.0]},
+               "direct": {"rps": [500.0]}}  # fmt: skip
+    assert stats.best_c_peer(metric, results) == ("haproxy", 13.0)
+    assert stats.best_c_peer(metric, {"mtlsmesh": {"rps": [1.0]}}) is None
+
+
+@pytest.mark.parametrize(
+    ("noise", "cpus", "expected"),
+    [
+        ([0.01, 0.02, 0.03], 2, "median 2%, max 3% of one CPU, on 2 CPUs; a quiet run"),
+        ([0.1, 0.6, 0.7], 2, "median 60%, max 70% of one CPU, on 2 CPUs; the machine was busy"),
+        ([0.05, 0.55], 4, "median 30%, max 55% of one CPU, on 4 CPUs; a quiet run"),
+        ([], 2, "noise: not measured"),
+    ],
+)
+def test_noise_line_says_whether_the_run_was_quiet(noise: list[float], cpus: int, expected: str) -> None:
+    assert expected in stats.render_noise(noise, cpus)
+
+
+def test_haproxy_config_requires_and_verifies_client_certificates_without_resumption(tmp_path: Path) -> None:
+    svid = certs.SvidFiles("spiffe://cluster.local/ns/bench/sa/x", tmp_path / "c", tmp_path / "k", tmp_path / "b")
+    material = certs.BenchCerts(client=svid, server=svid)
+    server = proxies.render_haproxy_conf(proxies.HAPROXY, material, client=False, pem=tmp_path / "s.pem")
+    client = proxies.render_haproxy_conf(proxies.HAPROXY, material, client=True, pem=tmp_path / "c.pem")
+    for service, port in proxies.HAPROXY.front_ports.items():
+        assert (
+            f"bind 198.18.9.2:{port} ssl crt {tmp_path / 's.pem'} ca-file {tmp_path / 'b'} verify required "
+            "ssl-min-ver TLSv1.3 no-tls-tickets" in server
+        )
+        assert f"server app 127.0.0.1:{proxies.BACKEND_PORTS[service]}" in server
+        assert (
+            f"server peer 198.18.9.2:{port} ssl crt {tmp_path / 'c.pem'} ca-file {tmp_path / 'b'} "
+            "verify required ssl-min-ver TLSv1.3 no-ssl-reuse" in client
+        )
+    assert "mode tcp" in server and "mode tcp" in client
 
 
 @pytest.mark.parametrize(
