@@ -6,9 +6,11 @@ issued from that authority at start, its key in memory only) in a TLS 1.3 server
 `http/1.1`, asks for a client certificate without requiring one and lets OpenSSL verify one that is sent, and the
 trust bundle it serves. `check_once` (polled by `serve_reload`) swaps in a new generation when the CA directory
 changed and has stopped changing for one poll (an operator's copy of several files is read once it is complete),
-reissues the service's own SVID at half its life, and rereads the token issuer's JWKS; a directory or a JWKS that
-does not load is logged and refused while the old one keeps serving. New handshakes use the new generation, open
-connections keep theirs.
+reissues the service's own SVID at half its life, and rereads the token issuer's JWKS file; a directory or a JWKS
+that does not load is logged and refused while the old one keeps serving. A JWKS URL (`jwtverify.KeyUrl`) is
+fetched before the port serves and then by a task of its own, again at once (rate-limited) for a token whose
+`kid` it does not know; until a first fetch works, tokens are refused 503 with the reason and renewals with an
+SVID are served. New handshakes use the new generation, open connections keep theirs.
 
 A request (`handle`) is judged in this order: the credential (a service-account token in `Authorization: Bearer`,
 else the caller's current SVID as TLS client certificate), the rate limit of that identity (a token bucket), the
@@ -44,12 +46,12 @@ from cryptography import x509
 from OpenSSL import SSL
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from mtlsmesh import ca, caproto, handshake, http11, jwtverify, pem, svid, tls
+from mtlsmesh import ca, caproto, handshake, http11, jwtverify, kubeapi, pem, svid, tls
 from mtlsmesh.addresses import WILDCARD_HOSTS, unmapped_host_port
 from mtlsmesh.caproto import Refusal
 from mtlsmesh.config import ListenAddr
 from mtlsmesh.errors import CertificateError, ConfigError, HandshakeError, IdentityError, MeshError
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.runtime import render_kv
 from mtlsmesh.tokens import TokenError, TokenPolicy
 
@@ -74,7 +76,7 @@ class ServeConfig:
     directory: str
     listen: tuple[ListenAddr, ...]
     policy: TokenPolicy
-    jwks: str  # a file
+    jwks: str  # a file, or an https URL
     ttl: timedelta = DEFAULT_TTL  # the longest SVID it issues, and the lifetime of its own
     metrics_listen: ListenAddr | None = None
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
@@ -85,6 +87,13 @@ class ServeConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     limits: http11.Limits = LIMITS
+    # A JWKS URL: whom to trust for it (None: the system's roots), the bearer token file to send (None: none),
+    # how often to fetch it, and how soon again for a token with an unknown kid.
+    jwks_ca: str | None = None
+    jwks_token: str | None = None
+    jwks_refresh: float = jwtverify.DEFAULT_REFRESH
+    jwks_min_refetch: float = jwtverify.DEFAULT_MIN_REFETCH
+    jwks_timeout: float = kubeapi.DEFAULT_TIMEOUT
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +290,14 @@ class CaService:
         self.cfg = cfg
         self.metrics = Metrics()
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
-        self.keys = jwtverify.KeyFile(jwtverify.check_jwks_source(cfg.jwks))
+        source = jwtverify.check_jwks_source(cfg.jwks)
+        self.keys: jwtverify.KeyFile | jwtverify.KeyUrl
+        if isinstance(source, kubeapi.HttpsUrl):
+            client = kubeapi.Client(cfg.jwks_ca, cfg.jwks_token, cfg.jwks_timeout)
+            self.keys = jwtverify.KeyUrl(source, client, refresh=cfg.jwks_refresh, min_refetch=cfg.jwks_min_refetch)
+        else:
+            self.keys = jwtverify.KeyFile(source)
+        self._jwks_failures = 0  # of self.keys, as counted in the metrics
         self.state = State()
         stamp = stamp_directory(cfg.directory)
         self.current = self._generation(load_directory(cfg.directory), stamp, previous=None)
@@ -314,10 +330,10 @@ class CaService:
             self._reload(stamp)
         elif datetime.now(UTC) >= self.current.renew_own_at:
             self._rotate_own()
-        failures = self.keys.reload_failures
-        self.keys.check_once()
-        if self.keys.reload_failures > failures:
-            self.metrics.reload_failures.inc(self.keys.reload_failures - failures)
+        self.keys.check_once()  # a URL is fetched by its own task (serve); its failures are counted here too
+        if self.keys.reload_failures > self._jwks_failures:
+            self.metrics.reload_failures.inc(self.keys.reload_failures - self._jwks_failures)
+            self._jwks_failures = self.keys.reload_failures
 
     def _reload(self, stamp: DirStamp) -> None:
         old = self.current
@@ -372,16 +388,33 @@ class CaService:
 
     # --- requests ----------------------------------------------------------------------------------------------
 
-    def _authenticate(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> SpiffeId:
+    async def _verify_token(self, token: str, trust_domain: TrustDomain) -> SpiffeId:
+        keys = self.keys
+        if isinstance(keys, jwtverify.KeyUrl) and not keys.current.keys:
+            await keys.refetch()  # at most once per min_refetch, whoever asks
+            if not keys.current.keys:
+                message = f"the token issuer's keys are not available: {keys.problem}"
+                raise Refusal(caproto.UNAVAILABLE, "jwks_unavailable", message)
+        try:
+            return jwtverify.verify_token(token, self.cfg.policy, keys.current.keys, trust_domain)
+        except jwtverify.UnknownKidError as exc:
+            # A key the issuer may have rotated in since the last fetch: fetch again (rate-limited), judge again.
+            if not isinstance(keys, jwtverify.KeyUrl) or not await keys.refetch():
+                raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+        except TokenError as exc:
+            raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+        try:
+            return jwtverify.verify_token(token, self.cfg.policy, keys.current.keys, trust_domain)
+        except TokenError as exc:
+            raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+
+    async def _authenticate(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> SpiffeId:
         trust_domain = self.current.authority.trust_domain
         header = request.header("authorization")
         if header is not None:
             outcome.credential = "token"
             token = caproto.bearer_token(header)
-            try:
-                spiffe_id = jwtverify.verify_token(token, self.cfg.policy, self.keys.current.keys, trust_domain)
-            except TokenError as exc:
-                raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+            spiffe_id = await self._verify_token(token, trust_domain)
         elif caller.svid is not None or caller.svid_problem is not None:
             outcome.credential = "svid"
             if caller.svid is None:
@@ -411,8 +444,8 @@ class CaService:
             raise Refusal(caproto.FORBIDDEN, "not_allowed", f"{spiffe_id} is the CA's own identity; it is never issued")
         return spiffe_id
 
-    def _sign(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> caproto.SignResponse:
-        spiffe_id = self._authenticate(caller, request, outcome)
+    async def _sign(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> caproto.SignResponse:
+        spiffe_id = await self._authenticate(caller, request, outcome)
         wait = self.limiter.allow(str(spiffe_id))
         if wait:
             seconds = math.ceil(wait)
@@ -453,7 +486,7 @@ class CaService:
         if request.method != "POST":
             return self._refusal(caller, outcome, Refusal(caproto.METHOD_NOT_ALLOWED, "method", "use POST"))
         try:
-            answer = self._sign(caller, request, outcome)
+            answer = await self._sign(caller, request, outcome)
         except Refusal as refusal:
             return self._refusal(caller, outcome, refusal)
         self.metrics.issued.labels(outcome.credential).inc()
@@ -579,8 +612,12 @@ class CaService:
         for name, listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             self.state.bound.setdefault(name, (str(host), int(port)))
+        if isinstance(self.keys, jwtverify.KeyUrl):
+            await self.keys.fetch()  # a failure is logged; tokens wait for the keys, renewals are served meanwhile
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.serve_reload)
+            if isinstance(self.keys, jwtverify.KeyUrl):
+                nursery.start_soon(self.keys.run)
             for name, listener in listeners:
                 if name == "metrics":
                     nursery.start_soon(self._serve_metrics, listener)
