@@ -25,7 +25,8 @@ The CA is stateless: serials are random, the bundle's sequence is derived from t
 and several replicas can serve one directory side by side.
 
 What it does not: parse flags (see `cli.ca`), keep any record of what it issued, revoke, or ask the Kubernetes API
-whether a token's pod still exists; it never writes a file.
+whether a token's pod still exists; it never writes a file. With `publish` set it keeps the trust bundle ConfigMap
+current (`bundlepublish`, a task of its own); that is its one write, and through the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from cryptography import x509
 from OpenSSL import SSL
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from mtlsmesh import ca, caproto, handshake, http11, jwtverify, kubeapi, pem, svid, tls
+from mtlsmesh import bundlepublish, ca, caproto, handshake, http11, jwtverify, kubeapi, pem, svid, tls
 from mtlsmesh.addresses import WILDCARD_HOSTS, unmapped_host_port
 from mtlsmesh.caproto import Refusal
 from mtlsmesh.config import ListenAddr
@@ -94,6 +95,7 @@ class ServeConfig:
     jwks_refresh: float = jwtverify.DEFAULT_REFRESH
     jwks_min_refetch: float = jwtverify.DEFAULT_MIN_REFETCH
     jwks_timeout: float = kubeapi.DEFAULT_TIMEOUT
+    publish: bundlepublish.PublishConfig | None = None  # the trust bundle ConfigMap to keep current, if any
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,9 +304,16 @@ class CaService:
         stamp = stamp_directory(cfg.directory)
         self.current = self._generation(load_directory(cfg.directory), stamp, previous=None)
         self._seen = stamp  # the directory as the last poll saw it
+        self.publisher: bundlepublish.BundlePublisher | None = None
+        if cfg.publish is not None:
+            self.publisher = bundlepublish.BundlePublisher(cfg.publish, self.bundle_pem)
         self._attempted = stamp  # the directory as last loaded (or refused)
 
     # --- generations -------------------------------------------------------------------------------------------
+
+    def bundle_pem(self) -> bytes:
+        """The roots the service trusts now, as PEM: what the trust bundle ConfigMap holds."""
+        return pem.render_certificates(self.current.bundle.roots)
 
     def _generation(self, authority: ca.Authority, stamp: DirStamp, previous: Generation | None) -> Generation:
         now = datetime.now(UTC)
@@ -618,6 +627,8 @@ class CaService:
             nursery.start_soon(self.serve_reload)
             if isinstance(self.keys, jwtverify.KeyUrl):
                 nursery.start_soon(self.keys.run)
+            if self.publisher is not None:
+                nursery.start_soon(self.publisher.run, self.cfg.reload_interval)
             for name, listener in listeners:
                 if name == "metrics":
                     nursery.start_soon(self._serve_metrics, listener)

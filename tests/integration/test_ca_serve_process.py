@@ -24,7 +24,7 @@ from tests.integration.castack import CaLab, make_csr
 from tests.jwt_issuer import AUDIENCE, ISSUER
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}, "PYTHONPATH": str(ROOT)}
 
 
 def serve_args(lab: CaLab, *extra: str) -> list[str]:
@@ -52,6 +52,10 @@ def lab(tmp_path: Path) -> CaLab:
         (["--token-jwks", "https://[::1/jwks"], r"--token-jwks: 'https://\[::1/jwks' is not a URL: Invalid IPv6"),
         (["--token-jwks-bearer", "/var/token"], r"--token-jwks-bearer: goes with an https URL for --token-jwks"),
         (["--token-jwks", "/nonexistent/jwks.json"], r"/nonexistent/jwks.json: cannot read the JWKS"),
+        (["--publish-bundle", "nope"], r"--publish-bundle: 'nope' is not NAMESPACE/NAME of a ConfigMap"),
+        (["--kube-token", "/var/token"], r"--kube-token: goes with --publish-bundle"),
+        (["--publish-bundle", "a/b", "--kube-api", "http://k"], r"--kube-api: 'http://k': plain http is refused"),
+        (["--publish-bundle", "a/b"], r"--kube-api: not running in a cluster \(no KUBERNETES_SERVICE_HOST\)"),
         (["--dir", "/nonexistent/ca"], r"/nonexistent/ca: no CA directory here"),
         (["--san", "not a name"], r"'not a name' is not a valid DNS name"),
         (["--token-issuer", " "], r"--token-issuer: must not be empty"),

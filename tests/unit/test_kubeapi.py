@@ -46,3 +46,9 @@ def test_the_api_server_is_found_as_client_go_finds_it(monkeypatch: pytest.Monke
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     with pytest.raises(ConfigError, match=r"--kube-api: not running in a cluster \(no KUBERNETES_SERVICE_HOST\)"):
         kubeapi.in_cluster_url("--kube-api")
+
+
+def test_the_cli_names_the_same_service_account_files() -> None:
+    from mtlsmesh.cli.ca import kubeapi_sa
+
+    assert (kubeapi_sa("ca.crt"), kubeapi_sa("token")) == (kubeapi.SA_CA_FILE, kubeapi.SA_TOKEN_FILE)
