@@ -33,7 +33,7 @@ from mtlsmesh.errors import ConfigError
 log = logging.getLogger("mtlsmesh.ca")
 
 DEFAULT_KEY = "bundle.pem"
-DEFAULT_RESYNC = 300.0
+DEFAULT_RESYNC = 60.0  # seconds: a GET per minute and replica, so a ConfigMap someone overwrote is put right soon
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
 MERGE_PATCH = "application/merge-patch+json"

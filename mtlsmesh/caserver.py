@@ -102,22 +102,34 @@ class ServeConfig:
 # The CA directory
 
 
+def key_mode_problem(mode: int, file_gid: int, euid: int, egid: int) -> str | None:
+    """Why a CA key with these permission bits may not be used, or None. Owner-only (0600, 0400) always passes.
+    Group *read* passes only for a process that is not root and whose own group owns the file: what a Kubernetes
+    Secret volume gives a pod with `fsGroup` equal to its `runAsGroup` (the kubelet turns 0400 into 0440 and
+    gives the file that group; kubernetes/kubernetes#57923). Anything for others, or group write, never passes."""
+    group_read_ok = euid != 0 and file_gid == egid and not mode & (stat.S_IWGRP | stat.S_IXGRP)
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not group_read_ok):
+        return (
+            f"is accessible by group or others (mode {mode:04o}); the CA's key must be 0600 or 0400, or 0440 in the "
+            f"CA process's own group (a pod's fsGroup equal to its runAsGroup)"
+        )
+    return None
+
+
 def check_key_modes(directory: str | os.PathLike[str]) -> None:
-    """The CA's private keys must be readable by their owner alone (0600 or 0400): refuse them otherwise."""
+    """The CA's private keys must be readable by their owner alone (or the CA's own group, see
+    `key_mode_problem`): refuse them otherwise."""
     for name in KEY_FILES:
         path = Path(directory) / name
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            info = path.stat()
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise CertificateError(
-                str(path),
-                f"is accessible by group or others (mode {mode:04o}); the CA's key must be 0600 or 0400 "
-                f"(chmod 600 {path})",
-            )
+        problem = key_mode_problem(stat.S_IMODE(info.st_mode), info.st_gid, os.geteuid(), os.getegid())
+        if problem is not None:
+            raise CertificateError(str(path), f"{problem} (chmod 600 {path})")
 
 
 DirStamp = tuple[pem.FileStamp | None, ...]
