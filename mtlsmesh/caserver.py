@@ -261,6 +261,11 @@ class Metrics:
         )
         self.roots = Gauge("mtlsmesh_ca_bundle_roots", "Roots in the trust bundle.", registry=self.registry)
         self.sequence = Gauge("mtlsmesh_ca_bundle_sequence", "The bundle's spiffe_sequence.", registry=self.registry)
+        self.configmap_current = Gauge(
+            "mtlsmesh_ca_bundle_configmap_current",
+            "1 while the trust bundle ConfigMap is known to hold the roots served (--publish-bundle), else 0.",
+            registry=self.registry,
+        )
         self.signer_expiry = Gauge(
             "mtlsmesh_ca_signer_expiry_seconds",
             "When the signing certificate expires (Unix time).",
@@ -351,6 +356,8 @@ class CaService:
             self._reload(stamp)
         elif datetime.now(UTC) >= self.current.renew_own_at:
             self._rotate_own()
+        if self.publisher is not None:
+            self.metrics.configmap_current.set(1 if self.publisher.published == self.bundle_pem() else 0)
         self.keys.check_once()  # a URL is fetched by its own task (serve); its failures are counted here too
         if self.keys.reload_failures > self._jwks_failures:
             self.metrics.reload_failures.inc(self.keys.reload_failures - self._jwks_failures)

@@ -74,6 +74,10 @@ def lines(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "mtlsmesh.ca" and f"event={event}" in r.getMessage()]
 
 
+def configmap_current(service: caserver.CaService) -> float | None:
+    return service.metrics.registry.get_sample_value("mtlsmesh_ca_bundle_configmap_current")
+
+
 def roots_in(api: ApiServer) -> list[x509.Certificate]:
     text = api.data()["bundle.pem"]
     return [] if "BEGIN CERTIFICATE" not in text else list(x509.load_pem_x509_certificates(text.encode()))
@@ -157,8 +161,10 @@ async def test_a_403_is_logged_once_with_the_api_servers_reason_and_retried(
         assert 'cannot patch resource \\"configmaps\\"' in failed or 'cannot patch resource "configmaps"' in failed
         await enroll(port, lab.roots, lab.issuer.token())
         assert api.data()["bundle.pem"] == PLACEHOLDER
+        assert configmap_current(service) == 0
         api.forbidden = False  # the Role is fixed
         await eventually(lambda: api.writes == 1)
+        await eventually(lambda: configmap_current(service) == 1)
     assert pem.render_certificates(lab.roots).decode() == api.data()["bundle.pem"]
 
 
