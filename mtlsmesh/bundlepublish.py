@@ -11,7 +11,9 @@ backoff and jitter; the CA keeps serving meanwhile. One log line per change of s
 written, or failing (again only when the reason changes).
 
 What it does not: create the ConfigMap (RBAC cannot limit `create` to one name, so the CA's Role does not have it:
-the manifests create it), delete it, watch it, or write anything but the one key.
+the manifests create it), delete it, watch it, or write anything but the one key. Nor does it coordinate replicas:
+while an updated CA Secret has reached one replica and not yet another (the kubelet syncs volumes about a minute
+apart), each writes the roots it trusts; they agree once both have the new directory.
 """
 
 from __future__ import annotations
@@ -156,17 +158,20 @@ class BundlePublisher:
             if (bundle != self.published or now >= resync_at) and now >= retry_at:
                 try:
                     wrote = await self.sync_once(bundle)
-                except PublishError as exc:
+                except Exception as exc:  # PublishError: the API's answer; anything else, a bug: the CA serves on
                     self.failures += 1
                     wait = retry * random.uniform(0.8, 1.2)
                     retry_at, retry = trio.current_time() + wait, min(retry * 2, self.cfg.max_retry)
-                    if str(exc) != self.state:
-                        self.state = str(exc)
-                        log.warning(
+                    reason = str(exc) if isinstance(exc, PublishError) else f"unexpected: {exc!r}"
+                    if reason != self.state:  # once per state: the same failure again is not logged again
+                        self.state = reason
+                        log.log(
+                            logging.WARNING if isinstance(exc, PublishError) else logging.ERROR,
                             "event=bundle_publish_failed configmap=%s reason=%r retry_in=%.1fs",
                             self.cfg.target,
-                            str(exc),
+                            reason,
                             wait,
+                            exc_info=not isinstance(exc, PublishError),
                         )
                 else:
                     self.published, retry, retry_at = bundle, self.cfg.first_retry, 0.0

@@ -426,8 +426,12 @@ class CaService:
         try:
             return jwtverify.verify_token(token, self.cfg.policy, keys.current.keys, trust_domain)
         except jwtverify.UnknownKidError as exc:
-            # A key the issuer may have rotated in since the last fetch: fetch again (rate-limited), judge again.
-            if not isinstance(keys, jwtverify.KeyUrl) or not await keys.refetch():
+            # A key the issuer may have rotated in since the last fetch: fetch again (rate-limited; or another
+            # request's fetch, or the periodic one, got there first), and judge again if the keys changed.
+            before = keys.current
+            if isinstance(keys, jwtverify.KeyUrl):
+                await keys.refetch()
+            if keys.current is before:
                 raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
         except TokenError as exc:
             raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None

@@ -221,16 +221,19 @@ class KeyUrl:
         self._last_fetch = trio.current_time()
         try:
             keys = await self._get()
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError: the server's fault; anything else, a bug that must not end the CA
             self.reload_failures += 1
-            if exc.message != self.problem:  # once per state: a failure repeating itself is not logged again
-                log.warning(
+            message = exc.message if isinstance(exc, ConfigError) else f"unexpected: {exc!r}"
+            if message != self.problem:  # once per state: the same failure again is not logged again
+                log.log(
+                    logging.WARNING if isinstance(exc, ConfigError) else logging.ERROR,
                     "event=jwks_refresh_failed url=%s reason=%r keeping=%d",
                     self.url,
-                    exc.message,
+                    message,
                     len(self.current.keys),
+                    exc_info=not isinstance(exc, ConfigError),
                 )
-            self.problem = exc.message
+            self.problem = message
             return False
         changed = keys != self.current.keys
         recovered = self.problem is not None

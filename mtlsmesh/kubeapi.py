@@ -100,7 +100,7 @@ class Client:
     timeout: float = DEFAULT_TIMEOUT
     max_answer: int = DEFAULT_MAX_ANSWER
 
-    def _context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> ssl.SSLContext:
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
@@ -126,7 +126,7 @@ class Client:
         self, method: str, url: HttpsUrl, *, body: bytes = b"", content_type: str | None = None
     ) -> http11.Answer:
         """One request and its whole answer, whatever its status; `ApiError` when there is no answer."""
-        context, token = self._context(), self._token()
+        context, token = self._tls_context(), self._token()
         headers = [("accept", "application/json"), ("user-agent", "mtlsmesh")]
         if token is not None:
             headers.append(("authorization", f"Bearer {token}"))
