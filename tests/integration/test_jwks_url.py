@@ -136,6 +136,20 @@ async def test_a_key_rotated_in_at_the_issuer_is_fetched_for_the_first_token_nam
     assert reloaded[-1].endswith("keys=1 kids=key-2")
 
 
+async def test_the_periodic_refresh_follows_the_issuer_without_any_token_asking(
+    lab: CaLab, server: HttpsPeer, pki: ServerPki, issuing: Issuing, caplog: pytest.LogCaptureFixture
+) -> None:
+    rotated = Issuer("p384", kid="key-3")
+    config = url_config(lab, server, pki, jwks_refresh=0.3, jwks_min_refetch=3600.0)  # no early fetch at all
+    async with running_ca(config) as (service, port, _):
+        issuing.issuers = [lab.issuer, rotated]  # the issuer publishes its next key before it signs with it
+        await eventually(lambda: service.keys.reloads == 2)
+        assert lines(caplog, "jwks_reloaded")[-1].endswith("keys=2 kids=key-1,key-3")
+        answer, _ = await enroll(port, lab.roots, rotated.token("default", "details"))
+        assert str(answer.spiffe_id).endswith("/sa/details")
+        await enroll(port, lab.roots, lab.issuer.token("default", "reviews"))  # both keys verify meanwhile
+
+
 async def test_unknown_kid_fetches_are_rate_limited(lab: CaLab, server: HttpsPeer, pki: ServerPki) -> None:
     # With min_refetch longer than the test, a flood of made-up kids costs the issuer no fetch at all.
     rotated = Issuer("p256", kid="key-9")
