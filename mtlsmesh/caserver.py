@@ -6,9 +6,11 @@ issued from that authority at start, its key in memory only) in a TLS 1.3 server
 `http/1.1`, asks for a client certificate without requiring one and lets OpenSSL verify one that is sent, and the
 trust bundle it serves. `check_once` (polled by `serve_reload`) swaps in a new generation when the CA directory
 changed and has stopped changing for one poll (an operator's copy of several files is read once it is complete),
-reissues the service's own SVID at half its life, and rereads the token issuer's JWKS; a directory or a JWKS that
-does not load is logged and refused while the old one keeps serving. New handshakes use the new generation, open
-connections keep theirs.
+reissues the service's own SVID at half its life, and rereads the token issuer's JWKS file; a directory or a JWKS
+that does not load is logged and refused while the old one keeps serving. A JWKS URL (`jwtverify.KeyUrl`) is
+fetched before the port serves and then by a task of its own, again at once (rate-limited) for a token whose
+`kid` it does not know; until a first fetch works, tokens are refused 503 with the reason and renewals with an
+SVID are served. New handshakes use the new generation, open connections keep theirs.
 
 A request (`handle`) is judged in this order: the credential (a service-account token in `Authorization: Bearer`,
 else the caller's current SVID as TLS client certificate), the rate limit of that identity (a token bucket), the
@@ -23,7 +25,8 @@ The CA is stateless: serials are random, the bundle's sequence is derived from t
 and several replicas can serve one directory side by side.
 
 What it does not: parse flags (see `cli.ca`), keep any record of what it issued, revoke, or ask the Kubernetes API
-whether a token's pod still exists; it never writes a file.
+whether a token's pod still exists; it never writes a file. With `publish` set it keeps the trust bundle ConfigMap
+current (`bundlepublish`, a task of its own); that is its one write, and through the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ from cryptography import x509
 from OpenSSL import SSL
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from mtlsmesh import ca, caproto, handshake, http11, jwtverify, pem, svid, tls
+from mtlsmesh import bundlepublish, ca, caproto, handshake, http11, jwtverify, kubeapi, pem, svid, tls
 from mtlsmesh.addresses import WILDCARD_HOSTS, unmapped_host_port
 from mtlsmesh.caproto import Refusal
 from mtlsmesh.config import ListenAddr
 from mtlsmesh.errors import CertificateError, ConfigError, HandshakeError, IdentityError, MeshError
-from mtlsmesh.identity import SpiffeId
+from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.runtime import render_kv
 from mtlsmesh.tokens import TokenError, TokenPolicy
 
@@ -74,7 +77,7 @@ class ServeConfig:
     directory: str
     listen: tuple[ListenAddr, ...]
     policy: TokenPolicy
-    jwks: str  # a file
+    jwks: str  # a file, or an https URL
     ttl: timedelta = DEFAULT_TTL  # the longest SVID it issues, and the lifetime of its own
     metrics_listen: ListenAddr | None = None
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
@@ -85,28 +88,48 @@ class ServeConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     limits: http11.Limits = LIMITS
+    # A JWKS URL: whom to trust for it (None: the system's roots), the bearer token file to send (None: none),
+    # how often to fetch it, and how soon again for a token with an unknown kid.
+    jwks_ca: str | None = None
+    jwks_token: str | None = None
+    jwks_refresh: float = jwtverify.DEFAULT_REFRESH
+    jwks_min_refetch: float = jwtverify.DEFAULT_MIN_REFETCH
+    jwks_timeout: float = kubeapi.DEFAULT_TIMEOUT
+    publish: bundlepublish.PublishConfig | None = None  # the trust bundle ConfigMap to keep current, if any
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The CA directory
 
 
+def key_mode_problem(mode: int, file_gid: int, euid: int, egid: int) -> str | None:
+    """Why a CA key with these permission bits may not be used, or None. Owner-only (0600, 0400) always passes.
+    Group *read* passes only for a process that is not root and whose own group owns the file: what a Kubernetes
+    Secret volume gives a pod with `fsGroup` equal to its `runAsGroup` (the kubelet turns 0400 into 0440 and
+    gives the file that group; kubernetes/kubernetes#57923). Anything for others, or group write, never passes."""
+    group_read_ok = euid != 0 and file_gid == egid and not mode & (stat.S_IWGRP | stat.S_IXGRP)
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not group_read_ok):
+        return (
+            f"is accessible by group or others (mode {mode:04o}); the CA's key must be 0600 or 0400, or 0440 in the "
+            f"CA process's own group (a pod's fsGroup equal to its runAsGroup)"
+        )
+    return None
+
+
 def check_key_modes(directory: str | os.PathLike[str]) -> None:
-    """The CA's private keys must be readable by their owner alone (0600 or 0400): refuse them otherwise."""
+    """The CA's private keys must be readable by their owner alone (or the CA's own group, see
+    `key_mode_problem`): refuse them otherwise."""
     for name in KEY_FILES:
         path = Path(directory) / name
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            info = path.stat()
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise CertificateError(str(path), f"cannot read: {exc.strerror or exc}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise CertificateError(
-                str(path),
-                f"is accessible by group or others (mode {mode:04o}); the CA's key must be 0600 or 0400 "
-                f"(chmod 600 {path})",
-            )
+        problem = key_mode_problem(stat.S_IMODE(info.st_mode), info.st_gid, os.geteuid(), os.getegid())
+        if problem is not None:
+            raise CertificateError(str(path), f"{problem} (chmod 600 {path})")
 
 
 DirStamp = tuple[pem.FileStamp | None, ...]
@@ -238,6 +261,11 @@ class Metrics:
         )
         self.roots = Gauge("mtlsmesh_ca_bundle_roots", "Roots in the trust bundle.", registry=self.registry)
         self.sequence = Gauge("mtlsmesh_ca_bundle_sequence", "The bundle's spiffe_sequence.", registry=self.registry)
+        self.configmap_current = Gauge(
+            "mtlsmesh_ca_bundle_configmap_current",
+            "1 while the trust bundle ConfigMap is known to hold the roots served (--publish-bundle), else 0.",
+            registry=self.registry,
+        )
         self.signer_expiry = Gauge(
             "mtlsmesh_ca_signer_expiry_seconds",
             "When the signing certificate expires (Unix time).",
@@ -281,14 +309,28 @@ class CaService:
         self.cfg = cfg
         self.metrics = Metrics()
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
-        self.keys = jwtverify.KeyFile(jwtverify.check_jwks_source(cfg.jwks))
+        source = jwtverify.check_jwks_source(cfg.jwks)
+        self.keys: jwtverify.KeyFile | jwtverify.KeyUrl
+        if isinstance(source, kubeapi.HttpsUrl):
+            client = kubeapi.Client(cfg.jwks_ca, cfg.jwks_token, cfg.jwks_timeout)
+            self.keys = jwtverify.KeyUrl(source, client, refresh=cfg.jwks_refresh, min_refetch=cfg.jwks_min_refetch)
+        else:
+            self.keys = jwtverify.KeyFile(source)
+        self._jwks_failures = 0  # of self.keys, as counted in the metrics
         self.state = State()
         stamp = stamp_directory(cfg.directory)
         self.current = self._generation(load_directory(cfg.directory), stamp, previous=None)
         self._seen = stamp  # the directory as the last poll saw it
+        self.publisher: bundlepublish.BundlePublisher | None = None
+        if cfg.publish is not None:
+            self.publisher = bundlepublish.BundlePublisher(cfg.publish, self.bundle_pem)
         self._attempted = stamp  # the directory as last loaded (or refused)
 
     # --- generations -------------------------------------------------------------------------------------------
+
+    def bundle_pem(self) -> bytes:
+        """The roots the service trusts now, as PEM: what the trust bundle ConfigMap holds."""
+        return pem.render_certificates(self.current.bundle.roots)
 
     def _generation(self, authority: ca.Authority, stamp: DirStamp, previous: Generation | None) -> Generation:
         now = datetime.now(UTC)
@@ -314,10 +356,12 @@ class CaService:
             self._reload(stamp)
         elif datetime.now(UTC) >= self.current.renew_own_at:
             self._rotate_own()
-        failures = self.keys.reload_failures
-        self.keys.check_once()
-        if self.keys.reload_failures > failures:
-            self.metrics.reload_failures.inc(self.keys.reload_failures - failures)
+        if self.publisher is not None:
+            self.metrics.configmap_current.set(1 if self.publisher.published == self.bundle_pem() else 0)
+        self.keys.check_once()  # a URL is fetched by its own task (serve); its failures are counted here too
+        if self.keys.reload_failures > self._jwks_failures:
+            self.metrics.reload_failures.inc(self.keys.reload_failures - self._jwks_failures)
+            self._jwks_failures = self.keys.reload_failures
 
     def _reload(self, stamp: DirStamp) -> None:
         old = self.current
@@ -372,16 +416,37 @@ class CaService:
 
     # --- requests ----------------------------------------------------------------------------------------------
 
-    def _authenticate(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> SpiffeId:
+    async def _verify_token(self, token: str, trust_domain: TrustDomain) -> SpiffeId:
+        keys = self.keys
+        if isinstance(keys, jwtverify.KeyUrl) and not keys.current.keys:
+            await keys.refetch()  # at most once per min_refetch, whoever asks
+            if not keys.current.keys:
+                message = f"the token issuer's keys are not available: {keys.problem}"
+                raise Refusal(caproto.UNAVAILABLE, "jwks_unavailable", message)
+        try:
+            return jwtverify.verify_token(token, self.cfg.policy, keys.current.keys, trust_domain)
+        except jwtverify.UnknownKidError as exc:
+            # A key the issuer may have rotated in since the last fetch: fetch again (rate-limited; or another
+            # request's fetch, or the periodic one, got there first), and judge again if the keys changed.
+            before = keys.current
+            if isinstance(keys, jwtverify.KeyUrl):
+                await keys.refetch()
+            if keys.current is before:
+                raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+        except TokenError as exc:
+            raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+        try:
+            return jwtverify.verify_token(token, self.cfg.policy, keys.current.keys, trust_domain)
+        except TokenError as exc:
+            raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+
+    async def _authenticate(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> SpiffeId:
         trust_domain = self.current.authority.trust_domain
         header = request.header("authorization")
         if header is not None:
             outcome.credential = "token"
             token = caproto.bearer_token(header)
-            try:
-                spiffe_id = jwtverify.verify_token(token, self.cfg.policy, self.keys.current.keys, trust_domain)
-            except TokenError as exc:
-                raise Refusal(caproto.UNAUTHORIZED, "bad_token", str(exc)) from None
+            spiffe_id = await self._verify_token(token, trust_domain)
         elif caller.svid is not None or caller.svid_problem is not None:
             outcome.credential = "svid"
             if caller.svid is None:
@@ -411,8 +476,8 @@ class CaService:
             raise Refusal(caproto.FORBIDDEN, "not_allowed", f"{spiffe_id} is the CA's own identity; it is never issued")
         return spiffe_id
 
-    def _sign(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> caproto.SignResponse:
-        spiffe_id = self._authenticate(caller, request, outcome)
+    async def _sign(self, caller: Caller, request: http11.Request, outcome: _Outcome) -> caproto.SignResponse:
+        spiffe_id = await self._authenticate(caller, request, outcome)
         wait = self.limiter.allow(str(spiffe_id))
         if wait:
             seconds = math.ceil(wait)
@@ -453,7 +518,7 @@ class CaService:
         if request.method != "POST":
             return self._refusal(caller, outcome, Refusal(caproto.METHOD_NOT_ALLOWED, "method", "use POST"))
         try:
-            answer = self._sign(caller, request, outcome)
+            answer = await self._sign(caller, request, outcome)
         except Refusal as refusal:
             return self._refusal(caller, outcome, refusal)
         self.metrics.issued.labels(outcome.credential).inc()
@@ -579,8 +644,14 @@ class CaService:
         for name, listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             self.state.bound.setdefault(name, (str(host), int(port)))
+        if isinstance(self.keys, jwtverify.KeyUrl):
+            await self.keys.fetch()  # a failure is logged; tokens wait for the keys, renewals are served meanwhile
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.serve_reload)
+            if isinstance(self.keys, jwtverify.KeyUrl):
+                nursery.start_soon(self.keys.run)
+            if self.publisher is not None:
+                nursery.start_soon(self.publisher.run, self.cfg.reload_interval)
             for name, listener in listeners:
                 if name == "metrics":
                     nursery.start_soon(self._serve_metrics, listener)

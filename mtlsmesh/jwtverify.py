@@ -2,27 +2,35 @@
 
 What it does: `KeyFile` reads the token issuer's JWKS (`kubectl get --raw /openid/v1/jwks`) from a file and
 polls it (stat of the resolved path, like `credentials`): a new file is read when it changes, and one that does not
-parse is logged and refused while the old keys stay in use. Only RSA and EC keys are kept (never an `oct` HMAC key,
-whatever the file says). `verify_token` checks one token: the header's algorithm (`tokens.check_header`), the key by
-`kid` (every key of the right type when the token names none), then PyJWT verifies the signature and `iss`, `aud`,
+parse is logged and refused while the old keys stay in use. `KeyUrl` fetches it from an https URL (the API
+server's `/openid/v1/jwks`, through `kubeapi`: TLS verified against a CA file, an optional bearer token, an answer
+of at most `MAX_JWKS_BYTES`, a deadline) at start and every `refresh` seconds, sooner (at most once per
+`min_refetch` seconds) when a token names a `kid` it does not know, so a key rotated in at the issuer is picked up
+at the first token signed with it. A fetch that fails or answers something unusable keeps the last good keys; the
+failure is logged when the state changes (working → failing, one failure → another, failing → working), and
+retried with capped exponential backoff. Only RSA and EC keys are kept (never an `oct` HMAC key, whatever the
+JWKS says). `verify_token` checks one token: the header's algorithm (`tokens.check_header`), the key by `kid`
+(every key of the right type when the token names none), then PyJWT verifies the signature and `iss`, `aud`,
 `exp`, `nbf`, `iat` with `tokens.LEEWAY_SECONDS` of leeway, and `tokens.service_account_id` reads the identity.
 
-What it does not: fetch keys over the network. An https URL for the JWKS is refused with a line that says how to
-save the issuer's keys to a file instead.
+What it does not: fetch over plain http (refused when the flag is read), follow OIDC discovery
+(`/.well-known/openid-configuration`; give the `jwks_uri` itself), or share keys between replicas.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import jwt
+import trio
 
-from mtlsmesh import pem, tokens
+from mtlsmesh import kubeapi, pem, tokens
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from mtlsmesh.tokens import TokenError, TokenPolicy
@@ -55,17 +63,21 @@ class IssuerKeys:
     """One reading of the JWKS: the usable public keys."""
 
     keys: tuple[IssuerKey, ...]
-    stamp: pem.FileStamp
+    stamp: pem.FileStamp | None  # None for keys fetched from a URL
 
 
-def check_jwks_source(source: str, flag: str = "--token-jwks") -> str:
-    """A JWKS location the CA can use: a file path. URLs are refused with the way to make a file."""
-    if source.lower().startswith(("https://", "http://")):
-        raise ConfigError(
-            flag,
-            "fetching the JWKS over the network is not supported; save it to a file and give its path "
-            "(kubectl get --raw /openid/v1/jwks > jwks.json)",
-        )
+class UnknownKidError(TokenError):
+    """The token names a key the issuer's JWKS, as last read, does not hold."""
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("https://", "http://"))
+
+
+def check_jwks_source(source: str, flag: str = "--token-jwks") -> str | kubeapi.HttpsUrl:
+    """A JWKS location the CA can use: a file path, or an https URL (plain http is refused)."""
+    if is_url(source):
+        return kubeapi.HttpsUrl.parse(source, flag)
     return source
 
 
@@ -153,13 +165,119 @@ class KeyFile:
         return True
 
 
+DEFAULT_REFRESH = 300.0  # seconds between two fetches of a JWKS URL that works
+DEFAULT_MIN_REFETCH = 10.0  # at most one early fetch (a token with an unknown kid) per this many seconds
+FIRST_RETRY = 1.0  # the first retry after a failed fetch; it doubles up to the refresh interval
+
+
+class KeyUrl:
+    """The issuer's keys from an https URL: fetched at start (`fetch`), then by `run` every `refresh` seconds and
+    on an unknown kid (`refetch`); the last good keys stay when a fetch fails. Before the first good fetch it has no
+    keys, and `problem` says why."""
+
+    def __init__(
+        self,
+        url: kubeapi.HttpsUrl,
+        client: kubeapi.Client,
+        *,
+        refresh: float = DEFAULT_REFRESH,
+        min_refetch: float = DEFAULT_MIN_REFETCH,
+    ) -> None:
+        self.url = url
+        self.client = kubeapi.Client(client.ca_file, client.token_file, client.timeout, MAX_JWKS_BYTES)
+        self.refresh, self.min_refetch = refresh, min_refetch
+        self.current = IssuerKeys((), None)
+        self.problem: str | None = "not fetched yet"
+        self.reloads = 0
+        self.reload_failures = 0
+        self._last_fetch = -float("inf")  # trio.current_time() of the last fetch's start
+        self._lock = trio.Lock()
+        self._retry = FIRST_RETRY
+
+    def check_once(self) -> bool:
+        """For the CA's poll, as `KeyFile`: a URL is fetched by `run` instead."""
+        return False
+
+    async def _get(self) -> tuple[IssuerKey, ...]:
+        source = str(self.url)
+        try:
+            answer = await self.client.call("GET", self.url)
+        except kubeapi.ApiError as exc:
+            raise ConfigError(source, exc.message) from None
+        if answer.status != 200:
+            snippet = answer.body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+            hint = ""
+            if answer.status in (401, 403):
+                hint = " (a bearer token of a service account bound to system:service-account-issuer-discovery?)"
+            raise ConfigError(source, f"answered {answer.status}{hint}: {snippet or 'no body'}")
+        return parse_jwks(answer.body, source)
+
+    async def fetch(self) -> bool:
+        """One fetch now; True when it worked. Never raises for what the server does."""
+        async with self._lock:
+            return await self._fetch_locked()
+
+    async def _fetch_locked(self) -> bool:
+        self._last_fetch = trio.current_time()
+        try:
+            keys = await self._get()
+        except Exception as exc:  # ConfigError: the server's fault; anything else, a bug that must not end the CA
+            self.reload_failures += 1
+            message = exc.message if isinstance(exc, ConfigError) else f"unexpected: {exc!r}"
+            if message != self.problem:  # once per state: the same failure again is not logged again
+                log.log(
+                    logging.WARNING if isinstance(exc, ConfigError) else logging.ERROR,
+                    "event=jwks_refresh_failed url=%s reason=%r keeping=%d",
+                    self.url,
+                    message,
+                    len(self.current.keys),
+                    exc_info=not isinstance(exc, ConfigError),
+                )
+            self.problem = message
+            return False
+        changed = keys != self.current.keys
+        recovered = self.problem is not None
+        self.problem = None
+        self._retry = FIRST_RETRY
+        if changed:
+            self.current = IssuerKeys(keys, None)
+            self.reloads += 1
+            kids = ",".join(key.kid or "-" for key in keys)
+            log.info("event=jwks_reloaded url=%s keys=%d kids=%s", self.url, len(keys), kids)
+        elif recovered:
+            log.info("event=jwks_recovered url=%s keys=%d", self.url, len(keys))
+        return True
+
+    async def refetch(self) -> bool:
+        """An early fetch for a token whose kid is unknown; False when one ran too recently (or it failed)."""
+        async with self._lock:
+            if trio.current_time() - self._last_fetch < self.min_refetch:
+                return False
+            return await self._fetch_locked()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fetch every `refresh` seconds while it works, with capped exponential backoff (and jitter) while not."""
+        task_status.started()
+        while True:
+            if self.problem is None:
+                wait = self.refresh
+            else:
+                wait = self._retry * random.uniform(0.8, 1.2)
+                self._retry = min(self._retry * 2, self.refresh)
+            deadline = self._last_fetch + wait
+            while trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                deadline = self._last_fetch + wait  # an early refetch meanwhile moves the next one
+            await self.fetch()
+
+
 def _candidates(header: dict[str, Any], alg: str, keys: Sequence[IssuerKey]) -> list[IssuerKey]:
     kid = header.get("kid")
     found = list(keys)
     if kid is not None:
         found = [key for key in keys if key.kid == kid]
         if not found:
-            raise TokenError(f"no key with kid {kid!r} in the issuer's JWKS (is the JWKS file current?)")
+            raise UnknownKidError(f"no key with kid {kid!r} in the issuer's JWKS (is the JWKS current?)")
     usable = [key for key in found if key.can_verify(alg)]
     if not usable:
         raise TokenError(f"the issuer has no key that verifies {alg}")

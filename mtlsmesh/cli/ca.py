@@ -8,8 +8,10 @@
     mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
     mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE]
     mtlsmesh ca rotate  --to DIR [--dir certs/ca]
-    mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE [--dir certs/ca] [--listen 0.0.0.0:15012] [--ttl 24h]
-                        [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
+    mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE_OR_HTTPS_URL [--dir certs/ca] [--ttl 24h]
+                        [--listen 0.0.0.0:15012] [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
+                        [--token-jwks-ca FILE] [--token-jwks-bearer FILE] [--token-jwks-refresh 5m]
+                        [--publish-bundle NAMESPACE/NAME [--kube-api URL] [--kube-ca FILE] [--kube-token FILE]]
 
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
@@ -122,7 +124,37 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     serve.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory, reloaded when it changes (%(default)s)")
     serve.add_argument("--listen", action="append", metavar="ADDR", help="host:port (default: 0.0.0.0:15012)")
     serve.add_argument("--token-issuer", required=True, metavar="ISSUER", help="the tokens' iss claim")
-    serve.add_argument("--token-jwks", required=True, metavar="FILE", help="the issuer's JWKS, reloaded on change")
+    serve.add_argument(
+        "--token-jwks",
+        required=True,
+        metavar="FILE_OR_HTTPS_URL",
+        help="the issuer's JWKS: a file, reloaded on change, or an https URL, fetched periodically",
+    )
+    serve.add_argument(
+        "--token-jwks-ca",
+        metavar="FILE",
+        help="the CA certificates that verify the JWKS URL's server (default: the in-cluster service account's "
+        "ca.crt when it exists, else the system's roots)",
+    )
+    serve.add_argument(
+        "--token-jwks-bearer",
+        metavar="FILE",
+        help="send this token file's content as Authorization: Bearer to the JWKS URL (default: none)",
+    )
+    serve.add_argument("--token-jwks-refresh", default="5m", metavar="DURATION", help="default: %(default)s")
+    serve.add_argument(
+        "--publish-bundle",
+        metavar="NAMESPACE/NAME",
+        help="keep this ConfigMap's bundle.pem equal to the roots the CA trusts, through the Kubernetes API (off if "
+        "unset)",
+    )
+    serve.add_argument(
+        "--kube-api",
+        metavar="URL",
+        help="the API server (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)",
+    )
+    serve.add_argument("--kube-ca", metavar="FILE", help=f"the API server's CA (default: {kubeapi_sa('ca.crt')})")
+    serve.add_argument("--kube-token", metavar="FILE", help=f"the bearer token (default: {kubeapi_sa('token')})")
     serve.add_argument("--token-audience", default="mtlsmesh-ca", metavar="AUD", help="default: %(default)s")
     serve.add_argument("--ttl", default="24h", help="the longest SVID lifetime it grants (default: %(default)s)")
     serve.add_argument("--metrics-listen", metavar="ADDR", help="serve GET /metrics (Prometheus) here; off if unset")
@@ -150,6 +182,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     rotate.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory to switch (default: %(default)s)")
     rotate.add_argument("--to", required=True, metavar="DIR", help="the CA directory whose signer takes over")
     rotate.set_defaults(run=run_rotate)
+
+
+def kubeapi_sa(name: str) -> str:
+    # The in-cluster service account's files (kubeapi.SERVICE_ACCOUNT_DIR), named without importing the service.
+    return f"/var/run/secrets/kubernetes.io/serviceaccount/{name}"
 
 
 def _now() -> datetime:
@@ -501,7 +538,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import prometheus_client
     import trio
 
-    from mtlsmesh import caproto, caserver, schema
+    from mtlsmesh import bundlepublish, caproto, caserver, jwtverify, kubeapi, schema
     from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
     from mtlsmesh.config import parse_listen_addr
     from mtlsmesh.tokens import TokenPolicy
@@ -516,6 +553,34 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(flag, f"must be a positive number (got {rate})")
     if args.rate_burst < 1:
         raise ConfigError("--rate-burst", "must be at least 1 (one request)")
+    jwks_ca, jwks_bearer = args.token_jwks_ca, args.token_jwks_bearer
+    if jwtverify.is_url(args.token_jwks):
+        jwtverify.check_jwks_source(args.token_jwks)  # plain http is refused here, before anything is read
+        if jwks_ca is None:
+            jwks_ca = kubeapi.default_file(kubeapi.SA_CA_FILE)
+    elif jwks_ca is not None or jwks_bearer is not None:
+        flag = "--token-jwks-ca" if jwks_ca is not None else "--token-jwks-bearer"
+        raise ConfigError(flag, "goes with an https URL for --token-jwks, not a file")
+    publish = None
+    if args.publish_bundle is not None:
+        target = bundlepublish.Target.parse(args.publish_bundle, "--publish-bundle")
+        api = kubeapi.HttpsUrl.parse(args.kube_api, "--kube-api") if args.kube_api else None
+        publish = bundlepublish.PublishConfig(
+            target,
+            api or kubeapi.in_cluster_url("--kube-api"),
+            kubeapi.Client(
+                args.kube_ca or kubeapi.default_file(kubeapi.SA_CA_FILE),
+                args.kube_token or kubeapi.default_file(kubeapi.SA_TOKEN_FILE),
+            ),
+        )
+    else:
+        for flag, value in (
+            ("--kube-api", args.kube_api),
+            ("--kube-ca", args.kube_ca),
+            ("--kube-token", args.kube_token),
+        ):
+            if value is not None:
+                raise ConfigError(flag, "goes with --publish-bundle")
     cfg = caserver.ServeConfig(
         directory=args.dir,
         listen=listen,
@@ -528,6 +593,10 @@ def run_serve(args: argparse.Namespace) -> int:
         extra_names=tuple(args.san),
         rate_burst=args.rate_burst,
         rate_per_second=args.rate,
+        jwks_ca=jwks_ca,
+        jwks_token=jwks_bearer,
+        jwks_refresh=schema.duration(args.token_jwks_refresh, "--token-jwks-refresh", positive=True),
+        publish=publish,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

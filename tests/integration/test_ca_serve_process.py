@@ -11,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,7 +26,7 @@ from tests.integration.castack import CaLab, make_csr
 from tests.jwt_issuer import AUDIENCE, ISSUER
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}, "PYTHONPATH": str(ROOT)}
 
 
 def serve_args(lab: CaLab, *extra: str) -> list[str]:
@@ -48,8 +50,14 @@ def lab(tmp_path: Path) -> CaLab:
         (["--rate", "-1"], r"--rate: must be a positive number"),
         (["--rate-burst", "0.5"], r"--rate-burst: must be at least 1"),
         (["--reload-interval", "0s"], r"--reload-interval: must be greater than zero"),
-        (["--token-jwks", "https://kubernetes.default.svc/openid/v1/jwks"], r"--token-jwks: fetching the JWKS"),
+        (["--token-jwks", "http://kubernetes.default.svc/openid/v1/jwks"], r"--token-jwks: .*plain http is refused"),
+        (["--token-jwks", "https://[::1/jwks"], r"--token-jwks: 'https://\[::1/jwks' is not a URL: Invalid IPv6"),
+        (["--token-jwks-bearer", "/var/token"], r"--token-jwks-bearer: goes with an https URL for --token-jwks"),
         (["--token-jwks", "/nonexistent/jwks.json"], r"/nonexistent/jwks.json: cannot read the JWKS"),
+        (["--publish-bundle", "nope"], r"--publish-bundle: 'nope' is not NAMESPACE/NAME of a ConfigMap"),
+        (["--kube-token", "/var/token"], r"--kube-token: goes with --publish-bundle"),
+        (["--publish-bundle", "a/b", "--kube-api", "http://k"], r"--kube-api: 'http://k': plain http is refused"),
+        (["--publish-bundle", "a/b"], r"--kube-api: not running in a cluster \(no KUBERNETES_SERVICE_HOST\)"),
         (["--dir", "/nonexistent/ca"], r"/nonexistent/ca: no CA directory here"),
         (["--san", "not a name"], r"'not a name' is not a valid DNS name"),
         (["--token-issuer", " "], r"--token-issuer: must not be empty"),
@@ -88,12 +96,13 @@ def test_a_missing_required_flag_is_argparse_usage_and_exit_2(lab: CaLab) -> Non
 
 
 @asynccontextmanager
-async def ca_process(lab: CaLab) -> AsyncIterator[tuple[trio.Process, int, list[str]]]:
+async def ca_process(lab: CaLab, **popen: Any) -> AsyncIterator[tuple[trio.Process, int, list[str]]]:
     process = await trio.lowlevel.open_process(
         serve_args(lab, "--listen", "127.0.0.1:0", "--reload-interval", "200ms"),
         stderr=subprocess.PIPE,
         cwd=ROOT,
         env=ENV,
+        **popen,
     )
     lines: list[str] = []
     ports: list[int] = []
@@ -159,3 +168,52 @@ async def test_curl_gets_the_bundle_and_an_svid(lab: CaLab, tmp_path: Path) -> N
     assert any("event=refused" in line and "refusal=no_credential" in line for line in lines)
     assert any("event=signal signal=SIGTERM" in line for line in lines)
     assert not any("Traceback" in line for line in lines)
+
+
+CA_UID = CA_GID = 1337  # deploy/ca: runAsUser, runAsGroup and fsGroup
+
+
+@pytest.fixture
+def shared_lab() -> Iterator[CaLab]:
+    """A lab another uid can reach (tmp_path's parents are root's alone), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="mtlsmesh-ca-uid-"))
+    try:
+        root.chmod(0o755)
+        lab = CaLab.create(root)
+        lab.jwks.chmod(0o644)
+        yield lab
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=True)
+
+
+def as_a_secret_volume_with_fsgroup(lab: CaLab, gid: int) -> None:
+    """What the kubelet makes of the CA Secret with defaultMode 0400 and fsGroup: root's files, the pod's group,
+    and group read added (kubernetes/kubernetes#57923)."""
+    for path in lab.ca_dir.iterdir():
+        os.chown(path, 0, gid)
+        path.chmod(0o440 if path.name.endswith("-key.pem") else 0o444)
+    os.chown(lab.ca_dir, 0, gid)
+    lab.ca_dir.chmod(0o2750)  # the volume's directory: the group's, setgid, as the kubelet leaves it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the CA as another uid")
+async def test_a_non_root_ca_serves_with_its_key_in_its_own_group(shared_lab: CaLab) -> None:
+    as_a_secret_volume_with_fsgroup(shared_lab, CA_GID)
+    async with ca_process(shared_lab, user=CA_UID, group=CA_GID, extra_groups=[]) as (_, port, lines):
+        fetched = await curl("--cacert", str(shared_lab.ca_dir / "bundle.pem"), f"https://127.0.0.1:{port}/v1/bundle")
+    assert fetched.returncode == 0, fetched.stderr
+    assert caproto.parse_bundle(fetched.stdout).roots == shared_lab.roots
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the CA as another uid")
+def test_a_non_root_ca_refuses_a_key_another_group_can_read(shared_lab: CaLab) -> None:
+    as_a_secret_volume_with_fsgroup(shared_lab, CA_GID)
+    os.chown(shared_lab.ca_dir / "root-key.pem", 0, 0)  # this one in group root, not the CA's
+    result = subprocess.run(
+        serve_args(shared_lab, "--listen", "127.0.0.1:0"), capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=ENV, user=CA_UID, group=CA_GID, extra_groups=[],
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.search(r"root-key\.pem: is accessible by group or others \(mode 0440\); .* own group", line), line

@@ -144,9 +144,9 @@ def test_a_key_others_can_read_stops_the_start(lab: CaLab) -> None:
     caserver.CaService(lab.config())  # owner read-only is fine
 
 
-def test_a_jwks_url_or_a_missing_file_stops_the_start(lab: CaLab) -> None:
-    with pytest.raises(ConfigError, match="--token-jwks: fetching the JWKS over the network is not supported"):
-        caserver.CaService(lab.config(jwks="https://kubernetes.default.svc/openid/v1/jwks"))
+def test_a_plain_http_jwks_url_or_a_missing_file_stops_the_start(lab: CaLab) -> None:
+    with pytest.raises(ConfigError, match="--token-jwks: 'http://kubernetes/openid/v1/jwks': plain http is refused"):
+        caserver.CaService(lab.config(jwks="http://kubernetes/openid/v1/jwks"))
     with pytest.raises(ConfigError, match="cannot read the JWKS: No such file"):
         caserver.CaService(lab.config(jwks=str(lab.root / "absent.json")))
 

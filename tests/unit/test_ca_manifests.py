@@ -1,6 +1,8 @@
 """The CA service's manifests (deploy/ca), checked offline like the rest of deploy/: every object validates
 against the pinned Kubernetes schemas and the pod rules the schemas miss, the flags are the ones `mtlsmesh ca
-serve` parses, the CA's key Secret is mounted by the CA alone, and the CA gets no Kubernetes API access at all.
+serve` parses, the CA's key Secret is mounted by the CA alone, the CA runs as non-root with its key in its own group,
+and its Kubernetes API access is exactly the two things it does: read the token issuer's keys, and get and patch
+the one trust bundle ConfigMap.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from typing import Any
 
 import yaml
 
-from mtlsmesh import caproto
+from mtlsmesh import bundlepublish, caproto, caserver, kubeapi
 from mtlsmesh.cli import build_parser
 from mtlsmesh.cli.ca import parse_ttl
 from tests.unit.test_manifests import DEPLOY, check_pod_spec, load_documents, validate
 
 CA = DEPLOY / "ca"
-RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+TRUST_BUNDLE = "mtlsmesh-trust-bundle"
+RBAC_GROUP = "rbac.authorization.k8s.io"
+CA_SUBJECT = {"kind": "ServiceAccount", "name": "mtlsmesh-ca", "namespace": caproto.CA_NAMESPACE}
 
 
 def ca_docs() -> list[dict[str, Any]]:
@@ -29,7 +33,7 @@ def deployment() -> dict[str, Any]:
 
 def test_every_object_validates() -> None:
     docs = ca_docs()
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service"]
     for doc in docs:
         validate(doc, "deploy/ca/ca.yaml")
     check_pod_spec(deployment()["spec"]["template"]["spec"], "deploy/ca/ca.yaml: Deployment mtlsmesh-ca")
@@ -51,7 +55,12 @@ def test_the_container_args_are_what_ca_serve_parses() -> None:
     assert parse_ttl(args.ttl).total_seconds() == 86400
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert args.dir == mounts["ca"]
-    assert args.token_jwks.startswith(mounts["jwks"] + "/")
+    assert args.token_jwks == "https://kubernetes.default.svc/openid/v1/jwks"
+    # The defaults the CA falls back to (the service account's ca.crt, token) are where the volume puts them.
+    assert mounts["kube-api-access"] == kubeapi.SERVICE_ACCOUNT_DIR
+    assert args.token_jwks_bearer == kubeapi.SA_TOKEN_FILE
+    assert args.token_jwks_ca is None and args.kube_ca is None and args.kube_token is None and args.kube_api is None
+    assert args.publish_bundle == f"{caproto.CA_NAMESPACE}/{TRUST_BUNDLE}"
     assert all(m.get("readOnly") for m in container["volumeMounts"])
 
 
@@ -73,12 +82,52 @@ def test_the_ca_key_secret_is_mounted_by_the_ca_alone_and_owner_only() -> None:
     assert mounting == ["ca.yaml:mtlsmesh-ca"]
 
 
-def test_the_ca_gets_no_kubernetes_api_access() -> None:
+def test_the_trust_bundle_configmap_is_the_one_deploy_base_makes() -> None:
+    base = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    made = [(g["namespace"], g["name"], g["files"]) for g in base["configMapGenerator"]]
+    assert (caproto.CA_NAMESPACE, TRUST_BUNDLE, ["bundle.pem=trust-bundle.pem"]) in made
+    assert bundlepublish.DEFAULT_KEY == "bundle.pem"
+
+
+def rbac(kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in ca_docs() if d["kind"] == kind]
+    return doc
+
+
+def test_the_ca_may_get_and_patch_the_trust_bundle_configmap_and_nothing_else() -> None:
+    role = rbac("Role")
+    assert role["metadata"]["namespace"] == caproto.CA_NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [TRUST_BUNDLE], "verbs": ["get", "patch"]}
+    ]
+    binding = rbac("RoleBinding")
+    assert binding["metadata"]["namespace"] == caproto.CA_NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": RBAC_GROUP, "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [CA_SUBJECT]
+    # The cluster-wide grant is the built-in role for the issuer's discovery paths only, for the CA alone.
+    cluster = rbac("ClusterRoleBinding")
+    assert cluster["roleRef"]["kind"] == "ClusterRole"
+    assert cluster["roleRef"]["name"] == "system:service-account-issuer-discovery"
+    assert cluster["subjects"] == [CA_SUBJECT]
+    assert not [d for d in ca_docs() if d["kind"] == "ClusterRole"]
+
+
+def test_the_api_token_is_the_ca_containers_alone_and_it_runs_unprivileged() -> None:
     pod = deployment()["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "mtlsmesh-ca"
-    assert pod["automountServiceAccountToken"] is False
-    assert not [d for d in ca_docs() if d["kind"] in RBAC_KINDS]
+    assert pod["automountServiceAccountToken"] is False  # the only token is the projected volume below
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    sources = volume["projected"]["sources"]
+    token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+    assert token == {"path": "token", "expirationSeconds": 3600}  # the API server's audience, an hour
+    assert {"key": "ca.crt", "path": "ca.crt"} in next(s["configMap"] for s in sources if "configMap" in s)["items"]
     (container,) = pod["containers"]
     context = container["securityContext"]
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    # The key's group is the CA's own: what caserver.key_mode_problem accepts for a Secret with an fsGroup.
+    assert security["fsGroup"] == security["runAsGroup"]
+    mode = 0o400 | 0o040  # defaultMode 0400, plus the group read the kubelet adds for the fsGroup
+    assert caserver.key_mode_problem(mode, security["fsGroup"], security["runAsUser"], security["runAsGroup"]) is None

@@ -53,7 +53,7 @@ def test_full_buckets_are_forgotten_when_the_table_is_large(monkeypatch: pytest.
     assert limiter.allow("hot") > 0
 
 
-@pytest.mark.parametrize(("mode", "refused"), [(0o600, False), (0o400, False), (0o640, True), (0o604, True)])
+@pytest.mark.parametrize(("mode", "refused"), [(0o600, False), (0o400, False), (0o604, True), (0o644, True)])
 def test_key_modes(tmp_path: Path, mode: int, refused: bool) -> None:
     key = tmp_path / "intermediate-key.pem"
     key.write_text("key")
@@ -65,6 +65,32 @@ def test_key_modes(tmp_path: Path, mode: int, refused: bool) -> None:
             caserver.check_key_modes(tmp_path)
     else:
         caserver.check_key_modes(tmp_path)
+
+
+CA_UID = CA_GID = 1337  # deploy/ca's runAsUser, runAsGroup and fsGroup
+
+
+@pytest.mark.parametrize(
+    ("mode", "file_gid", "euid", "egid", "allowed"),
+    [
+        (0o400, 0, CA_UID, CA_GID, True),  # owner-only passes whoever we are
+        (0o600, 5, 0, 0, True),
+        (0o440, CA_GID, CA_UID, CA_GID, True),  # a Secret volume with fsGroup = runAsGroup: our own group
+        (0o640, CA_GID, CA_UID, CA_GID, True),
+        (0o440, 0, CA_UID, CA_GID, False),  # another group can read it
+        (0o440, 0, 0, 0, False),  # root: owner-only, as the files `mtlsmesh ca init` writes
+        (0o640, 0, 0, 0, False),
+        (0o460, CA_GID, CA_UID, CA_GID, False),  # group write, even our own
+        (0o450, CA_GID, CA_UID, CA_GID, False),
+        (0o444, CA_GID, CA_UID, CA_GID, False),  # others, never
+        (0o404, CA_GID, CA_UID, CA_GID, False),
+    ],
+)
+def test_the_key_mode_rule(mode: int, file_gid: int, euid: int, egid: int, allowed: bool) -> None:
+    problem = caserver.key_mode_problem(mode, file_gid, euid, egid)
+    assert (problem is None) is allowed, problem
+    if problem is not None:
+        assert problem.startswith(f"is accessible by group or others (mode {mode:04o}); the CA's key must be 0600")
 
 
 def test_its_own_names_are_the_service_and_the_specific_listen_addresses() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlsmesh import jwtverify, tokens
+from mtlsmesh import jwtverify, kubeapi, tokens
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.tokens import TokenError, TokenPolicy
 from tests.jwt_issuer import AUDIENCE, ISSUER, Issuer, hmac_token_with_public_key, unsigned_token
@@ -161,9 +161,14 @@ def test_jwks_errors(data: bytes, match: str) -> None:
         jwtverify.parse_jwks(data, "jwks.json")
 
 
-def test_a_jwks_url_is_refused_with_the_way_to_make_a_file() -> None:
-    with pytest.raises(ConfigError, match=r"--token-jwks: fetching the JWKS over the network is not supported"):
-        jwtverify.check_jwks_source("https://kubernetes.default.svc/openid/v1/jwks")
+def test_a_jwks_source_is_a_file_or_an_https_url_never_plain_http() -> None:
+    with pytest.raises(ConfigError, match=r"--token-jwks: 'http://10.96.0.1/openid/v1/jwks': plain http is refused"):
+        jwtverify.check_jwks_source("http://10.96.0.1/openid/v1/jwks")
+    with pytest.raises(ConfigError, match=r"--token-jwks: .*no user name or fragment"):
+        jwtverify.check_jwks_source("https://a:b@host/")
+    url = jwtverify.check_jwks_source("https://kubernetes.default.svc/openid/v1/jwks")
+    assert url == kubeapi.HttpsUrl("kubernetes.default.svc", 443, "/openid/v1/jwks")
+    assert str(jwtverify.check_jwks_source("HTTPS://[fd00::1]:6443/keys?x=1")) == "https://[fd00::1]:6443/keys?x=1"
     assert jwtverify.check_jwks_source("/etc/jwks.json") == "/etc/jwks.json"
 
 
