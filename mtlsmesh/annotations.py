@@ -26,8 +26,12 @@ EXCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/exclude-outbound-cidrs"
 INCLUDE_INBOUND_PORTS = "mtlsmesh.io/include-inbound-ports"
 INCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/include-outbound-cidrs"
 INBOUND_MODE = "mtlsmesh.io/inbound-mode"
+# Where the injected sidecar gets its SVID: "ca" (the CA service, with a projected token) or "secret" (the Secret
+# `mtlsmesh ca issue --k8s-secret` writes, for clusters without the CA service).
+IDENTITY = "mtlsmesh.io/identity"
 
 INBOUND_MODES = ("strict", "permissive", "disable")
+IDENTITY_SOURCES = ("ca", "secret")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
@@ -114,7 +118,18 @@ _CAPTURE_FIELDS: dict[str, tuple[str, _Parser]] = {
     EXCLUDE_OUTBOUND_CIDRS: ("exclude_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=False)),
     INBOUND_MODE: ("inbound_mode", _parse_mode),
 }
-_KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, *_CAPTURE_FIELDS})
+_KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, IDENTITY, *_CAPTURE_FIELDS})
+
+
+def identity_source(annotations: Mapping[str, str], label: str, default: str) -> str:
+    """The pod's SVID source, one of `IDENTITY_SOURCES`: its `mtlsmesh.io/identity` annotation, else `default`."""
+    value = annotations.get(IDENTITY)
+    if value is None:
+        return default
+    source = value.strip().lower()
+    if source not in IDENTITY_SOURCES:
+        raise ConfigError(label, f"annotation {IDENTITY}: expected one of {', '.join(IDENTITY_SOURCES)}, got {value!r}")
+    return source
 
 
 def parse_capture(annotations: Mapping[str, str], label: str) -> CaptureSettings:
