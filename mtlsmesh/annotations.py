@@ -1,8 +1,9 @@
-"""The `mtlsmesh.io/*` pod annotations: their names, and their validation into capture settings.
+"""The `mtlsmesh.io/*` pod annotations: their names, and their validation into capture settings and the SVID source.
 
 Annotation values are strings in Kubernetes; a value that is not (`mtlsmesh.io/inject: false` unquoted), an
 unknown `mtlsmesh.io/` name (a typo would otherwise be ignored silently), a port outside 1-65535, a CIDR with host
-bits set or an unknown mode is a `ConfigError` whose path is the caller's `label` (file, document, workload).
+bits set, an unknown inbound mode or SVID source is a `ConfigError` whose path is the caller's `label` (file,
+document, workload).
 Lists are comma-separated, blanks allowed; they are normalised (`"80, 443"` -> `80,443`) for the environment of
 `mtlsmesh iptables`. This module does not decide where the annotations are read from: that is `inject`.
 """
