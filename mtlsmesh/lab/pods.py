@@ -58,7 +58,7 @@ from mtlsmesh.conventions import HEALTH_PORT, KEY_FILE, PROXY_GID, PROXY_UID, SV
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import TrustDomain
 from mtlsmesh.lab import netns
-from mtlsmesh.lab.cluster import TokenIssuer
+from mtlsmesh.lab.cluster import TOKEN_LIFETIME, TokenIssuer
 from mtlsmesh.lab.topology import (
     CA_ADDRESS,
     GATEWAY,
@@ -368,7 +368,9 @@ class Lab:
         return self.workdir / "ca.log"
 
     def _init_cluster(self) -> None:
-        assert self.authority is not None
+        assert self.authority is not None and self.plan.topology.identity is not None
+        if self.plan.topology.identity.token_lifetime < 2:
+            raise LabError("identity.token_lifetime: at least 2 seconds (tokens are projected again at 80 %)")
         self.ca_dir.mkdir(mode=0o700)
         ca.save_authority(self.authority, self.ca_dir)
         self.issuer = TokenIssuer()
@@ -428,7 +430,13 @@ class Lab:
         return self.pod_dir(pod) / "token" / TOKEN_FILE
 
     def mint_token(
-        self, namespace: str, service_account: str, pod: str, *, audience: str | None = None, seconds: int = 3600
+        self,
+        namespace: str,
+        service_account: str,
+        pod: str,
+        *,
+        audience: str | None = None,
+        seconds: int = TOKEN_LIFETIME,
     ) -> str:
         """The lab's TokenRequest: a token for `pod` running as `namespace`/`service_account`, lasting `seconds` but
         no longer than the topology's `identity.token_lifetime` (as an API server caps it)."""
@@ -444,7 +452,7 @@ class Lab:
         identity = self.plan.topology.identity
         assert identity is not None
         name = pod.spec.name
-        lifetime = min(3600, identity.token_lifetime)
+        lifetime = min(TOKEN_LIFETIME, identity.token_lifetime)
         issued = time.time()
         token = self.mint_token(pod.spec.namespace, pod.spec.account, name, seconds=lifetime)
         staged = self.token_path(name).with_name(f".{TOKEN_FILE}.new")
