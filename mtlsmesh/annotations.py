@@ -1,8 +1,9 @@
-"""The `mtlsmesh.io/*` pod annotations: their names, and their validation into capture settings.
+"""The `mtlsmesh.io/*` pod annotations: their names, and their validation into capture settings and the SVID source.
 
 Annotation values are strings in Kubernetes; a value that is not (`mtlsmesh.io/inject: false` unquoted), an
 unknown `mtlsmesh.io/` name (a typo would otherwise be ignored silently), a port outside 1-65535, a CIDR with host
-bits set or an unknown mode is a `ConfigError` whose path is the caller's `label` (file, document, workload).
+bits set, an unknown inbound mode or SVID source is a `ConfigError` whose path is the caller's `label` (file,
+document, workload).
 Lists are comma-separated, blanks allowed; they are normalised (`"80, 443"` -> `80,443`) for the environment of
 `mtlsmesh iptables`. This module does not decide where the annotations are read from: that is `inject`.
 """
@@ -26,8 +27,12 @@ EXCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/exclude-outbound-cidrs"
 INCLUDE_INBOUND_PORTS = "mtlsmesh.io/include-inbound-ports"
 INCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/include-outbound-cidrs"
 INBOUND_MODE = "mtlsmesh.io/inbound-mode"
+# Where the injected sidecar gets its SVID: "ca" (the CA service, with a projected token) or "secret" (the Secret
+# `mtlsmesh ca issue --k8s-secret` writes, for clusters without the CA service).
+IDENTITY = "mtlsmesh.io/identity"
 
 INBOUND_MODES = ("strict", "permissive", "disable")
+IDENTITY_SOURCES = ("ca", "secret")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
@@ -114,7 +119,18 @@ _CAPTURE_FIELDS: dict[str, tuple[str, _Parser]] = {
     EXCLUDE_OUTBOUND_CIDRS: ("exclude_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=False)),
     INBOUND_MODE: ("inbound_mode", _parse_mode),
 }
-_KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, *_CAPTURE_FIELDS})
+_KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, IDENTITY, *_CAPTURE_FIELDS})
+
+
+def identity_source(annotations: Mapping[str, str], label: str, default: str) -> str:
+    """The pod's SVID source, one of `IDENTITY_SOURCES`: its `mtlsmesh.io/identity` annotation, else `default`."""
+    value = annotations.get(IDENTITY)
+    if value is None:
+        return default
+    source = value.strip().lower()
+    if source not in IDENTITY_SOURCES:
+        raise ConfigError(label, f"annotation {IDENTITY}: expected one of {', '.join(IDENTITY_SOURCES)}, got {value!r}")
+    return source
 
 
 def parse_capture(annotations: Mapping[str, str], label: str) -> CaptureSettings:

@@ -7,8 +7,15 @@ and those inside a `kind: List`) the injector prepends two init containers:
   rules; the `mtlsmesh.io/*` annotations become its `MTLSMESH_*` environment variables.
 - `mtlsmesh-proxy` is the sidecar as a *native* sidecar (an init container with `restartPolicy: Always`, Kubernetes
   1.29 and later): it starts before the app, stays up beside it, and stops after it, so Jobs finish. It runs as the
-  proxy uid (1337), reads its SVID from the Secret `mtlsmesh-svid-<service account>` and its config from the
-  ConfigMap `mtlsmesh-config`.
+  proxy uid (1337) and reads its config from the ConfigMap `mtlsmesh-config`.
+
+Where the proxy gets its SVID is the pod's `mtlsmesh.io/identity` annotation (default `InjectOptions.identity`):
+- `ca` (the default): from the CA service. The pod gets a projected service-account token (audience `mtlsmesh-ca`,
+  one hour, refreshed by the kubelet) and the trust bundle ConfigMap `mtlsmesh-trust-bundle`, both mounted into
+  the proxy container only, never into the app's; the proxy runs with `config.yaml`, whose `identity:` section
+  names the CA service, the token and the bundle. No certificate or key exists outside the proxy's memory.
+- `secret`: from the Secret `mtlsmesh-svid-<service account>` that `mtlsmesh ca issue --k8s-secret` writes (for
+  clusters without the CA service, offline); the proxy runs with `config-secret.yaml` and the SVID file flags.
 
 A template already injected (it carries the `mtlsmesh.io/status` annotation) is stripped of what the injector added
 and injected again, so running the injector twice gives the same bytes, and re-running it after an annotation or
@@ -22,7 +29,7 @@ was never injected is left as it is.
 
 This module is pure: dicts in, dicts out, no files, no cluster; YAML text is `manifest`'s job and the annotations
 are `annotations`'s; the admission webhook's review of a Pod is `admission`'s, which calls the same functions. It
-does not create the Secrets or the ConfigMap (see `deploy/README.md`), and it does not rewrite the app's kubelet
+does not create the Secrets or the ConfigMaps (see `deploy/README.md`), and it does not rewrite the app's kubelet
 probes: it warns when a probe would reach a port the sidecar serves in strict mode.
 """
 
@@ -37,9 +44,11 @@ from typing import Any
 from mtlsmesh import __version__
 from mtlsmesh.annotations import (
     EXCLUDE_INBOUND_PORTS,
+    IDENTITY_SOURCES,
     INBOUND_MODE,
     STATUS_ANNOTATION,
     CaptureSettings,
+    identity_source,
     opted_out,
     parse_capture,
     read_annotations,
@@ -64,16 +73,30 @@ from mtlsmesh.manifest import parse_manifests, render_manifests
 INIT_CONTAINER = "mtlsmesh-init"
 PROXY_CONTAINER = "mtlsmesh-proxy"
 SVID_VOLUME = "mtlsmesh-svid"
+TOKEN_VOLUME = "mtlsmesh-token"
+BUNDLE_VOLUME = "mtlsmesh-bundle"
 CONFIG_VOLUME = "mtlsmesh-config"
 INIT_RUN_VOLUME = "mtlsmesh-init-run"
 INJECTED_CONTAINERS = (INIT_CONTAINER, PROXY_CONTAINER)
-INJECTED_VOLUMES = (SVID_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
+INJECTED_VOLUMES = (SVID_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
+
+IDENTITY_CA = "ca"  # the SVID from the CA service (`mtlsmesh.io/identity`, see the module docstring)
+IDENTITY_SECRET = "secret"  # the SVID from the Secret `mtlsmesh ca issue --k8s-secret` writes
 
 # Where the injected containers find their SVID and config (deploy/README.md): the SVID Secret is mounted here.
 SVID_DIR = "/var/run/mtlsmesh/svid"
 CONFIG_DIR = "/etc/mtlsmesh"
-CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"  # with the `identity:` section
+SECRET_CONFIG_FILE = f"{CONFIG_DIR}/config-secret.yaml"  # with the `credentials:` section
 CONFIG_MAP = "mtlsmesh-config"
+# Identity mode: the projected token (what config.yaml's identity.token names) and the trust bundle ConfigMap
+# (identity.bundle), which the CA service keeps current. The audience and lifetime are the CA's and the kubelet's.
+TOKEN_DIR = "/var/run/secrets/tokens"
+TOKEN_FILE = "mtlsmesh-token"
+TOKEN_AUDIENCE = "mtlsmesh-ca"  # caproto.DEFAULT_AUDIENCE
+TOKEN_EXPIRATION_SECONDS = 3600
+BUNDLE_DIR = "/var/run/mtlsmesh/bundle"
+BUNDLE_CONFIG_MAP = "mtlsmesh-trust-bundle"
 
 # Kind -> (API groups it may come from, path from the document to its pod template). A kind from another group
 # (a custom resource that happens to be called "Deployment") is not ours to touch.
@@ -108,6 +131,11 @@ class InjectOptions:
     init_cpu_request: str = "10m"
     init_memory_request: str = "32Mi"
     init_memory_limit: str = "128Mi"
+    identity: str = IDENTITY_CA  # for pods without the mtlsmesh.io/identity annotation: IDENTITY_CA or IDENTITY_SECRET
+
+    def __post_init__(self) -> None:
+        if self.identity not in IDENTITY_SOURCES:
+            raise ConfigError("identity", f"expected one of {', '.join(IDENTITY_SOURCES)}, got {self.identity!r}")
 
 
 SKIP_OPTED_OUT = "opted_out"  # mtlsmesh.io/inject: "false"
@@ -244,7 +272,9 @@ def _inject_template(found: _Template, opts: InjectOptions, tally: _Tally) -> No
         )
         tally.skipped.append((workload, SKIP_HOST_NETWORK))
         return
-    capture = parse_capture({**workload_annotations, **template_annotations}, label)
+    merged = {**workload_annotations, **template_annotations}
+    capture = parse_capture(merged, label)
+    source = identity_source(merged, label, opts.identity)
     record = _Record()
     if STATUS_ANNOTATION in template_annotations:
         # What the first injection had to create is still ours to remove on uninject: carry its record over.
@@ -252,8 +282,8 @@ def _inject_template(found: _Template, opts: InjectOptions, tally: _Tally) -> No
         _strip(spec)
     _check_pod(spec, label, opts)
     tally.warnings.extend(_probe_warnings(spec, capture, label))
-    record = record.merged(_inject_spec(spec, capture, opts))
-    _set_status(template, opts, record)
+    record = record.merged(_inject_spec(spec, capture, opts, source))
+    _set_status(template, opts, record, source)
     tally.injected.append(workload)
 
 
@@ -430,7 +460,7 @@ def _init_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
     }
 
 
-def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
+def _proxy_container(capture: CaptureSettings, opts: InjectOptions, source: str) -> JsonDict:
     env = [("MTLSMESH_INBOUND_MODE", capture.inbound_mode)] if capture.inbound_mode is not None else []
     probe = {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
     container: JsonDict = {
@@ -440,10 +470,12 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
         # A native sidecar: runs beside the app for the pod's whole life (Kubernetes >= 1.29).
         "restartPolicy": "Always",
         "command": ["mtlsmesh"],
-        "args": [
+        "args": ["sidecar", "--config", CONFIG_FILE]
+        if source == IDENTITY_CA
+        else [
             "sidecar",
             "--config",
-            CONFIG_FILE,
+            SECRET_CONFIG_FILE,
             "--cert",
             f"{SVID_DIR}/{CERT_FILE}",
             "--key",
@@ -479,28 +511,53 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "volumeMounts": [
-                {"name": SVID_VOLUME, "mountPath": SVID_DIR, "readOnly": True},
                 {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+                *(
+                    [
+                        {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+                        {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": True},
+                    ]
+                    if source == IDENTITY_CA
+                    else [{"name": SVID_VOLUME, "mountPath": SVID_DIR, "readOnly": True}]
+                ),
             ],
         }
     )
     return container
 
 
-def _volumes(spec: JsonDict) -> list[JsonDict]:
+def _volumes(spec: JsonDict, source: str) -> list[JsonDict]:
+    config = {"name": CONFIG_VOLUME, "configMap": {"name": CONFIG_MAP}}
+    init_run = {"name": INIT_RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    if source == IDENTITY_CA:
+        token = {
+            "serviceAccountToken": {
+                "audience": TOKEN_AUDIENCE,
+                "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                "path": TOKEN_FILE,
+            }
+        }
+        return [
+            # Only the proxy mounts the token, so the file may be readable by every uid: the app never sees it.
+            # Without a pod-wide fsGroup the kubelet writes it as root with this mode, readable by uid 1337.
+            {"name": TOKEN_VOLUME, "projected": {"sources": [token], "defaultMode": 0o444}},
+            {"name": BUNDLE_VOLUME, "configMap": {"name": BUNDLE_CONFIG_MAP}},
+            config,
+            init_run,
+        ]
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     return [
         # Only the proxy mounts the SVID, so the files may be readable by every uid: the app never sees them.
         # Secret files are owned by root; 0444 lets uid 1337 read the key without a pod-wide fsGroup.
         {"name": SVID_VOLUME, "secret": {"secretName": f"{SVID_SECRET_PREFIX}{account}", "defaultMode": 0o444}},
-        {"name": CONFIG_VOLUME, "configMap": {"name": CONFIG_MAP}},
-        {"name": INIT_RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        config,
+        init_run,
     ]
 
 
-def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) -> _Record:
+def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions, source: str) -> _Record:
     """Add our containers and volumes; the record says which of the two lists had to be created."""
-    ours = [_init_container(capture, opts), _proxy_container(capture, opts)]
+    ours = [_init_container(capture, opts), _proxy_container(capture, opts, source)]
     record = _Record()
     init_containers = spec.get("initContainers")
     if isinstance(init_containers, list):
@@ -511,14 +568,14 @@ def _inject_spec(spec: JsonDict, capture: CaptureSettings, opts: InjectOptions) 
         spec["initContainers"] = ours
     volumes = spec.get("volumes")
     if isinstance(volumes, list):
-        volumes.extend(_volumes(spec))
+        volumes.extend(_volumes(spec, source))
     else:
         record = record.noting("spec.volumes", was_null="volumes" in spec)
-        spec["volumes"] = _volumes(spec)
+        spec["volumes"] = _volumes(spec, source)
     return record
 
 
-def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> None:
+def _set_status(template: JsonDict, opts: InjectOptions, record: _Record, source: str) -> None:
     """Write the status annotation: what was added, and the record of every key injection created (this one's
     own `metadata` and `metadata.annotations` included, so uninjecting removes them too)."""
     metadata = template.get("metadata")
@@ -533,7 +590,7 @@ def _set_status(template: JsonDict, opts: InjectOptions, record: _Record) -> Non
         "version": __version__,
         "image": opts.image,
         "initContainers": list(INJECTED_CONTAINERS),
-        "volumes": list(INJECTED_VOLUMES),
+        "volumes": [volume["name"] for volume in _volumes({}, source)],
     }
     if record.created:
         status["created"] = list(record.created)

@@ -31,7 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     )
     parser.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
     parser.add_argument(
-        "--identity", action="store_true", help="get the SVIDs from the CA service with the pods' tokens, not files"
+        "--files",
+        action="store_true",
+        help="give the sidecars SVID files from the lab's CA (the offline mode) instead of the CA service",
     )
     parser.add_argument("--requests", type=int, default=3, help="requests to send through the mesh (default 3)")
     parser.add_argument(

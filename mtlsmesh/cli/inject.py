@@ -1,11 +1,13 @@
 """`mtlsmesh inject`: add the capture init container and the sidecar to every pod template of a manifest.
 
-    mtlsmesh inject -f app.yaml [-o app-injected.yaml] [--image IMAGE]
+    mtlsmesh inject -f app.yaml [-o app-injected.yaml] [--image IMAGE] [--identity ca|secret]
     kubectl get deploy reviews -o yaml | mtlsmesh inject -f - | kubectl apply -f -
 
 Reads the file (`-` is stdin), writes to stdout unless `-o` names a file; the output file is replaced only after
 the whole input injected cleanly, so a bad input loses nothing (even with `-o` naming the input). Warnings (a
-hostNetwork pod skipped, a probe strict mode would refuse) go to stderr. The work itself is `mtlsmesh.inject`.
+hostNetwork pod skipped, a probe strict mode would refuse) go to stderr. `--identity` is where a pod without the
+`mtlsmesh.io/identity` annotation gets its SVID: `ca` (the default, the CA service with a projected token) or
+`secret` (the Secret `mtlsmesh ca issue --k8s-secret` writes, offline). The work itself is `mtlsmesh.inject`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+from mtlsmesh.annotations import IDENTITY, IDENTITY_SOURCES
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.inject import InjectOptions, inject_text
 
@@ -28,6 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any], help_text: str) -> N
     )
     add_file_arguments(parser)
     parser.add_argument("--image", default=InjectOptions().image, help="mtlsmesh image (default: %(default)s)")
+    parser.add_argument(
+        "--identity",
+        choices=IDENTITY_SOURCES,
+        default=InjectOptions().identity,
+        help=f"SVID source of pods without the {IDENTITY} annotation: the CA service or the SVID Secret "
+        "(default: %(default)s)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -55,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_manifest(args.filename, source)
     if not args.image.strip():
         raise ConfigError("--image", "must not be empty")
-    result = inject_text(text, source=source, options=InjectOptions(image=args.image))
+    result = inject_text(text, source=source, options=InjectOptions(image=args.image, identity=args.identity))
     for warning in result.warnings:
         print(f"mtlsmesh: warning: {warning}", file=sys.stderr)
     write_output(args, result.text)

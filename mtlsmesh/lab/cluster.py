@@ -46,12 +46,21 @@ class TokenIssuer:
         path.chmod(0o644)
         return path
 
-    def token(self, namespace: str, service_account: str, pod: str, *, lifetime: int = TOKEN_LIFETIME) -> str:
-        """A token for `pod` running as `namespace`/`service_account`, as a projected volume holds it."""
+    def token(
+        self,
+        namespace: str,
+        service_account: str,
+        pod: str,
+        *,
+        lifetime: int = TOKEN_LIFETIME,
+        audience: str | None = None,
+    ) -> str:
+        """A token for `pod` running as `namespace`/`service_account`, as a projected volume holds it; for
+        `audience` (default: the CA's)."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer,
-            "aud": [self.audience],
+            "aud": [audience or self.audience],
             "exp": now + lifetime,
             "iat": now,
             "nbf": now,

@@ -8,9 +8,12 @@ logged the peer identity of each hop, the wire (a tcpdump on the node-side veth 
 TLS records and never the plaintext marker, and the capture rules' packet counters moved. It ends with PASS or
 FAIL and the matching exit status (0 or 1; 2 when the lab cannot be built).
 
-`--keep` leaves the lab running and prints how to step into a pod; Ctrl-C tears it down. `--identity` runs the
-same mesh in identity mode (the lab plays the cluster: the sidecars enrol with the CA service using their pods'
-service-account tokens, no SVID file exists) and also shows and checks each pod's enrolment.
+The mesh runs in identity mode: the lab plays the cluster, `mtlsmesh ca serve` runs on the node, and each sidecar
+enrols with it using its pod's service-account token (no SVID file exists); the demo shows and checks each pod's
+enrolment and, since the demo's SVIDs live `DEMO_TTL` and are renewed at `DEMO_RENEW_FRACTION` of that, a renewal
+of every sidecar (a new serial, taken into use by new connections) while it runs. `--files` runs the same mesh
+with SVID files from the lab's CA instead (the offline mode, no CA service). `--keep` leaves the lab running and
+prints how to step into a pod; Ctrl-C tears it down.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mtlsmesh.conventions import APP_SOURCE, PROXY_UID
+from mtlsmesh.conventions import ADMIN_PORT, APP_SOURCE, PROXY_UID
 from mtlsmesh.errors import LabError
 from mtlsmesh.lab import netns, pcap
 from mtlsmesh.lab.demoapps import MARKER_HEADER
@@ -45,6 +48,11 @@ APP_PORT = 9080
 EXCLUDED_PORT = 9090
 LEGACY_PORT = 8080
 SERVICES = ("productpage", "details", "reviews", "ratings")
+# A cluster's SVIDs live 24 h, renewed at half; the demo's live a minute and are renewed at a tenth of that
+# (about every 6 s), so a renewal happens while it runs.
+DEMO_TTL = "60s"
+DEMO_RENEW_FRACTION = 0.1
+RENEWAL_TIMEOUT = 20.0  # the demo waits this long for every sidecar's first renewal (due after about 6 s)
 
 
 def service_url(name: str, path: str) -> str:
@@ -52,7 +60,7 @@ def service_url(name: str, path: str) -> str:
     return f"{name}=http://{vip}:{APP_PORT}/{path}"
 
 
-def bookinfo(*, identity: bool = False) -> Topology:
+def bookinfo(*, identity: bool = True) -> Topology:
     def http_app(name: str, *extra: str, ports: tuple[int, ...] = (APP_PORT,)) -> AppSpec:
         port_args = [arg for port in ports for arg in ("--port", str(port))]
         return AppSpec(name, ("http", "--name", name, *port_args, *extra), ports=ports)
@@ -82,7 +90,7 @@ def bookinfo(*, identity: bool = False) -> Topology:
             PodSpec("legacy", mesh=False, apps=(http_app("legacy", ports=(LEGACY_PORT,)),)),
         ),
         services=tuple(ServiceSpec(name, APP_PORT, name, APP_PORT) for name in SERVICES),
-        identity=IdentitySpec() if identity else None,
+        identity=IdentitySpec(ttl=DEMO_TTL, renew_fraction=DEMO_RENEW_FRACTION) if identity else None,
     )
 
 
@@ -233,6 +241,9 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
     print("\n".join("  " + line for line in rules.splitlines()))
     report.check("the capture chains counted packets", _chain_counted(rules, "MTLSMESH_OUTPUT", "MTLSMESH_INBOUND"))
 
+    if plan.topology.identity is not None:
+        show_renewals(lab, report)
+
 
 def show_enrolments(lab: Lab, report: Report) -> None:
     """Identity mode: what the CA service logged for each enrolment, checked against the mesh pods."""
@@ -246,6 +257,61 @@ def show_enrolments(lab: Lab, report: Report) -> None:
     )
     key_files = list(lab.workdir.rglob("key.pem"))
     report.check("no SVID key file exists for any pod", not key_files, ", ".join(str(path) for path in key_files))
+
+
+def _taken_serials(lab: Lab, pod: str) -> list[str]:
+    """The serials of the SVIDs the pod's sidecar took into use, enrolment first (from its log)."""
+    events = ("svid_issued", "svid_renewed")
+    return [r.get("serial", "?") for r in log_records(lab.sidecar_log(pod)) if r.get("event") in events]
+
+
+def _serving_serial(lab: Lab, pod: str) -> str:
+    """The serial of the SVID the sidecar presents now, from its admin endpoint (inside the pod, on loopback)."""
+    try:
+        status, body = http_get(lab.pod_ns(pod), "127.0.0.1", ADMIN_PORT, "/certs", timeout=5.0)
+        serial = json.loads(body).get("serial") if status == 200 else None
+    except (OSError, ValueError, AttributeError):
+        return "?"
+    return serial if isinstance(serial, str) else "?"
+
+
+def show_renewals(lab: Lab, report: Report) -> None:
+    """Identity mode: every sidecar renews its SVID on its own (over mTLS, with the SVID it has), and new
+    connections present the new one."""
+    identity = lab.plan.topology.identity
+    assert identity is not None
+    mesh = [pod.spec.name for pod in lab.plan.pods if pod.spiffe_id is not None]
+    section(
+        f"rotation: SVIDs live {identity.ttl} here and are renewed at {identity.renew_fraction:g} of their life, "
+        "by each sidecar on its own"
+    )
+    deadline = time.monotonic() + RENEWAL_TIMEOUT
+    while time.monotonic() < deadline and not all(len(_taken_serials(lab, pod)) >= 2 for pod in mesh):
+        time.sleep(0.2)
+    renewed = [pod for pod in mesh if len(_taken_serials(lab, pod)) >= 2]
+    serving = 0
+    for pod in mesh:
+        before = _taken_serials(lab, pod)
+        current = _serving_serial(lab, pod)
+        taken = _taken_serials(lab, pod)  # read again: a renewal may have come in between
+        serving += current in (before[-1:] + taken[-1:])
+        print(f"  {pod:<12} serials {' -> '.join(serial[:12] for serial in taken)}  (serving {current[:12]})")
+    by_svid = [
+        r for r in log_records(lab.ca_log()) if r.get("event") == "issued" and r.get("credential") == "svid"
+    ]  # fmt: skip
+    report.check(
+        "every sidecar renewed its SVID (a new serial), with its current SVID as credential",
+        len(renewed) == len(mesh)
+        and {r.get("spiffe_id") for r in by_svid} >= {str(lab.plan.pod(pod).spiffe_id) for pod in mesh},
+        f"{len(renewed)}/{len(mesh)} renewed within {RENEWAL_TIMEOUT:g}s",
+    )
+    report.check("each sidecar serves its newest SVID (admin /certs)", serving == len(mesh), f"{serving}/{len(mesh)}")
+    answer = attempt(
+        lambda: http_get(lab.pod_ns("sleep"), lab.vip("productpage"), APP_PORT, "/after-renewal", timeout=15.0)
+    )
+    ok = not isinstance(answer, str) and answer[0] == 200 and _nested_ok(answer[1])
+    print(f"  a request after the renewals, through all four services: {_describe(answer)[:40]}")
+    report.check("the mesh answers with the renewed SVIDs", ok)
 
 
 def _with_peer(direction: str, peer_id: str) -> Callable[[dict[str, str]], bool]:
@@ -357,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     print(f"building the lab: node namespace, bridge, pods, capture rules, SVIDs, sidecars (uid {PROXY_UID}), apps ...")
     started = time.monotonic()
-    with Lab(bookinfo(identity=args.identity)) as lab:
+    with Lab(bookinfo(identity=not args.files)) as lab:
         print(f"  ready in {time.monotonic() - started:.1f}s (prefix {lab.prefix})")
         run_demo(lab, report, args.requests)
         section("summary")

@@ -16,7 +16,10 @@ files: it keeps a service-account token issuer (`cluster.TokenIssuer`, its key i
 saves its CA in a root-only directory and runs `mtlsmesh ca serve` on the node's bridge address
 (`topology.CA_ADDRESS`, port 15012), and gives each mesh pod a projected-like token readable by uid 1337 alone
 (mode 0400), the CA's bundle for first contact and a sidecar config with an `identity:` section. No certificate
-or key is written for a pod: each sidecar makes its key in memory and enrols with the CA service.
+or key is written for a pod: each sidecar makes its key in memory and enrols with the CA service. As a kubelet
+does, a thread projects every token again (a new file renamed over the old one) once 80 % of its life has passed,
+so a lab running longer than a token lives never holds an expired one; `mint_token` is the lab's TokenRequest for
+pods meshed from their own pod specs.
 
 Everything is named `<tag><pid><letter>-...` so parallel runs never collide, and torn down on exit, Ctrl-C,
 SIGTERM, interpreter exit and failure part-way: processes first (by PID), then namespaces, then the temp dir.
@@ -39,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -54,7 +58,7 @@ from mtlsmesh.conventions import HEALTH_PORT, KEY_FILE, PROXY_GID, PROXY_UID, SV
 from mtlsmesh.errors import LabError
 from mtlsmesh.identity import TrustDomain
 from mtlsmesh.lab import netns
-from mtlsmesh.lab.cluster import TokenIssuer
+from mtlsmesh.lab.cluster import TOKEN_LIFETIME, TokenIssuer
 from mtlsmesh.lab.topology import (
     CA_ADDRESS,
     GATEWAY,
@@ -76,6 +80,7 @@ APP_TIMEOUT = 15.0
 CA_TIMEOUT = 30.0  # the CA service imports as much as a sidecar does
 CA_RELOAD_INTERVAL = "500ms"  # how soon the CA service sees a changed CA directory (a root rotation)
 TOKEN_FILE = "token"  # in the pod's token directory, as a projected volume names it
+TOKEN_REFRESH_FRACTION = 0.8  # the kubelet's token manager: a new token once 80 % of the old one's life is gone
 STOP_GRACE = 5.0  # after SIGTERM, before SIGKILL: the sidecars drain for `timeouts.drain` (1s in the lab)
 
 _letters = itertools.count()
@@ -150,6 +155,10 @@ class Lab:
         self._others: list[_Process] = []
         self._rotations = itertools.count(1)
         self._closed = False
+        self._token_due: dict[str, float] = {}  # identity mode: lab pod -> when its token is projected again
+        self.token_projections: dict[str, int] = {}  # lab pod -> how many tokens were written for it
+        self._token_stop = threading.Event()
+        self._token_thread: threading.Thread | None = None
 
     # -- names ---------------------------------------------------------------------------------------------------
 
@@ -204,6 +213,9 @@ class Lab:
             mesh = [pod for pod in self.plan.pods if pod.spiffe_id is not None]
             for pod in mesh:
                 self._init_pod(pod)
+            if self._token_due:  # started once every token is written: the thread alone changes them from here
+                self._token_thread = threading.Thread(target=self._project_tokens, name="lab-tokens", daemon=True)
+                self._token_thread.start()
             for pod in mesh:
                 self._spawn_sidecar(pod.spec.name)
             for pod in mesh:
@@ -233,6 +245,9 @@ class Lab:
         self._closed = True
         # Apps and tcpdump first, then the sidecars (they drain) and the CA service, all signalled at once and then
         # waited for.
+        self._token_stop.set()
+        if self._token_thread is not None:
+            self._token_thread.join(timeout=STOP_GRACE)
         procs = [*self._others, *self._apps.values(), *self._sidecars.values(), *self._ca_processes()]
         for proc in procs:
             if proc.running():
@@ -353,7 +368,9 @@ class Lab:
         return self.workdir / "ca.log"
 
     def _init_cluster(self) -> None:
-        assert self.authority is not None
+        assert self.authority is not None and self.plan.topology.identity is not None
+        if self.plan.topology.identity.token_lifetime < 2:
+            raise LabError("identity.token_lifetime: at least 2 seconds (tokens are projected again at 80 %)")
         self.ca_dir.mkdir(mode=0o700)
         ca.save_authority(self.authority, self.ca_dir)
         self.issuer = TokenIssuer()
@@ -412,6 +429,55 @@ class Lab:
     def token_path(self, pod: str) -> Path:
         return self.pod_dir(pod) / "token" / TOKEN_FILE
 
+    def mint_token(
+        self,
+        namespace: str,
+        service_account: str,
+        pod: str,
+        *,
+        audience: str | None = None,
+        seconds: int = TOKEN_LIFETIME,
+    ) -> str:
+        """The lab's TokenRequest: a token for `pod` running as `namespace`/`service_account`, lasting `seconds` but
+        no longer than the topology's `identity.token_lifetime` (as an API server caps it)."""
+        identity = self.plan.topology.identity
+        if identity is None or self.issuer is None:
+            raise LabError("this lab is not in identity mode: it has no token issuer")
+        lifetime = min(seconds, identity.token_lifetime)
+        return self.issuer.token(namespace, service_account, pod, lifetime=lifetime, audience=audience)
+
+    def _project_token(self, pod: PlannedPod) -> None:
+        """Write the pod's token: a new file, owned by the sidecar's uid and readable by it alone, renamed over the
+        old one (a reader sees the old token or the new one, whole); and note when to project it again."""
+        identity = self.plan.topology.identity
+        assert identity is not None
+        name = pod.spec.name
+        lifetime = min(TOKEN_LIFETIME, identity.token_lifetime)
+        issued = time.time()
+        token = self.mint_token(pod.spec.namespace, pod.spec.account, name, seconds=lifetime)
+        staged = self.token_path(name).with_name(f".{TOKEN_FILE}.new")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+        os.chown(staged, PROXY_UID, PROXY_GID)
+        os.replace(staged, self.token_path(name))
+        self._token_due[name] = issued + TOKEN_REFRESH_FRACTION * lifetime
+        self.token_projections[name] = self.token_projections.get(name, 0) + 1
+
+    def _project_tokens(self) -> None:
+        # The kubelet's token manager, for the lab's own identity-mode pods (a thread: the lab is synchronous).
+        while not self._token_stop.is_set():
+            now = time.time()
+            for pod in self.plan.pods:
+                due = self._token_due.get(pod.spec.name)
+                if due is not None and due <= now:
+                    try:
+                        self._project_token(pod)
+                    except OSError:
+                        self._token_due[pod.spec.name] = now + 1.0  # tried again in a second
+            next_due = min(self._token_due.values(), default=now + 1.0)
+            self._token_stop.wait(timeout=min(max(next_due - time.time(), 0.05), 1.0))
+
     def _init_identity_pod(self, pod: PlannedPod) -> None:
         # What the pod spec's volumes would hold: a projected service-account token only the sidecar's uid reads,
         # and the CA's bundle (public, as a ConfigMap would carry it). No certificate, no key.
@@ -419,12 +485,8 @@ class Lab:
         name = pod.spec.name
         token_dir = self.token_path(name).parent
         token_dir.mkdir(mode=0o500)
-        token = self.issuer.token(pod.spec.namespace, pod.spec.account, name)
-        fd = os.open(self.token_path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-        with os.fdopen(fd, "w") as out:
-            out.write(token)
-        os.chown(self.token_path(name), PROXY_UID, PROXY_GID)
         os.chown(token_dir, PROXY_UID, PROXY_GID)
+        self._project_token(pod)
         bundle = self.pod_dir(name) / "ca-bundle.pem"
         bundle.write_bytes(pem.render_certificates(self.authority.roots))
         bundle.chmod(0o644)

@@ -99,10 +99,13 @@ class ServiceSpec:
 class IdentitySpec:
     """Identity mode: the lab plays the cluster (a token issuer, `mtlsmesh ca serve` on the node) and every mesh
     sidecar enrols with its projected token instead of reading SVID files. `ttl` is both what the sidecars ask for
-    and the longest lifetime the CA grants; `renew_fraction` is the sidecars' renewal point."""
+    and the longest lifetime the CA grants; `renew_fraction` is the sidecars' renewal point. `token_lifetime`
+    (seconds) is the longest projected token the lab's API server mints (a cluster's
+    `--service-account-max-token-expiration`); the lab projects each token again at 80 % of its life."""
 
     ttl: str = "1h"
     renew_fraction: float = 0.5
+    token_lifetime: int = 3600
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,16 @@
 The end-to-end tests of the injected manifest (`test_injected_pod.py`, the CLI's pods) and of the admission webhook
 (`test_webhook_pod.py`, the pods it patches) run the same way: the init container's and the proxy's own (argv,
 env) from the pod spec (`inject.pod_commands`), their volumes laid out as the kubelet would (`tests.kubelet`) from
-the SVID Secret `mtlsmesh ca issue --k8s-secret` prints and the ConfigMap deploy/base generates, with only the
-mesh CIDRs changed to the lab's. `assert_productpage_reaches_details_over_mtls` is deploy/README.md's check:
+the ConfigMaps deploy/base generates, with only the mesh CIDRs and the CA service's address changed to the lab's,
+and, by the pod's SVID source:
+- identity mode (the default): the projected token minted by the lab's API server (`Lab.mint_token`) for the
+  pod's namespace and service account, laid out for the proxy container only, in a directory only the proxy's uid
+  may enter (the lab has no mount namespaces: that is what stands in for a mount the app's containers do not
+  have), and projected again before it expires (`kubelet.TokenProjector`); the bundle ConfigMap holds the lab
+  CA's roots, as the CA service keeps it;
+- Secret mode (`mtlsmesh.io/identity: secret`): the SVID Secret `mtlsmesh ca issue --k8s-secret` prints.
+
+`assert_productpage_reaches_details_over_mtls` is deploy/README.md's check:
 productpage's app calls the details Service in plaintext, and the wire between them carries only TLS records.
 
 What it does not: build the lab (the test modules' fixtures do, through `harness`) or decide which pods to mesh.
@@ -12,7 +20,9 @@ What it does not: build the lab (the test modules' fixtures do, through `harness
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -21,9 +31,12 @@ from typing import Any
 
 import yaml
 
-from mtlsmesh import inject
+from mtlsmesh import inject, pem
+from mtlsmesh.addresses import host_port
+from mtlsmesh.caproto import CA_PORT
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.lab.pods import Lab, child_env
-from mtlsmesh.lab.topology import POD_NETWORK, SERVICE_NETWORK, AppSpec
+from mtlsmesh.lab.topology import CA_ADDRESS, POD_NETWORK, SERVICE_NETWORK, AppSpec
 from tests import kubelet
 from tests.e2e import harness
 
@@ -56,14 +69,18 @@ def workload(documents: list[Any], name: str) -> dict[str, Any]:
 
 
 def lab_config_text(text: str) -> str:
-    """deploy/base/config.yaml for the lab: the config names a cluster's pod and Service CIDRs (10.244.0.0/16,
-    10.96.0.0/12) as the mesh's destinations; the lab's pods and Service VIPs live in 198.18.0.0/24 and
-    198.19.0.0/24 instead. Only those CIDRs change; everything else is the shipped config."""
+    """deploy/base/config.yaml (or config-secret.yaml) for the lab: the config names a cluster's pod and Service
+    CIDRs (10.244.0.0/16, 10.96.0.0/12) as the mesh's destinations; the lab's pods and Service VIPs live in
+    198.18.0.0/24 and 198.19.0.0/24 instead. The CA service's Service name, which a cluster's DNS resolves, becomes
+    the address the lab runs it on. Only those change; everything else is the shipped config."""
     config = yaml.safe_load(text)
     destinations = config["outbound"]["destinations"]
     assert destinations and all("cidrs" in d for d in destinations), "the shipped config has no mesh CIDRs"
     for destination in destinations:
         destination["cidrs"] = [str(POD_NETWORK), str(SERVICE_NETWORK)]
+    if "identity" in config:
+        assert config["identity"]["ca_address"] == f"mtlsmesh-ca.mtlsmesh-system.svc:{CA_PORT}"
+        config["identity"]["ca_address"] = host_port(str(CA_ADDRESS), CA_PORT)
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -78,7 +95,7 @@ def base_config_map() -> dict[str, Any]:
     for entry in generators[0]["files"]:
         key, _, path = entry.rpartition("=")  # "key=path" or just "path"
         text = (BASE / path).read_text()
-        data[key or Path(path).name] = lab_config_text(text) if path == "config.yaml" else text
+        data[key or Path(path).name] = lab_config_text(text) if path.startswith("config") else text
     metadata = {"name": generators[0]["name"], "namespace": generators[0].get("namespace", "default")}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
@@ -89,32 +106,88 @@ def pod_spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def mesh_pod(lab: Lab, pod: str, obj: Mapping[str, Any], ca_dir: Path, config_map: dict[str, Any]) -> None:
-    """Do for one pod (a Pod, or a Deployment's template) what the cluster would: create its SVID Secret, mount its
-    volumes, run its mesh containers."""
+def local_config(mount: kubelet.Mount, local_dirs: Mapping[str, str]) -> kubelet.Mount:
+    """The config volume with the file paths of each config's `identity` section (the token, the bundle) mapped to
+    where the lab laid out those mounts: what `kubelet.translate_command` does for argv, for the one place a path
+    is named inside a file. The lab has no mount namespaces; in a pod the paths are right as they are. A config
+    naming paths the container does not mount (config.yaml in a Secret-mode pod) is not the one it runs with, and
+    is left as it is."""
+    files = []
+    for item in mount.files:
+        config = yaml.safe_load(item.data)
+        identity = config.get("identity") if isinstance(config, dict) else None
+        if isinstance(identity, dict):
+            try:
+                local = {key: kubelet.translate_path(identity[key], local_dirs) for key in ("token", "bundle")}
+            except ConfigError:
+                local = {}
+            if local:
+                identity.update(local)
+                item = kubelet.MountedFile(item.name, yaml.safe_dump(config, sort_keys=False).encode(), item.mode)
+        files.append(item)
+    return dataclasses.replace(mount, files=tuple(files))
+
+
+def bundle_config_map(lab: Lab, namespace: str = "default") -> dict[str, Any]:
+    """The trust bundle ConfigMap as the CA service keeps it: the lab CA's roots."""
+    assert lab.authority is not None
+    data = {"bundle.pem": pem.render_certificates(lab.authority.roots).decode()}
+    metadata = {"name": inject.BUNDLE_CONFIG_MAP, "namespace": namespace}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def mesh_pod(
+    lab: Lab,
+    pod: str,
+    obj: Mapping[str, Any],
+    ca_dir: Path,
+    config_map: dict[str, Any],
+    projector: kubelet.TokenProjector | None = None,
+) -> None:
+    """Do for one pod (a Pod, or a Deployment's template) what the cluster would: create its SVID Secret (Secret
+    mode) or mint its token (identity mode: the lab must be in identity mode, and `projector` keeps the token
+    fresh), mount its volumes, run its mesh containers."""
     namespace = obj["metadata"].get("namespace", "default")
     pod_spec = pod_spec_of(obj)
     account = pod_spec.get("serviceAccountName", "default")
-    secret_text = mtlsmesh_cli(
-        "ca", "issue", "--ca-dir", str(ca_dir), "--namespace", namespace, "--service-account", account, "--k8s-secret",
-        cwd=ca_dir,
-    )  # fmt: skip
-    secret = yaml.safe_load(secret_text)
+    volumes = {v["name"] for v in pod_spec.get("volumes", [])}
+    objects = [config_map]
+    if inject.SVID_VOLUME in volumes:
+        secret_text = mtlsmesh_cli(
+            "ca", "issue", "--ca-dir", str(ca_dir), "--namespace", namespace, "--service-account", account,
+            "--k8s-secret", cwd=ca_dir,
+        )  # fmt: skip
+        objects.append(yaml.safe_load(secret_text))
+    if inject.BUNDLE_VOLUME in volumes:
+        objects.append(bundle_config_map(lab, namespace))
+    pod_name = obj["metadata"].get("name") or obj["metadata"].get("generateName", "pod")
+
+    def mint(audience: str, seconds: int) -> str:
+        return lab.mint_token(namespace, account, pod_name, audience=audience, seconds=seconds)
+
+    uid, gid = kubelet.run_as(pod_spec, inject.PROXY_CONTAINER)
     init, proxy = inject.pod_commands(pod_spec)
     local_entrypoint = [lab.python, "-m", "mtlsmesh"]
     commands = []
     for name, command in ((inject.INIT_CONTAINER, init), (inject.PROXY_CONTAINER, proxy)):
-        mounts = kubelet.container_mounts(pod_spec, name, [secret, config_map], namespace=namespace)
-        local_dirs: dict[str, str] = {}
+        mounts = kubelet.container_mounts(pod_spec, name, objects, namespace=namespace, mint=mint)
+        local_dirs = {mount.mount_path: str(lab.pod_dir(pod) / name / mount.volume) for mount in mounts}
         for mount in mounts:
-            directory = lab.pod_dir(pod) / name / mount.volume
+            if mount.volume == inject.CONFIG_VOLUME:
+                mount = local_config(mount, local_dirs)
+            directory = Path(local_dirs[mount.mount_path])
             kubelet.write_volume(mount, directory)
-            local_dirs[mount.mount_path] = str(directory)
+            if mount.tokens:
+                # Only this container has the mount: only its uid may enter the directory.
+                assert name == inject.PROXY_CONTAINER, f"{name} mounts the token volume {mount.volume}"
+                os.chown(directory, uid, gid)
+                directory.chmod(0o500)
+                assert projector is not None, "a pod with a projected token needs a TokenProjector"
+                projector.add(directory, mount, mint)
         commands.append(
             kubelet.translate_command(command, local_dirs, entrypoint="mtlsmesh", local_entrypoint=local_entrypoint)
         )
     assert kubelet.run_as(pod_spec, inject.INIT_CONTAINER) == (0, 0)  # the lab runs the init step as root
-    uid, gid = kubelet.run_as(pod_spec, inject.PROXY_CONTAINER)
     lab.start_pod(pod, init=commands[0], proxy=commands[1], proxy_uid=uid, proxy_gid=gid)
 
 

@@ -4,12 +4,17 @@ service-account token only it can read, then renews with its SVID.
 
 The pods: `web` (echo on 7000, hash on 7001) and `client`, both in the mesh. Each test builds its own lab, as the
 SVID lifetime differs between them; every lab is torn down and checked for leftovers even when a test fails.
+Renewals are shown twice: with 4 s SVIDs renewed at half (many renewals in a few seconds), and with the issue's
+60 s SVIDs renewed at a tenth of their life (every 6 s), whose lab also caps tokens at 10 s to show each one
+projected again before it expires.
 A last test kills a lab's process outright: `netns.cleanup_stale` still ends the CA service it left running.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import datetime
 import hashlib
 import json
 import os
@@ -26,6 +31,7 @@ from functools import partial
 
 import pytest
 
+from mtlsmesh import ca
 from mtlsmesh.conventions import ADMIN_PORT, PROXY_UID
 from mtlsmesh.lab import netns
 from mtlsmesh.lab.pods import Lab, child_env, http_get, log_records
@@ -165,6 +171,70 @@ def test_short_lived_svids_renew_under_continuous_traffic() -> None:
         inbound = [inbound_mtls(f"{lab.ip('web')}:{port}", CLIENT_ID) for port in (7000, 7001)]
         harness.wait_records(lab, "web", inbound[0], count=calls)
         harness.wait_records(lab, "web", inbound[1], count=len(results))
+
+
+MINUTE_TRAFFIC_SECONDS = 32.0  # a 60 s SVID renewed at a tenth of its life (6 s, +-10 %): five renewals or so
+MINUTE_TOKEN_LIFETIME = 10  # the lab's API server caps the pods' tokens at 10 s: re-projected every 8 s
+
+
+def svid_serials(lab: Lab, pod: str) -> list[str]:
+    """The serials of the SVIDs `pod`'s sidecar logged taking into use, enrolment first."""
+    records = log_records(lab.sidecar_log(pod))
+    return [r["serial"] for r in records if r.get("event") in ("svid_issued", "svid_renewed")]
+
+
+def token_enrolments_are(lab: Lab, count: int) -> bool:
+    return len(ca_records(lab, "token")) == count
+
+
+def test_a_minute_long_svid_renews_several_times_under_continuous_traffic() -> None:
+    # The issue's figure: a 60-second TTL, continuous traffic through the pod pair across several renewals.
+    identity = IdentitySpec(ttl="60s", renew_fraction=0.1, token_lifetime=MINUTE_TOKEN_LIFETIME)
+    for lab in harness.open_lab(Topology(pods=PODS, identity=identity)):
+        for pod in IDS:
+            current = certs(lab, pod)
+            not_before, not_after = current["not_before"], current["not_after"]
+            assert isinstance(not_before, str) and isinstance(not_after, str)
+            span = datetime.datetime.fromisoformat(not_after) - datetime.datetime.fromisoformat(not_before)
+            # The CA granted the minute asked for (its certificates are backdated by a minute, `ca.BACKDATE`).
+            assert span - ca.BACKDATE == datetime.timedelta(seconds=60), f"{pod}: the CA granted {span - ca.BACKDATE}"
+        first = {pod: svid_serials(lab, pod) for pod in IDS}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            streams = [pool.submit(trickle, lab, MINUTE_TRAFFIC_SECONDS, bytes([16 + n])) for n in range(3)]
+            calls = short_calls(lab, MINUTE_TRAFFIC_SECONDS)
+            results = [stream.result(timeout=90) for stream in streams]
+        # Every connection intact: the byte count and SHA-256 the hash app computed are what was sent.
+        for sent, answer in results:
+            assert answer == sent, "a connection open across the renewals lost or changed bytes"
+        assert calls >= MINUTE_TRAFFIC_SECONDS * 2
+        for pod in IDS:
+            taken = svid_serials(lab, pod)
+            # Enrolment, then at least three renewals during the traffic, each a new serial, in the order the CA
+            # issued them, and the last one is what the sidecar serves now.
+            assert len(taken) >= len(first[pod]) + 3, f"{pod}: {taken}"
+            assert len(set(taken)) == len(taken)
+            # Read after the sidecar's log, the CA's may hold one renewal more, logged before it was taken into use.
+            by_ca = serials(lab, pod)
+            assert by_ca[: len(taken)] == taken and len(by_ca) - len(taken) <= 1, (taken, by_ca)
+            serving = certs(lab, pod)["serial"]
+            assert serving in (taken[-1], *svid_serials(lab, pod)[-1:])
+            assert not [r for r in log_records(lab.sidecar_log(pod)) if str(r.get("event", "")).endswith("_failing")]
+        assert len(ca_records(lab, "token")) == len(IDS), "a sidecar fell back to its token"
+        inbound = [inbound_mtls(f"{lab.ip('web')}:{port}", CLIENT_ID) for port in (7000, 7001)]
+        harness.wait_records(lab, "web", inbound[0], count=calls)
+        harness.wait_records(lab, "web", inbound[1], count=len(results))
+        # The lab projected each pod's token again before it expired, as a kubelet does: a sidecar that must
+        # enrol afresh now (restarted, its SVID in memory gone) does so with a token still valid.
+        for pod in IDS:
+            assert lab.token_projections[pod] >= 3, lab.token_projections
+        token = lab.token_path("web").read_text()
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["exp"] > time.time()
+        lab.kill_sidecar("web")
+        lab.restart_sidecar("web")
+        wait_for("web enrolled again with its token", partial(token_enrolments_are, lab, len(IDS) + 1), 10.0)
+        payload = os.urandom(2048)
+        assert harness.exchange(lab, "client", lab.ip("web"), 7000, payload) == harness.echo_answer(payload)
 
 
 OUTAGE_SECONDS = 6.0  # longer than one renewal period of an 8 s SVID renewed at half (4 s, +-10 %)

@@ -4,17 +4,23 @@ Two pods of deploy/examples/bookinfo-injected.yaml (productpage and details) are
 `inject.pod_commands` reads back the init container's and the proxy's (argv, env), and the lab runs exactly those,
 `mtlsmesh iptables` as root and `mtlsmesh sidecar` as the proxy container's runAsUser/runAsGroup, each in its pod's
 network namespace. The only changes are the ones a kubelet makes: the image's entrypoint `mtlsmesh` becomes
-`python -m mtlsmesh`, and the in-pod paths of the volume mounts (/etc/mtlsmesh, /var/run/mtlsmesh/svid) become the
-directories where the test laid out what those volumes hold (`kubelet.translate_command`):
-- the Secret `mtlsmesh-svid-<serviceAccountName>` exactly as `mtlsmesh ca issue ... --k8s-secret` prints it, its
-  base64 `data` decoded into files with the volume's mode (so the Secret's name and keys must be the ones the pod
-  mounts, or the pod does not start);
-- the ConfigMap `mtlsmesh-config` that deploy/base's kustomization generates from deploy/base/config.yaml, with only
-  the mesh destinations' CIDRs changed from a cluster's pod and Service CIDRs to the lab's.
+`python -m mtlsmesh`, and the in-pod paths of the volume mounts (/etc/mtlsmesh, /var/run/secrets/tokens,
+/var/run/mtlsmesh/bundle) become the directories where the test laid out what those volumes hold
+(`kubelet.translate_command`):
+- the projected service-account token (identity mode, the injector's default), minted by the lab's API server for
+  the pod's namespace and service account and written into the proxy container's mount only, re-projected before
+  it expires; the sidecar enrols with it at the lab's `mtlsmesh ca serve` and renews with its SVID;
+- the trust bundle ConfigMap `mtlsmesh-trust-bundle` with the lab CA's roots;
+- the ConfigMap `mtlsmesh-config` that deploy/base's kustomization generates from deploy/base/config.yaml and
+  config-secret.yaml, with only the mesh destinations' CIDRs changed from a cluster's pod and Service CIDRs to the
+  lab's and the CA service's name to the lab's address for it.
 The apps (the demo HTTP app standing in for bookinfo's images) run as uid 1000, after the sidecars are ready.
 
 A third meshed pod, annotated, comes from a small manifest the test injects with `mtlsmesh inject`, to show its
 `mtlsmesh.io/*` annotations take effect when run (and, without root, what its init step's `--dry-run` prints).
+It is annotated `mtlsmesh.io/identity: secret`: its SVID is the Secret `mtlsmesh-svid-<serviceAccountName>`
+exactly as `mtlsmesh ca issue ... --k8s-secret` prints it from the lab's CA directory, its base64 `data` decoded
+into files with the volume's mode (so the Secret's name and keys must be the ones the pod mounts).
 These pods are declared `mesh=False` in the topology: the lab leaves them alone and `Lab.start_pod` meshes them
 from their pod specs. A fourth pod, outside, stays outside the mesh.
 """
@@ -24,17 +30,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from mtlsmesh import inject
 from mtlsmesh.conventions import METRICS_PORT
 from mtlsmesh.lab import netns
 from mtlsmesh.lab.pods import Lab, child_env, http_get
-from mtlsmesh.lab.topology import AppSpec, PodSpec, ServiceSpec, Topology
+from mtlsmesh.lab.topology import DEFAULT_APP_UID, AppSpec, IdentitySpec, PodSpec, ServiceSpec, Topology
 from mtlsmesh.manifest import parse_manifests
 from tests import kubelet
 from tests.e2e import harness, podspecs
@@ -45,6 +53,7 @@ INJECTED = ROOT / "deploy" / "examples" / "bookinfo-injected.yaml"
 # lab pod -> the Deployment of bookinfo-injected.yaml it runs
 WORKLOADS = {"productpage": "productpage-v1", "details": "details-v1"}
 EXCLUDED_PORT = 9099
+TOKEN_LIFETIME = 6
 
 # Two workloads injected by the test itself, one with every capture annotation, one with the include lists.
 ANNOTATED = """\
@@ -61,6 +70,7 @@ spec:
         mtlsmesh.io/exclude-outbound-ports: "5432"
         mtlsmesh.io/exclude-outbound-cidrs: "198.18.5.0/24"
         mtlsmesh.io/inbound-mode: permissive
+        mtlsmesh.io/identity: secret
     spec:
       serviceAccountName: annotated
       containers: [{name: app, image: app:1, ports: [{containerPort: 9080}]}]
@@ -90,6 +100,9 @@ TOPOLOGY = Topology(
         PodSpec("outside", mesh=False),
     ),
     services=(ServiceSpec("details", APP_PORT, "details", APP_PORT),),
+    # The lab's API server mints tokens of at most 6 s (the pods ask for an hour), so they are re-projected during
+    # the module's tests; SVIDs live a minute.
+    identity=IdentitySpec(ttl="60s", token_lifetime=TOKEN_LIFETIME),
 )
 
 
@@ -99,19 +112,25 @@ def inject_annotated(directory: Path) -> list[Any]:
     return parse_manifests(mtlsmesh_cli("inject", "-f", "app.yaml", cwd=directory), "injected")
 
 
+@pytest.fixture(scope="module", name="projector")
+def projector_fixture() -> Iterator[kubelet.TokenProjector]:
+    """The kubelet's token manager for the module's identity-mode pods (stopped after the lab)."""
+    with kubelet.TokenProjector() as projector:
+        yield projector
+
+
 @pytest.fixture(scope="module", name="lab")
-def lab_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab_fixture(tmp_path_factory: pytest.TempPathFactory, projector: kubelet.TokenProjector) -> Iterator[Lab]:
     documents = parse_manifests(INJECTED.read_text(), INJECTED.name)
-    ca_dir = tmp_path_factory.mktemp("mesh-ca")
-    mtlsmesh_cli("ca", "init", "--dir", str(ca_dir), "--trust-domain", "cluster.local", cwd=ca_dir)
     config_map = base_config_map()
     lab = Lab(TOPOLOGY, tag="mmk")
     try:
         lab.start()
         for pod, name in WORKLOADS.items():
-            mesh_pod(lab, pod, workload(documents, name), ca_dir, config_map)
+            mesh_pod(lab, pod, workload(documents, name), lab.ca_dir, config_map, projector)
         annotated = workload(inject_annotated(tmp_path_factory.mktemp("annotated")), "annotated")
-        mesh_pod(lab, "annotated", annotated, ca_dir, config_map)
+        # The Secret-mode pod's SVID from the same CA the service signs with, so both kinds of pod trust each other.
+        mesh_pod(lab, "annotated", annotated, lab.ca_dir, config_map)
         annotated_args = ("http", "--name", "annotated", "--port", str(APP_PORT), "--port", str(EXCLUDED_PORT))
         lab.start_app("annotated", AppSpec("http", annotated_args, (APP_PORT, EXCLUDED_PORT)))
         podspecs.start_bookinfo_apps(lab)
@@ -151,18 +170,67 @@ def test_plaintext_from_outside_the_mesh_is_refused(lab: Lab) -> None:
     )
 
 
+def issued(lab: Lab, spiffe_id: str) -> list[dict[str, str]]:
+    records = harness.log_records(lab.ca_log())
+    return [r for r in records if r.get("event") == "issued" and r.get("spiffe_id") == spiffe_id]
+
+
 @pytest.mark.root
-def test_each_proxy_serves_the_svid_of_its_service_account(lab: Lab) -> None:
-    # The kubelet writes Secret files as root with the volume's defaultMode; the proxy's uid reads them only
-    # because the injector asks for 0444, and reads them through the `..data` symlink a Secret update swaps.
+def test_each_proxy_gets_the_svid_of_its_service_account_from_the_ca_service(lab: Lab) -> None:
     for pod, name in WORKLOADS.items():
-        svid_dir = lab.pod_dir(pod) / inject.PROXY_CONTAINER / inject.SVID_VOLUME
-        key = svid_dir / "key.pem"
-        assert key.is_symlink() and (svid_dir / kubelet.DATA_LINK).is_symlink()
-        info = key.stat()
-        assert (info.st_uid, info.st_mode & 0o777) == (0, 0o444)
         ready = [r for r in harness.log_records(lab.sidecar_log(pod)) if r.get("event") == "ready"]
         assert [r.get("spiffe_id") for r in ready] == [spiffe_id_of(name)]
+        # Enrolled with the projected token (the CA's log line), and no certificate or key file for it anywhere.
+        assert [r["credential"] for r in issued(lab, spiffe_id_of(name))][:1] == ["token"]
+        assert not [p for p in lab.pod_dir(pod).rglob("*") if p.name in ("key.pem", "cert.pem")]
+
+
+@pytest.mark.root
+def test_the_token_is_in_the_sidecars_view_only_and_kept_fresh(lab: Lab, projector: kubelet.TokenProjector) -> None:
+    for pod in WORKLOADS:
+        token_dir = lab.pod_dir(pod) / inject.PROXY_CONTAINER / inject.TOKEN_VOLUME
+        token = token_dir / inject.TOKEN_FILE
+        # Written as the kubelet writes it: root's file with the volume's mode, behind the `..data` link...
+        assert token.is_symlink() and (token_dir / kubelet.DATA_LINK).is_symlink()
+        assert (token.stat().st_uid, token.stat().st_mode & 0o777) == (0, 0o444)
+        # ...in the proxy container's mounts only: no other container of the pod has a token file.
+        others = [p for p in lab.pod_dir(pod).rglob(inject.TOKEN_FILE) if inject.PROXY_CONTAINER not in p.parts]
+        assert others == []
+        as_app = ["setpriv", f"--reuid={DEFAULT_APP_UID}", f"--regid={DEFAULT_APP_UID}", "--clear-groups"]
+        done = subprocess.run([*as_app, "cat", str(token)], capture_output=True, timeout=10, check=False)
+        assert done.returncode != 0 and not done.stdout, "the app's uid can read the sidecar's token"
+        # Re-projected before it expired: the lab's API server mints 6 s tokens, renewed at 80 % of that.
+        deadline = time.monotonic() + 4 * TOKEN_LIFETIME
+        while len(projector.refreshes(token_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(projector.refreshes(token_dir)) >= 2, projector.errors
+        claims = jwt.decode(token.read_bytes(), options={"verify_signature": False})
+        assert claims["exp"] > time.time() and claims["aud"] == [inject.TOKEN_AUDIENCE]
+    assert projector.errors == []
+
+
+@pytest.mark.root
+def test_the_secret_mode_pod_reads_its_svid_from_the_secret(lab: Lab) -> None:
+    # The kubelet writes Secret files as root with the volume's defaultMode; the proxy's uid reads them only
+    # because the injector asks for 0444, and reads them through the `..data` symlink a Secret update swaps.
+    svid_dir = lab.pod_dir("annotated") / inject.PROXY_CONTAINER / inject.SVID_VOLUME
+    key = svid_dir / "key.pem"
+    assert key.is_symlink() and (svid_dir / kubelet.DATA_LINK).is_symlink()
+    info = key.stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o444)
+    annotated_id = "spiffe://cluster.local/ns/default/sa/annotated"
+    ready = [r for r in harness.log_records(lab.sidecar_log("annotated")) if r.get("event") == "ready"]
+    assert [r.get("spiffe_id") for r in ready] == [annotated_id]
+    assert issued(lab, annotated_id) == []  # not from the CA service
+    # The Secret-mode pod calls an identity-mode pod over mTLS: both chain to the same roots.
+    marker = harness.unique_marker("secret-mode")
+    status, body = harness.get(lab, "annotated", lab.ip("details"), APP_PORT, "/from-secret-mode", marker)
+    assert (status, json.loads(body)["marker"]) == (200, marker)
+    harness.wait_records(
+        lab,
+        "details",
+        lambda r: r.get("dir") == "inbound" and r.get("peer_id") == annotated_id and r.get("decision") == "mtls",
+    )
 
 
 @pytest.mark.root

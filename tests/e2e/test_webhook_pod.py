@@ -6,8 +6,9 @@ of deploy/examples/bookinfo.yaml (not injected) make their ReplicaSets create: `
 and the API server's defaults, the service-account token volume included. The patches it answers with, applied
 with jsonpatch, are the pods the lab then runs exactly as tests/e2e/test_injected_pod.py runs the CLI's
 (`podspecs.mesh_pod`): their own `mtlsmesh iptables` as root and `mtlsmesh sidecar` as the proxy's uid, from the
-volumes a kubelet would mount. productpage's app calls the details Service in plaintext and the wire carries only
-TLS records, each side authenticated as its pod's service account.
+volumes a kubelet would mount, the projected token minted by the lab's API server into the proxy's mount only; each
+sidecar enrols with the lab's CA service. productpage's app calls the details Service in plaintext and the wire
+carries only TLS records, each side authenticated as its pod's service account.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import pytest
 
 from mtlsmesh import inject
 from mtlsmesh.lab.pods import Lab, log_records
-from mtlsmesh.lab.topology import PodSpec, ServiceSpec, Topology
+from mtlsmesh.lab.topology import IdentitySpec, PodSpec, ServiceSpec, Topology
 from mtlsmesh.manifest import parse_manifests
+from tests import kubelet
 from tests.admission_reviews import admission_review, controller_pod, patched, post, webhook_process
 from tests.e2e import harness, podspecs
 from tests.e2e.podspecs import APP_PORT, base_config_map, mesh_pod, workload
@@ -34,6 +36,7 @@ WORKLOADS = {"productpage": "productpage-v1", "details": "details-v1"}  # lab po
 TOPOLOGY = Topology(
     pods=(PodSpec("productpage", mesh=False), PodSpec("details", mesh=False), PodSpec("outside", mesh=False)),
     services=(ServiceSpec("details", APP_PORT, "details", APP_PORT),),
+    identity=IdentitySpec(ttl="1h"),
 )
 
 
@@ -58,17 +61,17 @@ def meshed_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshed]
             assert (response["uid"], response["allowed"], response["patchType"]) == (f"uid-{pod}", True, "JSONPatch")
             pods[pod] = patched(reply.json(), obj)
         webhook_log = webhook.stop()
-    ca_dir = tmp_path_factory.mktemp("mesh-ca")
-    podspecs.mtlsmesh_cli("ca", "init", "--dir", str(ca_dir), "--trust-domain", "cluster.local", cwd=ca_dir)
     config_map = base_config_map()
     lab = Lab(TOPOLOGY, tag="mmw")
+    projector = kubelet.TokenProjector()
     try:
         lab.start()
         for pod, obj in pods.items():
-            mesh_pod(lab, pod, obj, ca_dir, config_map)
+            mesh_pod(lab, pod, obj, lab.ca_dir, config_map, projector)
         podspecs.start_bookinfo_apps(lab)
         yield Meshed(lab, pods, sent, webhook_log)
     finally:
+        projector.close()
         # Also when meshing a pod fails part-way: stop what was started, then prove nothing is left.
         pids = lab.processes()
         lab.close()

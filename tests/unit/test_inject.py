@@ -22,14 +22,17 @@ from typing import Any
 import pytest
 import yaml
 
-from mtlsmesh.annotations import STATUS_ANNOTATION
+from mtlsmesh.annotations import IDENTITY, STATUS_ANNOTATION
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.inject import (
+    BUNDLE_VOLUME,
     INIT_CONTAINER,
     PROXY_CONTAINER,
     SKIP_HOST_NETWORK,
     SKIP_OPTED_OUT,
+    SVID_VOLUME,
+    TOKEN_VOLUME,
     InjectOptions,
     inject_documents,
     inject_text,
@@ -122,12 +125,21 @@ def test_every_kind_gets_the_init_container_then_the_native_sidecar(case: str) -
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert {p["containerPort"]: p["name"] for p in proxy["ports"]} == {15021: "mesh-health", 15090: "mesh-metrics"}
     assert proxy["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
-    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
-    assert mounts["mtlsmesh-svid"] == {"name": "mtlsmesh-svid", "mountPath": "/var/run/mtlsmesh/svid", "readOnly": True}
-    assert mounts["mtlsmesh-config"] == {"name": "mtlsmesh-config", "mountPath": "/etc/mtlsmesh", "readOnly": True}
+    # Identity mode, the default: the projected token and the bundle ConfigMap, no SVID Secret.
+    assert proxy["volumeMounts"] == [
+        {"name": "mtlsmesh-config", "mountPath": "/etc/mtlsmesh", "readOnly": True},
+        {"name": "mtlsmesh-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
+        {"name": "mtlsmesh-bundle", "mountPath": "/var/run/mtlsmesh/bundle", "readOnly": True},
+    ]
     volumes = {v["name"]: v for v in spec["volumes"]}
-    account = spec.get("serviceAccountName", "default")
-    assert volumes["mtlsmesh-svid"]["secret"]["secretName"] == f"mtlsmesh-svid-{account}"
+    assert "mtlsmesh-svid" not in volumes
+    assert volumes["mtlsmesh-token"]["projected"] == {
+        "sources": [
+            {"serviceAccountToken": {"audience": "mtlsmesh-ca", "expirationSeconds": 3600, "path": "mtlsmesh-token"}}
+        ],
+        "defaultMode": 0o444,
+    }
+    assert volumes["mtlsmesh-bundle"]["configMap"] == {"name": "mtlsmesh-trust-bundle"}
     assert volumes["mtlsmesh-config"]["configMap"] == {"name": "mtlsmesh-config"}
     assert STATUS_ANNOTATION in template["metadata"]["annotations"]
     # The app containers are exactly what they were.
@@ -137,10 +149,102 @@ def test_every_kind_gets_the_init_container_then_the_native_sidecar(case: str) -
 
 
 def test_pod_without_service_account_mounts_the_default_accounts_secret() -> None:
-    (doc,) = parse_manifests((GOLDEN / "pod.injected.yaml").read_text(), "pod")
+    (doc,) = parse_manifests((GOLDEN / "pod.yaml").read_text(), "pod")
     assert isinstance(doc, dict)
-    volumes = {v["name"]: v for v in doc["spec"]["volumes"]}
+    injected = inject_one(doc, InjectOptions(identity="secret"))
+    volumes = {v["name"]: v for v in injected["spec"]["volumes"]}
     assert volumes["mtlsmesh-svid"]["secret"]["secretName"] == "mtlsmesh-svid-default"
+
+
+def test_secret_mode_mounts_the_svid_secret_and_runs_with_the_secret_config() -> None:
+    (doc,) = parse_manifests((GOLDEN / "secret.injected.yaml").read_text(), "secret")
+    assert isinstance(doc, dict)
+    spec = template_of(doc)["spec"]
+    proxy = spec["initContainers"][1]
+    assert proxy["volumeMounts"] == [
+        {"name": "mtlsmesh-config", "mountPath": "/etc/mtlsmesh", "readOnly": True},
+        {"name": "mtlsmesh-svid", "mountPath": "/var/run/mtlsmesh/svid", "readOnly": True},
+    ]
+    assert [v["name"] for v in spec["volumes"]] == ["mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run"]
+    assert spec["volumes"][0]["secret"] == {"secretName": "mtlsmesh-svid-ratings", "defaultMode": 0o444}
+    _, (proxy_argv, _) = pod_commands(spec)
+    assert proxy_argv == [
+        "mtlsmesh", "sidecar", "--config", "/etc/mtlsmesh/config-secret.yaml",
+        "--cert", "/var/run/mtlsmesh/svid/cert.pem",
+        "--key", "/var/run/mtlsmesh/svid/key.pem",
+        "--bundle", "/var/run/mtlsmesh/svid/bundle.pem",
+    ]  # fmt: skip
+
+
+def injected_templates() -> list[tuple[str, dict[str, Any]]]:
+    """(file, template) for every injected pod template of the golden outputs and deploy/examples."""
+    paths = [*sorted(GOLDEN.glob("*.injected.yaml")), ROOT / "deploy" / "examples" / "bookinfo-injected.yaml"]
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(doc: object, name: str) -> None:
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            for item in doc["items"]:
+                walk(item, name)
+        elif isinstance(doc, dict) and doc.get("kind") in (
+            "Pod",
+            "Deployment",
+            "StatefulSet",
+            "DaemonSet",
+            "Job",
+            "CronJob",
+            "ReplicaSet",
+            "ReplicationController",
+        ):
+            template = template_of(doc)
+            if STATUS_ANNOTATION in (template.get("metadata") or {}).get("annotations", {}):
+                found.append((name, template))
+
+    for path in paths:
+        for doc in parse_manifests(path.read_text(), path.name):
+            walk(doc, path.name)
+    return found
+
+
+def test_only_the_proxy_mounts_the_token_the_bundle_or_the_svid() -> None:
+    # The projected token proves the pod's identity to the CA: an app container that could read it could get
+    # itself an SVID of the pod's service account. Nothing but the proxy may mount it (nor the SVID Secret).
+    templates = injected_templates()
+    assert len(templates) >= 12
+    modes = set()
+    for name, template in templates:
+        spec = template["spec"]
+        containers = [
+            *spec.get("initContainers", []), *spec.get("containers", []), *spec.get("ephemeralContainers", [])
+        ]  # fmt: skip
+        volumes = {v["name"] for v in spec["volumes"]}
+        modes.add(TOKEN_VOLUME in volumes)
+        for container in containers:
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            if container["name"] == PROXY_CONTAINER:
+                assert mounted & volumes & {TOKEN_VOLUME, BUNDLE_VOLUME, SVID_VOLUME}, name
+            else:
+                assert not mounted & {TOKEN_VOLUME, BUNDLE_VOLUME, SVID_VOLUME}, (name, container["name"])
+    assert modes == {True, False}  # both SVID sources were looked at
+
+
+def test_identity_annotation_beats_the_option_and_a_bad_value_is_refused() -> None:
+    doc = deployment({IDENTITY: "ca"})
+    spec = inject_one(doc, InjectOptions(identity="secret"))["spec"]["template"]["spec"]
+    assert [v["name"] for v in spec["volumes"]][:2] == [TOKEN_VOLUME, BUNDLE_VOLUME]
+    spec = inject_one(deployment(), InjectOptions(identity="secret"))["spec"]["template"]["spec"]
+    assert spec["volumes"][0]["name"] == SVID_VOLUME
+    with pytest.raises(ConfigError, match=r"annotation mtlsmesh.io/identity: expected one of ca, secret, got 'vault'"):
+        inject_documents([deployment({IDENTITY: "vault"})], source="app.yaml")
+    with pytest.raises(ConfigError, match=r"identity: expected one of ca, secret"):
+        InjectOptions(identity="files")
+
+
+def test_reinjection_follows_a_changed_identity_annotation() -> None:
+    first = inject_one(deployment())
+    first["spec"]["template"]["metadata"]["annotations"][IDENTITY] = "secret"
+    spec = inject_one(first)["spec"]["template"]["spec"]
+    assert [v["name"] for v in spec["volumes"]] == ["mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run"]
+    assert {m["name"] for m in spec["initContainers"][1]["volumeMounts"]} == {"mtlsmesh-svid", "mtlsmesh-config"}
 
 
 def test_existing_init_containers_and_volumes_are_kept_after_ours() -> None:
@@ -149,7 +253,8 @@ def test_existing_init_containers_and_volumes_are_kept_after_ours() -> None:
     assert [c["name"] for c in doc["spec"]["initContainers"]] == [INIT_CONTAINER, PROXY_CONTAINER, "wait-for-db"]
     assert [v["name"] for v in doc["spec"]["volumes"]] == [
         "scratch",
-        "mtlsmesh-svid",
+        "mtlsmesh-token",
+        "mtlsmesh-bundle",
         "mtlsmesh-config",
         "mtlsmesh-init-run",
     ]
@@ -291,7 +396,9 @@ def test_reinjection_follows_changed_annotations_and_image() -> None:
     second = inject_one(first, InjectOptions(image="registry.example/mtlsmesh:0.2.0"))
     spec = second["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["initContainers"]] == [INIT_CONTAINER, PROXY_CONTAINER]
-    assert [v["name"] for v in spec["volumes"]] == ["mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        "mtlsmesh-token", "mtlsmesh-bundle", "mtlsmesh-config", "mtlsmesh-init-run"
+    ]  # fmt: skip
     assert {c["image"] for c in spec["initContainers"]} == {"registry.example/mtlsmesh:0.2.0"}
     (_, env), _ = pod_commands(spec)
     assert env["MTLSMESH_EXCLUDE_INBOUND_PORTS"] == "9090"
@@ -503,18 +610,7 @@ def test_pod_commands_returns_exactly_what_the_yaml_says(case: str) -> None:
     assert init_env == {e["name"]: e["value"] for e in init["env"]}
     assert proxy_argv == proxy["command"] + proxy["args"]
     assert proxy_env == {e["name"]: e["value"] for e in proxy.get("env", [])}
-    assert proxy_argv == [
-        "mtlsmesh",
-        "sidecar",
-        "--config",
-        "/etc/mtlsmesh/config.yaml",
-        "--cert",
-        "/var/run/mtlsmesh/svid/cert.pem",
-        "--key",
-        "/var/run/mtlsmesh/svid/key.pem",
-        "--bundle",
-        "/var/run/mtlsmesh/svid/bundle.pem",
-    ]
+    assert proxy_argv == ["mtlsmesh", "sidecar", "--config", "/etc/mtlsmesh/config.yaml"]
 
 
 def test_pod_commands_of_the_annotated_golden_deployment() -> None:
@@ -592,6 +688,17 @@ def test_cli_writes_output_file_and_custom_image(tmp_path: Path) -> None:
     assert isinstance(doc, dict)
     assert {c["image"] for c in doc["spec"]["template"]["spec"]["initContainers"]} == {"reg.example/mesh:1"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mtlsmesh-inject-")]
+
+
+def test_cli_identity_flag_sets_the_svid_source_of_unannotated_pods(tmp_path: Path) -> None:
+    source = tmp_path / "app.yaml"
+    source.write_text(yaml.safe_dump_all([deployment(), deployment({IDENTITY: "ca"})]))
+    out = tmp_path / "out.yaml"
+    assert main(["inject", "-f", str(source), "-o", str(out), "--identity", "secret"]) == 0
+    plain, annotated = parse_manifests(out.read_text(), "out")
+    assert isinstance(plain, dict) and isinstance(annotated, dict)
+    assert plain["spec"]["template"]["spec"]["volumes"][0]["name"] == SVID_VOLUME
+    assert annotated["spec"]["template"]["spec"]["volumes"][0]["name"] == TOKEN_VOLUME
 
 
 def test_cli_reads_stdin_and_prints_warnings_to_stderr() -> None:

@@ -6,13 +6,28 @@ import base64
 import copy
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from mtlsmesh.errors import ConfigError
-from mtlsmesh.inject import CONFIG_FILE, INIT_CONTAINER, PROXY_CONTAINER, SVID_DIR, inject_documents, pod_commands
+from mtlsmesh.inject import (
+    BUNDLE_DIR,
+    CONFIG_FILE,
+    INIT_CONTAINER,
+    PROXY_CONTAINER,
+    SECRET_CONFIG_FILE,
+    SVID_DIR,
+    TOKEN_DIR,
+    TOKEN_FILE,
+    InjectOptions,
+    inject_documents,
+    pod_commands,
+)
+from mtlsmesh.lab.cluster import TokenIssuer
 from tests import kubelet
 
 MOUNTS = {"/etc/mtlsmesh": "/lab/pod/config", "/var/run/mtlsmesh/svid": "/lab/pod/svid", "/var/run": "/lab/pod/run"}
@@ -80,14 +95,14 @@ def test_translate_command_refuses(argv: list[str], env: dict[str, str], message
 SECRET_DATA = {"cert.pem": b"CERT\n", "key.pem": b"KEY\n", "bundle.pem": b"ROOTS\n"}
 
 
-def injected_pod(account: str = "reviews") -> dict[str, Any]:
+def injected_pod(account: str = "reviews", identity: str = "secret") -> dict[str, Any]:
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "reviews", "namespace": "default"},
         "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "app:1"}]},
     }
-    result = inject_documents([pod])
+    result = inject_documents([pod], options=InjectOptions(identity=identity))
     spec = result.documents[0]["spec"]  # type: ignore[index]
     assert isinstance(spec, dict)
     return spec
@@ -98,8 +113,8 @@ def secret(name: str = "mtlsmesh-svid-reviews", namespace: str = "default") -> d
     return {"kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "data": data}
 
 
-def config_map(name: str = "mtlsmesh-config") -> dict[str, Any]:
-    return {"kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}, "data": {"config.yaml": "a: 1\n"}}
+def config_map(name: str = "mtlsmesh-config", key: str = "config-secret.yaml") -> dict[str, Any]:
+    return {"kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}, "data": {key: "a: 1\n"}}
 
 
 def test_proxy_mounts_hold_the_secret_and_the_config_map() -> None:
@@ -111,13 +126,102 @@ def test_proxy_mounts_hold_the_secret_and_the_config_map() -> None:
     assert (svid.kind, svid.read_only) == ("secret", True)
     assert {f.name: (f.data, f.mode) for f in svid.files} == {k: (v, 0o444) for k, v in SECRET_DATA.items()}
     config = by_path[os.path.dirname(CONFIG_FILE)]
-    assert [(f.name, f.data, f.mode) for f in config.files] == [("config.yaml", b"a: 1\n", kubelet.DEFAULT_VOLUME_MODE)]
+    assert [(f.name, f.data, f.mode) for f in config.files] == [
+        ("config-secret.yaml", b"a: 1\n", kubelet.DEFAULT_VOLUME_MODE)
+    ]
     # Every file the proxy's command names lies in one of its mounts.
     _, (argv, env) = pod_commands(spec)
     local = {mount.mount_path: f"/lab/{mount.volume}" for mount in mounts}
     local_argv, _ = kubelet.translate_command((argv, env), local, entrypoint="mtlsmesh", local_entrypoint=["m"])
-    assert "/lab/mtlsmesh-config/config.yaml" in local_argv
+    assert f"/lab/mtlsmesh-config/{os.path.basename(SECRET_CONFIG_FILE)}" in local_argv
     assert "/lab/mtlsmesh-svid/key.pem" in local_argv
+
+
+ISSUER = TokenIssuer()
+
+
+def mint(audience: str, seconds: int) -> str:
+    """The API server's TokenRequest for default/reviews, capped at two seconds for the refresh test."""
+    return ISSUER.token("default", "reviews", "reviews-0", lifetime=min(seconds, 2), audience=audience)
+
+
+def test_identity_mode_proxy_mounts_a_minted_token_and_the_bundle() -> None:
+    spec = injected_pod(identity="ca")
+    objects = [
+        config_map(key="config.yaml"),
+        config_map("mtlsmesh-trust-bundle", "bundle.pem"),
+    ]
+    asked: list[tuple[str, int]] = []
+
+    def recording_mint(audience: str, seconds: int) -> str:
+        asked.append((audience, seconds))
+        return mint(audience, seconds)
+
+    mounts = kubelet.container_mounts(spec, PROXY_CONTAINER, objects, mint=recording_mint)
+    by_path = {mount.mount_path: mount for mount in mounts}
+    assert set(by_path) == {TOKEN_DIR, BUNDLE_DIR, os.path.dirname(CONFIG_FILE)}
+    token = by_path[TOKEN_DIR]
+    assert (token.kind, token.read_only, token.tokens) == (
+        "projected", True, (kubelet.TokenSource(TOKEN_FILE, "mtlsmesh-ca", 3600),)
+    )  # fmt: skip
+    assert asked == [("mtlsmesh-ca", 3600)]
+    ((name, data, mode),) = [(f.name, f.data, f.mode) for f in token.files]
+    assert (name, mode) == (TOKEN_FILE, 0o444)
+    claims = jwt.decode(data, options={"verify_signature": False})
+    assert (claims["aud"], claims["sub"]) == (["mtlsmesh-ca"], "system:serviceaccount:default:reviews")
+    assert [f.name for f in by_path[BUNDLE_DIR].files] == ["bundle.pem"]
+    # No app container mounts it, and without a minter there is no token (the pod would not start).
+    assert kubelet.container_mounts(spec, "app", objects) == ()
+    with pytest.raises(ConfigError, match="a projected token needs the API server's TokenRequest"):
+        kubelet.container_mounts(spec, PROXY_CONTAINER, objects)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ([{"configMap": {"name": "x"}}], "only serviceAccountToken sources"),
+        ([{"serviceAccountToken": {"path": "t", "audience": "a", "expirationSeconds": 60}}], "at least 600"),
+        ([{"serviceAccountToken": {"path": "../t", "audience": "a"}}], "cannot be a file name"),
+        ([{"serviceAccountToken": {"path": "t"}}], "an audience is required"),
+        ([], "expected a mapping with a list of sources"),
+    ],
+)
+def test_projected_volumes_refuse_what_they_do_not_model(sources: list[Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        kubelet.token_sources({"name": "v", "projected": {"sources": sources}})
+
+
+def test_update_volume_swaps_the_files_in_one_rename(tmp_path: Path) -> None:
+    mount = kubelet.Mount("/x", "v", "secret", True, (kubelet.MountedFile("a", b"one", 0o444),))
+    target = tmp_path / "v"
+    kubelet.write_volume(mount, target)
+    handle = (target / "a").open("rb")  # a reader holding the old file keeps reading the old file
+    kubelet.update_volume(target, (kubelet.MountedFile("a", b"two", 0o444),), version="..2")
+    assert (target / "a").read_bytes() == b"two" and handle.read() == b"one"
+    handle.close()
+    assert sorted(p.name for p in target.iterdir()) == ["..2", kubelet.DATA_LINK, "a"]
+    with pytest.raises(ConfigError, match="the update's keys differ"):
+        kubelet.update_volume(target, (kubelet.MountedFile("b", b"", 0o444),), version="..3")
+
+
+def test_the_projector_mints_the_token_again_before_it_expires(tmp_path: Path) -> None:
+    spec = injected_pod(identity="ca")
+    objects = [config_map(key="config.yaml"), config_map("mtlsmesh-trust-bundle", "bundle.pem")]
+    (token,) = [m for m in kubelet.container_mounts(spec, PROXY_CONTAINER, objects, mint=mint) if m.tokens]
+    target = tmp_path / "token"
+    kubelet.write_volume(token, target)
+    seen = {(target / TOKEN_FILE).read_bytes()}
+    with kubelet.TokenProjector() as projector:
+        projector.add(target, token, mint)
+        deadline = time.monotonic() + 20
+        while len(projector.refreshes(target)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = (target / TOKEN_FILE).read_bytes()
+            seen.add(current)
+            # Never a token long expired: two-second tokens (whole seconds in the claims), renewed at 80 %.
+            assert jwt.decode(current, options={"verify_signature": False})["exp"] >= time.time() - 1.0
+    assert len(projector.refreshes(target)) >= 2, projector.errors
+    assert len(seen) >= 3 and projector.errors == []
 
 
 def test_init_container_mounts_an_empty_dir() -> None:
@@ -167,7 +271,7 @@ def _with(spec: dict[str, Any], change: str) -> dict[str, Any]:
         ("subPath", "subPath is not supported"),
         ("unknown volume", "volume 'nowhere' is not in spec.volumes"),
         ("items", r"volumes.mtlsmesh-svid.secret: items is not supported"),
-        ("hostPath", "only secret, configMap and emptyDir volumes"),
+        ("hostPath", "only secret, configMap, emptyDir and projected token volumes"),
         ("relative", "mountPath 'svid' must be absolute"),
     ],
 )

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mtlsmesh import config
+from mtlsmesh import caproto, config, inject
 
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29, stable in 1.33.
 K8S_VERSION = "1.33"
@@ -202,6 +202,7 @@ def test_kubectl_kustomize_output_validates() -> None:
     kinds = sorted((d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]) for d in docs)
     assert kinds == [
         ("ConfigMap", "default", "mtlsmesh-config"),
+        ("ConfigMap", "default", "mtlsmesh-trust-bundle"),
         ("ConfigMap", "mtlsmesh-system", "mtlsmesh-trust-bundle"),
         ("Namespace", "", "mtlsmesh-system"),
         ("Role", "default", "mtlsmesh-svid-writer"),
@@ -224,14 +225,38 @@ def test_rbac_grants_only_secrets_in_one_namespace() -> None:
 
 def test_sidecar_config_matches_the_injected_mounts() -> None:
     data = yaml.safe_load((BASE / "config.yaml").read_text())
-    assert data["credentials"] == {
+    # Identity mode: the CA Service of deploy/ca, the token and the bundle where the injector mounts them.
+    assert data["identity"] == {
+        "ca_address": f"{caproto.CA_SERVICE_DNS}:{caproto.CA_PORT}",
+        "token": f"{inject.TOKEN_DIR}/{inject.TOKEN_FILE}",
+        "bundle": f"{inject.BUNDLE_DIR}/bundle.pem",
+        "ttl": "24h",
+        "renew_fraction": 0.5,
+    }
+    assert "credentials" not in data
+    assert inject.TOKEN_AUDIENCE == caproto.DEFAULT_AUDIENCE
+    assert (data["outbound"]["listen"], data["inbound"]["listen"]) == ("[::]:15001", "[::]:15006")
+    assert data["inbound"]["mode"] == "strict"
+    secret = yaml.safe_load((BASE / "config-secret.yaml").read_text())
+    assert secret["credentials"] == {
         "cert": "/var/run/mtlsmesh/svid/cert.pem",
         "key": "/var/run/mtlsmesh/svid/key.pem",
         "bundle": "/var/run/mtlsmesh/svid/bundle.pem",
         "reload_interval": "2s",
     }
-    assert (data["outbound"]["listen"], data["inbound"]["listen"]) == ("[::]:15001", "[::]:15006")
-    assert data["inbound"]["mode"] == "strict"
+    # The two configs differ in their SVID source only, and both are where the proxy's --config says.
+    assert {k: v for k, v in data.items() if k != "identity"} == {k: v for k, v in secret.items() if k != "credentials"}
+    assert list(data) == [("identity" if k == "credentials" else k) for k in secret]
+    names = (Path(inject.CONFIG_FILE).name, Path(inject.SECRET_CONFIG_FILE).name)
+    assert names == ("config.yaml", "config-secret.yaml")
+
+
+def test_the_trust_bundle_config_map_is_generated_where_the_pods_mount_it() -> None:
+    generated = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in generated_config_maps()}
+    bundle = generated[("default", inject.BUNDLE_CONFIG_MAP)]
+    assert list(bundle["data"]) == ["bundle.pem"]
+    assert bundle["data"] == generated[("mtlsmesh-system", inject.BUNDLE_CONFIG_MAP)]["data"]
+    assert list(generated[("default", inject.CONFIG_MAP)]["data"]) == ["config.yaml", "config-secret.yaml"]
 
 
 @pytest.mark.skipif(not hasattr(config, "load_config"), reason="the sidecar config parser is not in this tree yet")
@@ -239,7 +264,11 @@ def test_sidecar_config_is_accepted_by_the_parser() -> None:
     loaded = config.load_config(str(BASE / "config.yaml"))  # type: ignore[attr-defined,unused-ignore]
     assert loaded.inbound.mode is config.Mode.STRICT
     assert loaded.outbound.listen == config.ListenAddr("::", 15001)
-    assert loaded.credentials is not None and loaded.credentials.key == "/var/run/mtlsmesh/svid/key.pem"
+    assert loaded.credentials is None and loaded.identity is not None
+    assert loaded.identity.token == "/var/run/secrets/tokens/mtlsmesh-token"
+    secret = config.load_config(str(BASE / "config-secret.yaml"))  # type: ignore[attr-defined,unused-ignore]
+    assert secret.credentials is not None and secret.credentials.key == "/var/run/mtlsmesh/svid/key.pem"
+    assert secret.identity is None
 
 
 @pytest.mark.skipif(not (ROOT / "mtlsmesh" / "cli" / "ca.py").exists(), reason="`mtlsmesh ca` is not in this tree yet")
@@ -257,9 +286,13 @@ def test_ca_issued_secret_validates_and_is_the_one_the_injected_pod_mounts(tmp_p
                  "--service-account", "bookinfo-details", "--k8s-secret")
     )  # fmt: skip
     validate(secret, "mtlsmesh ca issue --k8s-secret")
+    # The Secret mode, for clusters without the CA service: bookinfo injected with `--identity secret`.
+    offline = inject.inject_documents(
+        load_documents(DEPLOY / "examples" / "bookinfo.yaml"), options=inject.InjectOptions(identity="secret")
+    )
     (deployment,) = [
-        d for d in load_documents(DEPLOY / "examples" / "bookinfo-injected.yaml")
-        if d["kind"] == "Deployment" and d["metadata"]["name"] == "details-v1"
+        d for d in offline.documents
+        if isinstance(d, dict) and d["kind"] == "Deployment" and d["metadata"]["name"] == "details-v1"
     ]  # fmt: skip
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "mtlsmesh-svid"]
