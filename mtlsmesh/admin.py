@@ -20,6 +20,7 @@ What it does not: keep-alive, chunked bodies, TLS, or anything a real HTTP serve
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -124,6 +125,8 @@ def write_token(path: str | os.PathLike[str]) -> str:
     token = secrets.token_urlsafe(TOKEN_BYTES)
     target = Path(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ConfigError("--admin-token-file", f"cannot write {target}: {target.parent} is not a directory")
     try:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -133,7 +136,8 @@ def write_token(path: str | os.PathLike[str]) -> str:
             os.close(fd)
         os.replace(temporary, target)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise ConfigError("--admin-token-file", f"cannot write {target}: {exc.strerror or exc}") from exc
     return token
 

@@ -237,7 +237,7 @@ def _admin_token(flag: str | None) -> tuple[str | None, str | None]:
     if flag is not None:
         return flag, admin.write_token(flag)
     if not os.path.isdir(os.path.dirname(DEFAULT_ADMIN_TOKEN_FILE)):
-        log.info("event=admin_token_disabled reason=%r", f"no {os.path.dirname(DEFAULT_ADMIN_TOKEN_FILE)}")
+        log.debug("event=admin_token_disabled reason=%r", f"no {os.path.dirname(DEFAULT_ADMIN_TOKEN_FILE)}")
         return None, None
     try:
         return DEFAULT_ADMIN_TOKEN_FILE, admin.write_token(DEFAULT_ADMIN_TOKEN_FILE)
