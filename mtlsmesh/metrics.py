@@ -44,7 +44,7 @@ HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 IdentityKey = tuple[str, str, str, str, str]  # the values of IDENTITY_LABELS, in that order
-_M = TypeVar("_M", Counter, Histogram)
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +223,9 @@ class SidecarMetrics:
 
     def count_handshake(self, direction: str, seconds: float, failure: Reason | None) -> None:
         self._child(self.handshake_seconds, direction, RESULT_OK if failure is None else failure).observe(seconds)
+
+    def count_active(self, direction: str, change: int) -> None:
+        self._child(self.active_gauge, direction).inc(change)
 
     def _child(self, metric: _M, *values: str) -> _M:
         """`metric.labels(*values)`, remembered: label values from closed sets only (bounded by construction)."""

@@ -104,7 +104,7 @@ class Stats(SidecarMetrics):
     `active` read the numbers back from the registry for readers in this process."""
 
     def accepted(self, direction: str) -> None:
-        self.active_gauge.labels(direction).inc()
+        self.count_active(direction, 1)
 
     def carried(self, rec: ConnRecord, own: SpiffeId | None = None) -> None:
         self.count_opened(_identity(rec, own))
@@ -112,7 +112,7 @@ class Stats(SidecarMetrics):
     def record(self, rec: ConnRecord, own: SpiffeId | None = None, *, was_open: bool = False) -> None:
         """Count an ended connection (`was_open`: it had been `accepted`, so it leaves the active gauge)."""
         if was_open:
-            self.active_gauge.labels(rec.direction).dec()
+            self.count_active(rec.direction, -1)
         self.count_closed(
             _identity(rec, own),
             rec.decision,
