@@ -164,8 +164,9 @@ class CredentialStore:
     def load(cls, files: CredentialFiles, trust_domain: TrustDomain) -> CredentialStore:
         return cls(files, trust_domain, load_credentials(files, trust_domain))
 
-    def check_once(self) -> bool:
-        """Reload when the files changed since the last attempt. True when new credentials were swapped in."""
+    def check_once(self, *, force: bool = False) -> bool:
+        """Reload when the files changed since the last attempt (`force`: whether or not they did, as on SIGHUP).
+        True when new credentials were swapped in."""
         try:
             stamp = stamp_files(self.files)
         except OSError as exc:
@@ -175,7 +176,7 @@ class CredentialStore:
                 self._last_attempt = ()
                 self.reload_failures += 1
             return False
-        if stamp == self._last_attempt:
+        if stamp == self._last_attempt and not force:
             return False
         # Remember the attempt even when it fails: a half-written update is retried when the files change again
         # (the next write finishes it), not logged every poll.

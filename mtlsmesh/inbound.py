@@ -26,7 +26,7 @@ from mtlsmesh.config import ExplicitListener, Mode
 from mtlsmesh.conventions import MESH_ALPN
 from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import ConnRecord, Runtime
+from mtlsmesh.runtime import ConnRecord, Runtime, count_carried
 from mtlsmesh.steps import LOOP_TO_LISTENER, dial_or_refuse, is_own_listener, open_mtls_or_failure, refuse
 
 SNIFF_READ = 4096  # bytes per read while sniffing; a typical mesh ClientHello (with an ML-KEM share) is ~1.4 KB
@@ -163,6 +163,7 @@ async def handle_inbound(
             await netio.abort_close(app)
             await refuse(front, rec, Reason.RESET_BY_APP, str(exc))
             return
+    count_carried(rt, rec)
     result = await relay(
         front,
         app,

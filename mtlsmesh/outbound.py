@@ -19,7 +19,7 @@ from mtlsmesh.addresses import host_port
 from mtlsmesh.config import ExplicitListener
 from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
-from mtlsmesh.runtime import ConnRecord, Runtime
+from mtlsmesh.runtime import ConnRecord, Runtime, count_carried
 from mtlsmesh.steps import LOOP_TO_LISTENER, dial_or_refuse, is_own_listener, open_mtls_or_failure, refuse
 
 
@@ -63,6 +63,7 @@ async def handle_outbound(
             return
         rec.peer_id = opened.peer_id
         peer = opened
+    count_carried(rt, rec)
     result = await relay(
         app,
         peer,

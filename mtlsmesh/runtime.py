@@ -28,7 +28,9 @@ from mtlsmesh.addresses import IPAddress, unmapped_host_port
 from mtlsmesh.config import Config
 from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import MeshError
-from mtlsmesh.outcome import Decision, Outcome, Reason
+from mtlsmesh.identity import SpiffeId
+from mtlsmesh.metrics import UNKNOWN, IdentityKey, SidecarMetrics, identity_key
+from mtlsmesh.outcome import Outcome, Reason
 
 log = logging.getLogger("mtlsmesh.conn")
 
@@ -96,19 +98,57 @@ def log_connection(rec: ConnRecord) -> None:
         log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec.line(),), None, "log_connection"))
 
 
-class Stats:
-    """Counters for /stats/prometheus: connections by direction and outcome (decision, reason: closed sets, so the
-    labels stay bounded), bytes by direction."""
+class Stats(SidecarMetrics):
+    """The sidecar's metrics (`metrics.SidecarMetrics`, one registry) fed from connection records: `record` when a
+    connection ends, `carried` when its relay starts, `accepted` when it is accepted. `connections`, `bytes` and
+    `active` read the numbers back from the registry for readers in this process."""
 
-    def __init__(self) -> None:
-        self.connections: Counter[tuple[str, Decision, Reason]] = Counter()
-        self.bytes: Counter[tuple[str, str]] = Counter()
-        self.active: Counter[str] = Counter()
+    def accepted(self, direction: str) -> None:
+        self.count_active(direction, 1)
 
-    def record(self, rec: ConnRecord) -> None:
-        self.connections[(rec.direction, rec.decision, rec.reason)] += 1
-        self.bytes[(rec.direction, "in")] += rec.bytes_in
-        self.bytes[(rec.direction, "out")] += rec.bytes_out
+    def carried(self, rec: ConnRecord, own: SpiffeId | None = None) -> None:
+        self.count_opened(_identity(rec, own))
+
+    def record(self, rec: ConnRecord, own: SpiffeId | None = None, *, was_open: bool = False) -> None:
+        """Count an ended connection (`was_open`: it had been `accepted`, so it leaves the active gauge)."""
+        if was_open:
+            self.count_active(rec.direction, -1)
+        self.count_closed(
+            _identity(rec, own),
+            rec.decision,
+            rec.reason,
+            received=rec.bytes_in,
+            sent=rec.bytes_out,
+            seconds=time.monotonic() - rec.started,
+        )
+
+    @property
+    def connections(self) -> Counter[tuple[str, str, str]]:
+        """Ended connections by (direction, decision, reason); the enums' members look up their text."""
+        return Counter({(d, c, r): n for (d, c, r), n in self.tally(self.connections_total).items()})
+
+    @property
+    def bytes(self) -> Counter[tuple[str, str]]:
+        """Bytes by (direction, "in" | "out"): received from the accepted side and sent back to it."""
+        out: Counter[tuple[str, str]] = Counter()
+        for side, metric in (("in", self.received_bytes), ("out", self.sent_bytes)):
+            for key, count in self.tally(metric).items():
+                out[(key[0], side)] += count
+        return out
+
+    @property
+    def active(self) -> Counter[str]:
+        return Counter({key[0]: n for key, n in self.tally(self.active_gauge).items()})
+
+
+def _port_of(orig_dst: str) -> str:
+    host, _, port = orig_dst.rpartition(":")
+    return port if host and port.isdigit() else UNKNOWN
+
+
+def _identity(rec: ConnRecord, own: SpiffeId | None) -> IdentityKey:
+    peer = None if rec.peer_id is None else str(rec.peer_id)
+    return identity_key(rec.direction, rec.decision, None if own is None else str(own), peer, _port_of(rec.orig_dst))
 
 
 class Tracker:
@@ -150,6 +190,19 @@ class Runtime:
 Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
 
 
+def _own_id(rt: Runtime) -> SpiffeId | None:
+    try:
+        return rt.credentials.current.spiffe_id
+    except RuntimeError:  # no SVID yet (identity mode before enrolment): nothing is served then anyway
+        return None
+
+
+def count_carried(rt: Runtime, rec: ConnRecord) -> None:
+    """A handler's connection is carried from now on (upstream connected, handshakes done, the relay starts):
+    counted as opened, with its identities (`mtlsmesh_tcp_connections_opened_total`)."""
+    rt.stats.carried(rec, _own_id(rt))
+
+
 async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStream, rec: ConnRecord) -> None:
     try:
         await handler(rt, stream, rec)
@@ -167,8 +220,7 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
                 # Handlers close what they open; this catches what an error left open.
                 await netio.abort_close(stream)
         rt.tracker.closed()
-        rt.stats.active[rec.direction] -= 1
-        rt.stats.record(rec)
+        rt.stats.record(rec, _own_id(rt), was_open=True)
         log_connection(rec)
 
 
@@ -207,11 +259,11 @@ async def serve_listener(
                 if rt.tracker.active >= rt.tracker.limit:
                     rec.reason, rec.detail = Reason.LIMIT, "max_connections reached"
                     await netio.abort_close(stream)  # an RST: its connect() succeeded against us
-                    rt.stats.record(rec)
+                    rt.stats.record(rec, _own_id(rt))
                     log_connection(rec)
                 else:
                     rt.tracker.opened()
-                    rt.stats.active[direction] += 1
+                    rt.stats.accepted(direction)
                     connections.start_soon(_run_connection, rt, handler, stream, rec)
                 in_a_row += 1
                 if in_a_row >= ACCEPT_BURST:  # a backlog that never empties must not starve everyone else

@@ -3,8 +3,9 @@
 What it does: `prepare` validates the inputs (config already parsed, credentials loaded and checked) before anything
 binds. `serve_sidecar` binds the outbound and inbound listeners, the explicit listeners and the health, metrics and
 admin endpoints (a bind failure is a `ConfigError` naming the listener), reports ready, and serves. When `stop` is
-set (SIGTERM, or the admin's POST /drain) it stops accepting, reports not-ready, lets open connections finish for
-`timeouts.drain` seconds and then cancels what is left.
+set (SIGTERM) it stops accepting, reports not-ready, lets open connections finish for `timeouts.drain` seconds and
+then cancels what is left. The admin's POST /drain stops accepting and reports not-ready too, but lets open
+connections run to their end and keeps the process (and its endpoints) up until `stop`.
 
 What it does not: parse flags (see `cli.sidecar`) or handle a connection (see `outbound`, `inbound`).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -110,12 +112,20 @@ async def serve_sidecar(
     stop: trio.Event | None = None,
     orig_dst: OrigDstLookup = netio.original_dst,
     dial: Dialer = netio.dial,
+    admin_token: str | None = None,
     task_status: trio.TaskStatus[tuple[Runtime, admin.State]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind everything, report `(runtime, state)` through `task_status` (`state.bound` has the real ports), serve
-    until `stop` (or the admin's drain) is set, then drain and return."""
+    until `stop` is set, then drain and return. The admin's POST /drain drains at once but returns only at `stop`
+    (without a `stop` event, the drain is the end). `admin_token`: what the admin port's POSTs must present."""
     rt = Runtime(cfg, credentials, orig_dst=orig_dst, dial=dial, tracker=Tracker(cfg.max_connections))
-    state = admin.State()
+    state = admin.State(token=admin_token)
+    if cfg.admin_listen is not None and not ipaddress.ip_address(cfg.admin_listen.host).is_loopback:
+        log.warning(
+            "event=admin_not_loopback listen=%s hint=%r",
+            cfg.admin_listen,
+            "every host that reaches this address can read the config and the certificates",
+        )
     bound: list[tuple[_Listen, list[trio.SocketListener]]] = []
     try:
         for item in _plan(cfg):
@@ -159,12 +169,25 @@ async def serve_sidecar(
                 state.draining = True
                 rt.tracker.draining = True
                 accepting.cancel_scope.cancel()  # closes the listeners: new connections are refused by the kernel
+            if stop is not None and not stop.is_set():
+                # POST /drain: open connections finish in their own time, the endpoints keep answering (health
+                # 503), and the process waits for SIGTERM, which gives what is still open `timeouts.drain`.
+                log.info("event=draining via=admin open=%d", rt.tracker.active)
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(_log_when_idle, rt)
+                    await stop.wait()
+                    waiters.cancel_scope.cancel()
             log.info("event=draining open=%d timeout_s=%s", rt.tracker.active, cfg.timeouts.drain)
             with trio.move_on_after(cfg.timeouts.drain):
                 await rt.tracker.wait_idle()
             connections.cancel_scope.cancel()
         log.info("event=stopped")
         top.cancel_scope.cancel()
+
+
+async def _log_when_idle(rt: Runtime) -> None:
+    await rt.tracker.wait_idle()
+    log.info("event=drained open=0")
 
 
 async def _set_when(source: trio.Event, target: trio.Event) -> None:

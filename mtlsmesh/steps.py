@@ -3,8 +3,9 @@ whether its original destination is the listener itself.
 
 What it does: each step that can fail ends the connection's outcome with a `Reason` and a detail (`refuse`,
 `dial_or_refuse`) or answers a typed `Failure` for the caller to refuse with once it has closed what it opened
-(`open_mtls_or_failure`). None of them touches the decision: that is the handler's to set, once (see `outcome`), so
-a step fails the same way whichever direction takes it.
+(`open_mtls_or_failure`, which also times the handshake for `mtlsmesh_handshake_duration_seconds`). None of them
+touches the decision: that is the handler's to set, once (see `outcome`), so a step fails the same way whichever
+direction takes it.
 
 What it does not: decide how a connection is carried (see `outbound`, `inbound`), or accept, count and log
 connections (see `runtime`).
@@ -13,6 +14,7 @@ connections (see `runtime`).
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,6 +24,9 @@ from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.outcome import Failure, Outcome, Reason
 from mtlsmesh.runtime import Runtime
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 # Failures without a varying detail, made once rather than per connection.
 HANDSHAKE_TIMEOUT = Failure(Reason.HANDSHAKE_TIMEOUT)
@@ -70,6 +75,24 @@ async def open_mtls_or_failure(
     the caller closes what it opened. `prefix`: what the inbound sniffer already read of the peer's first flight."""
     current = rt.credentials.current
     context = current.server_context if side is tls.Side.SERVER else current.client_context
+    started = trio.current_time()
+    result = await _handshake(rt, transport, context, side, peer=peer, expected=expected, prefix=prefix)
+    direction = "inbound" if side is tls.Side.SERVER else "outbound"
+    failure = result.reason if isinstance(result, Failure) else None
+    rt.stats.count_handshake(direction, trio.current_time() - started, failure)
+    return result
+
+
+async def _handshake(
+    rt: Runtime,
+    transport: trio.abc.Stream,
+    context: SSL.Context,
+    side: tls.Side,
+    *,
+    peer: str,
+    expected: tuple[SpiffeId, ...],
+    prefix: bytes,
+) -> tls.TLSStream | Failure:
     # What trio.fail_after does, without its generator-based context manager (once per connection).
     with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
         try:

@@ -4,6 +4,10 @@ Every flag may also come from the environment (MTLSMESH_CONFIG, MTLSMESH_CERT, .
 both beat the config file. Everything is validated (config, flags, credentials) before any listener binds; a bad
 input is one line `mtlsmesh: error: ...` and exit status 2. Logs go to stderr, one key=value line per connection.
 
+Signals: SIGTERM and SIGINT drain and stop; SIGHUP reloads the SVID files now (file mode; in identity mode the SVID
+is renewed from the CA service on its own schedule, and SIGHUP says so in the log and changes nothing). The admin
+port's POST token is written at start to `--admin-token-file` (mode 0600, our uid) and removed at exit.
+
 What it does not: serve connections (see `sidecar`, which this module hands the validated config to).
 """
 
@@ -15,17 +19,19 @@ import dataclasses
 import gc
 import logging
 import os
+import signal
 import sys
 import time
 
+import prometheus_client
 import trio
 
-from mtlsmesh import relay
+from mtlsmesh import admin, relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.conventions import LOG_FORMAT, LOG_LEVELS
-from mtlsmesh.credentials import CredentialStore
+from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
@@ -46,7 +52,11 @@ ENV = {
     "trust_domain": "MTLSMESH_TRUST_DOMAIN",
     "inbound_mode": "MTLSMESH_INBOUND_MODE",
     "log_level": "MTLSMESH_LOG_LEVEL",
+    "admin_token_file": "MTLSMESH_ADMIN_TOKEN_FILE",
 }
+# Where the admin token goes when no flag or variable names a file: a directory the pod mounts for it (an emptyDir,
+# the proxy's root filesystem being read-only). Used only when that directory exists: without it POSTs are refused.
+DEFAULT_ADMIN_TOKEN_FILE = "/var/run/mtlsmesh/admin/token"
 
 
 class LineFormatter(logging.Formatter):
@@ -77,6 +87,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         "--inbound-mode", metavar="MODE", help="strict | permissive | disable (env MTLSMESH_INBOUND_MODE)"
     )
     parser.add_argument("--log-level", metavar="LEVEL", help=f"{' | '.join(LOG_LEVELS)} (env MTLSMESH_LOG_LEVEL)")
+    parser.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="where to write the token the admin port's POSTs need (env MTLSMESH_ADMIN_TOKEN_FILE; default "
+        f"{DEFAULT_ADMIN_TOKEN_FILE} when its directory exists)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -184,11 +200,15 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     tune_malloc()
+    # One series per label set: the `_created` twin of every counter would double them for no reader of ours.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    token_file, token = _admin_token(_value(args, "admin_token_file"))
 
     async def main() -> None:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, stop, "mtlsmesh.sidecar")
+            await nursery.start(reload_on_sighup, credentials)
             if isinstance(credentials, IdentityAgent):
                 # The first SVID before anything binds: the kubelet sees no health port until it is there.
                 async with trio.open_nursery() as enrolling:
@@ -198,12 +218,52 @@ def run(args: argparse.Namespace) -> int:
                 if stop.is_set():
                     nursery.cancel_scope.cancel()
                     return
-            await serve_sidecar(cfg, credentials, stop=stop)
+            await serve_sidecar(cfg, credentials, stop=stop, admin_token=token)
             nursery.cancel_scope.cancel()
 
-    with unwrap_mesh_errors():
-        trio.run(main)
+    try:
+        with unwrap_mesh_errors():
+            trio.run(main)
+    finally:
+        if token_file is not None and token is not None:
+            admin.remove_token(token_file, token)
     return 0
+
+
+def _admin_token(flag: str | None) -> tuple[str | None, str | None]:
+    """(file, token): the token written to the named file (an error there is fatal: it was asked for), or to the
+    default one when its directory exists; (None, None) otherwise, and the admin port then refuses every POST."""
+    log = logging.getLogger("mtlsmesh.sidecar")
+    if flag is not None:
+        return flag, admin.write_token(flag)
+    if not os.path.isdir(os.path.dirname(DEFAULT_ADMIN_TOKEN_FILE)):
+        log.debug("event=admin_token_disabled reason=%r", f"no {os.path.dirname(DEFAULT_ADMIN_TOKEN_FILE)}")
+        return None, None
+    try:
+        return DEFAULT_ADMIN_TOKEN_FILE, admin.write_token(DEFAULT_ADMIN_TOKEN_FILE)
+    except ConfigError as exc:
+        log.warning("event=admin_token_disabled reason=%r", exc.message)
+        return None, None
+
+
+async def reload_on_sighup(
+    credentials: CredentialSource, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGHUP: reload the SVID files at once, whether or not they look changed, and log what became of it (the
+    store logs `credentials_reloaded` or `reload_refused` as a poll would). In identity mode, a line saying that
+    nothing was done."""
+    log = logging.getLogger("mtlsmesh.sidecar")
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            if isinstance(credentials, CredentialStore):
+                swapped = credentials.check_once(force=True)
+                log.info("event=signal signal=SIGHUP action=reload result=%s", "reloaded" if swapped else "refused")
+            else:
+                log.info(
+                    "event=signal signal=SIGHUP action=none reason=%r",
+                    "identity mode: the SVID is renewed from the CA service on its own schedule",
+                )
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -4,9 +4,10 @@ Topology: productpage -> details, productpage -> reviews -> ratings, each behind
 the mesh sends the requests; a `legacy` pod outside the mesh (no capture, no sidecar) shows STRICT refusing it,
 an excluded port (details:9090) letting it through, and a mesh pod reaching its app as plain TCP (ALLOW_ANY).
 The demo prints what a person investigating wants to see and checks it: the apps logged plaintext, the sidecars
-logged the peer identity of each hop, the wire (a tcpdump on the node-side veth of the reviews pod) carried only
-TLS records and never the plaintext marker, and the capture rules' packet counters moved. It ends with PASS or
-FAIL and the matching exit status (0 or 1; 2 when the lab cannot be built).
+logged the peer identity of each hop, their metrics name both principals of each hop under mutual TLS (and
+`security_policy="none"` for legacy's plaintext call), the wire (a tcpdump on the node-side veth of the reviews
+pod) carried only TLS records and never the plaintext marker, and the capture rules' packet counters moved. It ends
+with PASS or FAIL and the matching exit status (0 or 1; 2 when the lab cannot be built).
 
 The mesh runs in identity mode: the lab plays the cluster, `mtlsmesh ca serve` runs on the node, and each sidecar
 enrols with it using its pod's service-account token (no SVID file exists); the demo shows and checks each pod's
@@ -29,7 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mtlsmesh.conventions import ADMIN_PORT, APP_SOURCE, PROXY_UID
+from prometheus_client.parser import text_string_to_metric_families
+
+from mtlsmesh.conventions import ADMIN_PORT, APP_SOURCE, METRICS_PORT, PROXY_UID
 from mtlsmesh.errors import LabError
 from mtlsmesh.lab import netns, pcap
 from mtlsmesh.lab.demoapps import MARKER_HEADER
@@ -53,6 +56,8 @@ SERVICES = ("productpage", "details", "reviews", "ratings")
 DEMO_TTL = "60s"
 DEMO_RENEW_FRACTION = 0.1
 RENEWAL_TIMEOUT = 20.0  # the demo waits this long for every sidecar's first renewal (due after about 6 s)
+# The calls one request to productpage makes, the first from the sleep pod: (caller, callee).
+HOPS = (("sleep", "productpage"), ("productpage", "details"), ("productpage", "reviews"), ("reviews", "ratings"))
 
 
 def service_url(name: str, path: str) -> str:
@@ -234,6 +239,8 @@ def run_demo(lab: Lab, report: Report, requests: int) -> None:
         not isinstance(outside, str) and outside[0] == 200 and passthrough is not None,
     )
 
+    _show_metrics(lab, report)
+
     section(
         "capture rules with packet counters: ip netns exec " + lab.pod_ns("productpage") + " iptables -t nat -L -v -n"
     )
@@ -339,6 +346,49 @@ def _nested_ok(body: bytes) -> bool:
         return bool(upstreams["details"]["status"] == 200 and ratings["status"] == 200)
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def _scrape(lab: Lab, pod: str) -> list[tuple[str, dict[str, str], float]]:
+    """The pod's /stats/prometheus, fetched from the node as Prometheus would and read by prometheus_client."""
+    status, body = http_get(lab.node_ns, lab.ip(pod), METRICS_PORT, "/stats/prometheus", timeout=10)
+    if status != 200:
+        return []
+    families = text_string_to_metric_families(body.decode())
+    return [(sample.name, sample.labels, sample.value) for family in families for sample in family.samples]
+
+
+def _count(samples: list[tuple[str, dict[str, str], float]], name: str, labels: dict[str, str]) -> float:
+    return sum(value for sample, got, value in samples if sample == name and labels.items() <= got.items())
+
+
+def _show_metrics(lab: Lab, report: Report) -> None:
+    section(
+        f"metrics by identity: mtlsmesh_tcp_connections_*_total from GET http://<pod>:{METRICS_PORT}/stats/prometheus"
+    )
+    scrapes = {pod.spec.name: _scrape(lab, pod.spec.name) for pod in lab.plan.pods if pod.spiffe_id is not None}
+    every_hop = True
+    for caller, callee in HOPS:
+        identity = {
+            "source_principal": str(lab.plan.pod(caller).spiffe_id),
+            "destination_principal": str(lab.plan.pod(callee).spiffe_id),
+            "destination_port": str(APP_PORT),
+            "security_policy": "mutual_tls",
+        }
+        for pod, direction in ((caller, "outbound"), (callee, "inbound")):
+            opened = _count(scrapes[pod], "mtlsmesh_tcp_connections_opened_total", {**identity, "direction": direction})
+            every_hop &= opened >= 1
+            print(
+                f"  {pod:<12} {direction:<8} {identity['source_principal']} -> {identity['destination_principal']}"
+                f" port={APP_PORT} security_policy=mutual_tls opened={opened:g}"
+            )
+    report.check("the metrics name both principals and mutual_tls for every hop, on both sidecars", every_hop)
+    plaintext = {"direction": "inbound", "security_policy": "none", "source_principal": "unknown", "reason": "not_mesh"}
+    refused = _count(scrapes["productpage"], "mtlsmesh_tcp_connections_closed_total", plaintext)
+    print(
+        f"  productpage  inbound  unknown -> unknown port={APP_PORT} security_policy=none reason=not_mesh"
+        f" closed={refused:g} (legacy's plaintext call, refused)"
+    )
+    report.check("the plaintext call from outside the mesh is counted with security_policy none", refused >= 1)
 
 
 def _describe(result: tuple[int, bytes] | str) -> str:

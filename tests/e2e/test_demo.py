@@ -26,10 +26,10 @@ pytestmark = pytest.mark.root
                 "[PASS] every sidecar renewed its SVID (a new serial), with its current SVID as credential",
                 "[PASS] each sidecar serves its newest SVID",
                 "[PASS] the mesh answers with the renewed SVIDs",
-                "21/21 checks passed",
+                "23/23 checks passed",
             ),
         ),
-        (("--files",), ("16/16 checks passed",)),
+        (("--files",), ("18/18 checks passed",)),
     ],
 )
 def test_demo_passes_and_cleans_up(flags: tuple[str, ...], evidence: tuple[str, ...]) -> None:

@@ -53,19 +53,24 @@ def base_config(files: CredentialFiles, **changes: object) -> Config:
     return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
 
 
+ADMIN_TOKEN = "mesh-admin-token"  # what running_sidecar's admin port wants in `Authorization: Bearer`
+
+
 @asynccontextmanager
 async def running_sidecar(
     cfg: Config,
     *,
     orig_dst: Callable[[trio.SocketStream], tuple[IPAddress, int]] | None = None,
 ) -> AsyncIterator[tuple[Runtime, admin.State]]:
-    """Start a sidecar in this trio loop; yield once every listener is bound; drain and stop at exit."""
+    """Start a sidecar in this trio loop; yield once every listener is bound; drain and stop at exit. Its admin
+    port's POSTs take ADMIN_TOKEN."""
     assert cfg.credentials is not None
     store = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     stop = trio.Event()
     kwargs = {} if orig_dst is None else {"orig_dst": orig_dst}
+    serve = functools.partial(serve_sidecar, cfg, store, stop=stop, admin_token=ADMIN_TOKEN, **kwargs)
     async with trio.open_nursery() as nursery:
-        rt, state = await nursery.start(functools.partial(serve_sidecar, cfg, store, stop=stop, **kwargs))
+        rt, state = await nursery.start(serve)
         try:
             yield rt, state
         finally:

@@ -9,15 +9,17 @@ import base64
 import http.client
 import json
 import logging
-import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from mtlsmesh import admin, config
 from mtlsmesh.credentials import CredentialStore
@@ -35,9 +37,13 @@ def rt(pki: Pki) -> Runtime:
     return Runtime(base_config(files), CredentialStore.load(files, TD))
 
 
+TOKEN = "a-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture
 def state() -> admin.State:
-    return admin.State(ready=True)
+    return admin.State(ready=True, token=TOKEN)
 
 
 @asynccontextmanager
@@ -58,13 +64,15 @@ async def endpoint(rt: Runtime, state: admin.State, kind: str) -> AsyncIterator[
 Answer = tuple[int, dict[str, str], bytes]
 
 
-async def ask(port: int, method: str, path: str) -> Answer:
-    """A request from `http.client` (in a thread): (status, headers, body), as a real client parses them."""
+async def ask(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Answer:
+    """A request from `http.client` (in a thread): (status, headers, body), as a real client parses them. A POST
+    carries the admin token unless `headers` say otherwise; http.client sends `Host: 127.0.0.1:<port>`."""
+    sent = dict(AUTH if method == "POST" and headers is None else headers or {})
 
     def call() -> Answer:
         conn = http.client.HTTPConnection(LOOPBACK, port, timeout=IO)
         try:
-            conn.request(method, path)
+            conn.request(method, path, headers=sent)
             response = conn.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         finally:
@@ -122,10 +130,12 @@ ROUTES = [
     ("admin", "GET", "/stats/prometheus", 200),
     ("admin", "GET", "/config_dump", 200),
     ("admin", "GET", "/certs", 200),
-    ("admin", "GET", "/drain", 404),  # the wrong method on the other paths is not found either
-    ("admin", "POST", "/config_dump", 404),
-    ("admin", "GET", "/logging?level=debug", 404),
+    ("admin", "GET", "/drain", 405),  # a known path with the wrong method
+    ("admin", "POST", "/config_dump", 405),
+    ("admin", "GET", "/logging?level=debug", 405),
+    ("admin", "DELETE", "/certs", 405),
     ("admin", "GET", "/nowhere", 404),
+    ("admin", "POST", "/nowhere", 404),
 ]
 
 
@@ -140,6 +150,8 @@ async def test_each_endpoint_answers_its_own_paths(
     assert headers["content-length"] == str(len(body))
     if status == 404:
         assert body == b"not found\n"
+    if status == 405:  # and which method would do
+        assert headers["allow"] in ("GET", "POST") and body == f"use {headers['allow']}\n".encode()
     assert not state.drain.is_set()  # only the admin port's POST /drain drains
     assert logging.getLogger("mtlsmesh").level == level
 
@@ -277,35 +289,24 @@ async def test_a_full_house_of_clients_being_answered_turns_a_newcomer_away(
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
-SAMPLE = re.compile(
-    r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*")*)\})? (?P<value>-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?)'
-)
-COMMENT = re.compile(r"# (?P<kind>HELP|TYPE) (?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*) (?P<text>.+)")
 
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """Check the text exposition format (0.0.4) line by line; return every sample by its name and labels."""
+def scrape(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The exposition parsed by prometheus_client's own parser: sample name → sorted labels → value. Every family
+    has its HELP and TYPE, and no sample appears twice."""
     assert text.endswith("\n")
-    types: dict[str, str] = {}
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            comment = COMMENT.fullmatch(line)
-            assert comment, f"not a HELP or TYPE line: {line!r}"
-            if comment["kind"] == "TYPE":
-                assert comment["name"] not in types, f"a second TYPE for {comment['name']}"
-                assert comment["text"] in ("counter", "gauge"), line
-                types[comment["name"]] = comment["text"]
-            continue
-        sample = SAMPLE.fullmatch(line)
-        assert sample, f"not a sample line: {line!r}"
-        assert sample["name"] in types, f"{sample['name']} has no TYPE before it"
-        assert types[sample["name"]] != "counter" or sample["name"].endswith("_total"), line
-        key = line.rsplit(" ", 1)[0]
-        assert key not in samples, f"{key} twice"
-        samples[key] = float(sample["value"])
-    return samples
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no HELP"
+        assert family.type in ("counter", "gauge", "histogram"), family
+        for sample in family.samples:
+            key = tuple(sorted(sample.labels.items()))
+            assert key not in out.setdefault(sample.name, {}), f"{sample.name}{key} twice"
+            out[sample.name][key] = sample.value
+    return out
+
+
+def labels(**values: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(values.items()))
 
 
 async def test_stats_prometheus_is_valid_text_exposition(rt: Runtime, state: admin.State) -> None:
@@ -314,26 +315,70 @@ async def test_stats_prometheus_is_valid_text_exposition(rt: Runtime, state: adm
         (Decision.MTLS, Reason.CLOSED, "", 3),
         (Decision.MTLS, Reason.HANDSHAKE_FAILED, "peer certificate is not a valid SVID: 2 URI SANs", 2),
     )
+    own = rt.credentials.current.spiffe_id
     for decision, reason, detail, count in ended:
         for _ in range(count):
             rec = ConnRecord(
                 "inbound", "inbound", bytes_in=10, bytes_out=20, decision=decision, reason=reason, detail=detail
             )
-            rt.stats.record(rec)
-    rt.stats.active["inbound"] = 1
+            rec.orig_dst = "198.18.0.10:9080"
+            rt.stats.record(rec, own)
+    rt.stats.accepted("inbound")
     async with endpoint(rt, state, "metrics") as port:
         status, headers, body = await ask(port, "GET", "/stats/prometheus")
-    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4"
-    samples = parse_exposition(body.decode())
-    assert samples['mtlsmesh_connections_total{direction="inbound",decision="mtls",reason="closed"}'] == 3
-    assert samples['mtlsmesh_connections_total{direction="inbound",decision="mtls",reason="handshake_failed"}'] == 2
-    assert samples['mtlsmesh_bytes_total{direction="inbound",side="in"}'] == 50
-    assert samples['mtlsmesh_bytes_total{direction="inbound",side="out"}'] == 100
-    assert samples['mtlsmesh_active_connections{direction="inbound"}'] == 1
-    assert samples["mtlsmesh_credential_reloads_total"] == 0
-    assert samples["mtlsmesh_credential_reload_failures_total"] == 0
-    assert samples["mtlsmesh_certificate_expiry_seconds"] == round(rt.credentials.current.not_after.timestamp())
-    assert samples["mtlsmesh_ready"] == 1
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = scrape(body.decode())
+    connections = samples["mtlsmesh_connections_total"]
+    assert connections[labels(direction="inbound", decision="mtls", reason="closed")] == 3
+    assert connections[labels(direction="inbound", decision="mtls", reason="handshake_failed")] == 2
+    # No handshake checked a peer here: the caller is unknown, the destination is us, under mutual TLS.
+    identity = labels(
+        direction="inbound",
+        source_principal="unknown",
+        destination_principal=str(own),
+        destination_port="9080",
+        security_policy="mutual_tls",
+    )
+    closed = samples["mtlsmesh_tcp_connections_closed_total"]
+    assert closed[tuple(sorted((*identity, ("reason", "closed"))))] == 3
+    assert samples["mtlsmesh_tcp_received_bytes_total"][identity] == 50
+    assert samples["mtlsmesh_tcp_sent_bytes_total"][identity] == 100
+    assert samples["mtlsmesh_active_connections"][labels(direction="inbound")] == 1
+    assert samples["mtlsmesh_connection_duration_seconds_count"][labels(direction="inbound", decision="mtls")] == 5
+    assert samples["mtlsmesh_credential_reloads_total"][()] == 0
+    assert samples["mtlsmesh_credential_reload_failures_total"][()] == 0
+    not_after = rt.credentials.current.not_after.timestamp()
+    assert samples["mtlsmesh_svid_not_after_timestamp_seconds"][()] == not_after
+    assert 0 < samples["mtlsmesh_svid_seconds_left"][()] <= not_after - time.time() + 1
+    assert samples["mtlsmesh_ready"][()] == 1
+
+
+async def test_the_ready_gauge_is_what_healthz_answers(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ready, not ready, draining, and ready but with an expired SVID: the gauge says 1 exactly when health is 200.
+    state = admin.State(ready=True)
+    async with endpoint(rt, state, "admin") as port:
+        for ready, draining, expired in ((True, False, False), (False, False, False), (False, True, False),
+                                         (True, False, True)):  # fmt: skip
+            state.ready, state.draining = ready, draining
+            when = rt.credentials.current.not_after + timedelta(seconds=1) if expired else datetime.now(UTC)
+            monkeypatch.setattr(admin, "datetime", _Frozen.at(when))
+            health = (await ask(port, "GET", "/healthz/ready"))[0]
+            gauge = scrape((await ask(port, "GET", "/stats/prometheus"))[2].decode())["mtlsmesh_ready"][()]
+            assert (health, gauge) == ((200, 1) if ready and not expired else (503, 0))
+
+
+class _Frozen(datetime):
+    """`datetime` whose now() is fixed: an SVID expired without waiting for it."""
+
+    frozen: datetime
+
+    @classmethod
+    def at(cls, when: datetime) -> type[_Frozen]:
+        return type("FrozenAt", (cls,), {"frozen": when})
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> _Frozen:  # type: ignore[override]
+        return cls.frozen  # type: ignore[return-value]
 
 
 # --- admin --------------------------------------------------------------------------------------------------
@@ -368,7 +413,9 @@ async def test_config_dump_and_certs_show_no_key_material(
         assert (status, headers["content-type"]) == (200, "application/json")
         for leak in key_material(files.key):
             assert leak not in body.decode(), f"{leak[:16]}... is in the answer"
-    assert json.loads(dump[2]) == config.render_config(rt.config)  # the key's path, never the key
+    expected = config.render_config(rt.config)  # the key's path, never the key
+    expected["log"] = {"level": admin.current_log_level()}  # the level in force (here: the test run's)
+    assert json.loads(dump[2]) == expected
     shown = json.loads(certs[2])
     current = rt.credentials.current
     assert shown["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/a"
@@ -392,7 +439,103 @@ async def test_post_logging_sets_the_level(rt: Runtime, state: admin.State, mesh
         for level in admin.LOG_LEVELS:
             assert (await ask(port, "POST", f"/logging?level={level}"))[::2] == (200, f"log level {level}\n".encode())
             assert mesh_level.level == logging.getLevelName(level.upper())
-        for bad in ("loud", "", "warn", "info&x=1"):
+            # /config_dump shows the level now in force, not the one the sidecar started with.
+            assert json.loads((await ask(port, "GET", "/config_dump"))[2])["log"]["level"] == level
+        for bad in ("loud", "", "warn", "x=1"):
             status, _, body = await ask(port, "POST", f"/logging?level={bad}")
             assert (status, body) == (400, b"level must be one of debug, info, warning, error\n")
             assert mesh_level.level == logging.ERROR  # the last good one stays
+        # A query string is parsed whole: other parameters in any order, percent-encoding; one level only.
+        for query, level in (("level=info&x=1", "info"), ("x=1&level=debug", "debug"), ("level=%77arning", "warning")):
+            assert (await ask(port, "POST", f"/logging?{query}"))[0] == 200
+            assert mesh_level.level == logging.getLevelName(level.upper())
+        status, _, body = await ask(port, "POST", "/logging?level=info&level=debug")
+        assert (status, body) == (400, b"the query parameter level is given more than once\n")
+        assert mesh_level.level == logging.WARNING
+
+
+# --- the admin port's guards: browsers, DNS rebinding, other local processes ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Host": "localhost:15000"}, 200),
+        ({"Host": "LOCALHOST"}, 200),
+        ({"Host": "127.0.0.1"}, 200),
+        ({"Host": "127.9.9.9:1"}, 200),
+        ({"Host": "[::1]:15000"}, 200),
+        ({"Host": "rebind.example:15000"}, 403),  # DNS rebinding: the attacker's name, resolving to 127.0.0.1
+        ({"Host": "198.18.0.10:15000"}, 403),  # not loopback, and not the address the admin port is bound to
+        ({"Host": "localhost.rebind.example"}, 403),
+        ({"Host": "127.0.0.1", "Origin": "http://127.0.0.1:15000"}, 403),  # any browser request, same-origin too
+        ({"Host": "127.0.0.1", "Origin": "null"}, 403),
+    ],
+)
+@pytest.mark.parametrize("path", ["/config_dump", "/certs", "/stats/prometheus", "/healthz/ready"])
+async def test_the_admin_port_refuses_foreign_hosts_and_browsers(
+    rt: Runtime, state: admin.State, headers: dict[str, str], status: int, path: str
+) -> None:
+    async with endpoint(rt, state, "admin") as port:
+        got, _, body = await ask(port, "GET", path, headers)
+    assert got == status, body
+    if status == 403:
+        assert body.startswith(b"requests with an Origin" if "Origin" in headers else b"the Host header must")
+
+
+async def test_only_the_admin_port_checks_the_host(rt: Runtime, state: admin.State) -> None:
+    # The kubelet and Prometheus reach health and metrics at the pod's address: their Host is whatever that is.
+    for kind, path in (("health", "/healthz/ready"), ("metrics", "/stats/prometheus")):
+        async with endpoint(rt, state, kind) as port:
+            assert (await ask(port, "GET", path, {"Host": "198.18.0.10:15021", "Origin": "http://x"}))[0] == 200
+
+
+async def test_a_repeated_host_header_is_a_400(rt: Runtime, state: admin.State) -> None:
+    async with endpoint(rt, state, "admin") as port:
+        answer = await raw(port, b"GET /certs HTTP/1.1\r\nHost: localhost\r\nHost: rebind.example\r\n\r\n")
+    assert status_of(answer) == 400
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        (None, 401),
+        ("Bearer", 401),
+        (f"Basic {TOKEN}", 401),
+        ("Bearer not-the-token", 403),
+        (f"Bearer {TOKEN}x", 403),
+        (f"Bearer {TOKEN}", 200),
+        (f"bearer {TOKEN}", 200),
+    ],
+)
+async def test_a_post_needs_the_token(rt: Runtime, authorization: str | None, status: int) -> None:
+    state = admin.State(ready=True, token=TOKEN)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    async with endpoint(rt, state, "admin") as port:
+        got, answer_headers, body = await ask(port, "POST", "/drain", headers)
+        assert got == status, body
+        assert state.drain.is_set() == (status == 200)
+        if status == 401:
+            assert answer_headers["www-authenticate"] == "Bearer"
+        assert (await ask(port, "GET", "/healthz/ready"))[0] == 200  # GETs need no token
+
+
+async def test_without_a_token_every_post_is_refused(rt: Runtime) -> None:
+    state = admin.State(ready=True, token=None)
+    async with endpoint(rt, state, "admin") as port:
+        for authorization in ("", "Bearer ", "Bearer None"):
+            got, _, body = await ask(port, "POST", "/drain", {"Authorization": authorization})
+            assert (got, body) == (403, b"POST is disabled: the sidecar has no admin token (see --admin-token-file)\n")
+    assert not state.drain.is_set()
+
+
+def test_the_token_file_is_ours_alone(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "admin-token"
+    token = admin.write_token(path)
+    assert path.read_text() == token + "\n" and len(token) >= 40
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert admin.write_token(path) != token  # one per process start
+    admin.remove_token(path, token)  # another process's token now: left in place
+    assert path.exists()
+    admin.remove_token(path, path.read_text().strip())
+    assert not path.exists() and list(path.parent.iterdir()) == []

@@ -104,7 +104,10 @@ async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on
             with trio.fail_after(30):
                 while b"event=svid_enrollment_failing" not in output:
                     output += await process.stderr.receive_some(65536)
+                # SIGHUP in identity mode: nothing to reload from files; it says so and the process goes on.
+                process.send_signal(signal.SIGHUP)
                 await trio.sleep(3)  # several retries (1 s, 2 s, ... with jitter): still one line
+                assert process.returncode is None
                 process.send_signal(signal.SIGTERM)
                 while data := await process.stderr.receive_some(65536):
                     output += data
@@ -118,6 +121,7 @@ async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on
     text = output.decode()
     assert process.returncode == 0, text
     assert text.count("event=svid_enrollment_failing") == 1
+    assert "event=signal signal=SIGHUP action=none reason=" in text
     assert "Connection refused" in text
     assert "event=ready" not in text  # nothing was bound without an SVID
     assert "Traceback" not in text

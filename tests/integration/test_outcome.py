@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from mtlsmesh import admin
 from mtlsmesh.config import Action, AuthzRule, Destination, InboundConfig, Mode, OutboundConfig, Timeouts
@@ -44,8 +45,14 @@ def counted(rt: Runtime, direction: str, decision: Decision, reason: Reason) -> 
     """The connection counter, and the same number as /stats/prometheus renders it."""
     count = rt.stats.connections[(direction, decision, reason)]
     text = admin.render_prometheus(rt, admin.State()).decode()
-    label = f'mtlsmesh_connections_total{{direction="{direction}",decision="{decision}",reason="{reason}"}}'
-    assert (f"{label} {count}" in text.splitlines()) == (count > 0), text
+    wanted = {"direction": direction, "decision": decision, "reason": reason}
+    rendered = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mtlsmesh_connections_total" and sample.labels == wanted
+    ]
+    assert rendered == ([count] if count else []), text
     return count
 
 

@@ -32,6 +32,7 @@ from mtlsmesh.credentials import CredentialStore, load_credentials
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.outcome import Decision, Reason
 from tests.integration.mesh import (
+    ADMIN_TOKEN,
     ANY_PORT,
     LOOPBACK,
     app_server,
@@ -264,6 +265,9 @@ async def http(port: int, request: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
+AUTH = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
+
+
 @pytest.mark.parametrize(
     ("endpoint", "request_bytes", "status", "body_part"),
     [
@@ -274,7 +278,8 @@ async def http(port: int, request: bytes) -> tuple[int, bytes]:
         ("metrics", b"GET /stats/prometheus HTTP/1.1\r\n\r\n", 200, b"mtlsmesh_connections_total"),
         ("admin", b"GET /certs HTTP/1.1\r\n\r\n", 200, b"spiffe://cluster.local/ns/default/sa/a"),
         ("admin", b"GET /config_dump HTTP/1.1\r\n\r\n", 200, b'"trust_domain": "cluster.local"'),
-        ("admin", b"POST /logging?level=loud HTTP/1.1\r\n\r\n", 400, b"level must be"),
+        ("admin", b"POST /logging?level=loud HTTP/1.1\r\n" + AUTH + b"\r\n", 400, b"level must be"),
+        ("admin", b"POST /logging?level=info HTTP/1.1\r\n\r\n", 401, b"needs Authorization"),
     ],
 )
 async def test_http_endpoints(pki: Pki, endpoint: str, request_bytes: bytes, status: int, body_part: bytes) -> None:
@@ -338,7 +343,10 @@ async def test_admin_drain_turns_health_to_503(pki: Pki) -> None:
             health = state.bound["health"][1]
             assert await http(health, b"GET /healthz/ready HTTP/1.1\r\n\r\n") == (200, b"ready\n")
             rt.tracker.opened()  # an open connection keeps the drain going while we look
-            assert await http(state.bound["admin"][1], b"POST /drain HTTP/1.1\r\n\r\n") == (200, b"draining\n")
+            assert await http(state.bound["admin"][1], b"POST /drain HTTP/1.1\r\n" + AUTH + b"\r\n") == (
+                200,
+                b"draining\n",
+            )
             with trio.fail_after(2):
                 while not state.draining:
                     await trio.sleep(0.01)
@@ -618,10 +626,12 @@ async def test_an_endpoint_bug_costs_one_request_not_the_sidecar(
 ) -> None:
     original = admin.Endpoints.answer
 
-    def answer(self: admin.Endpoints, method: str, target: str) -> admin.Response:
+    def answer(
+        self: admin.Endpoints, method: str, target: str, headers: dict[str, str] | None = None
+    ) -> admin.Response:
         if target == "/boom":  # a stand-in for a bug in an answer
             raise RuntimeError("a bug in an endpoint")
-        return original(self, method, target)
+        return original(self, method, target, headers)
 
     monkeypatch.setattr(admin.Endpoints, "answer", answer)
     with trio.fail_after(IO):

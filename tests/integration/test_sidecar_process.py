@@ -106,10 +106,11 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def sidecar_process(config: Path) -> AsyncIterator[tuple[trio.Process, dict[str, int], list[str]]]:
-    """Start the sidecar, wait for its ready line, yield (process, listener ports, stderr lines so far and later)."""
+async def sidecar_process(config: Path, *args: str) -> AsyncIterator[tuple[trio.Process, dict[str, int], list[str]]]:
+    """Start the sidecar (with `args` after its --config), wait for its ready line, yield (process, listener ports,
+    stderr lines so far and later)."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config)],
+        [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config), *args],
         stderr=subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
