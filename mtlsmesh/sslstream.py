@@ -33,6 +33,7 @@ from mtlsmesh.identity import SpiffeId, TrustDomain
 
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call
 SEND_CHUNK = 64 * 1024  # plaintext sealed per round of send_all, then sent before the next
+SEND_PIECE = 16 * 1024  # with `send_progress` set, ciphertext is sent in pieces this big, progress after each
 
 
 def _transport_failure(exc: BaseException) -> str:
@@ -74,6 +75,9 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
         self._broken: str | None = None
         self._sending = False
         self._receiving = False
+        # Called after each piece of a send that had to be cut (see `_flush`): the relay's idle timer, so a send
+        # held back by a slow reader counts as progress.
+        self.send_progress: Callable[[], object] | None = None
 
     # --- output ----------------------------------------------------------------------------------------------
 
@@ -96,7 +100,14 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
         try:
             while data:
                 try:
-                    await self.transport_stream.send_all(data)
+                    progress = self.send_progress
+                    if progress is None or len(data) <= SEND_PIECE:
+                        await self.transport_stream.send_all(data)
+                    else:
+                        view = memoryview(data)
+                        for start in range(0, len(view), SEND_PIECE):
+                            await self.transport_stream.send_all(view[start : start + SEND_PIECE])
+                            progress()
                 except trio.Cancelled:
                     self._broken = "cancelled while sending"  # part of a record may be out
                     raise
