@@ -29,12 +29,15 @@ BACKEND_PORTS = {"echo": 7001, "http": 7002, "iperf": 7003}
 
 @dataclass(frozen=True, slots=True)
 class PairSpec:
-    tool: str  # "stunnel" or "mtlsmesh"
+    tool: str  # "stunnel", "mtlsmesh" or "mtlsmesh-openssl"
     front_ports: dict[str, int]  # per service: originator port on 127.0.0.1 in A == terminator port on ADDR_B in B
+    record_layer: str = "own"  # mtlsmesh's `record_layer`
 
 
 STUNNEL = PairSpec("stunnel", {"echo": 8101, "http": 8102, "iperf": 8103})
 MTLSMESH = PairSpec("mtlsmesh", {"echo": 8201, "http": 8202, "iperf": 8203})
+# The same sidecars with OpenSSL's record layer; only when asked for (`--tools ...,mtlsmesh-openssl`).
+MTLSMESH_OPENSSL = PairSpec("mtlsmesh-openssl", {"echo": 8301, "http": 8302, "iperf": 8303}, "openssl")
 
 
 def render_stunnel_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> str:
@@ -74,6 +77,7 @@ def render_mtlsmesh_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> 
         "admin: null",
         "health: null",
         "metrics: null",
+        f"record_layer: {spec.record_layer}",
         "explicit:",
     ]
     for service in SERVICES:

@@ -40,7 +40,17 @@ from bench import stats
 from bench.certs import BenchCerts, issue_bench_certs
 from bench.netns import ADDR_A, ADDR_B, Lab, LabError, rss_kib
 from bench.profile import Profiler, find_py_spy
-from bench.proxies import BACKEND_PORTS, MTLSMESH, STUNNEL, PairSpec, RunningPair, python_env, start_pair, stop_pair
+from bench.proxies import (
+    BACKEND_PORTS,
+    MTLSMESH,
+    MTLSMESH_OPENSSL,
+    STUNNEL,
+    PairSpec,
+    RunningPair,
+    python_env,
+    start_pair,
+    stop_pair,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_NEEDED = ("ip", "stunnel", "iperf3", "wrk")
@@ -105,7 +115,7 @@ class Bench:
         self.workdir = workdir
         self.metrics = metrics
         self.env = python_env(REPO_ROOT)
-        self.results: Results = {"stunnel": {}, "mtlsmesh": {}}
+        self.results: Results = {"stunnel": {}, "mtlsmesh": {}, stats.OPENSSL_TOOL: {}}
         self.errors: list[str] = []
 
     def record(self, tool: str, key: str, value: float) -> None:
@@ -157,7 +167,7 @@ class Bench:
             stop_pair(self.lab, pair)
 
     def _profiled(self, pair: RunningPair, tag: str) -> contextlib.AbstractContextManager[object]:
-        if self.profile_dir is None or pair.spec.tool != "mtlsmesh":
+        if self.profile_dir is None or not pair.spec.tool.startswith("mtlsmesh"):
             return contextlib.nullcontext()
         targets = {"originator": pair.originator.pid, "terminator": pair.terminator.pid}
         return Profiler(targets, self.profile_dir, tag, py_spy=find_py_spy())
@@ -276,7 +286,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, short durations")
     parser.add_argument("--rounds", type=int, help="rounds per tool (default 3, --quick 1)")
-    parser.add_argument("--tools", default="stunnel,mtlsmesh", help="comma-separated: stunnel,mtlsmesh")
+    parser.add_argument(
+        "--tools",
+        default="stunnel,mtlsmesh",
+        help="comma-separated: stunnel,mtlsmesh and, for the openssl record path beside ours, mtlsmesh-openssl",
+    )
     parser.add_argument("--metrics", default="mem,lat,tput,cps", help="comma-separated: mem,lat,tput,cps")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
     parser.add_argument("--json", type=Path, help="also write the raw per-round results to this file")
@@ -288,8 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
-    if not tools <= {"stunnel", "mtlsmesh"} or not tools:
-        parser.error(f"--tools: expected stunnel and/or mtlsmesh, got {args.tools!r}")
+    if not tools <= {"stunnel", "mtlsmesh", stats.OPENSSL_TOOL} or not tools:
+        parser.error(f"--tools: expected some of stunnel,mtlsmesh,{stats.OPENSSL_TOOL}, got {args.tools!r}")
     metrics = set(args.metrics.split(","))
     if not metrics <= {"mem", "lat", "tput", "cps"} or not metrics:
         parser.error(f"--metrics: expected some of mem,lat,tput,cps, got {args.metrics!r}")
@@ -316,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**_asdict(settings), "rounds": args.rounds})
     if args.idle_connections is not None:
         settings = Settings(**{**_asdict(settings), "idle_connections": args.idle_connections})
-    specs = [spec for spec in (STUNNEL, MTLSMESH) if spec.tool in args.tools.split(",")]
+    specs = [spec for spec in (STUNNEL, MTLSMESH, MTLSMESH_OPENSSL) if spec.tool in args.tools.split(",")]
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()[0]  # the run itself drives the load average to ~5 on two CPUs
@@ -339,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{started:%Y-%m-%d %H:%M} UTC, `{command}`, {os.cpu_count()} CPUs, "
               f"load average {load_before:.2f} before the run")  # fmt: skip
         print(stats.render_table(bench.results))
+        if layers := stats.render_record_layers(bench.results):
+            print()
+            print(layers)
         print()
         print(stats.render_rounds(bench.results))
         if bench.errors:

@@ -123,12 +123,35 @@ def render_table(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl` (`--tools ...,mtlsmesh-openssl`)
+
+
+def render_record_layers(results: dict[str, dict[str, list[float]]]) -> str:
+    """The two record paths side by side (empty when the openssl one did not run): medians and openssl/own."""
+    if not any(results.get(OPENSSL_TOOL, {}).values()):
+        return ""
+    lines = ["| metric | unit | mtlsmesh (own) | mtlsmesh (openssl) | openssl/own | rounds (o/s) |"]
+    lines.append("| --- | --- | ---: | ---: | ---: | --- |")
+    for metric in METRICS:
+        own_values = results.get("mtlsmesh", {}).get(metric.key, [])
+        ssl_values = results.get(OPENSSL_TOOL, {}).get(metric.key, [])
+        own, other = median(own_values), median(ssl_values)
+        r = ratio(other, own)
+        lines.append(
+            f"| {metric.label} | {metric.unit} | {_fmt(own)} | {_fmt(other)} | {'-' if r is None else f'{r:.2f}x'} | "
+            f"{len(own_values)}/{len(ssl_values)} |"
+        )
+    return "\n".join(lines)
+
+
 def render_rounds(results: dict[str, dict[str, list[float]]]) -> str:
     """Every round's value, so a reader can see the spread behind each median."""
     lines = []
     for metric in METRICS:
         parts = []
-        for tool in ("stunnel", "mtlsmesh"):
+        for tool in ("stunnel", "mtlsmesh", OPENSSL_TOOL):
+            if tool == OPENSSL_TOOL and tool not in results:
+                continue
             values = results.get(tool, {}).get(metric.key, [])
             parts.append(f"{tool} [{', '.join(_fmt(v) for v in values)}]")
         lines.append(f"{metric.key:6} {metric.unit:7} " + "  ".join(parts))
