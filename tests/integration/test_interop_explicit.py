@@ -17,7 +17,8 @@ does not let in. A refusal during the handshake is OpenSSL's alert. One after it
 bad_certificate / access_denied and lingers.
 
 What the handshake puts on the wire is read from `openssl s_client`'s report: the signature algorithms our
-CertificateRequest offers, and the session tickets it receives.
+CertificateRequest offers, and the session tickets it receives; and for a TLS 1.2 listener, that suites without
+ECDHE or an AEAD, renegotiation and resumption are all refused.
 """
 
 from __future__ import annotations
@@ -577,3 +578,45 @@ async def test_an_originate_listener_refuses_a_server_of_another_trust_domain(pk
                     await read_all(stream)
                 await stream.aclose()
         await in_thread(lambda: thread.join(PEER_TIMEOUT))
+
+
+# --- a TLS 1.2 listener: ECDHE with AEAD only, no renegotiation, no resumption ------------------------------------
+
+
+async def s_client_tls12(pki: Pki, port: int, *args: str, stdin: bytes = REQUEST) -> tuple[str, str]:
+    client = pki.issue("api")
+    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-cert", client.cert, "-key", client.key]
+    argv += ["-CAfile", client.bundle, "-verify_return_error", "-tls1_2", *args]
+    with trio.fail_after(IO):
+        done = await trio.run_process(argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
+    return done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("cipher", ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "AES128-GCM-SHA256"])
+async def test_a_tls12_listener_refuses_suites_without_ecdhe_and_an_aead(pki: Pki, cipher: str) -> None:
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.2") as port:
+        out, err = await s_client_tls12(pki, port, "-cipher", cipher, "-quiet")
+    assert "app got" not in out
+    assert "alert handshake failure" in err, err
+
+
+async def test_a_tls12_listener_does_not_resume_a_session(pki: Pki, tmp_path: Path) -> None:
+    """No ticket and no session ID (session cache off): the client has nothing to resume with, and s_client
+    writes no session file."""
+    saved = tmp_path / "session.pem"
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.2") as port:
+        first, _ = await s_client_tls12(pki, port, "-sess_out", str(saved), "-ign_eof")
+    assert "New, TLSv1.2" in first and "app got: " + REQUEST.decode() in first, first
+    session = [line.strip() for line in first.splitlines() if line.strip().startswith("Session-ID:")]
+    assert session == ["Session-ID:"], first  # empty
+    assert "TLS session ticket" not in first
+    assert not saved.exists()
+
+
+async def test_a_tls12_listener_refuses_renegotiation(pki: Pki) -> None:
+    # s_client renegotiates when it reads a line "R" (apps/s_client.c); our listener refuses it with OpenSSL's
+    # no_renegotiation alert, which ends the client's handshake attempt.
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.2") as port:
+        out, err = await s_client_tls12(pki, port, "-no_ign_eof", stdin=b"R\n")
+    assert "RENEGOTIATING" in out + err
+    assert "no renegotiation" in out + err, out + err
