@@ -8,8 +8,8 @@ none), each off by default. `Handshake` is one connection's handshake with no I/
 the peer's ciphertext, calls `step` until it says the handshake is complete, and sends what `take_output` hands
 back. `hand_over` then builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
 
-What it does not: read or write sockets (see `tls`), check the peer's SPIFFE ID (see `tls.check_peer`, `svid`), or
-speak any TLS version but 1.3.
+What it does not: read or write sockets (see `tls`, `sslstream`), check the peer's SPIFFE ID (see `tls.check_peer`,
+`svid`), or speak any TLS version but 1.3 unless asked (`min_version="1.2"`, for an explicit listener only).
 
 An explicit listener may instead keep the records in OpenSSL (`record_layer: openssl`, and always for TLS 1.2,
 which `records` does not speak): `Handshake.keep_records` then hands the connection on as `OpenSSLRecords`, the same

@@ -6,7 +6,7 @@ rules, our trust domain, the expected identities) before anyone sends an applica
 
 What it does not: build TLS contexts or talk to OpenSSL (see `handshake`, the one seam to it), pick identities or
 decide policy (see `policy`), load or reload files (see `credentials`), or speak any TLS version but 1.3 (a TLS 1.2
-peer fails the handshake with "unsupported protocol").
+peer fails the handshake with "unsupported protocol"; an explicit listener that allows 1.2 uses `sslstream`).
 
 Theory of operation
 -------------------
