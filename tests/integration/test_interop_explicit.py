@@ -620,3 +620,25 @@ async def test_a_tls12_listener_refuses_renegotiation(pki: Pki) -> None:
         out, err = await s_client_tls12(pki, port, "-no_ign_eof", stdin=b"R\n")
     assert "RENEGOTIATING" in out + err
     assert "no renegotiation" in out + err, out + err
+
+
+@pytest.mark.parametrize("client_version", ["1.3", "1.2"])
+async def test_a_tls12_listener_still_prefers_tls13(pki: Pki, client_version: str) -> None:
+    """min_tls_version is a floor: a TLS 1.3 client gets TLS 1.3 there (over OpenSSL's record layer)."""
+    client = pki.issue("api")
+    ctx = stdlib_context(client, client.bundle, server=False, version=client_version)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    versions: list[str | None] = []
+
+    def call() -> bytes:
+        with socket.create_connection((LOOPBACK, port), timeout=PEER_TIMEOUT) as raw, ctx.wrap_socket(raw) as conn:
+            versions.append(conn.version())
+            conn.sendall(REQUEST)
+            out = bytearray()
+            while data := conn.recv(65536):
+                out += data
+            return bytes(out)
+
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.2") as port:
+        assert await in_thread(call) == b"app got: " + REQUEST
+    assert versions == [f"TLSv{client_version}"]
