@@ -37,10 +37,11 @@ import pytest
 import trio
 from tlslite import api as tlslite
 
+from mtlsmesh import pem
 from mtlsmesh.config import CredentialFiles, ExplicitListener, ExplicitMode, ListenAddr, RecordLayer
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from tests.integration.mesh import ANY_PORT, LOOPBACK, app_server, base_config, read_all, running_sidecar
-from tests.pki import Pki
+from tests.pki import Pki, forge_leaf, uri_sans
 
 IO = 20.0  # the whole of one exchange, process start included
 PEER_TIMEOUT = 10.0  # every blocking call of a thread peer
@@ -89,18 +90,26 @@ def listener(mode: ExplicitMode, forward_to: int, layer: RecordLayer, version: s
 
 @contextlib.asynccontextmanager
 async def terminate_sidecar(
-    pki: Pki, layer: RecordLayer, version: str, *, identities: tuple[SpiffeId, ...] = (), bundle_extra: bytes = b""
+    pki: Pki,
+    layer: RecordLayer,
+    version: str,
+    *,
+    identities: tuple[SpiffeId, ...] = (),
+    bundle_extra: bytes = b"",
+    app_saw: list[str] | None = None,
 ) -> AsyncIterator[int]:
     """A sidecar whose terminate listener (on the port yielded) forwards to `line_app`. Its SVID also names
-    `localhost` (curl checks the host name)."""
+    `localhost` (curl checks the host name). `app_saw` gets the app's callers when the block ends."""
     files = pki.issue("db", dns_names=["localhost"])
     if bundle_extra:
         with open(files.bundle, "ab") as bundle:
             bundle.write(bundle_extra)
-    async with app_server(line_app) as (app_port, _):
+    async with app_server(line_app) as (app_port, seen):
         entry = listener(ExplicitMode.TERMINATE, app_port, layer, version, identities=identities)
         async with running_sidecar(base_config(files, explicit=(entry,))) as (_rt, state):
             yield state.bound[entry.name][1]
+        if app_saw is not None:
+            app_saw.extend(seen)
 
 
 @contextlib.asynccontextmanager
@@ -369,12 +378,12 @@ async def test_no_session_ticket_reaches_the_client(pki: Pki, layer: RecordLayer
 def refused_call(port: int, ctx: ssl.SSLContext) -> str:
     """The client's handshake, then a read before any write: what the refused client reads (an alert's name)."""
     try:
-        stdlib_call(port, ctx, write_first=False)
+        data = stdlib_call(port, ctx, write_first=False)
     except ssl.SSLError as exc:
         return exc.reason or str(exc)
     except OSError as exc:
         return f"os error: {exc}"
-    return "served"
+    return "served" if data else "end of stream, no alert"
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer.value for layer in LAYERS])
@@ -429,6 +438,28 @@ async def test_a_client_whose_identity_is_not_allowed_reads_access_denied(pki: P
         ctx = stdlib_context(client, client.bundle, server=False, version="1.3")
         told = await in_thread(lambda: refused_call(port, ctx))
     assert told == "TLSV1_ALERT_ACCESS_DENIED"
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer.value for layer in LAYERS])
+@pytest.mark.usefixtures("mesh_logs")
+async def test_the_svid_rules_hold_for_any_client(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture, layer: RecordLayer
+) -> None:
+    """A certificate our CA signed that is not a valid SVID (two URI SANs) is refused on a terminate listener too,
+    whatever ALPN the client offers: nothing reaches the app, and the log line names the rule."""
+    leaf, key = forge_leaf(pki.authority, now=pki.now, san=uri_sans(str(pki.id_of("a")), str(pki.id_of("b"))))
+    cert, key_file = tmp_path / "two-uris.pem", tmp_path / "two-uris.key"
+    cert.write_bytes(pem.render_certificates([leaf]))
+    key_file.write_bytes(pem.render_private_key(key))
+    roots = pki.issue("api").bundle
+    ctx = stdlib_context(CredentialFiles(str(cert), str(key_file), roots), roots, server=False, version="1.3")
+    ctx.set_alpn_protocols(["http/1.1"])
+    saw: list[str] = []
+    async with terminate_sidecar(pki, layer, "1.3", app_saw=saw) as port:
+        told = await in_thread(lambda: refused_call(port, ctx))
+    assert told != "served" and saw == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtlsmesh.conn"]
+    assert any("reason=handshake_failed" in line and "2 URI SANs" in line for line in lines), lines
 
 
 async def test_a_malformed_client_hello_gets_an_alert_not_a_reset(pki: Pki) -> None:
