@@ -12,6 +12,8 @@ handshake (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
 A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
+An explicit terminate listener is never sniffed: its socket goes straight to the TLS server, which takes any ALPN
+(or none) and the listener's `min_tls_version` and `record_layer`.
 """
 
 from __future__ import annotations
