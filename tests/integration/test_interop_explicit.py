@@ -386,23 +386,25 @@ def refused_call(port: int, ctx: ssl.SSLContext) -> str:
     return "served" if data else "end of stream, no alert"
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=[layer.value for layer in LAYERS])
-async def test_a_client_without_a_certificate_reads_certificate_required(pki: Pki, layer: RecordLayer) -> None:
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
+async def test_a_client_without_a_certificate_reads_why(pki: Pki, layer: RecordLayer, version: str) -> None:
     roots = pki.issue("api").bundle
-    async with terminate_sidecar(pki, layer, "1.3") as port:
-        told = await in_thread(lambda: refused_call(port, stdlib_context(None, roots, server=False, version="1.3")))
-    assert told == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    async with terminate_sidecar(pki, layer, version) as port:
+        ctx = stdlib_context(None, roots, server=False, version=version)
+        told = await in_thread(lambda: refused_call(port, ctx))
+    # TLS 1.3 has an alert for it (RFC 8446 §4.4.2.4); TLS 1.2 says handshake_failure (RFC 5246 §7.4.6).
+    assert told == ("SSLV3_ALERT_HANDSHAKE_FAILURE" if version == "1.2" else "TLSV13_ALERT_CERTIFICATE_REQUIRED")
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=[layer.value for layer in LAYERS])
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
 async def test_a_client_from_another_trust_domain_reads_unknown_ca(
-    pki: Pki, tmp_path: Path, layer: RecordLayer
+    pki: Pki, tmp_path: Path, layer: RecordLayer, version: str
 ) -> None:
     other = Pki(tmp_path / "other", trust_domain=TrustDomain("other.example"))
     intruder = other.issue("api")
     roots = pki.issue("api").bundle  # it trusts us; we do not trust its CA
-    async with terminate_sidecar(pki, layer, "1.3") as port:
-        ctx = stdlib_context(intruder, roots, server=False, version="1.3")
+    async with terminate_sidecar(pki, layer, version) as port:
+        ctx = stdlib_context(intruder, roots, server=False, version=version)
         told = await in_thread(lambda: refused_call(port, ctx))
     assert told == "TLSV1_ALERT_UNKNOWN_CA"
 
