@@ -94,6 +94,7 @@ REQUIRED = (
     ("OpenSSL.SSL.Context", "set_keylog_callback"),
     ("OpenSSL.SSL.Connection", "get_group_name"),
     ("OpenSSL.SSL.Connection", "bio_shutdown"),
+    ("OpenSSL.SSL", "OP_NO_RENEGOTIATION"),  # defined only when cryptography's binding has it
 )
 
 
@@ -105,6 +106,7 @@ def missing_bindings() -> list[str]:
         "OpenSSL._util.lib": (_lib, f"cryptography {cryptography.__version__}"),
         "OpenSSL.SSL.Connection": (probe, f"pyOpenSSL {OpenSSL.__version__}"),
         "OpenSSL.SSL.Context": (SSL.Context, f"pyOpenSSL {OpenSSL.__version__}"),
+        "OpenSSL.SSL": (SSL, f"pyOpenSSL {OpenSSL.__version__}"),
     }
     return [
         f"{place}.{name} (not in {where[place][1]})" for place, name in REQUIRED if not hasattr(where[place][0], name)
@@ -185,7 +187,8 @@ def build_context(
     require_peer_certificate: bool = True,
     min_version: str = "1.3",
 ) -> SSL.Context:
-    """A fresh TLS 1.3-only context presenting `material`'s SVID and trusting its roots.
+    """A fresh TLS 1.3-only context (TLS 1.2 too with `min_version="1.2"`) presenting `material`'s SVID and
+    trusting its roots.
 
     A new context per credential reload: adding roots to a live context's store only ever grows it.
     Raises `CertificateError` when OpenSSL refuses the key or a certificate.
