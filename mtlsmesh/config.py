@@ -223,7 +223,7 @@ _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
     "admin", "health", "metrics", "log", "identity", "record_layer",
 )  # fmt: skip
-_PER_LISTENER_ONLY = "is set per explicit listener only: between sidecars the mesh is TLS 1.3 only"
+_PER_LISTENER_ONLY = "only an explicit listener may set it (between sidecars the mesh is TLS 1.3 only)"
 
 
 def load_config(path: str) -> Config:
