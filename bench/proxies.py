@@ -34,16 +34,19 @@ BACKEND_PORTS = {"echo": 7001, "http": 7002, "iperf": 7003}
 
 @dataclass(frozen=True, slots=True)
 class PairSpec:
-    tool: str  # "stunnel", "haproxy", "mtlsmesh" or "direct"
+    tool: str  # "stunnel", "haproxy", "mtlsmesh", "mtlsmesh-openssl" or "direct"
     front_ports: dict[str, int]  # per service: originator port on 127.0.0.1 in A == terminator port on ADDR_B in B
     front_host: str = "127.0.0.1"  # where the load tools in A connect
+    record_layer: str = "own"  # mtlsmesh's `record_layer`
 
 
 STUNNEL = PairSpec("stunnel", {"echo": 8101, "http": 8102, "iperf": 8103})
 MTLSMESH = PairSpec("mtlsmesh", {"echo": 8201, "http": 8202, "iperf": 8203})
 HAPROXY = PairSpec("haproxy", {"echo": 8301, "http": 8302, "iperf": 8303})
 DIRECT = PairSpec("direct", dict(BACKEND_PORTS), front_host=ADDR_B)  # no tunnel: straight to the backends
-PAIRS = (STUNNEL, HAPROXY, MTLSMESH, DIRECT)  # the order every round runs them in
+# The same sidecars with OpenSSL's record layer; only when asked for (`--tools ...,mtlsmesh-openssl`).
+MTLSMESH_OPENSSL = PairSpec("mtlsmesh-openssl", {"echo": 8401, "http": 8402, "iperf": 8403}, record_layer="openssl")
+PAIRS = (STUNNEL, HAPROXY, MTLSMESH, MTLSMESH_OPENSSL, DIRECT)  # the order every round runs them in
 
 
 def render_stunnel_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> str:
@@ -127,6 +130,7 @@ def render_mtlsmesh_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> 
         "admin: null",
         "health: null",
         "metrics: null",
+        f"record_layer: {spec.record_layer}",
         "explicit:",
     ]
     for service in SERVICES:

@@ -153,7 +153,7 @@ class Bench:
         self.workdir = workdir
         self.metrics = metrics
         self.env = python_env(REPO_ROOT)
-        self.results: Results = {tool: {} for tool in stats.TOOLS}
+        self.results: Results = {tool: {} for tool in (*stats.TOOLS, stats.OPENSSL_TOOL)}
         self.errors: list[str] = []
         self.noise: list[float] = []  # one value per measured step, share of one CPU
 
@@ -211,7 +211,7 @@ class Bench:
             stop_pair(self.lab, pair)
 
     def _profiled(self, pair: RunningPair, tag: str) -> contextlib.AbstractContextManager[object]:
-        if self.profile_dir is None or pair.spec.tool != "mtlsmesh":
+        if self.profile_dir is None or not pair.spec.tool.startswith("mtlsmesh"):
             return contextlib.nullcontext()
         targets = {role: proc.pid for role, proc in zip(("originator", "terminator"), pair.procs, strict=True)}
         return Profiler(targets, self.profile_dir, tag, py_spy=find_py_spy())
@@ -351,7 +351,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, short durations")
     parser.add_argument("--rounds", type=int, help="rounds per tool (default 3, --quick 1)")
     every_tool, every_step = ",".join(stats.TOOLS), ",".join(METRIC_STEPS)
-    parser.add_argument("--tools", default=every_tool, help=f"comma-separated, some of {every_tool} (default: all)")
+    parser.add_argument(
+        "--tools",
+        default=every_tool,
+        help=f"comma-separated, some of {every_tool} (default: those), and {stats.OPENSSL_TOOL} for the sidecars "
+        "with record_layer openssl beside ours",
+    )
     parser.add_argument("--metrics", default=every_step, help=f"comma-separated, some of {every_step} (default: all)")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
     parser.add_argument("--json", type=Path, help="also write the raw per-round results to this file")
@@ -363,8 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
-    if not tools <= set(stats.TOOLS) or not tools:
-        parser.error(f"--tools: expected some of {every_tool}, got {args.tools!r}")
+    if not tools <= {*stats.TOOLS, stats.OPENSSL_TOOL} or not tools:
+        parser.error(f"--tools: expected some of {every_tool},{stats.OPENSSL_TOOL}, got {args.tools!r}")
     metrics = set(args.metrics.split(","))
     if not metrics <= set(METRIC_STEPS) or not metrics:
         parser.error(f"--metrics: expected some of {every_step}, got {args.metrics!r}")
@@ -417,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load_before:.2f} before the run")  # fmt: skip
         print(stats.render_noise(bench.noise, os.cpu_count() or 1))
         print(stats.render_table(bench.results))
+        if layers := stats.render_record_layers(bench.results):
+            print()
+            print(layers)
         print()
         print(stats.render_rounds(bench.results))
         if bench.errors:

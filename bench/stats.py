@@ -15,6 +15,7 @@ from dataclasses import dataclass
 # backends with no tunnel at all: the ceiling a tunnel can approach on this machine, not a competitor.
 TOOLS: tuple[str, ...] = ("stunnel", "haproxy", "mtlsmesh", "direct")
 C_PEERS: tuple[str, ...] = ("stunnel", "haproxy")  # the tunnels written in C that mtlsmesh is measured against
+OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl`, only when asked for
 
 Results = dict[str, dict[str, list[float]]]
 
@@ -156,12 +157,29 @@ def render_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def render_record_layers(results: Results) -> str:
+    """The two record paths side by side (empty when the openssl one did not run): medians and openssl/own."""
+    if not any(results.get(OPENSSL_TOOL, {}).values()):
+        return ""
+    lines = ["| metric | unit | mtlsmesh (own) | mtlsmesh (openssl) | openssl/own | rounds (o/s) |"]
+    lines.append("| --- | --- | ---: | ---: | ---: | --- |")
+    for metric in METRICS:
+        own_values = results.get("mtlsmesh", {}).get(metric.key, [])
+        ssl_values = results.get(OPENSSL_TOOL, {}).get(metric.key, [])
+        own, other = median(own_values), median(ssl_values)
+        lines.append(
+            f"| {metric.label} | {metric.unit} | {_fmt(own)} | {_fmt(other)} | {_fmt_ratio(ratio(other, own))} | "
+            f"{len(own_values)}/{len(ssl_values)} |"
+        )
+    return "\n".join(lines)
+
+
 def render_rounds(results: Results) -> str:
     """Every round's value, so a reader can see the spread behind each median."""
     lines = []
     for metric in METRICS:
         parts = []
-        for tool in TOOLS:
+        for tool in (*TOOLS, OPENSSL_TOOL):
             values = results.get(tool, {}).get(metric.key, [])
             if values:
                 parts.append(f"{tool} [{', '.join(_fmt(v) for v in values)}]")

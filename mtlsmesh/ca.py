@@ -6,7 +6,8 @@ intermediate and leaf only by the values handed to it; the profile is docs/svid-
 - leaf: empty subject, exactly one URI SAN (critical, because the subject is empty), optional DNS SANs,
   basicConstraints CA:false (critical), keyUsage digitalSignature only (critical), EKU serverAuth+clientAuth,
   SKI/AKI, a random positive serial of 159 bits, not-before backdated by `BACKDATE`, 24 h by default.
-- root: self-signed, URI SAN `spiffe://<td>` (a CA ID has no path, ID-13/S-4), CA:true pathlen 1,
+- root: self-signed, named subject, URI SAN `spiffe://<td>` (not critical: the subject is not empty; a CA ID has
+  no path, ID-13/S-4), CA:true pathlen 1,
   keyUsage keyCertSign+cRLSign (critical), SKI/AKI, 10 years by default.
 - intermediate (optional): the same with pathlen 0, signed by the root; it then signs every leaf.
 - name constraint (optional): a critical permitted URI subtree naming the trust domain, on every CA certificate.
@@ -194,9 +195,9 @@ def _build_certificate(
         .serial_number(x509.random_serial_number())  # 159 random bits, positive: far beyond the 64 required
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        # RFC 5280 4.1.2.6: an empty subject makes the SAN extension critical; a CA keeps it critical too, so
-        # every SPIFFE ID we mint sits in a critical extension.
-        .add_extension(x509.SubjectAlternativeName(san), critical=not len(subject) or is_ca)
+        # RFC 5280 §4.1.2.6: the SAN is critical when the subject is empty (a leaf) and should be non-critical when
+        # the subject names the certificate (a CA's), so a CA's SAN is not critical.
+        .add_extension(x509.SubjectAlternativeName(san), critical=not len(subject))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=path_length if is_ca else None), critical=True)
         .add_extension(key_usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)

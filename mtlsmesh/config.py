@@ -67,6 +67,16 @@ class ExplicitMode(enum.Enum):
     TERMINATE = "terminate"  # mTLS in, plaintext out (ghostunnel server)
 
 
+class RecordLayer(enum.Enum):
+    """Who seals and opens the records after the handshake (docs/ARCHITECTURE.md §8)."""
+
+    OWN = "own"  # `records`, TLS 1.3 only
+    OPENSSL = "openssl"  # OpenSSL's (`sslstream`); what TLS 1.2 always uses
+
+
+TLS_VERSIONS = ("1.2", "1.3")  # what an explicit listener's `min_tls_version` may say
+
+
 @dataclass(frozen=True, slots=True)
 class ListenAddr:
     host: str  # an IP literal, `0.0.0.0`, `::`, or a name for forward_to targets
@@ -164,6 +174,14 @@ class ExplicitListener:
     mode: ExplicitMode
     # originate: the expected server IDs; terminate: the callers let through. Empty: any in our trust domain.
     identities: tuple[SpiffeId, ...] = ()
+    min_tls_version: str = "1.3"  # "1.2": legacy peers too (its connections then use OpenSSL's record layer)
+    record_layer: RecordLayer | None = None  # None: the config's `record_layer`
+
+    def records(self, default: RecordLayer) -> RecordLayer:
+        """The record layer this listener's connections use (`default`: the config's)."""
+        if self.min_tls_version == "1.2":
+            return RecordLayer.OPENSSL
+        return self.record_layer or default
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +201,7 @@ class Config:
     inbound: InboundConfig = InboundConfig()
     authorization: tuple[AuthzRule, ...] = ()
     explicit: tuple[ExplicitListener, ...] = ()
+    record_layer: RecordLayer = RecordLayer.OWN  # every listener's, unless an explicit one sets its own
     timeouts: Timeouts = Timeouts()
     max_connections: int = 10_000
     admin_listen: ListenAddr | None = ListenAddr("127.0.0.1", ADMIN_PORT)
@@ -202,8 +221,9 @@ _DEFAULT_RELOAD_INTERVAL = CredentialFiles("", "", "").reload_interval
 _DEFAULT_IDENTITY = IdentityConfig(ListenAddr("", 0), "", "")
 _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
-    "admin", "health", "metrics", "log", "identity",
+    "admin", "health", "metrics", "log", "identity", "record_layer",
 )  # fmt: skip
+_PER_LISTENER_ONLY = "only an explicit listener may set it (between sidecars the mesh is TLS 1.3 only)"
 
 
 def load_config(path: str) -> Config:
@@ -248,6 +268,7 @@ def parse_listen_addr(value: object, path: str = "listen", *, allow_name: bool =
 
 
 def _parse_config(data: object) -> Config:
+    _check_min_tls_placement(data)
     top = schema.mapping(data, "", _TOP_KEYS)
     log = schema.mapping(schema.section(top, "log"), "log", ("level",))
     config = Config(
@@ -258,6 +279,9 @@ def _parse_config(data: object) -> Config:
         inbound=_inbound(schema.section(top, "inbound")),
         authorization=tuple(_authz_rule(v, f"authorization[{i}]") for i, v in schema.items(top, "authorization")),
         explicit=tuple(_explicit(v, f"explicit[{i}]") for i, v in schema.items(top, "explicit")),
+        record_layer=schema.enum_choice(
+            top.get("record_layer", _DEFAULT.record_layer.value), "record_layer", RecordLayer
+        ),
         timeouts=_timeouts(schema.section(top, "timeouts")),
         max_connections=schema.integer(
             top.get("max_connections", _DEFAULT.max_connections), "max_connections", 1, 2**31
@@ -422,20 +446,54 @@ def _cidr(value: object, path: str) -> IPNetwork:
         raise ConfigError(path, f"invalid CIDR: {exc}") from None
 
 
+def _check_min_tls_placement(data: object) -> None:
+    """`min_tls_version` outside an explicit listener: one line that says where it belongs."""
+    if not isinstance(data, dict):
+        return
+    if "min_tls_version" in data:
+        raise ConfigError("min_tls_version", _PER_LISTENER_ONLY)
+    for section in ("inbound", "outbound"):
+        if isinstance(data.get(section), dict) and "min_tls_version" in data[section]:
+            raise ConfigError(f"{section}.min_tls_version", _PER_LISTENER_ONLY)
+
+
+def _min_tls_version(entry: dict[str, Any], path: str) -> str:
+    value = entry.get("min_tls_version", "1.3")
+    if isinstance(value, float) and str(value) in TLS_VERSIONS:  # YAML reads an unquoted 1.2 as a number
+        value = str(value)
+    if not isinstance(value, str) or value not in TLS_VERSIONS:
+        shown = repr(value) if isinstance(value, str | int | float) else schema.kind(value)
+        raise ConfigError(f"{path}.min_tls_version", f'expected "1.2" or "1.3" (got {shown})')
+    return value
+
+
 def _explicit(value: object, path: str) -> ExplicitListener:
-    entry = schema.mapping(value, path, ("name", "listen", "forward_to", "mode", "identities"))
+    keys = ("name", "listen", "forward_to", "mode", "identities", "min_tls_version", "record_layer")
+    entry = schema.mapping(value, path, keys)
     for key in ("name", "listen", "forward_to", "mode"):
         if key not in entry:
             raise ConfigError(path, f"missing required key {key!r} (name, listen, forward_to and mode are required)")
     name = schema.string(entry["name"], f"{path}.name")
     if not _EXPLICIT_NAME.fullmatch(name):
         raise ConfigError(f"{path}.name", f"{name!r} may hold only letters, digits and . _ -")
+    min_tls = _min_tls_version(entry, path)
+    record_layer = None
+    if entry.get("record_layer") is not None:
+        record_layer = schema.enum_choice(entry["record_layer"], f"{path}.record_layer", RecordLayer)
+    if min_tls == "1.2" and record_layer is RecordLayer.OWN:
+        raise ConfigError(
+            f"{path}.record_layer",
+            'min_tls_version "1.2" needs record_layer openssl (our own record layer is TLS 1.3 only); '
+            "set openssl or leave it out",
+        )
     return ExplicitListener(
         name=name,
         listen=parse_listen_addr(entry["listen"], f"{path}.listen"),
         forward_to=parse_listen_addr(entry["forward_to"], f"{path}.forward_to", allow_name=True),
         mode=schema.enum_choice(entry["mode"], f"{path}.mode", ExplicitMode),
         identities=_identities(entry, path),
+        min_tls_version=min_tls,
+        record_layer=record_layer,
     )
 
 
@@ -538,8 +596,11 @@ def render_config(cfg: Config) -> dict[str, Any]:
     out["explicit"] = [
         {"name": x.name, "listen": str(x.listen), "forward_to": str(x.forward_to), "mode": x.mode.value}
         | _render_ids(x.identities)
+        | {"min_tls_version": x.min_tls_version}
+        | ({"record_layer": x.record_layer.value} if x.record_layer is not None else {})
         for x in cfg.explicit
     ]
+    out["record_layer"] = cfg.record_layer.value
     out["timeouts"] = {
         "handshake": timeouts.handshake,
         "connect": timeouts.connect,

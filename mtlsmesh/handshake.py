@@ -8,14 +8,21 @@ none), each off by default. `Handshake` is one connection's handshake with no I/
 the peer's ciphertext, calls `step` until it says the handshake is complete, and sends what `take_output` hands
 back. `hand_over` then builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
 
-What it does not: read or write sockets (see `tls`), check the peer's SPIFFE ID (see `tls.check_peer`, `svid`), or
-speak any TLS version but 1.3.
+What it does not: read or write sockets (see `tls`, `sslstream`), check the peer's SPIFFE ID (see `tls.check_peer`,
+`svid`), or speak any TLS version but 1.3 unless asked (`min_version="1.2"`, for an explicit listener only).
 
-This is the only module that uses pyOpenSSL's private parts. It calls two bindings, each because the public API has
+An explicit listener may instead keep the records in OpenSSL (`record_layer: openssl`, and always for TLS 1.2,
+which `records` does not speak): `Handshake.keep_records` then hands the connection on as `OpenSSLRecords`, the same
+memory BIOs driven by `sslstream`. `build_context(min_version="1.2")` makes that listener's context (ECDHE with AEAD
+suites only, no renegotiation, no compression, no resumption); between sidecars it is always TLS 1.3.
+
+This is the only module that uses pyOpenSSL's private parts. It calls three bindings, each because the public API has
 no equivalent, through pyOpenSSL's private handles (`Context._context`, `Connection._into_ssl`, the cffi `lib` and
 `ffi`): the cffi binding's `SSL_CTX_set1_curves_list` (pyOpenSSL can set one elliptic curve, not a list of key
-exchange groups with the hybrid post-quantum one first), and `BIO_read` on the connection's incoming memory BIO (to
-take back the ciphertext the peer sent right behind its last handshake flight, which the record layer must read).
+exchange groups with the hybrid post-quantum one first), `SSL_CTX_set1_sigalgs_list` (the signature algorithms we
+offer, in the CertificateRequest too: only those our SVIDs can carry, see `SIGALGS`), and `BIO_read` on the
+connection's incoming memory BIO (to take back the ciphertext the peer sent right behind its last handshake flight,
+which the record layer must read).
 Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
 checked at import, so an unsupported pyOpenSSL fails with one line naming what is missing.
 """
@@ -54,6 +61,21 @@ CLASSIC_GROUPS = b"X25519:P-256"
 
 HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO per call
 
+# The signature algorithms we offer (our CertificateVerify, and what a server's CertificateRequest asks a client to
+# sign with): those the SVIDs `ca` makes can carry, ECDSA P-256/SHA-256 and P-384/SHA-384, Ed25519 and RSA
+# (RSA-PSS for TLS 1.3's CertificateVerify; PKCS#1 v1.5 for certificate signatures and TLS 1.2). OpenSSL's default
+# list would offer every algorithm its build knows (ML-DSA, SM2, brainpool, SHA-1, ...).
+SIGALGS = (
+    b"ecdsa_secp256r1_sha256:ecdsa_secp384r1_sha384:ed25519:rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:"
+    b"rsa_pkcs1_sha256:rsa_pkcs1_sha384"
+)
+# TLS 1.2 for an explicit listener that allows it: ECDHE key exchange with an AEAD only (forward secrecy, no CBC).
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    b"ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+)
+MIN_VERSIONS = ("1.2", "1.3")  # what `build_context(min_version=...)` takes
+
 # ssl.h's SSL_MODE_NO_AUTO_CHAIN, which pyOpenSSL does not name (see build_context).
 SSL_MODE_NO_AUTO_CHAIN = 0x8
 # The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
@@ -65,12 +87,14 @@ _TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
 # supported pyOpenSSL are listed too, so the message names them rather than failing at the first handshake.
 REQUIRED = (
     ("OpenSSL._util.lib", "SSL_CTX_set1_curves_list"),
+    ("OpenSSL._util.lib", "SSL_CTX_set1_sigalgs_list"),
     ("OpenSSL._util.lib", "BIO_read"),
     ("OpenSSL.SSL.Connection", "_into_ssl"),
     ("OpenSSL.SSL.Context", "set_tls13_ciphersuites"),
     ("OpenSSL.SSL.Context", "set_keylog_callback"),
     ("OpenSSL.SSL.Connection", "get_group_name"),
     ("OpenSSL.SSL.Connection", "bio_shutdown"),
+    ("OpenSSL.SSL", "OP_NO_RENEGOTIATION"),  # defined only when cryptography's binding has it
 )
 
 
@@ -82,6 +106,7 @@ def missing_bindings() -> list[str]:
         "OpenSSL._util.lib": (_lib, f"cryptography {cryptography.__version__}"),
         "OpenSSL.SSL.Connection": (probe, f"pyOpenSSL {OpenSSL.__version__}"),
         "OpenSSL.SSL.Context": (SSL.Context, f"pyOpenSSL {OpenSSL.__version__}"),
+        "OpenSSL.SSL": (SSL, f"pyOpenSSL {OpenSSL.__version__}"),
     }
     return [
         f"{place}.{name} (not in {where[place][1]})" for place, name in REQUIRED if not hasattr(where[place][0], name)
@@ -160,8 +185,10 @@ def build_context(
     roots: Sequence[x509.Certificate] = (),
     alpn: Sequence[bytes] = (ALPN,),
     require_peer_certificate: bool = True,
+    min_version: str = "1.3",
 ) -> SSL.Context:
-    """A fresh TLS 1.3-only context presenting `material`'s SVID and trusting its roots.
+    """A fresh TLS 1.3-only context (TLS 1.2 too with `min_version="1.2"`) presenting `material`'s SVID and
+    trusting its roots.
 
     A new context per credential reload: adding roots to a live context's store only ever grows it.
     Raises `CertificateError` when OpenSSL refuses the key or a certificate.
@@ -172,19 +199,27 @@ def build_context(
     that offers no ALPN at all (or none of `alpn`: it then negotiates none), and `()` turns ALPN off.
     `require_peer_certificate=False`: a server asks for a client certificate but lets a client without one finish
     the handshake (one that is sent must still verify against the roots); a client always requires the server's.
+    `min_version="1.2"` (an explicit listener for legacy peers): TLS 1.2 too, with `TLS12_CIPHERS` only, no
+    renegotiation, no compression, no resumption; its records stay in OpenSSL (`Handshake.keep_records`).
     """
+    if min_version not in MIN_VERSIONS:
+        raise ValueError(f"min_version must be one of {', '.join(MIN_VERSIONS)}")
     if material is None and side is Side.SERVER:
         raise ValueError("a TLS server must present a certificate")
     if material is not None and roots:
         raise ValueError("the roots come from the material when there is one")
     trusted = material.roots if material is not None else tuple(roots)
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD if side is Side.SERVER else SSL.TLS_CLIENT_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION if min_version == "1.2" else SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     # No resumption: a resumed session would skip the client certificate check we rely on. OP_NO_TICKET turns off
-    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still sends after a TLS 1.3
-    # handshake name nothing it could resume (pyOpenSSL cannot set their number to 0). Our clients never offer one.
-    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+    # stateless tickets and, with the session cache off, the stateful ones OpenSSL still writes after a TLS 1.3
+    # handshake name nothing it could resume. pyOpenSSL and cryptography's binding cannot set their number to 0
+    # (SSL_CTX_set_num_tickets), so `Handshake.hand_over` drops them before they leave (see there). Our clients
+    # never offer one. No renegotiation (TLS 1.2; TLS 1.3 has none).
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    if min_version == "1.2":
+        ctx.set_cipher_list(TLS12_CIPHERS)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # Released buffers: an idle connection hands its record buffers back to malloc instead of keeping them for the
     # next record. No auto chain: with no intermediates configured, OpenSSL would otherwise build the chain it sends
@@ -213,6 +248,8 @@ def build_context(
     ctx.set_verify((SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER)
     if GROUPS is not None:
         _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
+    if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, SIGALGS) != 1:  # pragma: no cover - every OpenSSL 3 knows them
+        raise CertificateError("", "OpenSSL refused the signature algorithm list")
     # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
     ctx.set_tls13_ciphersuites(records.CIPHERSUITES.encode())
     ctx.set_keylog_callback(_keylog)
@@ -346,10 +383,14 @@ class Handshake:
         """Move the finished connection from OpenSSL to a `records.Session`, then free OpenSSL's connection.
 
         What carries over: the two application traffic secrets (from the key log), the cipher suite, the records
-        OpenSSL wrote in its last step (client: its Certificate..Finished flight under handshake keys; server: its
-        NewSessionTickets, already under the application key, so the server's write sequence number starts after
-        them), and the ciphertext OpenSSL has not read (records the peer sent right behind its last flight; OpenSSL
-        reads a memory BIO one record at a time, so nothing of them is inside it). Raises `HandshakeFailure`."""
+        OpenSSL wrote in its last step (a client's Certificate..Finished flight under handshake keys), and the
+        ciphertext OpenSSL has not read (records the peer sent right behind its last flight; OpenSSL reads a memory
+        BIO one record at a time, so nothing of them is inside it). Raises `HandshakeFailure`.
+
+        A server's last step wrote only OpenSSL's NewSessionTickets (see `build_context`: their number cannot be set
+        to 0 here), which name nothing we would resume: they are dropped, never sent, and our write sequence starts
+        at 0. They were sealed under the same key and sequence numbers as our first records, but a nonce is spent
+        only by a ciphertext that leaves: these never leave this process."""
         conn = self._conn
         assert conn is not None
         held = self.take_output()
@@ -362,21 +403,27 @@ class Handshake:
             raise HandshakeFailure(f"no record layer for this connection (suite {cipher})")
         if conn.pending() > 0:
             raise HandshakeFailure("application data arrived inside the handshake")
-        write_seq = 0
         if self._side is Side.SERVER:
-            tickets = count_records(held)
-            if tickets is None:
+            if count_records(held) is None:
                 raise HandshakeFailure("OpenSSL's last handshake output is not application records")
-            write_seq = tickets
+            held = b""  # the session tickets: never sent (see above)
             read_secret, write_secret = client_secret, server_secret
         else:
             read_secret, write_secret = server_secret, client_secret
-        session = records.Session(
-            suite, read_secret, write_secret, is_client=self._side is Side.CLIENT, write_seq=write_seq
-        )
+        session = records.Session(suite, read_secret, write_secret, is_client=self._side is Side.CLIENT)
         handed = HandOver(session, held, unread, self.negotiated(), self.alpn())
         self.free()
         return handed
+
+    def keep_records(self) -> OpenSSLRecords:
+        """The finished connection, its records left to OpenSSL (`record_layer: openssl`, and TLS 1.2): what OpenSSL
+        wrote last stays in its outgoing BIO, to leave with the next records. The key log's secrets are dropped."""
+        conn = self._conn
+        assert conn is not None
+        self._secrets.clear()
+        conn.set_app_data(None)
+        self._conn = None
+        return OpenSSLRecords(conn)
 
     def free(self) -> None:
         """Let go of OpenSSL's connection and the secrets (after `hand_over`, or when the stream closes early)."""
@@ -384,6 +431,100 @@ class Handshake:
         if self._conn is not None:
             self._conn.set_app_data(None)
             self._conn = None
+
+
+class RecordFailure(Exception):
+    """OpenSSL refused a record of the peer's, or the transport ended without close_notify. An alert telling the
+    peer why may be waiting in `OpenSSLRecords.take`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class OpenSSLRecords:
+    """A finished connection whose records OpenSSL seals and opens, over memory BIOs like `Handshake`: `seal`
+    plaintext and send what `take` hands back; `feed` the peer's ciphertext and `open` what it holds. KeyUpdate,
+    session tickets a server sends us and alerts are OpenSSL's to follow (any answer is in `take`)."""
+
+    __slots__ = ("_conn", "_negotiated")
+
+    def __init__(self, conn: SSL.Connection) -> None:
+        self._conn = conn
+        self._negotiated = (conn.get_protocol_version_name(), conn.get_cipher_name(), conn.get_group_name())
+
+    def seal(self, data: bytes | bytearray | memoryview) -> None:
+        """Plaintext to send: OpenSSL seals it into records in its outgoing BIO (which always has room)."""
+        conn = self._conn
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                sent = conn.send(view)
+            except SSL.Error as exc:  # e.g. after a fatal alert: OpenSSL refuses to write
+                raise RecordFailure(openssl_reason(exc)) from exc
+            view = view[sent:]
+
+    def take(self) -> bytes:
+        """The ciphertext OpenSSL wrote since the last call, b"" when none."""
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(self._conn.bio_read(HANDSHAKE_DRAIN * 4))
+            except SSL.WantReadError:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self._conn.bio_write(bytes(data))
+
+    def feed_eof(self) -> None:
+        self._conn.bio_shutdown()
+
+    def open(self, max_bytes: int) -> bytes | None:
+        """Up to `max_bytes` of plaintext; b"" at the peer's close_notify; None when OpenSSL needs more ciphertext.
+        Raises `RecordFailure` (a record OpenSSL refused, or the transport's end without close_notify)."""
+        try:
+            return self._conn.recv(max_bytes)
+        except SSL.WantReadError:
+            return None
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.SysCallError as exc:
+            raise RecordFailure("connection closed by peer") from exc
+        except SSL.Error as exc:
+            reason = openssl_reason(exc)
+            if "unexpected eof" in reason:
+                reason = "connection closed by peer"
+            raise RecordFailure(reason) from exc
+
+    def close_notify(self) -> None:
+        """Write our close_notify (the peer may go on sending: `open` still works)."""
+        with contextlib.suppress(SSL.Error):
+            self._conn.shutdown()
+
+    @property
+    def negotiated(self) -> tuple[str | None, str | None, str | None]:
+        return self._negotiated
+
+    def alpn(self) -> bytes | None:
+        return self._conn.get_alpn_proto_negotiated() or None
+
+    def peer_certificate_der(self) -> bytes | None:
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+
+# Contexts for the explicit listeners that allow TLS 1.2, one per credential generation (keyed by that generation's
+# own context, so they go when it goes).
+_VARIANTS: weakref.WeakKeyDictionary[SSL.Context, SSL.Context] = weakref.WeakKeyDictionary()
+
+
+def tls12_context(generation: SSL.Context, material: Material, side: Side) -> SSL.Context:
+    """The `min_version="1.2"` twin of `generation` (a context `build_context` made from `material` for `side`),
+    made on first use and kept as long as `generation` is."""
+    twin = _VARIANTS.get(generation)
+    if twin is None:
+        twin = _VARIANTS[generation] = build_context(material, side, min_version="1.2")
+    return twin
 
 
 class _Drain(threading.local):

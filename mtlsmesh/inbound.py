@@ -12,6 +12,8 @@ handshake (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
 A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
+An explicit terminate listener is never sniffed: its socket goes straight to the TLS server, which takes any ALPN
+(or none) and the listener's `min_tls_version` and `record_layer`.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ async def handle_inbound(
     rt: Runtime, downstream: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
 ) -> None:
     """Handle one captured connection, or with `explicit` one accepted by that terminate listener: no original
-    destination (the app is its `forward_to`), always STRICT mTLS, only its `identities` let through (when any)."""
+    destination (the app is its `forward_to`), always STRICT mTLS with no sniffing (any standard TLS client with a
+    valid SVID, whatever ALPN it offers), only its `identities` let through (when any)."""
     cfg = rt.config
     if explicit is None:
         try:
@@ -112,6 +115,8 @@ async def handle_inbound(
     prefix = b""
     if mode is Mode.DISABLE:
         mesh = False
+    elif explicit is not None:
+        mesh = True  # nothing between the socket and OpenSSL: any TLS client, and OpenSSL's alert for a bad one
     elif server_first:
         mesh = mode is Mode.STRICT  # STRICT: it must be mTLS anyway, the handshake tells; else never sniffed
     else:
@@ -135,7 +140,16 @@ async def handle_inbound(
     front: trio.abc.HalfCloseableStream = downstream
     caller = None
     if mesh:
-        opened = await open_mtls_or_failure(rt, downstream, tls.Side.SERVER, peer=rec.client_addr, prefix=prefix)
+        opened = await open_mtls_or_failure(
+            rt,
+            downstream,
+            tls.Side.SERVER,
+            peer=rec.client_addr,
+            prefix=prefix,
+            record_layer=cfg.record_layer if explicit is None else explicit.records(cfg.record_layer),
+            min_tls_version="1.3" if explicit is None else explicit.min_tls_version,
+            require_alpn=explicit is None,
+        )
         prefix = b""  # the handshake has it; this frame lives as long as the connection
         if isinstance(opened, Failure):
             await refuse(downstream, rec, opened.reason, opened.detail)

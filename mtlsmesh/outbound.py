@@ -27,7 +27,8 @@ async def handle_outbound(
     rt: Runtime, app: trio.SocketStream, rec: ConnRecord, explicit: ExplicitListener | None = None
 ) -> None:
     """Handle one captured connection, or with `explicit` one accepted by that originate listener: no original
-    destination (the peer is its `forward_to`), always mTLS, expecting its `identities` (when any)."""
+    destination (the peer is its `forward_to`), always mTLS, expecting its `identities` (when any), to any standard
+    mTLS server (it offers ALPN mtlsmesh, for a sidecar's capture listener, and accepts any answer or none)."""
     cfg = rt.config
     if explicit is None:
         try:
@@ -56,7 +57,16 @@ async def handle_outbound(
 
     peer: trio.abc.HalfCloseableStream = upstream
     if mtls:
-        opened = await open_mtls_or_failure(rt, upstream, tls.Side.CLIENT, peer=rec.orig_dst, expected=identities)
+        opened = await open_mtls_or_failure(
+            rt,
+            upstream,
+            tls.Side.CLIENT,
+            peer=rec.orig_dst,
+            expected=identities,
+            record_layer=cfg.record_layer if explicit is None else explicit.records(cfg.record_layer),
+            min_tls_version="1.3" if explicit is None else explicit.min_tls_version,
+            require_alpn=explicit is None,  # an explicit listener's server may be any mTLS server
+        )
         if isinstance(opened, Failure):
             await netio.abort_close(upstream)
             await refuse(app, rec, opened.reason, opened.detail)

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from mtlsmesh import netio, tls
+from mtlsmesh import netio, sslstream, tls
 from mtlsmesh.outcome import Reason
 
 CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
@@ -218,6 +218,8 @@ def _end(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> _End:
     if type(stream) is tls.TLSStream:
         stream.send_progress = progress
         return stream
+    if type(stream) is sslstream.OpenSSLStream:  # record_layer openssl: the Stream interface, and its progress
+        stream.send_progress = progress
     return _StreamEnd(stream)
 
 

@@ -14,12 +14,14 @@ connections (see `runtime`).
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from mtlsmesh import netio, tls
+from mtlsmesh import handshake, netio, sslstream, tls
 from mtlsmesh.addresses import IPAddress, unmapped
+from mtlsmesh.config import RecordLayer
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.outcome import Failure, Outcome, Reason
@@ -69,14 +71,24 @@ async def open_mtls_or_failure(
     peer: str,
     expected: tuple[SpiffeId, ...] = (),
     prefix: bytes = b"",
-) -> tls.TLSStream | Failure:
+    record_layer: RecordLayer = RecordLayer.OWN,
+    min_tls_version: str = "1.3",
+    require_alpn: bool = True,
+) -> tls.TLSStream | sslstream.OpenSSLStream | Failure:
     """The mTLS handshake over `transport` with the current SVID, within `timeouts.handshake`. Returns the checked
     TLS stream, or the failure to refuse with (HANDSHAKE_FAILED with the handshake's error, or HANDSHAKE_TIMEOUT);
-    the caller closes what it opened. `prefix`: what the inbound sniffer already read of the peer's first flight."""
+    the caller closes what it opened. `prefix`: what the inbound sniffer already read of the peer's first flight.
+    An explicit listener's options: `record_layer` (OPENSSL: `sslstream`), `min_tls_version` ("1.2": this
+    generation's TLS 1.2 context) and `require_alpn=False` (any standard TLS peer, see `tls.check_peer`)."""
     current = rt.credentials.current
     context = current.server_context if side is tls.Side.SERVER else current.client_context
+    if min_tls_version == "1.2":
+        context = handshake.tls12_context(context, current.material, side)
+    opener = sslstream.open_mtls if record_layer is RecordLayer.OPENSSL else tls.open_mtls
     started = trio.current_time()
-    result = await _handshake(rt, transport, context, side, peer=peer, expected=expected, prefix=prefix)
+    result = await _handshake(
+        rt, transport, context, side, opener, peer=peer, expected=expected, prefix=prefix, require_alpn=require_alpn
+    )
     direction = "inbound" if side is tls.Side.SERVER else "outbound"
     failure = result.reason if isinstance(result, Failure) else None
     rt.stats.count_handshake(direction, trio.current_time() - started, failure)
@@ -88,17 +100,19 @@ async def _handshake(
     transport: trio.abc.Stream,
     context: SSL.Context,
     side: tls.Side,
+    opener: Callable[..., Awaitable[tls.TLSStream | sslstream.OpenSSLStream]],
     *,
     peer: str,
     expected: tuple[SpiffeId, ...],
     prefix: bytes,
-) -> tls.TLSStream | Failure:
+    require_alpn: bool,
+) -> tls.TLSStream | sslstream.OpenSSLStream | Failure:
     # What trio.fail_after does, without its generator-based context manager (once per connection).
     with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
         try:
             # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
             # for the server); a server holds its session tickets for its first records either way.
-            return await tls.open_mtls(
+            return await opener(
                 transport,
                 context,
                 side,
@@ -107,6 +121,7 @@ async def _handshake(
                 peer=peer,
                 send_last=False,
                 prefix=prefix,
+                require_alpn=require_alpn,
             )
         except HandshakeError as exc:
             return Failure(Reason.HANDSHAKE_FAILED, exc.reason)

@@ -6,7 +6,7 @@ rules, our trust domain, the expected identities) before anyone sends an applica
 
 What it does not: build TLS contexts or talk to OpenSSL (see `handshake`, the one seam to it), pick identities or
 decide policy (see `policy`), load or reload files (see `credentials`), or speak any TLS version but 1.3 (a TLS 1.2
-peer fails the handshake with "unsupported protocol").
+peer fails the handshake with "unsupported protocol"; an explicit listener that allows 1.2 uses `sslstream`).
 
 Theory of operation
 -------------------
@@ -56,6 +56,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import trio
 from cryptography import x509
@@ -66,7 +67,7 @@ from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.handshake import ALPN, Side
 from mtlsmesh.identity import SpiffeId, TrustDomain
 
-__all__ = ["ALPN", "RECORD_SIZE", "Side", "TLSStream", "check_peer", "open_mtls"]
+__all__ = ["ALPN", "RECORD_SIZE", "PeerStream", "Side", "TLSStream", "check_peer", "open_mtls"]
 
 # What two sidecars negotiate with the OpenSSL that pyOpenSSL bundles here (checked by tests/integration/test_tls):
 # TLS 1.3, cipher suite TLS_AES_256_GCM_SHA384 (OpenSSL's default TLS 1.3 order), key exchange X25519MLKEM768,
@@ -662,10 +663,24 @@ LEAF_VERDICTS_MAX = 1024
 _LEAF_VERDICTS: dict[bytes, SpiffeId | str] = {}
 
 
-def check_peer(stream: TLSStream, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = ()) -> SpiffeId:
+class PeerStream(Protocol):
+    """What `check_peer` reads of a TLS stream: `TLSStream`, or `sslstream.OpenSSLStream`."""
+
+    peer: str
+    peer_id: SpiffeId | None
+
+    def alpn(self) -> bytes | None: ...
+    def peer_certificate_der(self) -> bytes | None: ...
+
+
+def check_peer(
+    stream: PeerStream, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = (), *, require_alpn: bool = True
+) -> SpiffeId:
     """After the handshake: the peer's leaf obeys the SVID rules, is in our trust domain and, when `expected` names
-    identities (secure naming), is one of them. Returns its SPIFFE ID; raises `HandshakeError` with the reason."""
-    if stream.alpn() != ALPN:
+    identities (secure naming), is one of them. Returns its SPIFFE ID; raises `HandshakeError` with the reason.
+    `require_alpn=False` (explicit listeners, which serve any standard TLS peer): whatever ALPN was negotiated, or
+    none; the capture listeners require `mtlsmesh`, their marker of mesh traffic."""
+    if require_alpn and stream.alpn() != ALPN:
         raise HandshakeError(stream.peer, "peer did not negotiate ALPN mtlsmesh")
     der = stream.peer_certificate_der()
     if der is None:
@@ -701,9 +716,13 @@ async def open_mtls(
     peer: str = "peer",
     send_last: bool = True,
     prefix: bytes = b"",
+    require_alpn: bool = True,
 ) -> TLSStream:
     """Handshake over `transport` and check the peer's SVID. The caller bounds it in time and closes `transport`
-    on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`; `prefix`: see `TLSStream`."""
+    on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`; `prefix`: see `TLSStream`;
+    `require_alpn`: see `check_peer`."""
     stream = TLSStream(transport, context, side, peer, prefix=prefix)
-    await stream.do_handshake(lambda: check_peer(stream, trust_domain, expected), send_last=send_last)
+    await stream.do_handshake(
+        lambda: check_peer(stream, trust_domain, expected, require_alpn=require_alpn), send_last=send_last
+    )
     return stream

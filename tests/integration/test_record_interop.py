@@ -10,6 +10,9 @@ real TCP sockets on 127.0.0.1:
   KeyUpdate that asks us to update too, "k" one that does not (apps/s_server.c, apps/s_client.c);
 - a relay between us and a peer that flips one bit of a record's ciphertext, to show both ends refuse it and name it.
 
+The data, half-close and KeyUpdate tests also run with OpenSSL's record layer (`sslstream.OpenSSLStream`, the
+`record_layer: openssl` fallback), so both paths meet the same peers.
+
 What this module does not test: refusals during the handshake (test_tls does; the one here is the alert that reaches
 our client after its handshake), or throughput.
 
@@ -34,7 +37,7 @@ from typing import TypeVar
 import pytest
 import trio
 
-from mtlsmesh import handshake, records, tls
+from mtlsmesh import handshake, records, sslstream, tls
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.identity import SpiffeId
 from tests.pki import TD, Pki, material_for
@@ -47,6 +50,9 @@ T = TypeVar("T")
 
 SUITES = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"]
 SIDES = [tls.Side.CLIENT, tls.Side.SERVER]
+# The record paths (`record_layer`): the data, half-close and KeyUpdate tests run on OpenSSL's too, the fallback.
+LAYERS = {"own": tls.TLSStream, "openssl": sslstream.OpenSSLStream}
+OPENERS = {tls.TLSStream: tls.open_mtls, sslstream.OpenSSLStream: sslstream.open_mtls}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +82,12 @@ def trio_stream(sock: socket.socket) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def open_ours(ends: Ends, transport: trio.abc.Stream, side: tls.Side) -> tls.TLSStream:
-    return await tls.open_mtls(transport, handshake.build_context(ends.ours, side), side, TD, expected=(ends.peer_id,))
+async def open_ours(
+    ends: Ends, transport: trio.abc.Stream, side: tls.Side, layer: type[tls.TLSStream] = tls.TLSStream
+) -> tls.TLSStream:
+    context = handshake.build_context(ends.ours, side)
+    opener = OPENERS[layer]
+    return await opener(transport, context, side, TD, expected=(ends.peer_id,))  # type: ignore[no-any-return]
 
 
 def session_of(stream: tls.TLSStream) -> records.Session:
@@ -195,6 +205,7 @@ async def with_stdlib_peer(
     *,
     to_ours: Corrupter | None = None,
     to_peer: Corrupter | None = None,
+    layer: type[tls.TLSStream] = tls.TLSStream,
 ) -> T:
     """Run `peer_script` on a stdlib `ssl` socket in a thread and `our_script` on our stream, over TCP on loopback
     (through a relay when a corrupter is given); returns what the peer script returned."""
@@ -219,7 +230,7 @@ async def with_stdlib_peer(
             if relayed is not None:
                 facing_peer, facing_us = relayed
                 nursery.start_soon(relay, trio_stream(facing_peer), trio_stream(facing_us), to_ours, to_peer)
-            stream = await open_ours(ends, trio_stream(ours_sock), our_side)
+            stream = await open_ours(ends, trio_stream(ours_sock), our_side, layer)
             async with stream:
                 await our_script(stream)
     assert result, "the stdlib peer returned nothing"
@@ -257,9 +268,10 @@ async def close_both_ways(stream: tls.TLSStream) -> None:
     assert await stream.receive_some() == b"", "the peer's close_notify did not end our stream"
 
 
+@pytest.mark.parametrize("layer", LAYERS.values(), ids=LAYERS.keys())
 @pytest.mark.parametrize("our_side", SIDES, ids=lambda s: f"ours-{s.value}")
 @pytest.mark.parametrize("size", [1, records.MAX_PLAINTEXT, records.MAX_PLAINTEXT + 1, 300 * 1024])
-async def test_stdlib_peer_echoes_what_we_send(ends: Ends, our_side: tls.Side, size: int) -> None:
+async def test_stdlib_peer_echoes_what_we_send(ends: Ends, our_side: tls.Side, size: int, layer: type) -> None:
     """Our records decrypt at the system OpenSSL, and its records at ours: one byte, exactly one full record, one
     byte over (a second record), and many records in both directions at once."""
     payload = os.urandom(size)
@@ -269,11 +281,12 @@ async def test_stdlib_peer_echoes_what_we_send(ends: Ends, our_side: tls.Side, s
         assert await send_and_receive_echo(stream, [payload]) == payload
         await close_both_ways(stream)
 
-    assert await with_stdlib_peer(ends, our_side, echo(size), ours), "the peer did not see our close_notify as EOF"
+    assert await with_stdlib_peer(ends, our_side, echo(size), ours, layer=layer), "the peer saw no close_notify"
 
 
+@pytest.mark.parametrize("layer", LAYERS.values(), ids=LAYERS.keys())
 @pytest.mark.parametrize("our_side", SIDES, ids=lambda s: f"ours-{s.value}")
-async def test_stdlib_peer_goes_on_sending_after_our_close_notify(ends: Ends, our_side: tls.Side) -> None:
+async def test_stdlib_peer_goes_on_sending_after_our_close_notify(ends: Ends, our_side: tls.Side, layer: type) -> None:
     """Our close_notify is an end of stream to OpenSSL, which may then still send (RFC 8446 §6.1) and close."""
     reply = b"sent after your close_notify " * 1000  # two records
 
@@ -291,30 +304,32 @@ async def test_stdlib_peer_goes_on_sending_after_our_close_notify(ends: Ends, ou
         assert await stream.receive_some() == b""
         assert await stream.receive_some() == b""  # and stays ended
 
-    assert await with_stdlib_peer(ends, our_side, peer, ours) == (b"request", b"")
+    assert await with_stdlib_peer(ends, our_side, peer, ours, layer=layer) == (b"request", b"")
 
 
-async def test_stdlib_client_reads_our_first_records_after_our_tickets(ends: Ends) -> None:
-    """As a server we take over after OpenSSL sent NewSessionTickets under our application key: our first record
-    must use the sequence number after them, or the client cannot open it (server-first protocols write at once)."""
+async def test_stdlib_client_gets_no_ticket_and_reads_our_first_records(ends: Ends) -> None:
+    """As a server we drop the NewSessionTickets OpenSSL wrote (they name nothing we would resume): our first record
+    is sequence number 0 of our application key, the client opens it (server-first protocols write at once), and
+    the client never saw a ticket."""
     greeting = os.urandom(2 * records.MAX_PLAINTEXT + 7)
-    tickets: list[int] = []
+    first_seq: list[int] = []
 
-    def peer(conn: ssl.SSLSocket) -> bytes:
+    def peer(conn: ssl.SSLSocket) -> tuple[bytes, bool]:
         data = recv_exactly(conn, len(greeting))
         conn.sendall(b"thanks")
         assert conn.recv(1) == b""
+        session = conn.session
         conn.unwrap()
-        return data
+        return data, session is not None and session.has_ticket
 
     async def ours(stream: tls.TLSStream) -> None:
-        tickets.append(session_of(stream)._write.seq)
+        first_seq.append(session_of(stream)._write.seq)
         await stream.send_all(greeting)
         assert await receive_exactly(stream, len(b"thanks")) == b"thanks"
         await close_both_ways(stream)
 
-    assert await with_stdlib_peer(ends, tls.Side.SERVER, peer, ours) == greeting
-    assert tickets[0] > 0, "OpenSSL sent no ticket: this test no longer checks the sequence number after them"
+    assert await with_stdlib_peer(ends, tls.Side.SERVER, peer, ours) == (greeting, False)
+    assert first_seq == [0]
 
 
 @pytest.mark.parametrize("our_side", SIDES, ids=lambda s: f"ours-{s.value}")
@@ -481,7 +496,16 @@ async def exchange(stream: tls.TLSStream, tool: Tool, inbox: Inbox, n: int) -> N
 
 async def drive_key_updates(stream: tls.TLSStream, tool: Tool, inbox: Inbox) -> None:
     """Data both ways around each kind of KeyUpdate: the tool's "K" (we must follow and answer), its "k" (we
-    follow only), and our own request (it answers before its next record)."""
+    follow only), and our own request (it answers before its next record). With OpenSSL's record layer, whose keys
+    are not ours to see, the data around the tool's two kinds."""
+    if type(stream) is sslstream.OpenSSLStream:
+        await exchange(stream, tool, inbox, 1)
+        await tool.type_line(b"K")
+        await exchange(stream, tool, inbox, 2)  # its record after "K" opens here, ours (after the answer) there
+        await tool.type_line(b"k")
+        await exchange(stream, tool, inbox, 3)
+        assert inbox.error is None
+        return
     session = session_of(stream)
     await exchange(stream, tool, inbox, 1)
 
@@ -507,8 +531,9 @@ async def drive_key_updates(stream: tls.TLSStream, tool: Tool, inbox: Inbox) -> 
     assert inbox.error is None
 
 
+@pytest.mark.parametrize("layer", LAYERS.values(), ids=LAYERS.keys())
 @pytest.mark.parametrize("suite", SUITES)
-async def test_openssl_s_server_with_every_suite_and_key_update(ends: Ends, suite: str) -> None:
+async def test_openssl_s_server_with_every_suite_and_key_update(ends: Ends, suite: str, layer: type) -> None:
     args = ["s_server", "-accept", "127.0.0.1:0", "-naccept", "1", "-tls1_3", "-ciphersuites", suite]
     args += [*credential_args(ends.peer), "-Verify", "1", "-alpn", tls.ALPN.decode()]
     inbox = Inbox()
@@ -519,7 +544,7 @@ async def test_openssl_s_server_with_every_suite_and_key_update(ends: Ends, suit
         match = accepting.search(tool.stdout)
         assert match is not None
         transport = await trio.open_tcp_stream("127.0.0.1", int(match.group(1)))
-        async with await open_ours(ends, transport, tls.Side.CLIENT) as stream, trio.open_nursery() as nursery:
+        async with await open_ours(ends, transport, tls.Side.CLIENT, layer) as stream, trio.open_nursery() as nursery:
             assert stream.negotiated[:2] == ("TLSv1.3", suite)
             nursery.start_soon(inbox.run, stream)
             await drive_key_updates(stream, tool, inbox)
@@ -532,8 +557,9 @@ async def test_openssl_s_server_with_every_suite_and_key_update(ends: Ends, suit
         await with_openssl(args, body)
 
 
+@pytest.mark.parametrize("layer", LAYERS.values(), ids=LAYERS.keys())
 @pytest.mark.parametrize("suite", SUITES)
-async def test_openssl_s_client_with_every_suite_and_key_update(ends: Ends, suite: str) -> None:
+async def test_openssl_s_client_with_every_suite_and_key_update(ends: Ends, suite: str, layer: type) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     args = ["s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites", suite]
@@ -542,7 +568,7 @@ async def test_openssl_s_client_with_every_suite_and_key_update(ends: Ends, suit
 
     async def body(tool: Tool) -> None:
         transport = await listeners[0].accept()
-        async with await open_ours(ends, transport, tls.Side.SERVER) as stream, trio.open_nursery() as nursery:
+        async with await open_ours(ends, transport, tls.Side.SERVER, layer) as stream, trio.open_nursery() as nursery:
             assert stream.negotiated[:2] == ("TLSv1.3", suite)
             nursery.start_soon(inbox.run, stream)
             await drive_key_updates(stream, tool, inbox)

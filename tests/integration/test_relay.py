@@ -10,7 +10,7 @@ import trio
 from OpenSSL import SSL
 from trio.testing import memory_stream_pair
 
-from mtlsmesh import ca, handshake, netio, runtime, tls
+from mtlsmesh import ca, handshake, netio, runtime, sslstream, tls
 from mtlsmesh.identity import workload_id
 from mtlsmesh.outcome import Reason
 from mtlsmesh.relay import relay
@@ -86,7 +86,7 @@ async def test_idle_timeout_closes_a_quiet_relay_but_not_a_busy_one() -> None:
     assert 0.8 < elapsed < 2.0
 
 
-@pytest.mark.parametrize("upstream_kind", ["tcp", "tls"])
+@pytest.mark.parametrize("upstream_kind", ["tcp", "tls", "tls-openssl"])
 async def test_a_send_blocked_by_a_slow_reader_is_not_idle(upstream_kind: str) -> None:
     """Bytes leaving towards a slow reader are progress: a relay whose only activity for several idle timeouts is a
     send held back by backpressure stays up and delivers everything, to a plain socket and to TLS over a socket."""
@@ -97,10 +97,11 @@ async def test_a_send_blocked_by_a_slow_reader_is_not_idle(upstream_kind: str) -
     total = 240 * 1024
     results = []
     with trio.fail_after(20):
-        if upstream_kind == "tls":
+        if upstream_kind != "tcp":  # TLS over the socket, with our record layer or OpenSSL's (record_layer)
             authority = ca.create_ca(TD, now=datetime.now(UTC))
-            up_tls = tls.TLSStream(upstream_tcp, tls_context(authority, "client", tls.Side.CLIENT), tls.Side.CLIENT)
-            server_tls = tls.TLSStream(server_tcp, tls_context(authority, "server", tls.Side.SERVER), tls.Side.SERVER)
+            layer = sslstream.OpenSSLStream if upstream_kind == "tls-openssl" else tls.TLSStream
+            up_tls = layer(upstream_tcp, tls_context(authority, "client", tls.Side.CLIENT), tls.Side.CLIENT)
+            server_tls = layer(server_tcp, tls_context(authority, "server", tls.Side.SERVER), tls.Side.SERVER)
             async with trio.open_nursery() as handshakes:
                 handshakes.start_soon(up_tls.do_handshake)
                 handshakes.start_soon(server_tls.do_handshake)

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from mtlsmesh import tls
-from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig, Timeouts
+from mtlsmesh.config import Action, AuthzRule, InboundConfig, Mode, PortConfig, RecordLayer, Timeouts
 from mtlsmesh.errors import HandshakeError
 from tests.integration.mesh import (
     ANY_PORT,
@@ -35,10 +35,21 @@ pytestmark = pytest.mark.usefixtures("mesh_logs")
 IO = 10.0  # seconds any single scenario may take
 
 
-async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture(params=list(RecordLayer), ids=lambda layer: f"records-{layer.value}")
+def layered(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Both sidecars' `record_layer` (global): the tests that take it run on both record paths."""
+    return {"record_layer": request.param}
+
+
+async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(
+    layered: dict[str, object], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     payload = os.urandom(300_000)
     with trio.fail_after(IO):
-        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+        async with (
+            app_server(echo) as (app_port, seen),
+            mesh_pair(pki, app_port, server_changes=layered, client_changes=layered) as mesh,
+        ):
             got = await exchange(mesh.port, payload)
     assert got == payload
     assert seen == ["127.0.0.6"]
@@ -52,7 +63,7 @@ async def test_bytes_flow_both_ways_and_the_app_sees_127_0_0_6(pki: Pki, caplog:
     assert outbound[0].endswith(" reason=closed") and inbound[0].endswith(" reason=closed")  # no detail
 
 
-async def test_half_close_from_the_app_side_lets_the_client_keep_sending(pki: Pki) -> None:
+async def test_half_close_from_the_app_side_lets_the_client_keep_sending(layered: dict[str, object], pki: Pki) -> None:
     """The app says its piece and shuts its write side first; the client keeps sending after seeing that EOF."""
     received: list[bytes] = []
 
@@ -62,7 +73,10 @@ async def test_half_close_from_the_app_side_lets_the_client_keep_sending(pki: Pk
         received.append(await read_all(stream))
 
     with trio.fail_after(IO):
-        async with app_server(banner_then_listen) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+        async with (
+            app_server(banner_then_listen) as (app_port, _),
+            mesh_pair(pki, app_port, server_changes=layered, client_changes=layered) as mesh,
+        ):
             client = await connect(mesh.port)
             assert await read_all(client) == b"banner"  # EOF arrived: the app half-closed
             await client.send_all(b"still talking after your EOF")
@@ -74,7 +88,9 @@ async def test_half_close_from_the_app_side_lets_the_client_keep_sending(pki: Pk
     assert received == [b"still talking after your EOF"]
 
 
-async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(
+    layered: dict[str, object], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     from mtlsmesh import netio
 
     async def reset_mid_stream(stream: trio.SocketStream) -> None:
@@ -84,7 +100,10 @@ async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(pki: Pki, caplog
         await netio.abort_close(stream)
 
     with trio.fail_after(IO):
-        async with app_server(reset_mid_stream) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+        async with (
+            app_server(reset_mid_stream) as (app_port, _),
+            mesh_pair(pki, app_port, server_changes=layered, client_changes=layered) as mesh,
+        ):
             client = await connect(mesh.port)
             await client.send_all(b"hello")
             kind, data = await outcome(client)
@@ -94,7 +113,7 @@ async def test_a_reset_by_the_app_reaches_the_client_as_a_reset(pki: Pki, caplog
     assert any(" reason=reset_by_peer detail=" in line for line in conn_lines(caplog.records, "outbound"))
 
 
-async def test_a_reset_by_the_client_reaches_the_app_as_a_reset(pki: Pki) -> None:
+async def test_a_reset_by_the_client_reaches_the_app_as_a_reset(layered: dict[str, object], pki: Pki) -> None:
     from mtlsmesh import netio
 
     app_saw: list[str] = []
@@ -104,7 +123,10 @@ async def test_a_reset_by_the_client_reaches_the_app_as_a_reset(pki: Pki) -> Non
         app_saw.append(kind)
 
     with trio.fail_after(IO):
-        async with app_server(record) as (app_port, _), mesh_pair(pki, app_port) as mesh:
+        async with (
+            app_server(record) as (app_port, _),
+            mesh_pair(pki, app_port, server_changes=layered, client_changes=layered) as mesh,
+        ):
             client = await connect(mesh.port)
             await client.send_all(b"some bytes")
             await trio.sleep(0.2)
@@ -242,12 +264,21 @@ async def test_permissive_port_passes_plaintext_through(pki: Pki, caplog: pytest
 
 @pytest.mark.parametrize(("case", "make_client", "reason", "told"), BAD_CLIENTS, ids=[c[0] for c in BAD_CLIENTS])
 async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
-    pki: Pki, caplog: pytest.LogCaptureFixture, case: str, make_client: ClientMaker, reason: str, told: str
+    layered: dict[str, object],
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    make_client: ClientMaker,
+    reason: str,
+    told: str,
 ) -> None:
     other = Pki(pki.root / "other").authority
     client_ctx = make_client(pki.authority, other)
     with trio.fail_after(IO):
-        async with app_server(echo) as (app_port, seen), mesh_pair(pki, app_port) as mesh:
+        async with (
+            app_server(echo) as (app_port, seen),
+            mesh_pair(pki, app_port, server_changes=layered, client_changes=layered) as mesh,
+        ):
             transport = await connect(mesh.inbound_port)
             bad = tls.TLSStream(transport, client_ctx, tls.Side.CLIENT)
             with pytest.raises((trio.BrokenResourceError, HandshakeError), match=told):

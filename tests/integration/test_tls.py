@@ -19,7 +19,7 @@ from OpenSSL import SSL
 from trio.testing import check_half_closeable_stream, lockstep_stream_pair, memory_stream_pair
 
 from bench.handshake import openssl_handshake
-from mtlsmesh import ca, handshake, tls
+from mtlsmesh import ca, handshake, sslstream, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id, workload_id
 from tests.pki import MALFORMED_SAN, TD, forge_leaf, material_for, uri_sans
@@ -40,12 +40,26 @@ def contexts(authority: ca.Authority) -> tuple[SSL.Context, SSL.Context]:
     return client, server
 
 
+# The two record paths (`record_layer: own | openssl`): tests that take the `layer` fixture run on both, with the
+# same expectations; the others are about our own record layer's details.
+LAYERS = {"own": tls.TLSStream, "openssl": sslstream.OpenSSLStream}
+OPENERS = {tls.TLSStream: tls.open_mtls, sslstream.OpenSSLStream: sslstream.open_mtls}
+Layer = type[tls.TLSStream]  # either class; the tests use only what both have
+
+
+@pytest.fixture(params=sorted(LAYERS))
+def layer(request: pytest.FixtureRequest) -> Layer:
+    return LAYERS[request.param]  # type: ignore[return-value]
+
+
 def tls_pair(
-    contexts: tuple[SSL.Context, SSL.Context], transports: tuple[trio.abc.Stream, trio.abc.Stream]
+    contexts: tuple[SSL.Context, SSL.Context],
+    transports: tuple[trio.abc.Stream, trio.abc.Stream],
+    layer: Layer = tls.TLSStream,
 ) -> tuple[tls.TLSStream, tls.TLSStream]:
     """A client and a server TLS stream, not yet shaken hands, over the two ends of a transport pair."""
     (client_ctx, server_ctx), (a, b) = contexts, transports
-    return tls.TLSStream(a, client_ctx, tls.Side.CLIENT), tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    return layer(a, client_ctx, tls.Side.CLIENT), layer(b, server_ctx, tls.Side.SERVER)
 
 
 async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> None:
@@ -54,16 +68,18 @@ async def handshake_both(client: tls.TLSStream, server: tls.TLSStream) -> None:
         nursery.start_soon(server.do_handshake)
 
 
-async def test_stream_contract_over_memory_and_lockstep_pairs(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+async def test_stream_contract_over_memory_and_lockstep_pairs(
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context]
+) -> None:
     async def memory_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
-        return tls_pair(contexts, memory_stream_pair())
+        return tls_pair(contexts, memory_stream_pair(), layer)
 
     async def lockstep_pair() -> tuple[tls.TLSStream, tls.TLSStream]:
         # A lockstep transport has no buffer at all. After the handshake an OpenSSL TLS 1.3 server writes session
-        # tickets (pyOpenSSL cannot set their number to 0); with no buffer that write waits for a client read. So the
-        # pair is handed over after the handshake and after the client has read those tickets, as a socket's
-        # buffer would have let it.
-        client, server = tls_pair(contexts, lockstep_stream_pair())
+        # tickets (pyOpenSSL cannot set their number to 0; our own record layer drops them, OpenSSL's sends them);
+        # with no buffer that write waits for a client read. So the pair is handed over after the handshake and
+        # after the client has read what came, as a socket's buffer would have let it.
+        client, server = tls_pair(contexts, lockstep_stream_pair(), layer)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(client.receive_some)  # reads the tickets, then waits: cancelled below
@@ -80,8 +96,8 @@ async def test_stream_contract_over_memory_and_lockstep_pairs(contexts: tuple[SS
         await check_half_closeable_stream(memory_pair, lockstep_pair)
 
 
-async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client, server = tls_pair(contexts, memory_stream_pair())
+async def test_negotiates_tls13_with_the_hybrid_group(layer: Layer, contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    client, server = tls_pair(contexts, memory_stream_pair(), layer)
     with trio.fail_after(IO):
         await handshake_both(client, server)
     version, cipher, group = client.negotiated
@@ -93,8 +109,10 @@ async def test_negotiates_tls13_with_the_hybrid_group(contexts: tuple[SSL.Contex
     assert client.alpn() == tls.ALPN
 
 
-async def test_half_close_lets_the_other_direction_go_on(contexts: tuple[SSL.Context, SSL.Context]) -> None:
-    client, server = tls_pair(contexts, memory_stream_pair())
+async def test_half_close_lets_the_other_direction_go_on(
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context]
+) -> None:
+    client, server = tls_pair(contexts, memory_stream_pair(), layer)
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.send_all, b"request")
@@ -165,9 +183,11 @@ async def test_one_receive_decrypts_every_buffered_record_and_keeps_what_follows
                 await server.receive_some(1 << 20)
 
 
-async def test_truncation_without_close_notify_is_a_broken_stream(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+async def test_truncation_without_close_notify_is_a_broken_stream(
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context]
+) -> None:
     a, b = memory_stream_pair()
-    client, server = tls_pair(contexts, (a, b))
+    client, server = tls_pair(contexts, (a, b), layer)
     with trio.fail_after(IO):
         await handshake_both(client, server)
         await a.aclose()  # the transport goes away with no close_notify
@@ -268,18 +288,18 @@ BAD_CLIENTS: list[tuple[str, ClientMaker, str, str]] = [
 
 @pytest.mark.parametrize(("case", "make_client", "reason", "told"), BAD_CLIENTS, ids=[c[0] for c in BAD_CLIENTS])
 async def test_server_refuses_bad_clients(
-    authority: ca.Authority, case: str, make_client: ClientMaker, reason: str, told: str
+    layer: Layer, authority: ca.Authority, case: str, make_client: ClientMaker, reason: str, told: str
 ) -> None:
     other = ca.create_ca(TD, now=NOW)
     server_ctx = handshake.build_context(material_for(authority, workload_id(TD, "default", "server")), tls.Side.SERVER)
     client_ctx = make_client(authority, other)
     a, b = memory_stream_pair()
-    client = tls.TLSStream(a, client_ctx, tls.Side.CLIENT)
+    client = layer(a, client_ctx, tls.Side.CLIENT)
     server_error: list[HandshakeError] = []
 
     async def serve() -> None:
         with pytest.raises(HandshakeError, match=f"failed: {reason}$") as exc:
-            await tls.open_mtls(b, server_ctx, tls.Side.SERVER, TD)
+            await OPENERS[layer](b, server_ctx, tls.Side.SERVER, TD)
         server_error.append(exc.value)
         await b.aclose()
 
@@ -305,11 +325,11 @@ async def test_server_refuses_bad_clients(
     ],
 )
 async def test_client_refuses_an_unexpected_server_identity(
-    contexts: tuple[SSL.Context, SSL.Context], expected: tuple[str, ...], trust_domain: str, match: str
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context], expected: tuple[str, ...], trust_domain: str, match: str
 ) -> None:
     client_ctx, server_ctx = contexts
     a, b = memory_stream_pair()
-    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    server = layer(b, server_ctx, tls.Side.SERVER)
     server_saw: list[str] = []
 
     async def serve() -> None:
@@ -323,7 +343,7 @@ async def test_client_refuses_an_unexpected_server_identity(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
             with pytest.raises(HandshakeError, match=match):
-                await tls.open_mtls(
+                await OPENERS[layer](
                     a,
                     client_ctx,
                     tls.Side.CLIENT,
@@ -335,12 +355,14 @@ async def test_client_refuses_an_unexpected_server_identity(
     assert len(server_saw) == 1 and server_saw[0] != "done"
 
 
-async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+async def test_client_refuses_a_server_from_a_foreign_ca(
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context]
+) -> None:
     client_ctx, _ = contexts
     other = ca.create_ca(TD, now=NOW)
     server_ctx = handshake.build_context(material_for(other, workload_id(TD, "default", "server")), tls.Side.SERVER)
     a, b = memory_stream_pair()
-    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    server = layer(b, server_ctx, tls.Side.SERVER)
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
 
@@ -350,7 +372,7 @@ async def test_client_refuses_a_server_from_a_foreign_ca(contexts: tuple[SSL.Con
 
             nursery.start_soon(serve)
             with pytest.raises(HandshakeError, match="certificate verify failed"):
-                await tls.open_mtls(a, client_ctx, tls.Side.CLIENT, TD)
+                await OPENERS[layer](a, client_ctx, tls.Side.CLIENT, TD)
             await a.aclose()
 
 
@@ -381,15 +403,17 @@ def test_build_context_refuses_a_key_that_does_not_match(authority: ca.Authority
         handshake.build_context(handshake.Material(good.chain, other.key, good.roots), tls.Side.SERVER)
 
 
-async def test_full_duplex_over_a_socketpair_does_not_deadlock(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+async def test_full_duplex_over_a_socketpair_does_not_deadlock(
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context]
+) -> None:
     """Both ends send a lot at once while reading: each side's receive must not wait behind its own blocked send."""
     client_ctx, server_ctx = contexts
     left, right = trio.socket.socketpair()
     for sock in (left, right):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    client = tls.TLSStream(trio.SocketStream(left), client_ctx, tls.Side.CLIENT)
-    server = tls.TLSStream(trio.SocketStream(right), server_ctx, tls.Side.SERVER)
+    client = layer(trio.SocketStream(left), client_ctx, tls.Side.CLIENT)
+    server = layer(trio.SocketStream(right), server_ctx, tls.Side.SERVER)
     total = 8 << 20
     block = os.urandom(1 << 16)
     got = {"client": 0, "server": 0}
@@ -459,7 +483,7 @@ def test_streams_in_two_threads_keep_their_bytes_apart(contexts: tuple[SSL.Conte
 
 @pytest.mark.parametrize("transport", ["memory", "socket"])
 async def test_a_transport_closed_during_the_handshake_is_a_refusal(
-    contexts: tuple[SSL.Context, SSL.Context], transport: str
+    layer: Layer, contexts: tuple[SSL.Context, SSL.Context], transport: str
 ) -> None:
     """A transport closed under the handshake (trio.ClosedResourceError) is a failed handshake, which the sidecar
     refuses and logs, not an error it does not know (an internal_error with a traceback)."""
@@ -471,7 +495,7 @@ async def test_a_transport_closed_during_the_handshake_is_a_refusal(
         right.close()
         stream = trio.SocketStream(left)
     await stream.aclose()
-    client = tls.TLSStream(stream, contexts[0], tls.Side.CLIENT)
+    client = layer(stream, contexts[0], tls.Side.CLIENT)
     with trio.fail_after(IO), pytest.raises(HandshakeError, match="transport closed"):
         await client.do_handshake()
 
@@ -572,10 +596,11 @@ async def test_a_client_that_sends_first_puts_its_finished_and_first_records_in_
 
 
 async def test_a_held_finished_leaves_before_the_client_waits_for_the_server(
+    layer: Layer,
     contexts: tuple[SSL.Context, SSL.Context],
 ) -> None:
     # A server-first protocol: the client only reads. Holding its Finished must not deadlock the two.
-    client, server = tls_pair(contexts, memory_stream_pair())
+    client, server = tls_pair(contexts, memory_stream_pair(), layer)
     with trio.fail_after(IO):
         async with trio.open_nursery() as nursery:
 
@@ -589,22 +614,23 @@ async def test_a_held_finished_leaves_before_the_client_waits_for_the_server(
 
 
 @pytest.mark.parametrize("first", ["data", "close"])
-async def test_the_servers_tickets_leave_with_its_first_records(
-    contexts: tuple[SSL.Context, SSL.Context], first: str
-) -> None:
+async def test_the_server_sends_no_session_tickets(contexts: tuple[SSL.Context, SSL.Context], first: str) -> None:
+    # OpenSSL writes two TLS 1.3 tickets that name nothing we would resume; the hand-over drops them, so the
+    # server's first write after its handshake flight is its first record alone (tests/integration/test_interop_*
+    # read the same from s_client's side).
     a, b = memory_stream_pair()
     wire = Recording(b)  # type: ignore[arg-type]
     client = tls.TLSStream(a, contexts[0], tls.Side.CLIENT)
     server = tls.TLSStream(wire, contexts[1], tls.Side.SERVER)
     with trio.fail_after(IO):
         await handshake_both(client, server)
-        assert len(wire.writes) == 1  # its first flight; the tickets are held
+        assert len(wire.writes) == 1  # its first flight
         if first == "data":
             await server.send_all(b"reply")
             assert await client.receive_some() == b"reply"
         else:
             await server.send_eof()
             assert await client.receive_some() == b""
-        # the tickets (two records), then the reply or close_notify, in one write
+        # the reply or close_notify, one record, and no ticket before it
         assert len(wire.writes) == 2
-        assert record_types(wire.writes[1]) == [23, 23, 23]
+        assert record_types(wire.writes[1]) == [23]

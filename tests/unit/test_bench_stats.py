@@ -136,3 +136,11 @@ def test_profile_bucket_is_innermost_match(stack: str, bucket: str) -> None:
 def test_profile_summarize_counts_samples() -> None:
     collapsed = "a (mtlsmesh/x.py:1) 7\na (mtlsmesh/x.py:1);send (libc.so.6) 3\nnot a sample line\n"
     assert profile.summarize(collapsed) == {"mtlsmesh code": 7, "sockets (libc, socket.py)": 3}
+
+
+def test_the_openssl_record_path_is_reported_beside_ours_only_when_it_ran() -> None:
+    ran = {"stunnel": {}, "mtlsmesh": {"p50": [100.0, 120.0, 110.0]}, stats.OPENSSL_TOOL: {"p50": [132.0, 132.0]}}
+    table = stats.render_record_layers(ran).splitlines()
+    assert "| 64 B round trip p50 | us | 110 | 132 | 1.20x | 3/2 |" in table  # medians, openssl/own, rounds
+    assert "| 64 B round trip p99 | us | - | - | - | 0/0 |" in table
+    assert stats.render_record_layers({"stunnel": {}, "mtlsmesh": {"p50": [1.0]}, stats.OPENSSL_TOOL: {}}) == ""

@@ -107,7 +107,7 @@ def assert_profile(
     assert cert.not_valid_before_utc == not_before
     assert cert.not_valid_after_utc == not_after
 
-    # Subject: empty for a leaf (and then the SAN is critical), named for a CA.
+    # Subject: empty for a leaf (and then the SAN is critical), named for a CA (and then it is not: RFC 5280 §4.1.2.6).
     if is_ca:
         assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "mtlsmesh"
         assert TD.name in str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
@@ -117,7 +117,8 @@ def assert_profile(
         assert cert.subject == cert.issuer
 
     san = _ext(cert, x509.SubjectAlternativeName)
-    assert san.critical
+    assert san.critical is (len(cert.subject) == 0)
+    assert san.critical is not is_ca
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [str(uri)]
     assert san.value.get_values_for_type(x509.DNSName) == list(dns_names)
     assert len(san.value) == 1 + len(dns_names)

@@ -26,6 +26,7 @@ from mtlsmesh.config import (
     OutboundConfig,
     OutboundPolicy,
     PortConfig,
+    RecordLayer,
     Timeouts,
     load_config,
     parse_config,
@@ -85,7 +86,16 @@ EXAMPLE = Config(
             ExplicitMode.TERMINATE,
             (parse_spiffe_id("spiffe://cluster.local/ns/default/sa/api"),),
         ),
+        ExplicitListener(
+            "legacy",
+            ListenAddr("0.0.0.0", 15433),
+            ListenAddr("127.0.0.1", 8080),
+            ExplicitMode.TERMINATE,
+            min_tls_version="1.2",
+            record_layer=RecordLayer.OPENSSL,
+        ),
     ),
+    record_layer=RecordLayer.OWN,
     timeouts=Timeouts(handshake=10.0, connect=5.0, idle=None, drain=5.0),
     max_connections=10_000,
     admin_listen=ListenAddr("127.0.0.1", 15000),
@@ -465,8 +475,73 @@ ERRORS: list[tuple[object, str]] = [
     ),
     (
         {"explicit": [{"name": "db", "listen": "127.0.0.1:1", "forward_to": "db:1", "mode": "originate", "id": []}]},
-        "explicit[0]: unknown key 'id' (expected one of name, listen, forward_to, mode, identities)",
+        "explicit[0]: unknown key 'id' (expected one of name, listen, forward_to, mode, identities, min_tls_version, "
+        "record_layer)",
     ),
+    (
+        {
+            "explicit": [
+                {
+                    "name": "db",
+                    "listen": "127.0.0.1:1",
+                    "forward_to": "db:1",
+                    "mode": "originate",
+                    "min_tls_version": "1.1",
+                }
+            ]
+        },
+        'explicit[0].min_tls_version: expected "1.2" or "1.3" (got \'1.1\')',
+    ),
+    (
+        {
+            "explicit": [
+                {
+                    "name": "db",
+                    "listen": "127.0.0.1:1",
+                    "forward_to": "db:1",
+                    "mode": "originate",
+                    "min_tls_version": 1.0,
+                }
+            ]
+        },
+        'explicit[0].min_tls_version: expected "1.2" or "1.3" (got 1.0)',
+    ),
+    (
+        {
+            "explicit": [
+                {
+                    "name": "db",
+                    "listen": "127.0.0.1:1",
+                    "forward_to": "db:1",
+                    "mode": "terminate",
+                    "min_tls_version": "1.2",
+                    "record_layer": "own",
+                }
+            ]
+        },
+        'explicit[0].record_layer: min_tls_version "1.2" needs record_layer openssl',
+    ),
+    (
+        {
+            "explicit": [
+                {
+                    "name": "db",
+                    "listen": "127.0.0.1:1",
+                    "forward_to": "db:1",
+                    "mode": "terminate",
+                    "record_layer": "boringssl",
+                }
+            ]
+        },
+        "explicit[0].record_layer: expected one of own, openssl (got 'boringssl')",
+    ),
+    (
+        {"min_tls_version": "1.2"},
+        "min_tls_version: only an explicit listener may set it (between sidecars the mesh is TLS 1.3 only)",
+    ),
+    ({"inbound": {"min_tls_version": "1.2"}}, "inbound.min_tls_version: only an explicit listener may set it"),
+    ({"outbound": {"min_tls_version": "1.2"}}, "outbound.min_tls_version: only an explicit listener may set it"),
+    ({"record_layer": "fast"}, "record_layer: expected one of own, openssl (got 'fast')"),
     ({"timeouts": {"handshake": 0}}, "timeouts.handshake: must be greater than zero"),
     ({"timeouts": {"connect": "0ms"}}, "timeouts.connect: must be greater than zero"),
     (
@@ -490,6 +565,21 @@ ERRORS: list[tuple[object, str]] = [
     ({"log": {"level": "verbose"}}, "log.level: expected one of debug, info, warning, error (got 'verbose')"),
     ({"log": "info"}, "log: expected a mapping (got 'info')"),
 ]
+
+
+def test_a_listener_records_follow_its_version_then_its_own_setting_then_the_global_one() -> None:
+    def listener(**options: Any) -> ExplicitListener:
+        entry = {"name": "x", "listen": "127.0.0.1:1", "forward_to": "db:1", "mode": "terminate"} | options
+        return parse_config({"explicit": [entry]}).explicit[0]
+
+    assert listener().records(RecordLayer.OWN) is RecordLayer.OWN
+    assert listener().records(RecordLayer.OPENSSL) is RecordLayer.OPENSSL
+    assert listener(record_layer="openssl").records(RecordLayer.OWN) is RecordLayer.OPENSSL
+    assert listener(record_layer="own").records(RecordLayer.OPENSSL) is RecordLayer.OWN
+    tls12 = listener(min_tls_version=1.2)  # YAML's unquoted 1.2 is a number: taken as "1.2"
+    assert tls12.min_tls_version == "1.2"
+    assert tls12.records(RecordLayer.OWN) is RecordLayer.OPENSSL
+    assert listener(min_tls_version="1.3").min_tls_version == "1.3"
 
 
 @pytest.mark.parametrize(("data", "message"), ERRORS, ids=[message.split(":")[0] for _, message in ERRORS])
