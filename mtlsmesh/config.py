@@ -5,7 +5,8 @@ The dataclasses below are the contract between the parser and the listeners. `lo
 the file (`inbound.ports.9080.mode: expected one of strict, permissive, disable`). Flags and environment variables
 override a few per-pod values through `dataclasses.replace` in the CLI.
 
-Durations are seconds as floats (YAML may write `5s`, `250ms`, `2m`, or a number). Addresses are `ListenAddr`.
+Durations are seconds as floats (YAML may write `500ms`, `90s`, `1h30m`, `24h` or a number; see `durations`).
+Addresses are `ListenAddr`.
 `render_config(cfg)` turns a `Config` back into plain values (the admin config dump) that parse to the same `Config`.
 
 What this module does not do: read the certificate files it names (the credentials loader does, and reloads them),

@@ -44,7 +44,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from mtlsmesh import ca, pem, svid
+from mtlsmesh import ca, durations, pem, svid
 from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, LOG_FORMAT, SVID_SECRET_PREFIX
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
@@ -53,8 +53,6 @@ DEFAULT_CA_DIR = "certs/ca"
 DEFAULT_CERTS_DIR = "certs"
 EXIT_INVALID = 1
 
-_DURATION_UNITS = {"y": 365 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
-_DURATION = re.compile(r"(?:\d+[ydhms])+")
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
 _DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _MAX_SUBDOMAIN = 253  # a Kubernetes object name
@@ -62,15 +60,8 @@ _DER = serialization.Encoding.DER
 
 
 def parse_ttl(text: str, flag: str = "--ttl") -> timedelta:
-    """`10y`, `90d`, `24h`, `30m`, `45s`, or a sum like `1h30m`; a year is 365 days."""
-    if not _DURATION.fullmatch(text):
-        raise ConfigError(flag, f"{text!r} is not a duration; write e.g. 10y, 90d, 24h, 30m, 1h30m")
-    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([ydhms])", text))
-    if seconds <= 0:
-        raise ConfigError(flag, f"{text!r}: the duration must be positive")
-    if seconds > 100 * 365 * 86400:
-        raise ConfigError(flag, f"{text!r}: longer than 100 years")
-    return timedelta(seconds=seconds)
+    """`10y`, `90d`, `24h`, `30m`, `45s`, or a sum like `1h30m` (see `durations`); at most 100 years."""
+    return durations.parse_timedelta(text, flag, at_most=100 * durations.UNITS["y"])
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:

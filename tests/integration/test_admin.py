@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 
-from mtlsmesh import admin, config
+from mtlsmesh import admin, config, durations
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.outcome import Decision, Reason
 from mtlsmesh.runtime import ConnRecord, Runtime
@@ -372,7 +372,7 @@ async def test_config_dump_and_certs_show_no_key_material(
     shown = json.loads(certs[2])
     current = rt.credentials.current
     assert shown["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/a"
-    assert shown["sha256"] == current.fingerprint and shown["not_after"] == current.not_after.isoformat()
+    assert shown["sha256"] == current.fingerprint and shown["not_after"] == durations.format_time(current.not_after)
     assert shown["intermediates"] == (1 if intermediate else 0)
     assert len(shown["roots"]) == 1
 

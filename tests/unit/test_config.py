@@ -124,11 +124,14 @@ def test_the_example_file_shows_every_key() -> None:
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("5s", 5.0), ("250ms", 0.25), ("2m", 120.0), ("1h", 3600.0), ("0.5s", 0.5), (".5s", 0.5), (" 3s ", 3.0),
-     ("0", None), (0, 0.0), (7, 7.0), (1.5, 1.5), ("0ms", 0.0)],
+     ("0", None), (0, 0.0), (7, 7.0), (1.5, 1.5), ("0ms", 0.0),
+     ("1h30m", 5400.0), ("1d", 86400.0)],
 )  # fmt: skip
 def test_parse_duration(value: object, seconds: float | None) -> None:
     if seconds is None:
-        with pytest.raises(ConfigError, match=r"^duration: expected a duration like 5s, 250ms, 2m or a number"):
+        with pytest.raises(
+            ConfigError, match=r"^duration: expected a duration like 500ms, 90s, 1h30m or 24h, or a number"
+        ):
             parse_duration(value)
     else:
         assert parse_duration(value) == seconds
@@ -137,9 +140,10 @@ def test_parse_duration(value: object, seconds: float | None) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("5", r"expected a duration like 5s, 250ms, 2m or a number of seconds \(got '5'\)"),
+        ("5", r"expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds \(got '5'\)"),
         ("5 s", r"expected a duration .* \(got '5 s'\)"),
-        ("1d", r"expected a duration .* \(got '1d'\)"),
+        ("1x", r"expected a duration .* \(got '1x'\)"),
+        ("30m1h", r"expected a duration .* \(got '30m1h'\)"),
         ("-1s", r"expected a duration .* \(got '-1s'\)"),
         (True, r"expected a duration .* \(got True\)"),
         (None, r"expected a duration .* \(got null\)"),
@@ -471,7 +475,7 @@ ERRORS: list[tuple[object, str]] = [
     ({"timeouts": {"connect": "0ms"}}, "timeouts.connect: must be greater than zero"),
     (
         {"timeouts": {"idle": "forever"}},
-        "timeouts.idle: expected a duration like 5s, 250ms, 2m or a number of seconds (got 'forever')",
+        "timeouts.idle: expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds (got 'forever')",
     ),
     ({"timeouts": {"drain": -5}}, "timeouts.drain: a duration must be finite and not negative (got -5)"),
     ({"timeouts": {"read": 5}}, "timeouts: unknown key 'read' (expected one of handshake, connect, idle, drain)"),
@@ -681,7 +685,10 @@ def test_parse_identity(changes: dict[str, Any], expected: IdentityConfig) -> No
         ({"bundle": ["a"]}, "identity.bundle: expected a non-empty string (got a list)"),
         ({"ca_identity": "spiffe://cluster.local"}, "identity.ca_identity: invalid SPIFFE ID 'spiffe://cluster.local'"),
         ({"ca_identity": "https://ca"}, "identity.ca_identity: invalid SPIFFE ID 'https://ca': the scheme must be"),
-        ({"ttl": "1d"}, "identity.ttl: expected a duration like 5s, 250ms, 2m or a number of seconds (got '1d')"),
+        (
+            {"ttl": "1 day"},
+            "identity.ttl: expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds (got '1 day')",
+        ),
         ({"ttl": 0}, "identity.ttl: must be greater than zero"),
         ({"renew_fraction": 1}, "identity.renew_fraction: expected a number between 0 and 1 (got 1)"),
         ({"renew_fraction": 0}, "identity.renew_fraction: expected a number between 0 and 1 (got 0)"),
