@@ -18,7 +18,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from mtlsmesh import __version__
 from mtlsmesh.errors import MeshError, with_rules_doc
 
 if TYPE_CHECKING:  # trio is imported only by the commands that run an event loop
@@ -33,8 +32,20 @@ COMMANDS = {
     "iptables": "install the pod's traffic-capture rules (the init step)",
     "sidecar": "run the pod's mTLS sidecar",
     "uninject": "remove what inject added from Kubernetes manifests (its exact inverse)",
+    "version": "print the versions of mtlsmesh, Python, OpenSSL, cryptography and pyOpenSSL",
     "webhook": "serve the Kubernetes admission webhook that injects pods as they are created",
 }
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: what `mtlsmesh version` prints; its module (which imports cryptography) loads only then."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(importlib.import_module(f"{__name__}.version").text())
+        parser.exit()
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
@@ -45,7 +56,7 @@ def _command_in(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with the full arguments of the subcommand `argv` names (every one when `argv` is None)."""
     parser = argparse.ArgumentParser(prog="mtlsmesh", description="Zero-code mutual TLS between pods.")
-    parser.add_argument("--version", action="version", version=f"mtlsmesh {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else _command_in(argv)
     for name, help_text in COMMANDS.items():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import json
 import logging
 import re
 import stat
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from mtlsmesh import ca, durations, pem, svid
+from mtlsmesh.cli import output
 from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, LOG_FORMAT, SVID_SECRET_PREFIX
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
@@ -96,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
 
     inspect = commands.add_parser("inspect", help="describe a certificate")
     inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true")
+    output.add_json_flag(inspect)
     inspect.set_defaults(run=run_inspect)
 
     verify = commands.add_parser("verify", help="verify an SVID chain against a bundle: exit 0 valid, 1 invalid")
@@ -320,6 +320,7 @@ def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, A
         "not_before": ca.format_time(not_before),
         "not_after": ca.format_time(not_after),
         "time_left": time_left,
+        "seconds_left": int((not_after - now).total_seconds()),
         "key_type": key_type,
         "sha256_fingerprint": ":".join(f"{b:02X}" for b in hashlib.sha256(cert.public_bytes(_DER)).digest()),
         "valid_svid": not reason,
@@ -332,7 +333,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     now = _now()
     described = [_describe(cert, args.file, now) for cert in certs]
     if args.json:
-        print(json.dumps(described[0] if len(described) == 1 else described, indent=2))
+        output.print_json(described)  # always a list, one object per certificate in the file
         return 0
     for index, info in enumerate(described):
         if index:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import platform
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import cryptography
+import OpenSSL
 import pytest
 
+import mtlsmesh
 from mtlsmesh.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +24,28 @@ def test_version_prints_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.startswith("mtlsmesh ")
+    flag = capsys.readouterr().out
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out == flag  # the flag and the command print the same
+    lines = flag.splitlines()
+    assert lines[0] == f"mtlsmesh {mtlsmesh.__version__}"
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    shown = {line.split()[0]: line for line in lines[2:]}
+    assert backend.openssl_version_text() in shown["openssl"]
+    assert f" {OpenSSL.__version__} " in shown["pyOpenSSL"]
+    assert f" {cryptography.__version__} " in shown["cryptography"]
+    assert f" {platform.python_version()} " in shown["python"]
+
+
+def test_version_json_is_a_list_of_components(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list)
+    by_name = {row["component"]: row["version"] for row in rows}
+    assert by_name["mtlsmesh"] == mtlsmesh.__version__
+    assert by_name["pyOpenSSL"] == OpenSSL.__version__
+    assert by_name["openssl"].startswith("OpenSSL ")
 
 
 def test_python_dash_m_runs_the_cli() -> None:

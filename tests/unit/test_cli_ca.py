@@ -357,6 +357,10 @@ def test_inspect_describes_a_chain(ca_dir: Path, workdir: Path, capsys: pytest.C
     assert "(23h59m)" in out or "(23h58m)" in out
     assert "SVID:        yes, a valid SVID" in out
     assert "SVID:        yes, a valid SPIFFE signing certificate" in out  # the intermediate
+    assert main(["ca", "inspect", "--json", "w/cert.pem"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["kind"] for row in rows] == ["leaf", "CA certificate"]
+    assert rows[0]["sha256_fingerprint"] == fingerprint
 
 
 def test_inspect_json_says_why_not_valid(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -365,13 +369,15 @@ def test_inspect_json_says_why_not_valid(ca_dir: Path, workdir: Path, capsys: py
     old_ca = ca.create_ca(TD, now=past)
     ca.issue_svid(old_ca, WEB, now=past, ttl=timedelta(hours=1)).write_to_dir(workdir / "old")
     assert main(["ca", "inspect", "--json", "old/cert.pem"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    [info] = json.loads(capsys.readouterr().out)  # a list of one: the shape does not depend on the count
     assert info["spiffe_id"] == str(WEB)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", info["not_after"])
+    assert -3 * 86400 < info["seconds_left"] < -2 * 86400
     assert info["valid_svid"] is False
     assert info["reason"] == "outside its validity period"
     assert info["time_left"].startswith("expired 2d2")
     assert main(["ca", "inspect", "--json", "certs/ca/intermediate.pem"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    [info] = json.loads(capsys.readouterr().out)
     assert info["kind"] == "CA certificate"
     assert info["spiffe_id"] == "spiffe://cluster.local"
     assert info["subject"] == authority.signer_cert.subject.rfc4514_string()
