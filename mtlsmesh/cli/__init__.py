@@ -27,6 +27,7 @@ EXIT_ERROR = 2
 
 COMMANDS = {
     "ca": "the built-in SPIFFE CA",
+    "completion": "print a shell completion script (bash, zsh, tcsh, ...) generated from these commands' flags",
     "demo": "build the bookinfo mesh in network namespaces and show mTLS at work (root)",
     "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
     "iptables": "install the pod's traffic-capture rules (the init step)",
