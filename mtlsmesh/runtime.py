@@ -88,12 +88,27 @@ class ConnRecord(Outcome):
         )
         return f"{text} detail={q(self.detail)}" if self.detail else text
 
+    __str__ = line  # the log record carries the connection itself; its text is made when a handler formats it
+
+    def fields(self) -> dict[str, object]:
+        """The fields of `line`, under the same names, as values (a JSON log line: `log.format: json`)."""
+        out: dict[str, object] = {
+            "dir": self.direction, "listener": self.listener, "client": self.client_addr, "orig_dst": self.orig_dst,
+            "peer_id": None if self.peer_id is None else str(self.peer_id), "decision": str(self.decision),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "duration_ms": int((time.monotonic() - self.started) * 1000), "reason": str(self.reason),
+        }  # fmt: skip
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
 
 def log_connection(rec: ConnRecord) -> None:
     """The connection's one log line, as `log.info` would emit it but without looking up the caller's source line
-    (logging walks the stack for that on every call)."""
+    (logging walks the stack for that on every call). The record's argument is `rec` itself: a text formatter
+    writes `rec.line()`, a JSON one `rec.fields()`, each only when it formats."""
     if log.isEnabledFor(logging.INFO):
-        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec.line(),), None, "log_connection"))
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec,), None, "log_connection"))
 
 
 class Stats:

@@ -13,8 +13,10 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -24,7 +26,7 @@ from mtlsmesh import relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import LOG_FORMAT, LOG_LEVELS
+from mtlsmesh.conventions import LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
@@ -46,6 +48,7 @@ ENV = {
     "trust_domain": "MTLSMESH_TRUST_DOMAIN",
     "inbound_mode": "MTLSMESH_INBOUND_MODE",
     "log_level": "MTLSMESH_LOG_LEVEL",
+    "log_format": "MTLSMESH_LOG_FORMAT",
 }
 
 
@@ -66,6 +69,49 @@ class LineFormatter(logging.Formatter):
         return f"{text},{int(record.msecs):03d}"  # what logging.Formatter.default_msec_format "%s,%03d" gives
 
 
+class JsonFormatter(logging.Formatter):
+    """`log.format: json`: one JSON object per line. `ts` (RFC 3339 UTC, milliseconds), `level` and `logger` first;
+    then a connection's fields under the names of its text line (`runtime.ConnRecord.fields`), or an event's
+    key=value pairs as they were written (values as text), or, for a message that is not key=value, `msg`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, object] = {
+            "ts": f"{moment}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name
+        }  # fmt: skip
+        args = record.args
+        fields = getattr(args[0], "fields", None) if isinstance(args, tuple) and len(args) == 1 else None
+        if callable(fields):
+            out.update(fields())
+        else:
+            message = record.getMessage()
+            pairs = parse_kv(message)
+            out.update(pairs if pairs is not None else {"msg": message})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+_KV = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[^ ]*)(?: +|$)')
+
+
+def parse_kv(text: str) -> dict[str, str] | None:
+    """`event=x reason="a b"` as {"event": "x", "reason": "a b"}; None when `text` is not wholly key=value pairs.
+    Values quoted by `runtime.render_kv` (double quotes) or `%r` (single or double) are unquoted."""
+    out: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _KV.match(text, position)
+        if match is None or match.end() == position:
+            return None
+        value = match[2]
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        out[match[1]] = value
+        position = match.end()
+    return out or None
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
     parser = subparsers.add_parser("sidecar", help=help_text, description=__doc__)
     parser.add_argument("--config", metavar="FILE", help="the sidecar YAML config (env MTLSMESH_CONFIG)")
@@ -77,6 +123,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         "--inbound-mode", metavar="MODE", help="strict | permissive | disable (env MTLSMESH_INBOUND_MODE)"
     )
     parser.add_argument("--log-level", metavar="LEVEL", help=f"{' | '.join(LOG_LEVELS)} (env MTLSMESH_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-format", metavar="FORMAT", help="text (key=value) | json, one object per line (env MTLSMESH_LOG_FORMAT)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -135,6 +184,11 @@ def build_config(args: argparse.Namespace) -> Config:
         if level.lower() not in LOG_LEVELS:
             raise ConfigError("--log-level", f"expected one of {', '.join(LOG_LEVELS)}")
         cfg = dataclasses.replace(cfg, log_level=level.lower())
+    log_format = _value(args, "log_format")
+    if log_format is not None:
+        if log_format.lower() not in LOG_FORMATS:
+            raise ConfigError("--log-format", f"expected one of {', '.join(LOG_FORMATS)}")
+        cfg = dataclasses.replace(cfg, log_format=log_format.lower())
     return cfg
 
 
@@ -167,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         assert cfg.credentials is not None
         credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else LineFormatter(LOG_FORMAT))
     # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
     # process and multiprocessing names) and LOG_FORMAT never shows.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

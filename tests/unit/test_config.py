@@ -492,6 +492,12 @@ ERRORS: list[tuple[object, str]] = [
         "explicit[0].listen: 127.0.0.1:15090 overlaps metrics.listen",
     ),
     ({"log": {"level": "verbose"}}, "log.level: expected one of debug, info, warning, error (got 'verbose')"),
+    ({"log": {"format": "xml"}}, "log.format: expected one of text, json (got 'xml')"),
+    ({"log": {"svid_warning": 1}}, "log.svid_warning: expected a number from 0 (off) up to 1, e.g. 0.2 (got 1)"),
+    (
+        {"log": {"svid_warning": "20%"}},
+        "log.svid_warning: expected a number from 0 (off) up to 1, e.g. 0.2 (got '20%')",
+    ),
     ({"log": "info"}, "log: expected a mapping (got 'info')"),
 ]
 
