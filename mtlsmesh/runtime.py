@@ -29,6 +29,7 @@ from mtlsmesh.config import Config
 from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import MeshError
 from mtlsmesh.outcome import Decision, Outcome, Reason
+from mtlsmesh.recent import Recent
 
 log = logging.getLogger("mtlsmesh.conn")
 
@@ -160,6 +161,7 @@ class Runtime:
     dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)
     tracker: Tracker = field(default_factory=lambda: Tracker(10_000))
+    recent: Recent = field(default_factory=Recent)  # the last outcomes per destination (admin GET /explain)
 
 
 Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
@@ -184,6 +186,7 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
         rt.tracker.closed()
         rt.stats.active[rec.direction] -= 1
         rt.stats.record(rec)
+        rt.recent.add(rec)
         log_connection(rec)
 
 
@@ -223,6 +226,7 @@ async def serve_listener(
                     rec.reason, rec.detail = Reason.LIMIT, "max_connections reached"
                     await netio.abort_close(stream)  # an RST: its connect() succeeded against us
                     rt.stats.record(rec)
+                    rt.recent.add(rec)
                     log_connection(rec)
                 else:
                     rt.tracker.opened()

@@ -29,6 +29,7 @@ COMMANDS = {
     "ca": "the built-in SPIFFE CA",
     "completion": "print a shell completion script (bash, zsh, tcsh, ...) generated from these commands' flags",
     "demo": "build the bookinfo mesh in network namespaces and show mTLS at work (root)",
+    "explain": "say why a connection is (not) encrypted: capture rule, sidecar decision, policy, verdict",
     "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
     "iptables": "install the pod's traffic-capture rules (the init step)",
     "sidecar": "run the pod's mTLS sidecar",
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(words)
     args = parser.parse_args(words)
+    args.argv = words  # what `--pod NAME` runs again inside the pod
     try:
         status = args.run(args)
     except MeshError as exc:
