@@ -59,6 +59,7 @@ class Credentials:
             "not_after": durations.format_time(self.not_after),
             "sha256": self.fingerprint,
             "intermediates": len(self.material.chain) - 1,
+            "chain_issuer": self.material.chain[-1].issuer.rfc4514_string(),  # the root the bundle must hold
             "roots": [root.subject.rfc4514_string() or _uri(root) for root in self.material.roots],
         }
 

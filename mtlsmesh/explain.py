@@ -317,7 +317,7 @@ def explain_outbound(
     if not captured:
         out.decision = "dropped" if walk is not None and walk.outcome == DROPPED else "not_captured"
         out.reason = why_not or ""
-        out.verdict = f"{target} is not captured ({why_not}): the sidecar never sees it, it leaves as sent."
+        out.verdict = f"{target} is not captured, so it leaves as the app sent it (no sidecar sees it): {why_not}."
         return out
     if not cfg.outbound.enabled:
         out.decision, out.reason = "refuse", "outbound.enabled is false: no outbound listener"
@@ -371,7 +371,7 @@ def explain_inbound(
             if caller
             else ("it reaches the app in plaintext, with no authorization")
         )
-        out.verdict = f"{target} is not captured ({why_not}): {sent}."
+        out.verdict = f"{target} is not captured, so {sent}: {why_not}."
         return out
     if not cfg.inbound.enabled:
         out.decision, out.reason = "refuse", "inbound.enabled is false: no inbound listener"

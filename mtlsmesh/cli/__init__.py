@@ -27,6 +27,7 @@ EXIT_ERROR = 2
 
 COMMANDS = {
     "ca": "the built-in SPIFFE CA",
+    "check": "check this pod's mesh: capture rules, listeners, health, SVID, bundle, CA, clock (one line each)",
     "completion": "print a shell completion script (bash, zsh, tcsh, ...) generated from these commands' flags",
     "demo": "build the bookinfo mesh in network namespaces and show mTLS at work (root)",
     "explain": "say why a connection is (not) encrypted: capture rule, sidecar decision, policy, verdict",

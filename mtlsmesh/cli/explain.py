@@ -153,9 +153,9 @@ def render_text(found: dict[str, Any]) -> str:
     if capture is None:
         lines.append("  capture:        not looked at (no rules)")
     else:
-        lines.append(
-            f"  capture:        {capture['outcome']}" + (f" to port {capture['port']}" if capture["port"] else "")
-        )
+        to_port = f" to port {capture['port']}" if capture["port"] else ""
+        shown = {"let_by": "not captured", "unknown": "cannot tell"}.get(capture["outcome"], capture["outcome"])
+        lines.append(f"  capture:        {shown}{to_port}")
         for step in capture["matched"]:
             lines.append(f"    {step}")
         lines.append(f"    deciding:     {capture['deciding_rule']}")

@@ -91,7 +91,8 @@ def test_rules_deleted_by_hand_leave_everything_uncaptured_and_say_so() -> None:
     assert "no jump into the capture chains (are the rules missing?)" in walk.deciding
     answer = explain.explain_outbound(CFG, empty, ip("198.18.0.12"), 9080)
     assert answer.decision == "not_captured" and not answer.captured
-    assert answer.verdict.startswith("198.18.0.12:9080 is not captured (nat OUTPUT has no rule for it")
+    assert answer.verdict.startswith("198.18.0.12:9080 is not captured, so it leaves as the app sent it")
+    assert answer.verdict.endswith("no jump into the capture chains (are the rules missing?).")
 
 
 @pytest.mark.parametrize("mode", [capture.InterceptionMode.REDIRECT, capture.InterceptionMode.TPROXY])
