@@ -6,8 +6,8 @@ still answer the kubelet: its read timeout is short, a request is answered as so
 when every slot is taken a new connection pushes out the oldest one still waiting for its request.
 `Endpoints` maps paths to answers: health `GET /healthz/ready` (200 once every listener is bound and credentials
 are loaded, 503 before, while draining and while our SVID is expired); metrics `GET /stats/prometheus` (text
-exposition written by hand); admin adds `GET /config_dump`, `GET /certs`, `GET /explain` (`admin_explain`),
-`POST /drain` and `POST /logging?level=debug|info|warning|error`.
+exposition written by hand); admin adds `GET /config_dump`, `GET /certs`, `GET /explain` and `GET /status`
+(`admin_views`), `POST /drain` and `POST /logging?level=debug|info|warning|error`.
 
 What it does not: keep-alive, chunked bodies, TLS, or anything a real HTTP server does beyond that. Never shows a key.
 """
@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import trio
 
-from mtlsmesh import admin_explain
+from mtlsmesh import admin_views
 from mtlsmesh import config as config_module
 from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.runtime import Runtime
@@ -107,7 +107,9 @@ class Endpoints:
             body = json.dumps(config_module.render_config(self.rt.config), indent=2, sort_keys=True)
             return 200, "application/json", body.encode() + b"\n"
         if path == "/explain" and method == "GET":
-            return admin_explain.answer(self.rt, query)
+            return admin_views.explain_answer(self.rt, query)
+        if path == "/status" and method == "GET":
+            return admin_views.status_answer(self.rt, self.state.ready, self.state.draining, self.state.bound)
         if path == "/certs" and method == "GET":
             return 200, "application/json", json.dumps(self.rt.credentials.current.describe(), indent=2).encode()
         if path == "/drain" and method == "POST":

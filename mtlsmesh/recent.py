@@ -1,9 +1,11 @@
-"""The last outcomes per destination, kept in memory so that `mtlsmesh explain --live` can show what really
-happened to connections like the one it explains.
+"""The open connections, and the last outcomes per destination, kept in memory so that `mtlsmesh explain --live`
+can show what really happened to connections like the one it explains, and `mtlsmesh status` what is open now.
 
-What it does: `Recent.add(rec)` files a finished connection under (direction, original destination); `Recent.find`
-answers the last ones, newest first. Bounded twice, so a scan of many addresses costs a fixed amount of memory:
-at most `destinations` keys (the least recently used goes first) and `per_destination` outcomes each.
+What it does: `Recent.opened(rec)` notes a connection as open; `Recent.closed(rec)` (or `add`, for one never
+opened) files it, finished, under (direction, original destination); `find` answers the last ones there, newest
+first, `everything` all of them, `open_connections` those still open. The outcomes are bounded twice, so a scan of
+many addresses costs a fixed amount of memory: at most `destinations` keys (the least recently used goes first)
+and `per_destination` outcomes each; the open ones are as many as the connection limit lets be open.
 
 What it does not: count (the metrics do), log, or keep anything across restarts. Pure: no I/O.
 """
@@ -25,6 +27,8 @@ class Finished(Protocol):
     """What `add` reads of a connection's record (`runtime.ConnRecord` has it all)."""
 
     direction: str
+    listener: str
+    started: float  # time.monotonic() at accept
     orig_dst: str
     client_addr: str
     peer_id: SpiffeId | None
@@ -48,6 +52,32 @@ class Recent:
         self.destinations = destinations
         self.per_destination = per_destination
         self._by_key: OrderedDict[tuple[str, str], deque[_Entry]] = OrderedDict()
+        self._open: dict[int, Finished] = {}
+
+    def opened(self, rec: Finished) -> None:
+        self._open[id(rec)] = rec
+
+    def closed(self, rec: Finished) -> None:
+        self._open.pop(id(rec), None)
+        self.add(rec)
+
+    def open_connections(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        return [
+            {
+                "direction": rec.direction, "listener": rec.listener, "client": rec.client_addr,
+                "orig_dst": rec.orig_dst, "peer_id": None if rec.peer_id is None else str(rec.peer_id),
+                "decision": str(rec.decision), "age_seconds": round(now - rec.started, 3),
+            }
+            for rec in self._open.values()
+        ]  # fmt: skip
+
+    def everything(self) -> list[dict[str, object]]:
+        """Every destination's last outcomes: {direction, orig_dst, and the fields of `find`}, newest first."""
+        out: list[dict[str, object]] = []
+        for (direction, dst), entries in reversed(self._by_key.items()):
+            out.extend({"direction": direction, "orig_dst": dst, **row} for row in self._rows(list(entries)))
+        return out
 
     def add(self, rec: Finished) -> None:
         key = (rec.direction, rec.orig_dst)
@@ -76,10 +106,15 @@ class Recent:
                 continue
             found.extend(entries)
         found.sort(key=lambda entry: entry[0], reverse=True)
+        return self._rows(found[: self.per_destination])
+
+    @staticmethod
+    def _rows(found: list[_Entry]) -> list[dict[str, object]]:
+        found = sorted(found, key=lambda entry: entry[0], reverse=True)
         return [
             {
                 "time": durations.format_timestamp(at), "client": client, "peer_id": peer, "decision": decision,
                 "reason": reason, "detail": detail, "bytes_in": bytes_in, "bytes_out": bytes_out,
             }
-            for at, client, peer, decision, reason, detail, bytes_in, bytes_out in found[: self.per_destination]
+            for at, client, peer, decision, reason, detail, bytes_in, bytes_out in found
         ]  # fmt: skip

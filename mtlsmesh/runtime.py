@@ -161,7 +161,7 @@ class Runtime:
     dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)
     tracker: Tracker = field(default_factory=lambda: Tracker(10_000))
-    recent: Recent = field(default_factory=Recent)  # the last outcomes per destination (admin GET /explain)
+    recent: Recent = field(default_factory=Recent)  # open connections, last outcomes (admin GET /explain, /status)
 
 
 Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
@@ -186,7 +186,7 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
         rt.tracker.closed()
         rt.stats.active[rec.direction] -= 1
         rt.stats.record(rec)
-        rt.recent.add(rec)
+        rt.recent.closed(rec)
         log_connection(rec)
 
 
@@ -231,6 +231,7 @@ async def serve_listener(
                 else:
                     rt.tracker.opened()
                     rt.stats.active[direction] += 1
+                    rt.recent.opened(rec)
                     connections.start_soon(_run_connection, rt, handler, stream, rec)
                 in_a_row += 1
                 if in_a_row >= ACCEPT_BURST:  # a backlog that never empties must not starve everyone else

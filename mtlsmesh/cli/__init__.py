@@ -2,10 +2,10 @@
 
 `COMMANDS` names each subcommand and its one-line help. Only the module of the subcommand being run is imported:
 `mtlsmesh sidecar` loads the sidecar and nothing of the CA's CLI or the pod lab. Each module `mtlsmesh/cli/<name>.py`
-defines `add_parser(subparsers, help_text)`, which registers its subcommand and sets `run=<callable(args) -> int>`
-as its default. For `mtlsmesh --help` (no subcommand given) the others are listed by name and help alone. This
-module turns a `MeshError` into one line on stderr and exit status 2; a line citing SPIFFE rule ids says where they
-are explained (`errors.with_rules_doc`). A traceback from here is a bug.
+(a `-` in the name is `_` there) defines `add_parser(subparsers, help_text)`, which registers its subcommand and
+sets `run=<callable(args) -> int>` as its default. For `mtlsmesh --help` (no subcommand given) the others are
+listed by name and help alone. This module turns a `MeshError` into one line on stderr and exit status 2; a line
+citing SPIFFE rule ids says where they are explained (`errors.with_rules_doc`). A traceback from here is a bug.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ COMMANDS = {
     "explain": "say why a connection is (not) encrypted: capture rule, sidecar decision, policy, verdict",
     "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
     "iptables": "install the pod's traffic-capture rules (the init step)",
+    "proxy-config": "show one part of the pod's sidecar in full: listeners, config, certs, connections, recent",
     "sidecar": "run the pod's mTLS sidecar",
+    "status": "show the pod's sidecar in a few lines: ready, SVID and time left, listeners, connections",
     "uninject": "remove what inject added from Kubernetes manifests (its exact inverse)",
     "version": "print the versions of mtlsmesh, Python, OpenSSL, cryptography and pyOpenSSL",
     "webhook": "serve the Kubernetes admission webhook that injects pods as they are created",
@@ -64,7 +66,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     wanted = None if argv is None else _command_in(argv)
     for name, help_text in COMMANDS.items():
         if argv is None or name == wanted:
-            module = importlib.import_module(f"{__name__}.{name}")
+            module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
             module.add_parser(subparsers, help_text)
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)

@@ -1,5 +1,10 @@
-"""The admin endpoint `GET /explain`: the running sidecar's own decision for a destination, and what became of
-its last connections there (`mtlsmesh explain --live` asks it).
+"""Two read-only admin endpoints for the operator's commands: `GET /explain` (`mtlsmesh explain --live`) and
+`GET /status` (`mtlsmesh status`, `mtlsmesh proxy-config`).
+
+`GET /status` answers one JSON object: ready and draining, the listeners as bound (name, address: the real port
+even for a configured port 0), the SVID (`credentials.Credentials.describe`), the open connections (direction,
+listener, client, original destination, peer, decision so far, age) and their count per direction, and the last
+outcomes of every destination (`recent.Recent`).
 
 `GET /explain?to=198.18.0.12:9080` (outbound) or `GET /explain?port=9080[&from=spiffe://...]` (inbound; without
 `from`, a plaintext caller) answers a JSON list of one object: the decision (`explain.explain_outbound` or
@@ -7,13 +12,14 @@ its last connections there (`mtlsmesh explain --live` asks it).
 `recent`, the last outcomes for that destination (`recent.Recent`), newest first. A bad query is a 400 with one
 line saying what to write. Read-only: it changes nothing, and shows no key.
 
-What it does not: route (admin.py's `Endpoints.answer` sends `/explain` here) or serve HTTP.
+What it does not: route (admin.py's `Endpoints.answer` sends both paths here) or serve HTTP.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 from mtlsmesh import explain
@@ -26,7 +32,7 @@ Response = tuple[int, str, bytes]
 USAGE = "use /explain?to=HOST:PORT or /explain?port=PORT[&from=SPIFFE_ID]\n"
 
 
-def answer(rt: Runtime, query: str) -> Response:
+def explain_answer(rt: Runtime, query: str) -> Response:
     try:
         params = {key: values[-1] for key, values in parse_qs(query, strict_parsing=bool(query)).items()}
     except ValueError:
@@ -59,3 +65,16 @@ def answer(rt: Runtime, query: str) -> Response:
     found.pop("capture", None)  # the sidecar does not read the rules; the CLI walks them
     found["notes"] = [note for note in found["notes"] if "no capture rules" not in note]
     return 200, "application/json", json.dumps([found], indent=2).encode() + b"\n"
+
+
+def status_answer(rt: Runtime, ready: bool, draining: bool, bound: Mapping[str, tuple[str, int]]) -> Response:
+    body = {
+        "ready": ready,
+        "draining": draining,
+        "listeners": [{"name": name, "address": host_port(host, port)} for name, (host, port) in bound.items()],
+        "certificate": rt.credentials.current.describe(),
+        "active": dict(sorted(rt.stats.active.items())),
+        "open": rt.recent.open_connections(),
+        "recent": rt.recent.everything(),
+    }
+    return 200, "application/json", json.dumps(body, indent=2).encode() + b"\n"

@@ -1,5 +1,5 @@
-"""The admin's `GET /explain`: a running sidecar's own decision and its last outcomes, over real mTLS on loopback,
-asked with a real HTTP client; and `mtlsmesh explain --live` printing them."""
+"""The admin's read-only views for the operator's commands, over real mTLS on loopback and asked with real HTTP
+clients: `GET /explain` (`mtlsmesh explain --live`) and `GET /status` (`mtlsmesh status`, `mtlsmesh proxy-config`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from urllib.parse import quote
 
 import pytest
 import trio
+import yaml
 
 from mtlsmesh.cli import main
-from mtlsmesh.config import Action, AuthzRule
+from mtlsmesh.config import Action, AuthzRule, parse_config
 from mtlsmesh.recent import Recent
 from tests.integration.mesh import LOOPBACK, app_server, connect, echo, exchange, mesh_pair, outcome
 from tests.pki import Pki
@@ -88,3 +89,49 @@ def test_recent_is_bounded_in_destinations_and_outcomes() -> None:
         True
     ] * 3
     assert len(recent.find("outbound", orig_dst="198.18.0.9:9")) == 2
+
+
+async def test_status_and_proxy_config_show_listeners_certs_and_open_connections(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with app_server(echo) as (app_port, _), mesh_pair(pki, app_port) as m:
+        assert await exchange(m.port, b"done") == b"done"
+        held = await connect(m.port)  # stays open through the mesh while the commands run
+        await held.send_all(b"held")
+        assert await held.receive_some(100) == b"held"
+        admin = f"{LOOPBACK}:{m.client_state.bound['admin'][1]}"
+
+        def cli(*argv: str) -> str:
+            assert main([*argv, "--admin", admin]) == 0
+            return capsys.readouterr().out
+
+        def cli_json(*argv: str) -> list[dict[str, object]]:
+            rows = json.loads(cli(*argv, "--json"))
+            assert isinstance(rows, list)
+            return rows
+
+        text = await trio.to_thread.run_sync(cli, "status")
+        assert text.splitlines()[0] == "sidecar      ready"
+        assert f"identity     {pki.id_of('productpage')}" in text
+        assert "connections  1 outbound and 0 inbound open;" in text
+        [row] = await trio.to_thread.run_sync(cli_json, "status")
+        assert row["ready"] is True and row["open_outbound"] == 1
+        assert 86000 < int(str(row["seconds_left"])) <= 86400
+
+        listeners = await trio.to_thread.run_sync(cli_json, "proxy-config", "listeners")
+        by_name = {str(item["name"]): str(item["address"]) for item in listeners}
+        assert by_name["outbound"] == f"{LOOPBACK}:{m.port}"  # the real port, though the config says 0
+        assert set(by_name) == {"outbound", "health", "metrics", "admin"}
+        [cert] = await trio.to_thread.run_sync(cli_json, "proxy-config", "certs")
+        assert cert["spiffe_id"] == str(pki.id_of("productpage"))
+        [open_one] = await trio.to_thread.run_sync(cli_json, "proxy-config", "connections")
+        assert open_one["direction"] == "outbound" and open_one["decision"] == "mtls"
+        assert open_one["peer_id"] == str(pki.id_of("reviews"))
+        table = await trio.to_thread.run_sync(cli, "proxy-config", "connections")
+        assert table.splitlines()[0].split() == ["DIRECTION", "LISTENER", "CLIENT", "ORIG_DST", "PEER_ID", "DECISION",
+                                                 "AGE_SECONDS"]  # fmt: skip
+        recent = await trio.to_thread.run_sync(cli_json, "proxy-config", "recent")
+        assert [(r["direction"], r["reason"]) for r in recent] == [("outbound", "closed")]
+        config_text = await trio.to_thread.run_sync(cli, "proxy-config", "config")
+        assert parse_config(yaml.safe_load(config_text)) == m.client_rt.config
+        await held.aclose()
