@@ -159,6 +159,20 @@ def test_a_denied_identity_is_explained_and_the_sidecar_agrees(lab: Lab) -> None
     assert out["decision"] == "mtls" and out["identities"] == ["spiffe://cluster.local/ns/default/sa/web"]
 
 
+def test_iptables_check_json_lists_the_differences(lab: Lab) -> None:
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = ["ip", "netns", "exec", lab.pod_ns("client"), sys.executable, "-m", "mtlsmesh", "iptables", "--check"]
+        return subprocess.run([*argv, *flags, "--json"], capture_output=True, text=True, timeout=60, env=child_env())
+
+    same = check("--exclude-outbound-ports", "9099")  # the flags the pod's init step ran with
+    assert (same.returncode, json.loads(same.stdout)) == (0, []), same.stderr
+    other = check()  # without the exclusion: the rule that RETURNs 9099 is one too many
+    assert other.returncode == 1
+    rows = json.loads(other.stdout)
+    assert rows and all(set(row) == {"backend", "difference"} for row in rows)
+    assert any("--dport 9099 -j RETURN" in row["difference"] for row in rows)
+
+
 IDENTITY = Topology(pods=(PodSpec("app"),), identity=IdentitySpec(ttl="1h"))
 
 

@@ -597,3 +597,24 @@ def test_rotate_and_remove_refusals(ca_dir: Path, workdir: Path, capsys: pytest.
     assert line == "mtlsmesh: error: --remove: that would leave the bundle empty"
     line = refused(["ca", "bundle", "--bundle", bundle], capsys, workdir)
     assert line == "mtlsmesh: error: --add: give at least one --add or --remove"
+
+
+def test_init_issue_and_verify_print_json_lists(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rfc3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    assert main(["ca", "init", "--json"]) == 0
+    [made] = json.loads(capsys.readouterr().out)
+    assert made["trust_domain"] == "cluster.local" and made["signer"] == "root" and made["dir"] == "certs/ca"
+    assert re.fullmatch(rfc3339, made["not_after"])
+    assert main(["ca", "issue", "--namespace", "default", "--service-account", "web", "--ttl", "1h30m", "--json"]) == 0
+    [issued] = json.loads(capsys.readouterr().out)
+    assert issued["spiffe_id"] == str(WEB) and sorted(issued["files"]) == ["bundle.pem", "cert.pem", "key.pem"]
+    not_after = datetime.fromisoformat(issued["not_after"].replace("Z", "+00:00"))
+    assert timedelta(minutes=89) < not_after - datetime.now(UTC) <= timedelta(minutes=90)
+    cert = f"{issued['dir']}/cert.pem"
+    assert main(["ca", "verify", "--bundle", "certs/ca/bundle.pem", "--json", cert]) == 0
+    [verdict] = json.loads(capsys.readouterr().out)
+    assert verdict == {"file": cert, "valid": True, "spiffe_id": str(WEB), "not_after": issued["not_after"],
+                       "reason": None}  # fmt: skip
+    assert main(["ca", "verify", "--bundle", cert, "--json", "certs/ca/root.pem"]) == 1
+    [refused] = json.loads(capsys.readouterr().out)
+    assert refused["valid"] is False and refused["reason"].startswith("chain verification failed")
