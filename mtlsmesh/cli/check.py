@@ -95,7 +95,7 @@ def check_config(args: argparse.Namespace) -> tuple[Check, Config | None]:
 def check_capture(cfg: Config, tables: dict[str, SavedTable] | None, error: str) -> Check:
     hint = "apply the capture rules again: the init step, `mtlsmesh iptables` with the pod's flags"
     if tables is None:
-        return Check("capture", False, error, "run as root in the pod (iptables-save needs it), or give --rules")
+        return Check("capture", False, error, "read the rules with NET_ADMIN in the pod's namespace, or give --rules")
     problems: list[str] = []
     dst, dport = SAMPLE_DST, 80
     for destination in cfg.outbound.destinations:

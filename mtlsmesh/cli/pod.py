@@ -4,7 +4,7 @@ read there.
 - `--pod NAME`: run the same command again inside a pod of the lab (`mtlsmesh demo --keep`, or a test's lab), by
   its network namespace: the one named NAME, or the one lab namespace whose name ends in `-NAME`
   (`ip netns exec NS mtlsmesh ...`). It needs root, as the lab does. In Kubernetes the command runs in the pod
-  (`kubectl exec POD -c mtlsmesh-sidecar -- mtlsmesh check`) and needs no `--pod`.
+  (`kubectl exec POD -c mtlsmesh-proxy -- mtlsmesh check`) and needs no `--pod`.
 - `--admin HOST:PORT`: the sidecar's admin endpoint (default 127.0.0.1:15000), read with plain HTTP GETs
   (`admin_get`). Only GET endpoints: nothing these commands do changes the sidecar.
 - `read_rules(family)` and `read_rules_file(path)`: the capture rules as `iptables-save` prints them.
