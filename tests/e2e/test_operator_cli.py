@@ -14,6 +14,7 @@ pod's network namespace and reads the live rules, the sidecar's admin endpoint a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -196,3 +197,29 @@ def test_check_in_identity_mode_asks_the_ca_and_compares_clocks() -> None:
         assert down["ca"]["hint"].startswith("is the CA service up")
         assert down["clock"]["ok"] is None
         assert mtlsmesh(identity_lab, "app", "check").returncode == 1
+
+
+def test_pod_names_a_namespace_by_its_suffix_and_refuses_an_ambiguous_one() -> None:
+    suffix = f"opcli{os.getpid()}"
+    names = [f"mmq{os.getpid()}a-{suffix}", f"mmq{os.getpid()}b-{suffix}"]
+
+    def status() -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "mtlsmesh", "status", "--pod", suffix]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+        both = status()
+        assert both.returncode == 2
+        several = f"{suffix!r} is in several labs ({', '.join(names)}): give the namespace's full name"
+        assert both.stderr == f"mtlsmesh: error: --pod: {several}\n"
+        subprocess.run(["ip", "netns", "del", names[1]], check=True, timeout=30)
+        one = status()  # found, entered (no sidecar there): the admin endpoint's refusal, from inside
+        assert one.returncode == 2
+        assert one.stderr.startswith("mtlsmesh: error: the sidecar's admin endpoint 127.0.0.1:15000 did not answer")
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    gone = status()
+    assert gone.stderr.startswith(f"mtlsmesh: error: --pod: no network namespace for pod {suffix!r}")
