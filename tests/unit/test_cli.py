@@ -63,7 +63,8 @@ from mtlsmesh.cli import COMMANDS, build_parser, main
 status = main(sys.argv[1:])
 import mtlsmesh.sidecar, mtlsmesh.installer  # what serving and applying the rules import, whatever the flags
 # Neither the lab nor the module of another subcommand: the CLI imports only the one that runs.
-others = {"mtlsmesh.cli." + name for name in ("ca", "demo", "inject", "uninject", "webhook")}
+others = {"mtlsmesh.cli." + name for name in ("ca", "check", "completion", "demo", "explain", "inject", "proxy_config",
+                                              "status", "uninject", "version", "webhook")}
 print(f"{status}|" + ",".join(sorted(m for m in sys.modules if m == "mtlsmesh.lab" or m.startswith("mtlsmesh.lab.")
                                      or m in others)))
 """
