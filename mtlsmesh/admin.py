@@ -7,7 +7,8 @@ when every slot is taken a new connection pushes out the oldest one still waitin
 `Endpoints` maps paths to answers: health `GET /healthz/ready` (`readiness`: 200 once every listener is bound and
 credentials are loaded, 503 before, while draining and while our SVID is expired); metrics `GET /stats/prometheus`
 (`metrics.SidecarMetrics`, rendered by prometheus_client; its readiness gauge asks `readiness` too); admin adds
-`GET /config_dump`, `GET /certs`, `POST /drain` and `POST /logging?level=debug|info|warning|error`.
+`GET /config_dump`, `GET /certs`, `GET /explain` and `GET /status` (`admin_views`), `POST /drain` and
+`POST /logging?level=debug|info|warning|error`.
 
 The admin port is guarded against the other processes and browsers of the host (docs/ARCHITECTURE.md §9): a
 request with an `Origin` header, or with a `Host` that is neither a loopback name nor the listener's own address,
@@ -31,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import trio
 
+from mtlsmesh import admin_views, metrics
 from mtlsmesh import config as config_module
-from mtlsmesh import metrics
 from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.runtime import Runtime
@@ -200,6 +201,8 @@ class Endpoints:
         if self.kind == "admin":
             table["/config_dump"] = {"GET": Endpoints._config_dump}
             table["/certs"] = {"GET": Endpoints._certs}
+            table["/explain"] = {"GET": Endpoints._explain}
+            table["/status"] = {"GET": Endpoints._status}
             table["/drain"] = {"POST": Endpoints._drain}
             table["/logging"] = {"POST": Endpoints._logging}
         return table
@@ -264,6 +267,13 @@ class Endpoints:
 
     def _certs(self, request: Request) -> Response:
         return Response(200, "application/json", json.dumps(self.rt.credentials.current.describe(), indent=2).encode())
+
+    def _explain(self, request: Request) -> Response:
+        return Response(*admin_views.explain_answer(self.rt, urlencode(request.query, doseq=True)))
+
+    def _status(self, request: Request) -> Response:
+        state = self.state
+        return Response(*admin_views.status_answer(self.rt, state.ready, state.draining, state.bound))
 
     def _drain(self, request: Request) -> Response:
         if not self.state.drain.is_set():

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mtlsmesh import pem, svid
+from mtlsmesh import durations, pem, svid
 from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE
 from mtlsmesh.errors import CertificateError, IdentityError
 from mtlsmesh.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, parse_spiffe_id
@@ -467,15 +467,9 @@ def load_authority(directory: str | os.PathLike[str]) -> Authority:
 
 
 def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return durations.format_time(moment)
 
 
 def format_timedelta(delta: timedelta) -> str:
     """`3d4h`, `23h59m`, `45s`, `-2h`: the two largest units, which is all a person reads."""
-    sign, seconds = ("-", -int(delta.total_seconds())) if delta < timedelta(0) else ("", int(delta.total_seconds()))
-    parts: list[str] = []
-    for unit, size in (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return sign + "".join(parts[:2])
+    return durations.format_duration(delta.total_seconds())

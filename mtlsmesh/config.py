@@ -5,7 +5,8 @@ The dataclasses below are the contract between the parser and the listeners. `lo
 the file (`inbound.ports.9080.mode: expected one of strict, permissive, disable`). Flags and environment variables
 override a few per-pod values through `dataclasses.replace` in the CLI.
 
-Durations are seconds as floats (YAML may write `5s`, `250ms`, `2m`, or a number). Addresses are `ListenAddr`.
+Durations are seconds as floats (YAML may write `500ms`, `90s`, `1h30m`, `24h` or a number; see `durations`).
+Addresses are `ListenAddr`.
 `render_config(cfg)` turns a `Config` back into plain values (the admin config dump) that parse to the same `Config`.
 
 What this module does not do: read the certificate files it names (the credentials loader does, and reloads them),
@@ -27,6 +28,7 @@ from mtlsmesh.conventions import (
     APP_SOURCE,
     HEALTH_PORT,
     INBOUND_PORT,
+    LOG_FORMATS,
     LOG_LEVELS,
     METRICS_PORT,
     OUTBOUND_PORT,
@@ -208,6 +210,9 @@ class Config:
     health_listen: ListenAddr | None = ListenAddr("0.0.0.0", HEALTH_PORT)
     metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", METRICS_PORT)
     log_level: str = "info"
+    log_format: str = "text"  # text: key=value lines; json: one JSON object per line
+    # Warn once per SVID when less than this share of its lifetime is left (0: never).
+    svid_warning: float = 0.2
 
 
 # --- parsing: the YAML format (an annotated example is deploy/sidecar-config.example.yaml) ------------------------
@@ -270,7 +275,7 @@ def parse_listen_addr(value: object, path: str = "listen", *, allow_name: bool =
 def _parse_config(data: object) -> Config:
     _check_min_tls_placement(data)
     top = schema.mapping(data, "", _TOP_KEYS)
-    log = schema.mapping(schema.section(top, "log"), "log", ("level",))
+    log = schema.mapping(schema.section(top, "log"), "log", ("level", "format", "svid_warning"))
     config = Config(
         trust_domain=_trust_domain(top.get("trust_domain", _DEFAULT.trust_domain.name)),
         credentials=_credentials(top["credentials"]) if top.get("credentials") is not None else None,
@@ -290,12 +295,21 @@ def _parse_config(data: object) -> Config:
         health_listen=_optional_listener(top, "health", _DEFAULT.health_listen),
         metrics_listen=_optional_listener(top, "metrics", _DEFAULT.metrics_listen),
         log_level=schema.choice(log.get("level", _DEFAULT.log_level), "log.level", LOG_LEVELS),
+        log_format=schema.choice(log.get("format", _DEFAULT.log_format), "log.format", LOG_FORMATS),
+        svid_warning=_share(log.get("svid_warning", _DEFAULT.svid_warning), "log.svid_warning"),
     )
     if config.credentials is not None and config.identity is not None:
         raise ConfigError("identity", "give either credentials (SVID files) or identity (from the CA), not both")
     _check_unique_names(config.explicit)
     _check_listeners_distinct(config)
     return config
+
+
+def _share(value: object, path: str) -> float:
+    """A share of a lifetime: 0 (off) up to, not including, 1."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ConfigError(path, f"expected a number from 0 (off) up to 1, e.g. 0.2 (got {schema.kind(value)})")
+    return float(value)
 
 
 def _trust_domain(value: object) -> TrustDomain:
@@ -610,7 +624,7 @@ def render_config(cfg: Config) -> dict[str, Any]:
     out["max_connections"] = cfg.max_connections
     for key, addr in (("admin", cfg.admin_listen), ("health", cfg.health_listen), ("metrics", cfg.metrics_listen)):
         out[key] = {"listen": str(addr) if addr is not None else None}
-    out["log"] = {"level": cfg.log_level}
+    out["log"] = {"level": cfg.log_level, "format": cfg.log_format, "svid_warning": cfg.svid_warning}
     return out
 
 

@@ -57,5 +57,6 @@ SVID_SECRET_PREFIX = "mtlsmesh-svid-"
 # What the config's `log.level`, `--log-level` and the admin's POST /logging accept: Python's logging levels that
 # the sidecar uses, in lowercase.
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")  # the sidecar's log: key=value lines, or one JSON object per line
 # Every process of ours logs one key=value line per event, in this shape (the sidecar, the CA service, the webhook).
 LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 
-from mtlsmesh import handshake, pem, svid
+from mtlsmesh import durations, handshake, pem, svid
 from mtlsmesh.config import CredentialFiles
 from mtlsmesh.errors import CertificateError
 from mtlsmesh.identity import SpiffeId, TrustDomain
@@ -55,10 +55,11 @@ class Credentials:
         return {
             "spiffe_id": str(self.spiffe_id),
             "serial": format(leaf.serial_number, "x"),
-            "not_before": leaf.not_valid_before_utc.isoformat(),
-            "not_after": self.not_after.isoformat(),
+            "not_before": durations.format_time(leaf.not_valid_before_utc),
+            "not_after": durations.format_time(self.not_after),
             "sha256": self.fingerprint,
             "intermediates": len(self.material.chain) - 1,
+            "chain_issuer": self.material.chain[-1].issuer.rfc4514_string(),  # the root the bundle must hold
             "roots": [root.subject.rfc4514_string() or _uri(root) for root in self.material.roots],
         }
 
@@ -93,9 +94,11 @@ def load_credentials(files: CredentialFiles, trust_domain: TrustDomain, *, now: 
     if spiffe_id.trust_domain != trust_domain:
         raise CertificateError(files.cert, f"the SVID {spiffe_id} is not in trust domain {trust_domain}")
     if now < leaf.not_valid_before_utc:
-        raise CertificateError(files.cert, f"the SVID is not valid before {leaf.not_valid_before_utc.isoformat()}")
+        raise CertificateError(
+            files.cert, f"the SVID is not valid before {durations.format_time(leaf.not_valid_before_utc)}"
+        )
     if now > leaf.not_valid_after_utc:
-        raise CertificateError(files.cert, f"the SVID expired at {leaf.not_valid_after_utc.isoformat()}")
+        raise CertificateError(files.cert, f"the SVID expired at {durations.format_time(leaf.not_valid_after_utc)}")
     _check_chain(files, chain, roots)
     material = handshake.Material(chain, key, roots)
     try:
@@ -198,7 +201,7 @@ class CredentialStore:
             "event=credentials_reloaded spiffe_id=%s sha256=%s not_after=%s",
             fresh.spiffe_id,
             fresh.fingerprint,
-            fresh.not_after.isoformat(),
+            durations.format_time(fresh.not_after),
         )
         return True
 

@@ -14,6 +14,7 @@ h11 itself buffers, TLS (the caller brings the stream), or routing (the handler 
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,8 @@ def plain_refusal(status: int, message: str) -> Response:
 
 def _head(response: Response, *, close: bool) -> list[tuple[str, str]]:
     headers = [("content-type", response.content_type), ("content-length", str(len(response.body)))]
+    # RFC 9110 §6.6.1: a server with a clock sends Date; `mtlsmesh check` measures the clock skew with the CA's.
+    headers.append(("date", email.utils.formatdate(usegmt=True)))
     headers += list(response.headers)
     if close:
         headers.append(("connection", "close"))

@@ -113,29 +113,30 @@ async def handle_inbound(
     rec.orig_dst = host_port(app_host, port)
 
     prefix = b""
-    if mode is Mode.DISABLE:
-        mesh = False
-    elif explicit is not None:
-        mesh = True  # nothing between the socket and OpenSSL: any TLS client, and OpenSSL's alert for a bad one
-    elif server_first:
-        mesh = mode is Mode.STRICT  # STRICT: it must be mTLS anyway, the handshake tells; else never sniffed
-    else:
+    hello: bool | None = None  # not sniffed: DISABLE, or server-first (STRICT: it must be mTLS, the handshake tells)
+    verdict: sniff.Sniff | None = None
+    no_verdict: Reason | None = None
+    if explicit is not None:
+        hello = True  # nothing between the socket and OpenSSL: any TLS client, and OpenSSL's alert for a bad one
+    elif policy.sniffs(mode, server_first):
         try:
             prefix, verdict, no_verdict = await sniff_stream(downstream, cfg.inbound.sniff_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await refuse(downstream, rec, Reason.RESET_BY_PEER, f"during sniff: {exc}")
             return
-        mesh = verdict is not None and sniff.is_mesh(verdict)
-        if not mesh and mode is Mode.STRICT:
-            if verdict is None:
-                assert no_verdict is not None
-                await refuse(downstream, rec, no_verdict, f"{len(prefix)} bytes, no complete ClientHello")
-            elif verdict.state is sniff.SniffState.CLIENT_HELLO:
-                alpn = ",".join(verdict.alpn) or "none"
-                await refuse(downstream, rec, Reason.NOT_MESH, f"TLS without ALPN {MESH_ALPN} (alpn={alpn})")
-            else:
-                await refuse(downstream, rec, Reason.NOT_MESH, verdict.reason or "not TLS")
-            return
+        hello = verdict is not None and sniff.is_mesh(verdict)
+    route = policy.route_inbound(mode, server_first, hello)
+    if route.kind is policy.InboundKind.REFUSE:  # STRICT and not mesh mTLS: say what it was instead
+        if verdict is None:
+            assert no_verdict is not None
+            await refuse(downstream, rec, no_verdict, f"{len(prefix)} bytes, no complete ClientHello")
+        elif verdict.state is sniff.SniffState.CLIENT_HELLO:
+            alpn = ",".join(verdict.alpn) or "none"
+            await refuse(downstream, rec, Reason.NOT_MESH, f"TLS without ALPN {MESH_ALPN} (alpn={alpn})")
+        else:
+            await refuse(downstream, rec, Reason.NOT_MESH, verdict.reason or "not TLS")
+        return
+    mesh = route.kind is policy.InboundKind.MTLS
     rec.decision = Decision.MTLS if mesh else Decision.PASSTHROUGH
     front: trio.abc.HalfCloseableStream = downstream
     caller = None

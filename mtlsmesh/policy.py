@@ -3,6 +3,9 @@
 `authorize(rules, caller, port)` applies the authorization rules to an authenticated caller (or to None, a
 plaintext caller in PERMISSIVE mode). `route_outbound(cfg, dst_ip, dst_port)` says whether an outbound connection
 goes to the mesh (mTLS, with the server identities to expect), passes through as plain TCP, or is refused.
+`sniffs(mode, server_first)` and `route_inbound(mode, server_first, mesh_hello)` say how an inbound connection to a
+port is carried: terminated mTLS, passed through, or refused (STRICT and not mesh mTLS). The inbound handler and
+`mtlsmesh explain` both call these, so the explanation cannot disagree with the sidecar.
 
 Both are pure functions over frozen values; each answer carries a short reason for the connection log. What this
 module does not do: validate rules (the config parser did that), or look at certificates (`svid` extracts the
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mtlsmesh.addresses import IPAddress, unmapped
-from mtlsmesh.config import Action, AuthzRule, OutboundConfig, OutboundPolicy
+from mtlsmesh.config import Action, AuthzRule, Mode, OutboundConfig, OutboundPolicy
 from mtlsmesh.identity import SpiffeId
 
 ANY_PRINCIPAL = "*"
@@ -112,3 +115,46 @@ def route_outbound(cfg: OutboundConfig, dst_ip: IPAddress, dst_port: int) -> Rou
     if cfg.policy is OutboundPolicy.REGISTRY_ONLY:
         return Route(RouteKind.REFUSE, (), f"no destination matches {dst_ip} port {dst_port} (REGISTRY_ONLY)")
     return Route(RouteKind.PASSTHROUGH, (), f"no destination matches {dst_ip} port {dst_port} (ALLOW_ANY)")
+
+
+class InboundKind(enum.Enum):
+    MTLS = "mtls"  # mesh mTLS: terminate it, then authorize the caller's SPIFFE ID
+    PASSTHROUGH = "passthrough"  # hand the bytes to the app untouched; authorized as a plaintext caller
+    REFUSE = "refuse"  # STRICT, and not mesh mTLS: reset
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRoute:
+    kind: InboundKind
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+# The answers, made once (the handler asks once per connection).
+_IN_DISABLE = InboundRoute(InboundKind.PASSTHROUGH, "mode DISABLE: passed through, never sniffed")
+_IN_SERVER_FIRST_STRICT = InboundRoute(InboundKind.MTLS, "server-first port in STRICT: mTLS, without sniffing")
+_IN_SERVER_FIRST_OPEN = InboundRoute(
+    InboundKind.PASSTHROUGH, "server-first port in PERMISSIVE: passed through, never sniffed"
+)
+_IN_MESH = InboundRoute(InboundKind.MTLS, "a ClientHello offering ALPN mtlsmesh: mesh mTLS")
+_IN_STRICT_REFUSED = InboundRoute(InboundKind.REFUSE, "STRICT: not mesh mTLS, refused")
+_IN_PERMISSIVE = InboundRoute(InboundKind.PASSTHROUGH, "PERMISSIVE: not mesh mTLS, passed through")
+
+
+def sniffs(mode: Mode, server_first: bool) -> bool:
+    """Whether an inbound connection's first bytes are read to tell mesh mTLS from anything else."""
+    return mode is not Mode.DISABLE and not server_first
+
+
+def route_inbound(mode: Mode, server_first: bool, mesh_hello: bool | None) -> InboundRoute:
+    """How an inbound connection is carried, given the port's mode, whether it is server-first, and (when
+    `sniffs`) whether its first bytes were a ClientHello offering the mesh's ALPN (None: not sniffed)."""
+    if mode is Mode.DISABLE:
+        return _IN_DISABLE
+    if server_first:
+        return _IN_SERVER_FIRST_STRICT if mode is Mode.STRICT else _IN_SERVER_FIRST_OPEN
+    if mesh_hello:
+        return _IN_MESH
+    return _IN_STRICT_REFUSED if mode is Mode.STRICT else _IN_PERMISSIVE

@@ -31,6 +31,7 @@ from mtlsmesh.errors import MeshError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.metrics import UNKNOWN, IdentityKey, SidecarMetrics, identity_key
 from mtlsmesh.outcome import Outcome, Reason
+from mtlsmesh.recent import Recent
 
 log = logging.getLogger("mtlsmesh.conn")
 
@@ -90,12 +91,27 @@ class ConnRecord(Outcome):
         )
         return f"{text} detail={q(self.detail)}" if self.detail else text
 
+    __str__ = line  # the log record carries the connection itself; its text is made when a handler formats it
+
+    def fields(self) -> dict[str, object]:
+        """The fields of `line`, under the same names, as values (a JSON log line: `log.format: json`)."""
+        out: dict[str, object] = {
+            "dir": self.direction, "listener": self.listener, "client": self.client_addr, "orig_dst": self.orig_dst,
+            "peer_id": None if self.peer_id is None else str(self.peer_id), "decision": str(self.decision),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "duration_ms": int((time.monotonic() - self.started) * 1000), "reason": str(self.reason),
+        }  # fmt: skip
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
 
 def log_connection(rec: ConnRecord) -> None:
     """The connection's one log line, as `log.info` would emit it but without looking up the caller's source line
-    (logging walks the stack for that on every call)."""
+    (logging walks the stack for that on every call). The record's argument is `rec` itself: a text formatter
+    writes `rec.line()`, a JSON one `rec.fields()`, each only when it formats."""
     if log.isEnabledFor(logging.INFO):
-        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec.line(),), None, "log_connection"))
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (rec,), None, "log_connection"))
 
 
 class Stats(SidecarMetrics):
@@ -185,6 +201,7 @@ class Runtime:
     dial: Dialer = netio.dial
     stats: Stats = field(default_factory=Stats)
     tracker: Tracker = field(default_factory=lambda: Tracker(10_000))
+    recent: Recent = field(default_factory=Recent)  # open connections, last outcomes (admin GET /explain, /status)
 
 
 Handler = Callable[[Runtime, trio.SocketStream, ConnRecord], Awaitable[None]]
@@ -221,6 +238,7 @@ async def _run_connection(rt: Runtime, handler: Handler, stream: trio.SocketStre
                 await netio.abort_close(stream)
         rt.tracker.closed()
         rt.stats.record(rec, _own_id(rt), was_open=True)
+        rt.recent.closed(rec)
         log_connection(rec)
 
 
@@ -260,10 +278,12 @@ async def serve_listener(
                     rec.reason, rec.detail = Reason.LIMIT, "max_connections reached"
                     await netio.abort_close(stream)  # an RST: its connect() succeeded against us
                     rt.stats.record(rec, _own_id(rt))
+                    rt.recent.add(rec)
                     log_connection(rec)
                 else:
                     rt.tracker.opened()
                     rt.stats.accepted(direction)
+                    rt.recent.opened(rec)
                     connections.start_soon(_run_connection, rt, handler, stream, rec)
                 in_a_row += 1
                 if in_a_row >= ACCEPT_BURST:  # a backlog that never empties must not starve everyone else

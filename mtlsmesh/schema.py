@@ -11,19 +11,15 @@ What this module does not know: which keys the sidecar's config has (`config` sa
 from __future__ import annotations
 
 import enum
-import math
-import re
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
 
 import yaml
 
+from mtlsmesh import durations
 from mtlsmesh.errors import ConfigError
 
 E = TypeVar("E", bound=enum.Enum)
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def load_yaml(path: str) -> object:
@@ -133,23 +129,12 @@ def enum_choice(value: object, path: str, enum_type: type[E]) -> E:
 
 
 def parse_duration(value: object, path: str = "duration") -> float:
-    """`5s`, `250ms`, `2m`, `1h` or a number of seconds, as non-negative float seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    else:
-        raise ConfigError(path, f"expected a duration like 5s, 250ms, 2m or a number of seconds (got {kind(value)})")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(path, f"a duration must be finite and not negative (got {kind(value)})")
-    return seconds
+    """A duration (see `durations`), as non-negative float seconds."""
+    return durations.parse_duration(value, path)
 
 
 def duration(value: object, path: str, positive: bool = False) -> float:
-    seconds = parse_duration(value, path)
-    if positive and seconds == 0:
-        raise ConfigError(path, "must be greater than zero")
-    return seconds
+    return durations.parse_duration(value, path, positive=positive)
 
 
 def kind(value: object) -> str:

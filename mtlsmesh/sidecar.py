@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from mtlsmesh import admin, inbound, netio, outbound
+from mtlsmesh import admin, expiry, inbound, netio, outbound
 from mtlsmesh.config import Config, ExplicitMode, ListenAddr
 from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import ConfigError
@@ -141,6 +141,8 @@ async def serve_sidecar(
 
     async with trio.open_nursery() as top:
         top.start_soon(credentials.serve_reload)
+        if cfg.svid_warning > 0:
+            top.start_soon(expiry.watch_svid_life, credentials, cfg.svid_warning)
         for item, listeners in bound:
             if item.handler is None:
                 for listener in listeners:

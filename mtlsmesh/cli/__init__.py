@@ -2,10 +2,10 @@
 
 `COMMANDS` names each subcommand and its one-line help. Only the module of the subcommand being run is imported:
 `mtlsmesh sidecar` loads the sidecar and nothing of the CA's CLI or the pod lab. Each module `mtlsmesh/cli/<name>.py`
-defines `add_parser(subparsers, help_text)`, which registers its subcommand and sets `run=<callable(args) -> int>`
-as its default. For `mtlsmesh --help` (no subcommand given) the others are listed by name and help alone. This
-module turns a `MeshError` into one line on stderr and exit status 2; a line citing SPIFFE rule ids says where they
-are explained (`errors.with_rules_doc`). A traceback from here is a bug.
+(a `-` in the name is `_` there) defines `add_parser(subparsers, help_text)`, which registers its subcommand and
+sets `run=<callable(args) -> int>` as its default. For `mtlsmesh --help` (no subcommand given) the others are
+listed by name and help alone. This module turns a `MeshError` into one line on stderr and exit status 2; a line
+citing SPIFFE rule ids says where they are explained (`errors.with_rules_doc`). A traceback from here is a bug.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from mtlsmesh import __version__
 from mtlsmesh.errors import MeshError, with_rules_doc
 
 if TYPE_CHECKING:  # trio is imported only by the commands that run an event loop
@@ -28,13 +27,30 @@ EXIT_ERROR = 2
 
 COMMANDS = {
     "ca": "the built-in SPIFFE CA",
+    "check": "check this pod's mesh: capture rules, listeners, health, SVID, bundle, CA, clock (one line each)",
+    "completion": "print a shell completion script (bash, zsh, tcsh, ...) generated from these commands' flags",
     "demo": "build the bookinfo mesh in network namespaces and show mTLS at work (root)",
+    "explain": "say why a connection is (not) encrypted: capture rule, sidecar decision, policy, verdict",
     "inject": "add the mesh's init container and sidecar to Kubernetes manifests",
     "iptables": "install the pod's traffic-capture rules (the init step)",
+    "proxy-config": "show one part of the pod's sidecar in full: listeners, config, certs, connections, recent",
     "sidecar": "run the pod's mTLS sidecar",
+    "status": "show the pod's sidecar in a few lines: ready, SVID and time left, listeners, connections",
     "uninject": "remove what inject added from Kubernetes manifests (its exact inverse)",
+    "version": "print the versions of mtlsmesh, Python, OpenSSL, cryptography and pyOpenSSL",
     "webhook": "serve the Kubernetes admission webhook that injects pods as they are created",
 }
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: what `mtlsmesh version` prints; its module (which imports cryptography) loads only then."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(importlib.import_module(f"{__name__}.version").text())
+        parser.exit()
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
@@ -45,12 +61,12 @@ def _command_in(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with the full arguments of the subcommand `argv` names (every one when `argv` is None)."""
     parser = argparse.ArgumentParser(prog="mtlsmesh", description="Zero-code mutual TLS between pods.")
-    parser.add_argument("--version", action="version", version=f"mtlsmesh {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else _command_in(argv)
     for name, help_text in COMMANDS.items():
         if argv is None or name == wanted:
-            module = importlib.import_module(f"{__name__}.{name}")
+            module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
             module.add_parser(subparsers, help_text)
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)
@@ -61,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(words)
     args = parser.parse_args(words)
+    args.argv = words  # what `--pod NAME` runs again inside the pod
     try:
         status = args.run(args)
     except MeshError as exc:

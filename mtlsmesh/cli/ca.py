@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import json
 import logging
 import re
 import stat
@@ -46,7 +45,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from mtlsmesh import ca, pem, svid
+from mtlsmesh import ca, durations, pem, svid
+from mtlsmesh.cli import output
 from mtlsmesh.conventions import BUNDLE_FILE, CERT_FILE, KEY_FILE, LOG_FORMAT, SVID_SECRET_PREFIX
 from mtlsmesh.errors import CertificateError, ConfigError, IdentityError, with_rules_doc
 from mtlsmesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, parse_trust_domain, parse_workload_id, workload_id
@@ -55,8 +55,6 @@ DEFAULT_CA_DIR = "certs/ca"
 DEFAULT_CERTS_DIR = "certs"
 EXIT_INVALID = 1
 
-_DURATION_UNITS = {"y": 365 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
-_DURATION = re.compile(r"(?:\d+[ydhms])+")
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
 _DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _MAX_SUBDOMAIN = 253  # a Kubernetes object name
@@ -64,15 +62,8 @@ _DER = serialization.Encoding.DER
 
 
 def parse_ttl(text: str, flag: str = "--ttl") -> timedelta:
-    """`10y`, `90d`, `24h`, `30m`, `45s`, or a sum like `1h30m`; a year is 365 days."""
-    if not _DURATION.fullmatch(text):
-        raise ConfigError(flag, f"{text!r} is not a duration; write e.g. 10y, 90d, 24h, 30m, 1h30m")
-    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([ydhms])", text))
-    if seconds <= 0:
-        raise ConfigError(flag, f"{text!r}: the duration must be positive")
-    if seconds > 100 * 365 * 86400:
-        raise ConfigError(flag, f"{text!r}: longer than 100 years")
-    return timedelta(seconds=seconds)
+    """`10y`, `90d`, `24h`, `30m`, `45s`, or a sum like `1h30m` (see `durations`); at most 100 years."""
+    return durations.parse_timedelta(text, flag, at_most=100 * durations.UNITS["y"])
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
@@ -80,40 +71,65 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     commands = parser.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
     key_types = [k.value for k in ca.KeyType]
 
-    init = commands.add_parser("init", help="create a root CA (and optionally an intermediate)")
+    init = commands.add_parser(
+        "init",
+        help="create a root CA (and optionally an intermediate)",
+        description="Create a CA directory: root.pem and root.key (and with --intermediate an intermediate that signs "
+        "the leaves), bundle.pem with the root. Keys are written 0600.",
+    )
     init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="default: %(default)s")
     init.add_argument("--dir", default=DEFAULT_CA_DIR, help="where the CA lives (default: %(default)s)")
-    init.add_argument("--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value)
+    init.add_argument("--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value, help="default: %(default)s")
     init.add_argument("--ttl", default="10y", help="root lifetime (default: %(default)s)")
     init.add_argument("--intermediate", action="store_true", help="sign leaves with an intermediate CA")
     init.add_argument("--name-constraint", action="store_true", help="constrain the CA to its trust domain's URIs")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    output.add_json_flag(init)
     init.set_defaults(run=run_init)
 
-    issue = commands.add_parser("issue", help="issue a workload SVID")
+    issue = commands.add_parser(
+        "issue",
+        help="issue a workload SVID",
+        description="Issue an X.509-SVID for a SPIFFE ID (or a namespace and service account) from the CA directory: "
+        "cert.pem (leaf, then intermediates), key.pem, bundle.pem in --out, or a Kubernetes Secret on stdout.",
+    )
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--spiffe-id", help="spiffe://<td>/<path>")
     who.add_argument("--namespace", help="with --service-account: spiffe://<td>/ns/NS/sa/SA")
-    issue.add_argument("--service-account")
+    issue.add_argument("--service-account", help="with --namespace: the workload's service account")
     issue.add_argument("--ca-dir", default=DEFAULT_CA_DIR, help="default: %(default)s")
     issue.add_argument("--ttl", default="24h", help="default: %(default)s")
     issue.add_argument("--dns", action="append", default=[], metavar="NAME", help="add a DNS SAN (repeatable)")
-    issue.add_argument("--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value)
+    issue.add_argument(
+        "--key-type", choices=key_types, default=ca.KeyType.ECDSA_P256.value, help="default: %(default)s"
+    )
     issue.add_argument("--out", help=f"output directory (default: {DEFAULT_CERTS_DIR}/<namespace>-<sa>)")
     issue.add_argument("--csr", help="sign this PEM CSR's public key (the ID still comes from the flags)")
     issue.add_argument("--force", action="store_true", help="replace existing files")
     issue.add_argument("--k8s-secret", action="store_true", help="print a Kubernetes Secret instead of writing")
+    output.add_json_flag(issue)
     issue.set_defaults(run=run_issue)
 
-    inspect = commands.add_parser("inspect", help="describe a certificate")
-    inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true")
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a certificate",
+        description="Describe every certificate in a PEM file: SPIFFE ID, validity and time left, key, fingerprint, "
+        "and whether it is a valid SVID (or SPIFFE signing certificate), and if not why.",
+    )
+    inspect.add_argument("file", help="a PEM file: one certificate or a chain")
+    output.add_json_flag(inspect)
     inspect.set_defaults(run=run_inspect)
 
-    verify = commands.add_parser("verify", help="verify an SVID chain against a bundle: exit 0 valid, 1 invalid")
-    verify.add_argument("--bundle", required=True)
+    verify = commands.add_parser(
+        "verify",
+        help="verify an SVID chain against a bundle: exit 0 valid, 1 invalid",
+        description="Verify an SVID chain with OpenSSL against a trust bundle, then the SPIFFE rules on the leaf. "
+        "Exit status 0 valid, 1 invalid (one line says why), 2 unreadable input.",
+    )
+    verify.add_argument("--bundle", required=True, help="the trust roots (PEM)")
     verify.add_argument("--trust-domain", help="also require the ID to be in this trust domain")
-    verify.add_argument("cert")
+    verify.add_argument("cert", help="the SVID chain (PEM, leaf first)")
+    output.add_json_flag(verify)
     verify.set_defaults(run=run_verify)
 
     serve = commands.add_parser(
@@ -163,11 +179,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     serve.add_argument("--rate-burst", type=float, default=10.0, help="sign requests per identity at once")
     serve.add_argument("--rate", type=float, default=2.0, help="sign requests per identity per second after that")
     serve.add_argument("--san", action="append", default=[], metavar="NAME", help="DNS name or IP for its own cert")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="%(default)s")
     serve.set_defaults(run=run_serve)
 
-    bundle = commands.add_parser("bundle", help="build a trust bundle from several roots (rotation)")
-    bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem")
+    bundle = commands.add_parser(
+        "bundle",
+        help="build a trust bundle from several roots (rotation)",
+        description="Add roots to a bundle file (or stdout) and remove others: during a root rotation the bundle "
+        "holds the old and the new root.",
+    )
+    bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem", help="add these roots")
     bundle.add_argument("--remove", action="append", default=[], metavar="ROOT.pem", help="drop these roots")
     bundle.add_argument("--bundle", help="bundle file to extend (created if missing); default: print to stdout")
     bundle.set_defaults(run=run_bundle)
@@ -226,9 +247,16 @@ def run_init(args: argparse.Namespace) -> int:
     )
     ca.save_authority(authority, directory, force=args.force)
     signer = "an intermediate" if args.intermediate else "the root"
+    not_after = authority.roots[0].not_valid_after_utc
+    if args.json:
+        output.print_json(
+            [{"trust_domain": trust_domain.name, "dir": str(directory), "key_type": args.key_type,
+              "signer": "intermediate" if args.intermediate else "root", "not_after": not_after}]
+        )  # fmt: skip
+        return 0
     print(
         f"created CA {trust_domain.id} in {directory} ({args.key_type}, {signer} signs, valid until "
-        f"{ca.format_time(authority.roots[0].not_valid_after_utc)})"
+        f"{ca.format_time(not_after)})"
     )
     return 0
 
@@ -316,6 +344,12 @@ def run_issue(args: argparse.Namespace) -> int:
         print(f"issued {spiffe_id}, valid until {until}, as a Kubernetes Secret on stdout", file=sys.stderr)
         return 0
     issued.write_to_dir(out, force=args.force)
+    if args.json:
+        output.print_json(
+            [{"spiffe_id": str(spiffe_id), "not_after": issued.cert.not_valid_after_utc, "dir": str(out),
+              "files": list(names)}]
+        )  # fmt: skip
+        return 0
     written = ", ".join(names)
     print(f"issued {spiffe_id}, valid until {until}, in {out} ({written})")
     return 0
@@ -366,6 +400,7 @@ def _describe(cert: x509.Certificate, source: str, now: datetime) -> dict[str, A
         "not_before": ca.format_time(not_before),
         "not_after": ca.format_time(not_after),
         "time_left": time_left,
+        "seconds_left": int((not_after - now).total_seconds()),
         "key_type": key_type,
         "sha256_fingerprint": ":".join(f"{b:02X}" for b in hashlib.sha256(cert.public_bytes(_DER)).digest()),
         "valid_svid": not reason,
@@ -378,7 +413,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     now = _now()
     described = [_describe(cert, args.file, now) for cert in certs]
     if args.json:
-        print(json.dumps(described[0] if len(described) == 1 else described, indent=2))
+        output.print_json(described)  # always a list, one object per certificate in the file
         return 0
     for index, info in enumerate(described):
         if index:
@@ -433,8 +468,16 @@ def run_verify(args: argparse.Namespace) -> int:
         if trust_domain is not None and spiffe_id.trust_domain != trust_domain:
             raise CertificateError("", f"{spiffe_id} is not in trust domain {trust_domain} (V-7)")
     except (CertificateError, IdentityError) as exc:
-        print(f"mtlsmesh: invalid: {args.cert}: {with_rules_doc(str(exc))}", file=sys.stderr)
+        if args.json:
+            output.print_json([{"file": args.cert, "valid": False, "spiffe_id": None, "not_after": None,
+                                "reason": with_rules_doc(str(exc))}])  # fmt: skip
+        else:
+            print(f"mtlsmesh: invalid: {args.cert}: {with_rules_doc(str(exc))}", file=sys.stderr)
         return EXIT_INVALID
+    if args.json:
+        output.print_json([{"file": args.cert, "valid": True, "spiffe_id": str(spiffe_id),
+                            "not_after": chain[0].not_valid_after_utc, "reason": None}])  # fmt: skip
+        return 0
     until = ca.format_time(chain[0].not_valid_after_utc)
     print(f"{args.cert}: OK {spiffe_id} (valid until {until})")
     return 0

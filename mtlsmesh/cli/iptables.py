@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 
 from mtlsmesh import capture, capture_plan, installer
+from mtlsmesh.cli import output
 from mtlsmesh.conventions import NEVER_CAPTURED_INBOUND
 from mtlsmesh.errors import ConfigError
 
@@ -95,6 +96,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         metavar="auto|nft|legacy|system",
         help=f"iptables command family (auto: the one holding rules, else the system's); env {_BACKEND_ENV}",
     )
+    parser.add_argument(
+        "--json", action="store_true", help="--check: the differences, else the commands run, as a JSON list"
+    )
     parser.set_defaults(run=run)
 
 
@@ -143,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     backend = installer.detect_backend(requested)
     if args.check:
         differences = installer.check(options, backend)
+        if args.json:
+            output.print_json([{"backend": backend.value, "difference": line} for line in differences])
+            return 1 if differences else 0
         for line in differences:
             print(line)
         if differences:
@@ -151,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"capture rules match ({backend.value} backend)")
         return 0
     steps = installer.cleanup(options, backend) if args.cleanup else installer.apply(options, backend)
+    if args.json:
+        output.print_json([{"backend": backend.value, "command": step.render()} for step in steps])
+        return 0
     for step in steps:
         print(step.render())
     verb = "removed" if args.cleanup else "applied and verified"

@@ -17,8 +17,10 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -30,7 +32,7 @@ from mtlsmesh import admin, relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import LOG_FORMAT, LOG_LEVELS
+from mtlsmesh.conventions import LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
 from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
@@ -53,6 +55,7 @@ ENV = {
     "inbound_mode": "MTLSMESH_INBOUND_MODE",
     "log_level": "MTLSMESH_LOG_LEVEL",
     "admin_token_file": "MTLSMESH_ADMIN_TOKEN_FILE",
+    "log_format": "MTLSMESH_LOG_FORMAT",
 }
 # Where the admin token goes when no flag or variable names a file: a directory the pod mounts for it (an emptyDir,
 # the proxy's root filesystem being read-only). Used only when that directory exists: without it POSTs are refused.
@@ -76,6 +79,49 @@ class LineFormatter(logging.Formatter):
         return f"{text},{int(record.msecs):03d}"  # what logging.Formatter.default_msec_format "%s,%03d" gives
 
 
+class JsonFormatter(logging.Formatter):
+    """`log.format: json`: one JSON object per line. `ts` (RFC 3339 UTC, milliseconds), `level` and `logger` first;
+    then a connection's fields under the names of its text line (`runtime.ConnRecord.fields`), or an event's
+    key=value pairs as they were written (values as text), or, for a message that is not key=value, `msg`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, object] = {
+            "ts": f"{moment}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name
+        }  # fmt: skip
+        args = record.args
+        fields = getattr(args[0], "fields", None) if isinstance(args, tuple) and len(args) == 1 else None
+        if callable(fields):
+            out.update(fields())
+        else:
+            message = record.getMessage()
+            pairs = parse_kv(message)
+            out.update(pairs if pairs is not None else {"msg": message})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+_KV = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[^ ]*)(?: +|$)')
+
+
+def parse_kv(text: str) -> dict[str, str] | None:
+    """`event=x reason="a b"` as {"event": "x", "reason": "a b"}; None when `text` is not wholly key=value pairs.
+    Values quoted by `runtime.render_kv` (double quotes) or `%r` (single or double) are unquoted."""
+    out: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _KV.match(text, position)
+        if match is None or match.end() == position:
+            return None
+        value = match[2]
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        out[match[1]] = value
+        position = match.end()
+    return out or None
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
     parser = subparsers.add_parser("sidecar", help=help_text, description=__doc__)
     parser.add_argument("--config", metavar="FILE", help="the sidecar YAML config (env MTLSMESH_CONFIG)")
@@ -92,6 +138,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         metavar="FILE",
         help="where to write the token the admin port's POSTs need (env MTLSMESH_ADMIN_TOKEN_FILE; default "
         f"{DEFAULT_ADMIN_TOKEN_FILE} when its directory exists)",
+    )
+    parser.add_argument(
+        "--log-format", metavar="FORMAT", help="text (key=value) | json, one object per line (env MTLSMESH_LOG_FORMAT)"
     )
     parser.set_defaults(run=run)
 
@@ -151,6 +200,11 @@ def build_config(args: argparse.Namespace) -> Config:
         if level.lower() not in LOG_LEVELS:
             raise ConfigError("--log-level", f"expected one of {', '.join(LOG_LEVELS)}")
         cfg = dataclasses.replace(cfg, log_level=level.lower())
+    log_format = _value(args, "log_format")
+    if log_format is not None:
+        if log_format.lower() not in LOG_FORMATS:
+            raise ConfigError("--log-format", f"expected one of {', '.join(LOG_FORMATS)}")
+        cfg = dataclasses.replace(cfg, log_format=log_format.lower())
     return cfg
 
 
@@ -183,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         assert cfg.credentials is not None
         credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else LineFormatter(LOG_FORMAT))
     # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
     # process and multiprocessing names) and LOG_FORMAT never shows.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

@@ -148,6 +148,7 @@ class Mesh:
     client_rt: Runtime
     server_rt: Runtime
     server_state: admin.State
+    client_state: admin.State
 
 
 @asynccontextmanager
@@ -180,7 +181,7 @@ async def mesh_pair(
         )
         client_cfg = dataclasses.replace(client_cfg, **(client_changes or {}))  # type: ignore[arg-type]
         async with running_sidecar(client_cfg, orig_dst=fixed_dst(LOOPBACK, inbound_port)) as (client_rt, state):
-            yield Mesh(state.bound["outbound"][1], inbound_port, client_rt, server_rt, server_state)
+            yield Mesh(state.bound["outbound"][1], inbound_port, client_rt, server_rt, server_state, state)
 
 
 def client_hello(alpn: bytes | None = b"mtlsmesh") -> bytes:

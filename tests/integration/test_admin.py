@@ -21,7 +21,7 @@ import trio.testing
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
-from mtlsmesh import admin, config
+from mtlsmesh import admin, config, durations
 from mtlsmesh.credentials import CredentialStore
 from mtlsmesh.outcome import Decision, Reason
 from mtlsmesh.runtime import ConnRecord, Runtime
@@ -414,12 +414,12 @@ async def test_config_dump_and_certs_show_no_key_material(
         for leak in key_material(files.key):
             assert leak not in body.decode(), f"{leak[:16]}... is in the answer"
     expected = config.render_config(rt.config)  # the key's path, never the key
-    expected["log"] = {"level": admin.current_log_level()}  # the level in force (here: the test run's)
+    expected["log"] = {**expected["log"], "level": admin.current_log_level()}  # the level in force (the run's)
     assert json.loads(dump[2]) == expected
     shown = json.loads(certs[2])
     current = rt.credentials.current
     assert shown["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/a"
-    assert shown["sha256"] == current.fingerprint and shown["not_after"] == current.not_after.isoformat()
+    assert shown["sha256"] == current.fingerprint and shown["not_after"] == durations.format_time(current.not_after)
     assert shown["intermediates"] == (1 if intermediate else 0)
     assert len(shown["roots"]) == 1
 

@@ -110,3 +110,34 @@ async def test_two_sidecars_with_svids_from_the_ca(tmp_path: Path, caplog: pytes
     inbound = conn_lines(caplog.records, "inbound")
     assert len(inbound) == 3 and all("peer_id=spiffe://cluster.local/ns/default/sa/productpage" in x for x in inbound)
     assert all("decision=mtls" in line for line in conn_lines(caplog.records, "outbound"))
+
+
+async def test_an_svid_from_the_ca_with_little_life_left_is_warned_about_once_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab = CaLab.create(tmp_path)
+    with trio.fail_after(60):
+        async with running_ca(lab.config()) as (_, ca_port, _), app_server(echo) as (app_port, _):
+            cfg = identity_config(
+                lab, ca_port, "reviews",
+                ExplicitListener("in", ANY_PORT, ListenAddr(LOOPBACK, app_port), ExplicitMode.TERMINATE),
+            )  # fmt: skip
+            # The CA backdates each SVID by a minute: a 4 s SVID arrives with 4 of its 64 s left, under the
+            # default share of 0.2, so each one is warned about as soon as the watcher (every second) sees it,
+            # before its renewal at about 2 s; and never again.
+            assert cfg.svid_warning == 0.2
+            async with identity_sidecar(cfg) as (_, _, agent):
+                seen = [agent.current.fingerprint]
+                while len(seen) < 3:  # the first SVID and two renewals, the last one warned about too
+                    await trio.sleep(0.05)
+                    if agent.current.fingerprint != seen[-1]:
+                        seen.append(agent.current.fingerprint)
+                await trio.sleep(2.0)  # long enough for a second warning about the third one, if there were one
+    warned = [
+        re.search(r"sha256=(\S+)", record.getMessage())[1]  # type: ignore[index]
+        for record in caplog.records
+        if "event=svid_expiring" in record.getMessage()
+    ]
+    assert warned[: len(seen)] == seen  # one per SVID, in order (a fourth may have come during the last sleep)
+    assert len(warned) == len(set(warned))  # none twice
+    assert all(record.levelname == "WARNING" for record in caplog.records if "svid_expiring" in record.getMessage())

@@ -6,12 +6,15 @@ log line). The test is the mesh client itself, speaking mTLS with an SVID from t
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import trio
 import yaml
 
 from mtlsmesh import tls
+from mtlsmesh.cli.sidecar import parse_kv
 from mtlsmesh.credentials import load_credentials
 from tests.integration.mesh import app_server, connect, echo, outcome
 from tests.pki import TD, Pki
@@ -106,9 +110,11 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def sidecar_process(config: Path, *args: str) -> AsyncIterator[tuple[trio.Process, dict[str, int], list[str]]]:
-    """Start the sidecar (with `args` after its --config), wait for its ready line, yield (process, listener ports,
-    stderr lines so far and later)."""
+async def sidecar_process(
+    config: Path, *args: str, ready_word: str = "event=ready"
+) -> AsyncIterator[tuple[trio.Process, dict[str, int], list[str]]]:
+    """Start the sidecar (with `args` after its --config), wait for its ready line (`ready_word`), yield (process,
+    listener ports, stderr lines so far and later)."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "mtlsmesh", "sidecar", "--config", str(config), *args],
         stderr=subprocess.PIPE,
@@ -130,8 +136,9 @@ async def sidecar_process(config: Path, *args: str) -> AsyncIterator[tuple[trio.
                     for raw in complete:
                         line = raw.decode()
                         lines.append(line)
-                        if "event=ready" in line:
-                            for item in line.split("listeners=")[1].split(","):
+                        if ready_word in line:
+                            listeners = json.loads(line)["listeners"] if line.startswith("{") else line
+                            for item in listeners.split("listeners=")[-1].split(","):
                                 name, address = item.split("=")
                                 ports[name] = int(address.rsplit(":", 1)[1])
                             ready.set()
@@ -210,3 +217,57 @@ async def test_sigterm_drains_open_connections_then_exits(tmp_path: Path) -> Non
     assert any("reason=drain_timeout" in line for line in conn)
     assert any("event=signal signal=SIGTERM" in line for line in lines)
     assert not any("Traceback" in line for line in lines)
+
+
+async def test_json_log_lines_carry_the_text_lines_fields_and_an_old_svid_is_warned_about_once(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path)
+    async with app_server(echo) as (app_port, _seen):
+        # Text first: the reference for the fields a JSON line must carry.
+        text_config = write_config(tmp_path / "text.yaml", pki, app_port)
+        async with sidecar_process(text_config) as (process, ports, text_lines):
+            stream = await mtls_client(pki, ports["web"])
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(100) == b"ping"
+            await stream.send_eof()
+            assert await stream.receive_some(100) == b""
+            await stream.aclose()
+            with trio.fail_after(10):
+                while not any("dir=inbound" in line for line in text_lines):
+                    await trio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+        [text_line] = [line for line in text_lines if "dir=inbound" in line]
+        text_fields = parse_kv(text_line.split(" logger=mtlsmesh.conn ", 1)[1])
+        assert text_fields is not None, text_line
+
+        # JSON, with an SVID that has 10 of its 60 minutes left: below the default share of 0.2.
+        config = write_config(tmp_path / "json.yaml", pki, app_port, log={"format": "json"})
+        started = datetime.now(UTC) - timedelta(minutes=50)
+        pki.issue("web", now=started, ttl=timedelta(hours=1))  # rewrites what the config names
+        async with sidecar_process(config, ready_word='"event":"ready"') as (process, ports, lines):
+            stream = await mtls_client(pki, ports["web"])
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(100) == b"ping"
+            await stream.send_eof()
+            assert await stream.receive_some(100) == b""
+            await stream.aclose()
+            with trio.fail_after(10):
+                while not any('"dir":"inbound"' in line for line in lines):
+                    await trio.sleep(0.05)
+            await trio.sleep(2.5)  # the watcher looks again every second: still one warning
+            process.send_signal(signal.SIGTERM)
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(list(record)[:3] == ["ts", "level", "logger"] for record in records)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"]) for record in records)
+    [conn] = [record for record in records if record["logger"] == "mtlsmesh.conn"]
+    assert list(conn)[3:] == list(text_fields)  # the same fields, in the same order
+    assert conn["dir"] == "inbound" and conn["decision"] == "mtls" and conn["reason"] == "closed"
+    assert conn["peer_id"] == str(pki.id_of("client"))
+    assert conn["bytes_in"] == 4 and conn["bytes_out"] == 4
+    warnings = [record for record in records if record.get("event") == "svid_expiring"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0]["level"] == "WARNING"
+    assert warnings[0]["spiffe_id"] == str(pki.id_of("web"))
+    assert 0.1 < float(warnings[0]["life_left"]) < 0.2
+    assert not any("svid_expiring" in line for line in text_lines)  # a fresh SVID: no warning

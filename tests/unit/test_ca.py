@@ -258,12 +258,12 @@ def test_refuses_ids_a_ca_must_not_issue(spiffe_id: SpiffeId, error: type[Except
         (
             NOW,
             timedelta(days=3),
-            r"a TTL of 3d ends 2026-01-05 03:04:05 UTC, after the signing CA expires; "
-            r"it could go until 2026-01-04 03:04:05 UTC \(a TTL of at most 2d\)",
+            r"a TTL of 3d ends 2026-01-05T03:04:05Z, after the signing CA expires; "
+            r"it could go until 2026-01-04T03:04:05Z \(a TTL of at most 2d\)",
         ),
-        (NOW + timedelta(days=1), timedelta(hours=25), r"it could go until 2026-01-04 03:04:05 UTC \(.* at most 1d\)"),
-        (NOW + timedelta(days=2), timedelta(hours=1), r"the signing CA expired at 2026-01-04 03:04:05 UTC"),
-        (NOW - timedelta(hours=1), timedelta(hours=1), r"the signing CA is not valid before 2026-01-02 03:03:05 UTC"),
+        (NOW + timedelta(days=1), timedelta(hours=25), r"it could go until 2026-01-04T03:04:05Z \(.* at most 1d\)"),
+        (NOW + timedelta(days=2), timedelta(hours=1), r"the signing CA expired at 2026-01-04T03:04:05Z"),
+        (NOW - timedelta(hours=1), timedelta(hours=1), r"the signing CA is not valid before 2026-01-02T03:03:05Z"),
         (NOW, timedelta(0), r"the SVID lifetime must be positive, not 0s"),
         (NOW, timedelta(hours=-1), r"the SVID lifetime must be positive, not -1h"),
     ],

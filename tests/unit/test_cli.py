@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import cryptography
+import OpenSSL
 import pytest
 
-from mtlsmesh.cli import main
+import mtlsmesh
+from mtlsmesh.cli import COMMANDS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +25,28 @@ def test_version_prints_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.startswith("mtlsmesh ")
+    flag = capsys.readouterr().out
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out == flag  # the flag and the command print the same
+    lines = flag.splitlines()
+    assert lines[0] == f"mtlsmesh {mtlsmesh.__version__}"
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    shown = {line.split()[0]: line for line in lines[2:]}
+    assert backend.openssl_version_text() in shown["openssl"]
+    assert f" {OpenSSL.__version__} " in shown["pyOpenSSL"]
+    assert f" {cryptography.__version__} " in shown["cryptography"]
+    assert f" {platform.python_version()} " in shown["python"]
+
+
+def test_version_json_is_a_list_of_components(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list)
+    by_name = {row["component"]: row["version"] for row in rows}
+    assert by_name["mtlsmesh"] == mtlsmesh.__version__
+    assert by_name["pyOpenSSL"] == OpenSSL.__version__
+    assert by_name["openssl"].startswith("OpenSSL ")
 
 
 def test_python_dash_m_runs_the_cli() -> None:
@@ -32,11 +59,12 @@ def test_python_dash_m_runs_the_cli() -> None:
 # everything it serves with by then), the init step's dry run in full.
 IMPORT_PROBE = """
 import sys
-from mtlsmesh.cli import main
+from mtlsmesh.cli import COMMANDS, build_parser, main
 status = main(sys.argv[1:])
 import mtlsmesh.sidecar, mtlsmesh.installer  # what serving and applying the rules import, whatever the flags
 # Neither the lab nor the module of another subcommand: the CLI imports only the one that runs.
-others = {"mtlsmesh.cli." + name for name in ("ca", "demo", "inject", "uninject", "webhook")}
+others = {"mtlsmesh.cli." + name for name in ("ca", "check", "completion", "demo", "explain", "inject", "proxy_config",
+                                              "status", "uninject", "version", "webhook")}
 print(f"{status}|" + ",".join(sorted(m for m in sys.modules if m == "mtlsmesh.lab" or m.startswith("mtlsmesh.lab.")
                                      or m in others)))
 """
@@ -92,3 +120,35 @@ def test_an_install_without_the_lab_still_runs_and_says_why_demo_cannot(tmp_path
     assert demo.stderr.strip().splitlines() == [
         "mtlsmesh: error: the pod lab is not installed here (the image leaves it out): run the demo from a checkout"
     ]
+
+
+def _actions(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+    found: list[tuple[str, argparse.Action]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            found.append((path, action))
+    return found
+
+
+def test_every_command_has_a_description_and_every_flag_a_help_text() -> None:
+    parser = build_parser(None)
+    missing = [
+        f"{path}: {'/'.join(action.option_strings) or action.dest}"
+        for path, action in _actions(parser, "mtlsmesh")
+        if not action.help and action.dest != "command" and not action.dest.endswith("_command")
+    ]
+    assert missing == []
+    for name in COMMANDS:
+        sub = build_parser([name])._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+        assert sub.description, f"mtlsmesh {name} --help has no description"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_of_each_command_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mtlsmesh {command}")

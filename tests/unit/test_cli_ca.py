@@ -202,7 +202,7 @@ def test_k8s_secret_goes_to_stdout_and_nothing_to_disk(
         (["--spiffe-id", "spiffe://cluster.local/a", "--service-account", "x"], r"goes with --namespace"),
         (
             ["--namespace", "d", "--service-account", "w", "--ttl", "20y"],
-            r"it could go until .* UTC \(a TTL of at most",
+            r"it could go until \S+Z \(a TTL of at most",
         ),
         (["--namespace", "d", "--service-account", "w", "--ttl", "10x"], r"--ttl: '10x' is not a duration"),
         (["--namespace", "d", "--service-account", "w", "--ttl", "0h"], r"--ttl: '0h': the duration must be positive"),
@@ -254,7 +254,7 @@ def test_init_refuses_an_existing_ca(ca_dir: Path, workdir: Path, capsys: pytest
         (["--trust-domain", "Cluster.local"], r"must be lowercase \(ID-4\)"),
         (["--trust-domain", "td:443"], r"a port or ':' is not allowed.*\(ID-3\)"),
         (["--ttl", "ten years"], r"--ttl: 'ten years' is not a duration"),
-        (["--ttl", "200y"], r"--ttl: '200y': longer than 100 years"),
+        (["--ttl", "200y"], r"--ttl: '200y': longer than 100y"),
     ],
 )
 def test_init_refuses(workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -357,6 +357,10 @@ def test_inspect_describes_a_chain(ca_dir: Path, workdir: Path, capsys: pytest.C
     assert "(23h59m)" in out or "(23h58m)" in out
     assert "SVID:        yes, a valid SVID" in out
     assert "SVID:        yes, a valid SPIFFE signing certificate" in out  # the intermediate
+    assert main(["ca", "inspect", "--json", "w/cert.pem"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["kind"] for row in rows] == ["leaf", "CA certificate"]
+    assert rows[0]["sha256_fingerprint"] == fingerprint
 
 
 def test_inspect_json_says_why_not_valid(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -365,13 +369,15 @@ def test_inspect_json_says_why_not_valid(ca_dir: Path, workdir: Path, capsys: py
     old_ca = ca.create_ca(TD, now=past)
     ca.issue_svid(old_ca, WEB, now=past, ttl=timedelta(hours=1)).write_to_dir(workdir / "old")
     assert main(["ca", "inspect", "--json", "old/cert.pem"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    [info] = json.loads(capsys.readouterr().out)  # a list of one: the shape does not depend on the count
     assert info["spiffe_id"] == str(WEB)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", info["not_after"])
+    assert -3 * 86400 < info["seconds_left"] < -2 * 86400
     assert info["valid_svid"] is False
     assert info["reason"] == "outside its validity period"
     assert info["time_left"].startswith("expired 2d2")
     assert main(["ca", "inspect", "--json", "certs/ca/intermediate.pem"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    [info] = json.loads(capsys.readouterr().out)
     assert info["kind"] == "CA certificate"
     assert info["spiffe_id"] == "spiffe://cluster.local"
     assert info["subject"] == authority.signer_cert.subject.rfc4514_string()
@@ -591,3 +597,24 @@ def test_rotate_and_remove_refusals(ca_dir: Path, workdir: Path, capsys: pytest.
     assert line == "mtlsmesh: error: --remove: that would leave the bundle empty"
     line = refused(["ca", "bundle", "--bundle", bundle], capsys, workdir)
     assert line == "mtlsmesh: error: --add: give at least one --add or --remove"
+
+
+def test_init_issue_and_verify_print_json_lists(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rfc3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    assert main(["ca", "init", "--json"]) == 0
+    [made] = json.loads(capsys.readouterr().out)
+    assert made["trust_domain"] == "cluster.local" and made["signer"] == "root" and made["dir"] == "certs/ca"
+    assert re.fullmatch(rfc3339, made["not_after"])
+    assert main(["ca", "issue", "--namespace", "default", "--service-account", "web", "--ttl", "1h30m", "--json"]) == 0
+    [issued] = json.loads(capsys.readouterr().out)
+    assert issued["spiffe_id"] == str(WEB) and sorted(issued["files"]) == ["bundle.pem", "cert.pem", "key.pem"]
+    not_after = datetime.fromisoformat(issued["not_after"].replace("Z", "+00:00"))
+    assert timedelta(minutes=89) < not_after - datetime.now(UTC) <= timedelta(minutes=90)
+    cert = f"{issued['dir']}/cert.pem"
+    assert main(["ca", "verify", "--bundle", "certs/ca/bundle.pem", "--json", cert]) == 0
+    [verdict] = json.loads(capsys.readouterr().out)
+    assert verdict == {"file": cert, "valid": True, "spiffe_id": str(WEB), "not_after": issued["not_after"],
+                       "reason": None}  # fmt: skip
+    assert main(["ca", "verify", "--bundle", cert, "--json", "certs/ca/root.pem"]) == 1
+    [refused] = json.loads(capsys.readouterr().out)
+    assert refused["valid"] is False and refused["reason"].startswith("chain verification failed")

@@ -134,11 +134,14 @@ def test_the_example_file_shows_every_key() -> None:
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("5s", 5.0), ("250ms", 0.25), ("2m", 120.0), ("1h", 3600.0), ("0.5s", 0.5), (".5s", 0.5), (" 3s ", 3.0),
-     ("0", None), (0, 0.0), (7, 7.0), (1.5, 1.5), ("0ms", 0.0)],
+     ("0", None), (0, 0.0), (7, 7.0), (1.5, 1.5), ("0ms", 0.0),
+     ("1h30m", 5400.0), ("1d", 86400.0)],
 )  # fmt: skip
 def test_parse_duration(value: object, seconds: float | None) -> None:
     if seconds is None:
-        with pytest.raises(ConfigError, match=r"^duration: expected a duration like 5s, 250ms, 2m or a number"):
+        with pytest.raises(
+            ConfigError, match=r"^duration: expected a duration like 500ms, 90s, 1h30m or 24h, or a number"
+        ):
             parse_duration(value)
     else:
         assert parse_duration(value) == seconds
@@ -147,9 +150,10 @@ def test_parse_duration(value: object, seconds: float | None) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("5", r"expected a duration like 5s, 250ms, 2m or a number of seconds \(got '5'\)"),
+        ("5", r"expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds \(got '5'\)"),
         ("5 s", r"expected a duration .* \(got '5 s'\)"),
-        ("1d", r"expected a duration .* \(got '1d'\)"),
+        ("1x", r"expected a duration .* \(got '1x'\)"),
+        ("30m1h", r"expected a duration .* \(got '30m1h'\)"),
         ("-1s", r"expected a duration .* \(got '-1s'\)"),
         (True, r"expected a duration .* \(got True\)"),
         (None, r"expected a duration .* \(got null\)"),
@@ -546,7 +550,7 @@ ERRORS: list[tuple[object, str]] = [
     ({"timeouts": {"connect": "0ms"}}, "timeouts.connect: must be greater than zero"),
     (
         {"timeouts": {"idle": "forever"}},
-        "timeouts.idle: expected a duration like 5s, 250ms, 2m or a number of seconds (got 'forever')",
+        "timeouts.idle: expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds (got 'forever')",
     ),
     ({"timeouts": {"drain": -5}}, "timeouts.drain: a duration must be finite and not negative (got -5)"),
     ({"timeouts": {"read": 5}}, "timeouts: unknown key 'read' (expected one of handshake, connect, idle, drain)"),
@@ -563,6 +567,12 @@ ERRORS: list[tuple[object, str]] = [
         "explicit[0].listen: 127.0.0.1:15090 overlaps metrics.listen",
     ),
     ({"log": {"level": "verbose"}}, "log.level: expected one of debug, info, warning, error (got 'verbose')"),
+    ({"log": {"format": "xml"}}, "log.format: expected one of text, json (got 'xml')"),
+    ({"log": {"svid_warning": 1}}, "log.svid_warning: expected a number from 0 (off) up to 1, e.g. 0.2 (got 1)"),
+    (
+        {"log": {"svid_warning": "20%"}},
+        "log.svid_warning: expected a number from 0 (off) up to 1, e.g. 0.2 (got '20%')",
+    ),
     ({"log": "info"}, "log: expected a mapping (got 'info')"),
 ]
 
@@ -771,7 +781,10 @@ def test_parse_identity(changes: dict[str, Any], expected: IdentityConfig) -> No
         ({"bundle": ["a"]}, "identity.bundle: expected a non-empty string (got a list)"),
         ({"ca_identity": "spiffe://cluster.local"}, "identity.ca_identity: invalid SPIFFE ID 'spiffe://cluster.local'"),
         ({"ca_identity": "https://ca"}, "identity.ca_identity: invalid SPIFFE ID 'https://ca': the scheme must be"),
-        ({"ttl": "1d"}, "identity.ttl: expected a duration like 5s, 250ms, 2m or a number of seconds (got '1d')"),
+        (
+            {"ttl": "1 day"},
+            "identity.ttl: expected a duration like 500ms, 90s, 1h30m or 24h, or a number of seconds (got '1 day')",
+        ),
         ({"ttl": 0}, "identity.ttl: must be greater than zero"),
         ({"renew_fraction": 1}, "identity.renew_fraction: expected a number between 0 and 1 (got 1)"),
         ({"renew_fraction": 0}, "identity.renew_fraction: expected a number between 0 and 1 (got 0)"),
