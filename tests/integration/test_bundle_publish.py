@@ -128,6 +128,8 @@ async def test_the_bundle_is_written_at_start_and_after_each_rotation_step_only_
         assert main(["ca", "bundle", "--bundle", str(lab.ca_dir / "bundle.pem"), "--remove", previous]) == 0
         await eventually(lambda: api.writes == 3)
         assert roots_in(api) == [new_root]
+        # The server has stored the write before the CA has read the answer and logged it.
+        await eventually(lambda: len(lines(caplog, "bundle_published")) == 3)
         capsys.readouterr()
     assert api.writes == 3  # once per change, never for a poll that found nothing new
     assert len(lines(caplog, "bundle_published")) == 3
@@ -158,6 +160,7 @@ async def test_the_api_server_down_then_back(
         server.start()
         await eventually(lambda: api.writes == 1)
         assert roots_in(api) == list(lab.roots)
+        await eventually(lambda: lines(caplog, "bundle_published"))  # logged once the CA has read the answer
     assert len(lines(caplog, "bundle_publish_failed")) == 1
     assert len(lines(caplog, "bundle_published")) == 1
 
