@@ -1,16 +1,18 @@
-"""The trust bundle ConfigMap kept current by the CA service: the roots it trusts, as PEM, in one key of one
-ConfigMap, written through the Kubernetes API.
+"""The trust bundle ConfigMaps kept current by the CA service: the roots it trusts, as PEM, in one key of each
+ConfigMap named (one per namespace whose pods mount it: a pod can only mount a ConfigMap of its own namespace),
+written through the Kubernetes API.
 
 What it does: `BundlePublisher.run` compares, every `poll` seconds, the bundle the CA serves now (a callable) with
-what it last knew the ConfigMap to hold. When they differ (at start, after `mtlsmesh ca bundle --add/--remove`,
+what it last knew its ConfigMap to hold. When they differ (at start, after `mtlsmesh ca bundle --add/--remove`,
 after `ca rotate`, after any reload that changes the roots), and every `resync` seconds in any case (someone may
 have re-applied the placeholder), it reads the ConfigMap (`GET`) and, only if its key holds other roots, writes
 that key alone (`PATCH` with a JSON merge patch, so the object's other keys, labels and annotations stay as they
 are). A failure (the API server unreachable, 401/403, the ConfigMap missing) is retried with capped exponential
 backoff and jitter; the CA keeps serving meanwhile. One log line per change of state: the ConfigMap found current,
-written, or failing (again only when the reason changes).
+written, or failing (again only when the reason changes). There is one publisher per ConfigMap, each a task of its
+own with its own state and backoff: a namespace whose Role is missing, or an answer that is slow, holds up no other.
 
-What it does not: create the ConfigMap (RBAC cannot limit `create` to one name, so the CA's Role does not have it:
+What it does not: create the ConfigMap (RBAC cannot limit `create` to one name, so the CA's Roles do not have it:
 the manifests create it), delete it, watch it, or write anything but the one key. Nor does it coordinate replicas:
 while an updated CA Secret has reached one replica and not yet another (the kubelet syncs volumes about a minute
 apart), each writes the roots it trusts; they agree once both have the new directory.
@@ -22,7 +24,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -64,6 +66,18 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def parse_targets(texts: Sequence[str], flag: str) -> tuple[Target, ...]:
+    """Each NAMESPACE/NAME once, in the order given; the same ConfigMap twice is refused (two publishers would
+    write one object, each with its own idea of what it last held)."""
+    targets: list[Target] = []
+    for text in texts:
+        target = Target.parse(text, flag)
+        if any(str(target) == str(seen) for seen in targets):
+            raise ConfigError(flag, f"{target} is given twice; name each ConfigMap once")
+        targets.append(target)
+    return tuple(targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +144,8 @@ class BundlePublisher:
             raise PublishError(f"cannot read the ConfigMap: {exc.message}") from None
         if found.status == 404:
             raise PublishError(
-                f"the ConfigMap {target} does not exist; the CA only updates it (create it: kubectl apply -k deploy/ca)"
+                f"the ConfigMap {target} does not exist; the CA only updates it (kubectl apply -k deploy/ca creates "
+                "those of mtlsmesh-system and default; for another namespace see deploy/README.md)"
             )
         if found.status != 200:
             raise PublishError(f"cannot read the ConfigMap: {_status_message(found)}")

@@ -25,8 +25,9 @@ The CA is stateless: serials are random, the bundle's sequence is derived from t
 and several replicas can serve one directory side by side.
 
 What it does not: parse flags (see `cli.ca`), keep any record of what it issued, revoke, or ask the Kubernetes API
-whether a token's pod still exists; it never writes a file. With `publish` set it keeps the trust bundle ConfigMap
-current (`bundlepublish`, a task of its own); that is its one write, and through the Kubernetes API.
+whether a token's pod still exists; it never writes a file. With `publish` set it keeps each trust bundle ConfigMap
+named current (`bundlepublish`, a task of its own per ConfigMap); that is its one write, and through the Kubernetes
+API.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class ServeConfig:
     jwks_refresh: float = jwtverify.DEFAULT_REFRESH
     jwks_min_refetch: float = jwtverify.DEFAULT_MIN_REFETCH
     jwks_timeout: float = kubeapi.DEFAULT_TIMEOUT
-    publish: bundlepublish.PublishConfig | None = None  # the trust bundle ConfigMap to keep current, if any
+    publish: tuple[bundlepublish.PublishConfig, ...] = ()  # the trust bundle ConfigMaps to keep current, if any
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Metrics:
         self.configmap_current = Gauge(
             "mtlsmesh_ca_bundle_configmap_current",
             "1 while the trust bundle ConfigMap is known to hold the roots served (--publish-bundle), else 0.",
+            ["configmap"],
             registry=self.registry,
         )
         self.signer_expiry = Gauge(
@@ -321,9 +323,13 @@ class CaService:
         stamp = stamp_directory(cfg.directory)
         self.current = self._generation(load_directory(cfg.directory), stamp, previous=None)
         self._seen = stamp  # the directory as the last poll saw it
-        self.publisher: bundlepublish.BundlePublisher | None = None
-        if cfg.publish is not None:
-            self.publisher = bundlepublish.BundlePublisher(cfg.publish, self.bundle_pem)
+        targets = [str(publish.target) for publish in cfg.publish]
+        twice = sorted({target for target in targets if targets.count(target) > 1})
+        if twice:  # the flags are checked the same way (bundlepublish.parse_targets); this is for other callers
+            raise ConfigError("--publish-bundle", f"{', '.join(twice)} is given twice; name each ConfigMap once")
+        self.publishers = tuple(bundlepublish.BundlePublisher(publish, self.bundle_pem) for publish in cfg.publish)
+        for target in targets:
+            self.metrics.configmap_current.labels(configmap=target).set(0)
         self._attempted = stamp  # the directory as last loaded (or refused)
 
     # --- generations -------------------------------------------------------------------------------------------
@@ -356,8 +362,10 @@ class CaService:
             self._reload(stamp)
         elif datetime.now(UTC) >= self.current.renew_own_at:
             self._rotate_own()
-        if self.publisher is not None:
-            self.metrics.configmap_current.set(1 if self.publisher.published == self.bundle_pem() else 0)
+        bundle = self.bundle_pem()
+        for publisher in self.publishers:
+            current = 1 if publisher.published == bundle else 0
+            self.metrics.configmap_current.labels(configmap=str(publisher.cfg.target)).set(current)
         self.keys.check_once()  # a URL is fetched by its own task (serve); its failures are counted here too
         if self.keys.reload_failures > self._jwks_failures:
             self.metrics.reload_failures.inc(self.keys.reload_failures - self._jwks_failures)
@@ -650,8 +658,8 @@ class CaService:
             nursery.start_soon(self.serve_reload)
             if isinstance(self.keys, jwtverify.KeyUrl):
                 nursery.start_soon(self.keys.run)
-            if self.publisher is not None:
-                nursery.start_soon(self.publisher.run, self.cfg.reload_interval)
+            for publisher in self.publishers:  # one task each: a failing or slow ConfigMap delays no other
+                nursery.start_soon(publisher.run, self.cfg.reload_interval)
             for name, listener in listeners:
                 if name == "metrics":
                     nursery.start_soon(self._serve_metrics, listener)

@@ -4,8 +4,10 @@
 `HttpsPeer` serves whatever its `answer` callable returns for each request and records every request it saw
 (method, path, headers, body), so a test can check what the CA sent as well as what it did with the answer. It can
 be stopped and started again on the same port (the server being down, then back). `ApiServer` plays the
-Kubernetes API server for one ConfigMap: it checks the bearer token, the path, the method and the content type
-the way the API server would, applies a JSON merge patch to the object it stores, and answers GET from it.
+Kubernetes API server for namespaced ConfigMaps: it checks the bearer token, the path, the method and the content
+type the way the API server would, applies a JSON merge patch to the object it stores, and answers GET from it;
+RBAC can be played per namespace (403 to writes there) and a slow API server per namespace (a delay before the
+answer, in the handler's own thread, so other requests are not held up).
 
 What this module does not do: anything a test asserts; it is the peer, the tests judge.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -168,48 +171,66 @@ def status_reply(code: int, reason: str, message: str) -> Reply:
 
 @dataclass
 class ApiServer:
-    """The API server's part for one namespaced ConfigMap. `forbidden` answers 403 to any write, as RBAC would."""
+    """The API server's part for namespaced ConfigMaps; `namespace`/`name` is the one the arguments default to.
+    `forbidden` answers 403 to any write, as RBAC would; `forbidden_in` only to writes in those namespaces; `slow_in`
+    delays every answer in those namespaces by that many seconds."""
 
     token: str
     namespace: str
     name: str
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     forbidden: bool = False
+    forbidden_in: set[str] = field(default_factory=set)
+    slow_in: dict[str, float] = field(default_factory=dict)
     writes: int = 0
+    writes_to: dict[str, int] = field(default_factory=dict)  # "namespace/name": successful writes
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def path(self) -> str:
-        return f"/api/v1/namespaces/{self.namespace}/configmaps/{self.name}"
+        return self.path_of(self.namespace, self.name)
 
-    def create(self, data: dict[str, str]) -> None:
-        self.objects[self.path] = {
+    @staticmethod
+    def path_of(namespace: str, name: str) -> str:
+        return f"/api/v1/namespaces/{namespace}/configmaps/{name}"
+
+    def create(self, data: dict[str, str], namespace: str | None = None, name: str | None = None) -> None:
+        namespace, name = namespace or self.namespace, name or self.name
+        self.objects[self.path_of(namespace, name)] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": self.name, "namespace": self.namespace, "resourceVersion": "1"},
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
             "data": data,
         }
 
-    def data(self) -> dict[str, str]:
+    def data(self, namespace: str | None = None, name: str | None = None) -> dict[str, str]:
         with self.lock:
-            return dict(self.objects[self.path].get("data", {}))
+            stored = self.objects[self.path_of(namespace or self.namespace, name or self.name)]
+            return dict(stored.get("data", {}))
 
     def __call__(self, seen: Seen) -> Reply:
         if seen.headers.get("authorization") != f"Bearer {self.token}":
             return status_reply(401, "Unauthorized", "Unauthorized")
+        parts = seen.path.split("/")  # "", api, v1, namespaces, NS, configmaps, NAME
+        if len(parts) != 7 or parts[:4] != ["", "api", "v1", "namespaces"] or parts[5] != "configmaps":
+            return status_reply(404, "NotFound", f"{seen.path} is not what this test server serves")
+        namespace, name = parts[4], parts[6]
+        delay = self.slow_in.get(namespace)
+        if delay:
+            time.sleep(delay)
         with self.lock:
             stored = self.objects.get(seen.path)
-            if seen.path != self.path or stored is None:
-                return status_reply(404, "NotFound", f"configmaps {self.name!r} not found")
+            if stored is None:
+                return status_reply(404, "NotFound", f"configmaps {name!r} not found")
             if seen.method == "GET":
                 return Reply(200, json.dumps(stored).encode())
             if seen.method != "PATCH":
                 return status_reply(405, "MethodNotAllowed", f"{seen.method} is not what this test server takes")
-            if self.forbidden:
+            if self.forbidden or namespace in self.forbidden_in:
                 message = (
-                    f'configmaps "{self.name}" is forbidden: User "system:serviceaccount:{self.namespace}:'
+                    f'configmaps "{name}" is forbidden: User "system:serviceaccount:{self.namespace}:'
                     f'mtlsmesh-ca" cannot patch resource "configmaps" in API group "" in the namespace '
-                    f'"{self.namespace}"'
+                    f'"{namespace}"'
                 )
                 return status_reply(403, "Forbidden", message)
             if seen.headers.get("content-type") != "application/merge-patch+json":
@@ -223,4 +244,6 @@ class ApiServer:
                     data[key] = value
             stored["metadata"]["resourceVersion"] = str(int(stored["metadata"]["resourceVersion"]) + 1)
             self.writes += 1
+            where = f"{namespace}/{name}"
+            self.writes_to[where] = self.writes_to.get(where, 0) + 1
             return Reply(200, json.dumps(stored).encode())

@@ -11,7 +11,7 @@
     mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE_OR_HTTPS_URL [--dir certs/ca] [--ttl 24h]
                         [--listen 0.0.0.0:15012] [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
                         [--token-jwks-ca FILE] [--token-jwks-bearer FILE] [--token-jwks-refresh 5m]
-                        [--publish-bundle NAMESPACE/NAME [--kube-api URL] [--kube-ca FILE] [--kube-token FILE]]
+                        [--publish-bundle NAMESPACE/NAME]... [--kube-api URL] [--kube-ca FILE] [--kube-token FILE]
 
 `issue` writes cert.pem (leaf, then intermediates), key.pem (0600) and bundle.pem (roots) into --out, by default
 `certs/<namespace>-<service-account>` (for an ID not of the `/ns/NS/sa/SA` form: its path segments joined by `-`).
@@ -160,9 +160,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     serve.add_argument("--token-jwks-refresh", default="5m", metavar="DURATION", help="default: %(default)s")
     serve.add_argument(
         "--publish-bundle",
+        action="append",
+        default=[],
         metavar="NAMESPACE/NAME",
-        help="keep this ConfigMap's bundle.pem equal to the roots the CA trusts, through the Kubernetes API (off if "
-        "unset)",
+        help="keep this ConfigMap's bundle.pem equal to the roots the CA trusts, through the Kubernetes API; repeat "
+        "for each namespace whose pods mount it (off if unset)",
     )
     serve.add_argument(
         "--kube-api",
@@ -604,18 +606,16 @@ def run_serve(args: argparse.Namespace) -> int:
     elif jwks_ca is not None or jwks_bearer is not None:
         flag = "--token-jwks-ca" if jwks_ca is not None else "--token-jwks-bearer"
         raise ConfigError(flag, "goes with an https URL for --token-jwks, not a file")
-    publish = None
-    if args.publish_bundle is not None:
-        target = bundlepublish.Target.parse(args.publish_bundle, "--publish-bundle")
+    publish: tuple[bundlepublish.PublishConfig, ...] = ()
+    if args.publish_bundle:
+        targets = bundlepublish.parse_targets(args.publish_bundle, "--publish-bundle")
         api = kubeapi.HttpsUrl.parse(args.kube_api, "--kube-api") if args.kube_api else None
-        publish = bundlepublish.PublishConfig(
-            target,
-            api or kubeapi.in_cluster_url("--kube-api"),
-            kubeapi.Client(
-                args.kube_ca or kubeapi.default_file(kubeapi.SA_CA_FILE),
-                args.kube_token or kubeapi.default_file(kubeapi.SA_TOKEN_FILE),
-            ),
+        kube = kubeapi.Client(
+            args.kube_ca or kubeapi.default_file(kubeapi.SA_CA_FILE),
+            args.kube_token or kubeapi.default_file(kubeapi.SA_TOKEN_FILE),
         )
+        url = api or kubeapi.in_cluster_url("--kube-api")
+        publish = tuple(bundlepublish.PublishConfig(target, url, kube) for target in targets)
     else:
         for flag, value in (
             ("--kube-api", args.kube_api),

@@ -55,6 +55,10 @@ def lab(tmp_path: Path) -> CaLab:
         (["--token-jwks-bearer", "/var/token"], r"--token-jwks-bearer: goes with an https URL for --token-jwks"),
         (["--token-jwks", "/nonexistent/jwks.json"], r"/nonexistent/jwks.json: cannot read the JWKS"),
         (["--publish-bundle", "nope"], r"--publish-bundle: 'nope' is not NAMESPACE/NAME of a ConfigMap"),
+        (
+            ["--publish-bundle", "a/b", "--publish-bundle", "c/b", "--publish-bundle", "a/b"],
+            r"--publish-bundle: a/b is given twice; name each ConfigMap once$",
+        ),
         (["--kube-token", "/var/token"], r"--kube-token: goes with --publish-bundle"),
         (["--publish-bundle", "a/b", "--kube-api", "http://k"], r"--kube-api: 'http://k': plain http is refused"),
         (["--publish-bundle", "a/b"], r"--kube-api: not running in a cluster \(no KUBERNETES_SERVICE_HOST\)"),

@@ -2,7 +2,8 @@
 against the pinned Kubernetes schemas and the pod rules the schemas miss, the flags are the ones `mtlsmesh ca
 serve` parses, the CA's key Secret is mounted by the CA alone, the CA runs as non-root with its key in its own group,
 and its Kubernetes API access is exactly the two things it does: read the token issuer's keys, and get and patch
-the one trust bundle ConfigMap.
+the trust bundle ConfigMap of each namespace it publishes to (mtlsmesh-system and default), each of which deploy/base
+creates.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.unit.test_manifests import DEPLOY, check_pod_spec, load_documents, va
 CA = DEPLOY / "ca"
 TRUST_BUNDLE = "mtlsmesh-trust-bundle"
 RBAC_GROUP = "rbac.authorization.k8s.io"
+APP_NAMESPACE = "default"  # where the meshed pods run, and a copy of the trust bundle ConfigMap
 CA_SUBJECT = {"kind": "ServiceAccount", "name": "mtlsmesh-ca", "namespace": caproto.CA_NAMESPACE}
 
 
@@ -33,7 +35,9 @@ def deployment() -> dict[str, Any]:
 
 def test_every_object_validates() -> None:
     docs = ca_docs()
-    assert sorted(d["kind"] for d in docs) == ["ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service"]
+    assert sorted(d["kind"] for d in docs) == [
+        "ClusterRoleBinding", "Deployment", "Role", "Role", "RoleBinding", "RoleBinding", "Service",
+    ]  # fmt: skip
     for doc in docs:
         validate(doc, "deploy/ca/ca.yaml")
     check_pod_spec(deployment()["spec"]["template"]["spec"], "deploy/ca/ca.yaml: Deployment mtlsmesh-ca")
@@ -60,7 +64,8 @@ def test_the_container_args_are_what_ca_serve_parses() -> None:
     assert mounts["kube-api-access"] == kubeapi.SERVICE_ACCOUNT_DIR
     assert args.token_jwks_bearer == kubeapi.SA_TOKEN_FILE
     assert args.token_jwks_ca is None and args.kube_ca is None and args.kube_token is None and args.kube_api is None
-    assert args.publish_bundle == f"{caproto.CA_NAMESPACE}/{TRUST_BUNDLE}"
+    assert args.publish_bundle == [f"{caproto.CA_NAMESPACE}/{TRUST_BUNDLE}", f"{APP_NAMESPACE}/{TRUST_BUNDLE}"]
+    bundlepublish.parse_targets(args.publish_bundle, "--publish-bundle")  # what `ca serve` accepts: each once
     assert all(m.get("readOnly") for m in container["volumeMounts"])
 
 
@@ -82,10 +87,21 @@ def test_the_ca_key_secret_is_mounted_by_the_ca_alone_and_owner_only() -> None:
     assert mounting == ["ca.yaml:mtlsmesh-ca"]
 
 
-def test_the_trust_bundle_configmap_is_the_one_deploy_base_makes() -> None:
+def published() -> list[bundlepublish.Target]:
+    (container,) = deployment()["spec"]["template"]["spec"]["containers"]
+    args = build_parser(container["args"]).parse_args(container["args"])
+    return list(bundlepublish.parse_targets(args.publish_bundle, "--publish-bundle"))
+
+
+def test_each_trust_bundle_configmap_published_is_one_deploy_base_makes() -> None:
     base = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
     made = [(g["namespace"], g["name"], g["files"]) for g in base["configMapGenerator"]]
-    assert (caproto.CA_NAMESPACE, TRUST_BUNDLE, ["bundle.pem=trust-bundle.pem"]) in made
+    assert [(t.namespace, t.name) for t in published()] == [
+        (caproto.CA_NAMESPACE, TRUST_BUNDLE),
+        (APP_NAMESPACE, TRUST_BUNDLE),
+    ]
+    for target in published():  # the CA never creates one: a target deploy/base does not make would fail forever
+        assert (target.namespace, target.name, ["bundle.pem=trust-bundle.pem"]) in made
     assert bundlepublish.DEFAULT_KEY == "bundle.pem"
 
 
@@ -94,16 +110,18 @@ def rbac(kind: str) -> dict[str, Any]:
     return doc
 
 
-def test_the_ca_may_get_and_patch_the_trust_bundle_configmap_and_nothing_else() -> None:
-    role = rbac("Role")
-    assert role["metadata"]["namespace"] == caproto.CA_NAMESPACE
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [TRUST_BUNDLE], "verbs": ["get", "patch"]}
-    ]
-    binding = rbac("RoleBinding")
-    assert binding["metadata"]["namespace"] == caproto.CA_NAMESPACE
-    assert binding["roleRef"] == {"apiGroup": RBAC_GROUP, "kind": "Role", "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [CA_SUBJECT]
+def test_the_ca_may_get_and_patch_each_trust_bundle_configmap_and_nothing_else() -> None:
+    roles = {d["metadata"]["namespace"]: d for d in ca_docs() if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in ca_docs() if d["kind"] == "RoleBinding"}
+    # One Role and one RoleBinding per namespace published to, none elsewhere.
+    assert sorted(roles) == sorted(bindings) == sorted(t.namespace for t in published())
+    for target in published():
+        role, binding = roles[target.namespace], bindings[target.namespace]
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [target.name], "verbs": ["get", "patch"]}
+        ]
+        assert binding["roleRef"] == {"apiGroup": RBAC_GROUP, "kind": "Role", "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [CA_SUBJECT]
     # The cluster-wide grant is the built-in role for the issuer's discovery paths only, for the CA alone.
     cluster = rbac("ClusterRoleBinding")
     assert cluster["roleRef"]["kind"] == "ClusterRole"
