@@ -208,6 +208,7 @@ def test_kubectl_kustomize_output_validates() -> None:
         ("Role", "default", "mtlsmesh-svid-writer"),
         ("RoleBinding", "default", "mtlsmesh-svid-writer"),
         ("ServiceAccount", "mtlsmesh-system", "mtlsmesh-ca"),
+        ("ServiceAccount", "mtlsmesh-system", "mtlsmesh-svid-writer"),
     ]
     for doc in docs:
         validate(doc, "kubectl kustomize deploy/base")
@@ -220,6 +221,11 @@ def test_rbac_grants_only_secrets_in_one_namespace() -> None:
     (role,) = [d for d in docs if d["kind"] == "Role"]
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update", "patch"]}
+    ]
+    # Bound to the job's own service account, never to the CA service's (which must not write Secrets).
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "mtlsmesh-svid-writer", "namespace": "mtlsmesh-system"}
     ]
 
 
