@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from mtlsmesh import netio, tls
+from mtlsmesh import netio, records, tls
 from mtlsmesh.outcome import Reason
 
 CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
@@ -91,7 +91,7 @@ async def relay(
             try:
                 data, waited = await src.receive_chunk(CHUNK, short)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append((p.src_reset, _why(exc)))
+                failure.append((_failed(p.src, p.src_reset), _why(exc)))
                 scope.cancel()
                 return
             if idle_timeout is not None:
@@ -104,7 +104,7 @@ async def relay(
                 if await dst.send_chunk(data):
                     waited = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append((p.dst_reset, _why(exc)))
+                failure.append((_failed(p.dst, p.dst_reset), _why(exc)))
                 scope.cancel()
                 return
             p.copied += len(data)
@@ -139,15 +139,13 @@ async def relay(
     finally:
         # Reached on every path, including an outer cancellation (drain): never leave a stream open.
         if aborted:
-            await netio.abort_close(downstream)
-            await netio.abort_close(upstream)
+            await _abort(downstream, upstream)
         else:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_GRACE, shield=True) as grace:
                 await down.aclose()
                 await up.aclose()
             if grace.cancelled_caught:
-                await netio.abort_close(downstream)
-                await netio.abort_close(upstream)
+                await _abort(downstream, upstream)
     return RelayResult(forward.copied, backward.copied, reason, detail, aborted)
 
 
@@ -219,6 +217,38 @@ def _end(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> _End:
         stream.send_progress = progress
         return stream
     return _StreamEnd(stream)
+
+
+# The fatal alert a TLS stream sent for a protocol violation → the reason the relay ends with (see outcome.Reason).
+ALERT_REASONS: dict[int, Reason] = {
+    records.BAD_RECORD_MAC: Reason.BAD_RECORD_MAC,
+    records.UNEXPECTED_MESSAGE: Reason.UNEXPECTED_MESSAGE,
+    records.RECORD_OVERFLOW: Reason.RECORD_OVERFLOW,
+    records.DECODE_ERROR: Reason.DECODE_ERROR,
+    records.ILLEGAL_PARAMETER: Reason.ILLEGAL_PARAMETER,
+}
+
+
+def _failed(end: _End, reset: Reason) -> Reason:
+    """The reason for a failure of `end`: the violation its TLS stream refused (by the alert it sent), else `reset`."""
+    if type(end) is tls.TLSStream and end.violation is not None:
+        return ALERT_REASONS.get(end.violation, reset)
+    return reset
+
+
+async def _abort(*streams: trio.abc.Stream) -> None:
+    """Close abortively, except a TLS stream that refused its peer with an alert: that one gets our FIN and a short
+    linger first (`tls.TLSStream.close_refused`), so the peer reads the alert before any reset; it is closed last
+    and shielded (this runs on every exit, a cancellation included), bounded by tls.REFUSE_LINGER."""
+    refused = [s for s in streams if type(s) is tls.TLSStream and s.violation is not None]
+    for stream in streams:
+        if stream not in refused:
+            await netio.abort_close(stream)
+    for stream in refused:
+        assert type(stream) is tls.TLSStream
+        with trio.CancelScope(deadline=trio.current_time() + 2 * tls.REFUSE_LINGER, shield=True):
+            await stream.close_refused()
+        await netio.abort_close(stream)  # nothing when it is closed; the reset it would have ended in if cut short
 
 
 def _why(exc: BaseException) -> str:

@@ -211,10 +211,9 @@ def tls12_client(material: handshake.Material) -> SSL.Context:
 
 ClientMaker = Callable[[ca.Authority, ca.Authority], SSL.Context]
 
-# Refused after the handshake, by our SVID checks: no alert, the server just closes. The client's read then finds the
-# end of the transport (a close, or an RST on a socket), or, when the server closed the memory transport before the
-# client's "hello" went out, that send finds the transport closed.
-CLOSED_AFTER_HANDSHAKE = r"(closed|reset) by peer$|transport broken: MemoryReceiveStream was closed$"
+# Refused after the handshake, by our SVID checks: the server sends the fatal alert bad_certificate under its
+# application key before it closes, and the client's read finds it (RFC 8446 §6.2).
+CLOSED_AFTER_HANDSHAKE = r"alert bad certificate$"
 
 # (case, client, the server's whole reason (a regex), what the client is told). The server's reason for a failed
 # chain is OpenSSL's "certificate verify failed" whatever the cause; its alert names the cause, the client reads it.
