@@ -54,6 +54,10 @@ MAX_HANDSHAKE_MESSAGE = 1 << 16  # a NewSessionTicket or KeyUpdate larger than t
 # AEAD open (and a KeyUpdate a key derivation) and gives the app nothing: without a cap a peer could keep us busy for
 # free.
 MAX_IDLE_RECORDS = 32
+# Records without application data one `open_into` call opens at most before it returns (what it has so far): the
+# work one call does for a peer is bounded in records, not in bytes, so that the caller can take a checkpoint between
+# calls (a KeyUpdate costs a key derivation; a socket read can hold thousands of them).
+OPEN_BUDGET = 64
 
 # Replace our write key after this many records: AES-GCM's limit is 2^24.5 full records per key (§5.5).
 KEY_UPDATE_AFTER = 1 << 24
@@ -347,14 +351,14 @@ class Session:
 
     def open_into(self, data: memoryview, out: memoryview) -> tuple[int, int]:
         """Open the whole records at the start of `data` into `out`: (bytes of `data` used, bytes of application
-        data written to `out`). Stops at a partial record, when `out` has no room for the next record, and after
-        close_notify (then `closed` is set). Raises `RecordError` or `PeerAlert`; when good records came before
-        the bad one, their data is returned first and the error raised by the next call, as a reader that takes one
-        record at a time would see it."""
+        data written to `out`). Stops at a partial record, when `out` has no room for the next record, after
+        close_notify (then `closed` is set) and after OPEN_BUDGET records without application data. Raises
+        `RecordError` or `PeerAlert`; when good records came before the bad one, their data is returned first and
+        the error raised by the next call, as a reader that takes one record at a time would see it."""
         if self._error is not None:
             raise self._error
-        used = produced = 0
-        while not self.closed and len(data) > used:
+        used = produced = idle = 0
+        while not self.closed and len(data) > used and idle < OPEN_BUDGET:
             try:
                 if len(data) - used < HEADER_SIZE:  # a partial header is judged by its first byte already
                     if data[used] != APPLICATION_DATA:
@@ -370,6 +374,8 @@ class Session:
                 break
             if step is None:
                 break
+            if step[1] == produced:
+                idle += 1
             used, produced = step
         return used, produced
 

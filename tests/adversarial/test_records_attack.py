@@ -35,7 +35,7 @@ def user_canceled(p: Peer) -> bytes:
     return p.seal(b"\x01\x5a\x15")
 
 
-IDLE = records.MAX_IDLE_RECORDS + 1
+IDLE = 33  # records in a row without application data: the 33rd is refused (records.MAX_IDLE_RECORDS)
 # (case, what the peer sends, the alert, the reason on the log line)
 CASES: list[tuple[str, Callable[[Peer], bytes], int, str]] = [
     ("bad tag", flipped_tag, 20, "bad_record_mac"),

@@ -467,3 +467,20 @@ def test_alert_numbers_and_levels_on_the_wire() -> None:
         inner = bytearray(3)
         b._read.aead.decrypt_into(b._read.nonce(), memoryview(record)[5:], record[:5], memoryview(inner))
         assert bytes(inner) == bytes((level, description, records.ALERT))
+
+
+def test_one_call_opens_a_bounded_number_of_records_without_data() -> None:
+    # The caller checkpoints between calls: one call must not open a whole socket read of records without data,
+    # even when a byte of data now and then keeps them under the cap in a row.
+    a, b = pair()
+    groups = []
+    for _ in range(4):
+        groups.append([forge(b, b"\x17") for _ in range(31)] + [send(b, b"d")])
+    flat = [r for g in groups for r in g]
+    data = b"".join(flat)
+    assert records.OPEN_BUDGET == 64
+    plain, used = receive(a, data)
+    # 64 records without data: two groups of 31 (and their data bytes) and two more
+    assert plain == b"dd" and used == sum(len(r) for r in flat[: 2 * 32 + 2])
+    plain, more = receive(a, data[used:])
+    assert plain == b"dd" and used + more == len(data)
