@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mtlsmesh import handshake, tls
-from mtlsmesh.config import InboundConfig, Mode
+from mtlsmesh.config import AuthzRule, InboundConfig, Mode
 from tests.integration.mesh import ANY_PORT, LOOPBACK, app_server, base_config, fixed_dst, running_sidecar
 from tests.pki import Pki, material_for
 
@@ -147,7 +147,9 @@ class Target:
 
 
 @asynccontextmanager
-async def sidecar_in_front_of_an_app(pki: Pki, mode: Mode = Mode.STRICT) -> AsyncIterator[Target]:
+async def sidecar_in_front_of_an_app(
+    pki: Pki, mode: Mode = Mode.STRICT, authorization: tuple[AuthzRule, ...] = ()
+) -> AsyncIterator[Target]:
     received: list[bytes] = []
 
     async def echo(stream: trio.SocketStream) -> None:
@@ -158,7 +160,9 @@ async def sidecar_in_front_of_an_app(pki: Pki, mode: Mode = Mode.STRICT) -> Asyn
 
     async with app_server(echo) as (app_port, _):
         cfg = base_config(
-            pki.issue("reviews"), inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=1.0, mode=mode)
+            pki.issue("reviews"),
+            inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=1.0, mode=mode),
+            authorization=authorization,
         )
         async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_, state):
             yield Target(state.bound["inbound"][1], received)
