@@ -234,7 +234,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # follow the alert (another task's send finds it broken). During the handshake the peer is also given
         # REFUSE_LINGER to read it before our caller resets the connection; afterwards that is close_refused's.
         failure = self._fail(exc)
-        if isinstance(exc, records.RecordError) and self._session is not None:
+        if isinstance(exc, records.RecordError) and self._session is not None and self.violation is None:
             self.violation = exc.alert
             with contextlib.suppress(records.RecordError):  # keys wiped: nothing can be sent any more
                 self._session.alert(exc.alert)

@@ -607,3 +607,40 @@ async def test_the_servers_tickets_leave_with_its_first_records(
         # the tickets (two records), then the reply or close_notify, in one write
         assert len(wire.writes) == 2
         assert record_types(wire.writes[1]) == [23, 23, 23]
+
+
+def secrets_of(stream: tls.TLSStream) -> tuple[bytes, bytes]:
+    session = stream._session
+    assert session is not None
+    return session._read.secret, session._write.secret
+
+
+async def test_both_traffic_secrets_are_wiped_at_close_and_after_a_refusal(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    # Closed: both secrets go with the connection, not with the object's last reference.
+    client, server = tls_pair(contexts, memory_stream_pair())
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        assert all(secrets_of(client)) and all(secrets_of(server))
+        await client.aclose()
+        assert secrets_of(client) == (b"", b"")
+        # Refused after the handshake (a policy denial): the alert goes out under the old key, then both are wiped.
+        await server.refuse(49)
+        assert secrets_of(server) == (b"", b"")
+        assert server.violation == 49
+
+
+async def test_a_record_violation_wipes_the_secrets_once_closed(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    a, b = memory_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await client.send_all(b"ok")
+        assert await server.receive_some() == b"ok"
+        await a.send_all(bytes((23, 3, 3, 0x48, 0x01)))  # a record over the limit, judged from its header
+        with pytest.raises(trio.BrokenResourceError, match="over the limit"):
+            await server.receive_some()
+        assert server.violation == 22
+        await server.close_refused()
+        assert secrets_of(server) == (b"", b"")
