@@ -4,9 +4,15 @@ What it does: `Session` holds one connection's two traffic keys once OpenSSL has
 turns plaintext into application-data records, `alert` makes an alert record, `open_into` turns whole records into
 plaintext in a caller's buffer and handles what else may arrive after a handshake: alerts, NewSessionTicket (read
 and dropped: we never resume) and KeyUpdate (the read key moves on; when the peer asks, our answer is queued in
-`outgoing` and the write key moves on after it, unless we have sent close_notify and will send nothing more). Our
-own write key is replaced after `KEY_UPDATE_AFTER` records, well inside the AEAD usage limits of RFC 8446 §5.5.
-Protocol errors raise `RecordError` naming the alert to send.
+`outgoing` and the write key moves on after it, unless we have sent close_notify and will send nothing more; one
+answer covers every request received before our next application data, RFC 8446 §4.6.3). Our own write key is
+replaced after `KEY_UPDATE_AFTER` records, well inside the AEAD usage limits of RFC 8446 §5.5. Protocol errors
+raise `RecordError` naming the alert to send.
+
+Bounded work for a peer: the 33rd record in a row without application data is refused (`MAX_IDLE_RECORDS`), one
+`open_into` call opens at most `OPEN_BUDGET` records without data (the caller checkpoints between calls), `queued`
+counts the bytes waiting in `outgoing` (the caller stops reading above its limit), and `wipe` forgets both secrets
+once the connection is refused or closed.
 
 What it does not: the handshake, certificates or any I/O. `tls.TLSStream` runs the handshake with OpenSSL, takes
 the two traffic secrets from OpenSSL's key log callback and the two sequence numbers from the records it moved, then

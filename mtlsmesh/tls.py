@@ -44,6 +44,15 @@ Half-close: `send_eof` sends close_notify (and a FIN when the transport can half
 sending (RFC 8446 §6.1). Receiving close_notify makes `receive_some` return b"". A transport EOF without close_notify
 is a truncation and raises `trio.BrokenResourceError`.
 
+Fairness: a receive whose read brought no application data, and did not wait, takes a checkpoint before it reads
+again (the session opens at most `records.OPEN_BUDGET` records without data per call), so a peer that keeps the
+socket full of KeyUpdates or empty records gets one bounded slice of the loop per round; the handshake's reads
+checkpoint the same way. The receive path stops reading while more than `OUTGOING_LIMIT` bytes wait to be sent.
+
+Refusing: a record error is answered with its alert and a FIN (`violation` names the alert); whoever closes the
+stream then calls `close_refused`, which gives the peer `REFUSE_LINGER` to read the alert and close before any reset
+(the relay does, `steps.refuse` through `refuse` for a policy denial). Both traffic secrets are wiped at close.
+
 Errors are translated by `_fail`: a handshake or transport error (broken or closed) during the handshake becomes
 `HandshakeError`, afterwards `trio.BrokenResourceError`; a record the peer got wrong is answered with the alert
 `records` names before the stream breaks. `open_mtls` checks the peer before our last handshake flight leaves.
