@@ -19,8 +19,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mtlsmesh import handshake, tls
-from mtlsmesh.config import AuthzRule, InboundConfig, Mode
-from tests.integration.mesh import ANY_PORT, LOOPBACK, app_server, base_config, fixed_dst, running_sidecar
+from mtlsmesh.config import AuthzRule, Destination, InboundConfig, Mode, OutboundConfig
+from tests.integration.mesh import (
+    ANY_PORT,
+    LOOPBACK,
+    LOOPBACK_NET,
+    app_server,
+    base_config,
+    fixed_dst,
+    running_sidecar,
+)
 from tests.pki import Pki, material_for
 
 WAIT = 5.0  # one expected effect (an alert, an end)
@@ -75,6 +83,7 @@ class Peer:
     def __init__(self, stream: trio.SocketStream, read: Keys, write: Keys, unread: bytes) -> None:
         self.stream, self.read, self.write = stream, read, write
         self.inbox = bytearray(unread)
+        self.held = b""  # what the real handshake left to send first (a server's tickets)
 
     def seal(self, inner: bytes) -> bytes:
         """A record whose inner plaintext (content, content type, padding) is exactly `inner`."""
@@ -129,13 +138,55 @@ async def open_peer(pki: Pki, port: int, name: str = "mallory") -> Peer:
     )
     with trio.fail_after(WAIT):
         await ours.do_handshake()
+    return peer_of(ours, stream)
+
+
+def peer_of(ours: tls.TLSStream, stream: trio.SocketStream) -> Peer:
+    """The hostile end's keys, taken from a stream whose handshake is done; `held` is what it must send first (a
+    server's session tickets, already under its application key)."""
     session = ours._session
     assert session is not None
     suite = ours.negotiated[1]
     assert suite is not None
     read = Keys(suite, session._read.secret, session._read.seq)
     write = Keys(suite, session._write.secret, session._write.seq)
-    return Peer(stream, read, write, ours._cin)
+    peer = Peer(stream, read, write, ours._cin)
+    peer.held = ours._held
+    return peer
+
+
+@asynccontextmanager
+async def hostile_server_behind_a_sidecar(pki: Pki) -> AsyncIterator[tuple[int, trio.MemoryReceiveChannel[Peer]]]:
+    """A sidecar's outbound listener whose one mesh destination is a hostile server (SVID "reviews"): yields the
+    listener's port and a channel that gets a `Peer` for each connection the sidecar opened to it, once its
+    handshake is done. Our sidecar is then the TLS client, the side a NewSessionTicket may be sent to."""
+    send, receive = trio.open_memory_channel[Peer](8)
+    listener = (await trio.open_tcp_listeners(0, host=LOOPBACK))[0]
+    server_port = listener.socket.getsockname()[1]
+    context = handshake.build_context(material_for(pki.authority, pki.id_of("reviews")), tls.Side.SERVER)
+
+    async def serve() -> None:
+        while True:
+            stream = await listener.accept()
+            ours = tls.TLSStream(stream, context, tls.Side.SERVER)
+            with trio.fail_after(WAIT):
+                await ours.do_handshake()
+            await send.send(peer_of(ours, stream))
+
+    cfg = base_config(
+        pki.issue("productpage"),
+        outbound=OutboundConfig(
+            enabled=True,
+            listen=ANY_PORT,
+            destinations=(Destination((LOOPBACK_NET,), frozenset({server_port}), ()),),
+        ),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, server_port)) as (_, state):
+            yield state.bound["outbound"][1], receive
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
 
 
 @dataclasses.dataclass
