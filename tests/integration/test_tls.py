@@ -644,3 +644,57 @@ async def test_a_record_violation_wipes_the_secrets_once_closed(contexts: tuple[
         assert server.violation == 22
         await server.close_refused()
         assert secrets_of(server) == (b"", b"")
+
+
+@pytest.mark.parametrize(
+    ("behind", "told"),
+    [
+        (bytes((23, 3, 3, 0xFF, 0xFF)), "over the limit"),
+        (b"\x16\x03", "record type 22"),
+        (bytes((23, 3, 3, 0, 5)), "too short"),
+    ],
+    ids=["oversized header", "plaintext record type", "too short for a tag"],
+)
+async def test_a_bogus_header_right_behind_the_handshake_is_judged_at_once(
+    contexts: tuple[SSL.Context, SSL.Context], behind: bytes, told: str
+) -> None:
+    # A header that no record may have, left behind the client's Finished, is refused on the first receive: the
+    # server does not wait for bytes that would only make it whole.
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    raw = SSL.Connection(client_ctx, None)
+    raw.set_connect_state()
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            finished = await drive_raw_client(raw, a)
+            await a.send_all(finished + behind)
+        with trio.fail_after(1), pytest.raises(trio.BrokenResourceError, match=told):
+            await server.receive_some()
+
+
+async def test_reading_pauses_while_too_much_waits_to_be_sent(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    # Above tls.OUTGOING_LIMIT queued, the receive path drains before it reads: a peer that does not read what it
+    # is owed cannot make us hold more by sending.
+    a, b = lockstep_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        session = server._session
+        assert session is not None
+        session.seal(memoryview(bytes(tls.OUTGOING_LIMIT + 1)), bytearray(1 << 15))  # owed, not yet sent
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                got.append(await server.receive_some())
+
+            nursery.start_soon(receive)
+            nursery.start_soon(client.send_all, b"after")  # would be read at once, were it not for the queue
+            await trio.sleep(0.1)
+            assert got == []  # the receive drains first: it waits for the peer to read
+            received = 0
+            while received < tls.OUTGOING_LIMIT + 1:
+                received += len(await client.receive_some(1 << 20))
+        assert got == [b"after"] and session.queued == 0
