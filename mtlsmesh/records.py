@@ -374,9 +374,9 @@ class Session:
                     break
                 step = self._open_one(data, used, out, produced)
             except (RecordError, PeerAlert) as exc:
+                self._error = exc  # a failed session stays failed: every later call raises it again
                 if not produced:
                     raise
-                self._error = exc
                 break
             if step is None:
                 break

@@ -268,6 +268,15 @@ def test_an_error_after_good_records_comes_after_their_data() -> None:
         receive(b, send(a, b"later"))
 
 
+def test_an_error_stays_whatever_comes_next() -> None:
+    a, b = pair()
+    with pytest.raises(RecordError, match="failed authentication") as first:
+        receive(b, flip(send(a, b"bad"), 8))
+    with pytest.raises(RecordError) as again:
+        receive(b, send(a, b"good, but after a failure"))
+    assert again.value is first.value
+
+
 def test_a_replayed_or_reordered_record_fails() -> None:
     a, b = pair()
     first, second = send(a, b"first"), send(a, b"second")
