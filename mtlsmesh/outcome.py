@@ -51,8 +51,8 @@ class Reason(enum.StrEnum):
     CLOSED = "closed"  # both directions ended cleanly (FIN / close_notify)
     IDLE_TIMEOUT = "idle_timeout"  # nothing moved either way for `timeouts.idle`
     RESET_BY_APP = "reset_by_app"  # the local app's side failed (an RST)
-    # The remote side failed: the other sidecar (an RST, a bad record) or, passed through, the remote caller or
-    # destination; inbound, also while the caller was being sniffed.
+    # The remote side failed: the other sidecar (an RST, a truncated stream, a fatal alert it sent) or, passed
+    # through, the remote caller or destination; inbound, also while the caller was being sniffed.
     RESET_BY_PEER = "reset_by_peer"
     # The remote side broke the TLS record protocol after the handshake (`relay`, from the stream's alert): each is
     # named after the fatal alert we sent it, so tampering and broken peers are told apart from plain resets.

@@ -4,8 +4,9 @@ What it does: copies bytes both ways with backpressure (one fixed-size read at a
 before the next read, so a slow reader slows the writer and nothing buffers without bound); maps a clean end of one
 direction (FIN, or TLS close_notify) to `send_eof` on the other side while the other direction keeps flowing; maps a
 failure on either side (an RST, a broken TLS record, a truncation) to an abortive close of both, so the far ends see a
-reset too; enforces an optional idle timeout; counts bytes and says why the relay ended (`outcome.Reason`: closed,
-idle_timeout, or the reset reason the caller named for the side that failed).
+reset too (after the alert, for a TLS peer refused for a protocol violation); enforces an optional idle timeout;
+counts bytes and says why the relay ended (`outcome.Reason`: closed, idle_timeout, the alert a TLS side was refused
+with, or the reset reason the caller named for the side that failed).
 
 What it does not: open, authenticate or authorize anything (see `outbound`, `inbound`); it owns the two streams
 once called and closes both before it returns.
@@ -14,8 +15,11 @@ Theory of operation: one task per direction (the forward one is the caller's own
 whose deadline is pushed forward, when an idle timeout is set, on every chunk received and every time a send that
 had to wait (backpressure from a slow reader) gets more bytes out: progress either way keeps the relay up, and a
 send that is merely slow is not idle (the fast path pays nothing for that: it runs only after a wait). A direction
-that ends cleanly just returns. The first failure records its reason and cancels the scope; both streams are then
-closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly
+that ends cleanly just returns. The first failure records its reason (for a TLS stream that refused a protocol
+violation, the alert it sent: `ALERT_REASONS`) and cancels the scope; both streams are then closed abortively
+(`netio.abort_close`: SO_LINGER 0 when a socket is underneath), except that a TLS stream which sent a fatal alert
+first gets its FIN and a short linger (`tls.TLSStream.close_refused`), so that the peer reads the alert before any
+reset. When both directions end cleanly
 both streams are closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per
 call; a pump checkpoints on the second of two rounds in a row in which neither side had to wait (a wait is a
 checkpoint already, and a short exchange usually waits on its next read). Sockets are also half-closed and closed
