@@ -27,12 +27,13 @@ RFC_ALERTS = {
 
 def test_the_alert_names_are_rfc_8446s() -> None:
     assert records.ALERT_NAMES == RFC_ALERTS
-    named = {
-        records.CLOSE_NOTIFY: 0, records.UNEXPECTED_MESSAGE: 10, records.BAD_RECORD_MAC: 20,
-        records.RECORD_OVERFLOW: 22, records.BAD_CERTIFICATE: 42, records.ILLEGAL_PARAMETER: 47,
-        records.ACCESS_DENIED: 49, records.DECODE_ERROR: 50, records.INTERNAL_ERROR: 80, records.USER_CANCELED: 90,
-    }  # fmt: skip
-    assert all(ours == rfc for ours, rfc in named.items())
+    named = [
+        (records.CLOSE_NOTIFY, 0), (records.UNEXPECTED_MESSAGE, 10), (records.BAD_RECORD_MAC, 20),
+        (records.RECORD_OVERFLOW, 22), (records.BAD_CERTIFICATE, 42), (records.ILLEGAL_PARAMETER, 47),
+        (records.ACCESS_DENIED, 49), (records.DECODE_ERROR, 50), (records.INTERNAL_ERROR, 80),
+        (records.USER_CANCELED, 90),
+    ]  # fmt: skip
+    assert [ours for ours, _ in named] == [rfc for _, rfc in named]
 
 
 def test_the_content_types_sizes_and_limits_are_the_rfcs() -> None:
@@ -156,6 +157,10 @@ def test_handshake_messages_split_anywhere_and_the_largest_allowed() -> None:
     for cut in (1, 3, 4, 5, 100, 199, 201, 202, 203):
         data = forge(b, message[:cut] + b"\x16") + forge(b, message[cut:] + b"\x16") + send(b, b"after")
         assert receive(a, data) == (b"after", len(data)), cut
+    # a whole message, then the start of the next one, in one record: the second waits for its rest
+    first, second = ticket(50), ticket(100)
+    data = forge(b, first + second[:80] + b"\x16") + forge(b, second[80:] + b"\x16") + send(b, b"both")
+    assert receive(a, data) == (b"both", len(data))
     largest = ticket(records.MAX_HANDSHAKE_MESSAGE)
     pieces = [largest[i : i + 16000] for i in range(0, len(largest), 16000)]
     data = b"".join(forge(b, piece + b"\x16") for piece in pieces) + send(b, b"ok")
