@@ -401,7 +401,7 @@ class Handshake:
         server_secret = self._secrets.get(_SERVER_SECRET)
         if suite is None or client_secret is None or server_secret is None:
             raise HandshakeFailure(f"no record layer for this connection (suite {cipher})")
-        if conn.pending() > 0:
+        if conn.pending() > 0 or _has_pending(conn):
             raise HandshakeFailure("application data arrived inside the handshake")
         if self._side is Side.SERVER:
             if count_records(held) is None:
@@ -536,6 +536,16 @@ class _Drain(threading.local):
 
 
 _DRAIN = _Drain()
+
+
+def _has_pending(conn: SSL.Connection) -> bool:
+    """SSL_has_pending: whether OpenSSL holds records it has read but not processed (SSL_pending counts only the
+    processed application data): bytes that would be lost to the record layer. cryptography's binding has no
+    SSL_has_pending up to 50 at least; without it the check rests on read-ahead being off (OpenSSL's default, never
+    changed here), under which OpenSSL reads one record at a time from the memory BIO and holds no unprocessed
+    record after a step, so what it has not processed is still in the BIO, where `_take_unread` finds it."""
+    has_pending = getattr(_lib, "SSL_has_pending", None)
+    return has_pending is not None and bool(has_pending(conn._ssl))
 
 
 def _take_unread(conn: SSL.Connection) -> bytes:

@@ -56,32 +56,40 @@ def loop_reason(
 
 async def sniff_stream(stream: trio.SocketStream, timeout: float) -> tuple[bytes, sniff.Sniff | None, Reason | None]:
     """Read until the sniffer decides. Returns the bytes read (to hand on), the verdict, and when there is none,
-    why: SNIFF_TIMEOUT (the peer went quiet), CLOSED_DURING_SNIFF (EOF) or CLIENT_HELLO_TOO_LARGE."""
+    why: SNIFF_TIMEOUT (the peer went quiet, or took longer than `timeout` in all), CLOSED_DURING_SNIFF (EOF) or
+    CLIENT_HELLO_TOO_LARGE. `timeout` is a hard limit on the whole sniff: a read that did not wait takes a
+    checkpoint, where the deadline is enforced, so a peer that dribbles bytes can neither outlive it nor hold the
+    loop (and the sniffer is incremental: each byte is looked at once)."""
     buffer = bytearray()
+    sniffer = sniff.Sniffer()
     # What has arrived by now is judged before the timer is set: a mesh client sends its ClientHello right after
     # connecting, so under load the whole of it is nearly always there already (no wait, no timer).
     first = netio.read_ready(stream, SNIFF_READ)
     if first is not None:
-        judged = _judge(buffer, first)
+        judged = _judge(sniffer, buffer, first)
         if judged is not None:
             return judged
     with trio.CancelScope(deadline=trio.current_time() + timeout):  # move_on_after, minus its wrapper
         while len(buffer) < sniff.MAX_CLIENT_HELLO:
             want = min(SNIFF_READ, sniff.MAX_CLIENT_HELLO - len(buffer))
-            data, _ = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
-            judged = _judge(buffer, data)
+            data, waited = await netio.receive_raw(stream, want)  # no checkpoint when the bytes are there
+            judged = _judge(sniffer, buffer, data)
             if judged is not None:
                 return judged
+            if not waited:
+                await trio.lowlevel.checkpoint()  # fairness, and where the deadline cancels a steady dribble
         return bytes(buffer), None, Reason.CLIENT_HELLO_TOO_LARGE
     return bytes(buffer), None, Reason.SNIFF_TIMEOUT
 
 
-def _judge(buffer: bytearray, data: bytes | bytearray) -> tuple[bytes, sniff.Sniff | None, Reason | None] | None:
+def _judge(
+    sniffer: sniff.Sniffer, buffer: bytearray, data: bytes | bytearray
+) -> tuple[bytes, sniff.Sniff | None, Reason | None] | None:
     """Add `data` (b"": EOF) to what was sniffed so far; the answer of `sniff_stream` once there is one."""
     if not data:
         return bytes(buffer), None, Reason.CLOSED_DURING_SNIFF
     buffer += data
-    verdict = sniff.parse_client_hello(buffer)
+    verdict = sniffer.feed(data)
     if verdict.state is not sniff.SniffState.NEED_MORE:
         return bytes(buffer), verdict, None
     return None

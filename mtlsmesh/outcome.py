@@ -51,9 +51,17 @@ class Reason(enum.StrEnum):
     CLOSED = "closed"  # both directions ended cleanly (FIN / close_notify)
     IDLE_TIMEOUT = "idle_timeout"  # nothing moved either way for `timeouts.idle`
     RESET_BY_APP = "reset_by_app"  # the local app's side failed (an RST)
-    # The remote side failed: the other sidecar (an RST, a bad record) or, passed through, the remote caller or
-    # destination; inbound, also while the caller was being sniffed.
+    # The remote side failed: the other sidecar (an RST, a truncated stream, a fatal alert it sent) or, passed
+    # through, the remote caller or destination; inbound, also while the caller was being sniffed.
     RESET_BY_PEER = "reset_by_peer"
+    # The remote side broke the TLS record protocol after the handshake (`relay`, from the stream's alert): each is
+    # named after the fatal alert we sent it, so tampering and broken peers are told apart from plain resets.
+    BAD_RECORD_MAC = "bad_record_mac"  # a record failed authentication: forged, corrupted, replayed or reordered
+    UNEXPECTED_MESSAGE = "unexpected_message"  # a record or message not allowed there (a wrong type, CCS, a
+    # handshake message but KeyUpdate, a malformed alert, more than 32 records in a row without application data)
+    RECORD_OVERFLOW = "record_overflow"  # a record over the size limits (RFC 8446 §5.2, §5.4)
+    DECODE_ERROR = "decode_error"  # a record or message that does not parse (too short, a KeyUpdate's length)
+    ILLEGAL_PARAMETER = "illegal_parameter"  # a well-formed message with a value not allowed (a KeyUpdate's flag)
     # Before the decision (`outbound`, `inbound`, `runtime`).
     NO_ORIG_DST = "no_orig_dst"  # the kernel has no original destination: not a redirected connection
     LOOP = "loop"  # dialing on would come back to this listener

@@ -4,9 +4,15 @@ What it does: `Session` holds one connection's two traffic keys once OpenSSL has
 turns plaintext into application-data records, `alert` makes an alert record, `open_into` turns whole records into
 plaintext in a caller's buffer and handles what else may arrive after a handshake: alerts, NewSessionTicket (read
 and dropped: we never resume) and KeyUpdate (the read key moves on; when the peer asks, our answer is queued in
-`outgoing` and the write key moves on after it, unless we have sent close_notify and will send nothing more). Our
-own write key is replaced after `KEY_UPDATE_AFTER` records, well inside the AEAD usage limits of RFC 8446 §5.5.
-Protocol errors raise `RecordError` naming the alert to send.
+`outgoing` and the write key moves on after it, unless we have sent close_notify and will send nothing more; one
+answer covers every request received before our next application data, RFC 8446 §4.6.3). Our own write key is
+replaced after `KEY_UPDATE_AFTER` records, well inside the AEAD usage limits of RFC 8446 §5.5. Protocol errors
+raise `RecordError` naming the alert to send.
+
+Bounded work for a peer: the 33rd record in a row without application data is refused (`MAX_IDLE_RECORDS`), one
+`open_into` call opens at most `OPEN_BUDGET` records without data (the caller checkpoints between calls), `queued`
+counts the bytes waiting in `outgoing` (the caller stops reading above its limit), and `wipe` forgets both secrets
+once the connection is refused or closed.
 
 What it does not: the handshake, certificates or any I/O. `tls.TLSStream` runs the handshake with OpenSSL, takes
 the two traffic secrets from OpenSSL's key log callback and the two sequence numbers from the records it moved, then
@@ -49,6 +55,15 @@ MAX_RECORD = HEADER_SIZE + MAX_CIPHERTEXT
 # What one full record of ours costs on the wire beyond its content: header, content type, tag.
 OVERHEAD = HEADER_SIZE + 1 + TAG_SIZE
 MAX_HANDSHAKE_MESSAGE = 1 << 16  # a NewSessionTicket or KeyUpdate larger than this is an attack, not a message
+# Records in a row that carry no application data (KeyUpdate, NewSessionTicket, user_canceled, empty or all-padding
+# records): the 33rd is refused with unexpected_message, as BoringSSL, rustls and OpenSSL refuse it. Each one costs an
+# AEAD open (and a KeyUpdate a key derivation) and gives the app nothing: without a cap a peer could keep us busy for
+# free.
+MAX_IDLE_RECORDS = 32
+# Records without application data one `open_into` call opens at most before it returns (what it has so far): the
+# work one call does for a peer is bounded in records, not in bytes, so that the caller can take a checkpoint between
+# calls (a KeyUpdate costs a key derivation; a socket read can hold thousands of them).
+OPEN_BUDGET = 64
 
 # Replace our write key after this many records: AES-GCM's limit is 2^24.5 full records per key (§5.5).
 KEY_UPDATE_AFTER = 1 << 24
@@ -88,7 +103,10 @@ UNEXPECTED_MESSAGE = 10
 BAD_RECORD_MAC = 20
 RECORD_OVERFLOW = 22
 ILLEGAL_PARAMETER = 47
+BAD_CERTIFICATE = 42
+ACCESS_DENIED = 49
 DECODE_ERROR = 50
+INTERNAL_ERROR = 80
 USER_CANCELED = 90
 
 
@@ -191,12 +209,29 @@ class _Direction:
         suite = self.suite
         self._install(hmac.digest(self.secret, suite.update_info, suite.hash_name)[: suite.hash_size])
 
+    def wipe(self) -> None:
+        self.secret = b""
+        self.aead = _WIPED
+        self.iv = 0
+
     def nonce(self) -> bytes:
         seq = self.seq
         if seq >= SEQUENCE_LIMIT:  # pragma: no cover - 2^64 records
-            raise RecordError(80, "record sequence number exhausted")
+            raise RecordError(INTERNAL_ERROR, "record sequence number exhausted")
         self.seq = seq + 1
         return (self.iv ^ seq).to_bytes(12, "big")
+
+
+class _Wiped:
+    """The AEAD of a wiped direction: refuses every use."""
+
+    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes, buf: memoryview) -> int:
+        raise RecordError(INTERNAL_ERROR, "the traffic keys were wiped")
+
+    decrypt_into = encrypt_into
+
+
+_WIPED = _Wiped()
 
 
 def _header(length: int) -> bytes:
@@ -211,8 +246,10 @@ class Session:
     """
 
     __slots__ = (
+        "_answered",
         "_error",
         "_hs_in",
+        "_idle",
         "_read",
         "_write",
         "_write_closed",
@@ -220,6 +257,7 @@ class Session:
         "is_client",
         "key_update_after",
         "outgoing",
+        "queued",
     )
 
     def __init__(
@@ -238,6 +276,9 @@ class Session:
         self._hs_in: bytes = b""  # a handshake message split over records, until its last part arrives
         # Records to send, oldest first: what we sealed, alerts, KeyUpdates (ours and answers to the peer's).
         self.outgoing: list[bytes | bytearray] = []
+        self.queued = 0  # bytes in `outgoing`
+        self._idle = 0  # records in a row without application data (see MAX_IDLE_RECORDS)
+        self._answered = False  # an answer to a KeyUpdate request is queued and no application data sent since
         self.closed = False  # close_notify received: nothing after it is read
         self._write_closed = False  # an alert of ours is queued (close_notify or fatal): nothing more is sent
         self._error: RecordError | PeerAlert | None = None  # found after good records: raised by the next call
@@ -252,6 +293,7 @@ class Session:
         n_records = -(-len(data) // MAX_PLAINTEXT)
         if not n_records:
             return
+        self._answered = False  # a KeyUpdate request received after this data needs an answer of its own
         if self._write.seq + n_records > self.key_update_after:
             self._update_write_key(requested=False)  # before these records, so the KeyUpdate goes out first
         out = bytearray(len(data) + n_records * OVERHEAD)
@@ -263,6 +305,7 @@ class Session:
             scratch[n] = APPLICATION_DATA
             pos += self._seal_into(view[pos:], inner[: n + 1])
         self.outgoing.append(out)
+        self.queued += len(out)
 
     def _seal_into(self, out: memoryview, inner: memoryview) -> int:
         write = self._write
@@ -277,6 +320,7 @@ class Session:
         out = bytearray(HEADER_SIZE + len(inner) + TAG_SIZE)
         self._seal_into(memoryview(out), inner)
         self.outgoing.append(out)
+        self.queued += len(out)
 
     def _update_write_key(self, *, requested: bool) -> None:
         # KeyUpdate goes out under the old key; everything after it under the new one (§4.6.3).
@@ -292,7 +336,18 @@ class Session:
 
     def take(self) -> bytes | bytearray:
         """The oldest queued records (b"" when none), to be sent before anything queued after them."""
-        return self.outgoing.pop(0) if self.outgoing else b""
+        if not self.outgoing:
+            return b""
+        out = self.outgoing.pop(0)
+        self.queued -= len(out)
+        return out
+
+    def wipe(self) -> None:
+        """Forget both traffic secrets and the keys made from them (after a refusal, at close): nothing can be
+        sealed or opened afterwards (RecordError internal_error), and no secret outlives its use."""
+        for direction in (self._read, self._write):
+            direction.wipe()
+        self._hs_in = b""
 
     def request_key_update(self) -> None:
         """Queue a KeyUpdate that also asks the peer to update (in `outgoing`), and move our write key on."""
@@ -302,23 +357,31 @@ class Session:
 
     def open_into(self, data: memoryview, out: memoryview) -> tuple[int, int]:
         """Open the whole records at the start of `data` into `out`: (bytes of `data` used, bytes of application
-        data written to `out`). Stops at a partial record, when `out` has no room for the next record, and after
-        close_notify (then `closed` is set). Raises `RecordError` or `PeerAlert`; when good records came before
-        the bad one, their data is returned first and the error raised by the next call, as a reader that takes one
-        record at a time would see it."""
+        data written to `out`). Stops at a partial record, when `out` has no room for the next record, after
+        close_notify (then `closed` is set) and after OPEN_BUDGET records without application data. Raises
+        `RecordError` or `PeerAlert`; when good records came before the bad one, their data is returned first and
+        the error raised by the next call, as a reader that takes one record at a time would see it."""
         if self._error is not None:
             raise self._error
-        used = produced = 0
-        while not self.closed and len(data) - used >= HEADER_SIZE:
+        used = produced = idle = 0
+        while not self.closed and len(data) > used and idle < OPEN_BUDGET:
             try:
+                if len(data) - used < HEADER_SIZE:  # a partial header is judged by its first byte already
+                    if data[used] != APPLICATION_DATA:
+                        raise RecordError(
+                            UNEXPECTED_MESSAGE, f"unexpected record type {data[used]} after the handshake"
+                        )
+                    break
                 step = self._open_one(data, used, out, produced)
             except (RecordError, PeerAlert) as exc:
+                self._error = exc  # a failed session stays failed: every later call raises it again
                 if not produced:
                     raise
-                self._error = exc
                 break
             if step is None:
                 break
+            if step[1] == produced:
+                idle += 1
             used, produced = step
         return used, produced
 
@@ -342,9 +405,13 @@ class Session:
         target = out[produced : produced + size]
         try:
             read.aead.decrypt_into(read.nonce(), data[used + HEADER_SIZE : used + HEADER_SIZE + length], header, target)
+        except RecordError:  # the keys were wiped
+            raise
         except Exception as exc:  # cryptography's InvalidTag: forged, corrupted or out of order
             raise RecordError(BAD_RECORD_MAC, "record failed authentication") from exc
         used += HEADER_SIZE + length
+        if size > MAX_PLAINTEXT + 1:  # content, content type and padding: at most 2^14 + 1 bytes (§5.4)
+            raise RecordError(RECORD_OVERFLOW, f"record inner plaintext of {size} bytes is over the limit")
         # Content type: the last non-zero byte; zeros after it are padding (§5.4).
         inner_type = target[size - 1]
         content_size = size - 1
@@ -353,12 +420,17 @@ class Session:
             if content_size < 0:
                 raise RecordError(UNEXPECTED_MESSAGE, "record has no content type")
             inner_type = target[content_size]
-        if content_size > MAX_PLAINTEXT:
-            raise RecordError(RECORD_OVERFLOW, f"record content of {content_size} bytes is over the limit")
         if inner_type == APPLICATION_DATA:
             if self._hs_in:
                 raise RecordError(UNEXPECTED_MESSAGE, "application data inside a handshake message")
-            return used, produced + content_size
+            if content_size:
+                self._idle = 0
+                return used, produced + content_size
+        self._idle += 1
+        if self._idle > MAX_IDLE_RECORDS:
+            raise RecordError(UNEXPECTED_MESSAGE, f"more than {MAX_IDLE_RECORDS} records in a row without data")
+        if inner_type == APPLICATION_DATA:
+            return used, produced
         if inner_type == ALERT:
             self._alert(bytes(target[:content_size]))
         elif inner_type == HANDSHAKE:
@@ -370,8 +442,9 @@ class Session:
         return used, produced
 
     def _alert(self, content: bytes) -> None:
+        # One whole alert per record, never inside a handshake message (§5.1): anything else is unexpected_message.
         if len(content) != 2 or self._hs_in:
-            raise RecordError(DECODE_ERROR, "malformed alert")
+            raise RecordError(UNEXPECTED_MESSAGE, "malformed alert")
         description = content[1]
         if description == CLOSE_NOTIFY:
             self.closed = True
@@ -401,8 +474,11 @@ class Session:
                 # The answer is owed before our next application data (§4.6.3); after our close_notify there is
                 # none, and the peer may go on sending (§6.1): no answer then, which the transport, shut for
                 # writing after close_notify, could not carry anyway.
-                if body[0] == 1 and not self._write_closed:
+                # One answer covers every request received before our next application data (§4.6.3): a peer
+                # asking again and again, while we send nothing, gets one.
+                if body[0] == 1 and not self._write_closed and not self._answered:
                     self._update_write_key(requested=False)
+                    self._answered = True
                 continue
             raise RecordError(UNEXPECTED_MESSAGE, f"unexpected handshake message {msg_type} after the handshake")
         rest = buf[pos:]

@@ -4,8 +4,9 @@ What it does: copies bytes both ways with backpressure (one fixed-size read at a
 before the next read, so a slow reader slows the writer and nothing buffers without bound); maps a clean end of one
 direction (FIN, or TLS close_notify) to `send_eof` on the other side while the other direction keeps flowing; maps a
 failure on either side (an RST, a broken TLS record, a truncation) to an abortive close of both, so the far ends see a
-reset too; enforces an optional idle timeout; counts bytes and says why the relay ended (`outcome.Reason`: closed,
-idle_timeout, or the reset reason the caller named for the side that failed).
+reset too (after the alert, for a TLS peer refused for a protocol violation); enforces an optional idle timeout;
+counts bytes and says why the relay ended (`outcome.Reason`: closed, idle_timeout, the alert a TLS side was refused
+with, or the reset reason the caller named for the side that failed).
 
 What it does not: open, authenticate or authorize anything (see `outbound`, `inbound`); it owns the two streams
 once called and closes both before it returns.
@@ -14,8 +15,11 @@ Theory of operation: one task per direction (the forward one is the caller's own
 whose deadline is pushed forward, when an idle timeout is set, on every chunk received and every time a send that
 had to wait (backpressure from a slow reader) gets more bytes out: progress either way keeps the relay up, and a
 send that is merely slow is not idle (the fast path pays nothing for that: it runs only after a wait). A direction
-that ends cleanly just returns. The first failure records its reason and cancels the scope; both streams are then
-closed abortively (`netio.abort_close`: SO_LINGER 0 when a socket is underneath). When both directions end cleanly
+that ends cleanly just returns. The first failure records its reason (for a TLS stream that refused a protocol
+violation, the alert it sent: `ALERT_REASONS`) and cancels the scope; both streams are then closed abortively
+(`netio.abort_close`: SO_LINGER 0 when a socket is underneath), except that a TLS stream which sent a fatal alert
+first gets its FIN and a short linger (`tls.TLSStream.close_refused`), so that the peer reads the alert before any
+reset. When both directions end cleanly
 both streams are closed gracefully. Sockets and TLS streams are read and written without trio's checkpoint per
 call; a pump checkpoints on the second of two rounds in a row in which neither side had to wait (a wait is a
 checkpoint already, and a short exchange usually waits on its next read). Sockets are also half-closed and closed
@@ -30,7 +34,7 @@ from typing import Protocol
 
 import trio
 
-from mtlsmesh import netio, sslstream, tls
+from mtlsmesh import netio, records, sslstream, tls
 from mtlsmesh.outcome import Reason
 
 CHUNK = 256 * 1024  # bytes per read: a TLS stream decrypts every whole record it holds up to this per read
@@ -91,7 +95,7 @@ async def relay(
             try:
                 data, waited = await src.receive_chunk(CHUNK, short)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append((p.src_reset, _why(exc)))
+                failure.append((_failed(p.src, p.src_reset), _why(exc)))
                 scope.cancel()
                 return
             if idle_timeout is not None:
@@ -104,7 +108,7 @@ async def relay(
                 if await dst.send_chunk(data):
                     waited = True
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure.append((p.dst_reset, _why(exc)))
+                failure.append((_failed(p.dst, p.dst_reset), _why(exc)))
                 scope.cancel()
                 return
             p.copied += len(data)
@@ -139,15 +143,13 @@ async def relay(
     finally:
         # Reached on every path, including an outer cancellation (drain): never leave a stream open.
         if aborted:
-            await netio.abort_close(downstream)
-            await netio.abort_close(upstream)
+            await _abort(downstream, upstream)
         else:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_GRACE, shield=True) as grace:
                 await down.aclose()
                 await up.aclose()
             if grace.cancelled_caught:
-                await netio.abort_close(downstream)
-                await netio.abort_close(upstream)
+                await _abort(downstream, upstream)
     return RelayResult(forward.copied, backward.copied, reason, detail, aborted)
 
 
@@ -221,6 +223,38 @@ def _end(stream: trio.abc.Stream, progress: Callable[[], None] | None) -> _End:
     if type(stream) is sslstream.OpenSSLStream:  # record_layer openssl: the Stream interface, and its progress
         stream.send_progress = progress
     return _StreamEnd(stream)
+
+
+# The fatal alert a TLS stream sent for a protocol violation → the reason the relay ends with (see outcome.Reason).
+ALERT_REASONS: dict[int, Reason] = {
+    records.BAD_RECORD_MAC: Reason.BAD_RECORD_MAC,
+    records.UNEXPECTED_MESSAGE: Reason.UNEXPECTED_MESSAGE,
+    records.RECORD_OVERFLOW: Reason.RECORD_OVERFLOW,
+    records.DECODE_ERROR: Reason.DECODE_ERROR,
+    records.ILLEGAL_PARAMETER: Reason.ILLEGAL_PARAMETER,
+}
+
+
+def _failed(end: _End, reset: Reason) -> Reason:
+    """The reason for a failure of `end`: the violation its TLS stream refused (by the alert it sent), else `reset`."""
+    if type(end) is tls.TLSStream and end.violation is not None:
+        return ALERT_REASONS.get(end.violation, reset)
+    return reset
+
+
+async def _abort(*streams: trio.abc.Stream) -> None:
+    """Close abortively, except a TLS stream that refused its peer with an alert: that one gets our FIN and a short
+    linger first (`tls.TLSStream.close_refused`), so the peer reads the alert before any reset; it is closed last
+    and shielded (this runs on every exit, a cancellation included), bounded by tls.REFUSE_LINGER."""
+    refused = [s for s in streams if type(s) is tls.TLSStream and s.violation is not None]
+    for stream in streams:
+        if stream not in refused:
+            await netio.abort_close(stream)
+    for stream in refused:
+        assert type(stream) is tls.TLSStream
+        with trio.CancelScope(deadline=trio.current_time() + 2 * tls.REFUSE_LINGER, shield=True):
+            await stream.close_refused()
+        await netio.abort_close(stream)  # nothing when it is closed; the reset it would have ended in if cut short
 
 
 def _why(exc: BaseException) -> str:

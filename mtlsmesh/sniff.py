@@ -1,9 +1,10 @@
 """Classify the first bytes of an inbound connection: a TLS ClientHello (and what it offers), or not TLS at all.
 
-`parse_client_hello(data)` looks at the bytes read so far and answers one of three things: NEED_MORE (they are a
+`Sniffer` is fed the bytes as they arrive and answers, after each feed, one of three things: NEED_MORE (they are a
 valid prefix of a ClientHello), NOT_TLS (they cannot be the start of one) or CLIENT_HELLO (a complete, well-formed
-ClientHello, with the ALPN protocols, SNI host name and TLS versions it offers). `is_mesh` says whether it is the
-mesh's own mTLS. The function is pure and never raises, whatever the bytes: it sits in front of every inbound
+ClientHello, with the ALPN protocols, SNI host name and TLS versions it offers). `parse_client_hello(data)` is the
+same answer for bytes at hand. `is_mesh` says whether it is the mesh's own mTLS. Both are pure (no I/O) and never
+raise, whatever the bytes: it sits in front of every inbound
 connection, so a hostile peer must not be able to make it do anything but answer.
 
 What this module does not do: read from sockets, time out, or verify anything cryptographic. It does not consume
@@ -17,9 +18,16 @@ fragment). Clients with post-quantum key shares (X25519MLKEM768) send 1.3-1.8 KB
 message across several records, so the parser first walks the record headers and joins the handshake fragments,
 then parses the handshake message from the joined bytes.
 
-Both stages check every byte as soon as it is present and stop at the first one that no ClientHello could carry:
-a record type other than handshake, a version whose major byte is not 3, a zero-length or oversized record, a
-handshake type other than 1, or a length that disagrees with the lengths enclosing it. The body parser reads
+Both stages check the bytes as they come and stop at the first one that no ClientHello could carry: a record type
+other than handshake, a version whose major byte is not 3, a zero-length or oversized record, more than
+`MAX_RECORDS` records, a handshake type other than 1, or a length that disagrees with the lengths enclosing it.
+
+Incremental, so that a peer dribbling its ClientHello costs work in proportion to its bytes, not to their square:
+the record walk keeps its place (it looks at each byte once); the body parser runs again only when the message has
+doubled since its last run, when the message is complete, or when `MAX_CLIENT_HELLO` bytes are in, so its total
+work is linear too. Its answer for a prefix never changes once it is not NEED_MORE (the parser reads forward and
+stops at the first bad byte), so deferring a run only delays a refusal; `Sniffer.finish` gives the answer a full
+run would give now. The body parser reads
 through a cursor that knows two ends: the declared end of the message and the end of the bytes received so far.
 Reading past the declared end means the lengths are inconsistent (NOT_TLS); reading past what has arrived means
 the answer depends on bytes not yet read (NEED_MORE). One parser thus gives both the early rejection and the final
@@ -39,6 +47,9 @@ from mtlsmesh.conventions import MESH_ALPN
 # Enough for any real ClientHello (post-quantum ones are under 2 KB) with room for fragmentation overhead; the
 # largest Envoy's tls_inspector waits for is of the same order. A longer one is treated as not TLS.
 MAX_CLIENT_HELLO = 32 * 1024
+# Records one ClientHello may take: real clients use one, or a few when it is over 2^14 bytes; a ClientHello cut into
+# tiny records only costs the sniffer work (and is a known way to evade inspection). More is not TLS.
+MAX_RECORDS = 64
 
 _RECORD_HEADER = 5  # type(1) version(2) length(2), RFC 8446 §5.1
 _HANDSHAKE_HEADER = 4  # msg_type(1) length(3), RFC 8446 §4
@@ -86,63 +97,127 @@ class _NotTls(Exception):
 
 def parse_client_hello(data: bytes | bytearray | memoryview) -> Sniff:
     """Classify `data`, the first bytes a client sent. Pure; never raises."""
-    try:
-        received = bytes(data)
-        message, declared = _join_handshake_fragments(received)
-        return _parse_body(_Cursor(message, _HANDSHAKE_HEADER, _HANDSHAKE_HEADER + declared))
-    except _NeedMore:
-        if len(received) >= MAX_CLIENT_HELLO:
-            return Sniff(SniffState.NOT_TLS, reason=f"no complete ClientHello in {MAX_CLIENT_HELLO} bytes")
-        return Sniff(SniffState.NEED_MORE)
-    except _NotTls as exc:
-        return Sniff(SniffState.NOT_TLS, reason=str(exc))
-    except Exception as exc:  # a bug in this parser must not become a bug on the data path
-        return Sniff(SniffState.NOT_TLS, reason=f"unparseable ({type(exc).__name__})")
+    return Sniffer().feed(data)
 
 
-def _join_handshake_fragments(data: bytes) -> tuple[bytes, int]:
-    """Walk the records; return the handshake bytes present and the message's declared body length.
+class Sniffer:
+    """The sniff of one connection, fed its bytes as they arrive (see the module docstring). `feed` answers for
+    everything fed so far; once the answer is not NEED_MORE it stays."""
 
-    Returns whatever part of the message has arrived, so that the body parser judges it too: an answer must never
-    depend on where the bytes happened to be cut.
-    """
-    message = bytearray()
-    declared: int | None = None
-    offset = 0
-    while declared is None or len(message) < _HANDSHAKE_HEADER + declared:
-        header = data[offset : offset + _RECORD_HEADER]
+    __slots__ = ("_declared", "_header", "_left", "_message", "_parsed", "_received", "_records", "_verdict")
+
+    def __init__(self) -> None:
+        self._received = 0  # bytes fed
+        self._header = bytearray()  # the record header being read (when _left is 0)
+        self._left = 0  # bytes of the current record's fragment still to come
+        self._records = 0  # records whose header is whole
+        self._message = bytearray()  # the handshake bytes joined so far
+        self._declared: int | None = None  # the ClientHello body's declared length, once its header is in
+        self._parsed = 0  # the message's length at the body parser's last run
+        self._verdict: Sniff | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Sniff:
+        if self._verdict is not None:
+            return self._verdict
+        try:
+            view = memoryview(data).cast("B")
+            self._received += len(view)
+            self._walk(view)
+            verdict = self._judge(force=False)
+        except _NotTls as exc:
+            verdict = Sniff(SniffState.NOT_TLS, reason=str(exc))
+        except Exception as exc:  # a bug in this parser must not become a bug on the data path
+            verdict = Sniff(SniffState.NOT_TLS, reason=f"unparseable ({type(exc).__name__})")
+        if verdict.state is not SniffState.NEED_MORE:
+            self._verdict = verdict
+        return verdict
+
+    def finish(self) -> Sniff:
+        """The answer for what was fed, with the body parser run on all of it (what `parse_client_hello` says)."""
+        if self._verdict is not None:
+            return self._verdict
+        try:
+            return self._judge(force=True)
+        except _NotTls as exc:
+            return Sniff(SniffState.NOT_TLS, reason=str(exc))
+        except Exception as exc:  # pragma: no cover - as in feed
+            return Sniff(SniffState.NOT_TLS, reason=f"unparseable ({type(exc).__name__})")
+
+    def _complete(self) -> bool:
+        return self._declared is not None and len(self._message) >= _HANDSHAKE_HEADER + self._declared
+
+    def _walk(self, data: memoryview) -> None:
+        """Walk the records in `data`, from where the last feed stopped; join their fragments into the message.
+        Stops once the message is complete: what follows it is not the sniffer's."""
+        pos, end = 0, len(data)
+        header = self._header
+        while pos < end and not self._complete():
+            if not self._left:
+                take = min(_RECORD_HEADER - len(header), end - pos)
+                header += data[pos : pos + take]
+                pos += take
+                self._check_header(header)
+                if len(header) < _RECORD_HEADER:
+                    return
+                length = int.from_bytes(header[3:5], "big")
+                if length == 0:
+                    raise _NotTls("empty handshake record")  # RFC 8446 §5.1 forbids zero-length handshake fragments
+                if length > _MAX_FRAGMENT:
+                    raise _NotTls(f"record length {length} exceeds 2^14")
+                self._records += 1
+                if self._records > MAX_RECORDS:
+                    raise _NotTls(f"ClientHello in more than {MAX_RECORDS} records")
+                self._left = length
+                header.clear()
+                continue
+            take = min(self._left, end - pos)
+            self._add(data[pos : pos + take])
+            pos += take
+            self._left -= take
+
+    def _check_header(self, header: bytearray) -> None:
         if header[:1] and header[0] != _CONTENT_HANDSHAKE:
-            if offset == 0:
+            if not self._records:
                 raise _NotTls(f"first byte 0x{header[0]:02x} is not a TLS handshake record")
             raise _NotTls(f"record type {header[0]} inside the ClientHello")
         if len(header) >= 2 and header[1] != 3:
             raise _NotTls(f"record version major byte 0x{header[1]:02x} is not 3")
         if len(header) >= 3 and header[2] > 4:
             raise _NotTls(f"record version 0x03{header[2]:02x} is unknown")
-        if len(header) < _RECORD_HEADER:
-            break  # the next record has not arrived; what has may still be judged below
-        length = int.from_bytes(header[3:5], "big")
-        if length == 0:
-            raise _NotTls("empty handshake record")  # RFC 8446 §5.1 forbids zero-length handshake fragments
-        if length > _MAX_FRAGMENT:
-            raise _NotTls(f"record length {length} exceeds 2^14")
-        offset += _RECORD_HEADER
-        fragment = data[offset : offset + length]
-        offset += len(fragment)
+
+    def _add(self, fragment: memoryview) -> None:
+        message = self._message
         message += fragment
-        if message[:1] and message[0] != _HANDSHAKE_CLIENT_HELLO:
+        if message[0] != _HANDSHAKE_CLIENT_HELLO:
             raise _NotTls(f"handshake type {message[0]} is not ClientHello")
-        if declared is None and len(message) >= _HANDSHAKE_HEADER:
+        if self._declared is None and len(message) >= _HANDSHAKE_HEADER:
             declared = int.from_bytes(message[1:4], "big")
             if declared < _MIN_BODY:
                 raise _NotTls(f"ClientHello length {declared} is too short")
             if declared > MAX_CLIENT_HELLO - _RECORD_HEADER - _HANDSHAKE_HEADER:
                 raise _NotTls(f"ClientHello length {declared} exceeds {MAX_CLIENT_HELLO} bytes")
-        if len(fragment) < length:
-            break  # the rest of this record has not arrived
-    if declared is None:
-        raise _NeedMore
-    return bytes(message[: _HANDSHAKE_HEADER + declared]), declared
+            self._declared = declared
+
+    def _judge(self, *, force: bool) -> Sniff:
+        """Run the body parser when it is due (see the module docstring) and answer."""
+        declared = self._declared
+        full = self._received >= MAX_CLIENT_HELLO
+        if declared is not None:
+            size = len(self._message)
+            due = force or full or self._complete() or size >= 2 * self._parsed
+            if (due and size > self._parsed) or force:
+                self._parsed = size
+                end = _HANDSHAKE_HEADER + declared
+                try:
+                    return _parse_body(_Cursor(bytes(self._message[:end]), _HANDSHAKE_HEADER, end))
+                except _NeedMore:
+                    pass
+        if full:
+            return Sniff(SniffState.NOT_TLS, reason=f"no complete ClientHello in {MAX_CLIENT_HELLO} bytes")
+        return _NEED_MORE
+
+
+_NEED_MORE = Sniff(SniffState.NEED_MORE)
 
 
 class _Cursor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mtlsmesh import handshake, netio, sslstream, tls
+from mtlsmesh import handshake, netio, records, sslstream, tls
 from mtlsmesh.addresses import IPAddress, unmapped
 from mtlsmesh.config import RecordLayer
 from mtlsmesh.errors import HandshakeError
@@ -37,9 +37,14 @@ LOOP_TO_LISTENER = Failure(Reason.LOOP, "the original destination is this listen
 
 async def refuse(stream: trio.abc.Stream, rec: Outcome, reason: Reason, detail: str = "") -> None:
     """End the connection with `reason` and an RST (its connect() succeeded against us; a reset is the honest
-    answer). The decision stays what it was."""
+    answer). The decision stays what it was. A TLS peer denied after its handshake is told so first: the fatal alert
+    access_denied, then our FIN and a short linger so that it reads the alert before any reset
+    (`tls.TLSStream.refuse`)."""
     rec.reason = reason
     rec.detail = detail
+    if reason is Reason.DENIED and type(stream) is tls.TLSStream:
+        with trio.CancelScope(deadline=trio.current_time() + 2 * tls.REFUSE_LINGER, shield=True):
+            await stream.refuse(records.ACCESS_DENIED)
     await netio.abort_close(stream)
 
 

@@ -44,6 +44,15 @@ Half-close: `send_eof` sends close_notify (and a FIN when the transport can half
 sending (RFC 8446 §6.1). Receiving close_notify makes `receive_some` return b"". A transport EOF without close_notify
 is a truncation and raises `trio.BrokenResourceError`.
 
+Fairness: a receive whose read brought no application data, and did not wait, takes a checkpoint before it reads
+again (the session opens at most `records.OPEN_BUDGET` records without data per call), so a peer that keeps the
+socket full of KeyUpdates or empty records gets one bounded slice of the loop per round; the handshake's reads
+checkpoint the same way. The receive path stops reading while more than `OUTGOING_LIMIT` bytes wait to be sent.
+
+Refusing: a record error is answered with its alert and a FIN (`violation` names the alert); whoever closes the
+stream then calls `close_refused`, which gives the peer `REFUSE_LINGER` to read the alert and close before any reset
+(the relay does, `steps.refuse` through `refuse` for a policy denial). Both traffic secrets are wiped at close.
+
 Errors are translated by `_fail`: a handshake or transport error (broken or closed) during the handshake becomes
 `HandshakeError`, afterwards `trio.BrokenResourceError`; a record the peer got wrong is answered with the alert
 `records` names before the stream breaks. `open_mtls` checks the peer before our last handshake flight leaves.
@@ -54,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -67,7 +77,7 @@ from mtlsmesh.errors import CertificateError, HandshakeError
 from mtlsmesh.handshake import ALPN, Side
 from mtlsmesh.identity import SpiffeId, TrustDomain
 
-__all__ = ["ALPN", "RECORD_SIZE", "PeerStream", "Side", "TLSStream", "check_peer", "open_mtls"]
+__all__ = ["ALPN", "RECORD_SIZE", "PeerRefused", "PeerStream", "Side", "TLSStream", "check_peer", "open_mtls"]
 
 # What two sidecars negotiate with the OpenSSL that pyOpenSSL bundles here (checked by tests/integration/test_tls):
 # TLS 1.3, cipher suite TLS_AES_256_GCM_SHA384 (OpenSSL's default TLS 1.3 order), key exchange X25519MLKEM768,
@@ -80,6 +90,24 @@ RECORD_SIZE = 16384  # TLS max plaintext record (RFC 8446 §5.1): what receive_s
 SEND_CHUNK = 64 * 1024  # plaintext sealed per round of send_all (four records), then sent before the next
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call (several records at once)
 RECV_SCRATCH_SIZE = 128 * 1024  # room for the plaintext of every whole record one read can hold
+# Ciphertext queued to send above which the receive path stops reading until the queue drains: what a peer that
+# does not read can make us hold (a send round queues at most SEND_CHUNK and its records, the receive path one
+# KeyUpdate answer and one alert, so only a misbehaving peer gets near it).
+OUTGOING_LIMIT = 4 * SEND_CHUNK
+# A refused peer (a fatal alert sent, then our FIN) has this long to read the alert and close before it is reset, and
+# may send this much meanwhile (read and dropped); a peer that keeps talking past either is reset then.
+REFUSE_LINGER = 1.0
+REFUSE_LINGER_BYTES = 256 * 1024
+
+
+class PeerRefused(HandshakeError):
+    """`check_peer`'s refusal of a peer whose handshake succeeded: `alert` is the fatal alert that tells it why
+    (bad_certificate for a leaf the SVID rules or the trust domain refuse, access_denied for an identity that is not
+    expected)."""
+
+    def __init__(self, peer: str, reason: str, alert: int) -> None:
+        super().__init__(peer, reason)
+        self.alert = alert
 
 
 # Scratch buffers shared by every stream of a thread: the data path reads, seals and opens through them instead of
@@ -135,6 +163,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "peer_id",
         "send_progress",
         "transport_stream",
+        "violation",
     )
 
     def __init__(
@@ -184,6 +213,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # timer, so a send held back by a slow reader counts as progress.
         self.send_progress: Callable[[], object] | None = None
         self._receiving = False
+        # The fatal alert we sent the peer for a protocol violation or a refusal (records.ALERT_NAMES), else None:
+        # what the relay names the connection's end after, and the sign that the close must give the peer time to
+        # read it (see close_refused).
+        self.violation: int | None = None
 
     # --- errors ------------------------------------------------------------------------------------------------
 
@@ -206,15 +239,87 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return trio.BrokenResourceError(reason)
 
     async def _alert_and_fail(self, exc: BaseException) -> BaseException:
-        # An alert saying why is queued (by OpenSSL, or by us for a record error): send it so the peer fails now,
-        # not at its timeout.
-        if isinstance(exc, records.RecordError) and self._session is not None:
-            self._session.alert(exc.alert)
+        # An alert saying why is queued (by OpenSSL, or by us for a record error): send it, and a FIN after it, so
+        # the peer fails now and reads why, not at its timeout. The stream is broken first: nothing of ours may
+        # follow the alert (another task's send finds it broken). During the handshake the peer is also given
+        # REFUSE_LINGER to read it before our caller resets the connection; afterwards that is close_refused's.
+        failure = self._fail(exc)
+        if isinstance(exc, records.RecordError) and self._session is not None and self.violation is None:
+            self.violation = exc.alert
+            with contextlib.suppress(records.RecordError):  # keys wiped: nothing can be sent any more
+                self._session.alert(exc.alert)
         if isinstance(exc, (handshake.HandshakeFailure, records.RecordError)):
-            self._broken = None  # the flush below must not refuse because of an earlier failure
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._flush()
-        return self._fail(exc)
+                self._shut_write()
+                if not self._handshake_done:
+                    await self._linger()
+        return failure
+
+    def _shut_write(self) -> None:
+        """Our FIN after a fatal alert, on a socket transport (other transports are closed by the caller)."""
+        sock = self._socket
+        if sock is not None and not sock.socket.did_shutdown_SHUT_WR and sock.socket.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                sock.socket.shutdown(socket.SHUT_WR)
+
+    async def _linger(self) -> bool:
+        """After our fatal alert and FIN: wait up to REFUSE_LINGER for the peer to close, reading and dropping up to
+        REFUSE_LINGER_BYTES of what it still sends, so that its writes meanwhile do not meet a reset before it has
+        read the alert. True when the peer closed (or reset) within that; False when it kept talking or stayed."""
+        sock = self._socket
+        if sock is None:
+            return False
+        fd = sock.socket.fileno()
+        if fd < 0:
+            return True
+        budget = REFUSE_LINGER_BYTES
+        with trio.move_on_after(REFUSE_LINGER):
+            while budget > 0:
+                await trio.lowlevel.wait_readable(fd)  # a checkpoint per read: a talkative peer cannot hold the loop
+                try:
+                    data = os.read(fd, min(budget, TRANSPORT_READ))
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return True  # reset by the peer: nothing left to protect
+                if not data:
+                    return True
+                budget -= len(data)
+        return False
+
+    async def close_refused(self) -> None:
+        """Close a stream whose peer we refused with a fatal alert (already sent): our FIN, then the linger (see
+        `_linger`), then a plain close when the peer closed meanwhile or an RST when it did not. The traffic secrets
+        are wiped. Bounded by REFUSE_LINGER; any failure just ends in the reset."""
+        self._shut_write()
+        closed = False
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            closed = await self._linger()
+        self._broken = self._broken or "refused"
+        if closed and self._socket is not None:
+            self._closed = True
+            self._wipe()
+            self._socket.socket.close()
+        else:
+            await netio.abort_close(self)
+
+    async def refuse(self, alert: int) -> None:
+        """Refuse the peer after the handshake (a policy denial): send the fatal `alert`, then `close_refused`."""
+        if self._session is not None and self._broken is None and not self._closed:
+            self.violation = alert
+            self._broken = f"refused with alert {records.ALERT_NAMES.get(alert, alert)}"
+            with contextlib.suppress(records.RecordError, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._session.alert(alert)
+                await self._flush()
+            await self.close_refused()
+        else:
+            await netio.abort_close(self)
+
+    def _wipe(self) -> None:
+        # L2: both traffic secrets go with the connection (refused or closed), not with the object's last reference.
+        if self._session is not None:
+            self._session.wipe()
 
     # --- the handshake path: `handshake.Handshake` stepped until done ---------------------------------------------
 
@@ -239,7 +344,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     if not yielded:
                         await trio.lowlevel.checkpoint()
                     return
-                await self._fill(hs)
+                if not await self._fill(hs):
+                    await trio.lowlevel.checkpoint()  # a peer that keeps the socket full gets one step per round
             except trio.ClosedResourceError as exc:
                 if self._closed:
                     raise  # this stream was closed (aclose in another task): the Stream contract's error
@@ -248,15 +354,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._fail(exc) from exc
             yielded = True
 
-    async def _fill(self, hs: handshake.Handshake) -> None:
+    async def _fill(self, hs: handshake.Handshake) -> bool:
         """During the handshake: read one chunk of ciphertext from the transport and feed it to OpenSSL (or wait
-        for another task's read, then the caller retries)."""
+        for another task's read, then the caller retries). Returns whether it awaited."""
         if self._reading:
             if self._read_done is None:
                 self._read_done = trio.lowlevel.ParkingLot()
             await self._read_done.park()
-            return
+            return True
         self._reading = True
+        awaited = False
         try:
             if self._socket is not None:
                 fd = self._socket.socket.fileno()
@@ -269,12 +376,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     except OSError as exc:
                         raise netio.stream_error(exc) from exc
                     await trio.lowlevel.wait_readable(fd)
+                    awaited = True
             else:
                 data = bytes(await self.transport_stream.receive_some(TRANSPORT_READ))
+                awaited = True
             if data:
                 hs.feed(data)
             else:
                 hs.feed_eof()
+            return awaited
         finally:
             self._reading = False
             if self._read_done is not None:
@@ -367,6 +477,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._hand_over()
             except HandshakeError as exc:
                 self._broken = exc.reason
+                if isinstance(exc, PeerRefused) and self._side is Side.SERVER:
+                    await self._refuse_after_handshake(exc.alert)
                 raise
             try:
                 if self._side is Side.CLIENT and send_last:
@@ -383,6 +495,24 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # the stream broken when it is).
             self._handshake_waiters.unpark_all()
             self._handshake_waiters = None
+
+    async def _refuse_after_handshake(self, alert: int) -> None:
+        """A server refusing a client whose handshake succeeded (see `check_peer`): the client's Finished is in, so
+        the alert goes under our application traffic key, through the record layer, after our held records (the
+        sequence numbers count them). Then our FIN and the linger; the caller resets."""
+        try:
+            self._hand_over()
+        except HandshakeError:
+            return  # no record layer to say it with: the caller's reset says it
+        session = self._session
+        assert session is not None
+        self.violation = alert
+        with contextlib.suppress(records.RecordError, trio.BrokenResourceError, trio.ClosedResourceError):
+            session.alert(alert)
+            await self._flush()
+            self._shut_write()
+            await self._linger()
+        self._wipe()
 
     def _hand_over(self) -> None:
         """Take the connection over from OpenSSL (see `handshake.Handshake.hand_over`). Raises `HandshakeError`."""
@@ -569,13 +699,25 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         yielded = True
                     if data is not None:
                         break
+                    if session.queued > OUTGOING_LIMIT:
+                        # A peer that makes us owe it more than it reads: stop reading it until our queue drains.
+                        await self._flush()
+                        yielded = True
+                        continue
+                    awaited = False
                     if session.closed:
                         data = b""
-                    elif _whole_record(self._cin):
+                    elif _ready(self._cin):
                         data = self._open(memoryview(self._cin), max_bytes)
                     else:
                         data, awaited = await self._read_records(max_bytes)
                         yielded = yielded or awaited
+                    if data is None and not awaited:
+                        # Records without application data (at most records.MAX_IDLE_RECORDS in a row, each read
+                        # at most TRANSPORT_READ): one read's worth per trip through the scheduler, so a peer that
+                        # keeps the socket full of them cannot hold the loop.
+                        await trio.lowlevel.checkpoint()
+                        yielded = True
             except (records.RecordError, records.PeerAlert) as exc:
                 raise await self._alert_and_fail(exc) from exc
             except trio.BrokenResourceError as exc:
@@ -643,6 +785,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._hs is not None:  # a connection never handed over
                 self._hs.free()
                 self._hs = None
+            self._wipe()
             transport = self._socket
             if transport is not None:
                 transport.socket.close()
@@ -652,8 +795,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return awaited
 
 
-def _whole_record(data: bytes) -> bool:
-    return len(data) >= records.HEADER_SIZE and len(data) >= records.HEADER_SIZE + ((data[3] << 8) | data[4])
+def _ready(data: bytes) -> bool:
+    """Whether `data` (ciphertext kept from the last read, or left behind the handshake) is to be opened now: it
+    holds a whole record, or a header no record may have, which is judged at once rather than when more comes."""
+    if not data:
+        return False
+    if data[0] != records.APPLICATION_DATA:
+        return True
+    if len(data) < records.HEADER_SIZE:
+        return False
+    length = (data[3] << 8) | data[4]
+    return len(data) >= records.HEADER_SIZE + length or not records.TAG_SIZE < length <= records.MAX_CIPHERTEXT
 
 
 # The SVID leaf rules depend on nothing but the certificate's bytes (OpenSSL checks the chain and the validity period
@@ -695,13 +847,15 @@ def check_peer(
             _LEAF_VERDICTS.clear()
         _LEAF_VERDICTS[der] = verdict
     if isinstance(verdict, str):
-        raise HandshakeError(stream.peer, verdict)
+        raise PeerRefused(stream.peer, verdict, records.BAD_CERTIFICATE)
     spiffe_id = verdict
     if spiffe_id.trust_domain != trust_domain:
-        raise HandshakeError(stream.peer, f"peer {spiffe_id} is not in trust domain {trust_domain}")
+        raise PeerRefused(
+            stream.peer, f"peer {spiffe_id} is not in trust domain {trust_domain}", records.BAD_CERTIFICATE
+        )
     if expected and spiffe_id not in expected:
         shown = ", ".join(str(e) for e in expected)
-        raise HandshakeError(stream.peer, f"peer {spiffe_id} is not an expected identity ({shown})")
+        raise PeerRefused(stream.peer, f"peer {spiffe_id} is not an expected identity ({shown})", records.ACCESS_DENIED)
     stream.peer_id = spiffe_id
     return spiffe_id
 

@@ -231,10 +231,18 @@ def tls12_client(material: handshake.Material) -> SSL.Context:
 
 ClientMaker = Callable[[ca.Authority, ca.Authority], SSL.Context]
 
-# Refused after the handshake, by our SVID checks: no alert, the server just closes. The client's read then finds the
-# end of the transport (a close, or an RST on a socket), or, when the server closed the memory transport before the
-# client's "hello" went out, that send finds the transport closed.
-CLOSED_AFTER_HANDSHAKE = r"(closed|reset) by peer$|transport broken: MemoryReceiveStream was closed$"
+# Refused after the handshake, by our SVID checks: the server sends the fatal alert bad_certificate under its
+# application key before it closes, and the client's read finds it (RFC 8446 §6.2).
+CLOSED_AFTER_HANDSHAKE = r"alert bad certificate$"
+# With OpenSSL's record layer no alert of ours can follow a finished handshake: the client reads a close or reset.
+CLOSED_AFTER_HANDSHAKE_OPENSSL = r"(closed|reset) by peer$|transport broken: MemoryReceiveStream was closed$"
+
+
+def told_by(layer: object, told: str) -> str:
+    """What a refused client reads from a server on `layer` ("own" or "openssl", or the stream class)."""
+    openssl = getattr(layer, "value", layer) in ("openssl", sslstream.OpenSSLStream)
+    return CLOSED_AFTER_HANDSHAKE_OPENSSL if openssl and told == CLOSED_AFTER_HANDSHAKE else told
+
 
 # (case, client, the server's whole reason (a regex), what the client is told). The server's reason for a failed
 # chain is OpenSSL's "certificate verify failed" whatever the cause; its alert names the cause, the client reads it.
@@ -305,7 +313,7 @@ async def test_server_refuses_bad_clients(
 
     async def call() -> None:
         # The client may finish its handshake; its first read must then fail.
-        with pytest.raises((trio.BrokenResourceError, HandshakeError), match=told):
+        with pytest.raises((trio.BrokenResourceError, HandshakeError), match=told_by(layer, told)):
             await client.do_handshake()
             await client.send_all(b"hello")
             await client.receive_some()
@@ -634,3 +642,94 @@ async def test_the_server_sends_no_session_tickets(contexts: tuple[SSL.Context, 
         # the reply or close_notify, one record, and no ticket before it
         assert len(wire.writes) == 2
         assert record_types(wire.writes[1]) == [23]
+
+
+def secrets_of(stream: tls.TLSStream) -> tuple[bytes, bytes]:
+    session = stream._session
+    assert session is not None
+    return session._read.secret, session._write.secret
+
+
+async def test_both_traffic_secrets_are_wiped_at_close_and_after_a_refusal(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    # Closed: both secrets go with the connection, not with the object's last reference.
+    client, server = tls_pair(contexts, memory_stream_pair())
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        assert all(secrets_of(client)) and all(secrets_of(server))
+        await client.aclose()
+        assert secrets_of(client) == (b"", b"")
+        # Refused after the handshake (a policy denial): the alert goes out under the old key, then both are wiped.
+        await server.refuse(49)
+        assert secrets_of(server) == (b"", b"")
+        assert server.violation == 49
+
+
+async def test_a_record_violation_wipes_the_secrets_once_closed(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    a, b = memory_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        await client.send_all(b"ok")
+        assert await server.receive_some() == b"ok"
+        await a.send_all(bytes((23, 3, 3, 0x48, 0x01)))  # a record over the limit, judged from its header
+        with pytest.raises(trio.BrokenResourceError, match="over the limit"):
+            await server.receive_some()
+        assert server.violation == 22
+        await server.close_refused()
+        assert secrets_of(server) == (b"", b"")
+
+
+@pytest.mark.parametrize(
+    ("behind", "told"),
+    [
+        (bytes((23, 3, 3, 0xFF, 0xFF)), "over the limit"),
+        (b"\x16\x03", "record type 22"),
+        (bytes((23, 3, 3, 0, 5)), "too short"),
+    ],
+    ids=["oversized header", "plaintext record type", "too short for a tag"],
+)
+async def test_a_bogus_header_right_behind_the_handshake_is_judged_at_once(
+    contexts: tuple[SSL.Context, SSL.Context], behind: bytes, told: str
+) -> None:
+    # A header that no record may have, left behind the client's Finished, is refused on the first receive: the
+    # server does not wait for bytes that would only make it whole.
+    client_ctx, server_ctx = contexts
+    a, b = memory_stream_pair()
+    server = tls.TLSStream(b, server_ctx, tls.Side.SERVER)
+    raw = SSL.Connection(client_ctx, None)
+    raw.set_connect_state()
+    with trio.fail_after(IO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            finished = await drive_raw_client(raw, a)
+            await a.send_all(finished + behind)
+        with trio.fail_after(1), pytest.raises(trio.BrokenResourceError, match=told):
+            await server.receive_some()
+
+
+async def test_reading_pauses_while_too_much_waits_to_be_sent(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+    # Above tls.OUTGOING_LIMIT queued, the receive path drains before it reads: a peer that does not read what it
+    # is owed cannot make us hold more by sending.
+    a, b = lockstep_stream_pair()
+    client, server = tls_pair(contexts, (a, b))
+    with trio.fail_after(IO):
+        await handshake_both(client, server)
+        session = server._session
+        assert session is not None
+        session.seal(memoryview(bytes(tls.OUTGOING_LIMIT + 1)), bytearray(1 << 15))  # owed, not yet sent
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                got.append(await server.receive_some())
+
+            nursery.start_soon(receive)
+            nursery.start_soon(client.send_all, b"after")  # would be read at once, were it not for the queue
+            await trio.sleep(0.1)
+            assert got == []  # the receive drains first: it waits for the peer to read
+            received = 0
+            while received < tls.OUTGOING_LIMIT + 1:
+                received += len(await client.receive_some(1 << 20))
+        assert got == [b"after"] and session.queued == 0

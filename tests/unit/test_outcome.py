@@ -19,6 +19,7 @@ def test_the_reasons_are_one_closed_set() -> None:
     # The metric's label values: a change here is a change to every dashboard, so it is spelled out.
     assert [reason.value for reason in Reason] == [
         "closed", "idle_timeout", "reset_by_app", "reset_by_peer",
+        "bad_record_mac", "unexpected_message", "record_overflow", "decode_error", "illegal_parameter",
         "no_orig_dst", "loop", "registry_only", "not_mesh", "sniff_timeout", "closed_during_sniff",
         "client_hello_too_large", "limit",
         "handshake_failed", "handshake_timeout", "denied", "connect_failed", "connect_timeout",

@@ -197,10 +197,26 @@ REFUSED: list[tuple[str, object, int, str]] = [
         "content over 2^14",
         lambda a: forge(a, bytes(records.MAX_PLAINTEXT + 1) + b"\x17"),
         records.RECORD_OVERFLOW,
-        "content of 16385 bytes",
+        "inner plaintext of 16386 bytes",
     ),
-    ("short alert", lambda a: forge(a, b"\x02\x15"), records.DECODE_ERROR, "malformed alert"),
-    ("long alert", lambda a: forge(a, b"\x02\x28\x00\x15"), records.DECODE_ERROR, "malformed alert"),
+    (
+        "inner plaintext over 2^14 + 1 through padding",
+        lambda a: forge(a, b"data\x17" + bytes(records.MAX_PLAINTEXT - 3)),
+        records.RECORD_OVERFLOW,
+        "inner plaintext of 16386 bytes",
+    ),
+    # One whole alert per record (RFC 8446 §5.1): anything else is unexpected_message, not decode_error.
+    ("empty alert", lambda a: forge(a, b"\x15"), records.UNEXPECTED_MESSAGE, "malformed alert"),
+    ("short alert", lambda a: forge(a, b"\x02\x15"), records.UNEXPECTED_MESSAGE, "malformed alert"),
+    ("long alert", lambda a: forge(a, b"\x02\x28\x00\x15"), records.UNEXPECTED_MESSAGE, "malformed alert"),
+    (
+        "alert inside a handshake message",
+        lambda a: forge(a, b"\x18\x00\x00\x01\x16") + forge(a, b"\x02\x28\x15"),
+        records.UNEXPECTED_MESSAGE,
+        "malformed alert",
+    ),
+    # A header's first byte is judged as soon as it is there, not once the whole header is.
+    ("partial plaintext header", lambda a: b"\x16\x03", records.UNEXPECTED_MESSAGE, "record type 22"),
     ("empty handshake", lambda a: forge(a, b"\x16"), records.UNEXPECTED_MESSAGE, "empty handshake record"),
     (
         "ticket sent to a server",
@@ -250,6 +266,15 @@ def test_an_error_after_good_records_comes_after_their_data() -> None:
         receive(b, bad)
     with pytest.raises(RecordError, match="failed authentication"):  # and it stays failed
         receive(b, send(a, b"later"))
+
+
+def test_an_error_stays_whatever_comes_next() -> None:
+    a, b = pair()
+    with pytest.raises(RecordError, match="failed authentication") as first:
+        receive(b, flip(send(a, b"bad"), 8))
+    with pytest.raises(RecordError) as again:
+        receive(b, send(a, b"good, but after a failure"))
+    assert again.value is first.value
 
 
 def test_a_replayed_or_reordered_record_fails() -> None:
@@ -357,3 +382,114 @@ def test_one_seal_of_many_records_updates_before_them() -> None:
     sent = send(a, data[: 3 * records.MAX_PLAINTEXT]) + send(a, data[3 * records.MAX_PLAINTEXT :])
     assert len(split_records(sent)) == 7  # 6 data records and one KeyUpdate, before the second batch
     assert receive(b, sent)[0] == data
+
+
+# --- caps: records without application data, KeyUpdate answers, the queue, the keys' end ----------------------
+
+KEY_UPDATE_REQUESTED = b"\x18\x00\x00\x01\x01\x16"
+KEY_UPDATE_NOT_REQUESTED = b"\x18\x00\x00\x01\x00\x16"
+
+# Records that carry no application data, each as a peer could send them one after another (the sender is the
+# server b; the receiver the client a, the only side a NewSessionTicket may be sent to).
+IDLE_RECORDS: list[tuple[str, Any]] = [
+    ("KeyUpdate", lambda b: b._update_write_key(requested=False) or wire(b)),
+    ("empty record", lambda b: forge(b, b"\x17")),
+    ("padding-only record", lambda b: forge(b, b"\x17" + bytes(300))),
+    ("user_canceled", lambda b: b.alert(records.USER_CANCELED) or wire(b)),
+    ("NewSessionTicket", lambda b: forge(b, ticket(40) + b"\x16")),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in IDLE_RECORDS], ids=[n for n, _ in IDLE_RECORDS])
+def test_the_33rd_record_in_a_row_without_data_is_refused(make: Any) -> None:
+    a, b = pair()
+    allowed = b"".join(make(b) for _ in range(records.MAX_IDLE_RECORDS))
+    assert receive(a, allowed) == (b"", len(allowed))  # 32 are fine (OpenSSL sends two tickets, for one)
+    one_more = make(b)
+    with pytest.raises(RecordError, match="more than 32 records in a row without data") as caught:
+        receive(a, one_more)
+    assert caught.value.alert == records.UNEXPECTED_MESSAGE == 10
+
+
+def test_application_data_starts_the_count_again() -> None:
+    a, b = pair()
+    for round_ in range(3):
+        idle = b"".join(forge(b, b"\x17") for _ in range(records.MAX_IDLE_RECORDS))
+        data = idle + send(b, b"%d" % round_)
+        assert receive(a, data) == (b"%d" % round_, len(data))
+    # an empty record is not data: it does not start the count again
+    with pytest.raises(RecordError, match="in a row"):
+        receive(a, b"".join(forge(b, b"\x17") for _ in range(records.MAX_IDLE_RECORDS + 1)))
+
+
+def test_many_key_update_requests_get_one_answer_until_we_send() -> None:
+    # RFC 8446 §4.6.3: one answer covers every request received before our next application data.
+    a, b = pair()
+    requests = b""
+    for _ in range(records.MAX_IDLE_RECORDS):
+        requests += forge(b, KEY_UPDATE_REQUESTED)
+        b._write.update()
+    assert receive(a, requests) == (b"", len(requests))
+    assert len(a.outgoing) == 1
+    answer = a.take()
+    assert a.queued == 0
+    # The answer moved a's key once: b, updating its read key once, reads what a sends next.
+    assert receive(b, answer + send(a, b"after one answer"))[0] == b"after one answer"
+    # After our data a new request is owed a new answer.
+    data = send(b, b"x") + forge(b, KEY_UPDATE_REQUESTED)
+    b._write.update()
+    assert receive(a, data)[0] == b"x"
+    assert len(split_records(wire(a))) == 1
+
+
+def test_the_queue_counts_its_bytes() -> None:
+    a, _ = pair()
+    a.seal(memoryview(bytes(40000)), bytearray(records.MAX_PLAINTEXT + 1))
+    a.alert(records.CLOSE_NOTIFY)
+    assert (
+        a.queued == sum(len(r) for r in a.outgoing) == 40000 + 3 * records.OVERHEAD + records.HEADER_SIZE + 2 + 1 + 16
+    )
+    while a.take():
+        pass
+    assert a.queued == 0
+
+
+def test_wiping_forgets_both_secrets_and_refuses_every_use() -> None:
+    a, b = pair()
+    record = send(b, b"in flight")
+    a.wipe()
+    assert a._read.secret == a._write.secret == b""
+    with pytest.raises(RecordError, match="wiped") as caught:
+        receive(a, record)
+    assert caught.value.alert == records.INTERNAL_ERROR
+    with pytest.raises(RecordError, match="wiped"):
+        send(a, b"nothing")
+
+
+def test_alert_numbers_and_levels_on_the_wire() -> None:
+    # The bytes, not only the names: close_notify and user_canceled are warnings (1), everything else fatal (2).
+    for description, level in [(0, 1), (90, 1), (10, 2), (20, 2), (22, 2), (42, 2), (49, 2), (50, 2), (80, 2)]:
+        a, b = pair()
+        a.alert(description)
+        record = wire(a)
+        assert record[:5] == bytes((23, 3, 3, 0, 2 + 1 + 16))
+        inner = bytearray(3)
+        b._read.aead.decrypt_into(b._read.nonce(), memoryview(record)[5:], record[:5], memoryview(inner))
+        assert bytes(inner) == bytes((level, description, records.ALERT))
+
+
+def test_one_call_opens_a_bounded_number_of_records_without_data() -> None:
+    # The caller checkpoints between calls: one call must not open a whole socket read of records without data,
+    # even when a byte of data now and then keeps them under the cap in a row.
+    a, b = pair()
+    groups = []
+    for _ in range(4):
+        groups.append([forge(b, b"\x17") for _ in range(31)] + [send(b, b"d")])
+    flat = [r for g in groups for r in g]
+    data = b"".join(flat)
+    assert records.OPEN_BUDGET == 64
+    plain, used = receive(a, data)
+    # 64 records without data: two groups of 31 (and their data bytes) and two more
+    assert plain == b"dd" and used == sum(len(r) for r in flat[: 2 * 32 + 2])
+    plain, more = receive(a, data[used:])
+    assert plain == b"dd" and used + more == len(data)

@@ -11,7 +11,7 @@ import pytest
 from OpenSSL import SSL
 
 from mtlsmesh.conventions import MESH_ALPN
-from mtlsmesh.sniff import MAX_CLIENT_HELLO, Sniff, SniffState, is_mesh, parse_client_hello
+from mtlsmesh.sniff import MAX_CLIENT_HELLO, MAX_RECORDS, Sniff, Sniffer, SniffState, is_mesh, parse_client_hello
 
 TLS12 = 0x0303
 TLS13 = 0x0304
@@ -127,7 +127,7 @@ def test_post_quantum_client_hello_parses(mesh_hello: bytes) -> None:
     assert parse_client_hello(mesh_hello) == hello(("mtlsmesh",), "reviews.default.svc", (TLS13, TLS12))
 
 
-@pytest.mark.parametrize("sizes", [[1], [2, 3], [100], [512], [4, 1000], [1000, 1], [16384]])
+@pytest.mark.parametrize("sizes", [[30], [100], [512], [4, 1000], [1000, 200], [16384]])
 def test_client_hello_split_across_records(mesh_hello: bytes, sizes: list[int]) -> None:
     data = records(handshake_message(mesh_hello), sizes)
     assert parse_client_hello(data) == parse_client_hello(mesh_hello)
@@ -252,15 +252,28 @@ def test_a_broken_extension_is_refused_before_it_is_complete(extension: bytes, r
     assert re.search(reason, results[refused].reason), results[refused].reason
 
 
-def test_a_hello_in_tiny_records_longer_than_the_limit_is_not_tls() -> None:
-    # 1-byte records multiply the wire size by six: the limit on bytes read still ends the wait.
-    padded = hello_body(extensions=ext(21, b"\x00" * 6000))
-    data = records(handshake(padded), [1])
+@pytest.mark.parametrize("sizes", [[1], [2, 3], [20]])
+def test_a_hello_in_more_than_64_records_is_not_tls(mesh_hello: bytes, sizes: list[int]) -> None:
+    # Tiny records only cost the sniffer work: the 65th record header ends the wait, whatever the bytes.
+    data = records(handshake_message(mesh_hello), sizes)
+    sniffer = Sniffer()
+    answers = [sniffer.feed(data[i : i + 1]) for i in range(len(data))]
+    refused = next(i for i, a in enumerate(answers) if a.state is not SniffState.NEED_MORE)
+    assert answers[refused] == Sniff(SniffState.NOT_TLS, reason=f"ClientHello in more than {MAX_RECORDS} records")
+    assert data[: refused + 1].count(b"\x16\x03\x01") >= MAX_RECORDS + 1 > data[:refused].count(b"\x16\x03\x01") - 1
+    assert parse_client_hello(data) == answers[refused]
+
+
+def test_a_hello_longer_than_the_limit_is_not_tls() -> None:
+    # The largest declared length allowed, in full records: its third record header does not fit in the limit.
+    largest = MAX_CLIENT_HELLO - 5 - 4
+    padded = hello_body(extensions=ext(21, b"\x00" * (largest - len(hello_body(extensions=ext(21, b""))))))
+    assert len(padded) == largest
+    data = records(handshake(padded), [16384])
     assert len(data) > MAX_CLIENT_HELLO
     assert parse_client_hello(data[: MAX_CLIENT_HELLO - 1]).state is SniffState.NEED_MORE
     result = parse_client_hello(data[:MAX_CLIENT_HELLO])
-    assert result.state is SniffState.NOT_TLS
-    assert result.reason == f"no complete ClientHello in {MAX_CLIENT_HELLO} bytes"
+    assert result == Sniff(SniffState.NOT_TLS, reason=f"no complete ClientHello in {MAX_CLIENT_HELLO} bytes")
 
 
 @pytest.mark.parametrize(
