@@ -32,7 +32,7 @@ from mtlsmesh import admin, relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
+from mtlsmesh.conventions import ADMIN_TOKEN_FILE, LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
 from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
@@ -59,7 +59,7 @@ ENV = {
 }
 # Where the admin token goes when no flag or variable names a file: a directory the pod mounts for it (an emptyDir,
 # the proxy's root filesystem being read-only). Used only when that directory exists: without it POSTs are refused.
-DEFAULT_ADMIN_TOKEN_FILE = "/var/run/mtlsmesh/admin/token"
+DEFAULT_ADMIN_TOKEN_FILE = ADMIN_TOKEN_FILE
 
 
 class LineFormatter(logging.Formatter):
