@@ -20,6 +20,7 @@ from mtlsmesh.cli import output, pod
 from mtlsmesh.cli.status import fetch_status
 
 POLL = 0.2  # seconds between two looks at the open connections while waiting
+SETTLE = 5.0  # seconds for the sidecar to report draining after it accepted the POST (it takes a moment)
 
 
 def state(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     token_file = pod.token_path(args.token_file)
     token = pod.read_token(token_file)
     pod.admin_post(pod.admin_address(args.admin), "/drain", token, token_file)
+    # The sidecar answers the POST at once and closes its listeners right after: give it that moment.
     row = state(args)
+    settle = time.monotonic() + SETTLE
+    while not row["draining"] and time.monotonic() < settle:
+        time.sleep(POLL / 4)
+        row = state(args)
     status = 0
     if args.wait:
         deadline = time.monotonic() + timeout
