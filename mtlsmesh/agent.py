@@ -5,8 +5,9 @@ files). `enroll` gets the first SVID before the sidecar binds anything: it makes
 for it with the pod's projected service-account token (read from its file afresh every time) and keeps retrying,
 with capped exponential backoff and jitter, until the CA answers. `serve_reload` then keeps the SVID fresh:
 
-- renewal at `renew_fraction` of the lifetime (counted from when the SVID arrived, with +-10 % jitter), with a new
-  key, over mTLS with the current SVID as client certificate, falling back to the token when that fails;
+- renewal at `renew_fraction` of the lifetime (counted from when the SVID arrived, with +-10 % jitter), or at
+  once when `renew_now` asks (SIGHUP), with a new key, over mTLS with the current SVID as client certificate,
+  falling back to the token when that fails;
 - the trust bundle, fetched from `GET /v1/bundle` at the CA's refresh hint; a change of roots builds new contexts
   around the same SVID (and renews at once if our own SVID no longer chains to the new roots).
 
@@ -281,6 +282,15 @@ class IdentityAgent:
                 continue
             self._install(issued, credential)
             self._recovered("enrollment")
+
+    def renew_now(self) -> bool:
+        """Ask the renewal loop to renew at once instead of at its next renewal point (SIGHUP does); False, and
+        nothing asked, before the first SVID (enrolment already retries as fast as its backoff allows)."""
+        if self._issued is None:
+            return False
+        log.info("event=svid_renewal_requested spiffe_id=%s", self.current.spiffe_id)
+        self._renew_now.set()
+        return True
 
     def renew_at(self) -> datetime:
         """When the current SVID should be renewed: its renewal fraction, jittered, from when it arrived."""

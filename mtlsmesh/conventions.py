@@ -31,6 +31,13 @@ NEVER_CAPTURED_INBOUND = (HEALTH_PORT, METRICS_PORT)
 PROXY_UID = 1337
 PROXY_GID = 1337
 
+# --- the admin port's POST token (docs/ARCHITECTURE.md §9) -----------------------------------------------------------
+# The sidecar writes a fresh token here at start (mode 0600, its uid) when the directory exists; the injector mounts
+# an emptyDir at the directory in the proxy container, and `mtlsmesh drain` / `log-level` read the file.
+ADMIN_TOKEN_DIR = "/var/run/mtlsmesh/admin"
+ADMIN_TOKEN_FILE = f"{ADMIN_TOKEN_DIR}/token"
+ADMIN_TOKEN_ENV = "MTLSMESH_ADMIN_TOKEN_FILE"
+
 # --- what marks mesh traffic on the wire ---------------------------------------------------------------------------
 # The ALPN protocol every sidecar offers and requires (docs/ARCHITECTURE.md §1); the inbound sniffer tells mesh mTLS
 # from an app's own TLS by it. Our own name, registered nowhere, so no app offers it by accident.

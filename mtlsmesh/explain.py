@@ -7,7 +7,12 @@ decides: a REDIRECT or TPROXY to one of the sidecar's ports, or a RETURN/ACCEPT 
 that lets it go by. `explain_outbound(cfg, tables, ip, port)` and `explain_inbound(cfg, tables, port, caller)` then
 ask the functions the sidecar itself runs (`policy.route_outbound`; `policy.sniffs`, `policy.route_inbound` and
 `policy.authorize`), so the explanation cannot disagree with what the sidecar does; each answers an `Explanation`
-with every step and a one-sentence verdict.
+with every step and a one-sentence verdict. A captured connection to the listener's own port on one of the pod's
+addresses is refused as a loop (`policy.loops_to_listener`, as the handlers refuse it). `explain_listener(cfg,
+listener, caller)` explains an explicit listener (`find_listener` by name or port): no capture rules, STRICT mTLS
+with no sniffing, its `identities` (`policy.listener_admits`) and then the authorization rules for a terminate
+listener, the server identities expected for an originate one. A connection the rules let by to a port where an
+explicit listener of the pod listens is explained by that listener.
 
 The walk understands the matches and targets our rules (and a kube-proxy-like node) use: `-p tcp`, `--dport`,
 `-s`/`-d` with or without `!`, `-i`/`-o`, the owner match, `--ctstate` (a first packet is NEW), and the targets
@@ -27,9 +32,19 @@ from typing import Any
 
 from mtlsmesh.addresses import IPAddress, host_port, unmapped
 from mtlsmesh.capture_plan import SavedTable
-from mtlsmesh.config import Config
+from mtlsmesh.config import Config, ExplicitListener, ExplicitMode
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import SpiffeId
-from mtlsmesh.policy import InboundKind, RouteKind, authorize, route_inbound, route_outbound, sniffs
+from mtlsmesh.policy import (
+    InboundKind,
+    RouteKind,
+    authorize,
+    listener_admits,
+    loops_to_listener,
+    route_inbound,
+    route_outbound,
+    sniffs,
+)
 
 # What a walk can end in.
 CAPTURED = "captured"  # REDIRECT/TPROXY to a port of this namespace
@@ -252,6 +267,7 @@ class Explanation:
     authorization: dict[str, Any] | None = None  # inbound: the deciding rule
     verdict: str = ""
     notes: list[str] = field(default_factory=list)
+    listener: str | None = None  # an explicit listener's name, when it is what carries the connection
 
     def to_dict(self) -> dict[str, Any]:
         capture = None
@@ -275,6 +291,7 @@ class Explanation:
             "authorization": self.authorization,
             "verdict": self.verdict,
             "notes": list(self.notes),
+            "listener": self.listener,
         }
 
 
@@ -315,6 +332,24 @@ def explain_outbound(
         out.verdict = f"{target}: cannot tell whether it is captured ({walk.deciding})."
         return out
     if not captured:
+        listener = _listening(cfg, ExplicitMode.ORIGINATE, port) if local or dst.is_loopback else None
+        if listener is not None and walk is not None and walk.outcome == LET_BY:
+            return _by_listener(explain_listener(cfg, listener, None), walk, target, f"not captured ({why_not})")
+        direct = [
+            name
+            for name, enabled, listen in (
+                ("outbound", cfg.outbound.enabled, cfg.outbound.listen.port),
+                ("inbound", cfg.inbound.enabled, cfg.inbound.listen.port),
+            )
+            if enabled and (local or dst.is_loopback) and loops_to_listener(listen, dst, port, local=local)
+        ]
+        if direct and walk is not None and walk.outcome == LET_BY:
+            # Not redirected, yet it reaches a capture listener itself, whose original destination is then itself.
+            out.decision, out.reason = "refuse", LOOP_REASON
+            out.verdict = (
+                f"{target} is not captured but is the {direct[0]} listener itself: refused (reset), {LOOP_REASON}."
+            )
+            return out
         out.decision = "dropped" if walk is not None and walk.outcome == DROPPED else "not_captured"
         out.reason = why_not or ""
         out.verdict = f"{target} is not captured, so it leaves as the app sent it (no sidecar sees it): {why_not}."
@@ -322,6 +357,10 @@ def explain_outbound(
     if not cfg.outbound.enabled:
         out.decision, out.reason = "refuse", "outbound.enabled is false: no outbound listener"
         out.verdict = f"{target} is captured, but the outbound listener is off: the connection fails."
+        return out
+    if loops_to_listener(cfg.outbound.listen.port, dst, port, local=local):
+        out.decision, out.reason = "refuse", LOOP_REASON
+        out.verdict = f"{target} is captured and refused (reset): {LOOP_REASON}, so dialing it would loop."
         return out
     route = route_outbound(cfg.outbound, dst, port)
     out.decision, out.reason = route.kind.value, route.reason
@@ -364,6 +403,9 @@ def explain_inbound(
         out.verdict = f"{target}: cannot tell whether it is captured ({walk.deciding})."
         return out
     if not captured:
+        listener = _listening(cfg, ExplicitMode.TERMINATE, port)
+        if listener is not None and (walk is None or walk.outcome == LET_BY):
+            return _by_listener(explain_listener(cfg, listener, caller), walk, target, f"not captured ({why_not})")
         out.decision = "dropped" if walk is not None and walk.outcome == DROPPED else "not_captured"
         out.reason = why_not or ""
         sent = (
@@ -376,6 +418,10 @@ def explain_inbound(
     if not cfg.inbound.enabled:
         out.decision, out.reason = "refuse", "inbound.enabled is false: no inbound listener"
         out.verdict = f"{target} is captured, but the inbound listener is off: the connection fails."
+        return out
+    if loops_to_listener(cfg.inbound.listen.port, address, port, local=True):  # it arrived at an address of ours
+        out.decision, out.reason = "refuse", LOOP_REASON
+        out.verdict = f"{target} is captured and refused (reset): {LOOP_REASON}, so dialing it would loop."
         return out
     mode, server_first = cfg.inbound.port_mode(port), cfg.inbound.is_server_first(port)
     out.mode, out.sniffed = mode.value, sniffs(mode, server_first)
@@ -404,3 +450,87 @@ def explain_inbound(
         out.decision, out.reason = "refuse", decision.reason
         out.verdict = f"{target} is captured, {carried} ({route.reason}), and denied (reset): {decision.reason}."
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explicit listeners
+
+LOOP_REASON = "the original destination is this listener"  # steps.LOOP_TO_LISTENER's detail
+
+
+def find_listener(cfg: Config, name_or_port: str) -> ExplicitListener:
+    """The explicit listener named so, or listening on that port; ConfigError naming those there are."""
+    for listener in cfg.explicit:
+        if listener.name == name_or_port or (name_or_port.isdigit() and listener.listen.port == int(name_or_port)):
+            return listener
+    known = ", ".join(f"{x.name} ({x.listen})" for x in cfg.explicit) or "none in this config"
+    raise ConfigError("--listener", f"no explicit listener named or listening on {name_or_port!r} ({known})")
+
+
+def _listening(cfg: Config, mode: ExplicitMode, port: int) -> ExplicitListener | None:
+    return next((x for x in cfg.explicit if x.mode is mode and x.listen.port == port), None)
+
+
+def explain_listener(cfg: Config, listener: ExplicitListener, caller: SpiffeId | None) -> Explanation:
+    """A connection through an explicit listener: the app dials it itself (originate) or a peer does (terminate),
+    so no capture rule is involved. Always STRICT mTLS, never sniffed; `caller` (terminate only): who calls."""
+    where = f"listener {listener.name} ({listener.listen} -> {listener.forward_to})"
+    tls_from = f"TLS {listener.min_tls_version} or later"
+    records = listener.records(cfg.record_layer).value
+    identities = tuple(str(identity) for identity in listener.identities)
+    notes = [
+        f"explicit {listener.mode.value} listener: no capture rule is involved ({tls_from}, record layer {records})"
+    ]
+    if listener.mode is ExplicitMode.ORIGINATE:
+        out = Explanation("outbound", where, None, False, "mtls", "explicit originate listener: always mutual TLS")
+        out.identities, out.notes, out.listener = identities, notes, listener.name
+        expect = (
+            f"expecting {' or '.join(identities)}"
+            if identities
+            else f"accepting any workload of {cfg.trust_domain.name}"
+        )
+        out.verdict = f"{where}: the app's plaintext is sent in mutual TLS to {listener.forward_to}, {expect}."
+        return out
+    who = str(caller) if caller is not None else "a plaintext client"
+    target = f"{where} from {who}"
+    out = Explanation("inbound", target, None, False, "mtls", "explicit terminate listener: STRICT mutual TLS")
+    out.identities, out.notes, out.mode, out.sniffed = identities, notes, "strict", False
+    out.listener = listener.name
+    if caller is None:
+        out.decision, out.reason = "refuse", "STRICT: a client without an SVID fails the handshake"
+        out.verdict = f"{target} is refused: the listener is STRICT mutual TLS and the client presents no SVID."
+        return out
+    if caller.trust_domain != cfg.trust_domain:
+        out.decision, out.reason = "refuse", f"{caller} is not in trust domain {cfg.trust_domain.name}"
+        out.verdict = f"{target} is refused in the handshake: {out.reason}."
+        return out
+    admitted = listener_admits(listener.identities, caller)
+    if not admitted.allowed:
+        out.decision, out.reason = "refuse", admitted.reason
+        out.verdict = f"{target} completes the handshake and is refused (reset): {admitted.reason}."
+        return out
+    decision = authorize(cfg.authorization, caller, listener.forward_to.port)
+    rule = cfg.authorization[decision.rule] if decision.rule is not None else None
+    out.authorization = {
+        "allowed": decision.allowed,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "action": rule.action.value if rule is not None else None,
+        "principals": list(rule.principals) if rule is not None else [],
+    }
+    if decision.allowed:
+        out.verdict = (
+            f"{target} is carried in mutual TLS to {listener.forward_to} ({admitted.reason}), and allowed: "
+            f"{decision.reason}."
+        )
+    else:
+        out.decision, out.reason = "refuse", decision.reason
+        out.verdict = f"{target} completes the handshake and is denied (reset): {decision.reason}."
+    return out
+
+
+def _by_listener(answer: Explanation, walk: Walk | None, target: str, why: str) -> Explanation:
+    """`answer` (an explicit listener's) for a connection the capture rules let by to that listener's port."""
+    answer.capture, answer.target = walk, f"{target}, {answer.target}"
+    answer.notes.insert(0, f"{why}: it reaches the explicit listener on that port")
+    return answer

@@ -165,9 +165,9 @@ async def handle_inbound(
             return
         caller = rec.peer_id = opened.peer_id
         front = opened
-        if explicit is not None and explicit.identities and caller not in explicit.identities:
-            allowed = ", ".join(str(identity) for identity in explicit.identities)
-            await refuse(front, rec, Reason.DENIED, f"{caller} is not one of this listener's identities ({allowed})")
+        admitted = policy.listener_admits(explicit.identities, caller) if explicit is not None else None
+        if admitted is not None and not admitted.allowed:  # what `explain --listener` asks too
+            await refuse(front, rec, Reason.DENIED, admitted.reason)
             return
 
     authz = policy.authorize(cfg.authorization, caller, port)

@@ -7,7 +7,10 @@ and those inside a `kind: List`) the injector prepends two init containers:
   rules; the `mtlsmesh.io/*` annotations become its `MTLSMESH_*` environment variables.
 - `mtlsmesh-proxy` is the sidecar as a *native* sidecar (an init container with `restartPolicy: Always`, Kubernetes
   1.29 and later): it starts before the app, stays up beside it, and stops after it, so Jobs finish. It runs as the
-  proxy uid (1337) and reads its config from the ConfigMap `mtlsmesh-config`.
+  proxy uid (1337) and reads its config from the ConfigMap `mtlsmesh-config`. An emptyDir in memory
+  (`mtlsmesh-admin`) at /var/run/mtlsmesh/admin, in the proxy container only, takes the admin port's POST token
+  that the sidecar writes at start (its root filesystem is read-only), which `mtlsmesh drain` run in that
+  container reads.
 
 Where the proxy gets its SVID is the pod's `mtlsmesh.io/identity` annotation (default `InjectOptions.identity`):
 - `ca` (the default): from the CA service. The pod gets a projected service-account token (audience `mtlsmesh-ca`,
@@ -54,6 +57,7 @@ from mtlsmesh.annotations import (
     read_annotations,
 )
 from mtlsmesh.conventions import (
+    ADMIN_TOKEN_DIR,
     BUNDLE_FILE,
     CERT_FILE,
     HEALTH_PORT,
@@ -77,8 +81,9 @@ TOKEN_VOLUME = "mtlsmesh-token"
 BUNDLE_VOLUME = "mtlsmesh-bundle"
 CONFIG_VOLUME = "mtlsmesh-config"
 INIT_RUN_VOLUME = "mtlsmesh-init-run"
+ADMIN_VOLUME = "mtlsmesh-admin"
 INJECTED_CONTAINERS = (INIT_CONTAINER, PROXY_CONTAINER)
-INJECTED_VOLUMES = (SVID_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME)
+INJECTED_VOLUMES = (SVID_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, CONFIG_VOLUME, INIT_RUN_VOLUME, ADMIN_VOLUME)
 
 IDENTITY_CA = "ca"  # the SVID from the CA service (`mtlsmesh.io/identity`, see the module docstring)
 IDENTITY_SECRET = "secret"  # the SVID from the Secret `mtlsmesh ca issue --k8s-secret` writes
@@ -520,6 +525,9 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions, source: str)
                     if source == IDENTITY_CA
                     else [{"name": SVID_VOLUME, "mountPath": SVID_DIR, "readOnly": True}]
                 ),
+                # Where the sidecar writes its admin token (the root filesystem is read-only), for
+                # `kubectl exec -c mtlsmesh-proxy -- mtlsmesh drain`; the app's containers never mount it.
+                {"name": ADMIN_VOLUME, "mountPath": ADMIN_TOKEN_DIR},
             ],
         }
     )
@@ -529,6 +537,7 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions, source: str)
 def _volumes(spec: JsonDict, source: str) -> list[JsonDict]:
     config = {"name": CONFIG_VOLUME, "configMap": {"name": CONFIG_MAP}}
     init_run = {"name": INIT_RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    admin = {"name": ADMIN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
     if source == IDENTITY_CA:
         token = {
             "serviceAccountToken": {
@@ -544,6 +553,7 @@ def _volumes(spec: JsonDict, source: str) -> list[JsonDict]:
             {"name": BUNDLE_VOLUME, "configMap": {"name": BUNDLE_CONFIG_MAP}},
             config,
             init_run,
+            admin,
         ]
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     return [
@@ -552,6 +562,7 @@ def _volumes(spec: JsonDict, source: str) -> list[JsonDict]:
         {"name": SVID_VOLUME, "secret": {"secretName": f"{SVID_SECRET_PREFIX}{account}", "defaultMode": 0o444}},
         config,
         init_run,
+        admin,
     ]
 
 

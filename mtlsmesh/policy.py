@@ -158,3 +158,22 @@ def route_inbound(mode: Mode, server_first: bool, mesh_hello: bool | None) -> In
     if mesh_hello:
         return _IN_MESH
     return _IN_STRICT_REFUSED if mode is Mode.STRICT else _IN_PERMISSIVE
+
+
+def listener_admits(identities: Sequence[SpiffeId], caller: SpiffeId | None) -> Decision:
+    """An explicit terminate listener's own check of a caller its handshake authenticated (the handshake already
+    held it to our trust domain): when the listener names `identities`, the caller must be one of them."""
+    if not identities:
+        return Decision(True, None, "the listener names no identities: any workload of the trust domain")
+    if caller in identities:
+        return Decision(True, None, f"{caller} is one of this listener's identities")
+    allowed = ", ".join(str(identity) for identity in identities)
+    return Decision(False, None, f"{caller} is not one of this listener's identities ({allowed})")
+
+
+def loops_to_listener(listen_port: int, ip: IPAddress, port: int, *, local: bool) -> bool:
+    """Whether a captured connection whose original destination is `ip`:`port` would come back to the listener on
+    `listen_port` if dialed: the port is the listener's and the address is this namespace's own (`local`: the one
+    the connection arrived on, or any other bound here), loopback or unspecified."""
+    ip = unmapped(ip)
+    return port == listen_port and (local or ip.is_loopback or ip.is_unspecified)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mtlsmesh import handshake, netio, records, sslstream, tls
+from mtlsmesh import handshake, netio, policy, records, sslstream, tls
 from mtlsmesh.addresses import IPAddress, unmapped
 from mtlsmesh.config import RecordLayer
 from mtlsmesh.errors import HandshakeError
@@ -138,10 +138,12 @@ def is_own_listener(sock: trio.socket.SocketType, ip: IPAddress, port: int) -> b
     dialing it would come back to us, and again. So it is when the port is the listener's and the address is this
     namespace's own: the one the connection arrived on, loopback, unspecified, or any other address bound here (a
     client dialing pod-IP:15006)."""
-    if port != int(sock.getsockname()[1]):
+    listen_port = int(sock.getsockname()[1])
+    if port != listen_port:
         return False
     ip = unmapped(ip)
-    return ip == netio.local_ip(sock) or ip.is_loopback or ip.is_unspecified or _is_local_address(ip)
+    local = ip == netio.local_ip(sock) or (not ip.is_loopback and not ip.is_unspecified and _is_local_address(ip))
+    return policy.loops_to_listener(listen_port, ip, port, local=local)  # what `explain` asks too
 
 
 def _is_local_address(ip: IPAddress) -> bool:

@@ -6,8 +6,8 @@
                         [--dns NAME]... [--key-type T] [--out DIR] [--csr FILE] [--force] [--k8s-secret]
     mtlsmesh ca inspect FILE [--json]
     mtlsmesh ca verify  --bundle BUNDLE [--trust-domain TD] CERT
-    mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE]
-    mtlsmesh ca rotate  --to DIR [--dir certs/ca]
+    mtlsmesh ca bundle  (--add ROOT.pem | --remove ROOT.pem)... [--bundle FILE] [--json]
+    mtlsmesh ca rotate  --to DIR [--dir certs/ca] [--json]
     mtlsmesh ca serve   --token-issuer ISSUER --token-jwks FILE_OR_HTTPS_URL [--dir certs/ca] [--ttl 24h]
                         [--listen 0.0.0.0:15012] [--token-audience mtlsmesh-ca] [--metrics-listen ADDR] [--san NAME]...
                         [--token-jwks-ca FILE] [--token-jwks-bearer FILE] [--token-jwks-refresh 5m]
@@ -22,7 +22,7 @@ extensions included), 2 for bad usage. A root rotation is three commands: `bundl
 bundle, `rotate` the directory to sign under it (the bundle keeps the old root), `bundle --remove` the old root
 once nothing it signed is still valid. `serve` runs the CA service (`mtlsmesh.caserver`). Certificate work is in
 `mtlsmesh.ca`, `mtlsmesh.pem` and `mtlsmesh.svid`; this module parses flags, reads files, and runs OpenSSL's chain
-verification.
+verification. Every subcommand but `serve` takes `--json` (a list of objects, RFC 3339 UTC times).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 
 from mtlsmesh import ca, durations, pem, svid
@@ -193,6 +193,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     bundle.add_argument("--add", action="append", default=[], metavar="ROOT.pem", help="add these roots")
     bundle.add_argument("--remove", action="append", default=[], metavar="ROOT.pem", help="drop these roots")
     bundle.add_argument("--bundle", help="bundle file to extend (created if missing); default: print to stdout")
+    bundle.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of objects, one per root kept, added or removed (times in RFC 3339 UTC); without "
+        "--bundle each kept root carries its PEM",
+    )
     bundle.set_defaults(run=run_bundle)
 
     rotate = commands.add_parser(
@@ -204,6 +210,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     )
     rotate.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA directory to switch (default: %(default)s)")
     rotate.add_argument("--to", required=True, metavar="DIR", help="the CA directory whose signer takes over")
+    output.add_json_flag(rotate)
     rotate.set_defaults(run=run_rotate)
 
 
@@ -498,12 +505,14 @@ def run_bundle(args: argparse.Namespace) -> int:
     if not args.add and not args.remove:
         raise ConfigError("--add", "give at least one --add or --remove")
     roots = list(existing)
-    added = removed = 0
+    change: dict[bytes, str] = {}  # a root's SHA-256 -> "added" or "removed"; the others are kept
+    gone: list[x509.Certificate] = []
     for path in args.remove:
         for cert in pem.load_certificates(path):
             if cert in roots:
                 roots.remove(cert)
-                removed += 1
+                gone.append(cert)
+                change[cert.fingerprint(hashes.SHA256())] = "removed"
     if args.remove and not roots:
         raise ConfigError("--remove", "that would leave the bundle empty")
     for path in args.add:
@@ -512,20 +521,40 @@ def run_bundle(args: argparse.Namespace) -> int:
                 raise CertificateError(path, f"{cert.subject.rfc4514_string() or 'a leaf'} is not a CA certificate")
             if cert not in roots:
                 roots.append(cert)
-                added += 1
+                change[cert.fingerprint(hashes.SHA256())] = "added"
+    added = sum(1 for cert in roots if change.get(cert.fingerprint(hashes.SHA256())) == "added")
     for cert in roots:
         if cert.not_valid_after_utc <= _now():
             print(f"mtlsmesh: warning: {cert.subject.rfc4514_string()} has expired", file=sys.stderr)
     merged = pem.render_certificates(roots)
+    where = str(target) if target is not None else "stdout"
+    if target is not None:
+        pem.write_files(target.parent, {target.name: (merged, pem.PUBLIC_MODE)}, force=True, directory_mode=0o755)
+    if args.json:
+        rows = [_bundle_row(cert, where, change.get(cert.fingerprint(hashes.SHA256()), "kept")) for cert in roots]
+        if target is None:  # stdout is the JSON: the bundle's PEM travels in it
+            for row, cert in zip(rows, roots, strict=True):
+                row["pem"] = pem.render_certificates([cert]).decode()
+        output.print_json(rows + [_bundle_row(cert, where, "removed") for cert in gone])
+        return 0
     if target is None:
         sys.stdout.buffer.write(merged)
         sys.stdout.flush()
-    else:
-        pem.write_files(target.parent, {target.name: (merged, pem.PUBLIC_MODE)}, force=True, directory_mode=0o755)
-    where = str(target) if target is not None else "stdout"
-    dropped = f", {removed} removed" if args.remove else ""
+    dropped = f", {len(gone)} removed" if args.remove else ""
     print(f"{where}: {len(roots)} roots, {added} of them new{dropped}", file=sys.stderr)
     return 0
+
+
+def _bundle_row(cert: x509.Certificate, where: str, change: str) -> dict[str, Any]:
+    return {
+        "bundle": where,
+        "change": change,
+        "subject": cert.subject.rfc4514_string(),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "expired": cert.not_valid_after_utc <= _now(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,6 +592,16 @@ def run_rotate(args: argparse.Namespace) -> int:
     previous = {PREVIOUS_ROOT_FILE: (pem.render_certificates([old_root]), pem.PUBLIC_MODE)}
     pem.write_files(directory, previous, force=True)
     ca.save_authority(switched, directory, force=True)
+    if args.json:
+        output.print_json(
+            [{"dir": str(directory), "to": str(source), "trust_domain": new.trust_domain.name,
+              "signer": new.signer_cert.subject.rfc4514_string(),
+              "new_root_sha256": new_root.fingerprint(hashes.SHA256()).hex(),
+              "previous_root_sha256": old_root.fingerprint(hashes.SHA256()).hex(),
+              "previous_root_file": str(directory / PREVIOUS_ROOT_FILE), "roots_trusted": len(roots),
+              "next_step": f"mtlsmesh ca bundle --bundle {bundle_path} --remove {directory / PREVIOUS_ROOT_FILE}"}]
+        )  # fmt: skip
+        return 0
     print(
         f"{directory} now signs under the root of {source} ({len(roots)} roots trusted; the old one is in "
         f"{directory / PREVIOUS_ROOT_FILE}). Once every SVID it signed has expired, remove it: mtlsmesh ca bundle "

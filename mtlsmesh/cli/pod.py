@@ -6,7 +6,10 @@ read there.
   (`ip netns exec NS mtlsmesh ...`). It needs root, as the lab does. In Kubernetes the command runs in the pod
   (`kubectl exec POD -c mtlsmesh-proxy -- mtlsmesh check`) and needs no `--pod`.
 - `--admin HOST:PORT`: the sidecar's admin endpoint (default 127.0.0.1:15000), read with plain HTTP GETs
-  (`admin_get`). Only GET endpoints: nothing these commands do changes the sidecar.
+  (`admin_get`); `explain`, `check`, `status` and `proxy-config` change nothing in the sidecar.
+- `--token-file FILE` and `admin_post`: the two commands that do (`drain`, `log-level`) POST with the sidecar's
+  per-process token (`Authorization: Bearer`), read from the file it wrote (`read_token`: the flag, else
+  `$MTLSMESH_ADMIN_TOKEN_FILE`, else /var/run/mtlsmesh/admin/token), which only its uid (1337) and root can read.
 - `read_rules(family)` and `read_rules_file(path)`: the capture rules as `iptables-save` prints them.
 """
 
@@ -25,7 +28,7 @@ from typing import Any
 from mtlsmesh.capture import Family
 from mtlsmesh.capture_plan import SavedTable, parse_save
 from mtlsmesh.config import ListenAddr, parse_listen_addr
-from mtlsmesh.conventions import ADMIN_PORT
+from mtlsmesh.conventions import ADMIN_PORT, ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE, PROXY_UID
 from mtlsmesh.errors import ConfigError, MeshError
 
 NETNS_DIR = Path("/run/netns")
@@ -132,3 +135,66 @@ def read_rules_file(path: str) -> dict[str, SavedTable]:
     if not tables:
         raise ConfigError("--rules", f"{path}: no nat or mangle table in it (expected iptables-save output)")
     return tables
+
+
+def add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"the admin token the sidecar wrote (default ${ADMIN_TOKEN_ENV}, else {ADMIN_TOKEN_FILE})",
+    )
+
+
+def token_path(flag: str | None) -> str:
+    return flag or os.environ.get(ADMIN_TOKEN_ENV) or ADMIN_TOKEN_FILE
+
+
+def read_token(path: str) -> str:
+    """The sidecar's admin token from `path`; AdminError saying what to do when it cannot be read."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise AdminError(
+            f"no admin token file {path}: the sidecar writes it at start (--admin-token-file or "
+            f"{ADMIN_TOKEN_ENV}; by default when {os.path.dirname(ADMIN_TOKEN_FILE)} exists); give it with --token-file"
+        ) from None
+    except PermissionError:
+        raise AdminError(
+            f"cannot read the admin token {path}: permission denied (run as uid {PROXY_UID} or root)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AdminError(f"cannot read the admin token {path}: {reason}") from None
+    if not token:
+        raise AdminError(f"the admin token file {path} is empty")
+    return token
+
+
+def admin_post(address: ListenAddr, path: str, token: str, token_file: str) -> bytes:
+    """POST `path` with the token: the answer's body on 200; AdminError explaining a refusal or no answer."""
+    connection = http.client.HTTPConnection(address.host, address.port, timeout=HTTP_TIMEOUT)
+    try:
+        connection.request("POST", path, headers={"Authorization": f"Bearer {token}", "Content-Length": "0"})
+        response = connection.getresponse()
+        status, body = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise AdminError(f"the sidecar's admin endpoint {address} did not answer POST {path}: {detail}") from None
+    finally:
+        connection.close()
+    text = body.decode(errors="replace").strip()
+    if status == 200:
+        return body
+    if status == 401:
+        raise AdminError(f"POST {path} on {address}: 401, the sidecar wants the admin token ({text})")
+    if status == 403 and "no admin token" in text:
+        raise AdminError(
+            f"POST {path} on {address}: 403, the sidecar has no admin token (it was started without a token file: "
+            f"--admin-token-file or {ADMIN_TOKEN_ENV})"
+        )
+    if status == 403 and "wrong admin token" in text:
+        raise AdminError(
+            f"POST {path} on {address}: 403, the sidecar refused the token in {token_file} (a file of another or an "
+            "earlier sidecar process? check --admin and --token-file)"
+        )
+    raise AdminError(f"POST {path} on {address}: {status} {text}")

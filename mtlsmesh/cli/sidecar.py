@@ -4,8 +4,8 @@ Every flag may also come from the environment (MTLSMESH_CONFIG, MTLSMESH_CERT, .
 both beat the config file. Everything is validated (config, flags, credentials) before any listener binds; a bad
 input is one line `mtlsmesh: error: ...` and exit status 2. Logs go to stderr, one key=value line per connection.
 
-Signals: SIGTERM and SIGINT drain and stop; SIGHUP reloads the SVID files now (file mode; in identity mode the SVID
-is renewed from the CA service on its own schedule, and SIGHUP says so in the log and changes nothing). The admin
+Signals: SIGTERM and SIGINT drain and stop; SIGHUP reloads the SVID files now (file mode), or in identity mode
+renews the SVID from the CA service now (before the first SVID it logs that enrolment is still retrying). The admin
 port's POST token is written at start to `--admin-token-file` (mode 0600, our uid) and removed at exit.
 
 What it does not: serve connections (see `sidecar`, which this module hands the validated config to).
@@ -32,7 +32,7 @@ from mtlsmesh import admin, relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
+from mtlsmesh.conventions import ADMIN_TOKEN_FILE, LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
 from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
@@ -59,7 +59,7 @@ ENV = {
 }
 # Where the admin token goes when no flag or variable names a file: a directory the pod mounts for it (an emptyDir,
 # the proxy's root filesystem being read-only). Used only when that directory exists: without it POSTs are refused.
-DEFAULT_ADMIN_TOKEN_FILE = "/var/run/mtlsmesh/admin/token"
+DEFAULT_ADMIN_TOKEN_FILE = ADMIN_TOKEN_FILE
 
 
 class LineFormatter(logging.Formatter):
@@ -304,8 +304,8 @@ async def reload_on_sighup(
     credentials: CredentialSource, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """SIGHUP: reload the SVID files at once, whether or not they look changed, and log what became of it (the
-    store logs `credentials_reloaded` or `reload_refused` as a poll would). In identity mode, a line saying that
-    nothing was done."""
+    store logs `credentials_reloaded` or `reload_refused` as a poll would). In identity mode, a renewal now
+    (`IdentityAgent.renew_now`; the agent logs `svid_renewed`, or `svid_renewal_failing` as a scheduled one would)."""
     log = logging.getLogger("mtlsmesh.sidecar")
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
@@ -313,10 +313,12 @@ async def reload_on_sighup(
             if isinstance(credentials, CredentialStore):
                 swapped = credentials.check_once(force=True)
                 log.info("event=signal signal=SIGHUP action=reload result=%s", "reloaded" if swapped else "refused")
+            elif isinstance(credentials, IdentityAgent) and credentials.renew_now():
+                log.info("event=signal signal=SIGHUP action=renew result=requested")
             else:
                 log.info(
                     "event=signal signal=SIGHUP action=none reason=%r",
-                    "identity mode: the SVID is renewed from the CA service on its own schedule",
+                    "identity mode: no SVID yet, enrolment is still retrying",
                 )
 
 

@@ -7,8 +7,9 @@
    host's), loopback up, a /32 address and a default route via the gateway;
 3. the Service DNAT rules in the node, as kube-proxy puts them (see `topology.render_service_rules`);
 4. for each mesh pod, what its pod spec would run: the init step `mtlsmesh iptables` as root, an SVID from the
-   lab's CA in a Secret-like directory owned by uid 1337, the sidecar config, `mtlsmesh sidecar` as uid 1337,
-   and a wait for `/healthz/ready` on 15021 from the node, as a kubelet probes;
+   lab's CA in a Secret-like directory owned by uid 1337, the sidecar config, `mtlsmesh sidecar` as uid 1337
+   with its admin token in a directory of uid 1337 alone (`admin_token_path`), and a wait for `/healthz/ready` on
+   15021 from the node, as a kubelet probes;
 5. each pod's apps, as their own uids, and a wait for their ports.
 
 In identity mode (`Topology(identity=IdentitySpec(...))`) the lab plays the cluster instead of handing out SVID
@@ -509,9 +510,18 @@ class Lab:
             )
         return _Process(name, popen, log)
 
+    def admin_token_path(self, pod: str) -> Path:
+        """Where the pod's sidecar writes its admin token, as an injected pod's `mtlsmesh-admin` emptyDir holds it:
+        in a directory only uid 1337 (and root) can enter, so `mtlsmesh drain --pod POD --token-file THIS` works."""
+        return self.pod_dir(pod) / "admin" / "token"
+
     def _spawn_sidecar(self, pod: str) -> None:
         config_path = self.pod_dir(pod) / "sidecar.yaml"
-        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", "sidecar", "--config", str(config_path)])
+        token_dir = self.admin_token_path(pod).parent
+        token_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(token_dir, PROXY_UID, PROXY_GID)
+        sidecar = ["sidecar", "--config", str(config_path), "--admin-token-file", str(self.admin_token_path(pod))]
+        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", *sidecar])
         self._sidecars[pod] = self._spawn(f"{pod}/sidecar", self.pod_ns(pod), argv, self.pod_dir(pod) / "sidecar.log")
 
     def _spawn_app(self, pod: PlannedPod, app_name: str) -> None:

@@ -34,6 +34,7 @@ import yaml
 from mtlsmesh import inject, pem
 from mtlsmesh.addresses import host_port
 from mtlsmesh.caproto import CA_PORT
+from mtlsmesh.conventions import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.lab.pods import Lab, child_env
 from mtlsmesh.lab.topology import CA_ADDRESS, POD_NETWORK, SERVICE_NETWORK, AppSpec
@@ -184,9 +185,16 @@ def mesh_pod(
                 directory.chmod(0o500)
                 assert projector is not None, "a pod with a projected token needs a TokenProjector"
                 projector.add(directory, mount, mint)
-        commands.append(
-            kubelet.translate_command(command, local_dirs, entrypoint="mtlsmesh", local_entrypoint=local_entrypoint)
+            if mount.kind == "emptyDir":
+                directory.chmod(0o777)  # as the kubelet makes an emptyDir: any uid of the pod may write there
+        argv, env = kubelet.translate_command(
+            command, local_dirs, entrypoint="mtlsmesh", local_entrypoint=local_entrypoint
         )
+        if name == inject.PROXY_CONTAINER:
+            # The sidecar's built-in token path, translated as the paths of its command line are: in the pod the
+            # directory exists (the admin emptyDir), here it is that volume's local directory.
+            env = {**env, ADMIN_TOKEN_ENV: kubelet.translate_path(ADMIN_TOKEN_FILE, local_dirs)}
+        commands.append((argv, env))
     assert kubelet.run_as(pod_spec, inject.INIT_CONTAINER) == (0, 0)  # the lab runs the init step as root
     lab.start_pod(pod, init=commands[0], proxy=commands[1], proxy_uid=uid, proxy_gid=gid)
 

@@ -41,7 +41,7 @@ import pytest
 from mtlsmesh import inject
 from mtlsmesh.conventions import METRICS_PORT
 from mtlsmesh.lab import netns
-from mtlsmesh.lab.pods import Lab, child_env, http_get
+from mtlsmesh.lab.pods import Lab, as_uid, child_env, http_get
 from mtlsmesh.lab.topology import DEFAULT_APP_UID, AppSpec, IdentitySpec, PodSpec, ServiceSpec, Topology
 from mtlsmesh.manifest import parse_manifests
 from tests import kubelet
@@ -365,3 +365,36 @@ def test_inbound_mode_annotation_reaches_the_proxy(
 ) -> None:
     _, proxy_env = annotated[deployment]
     assert proxy_env.get("MTLSMESH_INBOUND_MODE") == mode
+
+
+@pytest.mark.root
+def test_the_admin_token_is_in_the_proxys_emptydir_and_drain_uses_it(lab: Lab) -> None:
+    # Last in this module: it drains details. As `kubectl exec deploy/details-v1 -c mtlsmesh-proxy -- mtlsmesh
+    # drain` runs: in the pod, as the proxy container's uid, with the token the sidecar wrote in its emptyDir.
+    admin_dir = lab.pod_dir("details") / inject.PROXY_CONTAINER / inject.ADMIN_VOLUME
+    token = admin_dir / "token"
+    info = token.stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (1337, 0o600)
+    others = [p for p in lab.pod_dir("details").rglob("token") if inject.PROXY_CONTAINER not in p.parts]
+    assert others == []  # no other container of the pod mounts it
+    spec = bookinfo(WORKLOADS["details"])["spec"]["template"]["spec"]
+    uid, gid = kubelet.run_as(spec, inject.PROXY_CONTAINER)
+
+    def in_pod(run_as: tuple[int, int], *args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "mtlsmesh", *args, "--token-file", str(token)]
+        argv = netns.ns_exec(lab.pod_ns("details"), as_uid(run_as[0], command, gid=run_as[1]))
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=child_env())
+
+    def in_proxy(*args: str) -> subprocess.CompletedProcess[str]:
+        return in_pod((uid, gid), *args)
+
+    as_app = in_pod((DEFAULT_APP_UID, DEFAULT_APP_UID), "drain")
+    assert as_app.returncode == 2 and "permission denied (run as uid 1337 or root)" in as_app.stderr
+    changed = in_proxy("log-level", "info", "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)[0]["log_level"] == "info"
+    drained = in_proxy("drain", "--json")
+    assert drained.returncode == 0, drained.stderr
+    assert json.loads(drained.stdout)[0]["draining"] is True
+    assert lab_http_get(lab, "details", 15021, "/healthz/ready")[0] == 503
+    assert netns.alive(lab.sidecar_pid("details"))

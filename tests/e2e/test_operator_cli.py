@@ -106,11 +106,15 @@ def test_rules_deleted_by_hand_fail_check_and_explain_says_why(lab: Lab) -> None
 
 
 def test_an_excluded_port_is_explained_by_its_rule(lab: Lab) -> None:
-    [inbound] = as_json(mtlsmesh(lab, "web", "explain", "--from", CLIENT_ID, "--port", "9099", "--json"))
-    assert inbound["decision"] == "not_captured"
-    assert (
-        inbound["capture"]["deciding_rule"] == "-A MTLSMESH_INBOUND -p tcp -m tcp --dport 9099 -j RETURN sends it back"
-    )
+    # The pod has capture rules for both families (iptables and ip6tables): explained once for each.
+    found = as_json(mtlsmesh(lab, "web", "explain", "--from", CLIENT_ID, "--port", "9099", "--json"))
+    assert [inbound["family"] for inbound in found] == ["ipv4", "ipv6"]
+    for inbound in found:
+        assert inbound["decision"] == "not_captured"
+        assert (
+            inbound["capture"]["deciding_rule"]
+            == "-A MTLSMESH_INBOUND -p tcp -m tcp --dport 9099 -j RETURN sends it back"
+        )
     [outbound] = as_json(mtlsmesh(lab, "client", "explain", "--to", f"{lab.ip('web')}:9099", "--json"))
     assert outbound["decision"] == "not_captured"
     assert "--dport 9099 -j RETURN" in outbound["capture"]["deciding_rule"]
@@ -125,7 +129,8 @@ def test_an_excluded_port_is_explained_by_its_rule(lab: Lab) -> None:
 def test_a_permissive_port_called_in_plaintext_is_passed_through_live(lab: Lab) -> None:
     status, _ = harness.get(lab, "outside", lab.ip("web"), 9080, "/plain")
     assert status == 200
-    [found] = as_json(mtlsmesh(lab, "web", "explain", "--from", "plaintext", "--port", "9080", "--live", "--json"))
+    found, v6 = as_json(mtlsmesh(lab, "web", "explain", "--from", "plaintext", "--port", "9080", "--live", "--json"))
+    assert (v6["family"], v6["decision"], v6["capture"]["port"]) == ("ipv6", "passthrough", 15006)
     assert found["capture"]["outcome"] == "captured" and found["capture"]["port"] == 15006
     assert found["mode"] == "permissive" and found["decision"] == "passthrough"
     assert found["authorization"]["allowed"] is True
@@ -144,7 +149,8 @@ def test_a_permissive_port_called_in_plaintext_is_passed_through_live(lab: Lab) 
 
 def test_a_denied_identity_is_explained_and_the_sidecar_agrees(lab: Lab) -> None:
     harness.refused(lambda: harness.get(lab, "intruder", lab.ip("web"), 9081, "/denied"))
-    [found] = as_json(mtlsmesh(lab, "web", "explain", "--from", INTRUDER_ID, "--port", "9081", "--live", "--json"))
+    found, v6 = as_json(mtlsmesh(lab, "web", "explain", "--from", INTRUDER_ID, "--port", "9081", "--live", "--json"))
+    assert (v6["family"], v6["decision"], v6["authorization"]["rule"]) == ("ipv6", "refuse", 0)
     assert found["decision"] == "refuse"
     assert found["authorization"] == {
         "allowed": False, "rule": 0, "reason": f"rule 0 DENY matches {INTRUDER_ID} on port 9081", "action": "DENY",

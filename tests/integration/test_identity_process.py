@@ -1,10 +1,12 @@
 """Real processes end to end: `mtlsmesh ca serve`, and two `mtlsmesh sidecar` processes with an identity section
 that get their SVIDs from it, renew them, and carry mTLS traffic between each other; no key file is ever written.
-And one that cannot reach its CA: it binds nothing, says so once, and stops on SIGTERM.
+SIGHUP renews at once. And one that cannot reach its CA: it binds nothing, says so once, and stops on SIGTERM.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import signal
 import socket
@@ -21,7 +23,9 @@ from tests.integration.test_ca_serve_process import ca_process
 from tests.integration.test_sidecar_process import ROOT, sidecar_process
 
 
-def write_config(lab: CaLab, path: Path, ca_port: int, service_account: str, explicit: dict[str, object]) -> Path:
+def write_config(
+    lab: CaLab, path: Path, ca_port: int, service_account: str, explicit: dict[str, object], ttl: str = "4s"
+) -> Path:
     token = lab.root / f"{service_account}.token"
     token.write_text(lab.issuer.token("default", service_account))
     config = {
@@ -30,7 +34,7 @@ def write_config(lab: CaLab, path: Path, ca_port: int, service_account: str, exp
             "ca_address": f"127.0.0.1:{ca_port}",
             "token": str(token),
             "bundle": str(lab.ca_dir / "bundle.pem"),
-            "ttl": "4s",
+            "ttl": ttl,
             "renew_fraction": 0.5,
         },
         "outbound": {"enabled": False},
@@ -84,6 +88,42 @@ async def test_two_sidecar_processes_with_svids_from_a_ca_process(tmp_path: Path
     # The sidecars' keys lived in their memory only: the one key file here is the CA's own.
     keys = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "key" in p.name)
     assert keys == ["ca/root-key.pem"]
+
+
+async def test_sighup_renews_the_svid_from_the_ca_at_once(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    with trio.fail_after(90):
+        async with ca_process(lab) as (ca, ca_port, ca_lines), app_server(echo) as (app_port, _):
+            # An hour's SVID renewed at half: no renewal would come during the test but the one SIGHUP asks for.
+            config = write_config(lab, tmp_path / "s.yaml", ca_port, "reviews", {
+                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+            }, ttl="1h")  # fmt: skip
+            async with sidecar_process(config) as (process, ports, lines):
+                before = await trio.to_thread.run_sync(certs, ports["admin"])
+                process.send_signal(signal.SIGHUP)
+                while not any("event=svid_renewed" in line for line in lines):
+                    await trio.sleep(0.1)
+                after = await trio.to_thread.run_sync(certs, ports["admin"])
+                assert after["spiffe_id"] == before["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/reviews"
+                assert after["serial"] != before["serial"] and after["sha256"] != before["sha256"]
+                process.send_signal(signal.SIGTERM)
+    assert process.returncode == 0 and ca.returncode == 0
+    assert any("event=signal signal=SIGHUP action=renew result=requested" in line for line in lines)
+    requested = "event=svid_renewal_requested spiffe_id=spiffe://cluster.local/ns/default/sa/reviews"
+    assert any(requested in line for line in lines)
+    assert [line for line in lines if "event=svid_renewed" in line and "credential=svid" in line]
+    assert len([line for line in ca_lines if "event=issued" in line]) == 2  # enrolment, then the one renewal
+    assert not any("Traceback" in line for line in lines)
+
+
+def certs(admin_port: int) -> dict[str, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+    try:
+        connection.request("GET", "/certs")
+        found: dict[str, str] = json.loads(connection.getresponse().read())
+        return found
+    finally:
+        connection.close()
 
 
 async def test_a_sidecar_waiting_for_an_unreachable_ca_says_so_once_and_stops_on_sigterm(tmp_path: Path) -> None:

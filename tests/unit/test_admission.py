@@ -129,9 +129,9 @@ def _undefaulted(pod: dict[str, Any], workload: dict[str, Any]) -> dict[str, Any
 def test_the_patch_is_a_small_diff_not_a_replacement() -> None:
     pod = golden_pod("pod")
     operations = json.loads(base64.b64decode(response_of(decide(admission_review(pod)))["patch"]))
-    # The pod has init containers, volumes and no annotations: two containers go in front, four volumes (the
-    # token, the bundle, the config, the init step's /run) at the end, and the annotations are added. Nothing the
-    # app wrote is replaced.
+    # The pod has init containers, volumes and no annotations: two containers go in front, five volumes (the
+    # token, the bundle, the config, the init step's /run, the admin token's directory) at the end, and the
+    # annotations are added. Nothing the app wrote is replaced.
     assert {op["op"] for op in operations} == {"add"}
     assert sorted(op["path"] for op in operations) == [
         "/metadata/annotations",
@@ -141,6 +141,7 @@ def test_the_patch_is_a_small_diff_not_a_replacement() -> None:
         "/spec/volumes/3",
         "/spec/volumes/4",
         "/spec/volumes/5",
+        "/spec/volumes/6",
     ]
 
 

@@ -618,3 +618,49 @@ def test_init_issue_and_verify_print_json_lists(workdir: Path, capsys: pytest.Ca
     assert main(["ca", "verify", "--bundle", cert, "--json", "certs/ca/root.pem"]) == 1
     [refused] = json.loads(capsys.readouterr().out)
     assert refused["valid"] is False and refused["reason"].startswith("chain verification failed")
+
+
+def test_bundle_and_rotate_json(ca_dir: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ca", "init", "--dir", "next"]) == 0
+    capsys.readouterr()
+    old_root = pem.load_certificates(ca_dir / "root.pem")[0]
+    new_root = pem.load_certificates(workdir / "next" / "root.pem")[0]
+    sha = {name: cert.fingerprint(hashes.SHA256()).hex() for name, cert in (("old", old_root), ("new", new_root))}
+    bundle = str(ca_dir / "bundle.pem")
+
+    assert main(["ca", "bundle", "--bundle", bundle, "--add", "next/root.pem", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert err == "" and [(row["sha256"], row["change"], row["bundle"]) for row in rows] == [
+        (sha["old"], "kept", bundle),
+        (sha["new"], "added", bundle),
+    ]
+    assert rows[1]["not_after"] == new_root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert rows[1]["subject"] == new_root.subject.rfc4514_string() and rows[1]["expired"] is False
+    assert "pem" not in rows[0]  # the file has the PEM
+    assert pem.load_certificates(bundle) == (old_root, new_root)
+
+    assert main(["ca", "rotate", "--dir", str(ca_dir), "--to", "next", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row == {
+        "dir": str(ca_dir),
+        "to": "next",
+        "trust_domain": "cluster.local",
+        "signer": new_root.subject.rfc4514_string(),
+        "new_root_sha256": sha["new"],
+        "previous_root_sha256": sha["old"],
+        "previous_root_file": str(ca_dir / "previous-root.pem"),
+        "roots_trusted": 2,
+        "next_step": f"mtlsmesh ca bundle --bundle {bundle} --remove {ca_dir / 'previous-root.pem'}",
+    }
+    assert ca.load_authority(ca_dir).signer_cert == new_root
+
+    assert main(["ca", "bundle", "--bundle", bundle, "--remove", str(ca_dir / "previous-root.pem"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["sha256"], row["change"]) for row in rows] == [(sha["new"], "kept"), (sha["old"], "removed")]
+    assert pem.load_certificates(bundle) == (new_root,)
+    # To stdout: the JSON is stdout, so it carries each root's PEM.
+    assert main(["ca", "bundle", "--add", "next/root.pem", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["sha256"], row["change"], row["bundle"]) == (sha["new"], "added", "stdout")
+    assert pem.parse_certificates(row["pem"].encode(), "json") == (new_root,)

@@ -14,6 +14,7 @@ import yaml
 from mtlsmesh import capture, capture_plan, explain, policy
 from mtlsmesh.cli import main
 from mtlsmesh.config import Mode, parse_config
+from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_workload_id
 
 REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"
@@ -227,3 +228,157 @@ def test_bad_input_is_one_line_and_status_2(
     assert main(["explain", *argv, "--config", files[0]]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
+
+
+# --- loops, explicit listeners, IPv6 -----------------------------------------------------------------------------
+
+
+def test_a_connection_to_a_capture_listener_itself_is_the_loop_the_handlers_refuse() -> None:
+    rules = tables()
+    # Arriving at the pod's port 15006: captured to the inbound listener, whose original destination is itself.
+    answer = explain.explain_inbound(CFG, rules, 15006, None)
+    assert (answer.captured, answer.decision, answer.reason) == (True, "refuse", explain.LOOP_REASON)
+    assert policy.loops_to_listener(15006, ip("198.18.0.11"), 15006, local=True)
+    # The app dialing its own pod's 15001 or 127.0.0.1:15006 is let by (lo), and reaches the listener itself.
+    for dst, which in (("198.18.0.11", "outbound"), ("127.0.0.1", "inbound")):
+        port = 15001 if which == "outbound" else 15006
+        answer = explain.explain_outbound(CFG, rules, ip(dst), port, local=True)
+        assert (answer.captured, answer.decision) == (False, "refuse")
+        assert answer.verdict == (
+            f"{dst}:{port} is not captured but is the {which} listener itself: refused (reset), {explain.LOOP_REASON}."
+        )
+    # Another pod's 15001 is no loop: captured, and routed as any destination.
+    assert explain.explain_outbound(CFG, rules, ip("198.18.0.12"), 15001).decision == "passthrough"
+    assert not policy.loops_to_listener(15001, ip("198.18.0.12"), 15001, local=False)
+    assert policy.loops_to_listener(15001, ip("::ffff:127.0.0.1"), 15001, local=False)
+    assert policy.loops_to_listener(15001, ip("0.0.0.0"), 15001, local=False)
+
+
+EXPLICIT = parse_config(
+    {
+        **CONFIG,
+        "explicit": [
+            {"name": "web-in", "listen": "0.0.0.0:8443", "forward_to": "127.0.0.1:9080", "mode": "terminate",
+             "identities": [GOOD, BAD]},
+            {"name": "legacy-in", "listen": "0.0.0.0:8444", "forward_to": "127.0.0.1:9081", "mode": "terminate",
+             "min_tls_version": "1.2"},
+            {"name": "db-out", "listen": "127.0.0.1:15432", "forward_to": "198.18.0.20:5432", "mode": "originate",
+             "identities": [REVIEWS]},
+        ],
+    }
+)  # fmt: skip
+
+
+def test_find_listener_by_name_or_port() -> None:
+    assert explain.find_listener(EXPLICIT, "web-in").name == "web-in"
+    assert explain.find_listener(EXPLICIT, "15432").name == "db-out"
+    with pytest.raises(ConfigError, match=r"no explicit listener named or listening on 'nope' \(web-in \(0.0.0.0:8443"):
+        explain.find_listener(EXPLICIT, "nope")
+    with pytest.raises(ConfigError, match=r"\(none in this config\)"):
+        explain.find_listener(CFG, "8443")
+
+
+def test_a_terminate_listener_is_strict_mtls_then_its_identities_then_authorization() -> None:
+    web_in = explain.find_listener(EXPLICIT, "web-in")
+    answer = explain.explain_listener(EXPLICIT, web_in, parse_workload_id(GOOD))
+    assert (answer.direction, answer.decision, answer.mode, answer.sniffed) == ("inbound", "mtls", "strict", False)
+    assert answer.capture is None and answer.identities == (GOOD, BAD) and answer.listener == "web-in"
+    assert answer.authorization is not None and answer.authorization["rule"] == 1  # forward_to's port 9080
+    assert answer.verdict == (
+        f"listener web-in (0.0.0.0:8443 -> 127.0.0.1:9080) from {GOOD} is carried in mutual TLS to 127.0.0.1:9080 "
+        f"({GOOD} is one of this listener's identities), and allowed: rule 1 ALLOW matches {GOOD} on port 9080."
+    )
+    # BAD is one of the listener's identities, but rule 0 denies it on port 9080.
+    denied = explain.explain_listener(EXPLICIT, web_in, parse_workload_id(BAD))
+    assert (denied.decision, denied.reason) == ("refuse", f"rule 0 DENY matches {BAD} on port 9080")
+    # REVIEWS is not one of them: the handler's own check, policy.listener_admits, says so in the same words.
+    stranger = explain.explain_listener(EXPLICIT, web_in, parse_workload_id(REVIEWS))
+    admitted = policy.listener_admits(web_in.identities, parse_workload_id(REVIEWS))
+    assert not admitted.allowed and (stranger.decision, stranger.reason) == ("refuse", admitted.reason)
+    assert stranger.reason == f"{REVIEWS} is not one of this listener's identities ({GOOD}, {BAD})"
+    assert stranger.authorization is None
+    assert explain.explain_listener(EXPLICIT, web_in, None).decision == "refuse"  # no SVID: no handshake
+    other = explain.explain_listener(EXPLICIT, web_in, parse_workload_id("spiffe://other.example/ns/a/sa/b"))
+    assert (other.decision, other.reason) == (
+        "refuse",
+        "spiffe://other.example/ns/a/sa/b is not in trust domain cluster.local",
+    )
+    legacy = explain.explain_listener(EXPLICIT, explain.find_listener(EXPLICIT, "legacy-in"), parse_workload_id(GOOD))
+    assert legacy.notes == [
+        "explicit terminate listener: no capture rule is involved (TLS 1.2 or later, record layer openssl)"
+    ]
+    assert policy.listener_admits((), parse_workload_id(REVIEWS)).allowed
+
+
+def test_an_originate_listener_sends_mtls_expecting_its_identities() -> None:
+    answer = explain.explain_listener(EXPLICIT, explain.find_listener(EXPLICIT, "db-out"), None)
+    assert (answer.direction, answer.decision, answer.identities) == ("outbound", "mtls", (REVIEWS,))
+    assert answer.verdict == (
+        "listener db-out (127.0.0.1:15432 -> 198.18.0.20:5432): the app's plaintext is sent in mutual TLS to "
+        f"198.18.0.20:5432, expecting {REVIEWS}."
+    )
+
+
+def test_a_connection_the_rules_let_by_to_an_explicit_listener_is_explained_by_it() -> None:
+    # The app dialing the originate listener on 127.0.0.1: let by (lo), carried by db-out.
+    answer = explain.explain_outbound(EXPLICIT, tables(), ip("127.0.0.1"), 15432, local=True)
+    assert (answer.decision, answer.listener, answer.identities) == ("mtls", "db-out", (REVIEWS,))
+    assert answer.capture is not None and answer.capture.outcome == explain.LET_BY
+    assert answer.notes[0].startswith("not captured (-A MTLSMESH_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN")
+    # A peer calling 8443, excluded from capture: the terminate listener answers; not excluded, the capture does.
+    excluded = explain.explain_inbound(EXPLICIT, tables(exclude_inbound_ports=(8443,)), 8443, parse_workload_id(GOOD))
+    assert (excluded.decision, excluded.listener) == ("mtls", "web-in")
+    captured = explain.explain_inbound(EXPLICIT, tables(), 8443, parse_workload_id(GOOD))
+    assert captured.listener is None and captured.capture is not None and captured.capture.port == 15006
+
+
+def test_an_inbound_call_on_ipv6_walks_the_ipv6_rules() -> None:
+    v6 = capture_plan.parse_save(
+        capture.render_expected(
+            capture.build_ruleset(capture.CaptureOptions(exclude_inbound_ports=(8081,)), capture.Family.V6)
+        )
+    )
+    dst = ip("2001:db8::fffe")
+    answer = explain.explain_inbound(CFG, v6, 9080, parse_workload_id(GOOD), dst=dst)
+    assert answer.captured and answer.capture is not None and answer.capture.port == 15006
+    assert answer.decision == "mtls"
+    assert explain.explain_inbound(CFG, v6, 8081, None, dst=dst).decision == "not_captured"
+
+
+def test_the_command_explains_both_families_and_a_listener(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        yaml.safe_dump({**CONFIG, "credentials": {"cert": "c", "key": "k", "bundle": "b"},
+                        "explicit": [{"name": "web-in", "listen": "0.0.0.0:8443", "forward_to": "127.0.0.1:9080",
+                                      "mode": "terminate", "identities": [GOOD]}]})
+    )  # fmt: skip
+    rules, rules6 = tmp_path / "v4.txt", tmp_path / "v6.txt"
+    for path, family, excluded in ((rules, capture.Family.V4, ()), (rules6, capture.Family.V6, (9080,))):
+        options = capture.CaptureOptions(exclude_inbound_ports=excluded)
+        path.write_text(capture.render_expected(capture.build_ruleset(options, family)))
+    argv = ["explain", "--from", GOOD, "--port", "9080", "--config", str(config), "--rules", str(rules)]
+    assert main([*argv, "--rules6", str(rules6), "--json"]) == 0
+    four, six = json.loads(capsys.readouterr().out)
+    assert (four["family"], four["decision"], six["family"], six["decision"]) == (
+        "ipv4",
+        "mtls",
+        "ipv6",
+        "not_captured",
+    )
+    assert main([*argv, "--rules6", str(rules6)]) == 0
+    text = capsys.readouterr().out
+    assert f"inbound port 9080 from {GOOD}\n" in text and f"\n\ninbound port 9080 from {GOOD} (IPv6)\n" in text
+    assert main(["explain", "--listener", "8443", "--from", GOOD, "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"inbound listener web-in (0.0.0.0:8443 -> 127.0.0.1:9080) from {GOOD}"
+    assert f"  identities:     {GOOD}" in lines and "  inbound mode:   strict (not sniffed)" in lines
+    assert lines[-1].startswith("verdict: listener web-in (0.0.0.0:8443 -> 127.0.0.1:9080) from")
+    for bad, message in (
+        (["--listener", "web-in", "--live"], "mtlsmesh: error: --live: --live does not go with --listener"),
+        (["--listener", "nope"], "mtlsmesh: error: --listener: no explicit listener named or listening on 'nope'"),
+        ([], "mtlsmesh: error: --to: say what to explain"),
+        (["--to", "198.18.0.1:80", "--from", GOOD], "mtlsmesh: error: --from: --from explains an inbound call"),
+    ):
+        assert main(["explain", *bad, "--config", str(config)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err

@@ -26,6 +26,7 @@ from mtlsmesh.annotations import IDENTITY, STATUS_ANNOTATION
 from mtlsmesh.cli import main
 from mtlsmesh.errors import ConfigError, MeshError
 from mtlsmesh.inject import (
+    ADMIN_VOLUME,
     BUNDLE_VOLUME,
     INIT_CONTAINER,
     PROXY_CONTAINER,
@@ -130,8 +131,10 @@ def test_every_kind_gets_the_init_container_then_the_native_sidecar(case: str) -
         {"name": "mtlsmesh-config", "mountPath": "/etc/mtlsmesh", "readOnly": True},
         {"name": "mtlsmesh-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
         {"name": "mtlsmesh-bundle", "mountPath": "/var/run/mtlsmesh/bundle", "readOnly": True},
+        {"name": "mtlsmesh-admin", "mountPath": "/var/run/mtlsmesh/admin"},  # where the admin token is written
     ]
     volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["mtlsmesh-admin"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
     assert "mtlsmesh-svid" not in volumes
     assert volumes["mtlsmesh-token"]["projected"] == {
         "sources": [
@@ -164,8 +167,11 @@ def test_secret_mode_mounts_the_svid_secret_and_runs_with_the_secret_config() ->
     assert proxy["volumeMounts"] == [
         {"name": "mtlsmesh-config", "mountPath": "/etc/mtlsmesh", "readOnly": True},
         {"name": "mtlsmesh-svid", "mountPath": "/var/run/mtlsmesh/svid", "readOnly": True},
+        {"name": "mtlsmesh-admin", "mountPath": "/var/run/mtlsmesh/admin"},
     ]
-    assert [v["name"] for v in spec["volumes"]] == ["mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        "mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run", "mtlsmesh-admin"
+    ]  # fmt: skip
     assert spec["volumes"][0]["secret"] == {"secretName": "mtlsmesh-svid-ratings", "defaultMode": 0o444}
     _, (proxy_argv, _) = pod_commands(spec)
     assert proxy_argv == [
@@ -222,8 +228,9 @@ def test_only_the_proxy_mounts_the_token_the_bundle_or_the_svid() -> None:
             mounted = {m["name"] for m in container.get("volumeMounts", [])}
             if container["name"] == PROXY_CONTAINER:
                 assert mounted & volumes & {TOKEN_VOLUME, BUNDLE_VOLUME, SVID_VOLUME}, name
+                assert ADMIN_VOLUME in mounted & volumes, name
             else:
-                assert not mounted & {TOKEN_VOLUME, BUNDLE_VOLUME, SVID_VOLUME}, (name, container["name"])
+                assert not mounted & {TOKEN_VOLUME, BUNDLE_VOLUME, SVID_VOLUME, ADMIN_VOLUME}, (name, container["name"])
     assert modes == {True, False}  # both SVID sources were looked at
 
 
@@ -243,8 +250,12 @@ def test_reinjection_follows_a_changed_identity_annotation() -> None:
     first = inject_one(deployment())
     first["spec"]["template"]["metadata"]["annotations"][IDENTITY] = "secret"
     spec = inject_one(first)["spec"]["template"]["spec"]
-    assert [v["name"] for v in spec["volumes"]] == ["mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run"]
-    assert {m["name"] for m in spec["initContainers"][1]["volumeMounts"]} == {"mtlsmesh-svid", "mtlsmesh-config"}
+    assert [v["name"] for v in spec["volumes"]] == [
+        "mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-init-run", "mtlsmesh-admin"
+    ]  # fmt: skip
+    assert {m["name"] for m in spec["initContainers"][1]["volumeMounts"]} == {
+        "mtlsmesh-svid", "mtlsmesh-config", "mtlsmesh-admin"
+    }  # fmt: skip
 
 
 def test_existing_init_containers_and_volumes_are_kept_after_ours() -> None:
@@ -257,6 +268,7 @@ def test_existing_init_containers_and_volumes_are_kept_after_ours() -> None:
         "mtlsmesh-bundle",
         "mtlsmesh-config",
         "mtlsmesh-init-run",
+        "mtlsmesh-admin",
     ]
 
 
@@ -397,7 +409,7 @@ def test_reinjection_follows_changed_annotations_and_image() -> None:
     spec = second["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["initContainers"]] == [INIT_CONTAINER, PROXY_CONTAINER]
     assert [v["name"] for v in spec["volumes"]] == [
-        "mtlsmesh-token", "mtlsmesh-bundle", "mtlsmesh-config", "mtlsmesh-init-run"
+        "mtlsmesh-token", "mtlsmesh-bundle", "mtlsmesh-config", "mtlsmesh-init-run", "mtlsmesh-admin"
     ]  # fmt: skip
     assert {c["image"] for c in spec["initContainers"]} == {"registry.example/mtlsmesh:0.2.0"}
     (_, env), _ = pod_commands(spec)

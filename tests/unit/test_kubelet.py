@@ -13,6 +13,7 @@ from typing import Any
 import jwt
 import pytest
 
+from mtlsmesh.conventions import ADMIN_TOKEN_DIR
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.inject import (
     BUNDLE_DIR,
@@ -121,7 +122,8 @@ def test_proxy_mounts_hold_the_secret_and_the_config_map() -> None:
     spec = injected_pod()
     mounts = kubelet.container_mounts(spec, PROXY_CONTAINER, [config_map(), secret(), secret("other")])
     by_path = {mount.mount_path: mount for mount in mounts}
-    assert set(by_path) == {SVID_DIR, os.path.dirname(CONFIG_FILE)}
+    assert set(by_path) == {SVID_DIR, os.path.dirname(CONFIG_FILE), ADMIN_TOKEN_DIR}
+    assert (by_path[ADMIN_TOKEN_DIR].kind, by_path[ADMIN_TOKEN_DIR].read_only) == ("emptyDir", False)
     svid = by_path[SVID_DIR]
     assert (svid.kind, svid.read_only) == ("secret", True)
     assert {f.name: (f.data, f.mode) for f in svid.files} == {k: (v, 0o444) for k, v in SECRET_DATA.items()}
@@ -159,7 +161,7 @@ def test_identity_mode_proxy_mounts_a_minted_token_and_the_bundle() -> None:
 
     mounts = kubelet.container_mounts(spec, PROXY_CONTAINER, objects, mint=recording_mint)
     by_path = {mount.mount_path: mount for mount in mounts}
-    assert set(by_path) == {TOKEN_DIR, BUNDLE_DIR, os.path.dirname(CONFIG_FILE)}
+    assert set(by_path) == {TOKEN_DIR, BUNDLE_DIR, os.path.dirname(CONFIG_FILE), ADMIN_TOKEN_DIR}
     token = by_path[TOKEN_DIR]
     assert (token.kind, token.read_only, token.tokens) == (
         "projected", True, (kubelet.TokenSource(TOKEN_FILE, "mtlsmesh-ca", 3600),)
