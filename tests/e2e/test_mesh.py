@@ -280,8 +280,9 @@ def test_server_first_protocol(lab: Lab) -> None:
     )
 
 
-def test_half_close_crosses_the_mesh(lab: Lab) -> None:
-    with lab.connect("client", lab.ip("web"), 7000) as sock:
+@FAMILIES
+def test_half_close_crosses_the_mesh(lab: Lab, family: int) -> None:
+    with lab.connect("client", lab.ip("web", family), 7000) as sock:
         sock.sendall(b"first half\n")
         assert sock.recv(100) == b"first half\n"
         sock.shutdown(socket.SHUT_WR)  # our FIN must reach the app, and its answer must still come back
