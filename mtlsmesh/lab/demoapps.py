@@ -38,6 +38,23 @@ def log(line: str) -> None:
     sys.stdout.flush()
 
 
+def peer_text(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """`a.b.c.d:port` or `[v6]:port` of a peer our dual-stack listeners accepted (an IPv4 peer arrives mapped)."""
+    host, port = address[0], address[1]
+    host = host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _DualStack:
+    """Listen on `::` for both families, as a pod's app does on a dual-stack cluster."""
+
+    address_family: int = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # type: ignore[attr-defined]
+        super().server_bind()  # type: ignore[misc]
+
+
 def call_upstream(url: str, marker: str) -> object:
     """GET `url` in plaintext, as any app would; the mesh, not this code, makes it mutual TLS."""
     parts = urllib.parse.urlsplit(url)
@@ -62,17 +79,15 @@ def make_http_handler(name: str, calls: Sequence[tuple[str, str]]) -> type[http.
 
         def do_GET(self) -> None:
             marker = self.headers.get(MARKER_HEADER, "")
-            port = self.server.server_address[1]  # type: ignore[index]  # an (host, port) tuple for AF_INET
-            log(
-                f"app={name} port={port} peer={self.client_address[0]}:{self.client_address[1]} "
-                f"request={self.requestline!r} marker={marker!r}"
-            )
+            port = self.server.server_address[1]  # type: ignore[index]  # a (host, port, ...) tuple
+            peer = peer_text(self.client_address)
+            log(f"app={name} port={port} peer={peer} request={self.requestline!r} marker={marker!r}")
             upstreams = {up_name: call_upstream(url, marker) for up_name, url in calls}
             body = json.dumps(
                 {
                     "service": name,
                     "port": port,
-                    "peer": self.client_address[0],
+                    "peer": peer.rsplit(":", 1)[0].strip("[]"),
                     "marker": marker,
                     "upstreams": upstreams,
                 }
@@ -89,19 +104,19 @@ def make_http_handler(name: str, calls: Sequence[tuple[str, str]]) -> type[http.
     return Handler
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class _Server(_DualStack, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 512
 
 
-class _HttpServer(http.server.ThreadingHTTPServer):
+class _HttpServer(_DualStack, http.server.ThreadingHTTPServer):
     request_queue_size = 512  # the listen backlog: the tests open a couple of hundred connections at once
 
 
 def serve_http(name: str, ports: Sequence[int], calls: Sequence[tuple[str, str]]) -> None:
     handler = make_http_handler(name, calls)
-    servers = [_HttpServer(("0.0.0.0", port), handler) for port in ports]
+    servers = [_HttpServer(("::", port), handler) for port in ports]
     log(f"app={name} listening ports={','.join(str(p) for p in ports)}")
     _serve_all(servers)
 
@@ -119,7 +134,7 @@ class TcpHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        peer = peer_text(self.client_address)
         if self.mode == "hash":
             digest = hashlib.sha256()
             total = 0
@@ -145,7 +160,7 @@ class TcpHandler(socketserver.BaseRequestHandler):
 
 def serve_tcp(name: str, ports: Sequence[int], mode: str) -> None:
     handler = type("Handler", (TcpHandler,), {"mode": mode, "name": name})
-    servers = [_Server(("0.0.0.0", port), handler) for port in ports]
+    servers = [_Server(("::", port), handler) for port in ports]
     log(f"app={name} mode={mode} listening ports={','.join(str(p) for p in ports)}")
     _serve_all(servers)
 

@@ -198,8 +198,9 @@ def socket_in(ns: str, family: socket.AddressFamily = socket.AF_INET) -> socket.
 
 
 def connect_in(ns: str, host: str, port: int, *, timeout: float = 5.0) -> socket.socket:
-    """A TCP connection from inside namespace `ns` to host:port, with a timeout on connect and later I/O."""
-    sock = socket_in(ns)
+    """A TCP connection from inside namespace `ns` to host:port (an IPv4 or IPv6 address), with a timeout on connect
+    and later I/O."""
+    sock = socket_in(ns, socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.settimeout(timeout)
     try:
         sock.connect((host, port))

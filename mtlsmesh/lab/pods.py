@@ -1,11 +1,14 @@
 """The pod lab: a small node built from network namespaces, with real capture rules, sidecars and apps.
 
 `Lab(topology)` used as a context manager builds, in this order:
-1. the node: a namespace holding a bridge with the pods' gateway address, IP forwarding on, ICMP redirects off
-   (pods reach each other through the gateway, so the node routes packets back out the bridge they came in on);
+1. the node: a namespace holding a bridge with the pods' gateway addresses (one IPv4, one IPv6: the lab is dual
+   stack), forwarding on for both families, ICMP redirects off (pods reach each other through the gateway, so
+   the node routes packets back out the bridge they came in on);
 2. one namespace per pod with a veth into the bridge (created inside the namespaces, so nothing appears in the
-   host's), loopback up, a /32 address and a default route via the gateway;
-3. the Service DNAT rules in the node, as kube-proxy puts them (see `topology.render_service_rules`);
+   host's), loopback up, a /32 and a /128 address and a default route of each family via the gateway, ICMPv6
+   redirects ignored (IPv6 has no switch to stop the node sending them);
+3. the Service DNAT rules in the node for both families, as kube-proxy puts them, with its hairpin masquerade
+   (see `topology.render_service_rules`);
 4. for each mesh pod, what its pod spec would run: the init step `mtlsmesh iptables` as root, an SVID from the
    lab's CA in a Secret-like directory owned by uid 1337, the sidecar config, `mtlsmesh sidecar` as uid 1337
    with its admin token in a directory of uid 1337 alone (`admin_token_path`), and a wait for `/healthz/ready` on
@@ -62,7 +65,10 @@ from mtlsmesh.lab import netns
 from mtlsmesh.lab.cluster import TOKEN_LIFETIME, TokenIssuer
 from mtlsmesh.lab.topology import (
     CA_ADDRESS,
+    FAMILIES,
     GATEWAY,
+    GATEWAY_V6,
+    POD_NETWORK_V6,
     AppSpec,
     Plan,
     PlannedPod,
@@ -75,7 +81,7 @@ from mtlsmesh.lab.topology import (
 )
 
 DEFAULT_TAG = "mm"
-REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "setpriv")
+REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "ip6tables", "ip6tables-restore", "setpriv")
 READY_TIMEOUT = 30.0  # a sidecar imports trio, OpenSSL and cryptography on a busy machine
 APP_TIMEOUT = 15.0
 CA_TIMEOUT = 30.0  # the CA service imports as much as a sidecar does
@@ -171,11 +177,13 @@ class Lab:
         """The node-side end of the pod's veth (where a capture sees the pod's traffic on the wire)."""
         return f"{self.prefix}v{self.plan.pod(pod).index}"
 
-    def ip(self, pod: str) -> str:
-        return str(self.plan.pod(pod).ip)
+    def ip(self, pod: str, family: int = 4) -> str:
+        """The pod's address of IP version `family` (4 or 6)."""
+        return str(self.plan.pod(pod).address(family))
 
-    def vip(self, service: str) -> str:
-        return str(self.plan.service(service).vip)
+    def vip(self, service: str, family: int = 4) -> str:
+        """The Service's virtual IP of IP version `family` (4 or 6)."""
+        return str(self.plan.service(service).address(family))
 
     def pod_dir(self, pod: str) -> Path:
         return self.workdir / pod
@@ -206,7 +214,9 @@ class Lab:
             for pod in self.plan.pods:
                 self._build_pod(pod)
             if self.plan.services:
-                netns.run(netns.ns_exec(self.node_ns, ["iptables-restore", "--noflush"]), input_text=self._rules())
+                for family in FAMILIES:
+                    restore = "iptables-restore" if family == 4 else "ip6tables-restore"
+                    netns.run(netns.ns_exec(self.node_ns, [restore, "--noflush"]), input_text=self._rules(family))
             now = datetime.datetime.now(datetime.UTC)
             self.authority = ca.create_ca(TrustDomain(self.plan.topology.trust_domain), now=now)
             if self.plan.topology.identity is not None:
@@ -290,22 +300,32 @@ class Lab:
         netns.run_in_netns(self.node_ns, _node_sysctls)
         netns.run(["ip", "-n", self.node_ns, "link", "add", self.bridge, "type", "bridge"])
         netns.run(["ip", "-n", self.node_ns, "addr", "add", f"{GATEWAY}/24", "dev", self.bridge])
+        # nodad: usable at once, not after duplicate address detection (nothing else on the bridge can hold it).
+        gateway6 = f"{GATEWAY_V6}/{POD_NETWORK_V6.prefixlen}"
+        netns.run(["ip", "-n", self.node_ns, "addr", "add", gateway6, "dev", self.bridge, "nodad"])
         netns.run(["ip", "-n", self.node_ns, "link", "set", self.bridge, "up"])
 
     def _build_pod(self, pod: PlannedPod) -> None:
         name = pod.spec.name
         ns = self.pod_ns(name)
         self._add_ns(ns)
+        netns.run_in_netns(ns, _pod_sysctls)  # before eth0 exists, so its `default` values are eth0's
         veth = self.veth(name)
         netns.run(["ip", "-n", self.node_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
         netns.run(["ip", "-n", self.node_ns, "link", "set", veth, "master", self.bridge, "up"])
+        # Hairpin mode, as the kubelet sets it on a pod's bridge port: with br_netfilter loaded on the host, a
+        # connection DNATed back to the pod it came from is bridged out the port it came in on, which a bridge
+        # refuses unless the port is in hairpin mode (see topology's module docstring).
+        netns.run(["ip", "-n", self.node_ns, "link", "set", veth, "type", "bridge_slave", "hairpin", "on"])
         netns.run(["ip", "-n", ns, "addr", "add", f"{pod.ip}/32", "dev", "eth0"])
+        netns.run(["ip", "-n", ns, "addr", "add", f"{pod.ip6}/128", "dev", "eth0", "nodad"])
         netns.run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         netns.run(["ip", "-n", ns, "route", "add", "default", "via", str(GATEWAY), "dev", "eth0", "onlink"])
+        netns.run(["ip", "-n", ns, "-6", "route", "add", "default", "via", str(GATEWAY_V6), "dev", "eth0", "onlink"])
         self.pod_dir(name).mkdir(mode=0o755)
 
-    def _rules(self) -> str:
-        return render_service_rules(self.plan)
+    def _rules(self, family: int = 4) -> str:
+        return render_service_rules(self.plan, family)
 
     def _init_pod(self, pod: PlannedPod) -> None:
         name = pod.spec.name
@@ -612,10 +632,14 @@ class Lab:
         """A TCP connection made from inside `pod` by this process (root, so the capture rules treat it as an app)."""
         return netns.connect_in(self.pod_ns(pod), host, port, timeout=timeout)
 
-    def listen(self, pod: str, port: int, *, host: str = "0.0.0.0", backlog: int = 256) -> socket.socket:
-        """A listening TCP socket inside `pod`, for a test to play the app's server part itself."""
-        sock = netns.socket_in(self.pod_ns(pod))
+    def listen(self, pod: str, port: int, *, host: str = "::", backlog: int = 256) -> socket.socket:
+        """A listening TCP socket inside `pod`, for a test to play the app's server part itself; on `::` it takes
+        both families (IPv4 peers show as `::ffff:a.b.c.d`)."""
+        ipv6 = ":" in host
+        sock = netns.socket_in(self.pod_ns(pod), socket.AF_INET6 if ipv6 else socket.AF_INET)
         try:
+            if ipv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(backlog)
@@ -624,9 +648,11 @@ class Lab:
             raise
         return sock
 
-    def nat_rules(self, pod: str) -> str:
-        """`iptables -t nat -L -v -n` inside a pod: the capture chains with their packet counters."""
-        return self.run_in(pod, ["iptables", "-t", "nat", "-L", "-v", "-n"])
+    def nat_rules(self, pod: str, family: int = 4) -> str:
+        """`iptables -t nat -L -v -n` inside a pod (`ip6tables` for `family` 6): the capture chains with their
+        packet counters."""
+        tool = "iptables" if family == 4 else "ip6tables"
+        return self.run_in(pod, [tool, "-t", "nat", "-L", "-v", "-n"])
 
     def sidecar_pid(self, pod: str) -> int:
         return self._sidecars[pod].popen.pid
@@ -742,9 +768,20 @@ def _node_sysctls() -> None:
         "ipv4/conf/default/send_redirects": "0",
         "ipv4/conf/all/rp_filter": "0",
         "ipv4/conf/default/rp_filter": "0",
+        "ipv6/conf/all/forwarding": "1",
     }
     for key, value in settings.items():
         Path("/proc/sys/net", key).write_text(value)
+
+
+def _pod_sysctls() -> None:
+    # Runs on a thread inside a pod namespace before its eth0 exists (so `default` covers it). Linux has no switch
+    # to stop the node sending ICMPv6 redirects when it routes a packet back out the bridge: the pods ignore them,
+    # or they would bypass the node's DNAT (and its reverse) for each other. No router advertisements either: the
+    # lab sets the routes.
+    for scope in ("all", "default"):
+        Path("/proc/sys/net/ipv6/conf", scope, "accept_redirects").write_text("0")
+        Path("/proc/sys/net/ipv6/conf", scope, "accept_ra").write_text("0")
 
 
 def _exit_on_sigterm(signum: int, frame: types.FrameType | None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from mtlsmesh.addresses import host_port
 from mtlsmesh.lab import netns, pcap
 from mtlsmesh.lab.demoapps import MARKER_HEADER
 from mtlsmesh.lab.pods import Lab, http_get, log_records
@@ -49,8 +50,9 @@ def assert_nothing_left(lab: Lab, pids: list[int]) -> None:
     assert not running, f"processes left behind: {running}"
     assert not lab.workdir.exists() or lab.workdir == Path(), f"temp dir left behind: {lab.workdir}"
     # The lab's rules live inside its namespaces; none may have reached the host's tables.
-    host_rules = netns.run(["iptables-save"])
-    assert SERVICES_CHAIN not in host_rules and lab.prefix not in host_rules, "lab rules found on the host"
+    for save in ("iptables-save", "ip6tables-save"):
+        host_rules = netns.run([save])
+        assert SERVICES_CHAIN not in host_rules and lab.prefix not in host_rules, f"lab rules found on the host: {save}"
     assert lab.prefix not in netns.run(["ip", "-o", "link", "show"]), "lab interfaces found on the host"
 
 
@@ -97,6 +99,18 @@ def unique_marker(tag: str) -> str:
 def get(lab: Lab, pod: str, host: str, port: int, path: str = "/", marker: str = "") -> tuple[int, bytes]:
     headers = {MARKER_HEADER: marker} if marker else {}
     return http_get(lab.pod_ns(pod), host, port, path, timeout=10.0, headers=headers)
+
+
+def peer_prefix(host: str) -> str:
+    """How the lab's apps log a peer at `host`: `198.18.0.10:` or `[2001:db8:18::a]:`, the port left out."""
+    return host_port(host, 0).removesuffix("0")
+
+
+def app_line(lab: Lab, pod: str, app: str, marker: str) -> str:
+    """The one line of the pod's app log that carries `marker` (fails when there is none, or several)."""
+    lines = [line for line in lab.app_log(pod, app).splitlines() if marker in line]
+    assert len(lines) == 1, f"{pod}/{app} logged {len(lines)} lines with {marker}"
+    return lines[0]
 
 
 def refused(fn: Callable[[], object]) -> str:
@@ -184,10 +198,12 @@ def assert_tls_only(streams: dict[pcap.Flow, bytes], port: int) -> int:
     return app_records
 
 
-def assert_encrypted_hop(lab: Lab, pcap_path: Path, callee: str, port: int, marker: str, caller_id: str) -> None:
+def assert_encrypted_hop(
+    lab: Lab, pcap_path: Path, callee: str, port: int, marker: str, caller_id: str, family: int = 4
+) -> None:
     """One mesh hop, proven from both ends: the capture on the callee's link holds only TLS records on `port` (at
     least a request and a response) and never the plaintext `marker`, and the callee's inbound sidecar logged an
-    mTLS connection to its app port from `caller_id`."""
+    mTLS connection to its app port (on its address of IP version `family`) from `caller_id`."""
     streams = wire_streams(pcap_path)
     assert assert_tls_only(streams, port) >= 2
     assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
@@ -196,7 +212,7 @@ def assert_encrypted_hop(lab: Lab, pcap_path: Path, callee: str, port: int, mark
         callee,
         lambda r: (
             r.get("dir") == "inbound"
-            and r.get("orig_dst") == f"{lab.ip(callee)}:{port}"
+            and r.get("orig_dst") == host_port(lab.ip(callee, family), port)
             and r.get("peer_id") == caller_id
             and r.get("decision") == "mtls"
         ),

@@ -7,12 +7,14 @@ through the node, Service DNAT, teardown on failure, on SIGTERM, and `cleanup_st
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,15 +51,34 @@ CHILD = textwrap.dedent(
 
 def test_plain_pods_route_through_the_node_and_vip() -> None:
     for lab in harness.open_lab(PLAIN):
-        status, body = http_get(lab.pod_ns("b"), lab.ip("a"), 8080, "/direct")
-        assert status == 200
-        assert f'"peer": "{lab.ip("b")}"'.encode() in body
-        status, _ = http_get(lab.pod_ns("b"), lab.vip("a"), 80, "/via-vip")
-        assert status == 200
-        assert "/via-vip" in lab.app_log("a", "http")
+        # A node's packets to a pod on its bridge are bridged when the host has br_netfilter loaded, routed when it
+        # does not: both ways, per namespace, when this kernel has the switch.
+        bridge_nf = [Path("/proc/sys/net/bridge", f"bridge-nf-call-{t}") for t in ("iptables", "ip6tables")]
+        for bridged in (True, False) if all(p.exists() for p in bridge_nf) else (None,):
+            if bridged is not None:
+                netns.run_in_netns(lab.node_ns, functools.partial(_write_all, bridge_nf, str(int(bridged))))
+            for family in (4, 6):  # dual stack: each pod and the Service answer on an address of each family
+                status, body = http_get(lab.pod_ns("b"), lab.ip("a", family), 8080, f"/direct-v{family}")
+                assert status == 200
+                assert f'"peer": "{lab.ip("b", family)}"'.encode() in body
+                status, body = http_get(lab.pod_ns("b"), lab.vip("a", family), 80, f"/via-vip-v{family}")
+                assert status == 200
+                assert f'"peer": "{lab.ip("b", family)}"'.encode() in body  # DNAT only: the caller's own address
+                assert f"/via-vip-v{family}" in lab.app_log("a", "http")
+                # The hairpin: pod a through its own Service comes back to itself, SNATed to the node as kube-proxy
+                # does (the gateway of its family is the caller it sees), instead of timing out.
+                status, body = http_get(lab.pod_ns("a"), lab.vip("a", family), 80, f"/own-vip-v{family}")
+                assert status == 200
+                gateway = "198.18.0.1" if family == 4 else "2001:db8:18::1"
+                assert f'"peer": "{gateway}"'.encode() in body
         # Nothing of the lab is visible outside its namespaces: no interface with its prefix on the host.
         host_links = netns.run(["ip", "-o", "link", "show"])
         assert lab.prefix not in host_links
+
+
+def _write_all(paths: list[Path], value: str) -> None:
+    for path in paths:
+        path.write_text(value)
 
 
 def test_failed_start_leaves_nothing() -> None:
@@ -147,5 +168,8 @@ def test_cleanup_stale_refuses_short_prefix(prefix: str, message: str) -> None:
 
 def test_preflight_names_missing_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(LabError, match=r"missing ip, iptables, iptables-restore, setpriv: install them \(apt-get"):
+    with pytest.raises(
+        LabError,
+        match=r"missing ip, iptables, iptables-restore, ip6tables, ip6tables-restore, setpriv: install them \(apt-get",
+    ):
         preflight()

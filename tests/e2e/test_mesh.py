@@ -8,6 +8,8 @@ each other's order. The pods:
   intruder  mesh, REGISTRY_ONLY
   outside   outside the mesh (no capture, no sidecar): HTTP on 8080
   Service web: VIP:80 -> web:9080
+The lab is dual stack: the scenarios marked with `FAMILIES` run over IPv4 and again over IPv6 (the pods' and the
+Service's IPv6 addresses), with the same identities, decisions and wire checks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 import pytest
 
+from mtlsmesh.addresses import host_port
 from mtlsmesh.lab.pods import Lab, log_records
 from mtlsmesh.lab.topology import AppSpec, PodSpec, ServiceSpec, Topology
 from tests.e2e import harness
@@ -68,39 +71,51 @@ TOPOLOGY = Topology(
 
 lab = harness.lab_fixture(TOPOLOGY)
 
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+APP_SOURCE = {4: "127.0.0.6", 6: "::6"}  # what the inbound sidecar dials the app from, per family
+GATEWAY = {4: "198.18.0.1", 6: "2001:db8:18::1"}  # the node's bridge address: what a hairpin SNATs to
 
-def test_mesh_to_mesh_is_encrypted_on_the_wire(lab: Lab) -> None:
-    marker = harness.unique_marker("wire")
+
+@FAMILIES
+def test_mesh_to_mesh_is_encrypted_on_the_wire(lab: Lab, family: int) -> None:
+    marker = harness.unique_marker(f"wire-v{family}")
     with lab.capture("web") as pcap_path:
-        status, body = harness.get(lab, "client", lab.ip("web"), 9080, "/wire", marker)
+        status, body = harness.get(lab, "client", lab.ip("web", family), 9080, "/wire", marker)
     assert status == 200
     assert marker.encode() in body  # the app saw the plaintext and echoed the marker back
-    app_log = lab.app_log("web", "http")
-    assert marker in app_log
-    assert "peer=127.0.0.6:" in app_log  # delivered by the inbound sidecar
-    harness.assert_encrypted_hop(lab, pcap_path, "web", 9080, marker, CLIENT_ID)
+    # Delivered by the inbound sidecar, from the app source of this family.
+    assert f"peer={harness.peer_prefix(APP_SOURCE[family])}" in harness.app_line(lab, "web", "http", marker)
+    harness.assert_encrypted_hop(lab, pcap_path, "web", 9080, marker, CLIENT_ID, family)
+    # Both ends checked the other's identity: the client's outbound sidecar verified the web pod's.
     harness.wait_records(
         lab,
         "client",
-        lambda r: r.get("dir") == "outbound" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls",
+        lambda r: (
+            r.get("dir") == "outbound"
+            and r.get("orig_dst") == host_port(lab.ip("web", family), 9080)
+            and r.get("peer_id") == WEB_ID
+            and r.get("decision") == "mtls"
+        ),
     )
 
 
-def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
+@FAMILIES
+def test_authorization_deny_refuses_and_allow_admits(lab: Lab, family: int) -> None:
+    web = lab.ip("web", family)
     # DENY sa/intruder on 9081; everyone else is admitted there.
-    status, _ = harness.get(lab, "client", lab.ip("web"), 9081, "/deny-check")
+    status, _ = harness.get(lab, "client", web, 9081, "/deny-check")
     assert status == 200
-    harness.refused(lambda: harness.get(lab, "intruder", lab.ip("web"), 9081, "/denied"))
+    harness.refused(lambda: harness.get(lab, "intruder", web, 9081, f"/denied-v{family}"))
     # ALLOW only sa/client on 7000: the client is admitted, the intruder matches no ALLOW rule.
     payload = b"allowed caller\n"
-    assert harness.exchange(lab, "client", lab.ip("web"), 7000, payload) == harness.echo_answer(payload)
-    harness.refused(lambda: harness.exchange(lab, "intruder", lab.ip("web"), 7000, b"not allowed\n"))
-    assert "/denied" not in lab.app_log("web", "http")
+    assert harness.exchange(lab, "client", web, 7000, payload) == harness.echo_answer(payload)
+    harness.refused(lambda: harness.exchange(lab, "intruder", web, 7000, b"not allowed\n"))
+    assert f"/denied-v{family}" not in lab.app_log("web", "http")
 
     # The web pod's inbound sidecar authenticated the intruder (mTLS), then refused it by policy, on both ports.
     def denied(port: int) -> Callable[[dict[str, str]], bool]:
         return lambda r: (
-            r.get("orig_dst") == f"{lab.ip('web')}:{port}"
+            r.get("orig_dst") == host_port(web, port)
             and r.get("peer_id") == INTRUDER_ID
             and r.get("decision") == "mtls"
             and r.get("reason") == "denied"
@@ -112,19 +127,21 @@ def test_authorization_deny_refuses_and_allow_admits(lab: Lab) -> None:
         harness.wait_records(lab, "web", denied(port))
 
 
-def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
-    marker = harness.unique_marker("permissive")
-    status, body = harness.get(lab, "outside", lab.ip("web"), 9080, "/from-outside", marker)
+@FAMILIES
+def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab, family: int) -> None:
+    web = lab.ip("web", family)
+    marker = harness.unique_marker(f"permissive-v{family}")
+    status, body = harness.get(lab, "outside", web, 9080, "/from-outside", marker)
     assert status == 200
     assert marker.encode() in body
-    harness.refused(lambda: harness.get(lab, "outside", lab.ip("web"), 9081, "/strict-from-outside"))
-    assert "/strict-from-outside" not in lab.app_log("web", "http")
-    from_outside = f"{lab.ip('outside')}:"
+    harness.refused(lambda: harness.get(lab, "outside", web, 9081, f"/strict-from-outside-v{family}"))
+    assert f"/strict-from-outside-v{family}" not in lab.app_log("web", "http")
+    from_outside = harness.peer_prefix(lab.ip("outside", family))
 
     def outside_to(port: int, decision: str) -> Callable[[dict[str, str]], bool]:
         return lambda r: (
             r.get("client", "").startswith(from_outside)
-            and r.get("orig_dst") == f"{lab.ip('web')}:{port}"
+            and r.get("orig_dst") == host_port(web, port)
             and r.get("decision") == decision
         )
 
@@ -132,68 +149,117 @@ def test_outside_pod_reaches_permissive_port_not_strict(lab: Lab) -> None:
     harness.wait_records(lab, "web", outside_to(9081, "refuse"))
 
 
-def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab) -> None:
-    marker = harness.unique_marker("passthrough")
-    status, body = harness.get(lab, "client", lab.ip("outside"), 8080, "/passthrough", marker)
+@FAMILIES
+def test_mesh_pod_reaches_outside_only_under_allow_any(lab: Lab, family: int) -> None:
+    outside = lab.ip("outside", family)
+    marker = harness.unique_marker(f"passthrough-v{family}")
+    status, body = harness.get(lab, "client", outside, 8080, "/passthrough", marker)
     assert status == 200
     assert marker.encode() in body
     # The outside app saw the client pod's own address: passthrough, not a proxy of ours in between on its side.
-    assert f"peer={lab.ip('client')}:" in lab.app_log("outside", "http")
-    harness.refused(lambda: harness.get(lab, "intruder", lab.ip("outside"), 8080, "/registry-only"))
-    assert "/registry-only" not in lab.app_log("outside", "http")
-    to_outside = f"{lab.ip('outside')}:8080"
+    line = harness.app_line(lab, "outside", "http", marker)
+    assert f"peer={harness.peer_prefix(lab.ip('client', family))}" in line
+    harness.refused(lambda: harness.get(lab, "intruder", outside, 8080, f"/registry-only-v{family}"))
+    assert f"/registry-only-v{family}" not in lab.app_log("outside", "http")
+    to_outside = host_port(outside, 8080)
     harness.wait_records(
         lab, "client", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "passthrough"
     )
     harness.wait_records(lab, "intruder", lambda r: r.get("orig_dst") == to_outside and r.get("decision") == "refuse")
 
 
-def test_excluded_port_bypasses_the_sidecars(lab: Lab) -> None:
-    marker = harness.unique_marker("excluded")
+@FAMILIES
+def test_excluded_port_bypasses_the_sidecars(lab: Lab, family: int) -> None:
+    web = lab.ip("web", family)
+    marker = harness.unique_marker(f"excluded-v{family}")
     with lab.capture("web") as pcap_path:
-        status, _ = harness.get(lab, "client", lab.ip("web"), 9099, "/excluded", marker)
-        outside_status, _ = harness.get(lab, "outside", lab.ip("web"), 9099, "/excluded-outside")
+        status, _ = harness.get(lab, "client", web, 9099, "/excluded", marker)
+        outside_status, _ = harness.get(lab, "outside", web, 9099, "/excluded-outside")
     assert (status, outside_status) == (200, 200)  # STRICT would refuse the outside pod on a captured port
     streams = harness.wire_streams(pcap_path)
     assert [flow for flow, data in streams.items() if marker.encode() in data], "excluded port traffic not plain"
-    assert f"peer={lab.ip('client')}:" in lab.app_log("web", "http")  # no sidecar in between
+    line = harness.app_line(lab, "web", "http", marker)
+    assert f"peer={harness.peer_prefix(lab.ip('client', family))}" in line  # no sidecar in between
     for pod in ("web", "client"):
         assert not [r for r in log_records(lab.sidecar_log(pod)) if r.get("orig_dst", "").endswith(":9099")]
 
 
-def test_pod_calls_its_own_ip(lab: Lab) -> None:
-    marker = harness.unique_marker("self")
-    status, body = harness.get(lab, "web", lab.ip("web"), 9080, "/self", marker)
+@FAMILIES
+def test_pod_calls_its_own_ip(lab: Lab, family: int) -> None:
+    marker = harness.unique_marker(f"self-v{family}")
+    status, body = harness.get(lab, "web", lab.ip("web", family), 9080, "/self", marker)
     assert status == 200
     assert marker.encode() in body
 
 
-def test_service_vip_is_dnated_on_the_node(lab: Lab) -> None:
-    marker = harness.unique_marker("vip")
-    with lab.capture("client") as pcap_path:
-        status, body = harness.get(lab, "client", lab.vip("web"), 80, "/vip", marker)
+@FAMILIES
+def test_pod_calls_its_own_service_vip(lab: Lab, family: int) -> None:
+    # The hairpin, as on a cluster: the web pod calls the Service in front of itself. Its outbound sidecar verifies
+    # the Service's identity (its own), the node DNATs the dial back to the pod and SNATs it to the node's address
+    # (kube-proxy's hairpin masquerade), and the pod's inbound sidecar takes it over mTLS from its own outbound one.
+    vip, web = lab.vip("web", family), lab.ip("web", family)
+    marker = harness.unique_marker(f"own-vip-v{family}")
+    with lab.capture("web") as pcap_path:
+        status, body = harness.get(lab, "web", vip, 80, "/own-vip", marker)
     assert status == 200
-    assert b'"service": "web"' in body
+    assert b'"service": "web"' in body and marker.encode() in body  # its own app's answer
+    assert f"peer={harness.peer_prefix(APP_SOURCE[family])}" in harness.app_line(lab, "web", "http", marker)
     streams = harness.wire_streams(pcap_path)
-    # On the client's wire the connection goes to the VIP, and carries only TLS.
+    # On the pod's wire: out to the VIP, back in from the node to the app port; TLS both ways, no plaintext.
     assert harness.assert_tls_only(streams, 80) >= 2
-    assert not [flow for flow, data in streams.items() if marker.encode() in data]
-    assert lab.nat_rules("client").count("MTLSMESH") >= 4
-    # The client's sidecar saw the VIP as the original destination and verified the backend's identity; the node
-    # DNATed its dial, so the web pod's sidecar saw the pod address.
+    assert harness.assert_tls_only(streams, 9080) >= 2
+    assert not [flow for flow, data in streams.items() if marker.encode() in data], "plaintext marker on the wire"
     harness.wait_records(
         lab,
-        "client",
+        "web",
         lambda r: (
-            r.get("orig_dst") == f"{lab.vip('web')}:80" and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls"
+            r.get("dir") == "outbound"
+            and r.get("orig_dst") == host_port(vip, 80)
+            and r.get("peer_id") == WEB_ID
+            and r.get("decision") == "mtls"
         ),
     )
     harness.wait_records(
         lab,
         "web",
         lambda r: (
-            r.get("orig_dst") == f"{lab.ip('web')}:9080"
-            and r.get("client", "").startswith(f"{lab.ip('client')}:")
+            r.get("dir") == "inbound"
+            and r.get("orig_dst") == host_port(web, 9080)
+            and r.get("client", "").startswith(harness.peer_prefix(GATEWAY[family]))
+            and r.get("peer_id") == WEB_ID
+            and r.get("decision") == "mtls"
+        ),
+    )
+
+
+@FAMILIES
+def test_service_vip_is_dnated_on_the_node(lab: Lab, family: int) -> None:
+    vip = lab.vip("web", family)
+    marker = harness.unique_marker(f"vip-v{family}")
+    with lab.capture("client") as pcap_path:
+        status, body = harness.get(lab, "client", vip, 80, "/vip", marker)
+    assert status == 200
+    assert b'"service": "web"' in body
+    streams = harness.wire_streams(pcap_path)
+    # On the client's wire the connection goes to the VIP, and carries only TLS.
+    assert harness.assert_tls_only(streams, 80) >= 2
+    assert not [flow for flow, data in streams.items() if marker.encode() in data]
+    assert lab.nat_rules("client", family).count("MTLSMESH") >= 4  # the capture rules of this family
+    # The client's sidecar saw the VIP as the original destination and verified the backend's identity; the node
+    # DNATed its dial, so the web pod's sidecar saw the pod address.
+    harness.wait_records(
+        lab,
+        "client",
+        lambda r: (
+            r.get("orig_dst") == host_port(vip, 80) and r.get("peer_id") == WEB_ID and r.get("decision") == "mtls"
+        ),
+    )
+    harness.wait_records(
+        lab,
+        "web",
+        lambda r: (
+            r.get("orig_dst") == host_port(lab.ip("web", family), 9080)
+            and r.get("client", "").startswith(harness.peer_prefix(lab.ip("client", family)))
             and r.get("peer_id") == CLIENT_ID
         ),
     )
@@ -214,8 +280,9 @@ def test_server_first_protocol(lab: Lab) -> None:
     )
 
 
-def test_half_close_crosses_the_mesh(lab: Lab) -> None:
-    with lab.connect("client", lab.ip("web"), 7000) as sock:
+@FAMILIES
+def test_half_close_crosses_the_mesh(lab: Lab, family: int) -> None:
+    with lab.connect("client", lab.ip("web", family), 7000) as sock:
         sock.sendall(b"first half\n")
         assert sock.recv(100) == b"first half\n"
         sock.shutdown(socket.SHUT_WR)  # our FIN must reach the app, and its answer must still come back

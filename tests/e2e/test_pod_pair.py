@@ -1,10 +1,10 @@
 """A client namespace and a pod namespace joined by a veth, the pod under the real capture rules (`mtlsmesh
 iptables`, defaults) with a sidecar running as the proxy uid on its default listeners.
 
-Loops: a client outside the pod dials pod-IP:15006 itself in PERMISSIVE. PREROUTING redirects it to 15006 with
-original destination pod-IP:15006; passing it through would dial pod-IP:15006 from 127.0.0.6, which the rules let
-reach 15006 again, and so on until `max_connections`: one plaintext byte would take the whole pod down. The sidecar
-must refuse that one connection and handle nothing else.
+Loops (over IPv4 and IPv6): a client outside the pod dials pod-IP:15006 itself in PERMISSIVE. PREROUTING redirects
+it to 15006 with original destination pod-IP:15006; passing it through would dial pod-IP:15006 from 127.0.0.6 (or
+::6), which the rules let reach 15006 again, and so on until `max_connections`: one plaintext byte would take the
+whole pod down. The sidecar must refuse that one connection and handle nothing else.
 IPv6: capture is on for IPv6 by default, so the default listeners must take IPv6 too (dual stack `[::]`): an app's
 IPv6 connection to a destination outside the mesh is passed through, not refused.
 Needs root; namespaces and processes are removed even when a test fails.
@@ -27,6 +27,7 @@ import trio
 import yaml
 
 from mtlsmesh import inbound
+from mtlsmesh.addresses import host_port
 from mtlsmesh.conventions import PROXY_GID, PROXY_UID
 from mtlsmesh.lab import netns
 from mtlsmesh.outcome import Failure, Reason
@@ -110,12 +111,14 @@ def conn_lines(lines: list[str], direction: str) -> list[str]:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
-    pod_pair: tuple[str, str], proxy_dir: Path
+    pod_pair: tuple[str, str], proxy_dir: Path, family: int
 ) -> None:
     client_ns, pod_ns = pod_pair
+    client_ip, pod_ip = (CLIENT_IP, POD_IP) if family == 4 else (CLIENT_IP6, POD_IP6)
     with running_sidecar(pod_ns, sidecar_config(proxy_dir)) as lines:
-        sock = netns.connect_in(client_ns, POD_IP, 15006, timeout=5)
+        sock = netns.connect_in(client_ns, pod_ip, 15006, timeout=5)
         try:
             sock.sendall(b"x")  # not TLS: PERMISSIVE would pass it through
             time.sleep(2)  # a loop makes hundreds of connections in this time
@@ -127,7 +130,8 @@ def test_one_plaintext_byte_to_the_inbound_port_is_one_refused_connection(
     assert len(inbound) == 1, "\n".join(inbound[:5]) + f"\n... {len(inbound)} inbound connections"
     assert "decision=refuse" in inbound[0]
     assert inbound[0].endswith(' reason=loop detail="the original destination is this listener"')
-    assert f"client={CLIENT_IP}:" in inbound[0] and f"orig_dst={POD_IP}:15006" in inbound[0]
+    client, orig_dst = host_port(client_ip, 0).removesuffix("0"), host_port(pod_ip, 15006)
+    assert f"client={client}" in inbound[0] and f"orig_dst={orig_dst}" in inbound[0]
 
 
 SERVER6 = f"""

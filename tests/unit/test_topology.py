@@ -40,8 +40,16 @@ def test_plan_gives_addresses_in_order() -> None:
     assert str(plan.pod("reviews").spiffe_id) == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
     assert plan.pod("legacy").spiffe_id is None
     assert [str(s.vip) for s in plan.services] == ["198.19.0.10", "198.19.0.11"]
+    # Dual stack: the same host numbers in the documentation range, and a second ClusterIP for each Service.
+    assert [str(p.address(6)) for p in plan.pods] == ["2001:db8:18::a", "2001:db8:18::b", "2001:db8:18::c"]
+    assert [str(s.address(6)) for s in plan.services] == ["2001:db8:19::a", "2001:db8:19::b"]
+    assert [str(s.target(6)) for s in plan.services] == ["2001:db8:18::b", "2001:db8:18::c"]
     for pod in plan.pods:
         assert pod.ip in ipaddress.IPv4Network("198.18.0.0/15")
+        assert pod.address(4) == pod.ip
+        assert pod.ip6 in ipaddress.IPv6Network("2001:db8::/32")
+    with pytest.raises(LabError, match="IP version 5"):
+        plan.pods[0].address(5)
 
 
 @pytest.mark.parametrize(
@@ -66,10 +74,16 @@ def test_sidecar_config_names_mesh_destinations_and_merges_overrides() -> None:
     outbound = config["outbound"]
     assert isinstance(outbound, dict)
     assert outbound["destinations"] == [
-        {"cidrs": ["198.18.0.10/32"], "identities": ["spiffe://cluster.local/ns/default/sa/productpage"]},
-        {"cidrs": ["198.18.0.11/32"], "identities": ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"]},
         {
-            "cidrs": ["198.19.0.10/32"],
+            "cidrs": ["198.18.0.10/32", "2001:db8:18::a/128"],
+            "identities": ["spiffe://cluster.local/ns/default/sa/productpage"],
+        },
+        {
+            "cidrs": ["198.18.0.11/32", "2001:db8:18::b/128"],
+            "identities": ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"],
+        },
+        {
+            "cidrs": ["198.19.0.10/32", "2001:db8:19::a/128"],
             "ports": [9080],
             "identities": ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews"],
         },
@@ -77,7 +91,7 @@ def test_sidecar_config_names_mesh_destinations_and_merges_overrides() -> None:
     inbound = config["inbound"]
     assert isinstance(inbound, dict)
     assert inbound["mode"] == "permissive"
-    assert inbound["listen"] == "0.0.0.0:15006"  # merged, not replaced
+    assert inbound["listen"] == "[::]:15006"  # merged, not replaced; dual stack
     assert config["credentials"] == {
         "cert": "/s/cert.pem",
         "key": "/s/key.pem",
@@ -120,17 +134,38 @@ def test_capture_args(spec: PodSpec, expected: tuple[str, ...]) -> None:
 
 
 def test_service_rules_golden() -> None:
+    # kube-proxy's shape: the hairpin (a backend calling its own Service) marked before the DNAT, SNATed after.
     assert render_service_rules(plan_topology(TOPOLOGY)) == (
         "*nat\n"
         ":MTLSMESH_LAB_SERVICES - [0:0]\n"
+        ":MTLSMESH_LAB_POSTROUTING - [0:0]\n"
         "-A PREROUTING -j MTLSMESH_LAB_SERVICES\n"
         "-A OUTPUT -j MTLSMESH_LAB_SERVICES\n"
+        "-A POSTROUTING -j MTLSMESH_LAB_POSTROUTING\n"
+        "-A MTLSMESH_LAB_SERVICES -s 198.18.0.11/32 -d 198.19.0.10/32 -p tcp -m tcp --dport 9080"
+        ' -m comment --comment "service reviews hairpin" -j MARK --set-xmark 0x4000/0x4000\n'
         "-A MTLSMESH_LAB_SERVICES -d 198.19.0.10/32 -p tcp -m tcp --dport 9080"
         ' -m comment --comment "service reviews" -j DNAT --to-destination 198.18.0.11:9080\n'
+        "-A MTLSMESH_LAB_SERVICES -s 198.18.0.12/32 -d 198.19.0.11/32 -p tcp -m tcp --dport 80"
+        ' -m comment --comment "service legacy hairpin" -j MARK --set-xmark 0x4000/0x4000\n'
         "-A MTLSMESH_LAB_SERVICES -d 198.19.0.11/32 -p tcp -m tcp --dport 80"
         ' -m comment --comment "service legacy" -j DNAT --to-destination 198.18.0.12:8080\n'
+        "-A MTLSMESH_LAB_POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\n"
         "COMMIT\n"
     )
+
+
+def test_service_rules_for_ipv6_use_the_second_cluster_ips() -> None:
+    rules = render_service_rules(plan_topology(TOPOLOGY), 6)
+    assert (
+        "-A MTLSMESH_LAB_SERVICES -s 2001:db8:18::b/128 -d 2001:db8:19::a/128 -p tcp -m tcp --dport 9080"
+        ' -m comment --comment "service reviews hairpin" -j MARK --set-xmark 0x4000/0x4000\n'
+    ) in rules
+    assert (
+        "-A MTLSMESH_LAB_SERVICES -d 2001:db8:19::a/128 -p tcp -m tcp --dport 9080"
+        ' -m comment --comment "service reviews" -j DNAT --to-destination [2001:db8:18::b]:9080\n'
+    ) in rules
+    assert "198." not in rules
 
 
 def test_every_rendered_config_passes_the_sidecar_parser() -> None:
