@@ -20,7 +20,7 @@ from tests.e2e import harness
 ROOT = Path(__file__).resolve().parents[2]
 LISTEN_PORT = 15001
 V4_DST = "198.18.0.55"
-V6_DST = "2001:2::55"  # RFC 5180 benchmarking range, the IPv6 twin of 198.18.0.0/15
+V6_DST = "2001:db8:55::55"  # RFC 3849 documentation range, never routed
 
 PROBE = f"""
 import json, socket, trio
@@ -53,7 +53,7 @@ def netns() -> Iterator[str]:
          "--to-ports", str(LISTEN_PORT)]
         for tool, dst, port in (("iptables", V4_DST, "9080"), ("ip6tables", V6_DST, "9443"))
     ]  # fmt: skip
-    with harness.loopback_namespace("shlod", ["198.18.0.1/24", "2001:2::1/64"], rules) as name:
+    with harness.loopback_namespace("shlod", ["198.18.0.1/24", "2001:db8:55::1/64"], rules) as name:
         yield name
 
 

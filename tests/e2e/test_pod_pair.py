@@ -36,7 +36,7 @@ from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_IP, POD_IP = "198.18.61.1", "198.18.61.2"
-CLIENT_IP6, POD_IP6 = "2001:2::61:1", "2001:2::61:2"  # RFC 5180 benchmarking range, the twin of 198.18.0.0/15
+CLIENT_IP6, POD_IP6 = "2001:db8:61::1", "2001:db8:61::2"  # RFC 3849 documentation range, never routed
 MAX_CONNECTIONS = 50
 
 

@@ -19,7 +19,7 @@ ip = ipaddress.ip_address
         (ip("198.18.0.12"), ip("198.18.0.12")),
         (ip("::1"), ip("::1")),
         (ip("::6"), ip("::6")),
-        (ip("2001:2::61:1"), ip("2001:2::61:1")),
+        (ip("2001:db8:61::1"), ip("2001:db8:61::1")),
         (ip("::"), ip("::")),
     ],
 )
@@ -35,7 +35,7 @@ def test_unmapped(given: IPAddress, expected: IPAddress) -> None:
         (ip("127.0.0.1"), None),  # no IPv6 address stands for it: the kernel picks
         (ip("198.18.0.12"), None),
         (ip("::6"), ip("::6")),  # an IPv6 address is its own
-        (ip("2001:2::61:1"), ip("2001:2::61:1")),
+        (ip("2001:db8:61::1"), ip("2001:db8:61::1")),
     ],
 )
 def test_ipv6_twin(given: IPAddress, expected: IPAddress | None) -> None:
@@ -48,7 +48,7 @@ def test_ipv6_twin(given: IPAddress, expected: IPAddress | None) -> None:
         ("198.18.0.12", 9080, "198.18.0.12:9080"),
         (ip("198.18.0.12"), 9080, "198.18.0.12:9080"),
         ("::1", 80, "[::1]:80"),
-        (ip("2001:2::61:1"), 8080, "[2001:2::61:1]:8080"),
+        (ip("2001:db8:61::1"), 8080, "[2001:db8:61::1]:8080"),
         ("reviews.default.svc", 9080, "reviews.default.svc:9080"),
         ("0.0.0.0", 0, "0.0.0.0:0"),
     ],
@@ -92,6 +92,6 @@ def test_split_host_port(text: str, expected: tuple[str, int, bool] | None) -> N
     assert split_host_port(text) == expected
 
 
-@pytest.mark.parametrize("host", ["198.18.0.12", "::1", "2001:2::61:1", "reviews.default.svc"])
+@pytest.mark.parametrize("host", ["198.18.0.12", "::1", "2001:db8:61::1", "reviews.default.svc"])
 def test_split_host_port_reads_what_host_port_writes(host: str) -> None:
     assert split_host_port(host_port(host, 9080)) == (host, 9080, ":" in host)
