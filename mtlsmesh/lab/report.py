@@ -14,6 +14,8 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mtlsmesh.conventions import INBOUND_PORT, OUTBOUND_PORT, PROXY_UID
+
 # Our chain names and the ones Istio's init step creates for the same job.
 CHAIN_NAMES = (
     ("MTLSMESH_OUTPUT", "ISTIO_OUTPUT", "nat OUTPUT jumps here: what an app sends out"),
@@ -200,6 +202,7 @@ pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 .pass { color: #11772d; font-weight: bold; } .fail { color: #b3141e; font-weight: bold; }
 details { margin: 0.4em 0; } summary { cursor: pointer; font-weight: 600; }
 svg text { font-family: ui-monospace, monospace; }
+svg .hop text { paint-order: stroke; stroke: #fff; stroke-width: 3px; stroke-linejoin: round; }
 """
 
 _POD_W, _POD_H, _COL_GAP, _ROW_GAP, _MARGIN = 250, 120, 300, 40, 20
@@ -271,9 +274,9 @@ def render_svg(report: DemoReport) -> str:
                 f'<rect class="sidecar" x="{x + 125}" y="{y + 48}" width="115" height="60" rx="4" fill="#dfe9ff"'
                 ' stroke="#2457a6"/>'
             )
-            out.append(f'<text x="{x + 131}" y="{y + 66}" font-size="11">sidecar uid 1337</text>')
-            out.append(f'<text x="{x + 131}" y="{y + 82}" font-size="10">out :15001</text>')
-            out.append(f'<text x="{x + 131}" y="{y + 97}" font-size="10">in  :15006</text>')
+            out.append(f'<text x="{x + 131}" y="{y + 66}" font-size="11">sidecar uid {PROXY_UID}</text>')
+            out.append(f'<text x="{x + 131}" y="{y + 82}" font-size="10">out :{OUTBOUND_PORT}</text>')
+            out.append(f'<text x="{x + 131}" y="{y + 97}" font-size="10">in  :{INBOUND_PORT}</text>')
         else:
             out.append(f'<text x="{x + 125}" y="{y + 80}" font-size="10">outside the mesh</text>')
         out.append("</g>")
