@@ -5,7 +5,7 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 SYSPY   := $(shell command -v /usr/bin/python3 2>/dev/null || command -v python3)
-DEBS    := iptables iproute2 tcpdump openssl curl stunnel4 python3-venv
+DEBS    := iptables iproute2 tcpdump openssl curl stunnel4 python3-venv chromium
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-lowest lint typecheck unit debs clean bench
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 debs:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables && command -v ip && command -v tcpdump && command -v curl && command -v stunnel4 && $(SYSPY) -c "import ensurepip"; } >/dev/null 2>&1; then \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v iptables && command -v ip && command -v tcpdump && command -v curl && command -v stunnel4 && command -v chromium && $(SYSPY) -c "import ensurepip"; } >/dev/null 2>&1; then \
 		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $(DEBS); \
 	fi
 

@@ -35,6 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
         action="store_true",
         help="give the sidecars SVID files from the lab's CA (the offline mode) instead of the CA service",
     )
+    parser.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="also write one self-contained HTML page: a picture of the mesh, the tables and the raw evidence",
+    )
     parser.add_argument("--requests", type=int, default=3, help="requests to send through the mesh (default 3)")
     parser.add_argument(
         "--cleanup-stale", action="store_true", help="remove namespaces left by a killed demo or test run, and exit"
