@@ -172,6 +172,28 @@ class PolicyRoute:
         return ("ip", "-j", self.family.ip_flag, "route", "show", "table", "all")
 
 
+# How our ::6 on lo is told from one that was there before us: we add it with `nodad` (meaningless on lo, where
+# there is no duplicate address detection to skip, so a person adding ::6 by hand has no reason to give it), and
+# cleanup removes ::6 only when it carries that flag. An address present before apply is never touched.
+LO_SOURCE_FLAG = "nodad"
+
+
+@dataclass(frozen=True, slots=True)
+class LoSource:
+    """The inbound app source's IPv6 twin (::6) on lo: the sidecar dials an IPv6 app from it."""
+
+    address: ipaddress.IPv6Network
+
+    def add(self) -> tuple[str, ...]:
+        return ("ip", "-6", "addr", "add", str(self.address), "dev", "lo", LO_SOURCE_FLAG)
+
+    def delete(self) -> tuple[str, ...]:
+        return ("ip", "-6", "addr", "del", str(self.address), "dev", "lo")
+
+    def show(self) -> tuple[str, ...]:
+        return ("ip", "-j", "-6", "addr", "show", "dev", "lo")
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     """Everything one address family needs: our chains, the rules in them, the jumps into them, ip commands."""
@@ -181,8 +203,7 @@ class RuleSet:
     rules: tuple[Rule, ...]  # rules inside our chains, in order
     jumps: tuple[Rule, ...]  # rules in built-in chains (PREROUTING, OUTPUT), each present exactly once
     policy_route: PolicyRoute | None = None  # TPROXY only
-    # Commands that are idempotent by themselves (run on every apply, never undone by cleanup).
-    setup: tuple[tuple[str, ...], ...] = ()
+    lo_source: LoSource | None = None  # IPv6 only: ::6 on lo, added when absent, removed by cleanup when ours
 
     def tables(self) -> tuple[str, ...]:
         used = {table for table, _ in self.chains}
@@ -398,9 +419,9 @@ def build_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
         policy_route = PolicyRoute(family, options.tproxy_mark, options.tproxy_table)
 
     # The inbound sidecar dials the app from ::6 (docs/ARCHITECTURE.md §3). IPv4 has all of 127/8 on lo; IPv6 only
-    # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself. `replace` makes this idempotent.
-    setup = (("ip", "-6", "addr", "replace", str(APP_SOURCE_NET_V6), "dev", "lo"),) if version == 6 else ()
-    return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, setup)
+    # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself.
+    lo_source = LoSource(APP_SOURCE_NET_V6) if version == 6 else None
+    return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, lo_source)
 
 
 def _outbound_rules(options: CaptureOptions, version: int, loopback: IPNetwork, nat: Callable[..., None]) -> None:

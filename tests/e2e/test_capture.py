@@ -377,6 +377,34 @@ def test_cleanup_restores_the_namespace(pair: Pair) -> None:
     assert [normalized_save(pair.save(pair.pod, family)) for family in (4, 6)] == before
 
 
+def lo_six(pair: Pair) -> str:
+    """The ::6/128 line of `ip -6 addr show dev lo` with its flags, or "" when there is none."""
+    lines = pair.exec(pair.pod, ["ip", "-6", "addr", "show", "dev", "lo"]).splitlines()
+    return next((line.strip() for line in lines if "inet6 ::6/128" in line), "")
+
+
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_cleanup_removes_the_lo_address_it_added(pair: Pair, mode: str) -> None:
+    assert lo_six(pair) == ""
+    pair.mtlsmesh("--interception-mode", mode)
+    assert "nodad" in lo_six(pair)  # added, with the flag that says it is ours
+    pair.mtlsmesh("--interception-mode", mode)  # a re-run keeps it
+    assert "nodad" in lo_six(pair)
+    pair.mtlsmesh("--cleanup")
+    assert lo_six(pair) == ""
+    assert "::1/128" in pair.exec(pair.pod, ["ip", "-6", "addr", "show", "dev", "lo"])  # only ours went
+
+
+def test_cleanup_keeps_a_lo_address_that_was_there_before(pair: Pair) -> None:
+    pair.exec(pair.pod, ["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
+    before = lo_six(pair)
+    assert before and "nodad" not in before
+    pair.mtlsmesh()
+    assert lo_six(pair) == before  # apply found it present and left it alone
+    pair.mtlsmesh("--cleanup")
+    assert lo_six(pair) == before
+
+
 def test_check_reports_a_rule_deleted_by_hand(pair: Pair) -> None:
     assert pair.mtlsmesh("--check", check=False).returncode == 1  # nothing applied yet
     pair.mtlsmesh()
