@@ -129,6 +129,13 @@ class OutboundConfig:
     destinations: tuple[Destination, ...] = ()
 
 
+# Why a server-first port is never PERMISSIVE (policy.route_inbound carries it as mesh mTLS only).
+SERVER_FIRST_NOT_PERMISSIVE = (
+    "server_first cannot be permissive: its plaintext client sends nothing until the app speaks, so there is nothing"
+    " to tell it from mTLS by; use mode strict (mesh callers) or disable (plaintext callers)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PortConfig:
     mode: Mode | None = None  # None: the mesh-wide mode
@@ -154,6 +161,15 @@ class InboundConfig:
     def is_server_first(self, port: int) -> bool:
         entry = self.ports.get(port)
         return entry is not None and entry.server_first
+
+    def warnings(self) -> tuple[str, ...]:
+        """One line per server-first port that inherits PERMISSIVE: it is carried as mesh mTLS only."""
+        return tuple(
+            f"inbound.ports.{port}: server_first under inbound.mode permissive accepts mesh mTLS only (its plaintext"
+            " client sends nothing to sniff); set its mode to strict to say so, or disable for plaintext callers"
+            for port, entry in sorted(self.ports.items())
+            if entry.server_first and entry.mode is None and self.mode is Mode.PERMISSIVE
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +410,8 @@ def _inbound(value: object) -> InboundConfig:
             mode=schema.enum_choice(port_entry["mode"], f"{path}.mode", Mode) if "mode" in port_entry else None,
             server_first=schema.boolean(port_entry.get("server_first", False), f"{path}.server_first"),
         )
+        if ports[port].server_first and ports[port].mode is Mode.PERMISSIVE:
+            raise ConfigError(path, SERVER_FIRST_NOT_PERMISSIVE)
     return InboundConfig(
         enabled=schema.boolean(section.get("enabled", defaults.enabled), "inbound.enabled"),
         listen=parse_listen_addr(section.get("listen", str(defaults.listen)), "inbound.listen"),

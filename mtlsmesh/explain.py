@@ -27,7 +27,7 @@ from typing import Any
 
 from mtlsmesh.addresses import IPAddress, host_port, unmapped
 from mtlsmesh.capture_plan import SavedTable
-from mtlsmesh.config import Config
+from mtlsmesh.config import Config, Mode
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.policy import InboundKind, RouteKind, authorize, route_inbound, route_outbound, sniffs
 
@@ -385,6 +385,21 @@ def explain_inbound(
     if route.kind is InboundKind.REFUSE:
         out.verdict = f"{target} is captured and refused (reset): {route.reason}."
         return out
+    if route.kind is InboundKind.MTLS and caller is None:  # server-first: mTLS without sniffing, and no ClientHello
+        wait = cfg.timeouts.handshake
+        out.decision, out.reason = "refuse", f"{route.reason}; a plaintext client sends no ClientHello"
+        out.verdict = (
+            f"{target} is captured and reset after timeouts.handshake ({wait:g} s): the port is server-first, so it"
+            " carries mesh mTLS only, and a plaintext client sends nothing until the app speaks; the app never sees"
+            " it (give the port mode disable for plaintext callers)."
+        )
+        return out
+    if out.sniffed and caller is None and mode is Mode.PERMISSIVE:
+        out.notes.append(
+            f"sniffed: a plaintext client of a server-first protocol (MySQL, SMTP: it waits for the app to speak)"
+            f" sends nothing, so it waits the whole inbound.sniff_timeout ({cfg.inbound.sniff_timeout:g} s) before"
+            " it is passed through; declare the port server_first (mesh callers only) or mode disable (plaintext)"
+        )
     authenticated = caller if route.kind is InboundKind.MTLS else None
     if route.kind is InboundKind.PASSTHROUGH and caller is not None:
         out.notes.append("passed through: the app receives the caller's TLS bytes, and the caller is not authenticated")

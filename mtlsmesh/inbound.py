@@ -11,7 +11,8 @@ decision (mtls or passthrough) is recorded once the sniff or the port's mode has
 handshake (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
-A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
+A server-first port is never sniffed and carries mesh mTLS only, in PERMISSIVE as in STRICT (`policy.route_inbound`
+says why); a plaintext caller of it sends no ClientHello and is reset at `timeouts.handshake`.
 An explicit terminate listener is never sniffed: its socket goes straight to the TLS server, which takes any ALPN
 (or none) and the listener's `min_tls_version` and `record_layer`.
 """
@@ -113,7 +114,7 @@ async def handle_inbound(
     rec.orig_dst = host_port(app_host, port)
 
     prefix = b""
-    hello: bool | None = None  # not sniffed: DISABLE, or server-first (STRICT: it must be mTLS, the handshake tells)
+    hello: bool | None = None  # not sniffed: DISABLE, or server-first (it must be mTLS, the handshake tells)
     verdict: sniff.Sniff | None = None
     no_verdict: Reason | None = None
     if explicit is not None:

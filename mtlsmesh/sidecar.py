@@ -126,6 +126,8 @@ async def serve_sidecar(
             cfg.admin_listen,
             "every host that reaches this address can read the config and the certificates",
         )
+    for warning in cfg.inbound.warnings():
+        log.warning("event=config_warning detail=%r", warning)
     bound: list[tuple[_Listen, list[trio.SocketListener]]] = []
     try:
         for item in _plan(cfg):

@@ -357,6 +357,12 @@ ERRORS: list[tuple[object, str]] = [
         "inbound.ports.9080.server_first: expected true or false (got 'yes')",
     ),
     (
+        {"inbound": {"ports": {3306: {"mode": "permissive", "server_first": True}}}},
+        "inbound.ports.3306: server_first cannot be permissive: its plaintext client sends nothing until the app"
+        " speaks, so there is nothing to tell it from mTLS by; use mode strict (mesh callers) or disable (plaintext"
+        " callers)",
+    ),
+    (
         {"inbound": {"ports": {9080: {"sniff": True}}}},
         "inbound.ports.9080: unknown key 'sniff' (expected one of mode, server_first)",
     ),
@@ -666,6 +672,18 @@ def test_load_config_reads_a_small_file(tmp_path: Path) -> None:
         trust_domain=TrustDomain("example.org"),
         inbound=InboundConfig(mode=Mode.PERMISSIVE, ports={3306: PortConfig(server_first=True)}),
     )
+
+
+def test_a_server_first_port_inheriting_permissive_is_warned_about_once() -> None:
+    inbound = InboundConfig(
+        mode=Mode.PERMISSIVE,
+        ports={3306: PortConfig(server_first=True), 25: PortConfig(mode=Mode.STRICT, server_first=True)},
+    )
+    assert inbound.warnings() == (
+        "inbound.ports.3306: server_first under inbound.mode permissive accepts mesh mTLS only (its plaintext client"
+        " sends nothing to sniff); set its mode to strict to say so, or disable for plaintext callers",
+    )
+    assert InboundConfig(ports={3306: PortConfig(server_first=True)}).warnings() == ()  # STRICT: nothing to say
 
 
 # --- render_config round-trips ------------------------------------------------------------------------------------

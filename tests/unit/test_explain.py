@@ -140,6 +140,7 @@ def test_outbound_decisions_are_route_outbounds(dst: str, port: int, decision: s
         (None, 9080, "refuse", None, "refused (reset): STRICT: not mesh mTLS"),
         (None, 9090, "passthrough", None, "passed through in plaintext"),  # permissive, no ALLOW rule covers it
         (GOOD, 3306, "mtls", None, "server-first port in STRICT"),
+        (None, 3306, "refuse", None, "reset after timeouts.handshake (10 s): the port is server-first"),
         (GOOD, 7000, "passthrough", None, "mode DISABLE"),
     ],
 )
@@ -159,6 +160,17 @@ def test_inbound_decisions_are_route_inbound_then_authorize(
         assert answer.authorization["reason"] == policy.authorize(CFG.authorization, authenticated, port).reason
 
 
+def test_a_plaintext_caller_of_a_sniffed_permissive_port_is_told_about_server_first_clients() -> None:
+    answer = explain.explain_inbound(CFG, tables(), 9090, None)
+    assert answer.decision == "passthrough"
+    assert any(
+        "waits the whole inbound.sniff_timeout (1 s)" in note and "server_first" in note for note in answer.notes
+    )
+    assert not any(
+        "sniff_timeout" in note for note in explain.explain_inbound(CFG, tables(), 9090, parse_workload_id(GOOD)).notes
+    )
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("server_first", [False, True])
 @pytest.mark.parametrize("hello", [None, False, True])
@@ -167,7 +179,7 @@ def test_route_inbound_is_the_handlers_table(mode: Mode, server_first: bool, hel
     if mode is Mode.DISABLE:
         expected = policy.InboundKind.PASSTHROUGH
     elif server_first:
-        expected = policy.InboundKind.MTLS if mode is Mode.STRICT else policy.InboundKind.PASSTHROUGH
+        expected = policy.InboundKind.MTLS  # mesh-only in PERMISSIVE too: a server-first client sends nothing
     elif hello:
         expected = policy.InboundKind.MTLS
     else:
