@@ -32,6 +32,7 @@ from mtlsmesh.conventions import (
     LOG_LEVELS,
     METRICS_PORT,
     OUTBOUND_PORT,
+    InterceptionMode,
 )
 from mtlsmesh.errors import ConfigError, IdentityError
 from mtlsmesh.identity import (
@@ -153,6 +154,10 @@ class InboundConfig:
     # (refused as a loop). 127.0.0.1 or None only suit an inbound listener without iptables.
     app_source: IPAddress | None = APP_SOURCE
     sniff_timeout: float = 1.0
+    # How the init step captures inbound (`mtlsmesh iptables --interception-mode`; the two must agree). TPROXY: the
+    # listener is transparent, the original destination is the accepted socket's address, and the app is dialed
+    # from the caller's own address (so app_source is not used for captured connections).
+    interception_mode: InterceptionMode = InterceptionMode.REDIRECT
 
     def port_mode(self, port: int) -> Mode:
         entry = self.ports.get(port)
@@ -397,7 +402,9 @@ def _destination(value: object, path: str) -> Destination:
 
 
 def _inbound(value: object) -> InboundConfig:
-    section = schema.mapping(value, "inbound", ("enabled", "listen", "mode", "app_source", "sniff_timeout", "ports"))
+    section = schema.mapping(
+        value, "inbound", ("enabled", "listen", "mode", "app_source", "sniff_timeout", "ports", "interception_mode")
+    )
     defaults = _DEFAULT.inbound
     ports: dict[int, PortConfig] = {}
     for key, entry in schema.mapping(schema.section(section, "ports"), "inbound.ports", None).items():
@@ -420,6 +427,11 @@ def _inbound(value: object) -> InboundConfig:
         app_source=_app_source(section.get("app_source", str(defaults.app_source))),
         sniff_timeout=schema.duration(
             section.get("sniff_timeout", defaults.sniff_timeout), "inbound.sniff_timeout", positive=True
+        ),
+        interception_mode=schema.enum_choice(
+            section.get("interception_mode", defaults.interception_mode.value),
+            "inbound.interception_mode",
+            InterceptionMode,
         ),
     )
 
@@ -616,6 +628,7 @@ def render_config(cfg: Config) -> dict[str, Any]:
         "mode": inbound.mode.value,
         "app_source": str(inbound.app_source) if inbound.app_source is not None else "none",
         "sniff_timeout": inbound.sniff_timeout,
+        "interception_mode": inbound.interception_mode.value,
         "ports": {
             port: ({"mode": entry.mode.value} if entry.mode is not None else {}) | {"server_first": entry.server_first}
             for port, entry in sorted(inbound.ports.items())

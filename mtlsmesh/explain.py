@@ -10,7 +10,8 @@ ask the functions the sidecar itself runs (`policy.route_outbound`; `policy.snif
 with every step and a one-sentence verdict.
 
 The walk understands the matches and targets our rules (and a kube-proxy-like node) use: `-p tcp`, `--dport`,
-`-s`/`-d` with or without `!`, `-i`/`-o`, the owner match, `--ctstate` (a first packet is NEW), and the targets
+`-s`/`-d` with or without `!`, `-i`/`-o`, the owner match, `--ctstate` (a first packet is NEW), `-m mark` and
+`-m connmark` (an app's first packet has no mark; TPROXY's transparent dials do), and the targets
 RETURN, ACCEPT, DROP, REJECT, REDIRECT, TPROXY, DNAT, MARK and jumps (`-j`, `-g`) into user chains. A rule with any
 other match is reported as not understood, and the walk stops there rather than guess.
 
@@ -50,6 +51,7 @@ class Packet:
     in_iface: str | None = None  # arriving: the interface it came in on
     uid: int | None = None  # locally sent: the owner; None: an app (not the proxy uid)
     gid: int | None = None
+    mark: int = 0  # its mark, and its connection's (-m mark, -m connmark): only TPROXY's transparent dials have one
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ def _rule_matches(words: list[str], packet: Packet) -> bool:
             continue
         value = words[i + 1] if i + 1 < len(words) else ""
         if word in ("-m", "--match"):
-            if value not in ("tcp", "owner", "conntrack", "comment"):
+            if value not in ("tcp", "owner", "conntrack", "comment", "mark", "connmark"):
                 raise _NotUnderstood(f"match module {value}")
             i += 2
             continue
@@ -119,6 +121,9 @@ def _rule_matches(words: list[str], packet: Packet) -> bool:
             hit = packet.gid is not None and packet.gid == int(value)
         elif word == "--ctstate":
             hit = "NEW" in value.split(",")
+        elif word == "--mark":
+            wanted, _, mask = value.partition("/")
+            hit = packet.mark & int(mask or "0xffffffff", 0) == int(wanted, 0)
         else:
             raise _NotUnderstood(word)
         if hit == negate:

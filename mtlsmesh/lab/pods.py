@@ -102,9 +102,17 @@ def child_env() -> dict[str, str]:
     }
 
 
-def as_uid(uid: int, argv: Sequence[str], *, gid: int | None = None) -> list[str]:
-    """`argv` run as `uid` and `gid` (by default the same number as the uid), with no supplementary groups."""
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups", *argv]
+def as_uid(uid: int, argv: Sequence[str], *, gid: int | None = None, caps: Sequence[str] = ()) -> list[str]:
+    """`argv` run as `uid` and `gid` (by default the same number as the uid), with no supplementary groups, and
+    with the capabilities `caps` (ambient, so they survive the uid change: `net_admin`) when given."""
+    keep = [
+        f"--inh-caps={','.join('+' + cap for cap in caps)}",
+        f"--ambient-caps={','.join('+' + cap for cap in caps)}",
+    ]
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups",
+        *(keep if caps else []), *argv,
+    ]  # fmt: skip
 
 
 def preflight(python: str = sys.executable, uids: Sequence[int] = (PROXY_UID,)) -> None:
@@ -511,7 +519,10 @@ class Lab:
 
     def _spawn_sidecar(self, pod: str) -> None:
         config_path = self.pod_dir(pod) / "sidecar.yaml"
-        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", "sidecar", "--config", str(config_path)])
+        inbound = (yaml.safe_load(config_path.read_text()) or {}).get("inbound") or {}
+        # TPROXY: a transparent listener and transparent, marked dials need CAP_NET_ADMIN, as Istio's proxy gets.
+        caps = ("net_admin",) if inbound.get("interception_mode") == "TPROXY" else ()
+        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", "sidecar", "--config", str(config_path)], caps=caps)
         self._sidecars[pod] = self._spawn(f"{pod}/sidecar", self.pod_ns(pod), argv, self.pod_dir(pod) / "sidecar.log")
 
     def _spawn_app(self, pod: PlannedPod, app_name: str) -> None:

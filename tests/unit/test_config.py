@@ -34,6 +34,7 @@ from mtlsmesh.config import (
     parse_listen_addr,
     render_config,
 )
+from mtlsmesh.conventions import InterceptionMode
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id
 
@@ -341,7 +342,12 @@ ERRORS: list[tuple[object, str]] = [
     ),
     (
         {"inbound": {"mdoe": "strict"}},
-        "inbound: unknown key 'mdoe' (expected one of enabled, listen, mode, app_source, sniff_timeout, ports)",
+        "inbound: unknown key 'mdoe' (expected one of enabled, listen, mode, app_source, sniff_timeout, ports,"
+        " interception_mode)",
+    ),
+    (
+        {"inbound": {"interception_mode": "tproxy"}},
+        "inbound.interception_mode: expected one of REDIRECT, TPROXY (got 'tproxy')",
     ),
     ({"inbound": {"mode": "STRICT"}}, "inbound.mode: expected one of strict, permissive, disable (got 'STRICT')"),
     (
@@ -672,6 +678,13 @@ def test_load_config_reads_a_small_file(tmp_path: Path) -> None:
         trust_domain=TrustDomain("example.org"),
         inbound=InboundConfig(mode=Mode.PERMISSIVE, ports={3306: PortConfig(server_first=True)}),
     )
+
+
+def test_interception_mode_defaults_to_redirect_and_reads_tproxy() -> None:
+    assert parse_config({"trust_domain": "cluster.local"}).inbound.interception_mode is InterceptionMode.REDIRECT
+    cfg = parse_config({"trust_domain": "cluster.local", "inbound": {"interception_mode": "TPROXY"}})
+    assert cfg.inbound.interception_mode is InterceptionMode.TPROXY
+    assert render_config(cfg)["inbound"]["interception_mode"] == "TPROXY"
 
 
 def test_a_server_first_port_inheriting_permissive_is_warned_about_once() -> None:
