@@ -84,6 +84,18 @@ def test_the_sidecars_own_dial_to_its_pod_ip_goes_to_the_inbound_listener() -> N
     assert (walk.outcome, walk.port) == (explain.CAPTURED, 15006)
 
 
+def test_in_tproxy_mode_an_app_is_captured_and_the_sidecars_marked_dial_to_its_app_is_not() -> None:
+    rules = tables(mode=capture.InterceptionMode.TPROXY)
+    app = explain.capture_walk(rules, explain.Packet(ip("198.18.0.12"), 9080, out_iface="eth0"), inbound=False)
+    assert (app.outcome, app.port) == (explain.CAPTURED, 15001)  # an app's packet has no mark: the rule passes it
+    dial = explain.Packet(ip("198.18.0.11"), 9080, out_iface="lo", uid=1337, gid=1337, mark=1337)
+    walk = explain.capture_walk(rules, dial, inbound=False)
+    assert walk.outcome == explain.LET_BY
+    assert walk.deciding == f"{OUT} -m mark --mark 0x539 -j RETURN sends it back"
+    unmarked = explain.Packet(ip("198.18.0.11"), 9080, out_iface="lo", uid=1337, gid=1337)
+    assert explain.capture_walk(rules, unmarked, inbound=False).port == 15006  # the pod calling itself, as before
+
+
 def test_rules_deleted_by_hand_leave_everything_uncaptured_and_say_so() -> None:
     empty = capture_plan.parse_save("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
     walk = explain.capture_walk(empty, explain.Packet(ip("198.18.0.12"), 9080, out_iface="eth0"), inbound=False)
