@@ -2,8 +2,8 @@
 
 Annotation values are strings in Kubernetes; a value that is not (`mtlsmesh.io/inject: false` unquoted), an
 unknown `mtlsmesh.io/` name (a typo would otherwise be ignored silently), a port outside 1-65535, a CIDR with host
-bits set, an unknown inbound mode or SVID source is a `ConfigError` whose path is the caller's `label` (file,
-document, workload).
+bits set, an unknown inbound or interception mode or SVID source is a `ConfigError` whose path is the caller's
+`label` (file, document, workload).
 Lists are comma-separated, blanks allowed; they are normalised (`"80, 443"` -> `80,443`) for the environment of
 `mtlsmesh iptables`. This module does not decide where the annotations are read from: that is `inject`.
 """
@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mtlsmesh.conventions import NEVER_CAPTURED_INBOUND
+from mtlsmesh.conventions import NEVER_CAPTURED_INBOUND, InterceptionMode
 from mtlsmesh.errors import ConfigError
 
 ANNOTATION_PREFIX = "mtlsmesh.io/"
@@ -27,6 +27,9 @@ EXCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/exclude-outbound-cidrs"
 INCLUDE_INBOUND_PORTS = "mtlsmesh.io/include-inbound-ports"
 INCLUDE_OUTBOUND_CIDRS = "mtlsmesh.io/include-outbound-cidrs"
 INBOUND_MODE = "mtlsmesh.io/inbound-mode"
+# REDIRECT or TPROXY: one value for both the init step (`--interception-mode`) and the sidecar
+# (`inbound.interception_mode`), so the two cannot disagree.
+INTERCEPTION_MODE = "mtlsmesh.io/interception-mode"
 # Where the injected sidecar gets its SVID: "ca" (the CA service, with a projected token) or "secret" (the Secret
 # `mtlsmesh ca issue --k8s-secret` writes, for clusters without the CA service).
 IDENTITY = "mtlsmesh.io/identity"
@@ -46,6 +49,7 @@ class CaptureSettings:
     include_outbound_cidrs: str = "*"
     exclude_outbound_cidrs: str = ""
     inbound_mode: str | None = None  # None: the mode in the mesh config
+    interception_mode: str = InterceptionMode.REDIRECT.value
 
 
 def read_annotations(obj: Mapping[str, object], label: str) -> dict[str, str]:
@@ -110,6 +114,14 @@ def _parse_mode(value: str, name: str, label: str) -> str:
     return mode
 
 
+def _parse_interception(value: str, name: str, label: str) -> str:
+    mode = value.strip().upper()
+    choices = [member.value for member in InterceptionMode]
+    if mode not in choices:
+        raise ConfigError(label, f"annotation {name}: expected one of {', '.join(choices)}, got {value!r}")
+    return mode
+
+
 _Parser = Callable[[str, str, str], str]
 _CAPTURE_FIELDS: dict[str, tuple[str, _Parser]] = {
     INCLUDE_INBOUND_PORTS: ("inbound_ports", lambda v, n, lb: _parse_ports(v, n, lb, allow_all=True)),
@@ -118,6 +130,7 @@ _CAPTURE_FIELDS: dict[str, tuple[str, _Parser]] = {
     INCLUDE_OUTBOUND_CIDRS: ("include_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=True)),
     EXCLUDE_OUTBOUND_CIDRS: ("exclude_outbound_cidrs", lambda v, n, lb: _parse_cidrs(v, n, lb, allow_all=False)),
     INBOUND_MODE: ("inbound_mode", _parse_mode),
+    INTERCEPTION_MODE: ("interception_mode", _parse_interception),
 }
 _KNOWN_ANNOTATIONS = frozenset({INJECT_ANNOTATION, STATUS_ANNOTATION, IDENTITY, *_CAPTURE_FIELDS})
 

@@ -45,6 +45,9 @@ from mtlsmesh.conventions import (
     OUTBOUND_PORT,
     PROXY_GID,
     PROXY_UID,
+    TPROXY_MARK,
+    TPROXY_TABLE,
+    InterceptionMode,
 )
 from mtlsmesh.errors import ConfigError
 
@@ -59,7 +62,7 @@ DIVERT = "MTLSMESH_DIVERT"
 TPROXY = "MTLSMESH_TPROXY"
 OWN_CHAINS: Mapping[str, tuple[str, ...]] = {
     "nat": (INBOUND, IN_REDIRECT, OUTPUT, REDIRECT),
-    "mangle": (INBOUND, DIVERT, TPROXY),
+    "mangle": (INBOUND, DIVERT, TPROXY, OUTPUT),
 }
 TABLES = ("nat", "mangle")
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
@@ -81,11 +84,6 @@ class Family(enum.Enum):
         return "-4" if self is Family.V4 else "-6"
 
 
-class InterceptionMode(enum.Enum):
-    REDIRECT = "REDIRECT"  # nat REDIRECT inbound; the sidecar reads SO_ORIGINAL_DST
-    TPROXY = "TPROXY"  # mangle TPROXY inbound; the sidecar's transparent socket sees the real addresses
-
-
 @dataclass(frozen=True, slots=True)
 class CaptureOptions:
     """What to capture. Build it with `parse_capture_options` from flags/env, or directly in code and tests."""
@@ -103,8 +101,8 @@ class CaptureOptions:
     ipv6: bool = True
     # TPROXY only: the mark on diverted packets and the routing table that delivers them locally (Istio's
     # defaults, 1337 and 133, so a reader who knows one mesh recognises the other).
-    tproxy_mark: int = 1337
-    tproxy_table: int = 133
+    tproxy_mark: int = TPROXY_MARK
+    tproxy_table: int = TPROXY_TABLE
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -172,6 +170,28 @@ class PolicyRoute:
         return ("ip", "-j", self.family.ip_flag, "route", "show", "table", "all")
 
 
+# How our ::6 on lo is told from one that was there before us: we add it with `nodad` (meaningless on lo, where
+# there is no duplicate address detection to skip, so a person adding ::6 by hand has no reason to give it), and
+# cleanup removes ::6 only when it carries that flag. An address present before apply is never touched.
+LO_SOURCE_FLAG = "nodad"
+
+
+@dataclass(frozen=True, slots=True)
+class LoSource:
+    """The inbound app source's IPv6 twin (::6) on lo: the sidecar dials an IPv6 app from it."""
+
+    address: ipaddress.IPv6Network
+
+    def add(self) -> tuple[str, ...]:
+        return ("ip", "-6", "addr", "add", str(self.address), "dev", "lo", LO_SOURCE_FLAG)
+
+    def delete(self) -> tuple[str, ...]:
+        return ("ip", "-6", "addr", "del", str(self.address), "dev", "lo")
+
+    def show(self) -> tuple[str, ...]:
+        return ("ip", "-j", "-6", "addr", "show", "dev", "lo")
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     """Everything one address family needs: our chains, the rules in them, the jumps into them, ip commands."""
@@ -181,8 +201,7 @@ class RuleSet:
     rules: tuple[Rule, ...]  # rules inside our chains, in order
     jumps: tuple[Rule, ...]  # rules in built-in chains (PREROUTING, OUTPUT), each present exactly once
     policy_route: PolicyRoute | None = None  # TPROXY only
-    # Commands that are idempotent by themselves (run on every apply, never undone by cleanup).
-    setup: tuple[tuple[str, ...], ...] = ()
+    lo_source: LoSource | None = None  # IPv6 only: ::6 on lo, added when absent, removed by cleanup when ours
 
     def tables(self) -> tuple[str, ...]:
         used = {table for table, _ in self.chains}
@@ -386,30 +405,37 @@ def build_ruleset(options: CaptureOptions, family: Family) -> RuleSet:
     # -- nat: outbound
     chains.append(("nat", OUTPUT))
     jumps.append(Rule("nat", "OUTPUT", ("-p", "tcp"), (OUTPUT,)))
-    _outbound_rules(options, version, loopback, nat)
+    _outbound_rules(options, version, loopback, nat, tproxy)
     chains.append(("nat", REDIRECT))
     nat(REDIRECT, "-p", "tcp", target=("REDIRECT", "--to-ports", str(options.outbound_port)))
 
     policy_route = None
     if tproxy:
-        chains.extend((("mangle", INBOUND), ("mangle", DIVERT), ("mangle", TPROXY)))
+        chains.extend((("mangle", INBOUND), ("mangle", DIVERT), ("mangle", TPROXY), ("mangle", OUTPUT)))
         jumps.append(Rule("mangle", "PREROUTING", ("-p", "tcp"), (INBOUND,)))
+        jumps.append(Rule("mangle", "OUTPUT", ("-p", "tcp"), (OUTPUT,)))
         rules.extend(_tproxy_rules(options, loopback))
+        rules.extend(_tproxy_return_rules(options))
         policy_route = PolicyRoute(family, options.tproxy_mark, options.tproxy_table)
 
     # The inbound sidecar dials the app from ::6 (docs/ARCHITECTURE.md §3). IPv4 has all of 127/8 on lo; IPv6 only
-    # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself. `replace` makes this idempotent.
-    setup = (("ip", "-6", "addr", "replace", str(APP_SOURCE_NET_V6), "dev", "lo"),) if version == 6 else ()
-    return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, setup)
+    # has ::1, and the sidecar (uid 1337, no NET_ADMIN) cannot add an address itself.
+    lo_source = LoSource(APP_SOURCE_NET_V6) if version == 6 else None
+    return RuleSet(family, tuple(chains), tuple(rules), tuple(jumps), policy_route, lo_source)
 
 
-def _outbound_rules(options: CaptureOptions, version: int, loopback: IPNetwork, nat: Callable[..., None]) -> None:
+def _outbound_rules(
+    options: CaptureOptions, version: int, loopback: IPNetwork, nat: Callable[..., None], tproxy: bool
+) -> None:
     app_source = APP_SOURCE_NET_V4 if version == 4 else APP_SOURCE_NET_V6
     # Excluded ports first: they must bypass even the "back to ourselves" redirect below.
     for port in options.exclude_outbound_ports:
         nat(OUTPUT, *_tcp_port(port), target=("RETURN",))
     # The inbound sidecar's connection to the app (source 127.0.0.6) must not be captured again.
     nat(OUTPUT, "-s", str(app_source), "-o", "lo", target=("RETURN",))
+    if tproxy:
+        # Nor its transparent dial in TPROXY mode (the caller's address as source, the socket carrying the mark).
+        nat(OUTPUT, "-m", "mark", "--mark", _hex(options.tproxy_mark), target=("RETURN",))
     for match in ("--uid-owner", "--gid-owner"):
         owner = str(options.proxy_uid if match == "--uid-owner" else options.proxy_gid)
         # The outbound sidecar dialing this pod's own IP (an app calling its own service) leaves through lo: send
@@ -468,6 +494,24 @@ def _tproxy_rules(options: CaptureOptions, loopback: IPNetwork) -> list[Rule]:
         ),
     ]
     return rules
+
+
+def _tproxy_return_rules(options: CaptureOptions) -> list[Rule]:
+    """The return path of the sidecar's transparent dial to the app (mangle OUTPUT). The dial's packets carry the
+    mark (SO_MARK), so policy routing keeps them on lo; the first rule copies it to the connection, the second puts
+    it back on every packet of that connection, the app's replies included: addressed to the caller's IP, they
+    would otherwise leave the pod, and marked they are routed back to lo, where the sidecar's socket takes them
+    (the kernel routes a locally sent packet again when mangle OUTPUT changed its mark)."""
+    mark = _hex(options.tproxy_mark)
+    return [
+        Rule("mangle", OUTPUT, ("-m", "mark", "--mark", mark), ("CONNMARK", "--set-xmark", f"{mark}/{_ALL}")),
+        Rule(
+            "mangle",
+            OUTPUT,
+            ("-m", "connmark", "--mark", mark),
+            ("CONNMARK", "--restore-mark", "--nfmask", _ALL, "--ctmask", _ALL),
+        ),
+    ]
 
 
 def build_rulesets(options: CaptureOptions) -> tuple[RuleSet, ...]:

@@ -1,9 +1,9 @@
 """From the namespace's current rules to ours: parse `iptables-save`, plan the commands, compare the result.
 
-What it does: reads `iptables-save` and `ip -j rule/route` output into values, renders the `iptables-restore
---noflush` payload that turns the current state into a `capture.RuleSet` (and the one that removes our rules),
-lists the differences for `--check`, and spells out every command as a `Step`, which the installer runs and
-`--dry-run` prints. What it does not: run anything; all of it is pure and golden-tested.
+What it does: reads `iptables-save`, `ip -j rule/route` and `ip -j addr` (the ::6 on lo) output into values,
+renders the `iptables-restore --noflush` payload that turns the current state into a `capture.RuleSet` (and the one
+that removes our rules), lists the differences for `--check`, and spells out every command as a `Step`, which the
+installer runs and `--dry-run` prints. What it does not: run anything; all of it is pure and golden-tested.
 
 Idempotency: in `--noflush` mode a `:CHAIN - [0:0]` line creates the chain or, if it exists, empties it, so our
 chains are rewritten whole on every run. Jumps live in built-in chains we must not flush, so the apply payload is
@@ -21,11 +21,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mtlsmesh.capture import (
+    APP_SOURCE_NET_V6,
     BUILTIN_CHAINS,
+    LO_SOURCE_FLAG,
     OWN_CHAINS,
     TABLES,
     CaptureOptions,
     Family,
+    LoSource,
     PolicyRoute,
     RuleSet,
     build_rulesets,
@@ -229,6 +232,29 @@ def parse_policy_route(route: PolicyRoute, rules_json: str, routes_json: str) ->
     return PolicyRouteState(count, local)
 
 
+@dataclass(frozen=True, slots=True)
+class LoSourceState:
+    """Whether ::6/128 is on lo, and whether it is ours (it carries `LO_SOURCE_FLAG`)."""
+
+    present: bool
+    ours: bool
+
+
+LO_SOURCE_ABSENT = LoSourceState(False, False)
+
+
+def parse_lo_source(source: LoSource, addr_json: str) -> LoSourceState:
+    """Read `ip -j -6 addr show dev lo` output."""
+    for link in _json_list(addr_json):
+        infos = link.get("addr_info")
+        for info in infos if isinstance(infos, list) else ():
+            if not isinstance(info, dict) or info.get("family") != "inet6":
+                continue
+            if info.get("local") == str(source.address.network_address) and info.get("prefixlen") == 128:
+                return LoSourceState(True, info.get(LO_SOURCE_FLAG) is True)
+    return LO_SOURCE_ABSENT
+
+
 def _json_list(text: str) -> list[dict[str, object]]:
     if not text.strip():
         return []
@@ -289,9 +315,12 @@ def plan_apply(
     backend: Backend,
     state: SaveState | None = None,
     route_state: PolicyRouteState | None = None,
+    lo_state: LoSourceState = LO_SOURCE_ABSENT,
 ) -> tuple[Step, ...]:
-    """Commands that bring a namespace in `state` (default: no rules) to `ruleset`."""
-    steps = [Step(argv) for argv in ruleset.setup]
+    """Commands that bring a namespace in `state` (default: no rules, no ::6 on lo) to `ruleset`."""
+    steps: list[Step] = []
+    if ruleset.lo_source is not None and not lo_state.present:  # present, ours or not: leave it as it is
+        steps.append(Step(ruleset.lo_source.add()))
     payload = render_apply(ruleset, state)
     if payload:
         steps.append(Step((tool_name(backend, ruleset.family, "restore"), *RESTORE_FLAGS), payload))
@@ -312,8 +341,11 @@ def plan_cleanup(
     state: SaveState,
     route: PolicyRoute,
     route_state: PolicyRouteState,
+    lo_source: LoSource | None = None,
+    lo_state: LoSourceState = LO_SOURCE_ABSENT,
 ) -> tuple[Step, ...]:
-    """Commands that remove our chains, the jumps into them and TPROXY's policy routing; nothing else."""
+    """Commands that remove our chains, the jumps into them, TPROXY's policy routing and the ::6 we added to lo;
+    nothing else (a ::6 that was there before apply stays)."""
     steps: list[Step] = []
     payload = render_cleanup(state)
     if payload:
@@ -321,7 +353,14 @@ def plan_cleanup(
     steps += [Step(route.rule_delete())] * route_state.rules
     if route_state.route:
         steps.append(Step(route.route_delete()))
+    if lo_source is not None and lo_state.ours:
+        steps.append(Step(lo_source.delete()))
     return tuple(steps)
+
+
+def lo_source_for(family: Family) -> LoSource | None:
+    """The ::6 apply adds to lo for this family (IPv6 only); cleanup looks for it whatever the options."""
+    return LoSource(APP_SOURCE_NET_V6) if family is Family.V6 else None
 
 
 def policy_route_for(options: CaptureOptions, family: Family) -> PolicyRoute:
@@ -338,7 +377,8 @@ def render_dry_run(options: CaptureOptions, backend: Backend, *, cleanup: bool =
             state = parse_save(render_expected(ruleset))
             route = policy_route_for(options, family)
             found = PolicyRouteState(1, True) if ruleset.policy_route else PolicyRouteState(0, False)
-            steps = plan_cleanup(family, backend, state, route, found)
+            lo = lo_source_for(family)
+            steps = plan_cleanup(family, backend, state, route, found, lo, LoSourceState(lo is not None, True))
             out.append(f"# {family.value}: removing these rules (the real run reads iptables-save first)")
         else:
             steps = plan_apply(ruleset, backend)

@@ -32,6 +32,7 @@ from mtlsmesh.conventions import (
     LOG_LEVELS,
     METRICS_PORT,
     OUTBOUND_PORT,
+    InterceptionMode,
 )
 from mtlsmesh.errors import ConfigError, IdentityError
 from mtlsmesh.identity import (
@@ -129,6 +130,13 @@ class OutboundConfig:
     destinations: tuple[Destination, ...] = ()
 
 
+# Why a server-first port is never PERMISSIVE (policy.route_inbound carries it as mesh mTLS only).
+SERVER_FIRST_NOT_PERMISSIVE = (
+    "server_first cannot be permissive: its plaintext client sends nothing until the app speaks, so there is nothing"
+    " to tell it from mTLS by; use mode strict (mesh callers) or disable (plaintext callers)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PortConfig:
     mode: Mode | None = None  # None: the mesh-wide mode
@@ -146,6 +154,10 @@ class InboundConfig:
     # (refused as a loop). 127.0.0.1 or None only suit an inbound listener without iptables.
     app_source: IPAddress | None = APP_SOURCE
     sniff_timeout: float = 1.0
+    # How the init step captures inbound (`mtlsmesh iptables --interception-mode`; the two must agree). TPROXY: the
+    # listener is transparent, the original destination is the accepted socket's address, and the app is dialed
+    # from the caller's own address (so app_source is not used for captured connections).
+    interception_mode: InterceptionMode = InterceptionMode.REDIRECT
 
     def port_mode(self, port: int) -> Mode:
         entry = self.ports.get(port)
@@ -154,6 +166,15 @@ class InboundConfig:
     def is_server_first(self, port: int) -> bool:
         entry = self.ports.get(port)
         return entry is not None and entry.server_first
+
+    def warnings(self) -> tuple[str, ...]:
+        """One line per server-first port that inherits PERMISSIVE: it is carried as mesh mTLS only."""
+        return tuple(
+            f"inbound.ports.{port}: server_first under inbound.mode permissive accepts mesh mTLS only (its plaintext"
+            " client sends nothing to sniff); set its mode to strict to say so, or disable for plaintext callers"
+            for port, entry in sorted(self.ports.items())
+            if entry.server_first and entry.mode is None and self.mode is Mode.PERMISSIVE
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +402,9 @@ def _destination(value: object, path: str) -> Destination:
 
 
 def _inbound(value: object) -> InboundConfig:
-    section = schema.mapping(value, "inbound", ("enabled", "listen", "mode", "app_source", "sniff_timeout", "ports"))
+    section = schema.mapping(
+        value, "inbound", ("enabled", "listen", "mode", "app_source", "sniff_timeout", "ports", "interception_mode")
+    )
     defaults = _DEFAULT.inbound
     ports: dict[int, PortConfig] = {}
     for key, entry in schema.mapping(schema.section(section, "ports"), "inbound.ports", None).items():
@@ -394,6 +417,8 @@ def _inbound(value: object) -> InboundConfig:
             mode=schema.enum_choice(port_entry["mode"], f"{path}.mode", Mode) if "mode" in port_entry else None,
             server_first=schema.boolean(port_entry.get("server_first", False), f"{path}.server_first"),
         )
+        if ports[port].server_first and ports[port].mode is Mode.PERMISSIVE:
+            raise ConfigError(path, SERVER_FIRST_NOT_PERMISSIVE)
     return InboundConfig(
         enabled=schema.boolean(section.get("enabled", defaults.enabled), "inbound.enabled"),
         listen=parse_listen_addr(section.get("listen", str(defaults.listen)), "inbound.listen"),
@@ -402,6 +427,11 @@ def _inbound(value: object) -> InboundConfig:
         app_source=_app_source(section.get("app_source", str(defaults.app_source))),
         sniff_timeout=schema.duration(
             section.get("sniff_timeout", defaults.sniff_timeout), "inbound.sniff_timeout", positive=True
+        ),
+        interception_mode=schema.enum_choice(
+            section.get("interception_mode", defaults.interception_mode.value),
+            "inbound.interception_mode",
+            InterceptionMode,
         ),
     )
 
@@ -598,6 +628,7 @@ def render_config(cfg: Config) -> dict[str, Any]:
         "mode": inbound.mode.value,
         "app_source": str(inbound.app_source) if inbound.app_source is not None else "none",
         "sniff_timeout": inbound.sniff_timeout,
+        "interception_mode": inbound.interception_mode.value,
         "ports": {
             port: ({"mode": entry.mode.value} if entry.mode is not None else {}) | {"server_first": entry.server_first}
             for port, entry in sorted(inbound.ports.items())

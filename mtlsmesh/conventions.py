@@ -12,6 +12,7 @@ nothing but `ipaddress`.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 
 # --- ports the sidecar binds in the pod (docs/ARCHITECTURE.md §2) -----------------------------------------------------
@@ -37,6 +38,22 @@ PROXY_GID = 1337
 ADMIN_TOKEN_DIR = "/var/run/mtlsmesh/admin"
 ADMIN_TOKEN_FILE = f"{ADMIN_TOKEN_DIR}/token"
 ADMIN_TOKEN_ENV = "MTLSMESH_ADMIN_TOKEN_FILE"
+
+# --- how inbound traffic is captured (docs/ARCHITECTURE.md §3) ---------------------------------------------------
+# The init step's `--interception-mode` and the sidecar's `inbound.interception_mode` must agree.
+
+
+class InterceptionMode(enum.Enum):
+    REDIRECT = "REDIRECT"  # nat REDIRECT inbound; the sidecar reads SO_ORIGINAL_DST and dials the app from 127.0.0.6
+    TPROXY = "TPROXY"  # mangle TPROXY inbound; the sidecar's transparent socket sees the real addresses, and its
+    # dial to the app keeps the client's address as its source
+
+
+# TPROXY's mark and routing table (Istio's numbers): packets carrying the mark are delivered locally by table 133.
+# The mark goes on diverted inbound packets and on the sidecar's transparent dials to the app, whose replies the
+# rules mark again (by their connection's mark) so that they come back to the sidecar instead of leaving the pod.
+TPROXY_MARK = 1337
+TPROXY_TABLE = 133
 
 # --- what marks mesh traffic on the wire ---------------------------------------------------------------------------
 # The ALPN protocol every sidecar offers and requires (docs/ARCHITECTURE.md §1); the inbound sniffer tells mesh mTLS

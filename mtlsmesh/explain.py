@@ -15,7 +15,8 @@ listener, the server identities expected for an originate one. A connection the 
 explicit listener of the pod listens is explained by that listener.
 
 The walk understands the matches and targets our rules (and a kube-proxy-like node) use: `-p tcp`, `--dport`,
-`-s`/`-d` with or without `!`, `-i`/`-o`, the owner match, `--ctstate` (a first packet is NEW), and the targets
+`-s`/`-d` with or without `!`, `-i`/`-o`, the owner match, `--ctstate` (a first packet is NEW), `-m mark` and
+`-m connmark` (an app's first packet has no mark; TPROXY's transparent dials do), and the targets
 RETURN, ACCEPT, DROP, REJECT, REDIRECT, TPROXY, DNAT, MARK and jumps (`-j`, `-g`) into user chains. A rule with any
 other match is reported as not understood, and the walk stops there rather than guess.
 
@@ -32,7 +33,7 @@ from typing import Any
 
 from mtlsmesh.addresses import IPAddress, host_port, unmapped
 from mtlsmesh.capture_plan import SavedTable
-from mtlsmesh.config import Config, ExplicitListener, ExplicitMode
+from mtlsmesh.config import Config, ExplicitListener, ExplicitMode, Mode
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.policy import (
@@ -65,6 +66,7 @@ class Packet:
     in_iface: str | None = None  # arriving: the interface it came in on
     uid: int | None = None  # locally sent: the owner; None: an app (not the proxy uid)
     gid: int | None = None
+    mark: int = 0  # its mark, and its connection's (-m mark, -m connmark): only TPROXY's transparent dials have one
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ def _rule_matches(words: list[str], packet: Packet) -> bool:
             continue
         value = words[i + 1] if i + 1 < len(words) else ""
         if word in ("-m", "--match"):
-            if value not in ("tcp", "owner", "conntrack", "comment"):
+            if value not in ("tcp", "owner", "conntrack", "comment", "mark", "connmark"):
                 raise _NotUnderstood(f"match module {value}")
             i += 2
             continue
@@ -134,6 +136,9 @@ def _rule_matches(words: list[str], packet: Packet) -> bool:
             hit = packet.gid is not None and packet.gid == int(value)
         elif word == "--ctstate":
             hit = "NEW" in value.split(",")
+        elif word == "--mark":
+            wanted, _, mask = value.partition("/")
+            hit = packet.mark & int(mask or "0xffffffff", 0) == int(wanted, 0)
         else:
             raise _NotUnderstood(word)
         if hit == negate:
@@ -431,6 +436,21 @@ def explain_inbound(
     if route.kind is InboundKind.REFUSE:
         out.verdict = f"{target} is captured and refused (reset): {route.reason}."
         return out
+    if route.kind is InboundKind.MTLS and caller is None:  # server-first: mTLS without sniffing, and no ClientHello
+        wait = cfg.timeouts.handshake
+        out.decision, out.reason = "refuse", f"{route.reason}; a plaintext client sends no ClientHello"
+        out.verdict = (
+            f"{target} is captured and reset after timeouts.handshake ({wait:g} s): the port is server-first, so it"
+            " carries mesh mTLS only, and a plaintext client sends nothing until the app speaks; the app never sees"
+            " it (give the port mode disable for plaintext callers)."
+        )
+        return out
+    if out.sniffed and caller is None and mode is Mode.PERMISSIVE:
+        out.notes.append(
+            f"sniffed: a plaintext client of a server-first protocol (MySQL, SMTP: it waits for the app to speak)"
+            f" sends nothing, so it waits the whole inbound.sniff_timeout ({cfg.inbound.sniff_timeout:g} s) before"
+            " it is passed through; declare the port server_first (mesh callers only) or mode disable (plaintext)"
+        )
     authenticated = caller if route.kind is InboundKind.MTLS else None
     if route.kind is InboundKind.PASSTHROUGH and caller is not None:
         out.notes.append("passed through: the app receives the caller's TLS bytes, and the caller is not authenticated")

@@ -6,12 +6,15 @@ What it does, per accepted connection: find the app's address (the original dest
 ClientHello offering ALPN `mtlsmesh` is mesh traffic: the bytes are handed to a TLS 1.3 server that requires the
 caller's SVID (which reads them first); anything else is passed through in PERMISSIVE (the app gets them first) and
 refused in STRICT. Then the authorization policy decides on (caller, port) (a plaintext caller is None), the app is
-dialed from `inbound.app_source` (127.0.0.6) so the dial is not captured again, and the two are relayed. The
+dialed from `inbound.app_source` (127.0.0.6) so the dial is not captured again, and the two are relayed. With
+`inbound.interception_mode: TPROXY` the original destination is the accepted socket's own address and the app is
+dialed from the caller's own address (transparent and marked, docs/ARCHITECTURE.md §3), so the app sees the caller. The
 decision (mtls or passthrough) is recorded once the sniff or the port's mode has told which it is, before the
 handshake (see `outcome`).
 
 What it does not: accept connections or log them (see `runtime`), or know anything about the outbound side.
-A server-first port in PERMISSIVE is passed through without sniffing: mesh clients must not call it through mTLS.
+A server-first port is never sniffed and carries mesh mTLS only, in PERMISSIVE as in STRICT (`policy.route_inbound`
+says why); a plaintext caller of it sends no ClientHello and is reset at `timeouts.handshake`.
 An explicit terminate listener is never sniffed: its socket goes straight to the TLS server, which takes any ALPN
 (or none) and the listener's `min_tls_version` and `record_layer`.
 """
@@ -25,7 +28,7 @@ import trio
 from mtlsmesh import netio, policy, sniff, tls
 from mtlsmesh.addresses import IPAddress, host_port, ipv6_twin, unmapped
 from mtlsmesh.config import ExplicitListener, Mode
-from mtlsmesh.conventions import MESH_ALPN
+from mtlsmesh.conventions import MESH_ALPN, TPROXY_MARK, InterceptionMode
 from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
 from mtlsmesh.runtime import ConnRecord, Runtime, count_carried
@@ -36,14 +39,16 @@ LOOP_FROM_APP_SOURCE = Failure(Reason.LOOP, "connection from the app source addr
 
 
 def loop_reason(
-    downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int
+    downstream: trio.SocketStream, app_source: IPAddress | None, ip: IPAddress, port: int, *, tproxied: bool = False
 ) -> Failure | None:
     """Why a captured inbound connection would loop back into this listener (a LOOP failure), or None.
 
     Two ways, both seen under the capture rules (docs/ARCHITECTURE.md §3): the peer is `app_source` (our own dial to
     the app is exempt from capture only from that address, so a connection from it that reached the inbound listener
     is one of ours coming back: legitimate callers never use it); or the original destination is this listener itself
-    on a local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again)."""
+    on a local address (a client dialing pod-IP:15006: passing it through would dial 15006 again, and again).
+    `tproxied`: TPROXY handed the connection over unchanged, so the accepted socket's own address is the app's and
+    says nothing about this listener."""
     try:
         peer: IPAddress | None = unmapped(ipaddress.ip_address(downstream.socket.getpeername()[0]))
     except (OSError, ValueError):
@@ -51,7 +56,29 @@ def loop_reason(
     # netio dials an IPv6 app from the IPv6 twin of the app source (::6 for 127.0.0.6, docs/ARCHITECTURE.md §3).
     if peer is not None and app_source is not None and peer in (app_source, ipv6_twin(app_source)):
         return LOOP_FROM_APP_SOURCE
-    return LOOP_TO_LISTENER if is_own_listener(downstream.socket, ip, port) else None
+    return LOOP_TO_LISTENER if not tproxied and is_own_listener(downstream.socket, ip, port) else None
+
+
+def _destination(rt: Runtime, downstream: trio.SocketStream) -> tuple[IPAddress, int]:
+    """TPROXY: the accepted socket's own address is where the client was going; a connection REDIRECTed to the
+    listener by the nat rules (the outbound sidecar calling its own pod: its local port is the listener's) has its
+    original destination in conntrack, as in REDIRECT mode."""
+    ip, port = netio.transparent_dst(downstream)
+    return rt.orig_dst(downstream) if port == rt.config.inbound.listen.port else (ip, port)
+
+
+def _app_source(rt: Runtime, downstream: trio.SocketStream) -> IPAddress | netio.TransparentSource | None:
+    """TPROXY: dial the app from the caller's own address (transparent, marked: the rules bring the replies back).
+    A caller inside the pod (the outbound sidecar's REDIRECTed call to its own pod, from a local address) has no
+    foreign address to keep: it is dialed from the app source, as in REDIRECT mode."""
+    try:
+        peer = unmapped(ipaddress.ip_address(downstream.socket.getpeername()[0]))
+        local = netio.local_ip(downstream.socket)
+    except (OSError, ValueError):
+        return rt.config.inbound.app_source
+    if local.is_loopback or peer.is_loopback or peer == local:
+        return rt.config.inbound.app_source
+    return netio.TransparentSource(peer, TPROXY_MARK)
 
 
 async def sniff_stream(stream: trio.SocketStream, timeout: float) -> tuple[bytes, sniff.Sniff | None, Reason | None]:
@@ -102,14 +129,16 @@ async def handle_inbound(
     destination (the app is its `forward_to`), always STRICT mTLS with no sniffing (any standard TLS client with a
     valid SVID, whatever ALPN it offers), only its `identities` let through (when any)."""
     cfg = rt.config
+    tproxy = explicit is None and cfg.inbound.interception_mode is InterceptionMode.TPROXY
     if explicit is None:
         try:
-            ip, port = rt.orig_dst(downstream)
+            ip, port = _destination(rt, downstream) if tproxy else rt.orig_dst(downstream)
         except OSError as exc:
             await refuse(downstream, rec, Reason.NO_ORIG_DST, netio.describe_error(exc))
             return
         app_host = str(ip)
-        looping = loop_reason(downstream, cfg.inbound.app_source, ip, port)
+        tproxied = tproxy and netio.transparent_dst(downstream)[1] != cfg.inbound.listen.port
+        looping = loop_reason(downstream, cfg.inbound.app_source, ip, port, tproxied=tproxied)
         if looping is not None:
             rec.orig_dst = host_port(app_host, port)
             await refuse(downstream, rec, looping.reason, looping.detail)
@@ -121,7 +150,7 @@ async def handle_inbound(
     rec.orig_dst = host_port(app_host, port)
 
     prefix = b""
-    hello: bool | None = None  # not sniffed: DISABLE, or server-first (STRICT: it must be mTLS, the handshake tells)
+    hello: bool | None = None  # not sniffed: DISABLE, or server-first (it must be mTLS, the handshake tells)
     verdict: sniff.Sniff | None = None
     no_verdict: Reason | None = None
     if explicit is not None:
@@ -175,7 +204,7 @@ async def handle_inbound(
         await refuse(front, rec, Reason.DENIED, authz.reason)
         return
 
-    source = cfg.inbound.app_source if explicit is None else None
+    source = _app_source(rt, downstream) if tproxy else cfg.inbound.app_source if explicit is None else None
     app = await dial_or_refuse(rt, app_host, port, front, rec, source=source)
     if app is None:
         return

@@ -70,6 +70,7 @@ from mtlsmesh.conventions import (
     PROXY_UID,
     SIDECAR_PORTS,
     SVID_SECRET_PREFIX,
+    InterceptionMode,
 )
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.manifest import parse_manifests, render_manifests
@@ -438,6 +439,12 @@ def _init_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
         ("MTLSMESH_EXCLUDE_OUTBOUND_PORTS", capture.exclude_outbound_ports),
         ("MTLSMESH_INCLUDE_OUTBOUND_CIDRS", capture.include_outbound_cidrs),
         ("MTLSMESH_EXCLUDE_OUTBOUND_CIDRS", capture.exclude_outbound_cidrs),
+        # Named only for TPROXY (REDIRECT is the init step's default), with the same value as the proxy's.
+        *(
+            [("MTLSMESH_INTERCEPTION_MODE", capture.interception_mode)]
+            if capture.interception_mode != "REDIRECT"
+            else []
+        ),
     ]
     return {
         "name": INIT_CONTAINER,
@@ -467,6 +474,9 @@ def _init_container(capture: CaptureSettings, opts: InjectOptions) -> JsonDict:
 
 def _proxy_container(capture: CaptureSettings, opts: InjectOptions, source: str) -> JsonDict:
     env = [("MTLSMESH_INBOUND_MODE", capture.inbound_mode)] if capture.inbound_mode is not None else []
+    tproxy = capture.interception_mode == InterceptionMode.TPROXY.value
+    if tproxy:  # the same mode as the init step's; only TPROXY is named, REDIRECT is the config's default
+        env.append(("MTLSMESH_INTERCEPTION_MODE", capture.interception_mode))
     probe = {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
     container: JsonDict = {
         "name": PROXY_CONTAINER,
@@ -511,7 +521,9 @@ def _proxy_container(capture: CaptureSettings, opts: InjectOptions, source: str)
                 "privileged": False,
                 "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]},
+                # TPROXY: a transparent listener and transparent, marked dials to the app need NET_ADMIN (as
+                # Istio's proxy gets in that mode); REDIRECT needs no capability at all.
+                "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]} if tproxy else {"drop": ["ALL"]},
                 # The proxy makes only ordinary socket and file calls; the runtime's default filter suffices.
                 "seccompProfile": {"type": "RuntimeDefault"},
             },

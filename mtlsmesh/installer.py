@@ -22,14 +22,18 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from mtlsmesh.capture import CaptureOptions, Family, PolicyRoute, build_rulesets
+from mtlsmesh.capture import CaptureOptions, Family, LoSource, PolicyRoute, build_rulesets
 from mtlsmesh.capture_plan import (
+    LO_SOURCE_ABSENT,
     Backend,
+    LoSourceState,
     PolicyRouteState,
     SaveState,
     Step,
     compare,
     compare_policy_route,
+    lo_source_for,
+    parse_lo_source,
     parse_policy_route,
     parse_save,
     plan_apply,
@@ -106,13 +110,18 @@ def read_policy_route(route: PolicyRoute) -> PolicyRouteState:
     return parse_policy_route(route, run_step(Step(route.show_rules())), run_step(Step(route.show_routes())))
 
 
+def read_lo_source(source: LoSource | None) -> LoSourceState:
+    return LO_SOURCE_ABSENT if source is None else parse_lo_source(source, run_step(Step(source.show())))
+
+
 def apply(options: CaptureOptions, backend: Backend) -> tuple[Step, ...]:
     """Install the rules (idempotent: a re-run rewrites our chains and keeps one jump each), then verify them."""
     done: list[Step] = []
     for ruleset in build_rulesets(options):
         state = read_state(backend, ruleset.family)
         route_state = read_policy_route(ruleset.policy_route) if ruleset.policy_route else None
-        for step in plan_apply(ruleset, backend, state, route_state):
+        lo_state = read_lo_source(ruleset.lo_source)
+        for step in plan_apply(ruleset, backend, state, route_state, lo_state):
             run_step(step)
             done.append(step)
     differences = check(options, backend)
@@ -132,11 +141,13 @@ def check(options: CaptureOptions, backend: Backend) -> tuple[str, ...]:
 
 
 def cleanup(options: CaptureOptions, backend: Backend) -> tuple[Step, ...]:
-    """Remove our chains, the jumps into them and TPROXY's policy routing, whatever mode put them there."""
+    """Remove our chains, the jumps into them, TPROXY's policy routing (whatever mode put them there) and the ::6 we
+    added to lo (one that was there before apply stays)."""
     done: list[Step] = []
     for family in options.families:
-        route = policy_route_for(options, family)
-        steps = plan_cleanup(family, backend, read_state(backend, family), route, read_policy_route(route))
+        route, lo = policy_route_for(options, family), lo_source_for(family)
+        state, route_state, lo_state = read_state(backend, family), read_policy_route(route), read_lo_source(lo)
+        steps = plan_cleanup(family, backend, state, route, route_state, lo, lo_state)
         for step in steps:
             run_step(step)
             done.append(step)

@@ -1,9 +1,11 @@
 """Socket-level pieces of the sidecar: the original destination, dialing, abortive close, raw reads and writes.
 
-What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`), dials
-with a connect timeout and an optional source address (`dial`), turns TCP keepalive on (`set_keepalive`: dialed
-sockets and the listeners, whose accepted sockets inherit it), closes a connection with an RST (`abort_close`),
-and reads and writes sockets without trio's checkpoint when no wait is needed (the data path's raw calls).
+What it does: reads the address a connection was sent to before iptables redirected it (`original_dst`, or with
+TPROXY `transparent_dst`), makes sockets transparent (`set_transparent`), dials with a connect timeout and an
+optional source address, a foreign one with TPROXY (`dial`, `TransparentSource`), turns TCP keepalive on
+(`set_keepalive`: dialed sockets and the listeners, whose accepted sockets inherit it), closes a connection with an
+RST (`abort_close`), and reads and writes sockets without trio's checkpoint when no wait is needed (the data path's
+raw calls).
 
 What it does not: decide anything (see `outbound`, `inbound`), or speak TLS (see `tls`).
 """
@@ -18,6 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -28,6 +31,9 @@ IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV
 SOL_IP = getattr(socket, "SOL_IP", 0)
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 IPV6_FREEBIND = 78  # linux/in6.h: bind to an address not (yet) configured on an interface
+IP_TRANSPARENT = 19  # linux/in.h, at SOL_IP: accept TPROXY'd connections, bind an address that is not ours
+IPV6_TRANSPARENT = 75  # linux/in6.h, at SOL_IPV6: the same for IPv6 (both set the same flag on the socket)
+SO_MARK = getattr(socket, "SO_MARK", 36)
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, IPv4 address, padding
 _SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, IPv6 address, scope id
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on with a zero timeout: close() sends RST, drops unsent data
@@ -56,6 +62,33 @@ def set_keepalive(sock: trio.socket.SocketType | socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
+@dataclass(frozen=True, slots=True)
+class TransparentSource:
+    """Dial from `ip`, an address that is not this host's (TPROXY: the caller's), with IP_TRANSPARENT, and mark
+    the socket with `mark` so that policy routing keeps its packets, and the capture rules the replies, local."""
+
+    ip: IPAddress
+    mark: int
+
+
+def set_transparent(sock: trio.socket.SocketType | socket.socket) -> None:
+    """IP_TRANSPARENT (IPV6_TRANSPARENT on an IPv6 socket, which covers its IPv4-mapped side too): a listener then
+    takes the connections TPROXY hands it, and a dialing socket may bind a foreign address. Needs CAP_NET_ADMIN
+    (or CAP_NET_RAW); raises PermissionError without it."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+
+
+def transparent_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
+    """Where a TPROXY'd client was going: TPROXY does not rewrite the packet, so it is the accepted socket's own
+    address. A connection the nat rules REDIRECTed to the listener (the outbound sidecar calling its own pod) is
+    the exception: its local port is the listener's, and its original destination is in conntrack as usual."""
+    host, port = stream.socket.getsockname()[:2]
+    return unmapped(ipaddress.ip_address(host)), int(port)
+
+
 def original_dst(stream: trio.SocketStream) -> tuple[IPAddress, int]:
     """The destination the client dialed before a REDIRECT/DNAT rule sent it to us. Raises OSError when the kernel
     has none (no conntrack entry, not a redirected connection)."""
@@ -82,8 +115,11 @@ def _literal_target(host: str) -> tuple[int, str] | None:
     return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))
 
 
-async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None = None) -> trio.SocketStream:
-    """Connect to `host`:`port` within `timeout` seconds, from `source` when given (port chosen by the kernel).
+async def dial(
+    host: str, port: int, *, timeout: float, source: IPAddress | TransparentSource | None = None
+) -> trio.SocketStream:
+    """Connect to `host`:`port` within `timeout` seconds, from `source` when given (port chosen by the kernel);
+    a `TransparentSource` binds its foreign address with IP_TRANSPARENT and marks the socket.
 
     Raises OSError (refused, unreachable, bad source) or trio.TooSlowError (connect timeout)."""
     # What trio.fail_after does, without its generator-based context manager (once per connection).
@@ -107,13 +143,17 @@ async def dial(host: str, port: int, *, timeout: float, source: IPAddress | None
     raise trio.TooSlowError  # the scope can only have ended early by its deadline
 
 
-async def _connect(family: int, address: str, port: int, source: IPAddress | None) -> trio.SocketStream:
+async def _connect(
+    family: int, address: str, port: int, source: IPAddress | TransparentSource | None
+) -> trio.SocketStream:
     """One non-blocking connect to a numeric address, as trio's `connect` does it but on the plain socket: the
     address needs no resolving and the options no async wrappers."""
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         set_keepalive(sock)
-        if source is not None:
+        if isinstance(source, TransparentSource):
+            _bind_transparent(sock, family, source)
+        elif source is not None:
             _bind_source(sock, family, source)
         err = sock.connect_ex((address, port))  # an errno, not an exception: EINPROGRESS is the usual answer
         if err == errno.EINPROGRESS:  # writable once the TCP handshake is over, either way
@@ -126,6 +166,15 @@ async def _connect(family: int, address: str, port: int, source: IPAddress | Non
         sock.close()
         raise
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
+
+
+def _bind_transparent(sock: socket.socket, family: int, source: TransparentSource) -> None:
+    ip = unmapped(source.ip)
+    if (ip.version == 6) != (family == socket.AF_INET6):
+        raise OSError(errno.EAFNOSUPPORT, f"cannot dial an IPv{6 if family == socket.AF_INET6 else 4} app from {ip}")
+    set_transparent(sock)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, source.mark)
+    sock.bind((str(ip), 0))
 
 
 def _bind_source(sock: socket.socket, family: int, source: IPAddress) -> None:

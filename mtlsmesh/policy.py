@@ -135,8 +135,12 @@ class InboundRoute:
 # The answers, made once (the handler asks once per connection).
 _IN_DISABLE = InboundRoute(InboundKind.PASSTHROUGH, "mode DISABLE: passed through, never sniffed")
 _IN_SERVER_FIRST_STRICT = InboundRoute(InboundKind.MTLS, "server-first port in STRICT: mTLS, without sniffing")
+# A server-first port cannot be both: its plaintext client sends nothing until the app speaks, so there is nothing to
+# tell it from a ClientHello by, and passing everything through would hand mesh callers' ClientHellos to the app.
+# Declaring a port server-first declares it mesh-only (Linkerd's opaque ports, Istio's declared protocols): mTLS
+# without sniffing, in PERMISSIVE as in STRICT. A port that must serve plaintext server-first clients is DISABLE.
 _IN_SERVER_FIRST_OPEN = InboundRoute(
-    InboundKind.PASSTHROUGH, "server-first port in PERMISSIVE: passed through, never sniffed"
+    InboundKind.MTLS, "server-first port in PERMISSIVE: mesh mTLS only, without sniffing (nothing to sniff)"
 )
 _IN_MESH = InboundRoute(InboundKind.MTLS, "a ClientHello offering ALPN mtlsmesh: mesh mTLS")
 _IN_STRICT_REFUSED = InboundRoute(InboundKind.REFUSE, "STRICT: not mesh mTLS, refused")

@@ -42,7 +42,7 @@ class Dialer(Protocol):
     """How handlers open upstream connections: `netio.dial`, or a test's stand-in. Raises OSError/TooSlowError."""
 
     def __call__(
-        self, host: str, port: int, *, timeout: float, source: IPAddress | None = None
+        self, host: str, port: int, *, timeout: float, source: IPAddress | netio.TransparentSource | None = None
     ) -> Awaitable[trio.abc.HalfCloseableStream]: ...
 
 

@@ -23,6 +23,7 @@ import trio
 
 from mtlsmesh import admin, expiry, inbound, netio, outbound
 from mtlsmesh.config import Config, ExplicitMode, ListenAddr
+from mtlsmesh.conventions import InterceptionMode
 from mtlsmesh.credentials import CredentialSource
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.runtime import Dialer, Handler, OrigDstLookup, Runtime, Tracker, serve_listener
@@ -37,6 +38,7 @@ class _Listen:
     addr: ListenAddr
     direction: str  # outbound / inbound / http
     handler: Handler | None  # None: an HTTP endpoint
+    transparent: bool = False  # IP_TRANSPARENT: the inbound capture listener in TPROXY mode
 
 
 def _plan(cfg: Config) -> list[_Listen]:
@@ -44,7 +46,8 @@ def _plan(cfg: Config) -> list[_Listen]:
     if cfg.outbound.enabled:
         plan.append(_Listen("outbound", "outbound.listen", cfg.outbound.listen, "outbound", outbound.handle_outbound))
     if cfg.inbound.enabled:
-        plan.append(_Listen("inbound", "inbound.listen", cfg.inbound.listen, "inbound", inbound.handle_inbound))
+        tproxy = cfg.inbound.interception_mode is InterceptionMode.TPROXY
+        plan.append(_Listen("inbound", "inbound.listen", cfg.inbound.listen, "inbound", inbound.handle_inbound, tproxy))
     for index, entry in enumerate(cfg.explicit):
         handler: Handler
         if entry.mode is ExplicitMode.ORIGINATE:
@@ -67,8 +70,18 @@ _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL)
 
 async def _bind(item: _Listen) -> list[trio.SocketListener]:
     listeners = await _bind_listeners(item)
-    for listener in listeners:
-        netio.set_keepalive(listener.socket)  # inherited by every accepted socket (netio.KEEPALIVE_*)
+    try:
+        for listener in listeners:
+            netio.set_keepalive(listener.socket)  # inherited by every accepted socket (netio.KEEPALIVE_*)
+            if item.transparent:
+                netio.set_transparent(listener.socket)
+    except OSError as exc:
+        for listener in listeners:
+            listener.socket.close()
+        raise ConfigError(
+            "inbound.interception_mode",
+            f"TPROXY needs a transparent listener, refused: {exc.strerror or exc} (the sidecar needs CAP_NET_ADMIN)",
+        ) from exc
     return listeners
 
 
@@ -126,6 +139,8 @@ async def serve_sidecar(
             cfg.admin_listen,
             "every host that reaches this address can read the config and the certificates",
         )
+    for warning in cfg.inbound.warnings():
+        log.warning("event=config_warning detail=%r", warning)
     bound: list[tuple[_Listen, list[trio.SocketListener]]] = []
     try:
         for item in _plan(cfg):

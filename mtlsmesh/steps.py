@@ -55,7 +55,7 @@ async def dial_or_refuse(
     downstream: trio.abc.Stream,
     rec: Outcome,
     *,
-    source: IPAddress | None = None,
+    source: IPAddress | netio.TransparentSource | None = None,
 ) -> trio.abc.HalfCloseableStream | None:
     """Dial the upstream within `timeouts.connect`. On failure refuse `downstream` with CONNECT_TIMEOUT or
     CONNECT_FAILED (the errno's text as detail) and return None."""

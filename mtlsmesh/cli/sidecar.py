@@ -32,7 +32,7 @@ from mtlsmesh import admin, relay
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
-from mtlsmesh.conventions import ADMIN_TOKEN_FILE, LOG_FORMAT, LOG_FORMATS, LOG_LEVELS
+from mtlsmesh.conventions import ADMIN_TOKEN_FILE, LOG_FORMAT, LOG_FORMATS, LOG_LEVELS, InterceptionMode
 from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
@@ -53,6 +53,7 @@ ENV = {
     "bundle": "MTLSMESH_BUNDLE",
     "trust_domain": "MTLSMESH_TRUST_DOMAIN",
     "inbound_mode": "MTLSMESH_INBOUND_MODE",
+    "interception_mode": "MTLSMESH_INTERCEPTION_MODE",
     "log_level": "MTLSMESH_LOG_LEVEL",
     "admin_token_file": "MTLSMESH_ADMIN_TOKEN_FILE",
     "log_format": "MTLSMESH_LOG_FORMAT",
@@ -132,6 +133,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     parser.add_argument(
         "--inbound-mode", metavar="MODE", help="strict | permissive | disable (env MTLSMESH_INBOUND_MODE)"
     )
+    parser.add_argument(
+        "--interception-mode",
+        metavar="MODE",
+        help="REDIRECT | TPROXY, as the init step's (env MTLSMESH_INTERCEPTION_MODE)",
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help=f"{' | '.join(LOG_LEVELS)} (env MTLSMESH_LOG_LEVEL)")
     parser.add_argument(
         "--admin-token-file",
@@ -172,6 +178,13 @@ def build_config(args: argparse.Namespace) -> Config:
         except ValueError:
             raise ConfigError("--inbound-mode", "expected one of strict, permissive, disable") from None
         cfg = dataclasses.replace(cfg, inbound=dataclasses.replace(cfg.inbound, mode=inbound_mode))
+    interception = _value(args, "interception_mode")
+    if interception is not None:
+        try:
+            chosen = InterceptionMode(interception.upper())
+        except ValueError:
+            raise ConfigError("--interception-mode", "expected one of REDIRECT, TPROXY") from None
+        cfg = dataclasses.replace(cfg, inbound=dataclasses.replace(cfg.inbound, interception_mode=chosen))
     files = {name: _value(args, name) for name in ("cert", "key", "bundle")}
     if any(files.values()) and cfg.identity is not None:
         flag = next(f"--{name}" for name, value in files.items() if value)

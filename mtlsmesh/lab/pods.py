@@ -109,9 +109,17 @@ def child_env() -> dict[str, str]:
     }
 
 
-def as_uid(uid: int, argv: Sequence[str], *, gid: int | None = None) -> list[str]:
-    """`argv` run as `uid` and `gid` (by default the same number as the uid), with no supplementary groups."""
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups", *argv]
+def as_uid(uid: int, argv: Sequence[str], *, gid: int | None = None, caps: Sequence[str] = ()) -> list[str]:
+    """`argv` run as `uid` and `gid` (by default the same number as the uid), with no supplementary groups, and
+    with the capabilities `caps` (ambient, so they survive the uid change: `net_admin`) when given."""
+    keep = [
+        f"--inh-caps={','.join('+' + cap for cap in caps)}",
+        f"--ambient-caps={','.join('+' + cap for cap in caps)}",
+    ]
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups",
+        *(keep if caps else []), *argv,
+    ]  # fmt: skip
 
 
 def preflight(python: str = sys.executable, uids: Sequence[int] = (PROXY_UID,)) -> None:
@@ -540,8 +548,11 @@ class Lab:
         token_dir = self.admin_token_path(pod).parent
         token_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(token_dir, PROXY_UID, PROXY_GID)
+        inbound = (yaml.safe_load(config_path.read_text()) or {}).get("inbound") or {}
+        # TPROXY: a transparent listener and transparent, marked dials need CAP_NET_ADMIN, as Istio's proxy gets.
+        caps = ("net_admin",) if inbound.get("interception_mode") == "TPROXY" else ()
         sidecar = ["sidecar", "--config", str(config_path), "--admin-token-file", str(self.admin_token_path(pod))]
-        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", *sidecar])
+        argv = as_uid(PROXY_UID, [self.python, "-m", "mtlsmesh", *sidecar], caps=caps)
         self._sidecars[pod] = self._spawn(f"{pod}/sidecar", self.pod_ns(pod), argv, self.pod_dir(pod) / "sidecar.log")
 
     def _spawn_app(self, pod: PlannedPod, app_name: str) -> None:

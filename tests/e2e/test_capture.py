@@ -1,7 +1,7 @@
 """The capture rules in a real kernel: two network namespaces joined by a veth pair, real sockets, real iptables.
 
-"pod" (198.18.0.1/30, fd00:198:18::1/64) gets the rules through the real CLI (`python -m mtlsmesh iptables`, run
-with `ip netns exec`); "peer" (198.18.0.2, fd00:198:18::2) is the rest of the world. Listeners in both answer every
+"pod" (198.18.0.1/30, 2001:db8:198:18::1/64) gets the rules through the real CLI (`python -m mtlsmesh iptables`, run
+with `ip netns exec`); "peer" (198.18.0.2, 2001:db8:198:18::2) is the rest of the world. Listeners in both answer every
 connection with what they saw (capture_peer.py), so each test reads off where a connection landed and which
 original destination the kernel kept for it. Namespaces and processes are removed even when a test fails; the
 addresses exist only inside the namespaces and are never routed out.
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
 PEER_SOURCE = (Path(__file__).with_name("capture_peer.py")).read_text()
 POD_V4, PEER_V4 = "198.18.0.1", "198.18.0.2"
-POD_V6, PEER_V6 = "fd00:198:18::1", "fd00:198:18::2"
+POD_V6, PEER_V6 = "2001:db8:198:18::1", "2001:db8:198:18::2"
 LIFETIME = "60"  # seconds a listener lives at most, even if the harness could not kill it
 _counter = itertools.count()
 
@@ -375,6 +375,34 @@ def test_cleanup_restores_the_namespace(pair: Pair) -> None:
     assert pair.exec(pair.pod, ["ip", "route", "show", "table", "133"]) == ""
     pair.mtlsmesh("--cleanup")  # nothing left to remove is not an error
     assert [normalized_save(pair.save(pair.pod, family)) for family in (4, 6)] == before
+
+
+def lo_six(pair: Pair) -> str:
+    """The ::6/128 line of `ip -6 addr show dev lo` with its flags, or "" when there is none."""
+    lines = pair.exec(pair.pod, ["ip", "-6", "addr", "show", "dev", "lo"]).splitlines()
+    return next((line.strip() for line in lines if "inet6 ::6/128" in line), "")
+
+
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_cleanup_removes_the_lo_address_it_added(pair: Pair, mode: str) -> None:
+    assert lo_six(pair) == ""
+    pair.mtlsmesh("--interception-mode", mode)
+    assert "nodad" in lo_six(pair)  # added, with the flag that says it is ours
+    pair.mtlsmesh("--interception-mode", mode)  # a re-run keeps it
+    assert "nodad" in lo_six(pair)
+    pair.mtlsmesh("--cleanup")
+    assert lo_six(pair) == ""
+    assert "::1/128" in pair.exec(pair.pod, ["ip", "-6", "addr", "show", "dev", "lo"])  # only ours went
+
+
+def test_cleanup_keeps_a_lo_address_that_was_there_before(pair: Pair) -> None:
+    pair.exec(pair.pod, ["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
+    before = lo_six(pair)
+    assert before and "nodad" not in before
+    pair.mtlsmesh()
+    assert lo_six(pair) == before  # apply found it present and left it alone
+    pair.mtlsmesh("--cleanup")
+    assert lo_six(pair) == before
 
 
 def test_check_reports_a_rule_deleted_by_hand(pair: Pair) -> None:

@@ -193,6 +193,27 @@ async def test_dial_to_a_port_nobody_listens_on_is_refused_and_leaks_nothing() -
     assert netio.describe_error(caught.value) == "Connection refused"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT and SO_MARK need CAP_NET_ADMIN")
+async def test_a_transparent_dial_binds_the_callers_address_and_carries_the_mark() -> None:
+    # 127.0.0.9 stands for the caller: a TPROXY dial binds an address of the caller's, marked for policy routing.
+    with listening(LOOPBACK) as server:
+        source = netio.TransparentSource(ipaddress.ip_address("127.0.0.9"), 1337)
+        with trio.fail_after(IO):
+            stream = await netio.dial(LOOPBACK, server.getsockname()[1], timeout=IO, source=source)
+        accepted, peer = server.accept()
+        with accepted:
+            async with stream:
+                assert peer[0] == "127.0.0.9"
+                assert stream.socket.getsockopt(socket.SOL_SOCKET, netio.SO_MARK) == 1337
+                assert stream.socket.getsockopt(netio.SOL_IP, netio.IP_TRANSPARENT) == 1
+                assert netio.transparent_dst(stream) == (ipaddress.ip_address("127.0.0.9"), peer[1])
+    before = open_fds()
+    v6_source = netio.TransparentSource(ipaddress.ip_address("2001:db8::1"), 1337)
+    with pytest.raises(OSError, match="cannot dial an IPv4 app from 2001:db8::1"):
+        await netio.dial(LOOPBACK, 9, timeout=IO, source=v6_source)
+    assert open_fds() == before  # the refused socket was closed
+
+
 async def test_dial_gives_up_after_its_timeout() -> None:
     # A listener with backlog 0 takes one connection that nobody accepts; after that the kernel drops every SYN,
     # so a connect neither succeeds nor fails: it waits for the dial's own deadline.

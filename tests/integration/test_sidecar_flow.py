@@ -297,22 +297,66 @@ async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
     assert seen == ["127.0.0.6"]
 
 
-async def test_disable_and_server_first_ports_are_not_sniffed(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
-    """DISABLE passes bytes through at once; a server-first port in PERMISSIVE lets the app speak first."""
+async def test_a_disable_port_is_not_sniffed(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """DISABLE passes bytes through at once: a plaintext client of a server-first app gets the greeting."""
 
     async def greet_first(stream: trio.SocketStream) -> None:
         await stream.send_all(b"220 hello\r\n")
         await echo(stream)
 
     async with app_server(greet_first) as (app_port, _):
-        for port_config in (PortConfig(mode=Mode.DISABLE), PortConfig(mode=Mode.PERMISSIVE, server_first=True)):
-            inbound = InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=5.0, ports={app_port: port_config})
-            with trio.fail_after(3):  # far below the 5 s sniff timeout: nothing waited for the client
-                async with mesh_pair(pki, app_port, server_changes={"inbound": inbound}) as mesh:
-                    plain = await connect(mesh.inbound_port)
-                    assert await plain.receive_some(100) == b"220 hello\r\n"
-                    await plain.send_all(b"QUIT")
-                    await plain.send_eof()
-                    assert await read_all(plain) == b"QUIT"
+        inbound = InboundConfig(
+            enabled=True, listen=ANY_PORT, sniff_timeout=5.0, ports={app_port: PortConfig(mode=Mode.DISABLE)}
+        )
+        with trio.fail_after(3):  # far below the 5 s sniff timeout: nothing waited for the client
+            async with mesh_pair(pki, app_port, server_changes={"inbound": inbound}) as mesh:
+                plain = await connect(mesh.inbound_port)
+                assert await plain.receive_some(100) == b"220 hello\r\n"
+                await plain.send_all(b"QUIT")
+                await plain.send_eof()
+                assert await read_all(plain) == b"QUIT"
     lines = conn_lines(caplog.records, "inbound")
-    assert len(lines) == 2 and all("decision=passthrough" in line for line in lines)
+    assert len(lines) == 1 and "decision=passthrough" in lines[0]
+
+
+@pytest.mark.parametrize("mode", [Mode.STRICT, Mode.PERMISSIVE])
+async def test_a_server_first_port_is_mesh_only_in_both_modes(
+    pki: Pki, caplog: pytest.LogCaptureFixture, mode: Mode
+) -> None:
+    """A server-first port is not sniffed and carries mesh mTLS only, whatever the mesh-wide mode: the mesh caller
+    gets the greeting at once; a plaintext caller sends nothing, so the TLS server waits for a ClientHello until
+    timeouts.handshake and resets it, and the app never sees it."""
+
+    async def greet_first(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 hello\r\n")
+        await echo(stream)
+
+    async with app_server(greet_first) as (app_port, seen):
+        inbound = InboundConfig(
+            enabled=True, listen=ANY_PORT, mode=mode, sniff_timeout=5.0, ports={app_port: PortConfig(server_first=True)}
+        )
+        changes = {"inbound": inbound, "timeouts": Timeouts(handshake=1.0)}
+        async with mesh_pair(pki, app_port, server_changes=changes) as mesh:
+            with trio.fail_after(3):  # far below the 5 s sniff timeout: the mesh caller waited for nothing
+                meshed = await connect(mesh.port)
+                assert await meshed.receive_some(100) == b"220 hello\r\n"
+                await meshed.send_all(b"QUIT")
+                await meshed.send_eof()
+                assert await read_all(meshed) == b"QUIT"
+            assert len(seen) == 1
+            with trio.fail_after(10):  # the 1 s handshake timeout, with room for a loaded machine
+                plain = await connect(mesh.inbound_port)
+                try:
+                    answer: bytes | None = await plain.receive_some(100)
+                except trio.BrokenResourceError:  # reset
+                    answer = None
+            assert answer is None, f"a plaintext caller of a mesh-only port got {answer!r}, not a reset"
+            assert len(seen) == 1  # the app never saw the plaintext caller
+    lines = conn_lines(caplog.records, "inbound")
+    assert any("decision=mtls" in line and " reason=closed" in line for line in lines), lines
+    warned = [r.getMessage() for r in caplog.records if "event=config_warning" in r.getMessage()]
+    assert len(warned) == (1 if mode is Mode.PERMISSIVE else 0), warned  # inherited PERMISSIVE: said once, at start
+    assert all(f"inbound.ports.{app_port}: server_first under inbound.mode permissive" in line for line in warned)
+    assert any(
+        "decision=mtls" in line and "peer_id=-" in line and "reason=handshake_timeout" in line for line in lines
+    ), lines

@@ -11,6 +11,7 @@ line is a changed rule in every pod.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -339,6 +340,53 @@ def test_apply_plan_adds_the_ip_rule_only_when_absent() -> None:
     assert ROUTE.rule_add() in fresh and ROUTE.rule_delete() not in fresh
     assert ROUTE.rule_add() not in again and again.count(ROUTE.rule_delete()) == 1
     assert ROUTE.route_replace() in fresh and ROUTE.route_replace() in again
+
+
+LO_SIX = capture.LoSource(capture.APP_SOURCE_NET_V6)
+
+
+def _lo_json(*addresses: dict[str, object]) -> str:
+    return json.dumps(
+        [{"ifname": "lo", "addr_info": [{"family": "inet6", "local": "::1", "prefixlen": 128}, *addresses]}]
+    )
+
+
+@pytest.mark.parametrize(
+    ("addr_json", "expected"),
+    [
+        ("", plan.LO_SOURCE_ABSENT),
+        (_lo_json(), plan.LO_SOURCE_ABSENT),
+        (
+            _lo_json({"family": "inet6", "local": "::6", "prefixlen": 128, "nodad": True}),
+            plan.LoSourceState(True, True),
+        ),
+        (_lo_json({"family": "inet6", "local": "::6", "prefixlen": 128}), plan.LoSourceState(True, False)),
+        (_lo_json({"family": "inet6", "local": "::6", "prefixlen": 64, "nodad": True}), plan.LO_SOURCE_ABSENT),
+    ],
+)
+def test_lo_source_state(addr_json: str, expected: plan.LoSourceState) -> None:
+    assert plan.parse_lo_source(LO_SIX, addr_json) == expected
+
+
+def test_the_lo_address_is_added_when_absent_and_removed_only_when_ours() -> None:
+    ruleset = capture.build_ruleset(CaptureOptions(), Family.V6)
+    assert ruleset.lo_source == LO_SIX
+    assert capture.build_ruleset(CaptureOptions(), Family.V4).lo_source is None
+
+    def applied(state: plan.LoSourceState) -> list[tuple[str, ...]]:
+        return [step.argv for step in plan.plan_apply(ruleset, Backend.NFT, {}, None, state)]
+
+    def cleaned(state: plan.LoSourceState) -> list[tuple[str, ...]]:
+        route = plan.policy_route_for(CaptureOptions(), Family.V6)
+        none = plan.PolicyRouteState(0, False)
+        return [step.argv for step in plan.plan_cleanup(Family.V6, Backend.NFT, {}, route, none, LO_SIX, state)]
+
+    assert LO_SIX.add() in applied(plan.LO_SOURCE_ABSENT)
+    assert LO_SIX.add() not in applied(plan.LoSourceState(True, False))  # someone else's: left as it is
+    assert LO_SIX.add() not in applied(plan.LoSourceState(True, True))
+    assert cleaned(plan.LoSourceState(True, True)) == [LO_SIX.delete()]
+    assert cleaned(plan.LoSourceState(True, False)) == []
+    assert cleaned(plan.LO_SOURCE_ABSENT) == []
 
 
 @pytest.mark.parametrize(

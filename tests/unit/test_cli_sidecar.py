@@ -47,6 +47,9 @@ def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ([], {}, "bundle", "/file/bundle.pem"),
         (["--trust-domain", "example.org"], {}, "td", "example.org"),
         ([], {"MTLSMESH_LOG_LEVEL": "debug"}, "log", "debug"),
+        ([], {}, "interception", "REDIRECT"),
+        ([], {"MTLSMESH_INTERCEPTION_MODE": "TPROXY"}, "interception", "TPROXY"),
+        (["--interception-mode", "redirect"], {"MTLSMESH_INTERCEPTION_MODE": "TPROXY"}, "interception", "REDIRECT"),
     ],
 )
 def test_overrides(
@@ -69,6 +72,7 @@ def test_overrides(
         "bundle": cfg.credentials.bundle,
         "td": cfg.trust_domain.name,
         "log": cfg.log_level,
+        "interception": cfg.inbound.interception_mode.value,
     }[field]
     assert got == expected
 
@@ -79,6 +83,7 @@ def test_overrides(
         (["--inbound-mode", "loose"], "--inbound-mode: expected one of strict, permissive, disable"),
         (["--trust-domain", "Bad_TD!"], "--trust-domain: .*trust domain"),
         (["--log-level", "loud"], "--log-level: expected one of debug, info, warning, error"),
+        (["--interception-mode", "nat"], "--interception-mode: expected one of REDIRECT, TPROXY"),
     ],
 )
 def test_bad_overrides(config_file: Path, flags: list[str], match: str) -> None:

@@ -34,6 +34,7 @@ from mtlsmesh.config import (
     parse_listen_addr,
     render_config,
 )
+from mtlsmesh.conventions import InterceptionMode
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import TrustDomain, parse_spiffe_id
 
@@ -341,7 +342,12 @@ ERRORS: list[tuple[object, str]] = [
     ),
     (
         {"inbound": {"mdoe": "strict"}},
-        "inbound: unknown key 'mdoe' (expected one of enabled, listen, mode, app_source, sniff_timeout, ports)",
+        "inbound: unknown key 'mdoe' (expected one of enabled, listen, mode, app_source, sniff_timeout, ports,"
+        " interception_mode)",
+    ),
+    (
+        {"inbound": {"interception_mode": "tproxy"}},
+        "inbound.interception_mode: expected one of REDIRECT, TPROXY (got 'tproxy')",
     ),
     ({"inbound": {"mode": "STRICT"}}, "inbound.mode: expected one of strict, permissive, disable (got 'STRICT')"),
     (
@@ -355,6 +361,12 @@ ERRORS: list[tuple[object, str]] = [
     (
         {"inbound": {"ports": {9080: {"server_first": "yes"}}}},
         "inbound.ports.9080.server_first: expected true or false (got 'yes')",
+    ),
+    (
+        {"inbound": {"ports": {3306: {"mode": "permissive", "server_first": True}}}},
+        "inbound.ports.3306: server_first cannot be permissive: its plaintext client sends nothing until the app"
+        " speaks, so there is nothing to tell it from mTLS by; use mode strict (mesh callers) or disable (plaintext"
+        " callers)",
     ),
     (
         {"inbound": {"ports": {9080: {"sniff": True}}}},
@@ -666,6 +678,25 @@ def test_load_config_reads_a_small_file(tmp_path: Path) -> None:
         trust_domain=TrustDomain("example.org"),
         inbound=InboundConfig(mode=Mode.PERMISSIVE, ports={3306: PortConfig(server_first=True)}),
     )
+
+
+def test_interception_mode_defaults_to_redirect_and_reads_tproxy() -> None:
+    assert parse_config({"trust_domain": "cluster.local"}).inbound.interception_mode is InterceptionMode.REDIRECT
+    cfg = parse_config({"trust_domain": "cluster.local", "inbound": {"interception_mode": "TPROXY"}})
+    assert cfg.inbound.interception_mode is InterceptionMode.TPROXY
+    assert render_config(cfg)["inbound"]["interception_mode"] == "TPROXY"
+
+
+def test_a_server_first_port_inheriting_permissive_is_warned_about_once() -> None:
+    inbound = InboundConfig(
+        mode=Mode.PERMISSIVE,
+        ports={3306: PortConfig(server_first=True), 25: PortConfig(mode=Mode.STRICT, server_first=True)},
+    )
+    assert inbound.warnings() == (
+        "inbound.ports.3306: server_first under inbound.mode permissive accepts mesh mTLS only (its plaintext client"
+        " sends nothing to sniff); set its mode to strict to say so, or disable for plaintext callers",
+    )
+    assert InboundConfig(ports={3306: PortConfig(server_first=True)}).warnings() == ()  # STRICT: nothing to say
 
 
 # --- render_config round-trips ------------------------------------------------------------------------------------

@@ -85,6 +85,18 @@ def test_the_sidecars_own_dial_to_its_pod_ip_goes_to_the_inbound_listener() -> N
     assert (walk.outcome, walk.port) == (explain.CAPTURED, 15006)
 
 
+def test_in_tproxy_mode_an_app_is_captured_and_the_sidecars_marked_dial_to_its_app_is_not() -> None:
+    rules = tables(mode=capture.InterceptionMode.TPROXY)
+    app = explain.capture_walk(rules, explain.Packet(ip("198.18.0.12"), 9080, out_iface="eth0"), inbound=False)
+    assert (app.outcome, app.port) == (explain.CAPTURED, 15001)  # an app's packet has no mark: the rule passes it
+    dial = explain.Packet(ip("198.18.0.11"), 9080, out_iface="lo", uid=1337, gid=1337, mark=1337)
+    walk = explain.capture_walk(rules, dial, inbound=False)
+    assert walk.outcome == explain.LET_BY
+    assert walk.deciding == f"{OUT} -m mark --mark 0x539 -j RETURN sends it back"
+    unmarked = explain.Packet(ip("198.18.0.11"), 9080, out_iface="lo", uid=1337, gid=1337)
+    assert explain.capture_walk(rules, unmarked, inbound=False).port == 15006  # the pod calling itself, as before
+
+
 def test_rules_deleted_by_hand_leave_everything_uncaptured_and_say_so() -> None:
     empty = capture_plan.parse_save("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
     walk = explain.capture_walk(empty, explain.Packet(ip("198.18.0.12"), 9080, out_iface="eth0"), inbound=False)
@@ -141,6 +153,7 @@ def test_outbound_decisions_are_route_outbounds(dst: str, port: int, decision: s
         (None, 9080, "refuse", None, "refused (reset): STRICT: not mesh mTLS"),
         (None, 9090, "passthrough", None, "passed through in plaintext"),  # permissive, no ALLOW rule covers it
         (GOOD, 3306, "mtls", None, "server-first port in STRICT"),
+        (None, 3306, "refuse", None, "reset after timeouts.handshake (10 s): the port is server-first"),
         (GOOD, 7000, "passthrough", None, "mode DISABLE"),
     ],
 )
@@ -160,6 +173,17 @@ def test_inbound_decisions_are_route_inbound_then_authorize(
         assert answer.authorization["reason"] == policy.authorize(CFG.authorization, authenticated, port).reason
 
 
+def test_a_plaintext_caller_of_a_sniffed_permissive_port_is_told_about_server_first_clients() -> None:
+    answer = explain.explain_inbound(CFG, tables(), 9090, None)
+    assert answer.decision == "passthrough"
+    assert any(
+        "waits the whole inbound.sniff_timeout (1 s)" in note and "server_first" in note for note in answer.notes
+    )
+    assert not any(
+        "sniff_timeout" in note for note in explain.explain_inbound(CFG, tables(), 9090, parse_workload_id(GOOD)).notes
+    )
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("server_first", [False, True])
 @pytest.mark.parametrize("hello", [None, False, True])
@@ -168,7 +192,7 @@ def test_route_inbound_is_the_handlers_table(mode: Mode, server_first: bool, hel
     if mode is Mode.DISABLE:
         expected = policy.InboundKind.PASSTHROUGH
     elif server_first:
-        expected = policy.InboundKind.MTLS if mode is Mode.STRICT else policy.InboundKind.PASSTHROUGH
+        expected = policy.InboundKind.MTLS  # mesh-only in PERMISSIVE too: a server-first client sends nothing
     elif hello:
         expected = policy.InboundKind.MTLS
     else:

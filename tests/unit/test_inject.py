@@ -334,6 +334,25 @@ def test_inbound_mode_annotation_sets_proxy_env(mode: str) -> None:
     assert proxy_argv[:2] == ["mtlsmesh", "sidecar"]
 
 
+@pytest.mark.parametrize("value", ["TPROXY", "tproxy"])
+def test_tproxy_annotation_sets_the_init_step_and_the_proxy_alike(value: str) -> None:
+    out = inject_one(deployment({"mtlsmesh.io/interception-mode": value}))
+    spec = out["spec"]["template"]["spec"]
+    (_, init_env), (_, proxy_env) = pod_commands(spec)
+    assert init_env == {**BASE_INIT_ENV, "MTLSMESH_INTERCEPTION_MODE": "TPROXY"}
+    assert proxy_env == {"MTLSMESH_INTERCEPTION_MODE": "TPROXY"}
+    proxy = next(c for c in spec["initContainers"] if c["name"] == "mtlsmesh-proxy")
+    assert proxy["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"], "drop": ["ALL"]}
+
+
+def test_redirect_annotation_changes_nothing() -> None:
+    plain = inject_one(deployment({}))
+    redirect = inject_one(deployment({"mtlsmesh.io/interception-mode": "REDIRECT"}))
+    assert pod_commands(redirect["spec"]["template"]["spec"]) == pod_commands(plain["spec"]["template"]["spec"])
+    proxy = next(c for c in redirect["spec"]["template"]["spec"]["initContainers"] if c["name"] == "mtlsmesh-proxy")
+    assert proxy["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_workload_annotations_apply_and_the_template_wins() -> None:
     doc = deployment({"mtlsmesh.io/exclude-outbound-ports": "25"})
     doc["metadata"]["annotations"] = {
@@ -362,6 +381,8 @@ def test_workload_annotations_apply_and_the_template_wins() -> None:
         ({"mtlsmesh.io/exclude-outbound-cidrs": "*"}, r"exclude-outbound-cidrs: '\*' is not a CIDR"),
         ({"mtlsmesh.io/inbound-mode": "mtls"}, r"annotation mtlsmesh.io/inbound-mode: expected one of strict, "
          r"permissive, disable, got 'mtls'"),
+        ({"mtlsmesh.io/interception-mode": "nat"}, r"annotation mtlsmesh.io/interception-mode: expected one of "
+         r"REDIRECT, TPROXY, got 'nat'"),
         ({"mtlsmesh.io/include-inbound-ports": "9080,15021"}, r"annotation mtlsmesh.io/include-inbound-ports: port "
          r"15021 is the sidecar's own and is never captured"),
         ({"mtlsmesh.io/include-inbound-ports": "80, 443", "mtlsmesh.io/exclude-inbound-ports": "443"},
