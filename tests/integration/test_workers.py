@@ -4,7 +4,8 @@ ssl module (a TLS peer we did not write) and by http.client.
 Both workers serve the one explicit listener (SO_REUSEPORT); the metrics endpoint adds up their counters (the
 per-worker connections counter says which worker carried what); a killed worker is started again while the other
 keeps serving; a SIGHUP reload reaches both (every new connection gets the new serial); POST /drain and SIGTERM
-reach both, and no worker outlives the supervisor.
+reach both, and no worker outlives the supervisor. In identity mode the supervisor is the one client of a real
+`mtlsmesh ca serve` process, and each renewal it gets reaches both workers.
 """
 
 from __future__ import annotations
@@ -13,18 +14,25 @@ import os
 import signal
 import socket
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
+import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtlsmesh import ca
 from mtlsmesh.config import CredentialFiles
+from mtlsmesh.identity import workload_id
+from tests.integration import test_identity_process
+from tests.integration.castack import CaLab
 from tests.integration.mesh import app_server, echo
 from tests.integration.test_admin_process import aask
+from tests.integration.test_ca_serve_process import ca_process
 from tests.integration.test_sidecar_process import http_status, sidecar_process, write_config
-from tests.pki import Pki
+from tests.pki import TD, Pki, files_in
 
 IO = 20.0
 ROUNDS = 200  # connections at most while waiting for both workers to have carried some
@@ -229,3 +237,43 @@ async def test_drain_reaches_every_worker(tmp_path: Path) -> None:
             assert process.returncode is None  # up until SIGTERM, as a single process is
             process.send_signal(signal.SIGTERM)
         assert process.returncode == 0
+
+
+async def test_in_identity_mode_one_client_of_the_ca_feeds_every_worker(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
+        tmp_path / "client", force=True
+    )
+    client = files_in(tmp_path / "client")
+    with trio.fail_after(120):
+        async with ca_process(lab) as (ca_service, ca_port, ca_lines), app_server(echo) as (app_port, _):
+            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
+                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+            })  # fmt: skip
+            data = yaml.safe_load(config.read_text())
+            data["workers"] = 2
+            data["identity"]["ttl"] = "8s"  # renewed at 4 s, then every 4 s: time enough to look at both workers
+            config.write_text(yaml.safe_dump(data))
+            async with sidecar_process(config) as (process, ports, lines):
+                enrolled = await round_trip(ports["in"], client)
+                while not any("event=svid_renewed" in line for line in lines):
+                    await trio.sleep(0.05)
+                while not any("event=credentials_shared workers=2" in line for line in lines):
+                    await trio.sleep(0.05)
+                before = by_worker(await scrape(ports["metrics"]))
+                serials: set[int] = set()
+                for made in range(1, ROUNDS + 1):
+                    serials.add(await round_trip(ports["in"], client))
+                    now = by_worker(await scrape(ports["metrics"]))
+                    if made >= 10 and all(now.get(w, 0) > before.get(w, 0) for w in ("0", "1")):
+                        break
+                else:
+                    pytest.fail("one worker carried no connection after the renewal")
+                assert enrolled not in serials  # both workers serve the renewed SVID
+                process.send_signal(signal.SIGTERM)
+            assert process.returncode == 0
+            ca_service.send_signal(signal.SIGTERM)
+    # One client of the CA for the whole sidecar: each SVID the CA issued was asked for once, by the supervisor.
+    asked = [line for line in lines if "event=svid_issued" in line or "event=svid_renewed" in line]
+    issued = [line for line in ca_lines if "event=issued" in line and "sa/reviews" in line]
+    assert len(asked) >= 2 and len(issued) == len(asked)
