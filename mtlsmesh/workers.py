@@ -11,8 +11,9 @@ worker; it serves the one health, metrics and admin endpoint. POST /drain and th
 sent to every worker; SIGTERM (or SIGINT) is passed on to each, which drains as a single process would, and the
 supervisor waits for them (`timeouts.drain` and a grace period, then SIGKILL). A worker that exits is logged and
 started again, after 0.5 s doubling to 30 s while it keeps dying soon after start (a crash loop shows as
-`event=worker_exited` lines and `mtlsmesh_worker_restarts_total`). A worker whose supervisor is gone (its socket
-reads end-of-file) drains and exits.
+`event=worker_exited` lines and `mtlsmesh_worker_restarts_total`). A worker dies with its supervisor (the CLI sets
+PR_SET_PDEATHSIG), as a single process killed takes its listeners with it; without that, a worker whose channel
+reads end-of-file drains and exits.
 
 Metrics: the workers run with `PROMETHEUS_MULTIPROC_DIR` set to a private directory the supervisor makes (on
 /dev/shm when it is writable, else the temporary directory) and removes at exit; `metrics.SidecarMetrics.aggregate`
@@ -57,7 +58,7 @@ START_TIMEOUT = 30.0  # seconds for a worker to import, bind and report ready
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds before restarting a worker that exited; doubled while it keeps dying
 STABLE_AFTER = 30.0  # a worker that lived this long is not crash-looping: its next restart waits BACKOFF_MIN again
 STOP_GRACE = 5.0  # seconds past `timeouts.drain` the supervisor waits for its workers before SIGKILL
-DRAIN_ACK_TIMEOUT = 5.0  # seconds to wait for the workers to close their listeners after POST /drain
+DRAIN_ACK_TIMEOUT = 5.0  # seconds to wait for the workers to close their listeners (POST /drain, SIGTERM)
 FOLLOW_POLL = 0.2  # seconds between the supervisor's looks at the credential source and the log level
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -201,13 +202,20 @@ async def run_worker(fd: int, stop: trio.Event, configure: Callable[[Config], No
 
         _rt, state = await nursery.start(serve)
         await channel.send("ready", os.getpid())
-        nursery.start_soon(_follow, channel, credentials, state, stop, closed)
+        nursery.start_soon(_follow, channel, credentials, state, stop)
+        nursery.start_soon(_report_closed, channel, closed)
     await channel.aclose()
 
 
-async def _follow(
-    channel: Channel, credentials: SharedCredentials, state: admin.State, stop: trio.Event, closed: trio.Event
-) -> None:
+async def _report_closed(channel: Channel, closed: trio.Event) -> None:
+    """Tell the supervisor when the relay listeners are closed (drain or stop): it reports not-ready only once
+    every worker has, so that nothing is accepted after health says 503."""
+    await closed.wait()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await channel.send("closed")
+
+
+async def _follow(channel: Channel, credentials: SharedCredentials, state: admin.State, stop: trio.Event) -> None:
     while True:
         message = await channel.receive()
         if message is None:
@@ -220,8 +228,6 @@ async def _follow(
             credentials.update(payload)
         elif kind == "drain":
             state.drain.set()
-            await closed.wait()
-            await channel.send("closed")  # the supervisor reports not-ready once every worker has said so
         elif kind == "log_level":
             logging.getLogger("mtlsmesh").setLevel(str(payload).upper())
 
@@ -273,9 +279,7 @@ class Fleet:
         """POST /drain to every worker; back when each has closed its listeners (or DRAIN_ACK_TIMEOUT passed)."""
         draining = list(self.live())
         await self.broadcast("drain")
-        with trio.move_on_after(DRAIN_ACK_TIMEOUT):
-            for worker in draining:
-                await _first_of(worker.closed, worker.exited)
+        await _wait_closed(draining)
 
     async def _spawn(self, index: int) -> _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -354,13 +358,17 @@ class Fleet:
         await worker.process.wait()
         worker.exited.set()
 
-    async def stop(self) -> None:
-        """SIGTERM to every worker (each drains for `timeouts.drain`), then wait; SIGKILL what is left after that
-        and STOP_GRACE."""
+    async def terminate(self) -> None:
+        """SIGTERM to every worker (each stops accepting and drains for `timeouts.drain`); back when each has
+        closed its listeners (or DRAIN_ACK_TIMEOUT passed)."""
         self.stopping = True
         for worker in self.workers.values():
             if worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGTERM)
+        await _wait_closed(list(self.workers.values()))
+
+    async def wait_stopped(self) -> None:
+        """Wait for every worker to exit; SIGKILL what is left after `timeouts.drain` and STOP_GRACE."""
         with trio.move_on_after(self.cfg.timeouts.drain + STOP_GRACE):
             for worker in self.workers.values():
                 await worker.process.wait()
@@ -369,6 +377,12 @@ class Fleet:
                 log.warning("event=worker_killed worker=%d pid=%d", worker.index, worker.process.pid)
                 worker.process.kill()
                 await worker.process.wait()
+
+
+async def _wait_closed(workers: list[_Worker]) -> None:
+    with trio.move_on_after(DRAIN_ACK_TIMEOUT):
+        for worker in workers:
+            await _first_of(worker.closed, worker.exited)
 
 
 async def _first_of(*events: trio.Event) -> None:
@@ -474,10 +488,12 @@ async def supervise(
                     state.ready = False
                     state.draining = True
                     await stop.wait()
+                log.info("event=draining workers=%d timeout_s=%s", count, cfg.timeouts.drain)
+                await fleet.terminate()
                 state.ready = False
                 state.draining = True
-                log.info("event=draining workers=%d timeout_s=%s", count, cfg.timeouts.drain)
-                await fleet.stop()
+                await fleet.wait_stopped()
+                workers.cancel_scope.cancel()  # a restart waiting out its backoff is not started
             log.info("event=stopped")
             top.cancel_scope.cancel()
     finally:

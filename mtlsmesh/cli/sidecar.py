@@ -282,6 +282,7 @@ def run_worker(fd: int) -> int:
     """A worker process (`workers`): everything it needs comes from its supervisor over `fd`. It drains on SIGTERM
     (which the supervisor passes on) and leaves SIGHUP to the supervisor."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent()
     tune_process()
 
     async def main() -> None:
@@ -294,6 +295,21 @@ def run_worker(fd: int) -> int:
     with unwrap_mesh_errors():
         trio.run(main)
     return 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """SIGKILL this process when its parent (the supervisor) dies, as a single sidecar process killed would take
+    its listeners with it; False where prctl is missing (the worker then stops when its channel closes)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    prctl.restype = ctypes.c_int
+    return bool(prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
 
 
 def configure_logging(cfg: Config) -> None:
