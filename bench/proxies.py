@@ -38,7 +38,7 @@ class PairSpec:
     front_ports: dict[str, int]  # per service: originator port on 127.0.0.1 in A == terminator port on ADDR_B in B
     front_host: str = "127.0.0.1"  # where the load tools in A connect
     record_layer: str = "own"  # mtlsmesh's `record_layer`
-    workers: int | None = None  # mtlsmesh's `workers`; None: its default (auto)
+    workers: int | str = "auto"  # mtlsmesh's `workers`
 
 
 STUNNEL = PairSpec("stunnel", {"echo": 8101, "http": 8102, "iperf": 8103})
@@ -134,7 +134,7 @@ def render_mtlsmesh_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> 
         "health: null",
         "metrics: null",
         f"record_layer: {spec.record_layer}",
-        f"workers: {spec.workers or 'auto'}",
+        f"workers: {spec.workers}",
         "explicit:",
     ]
     for service in SERVICES:
