@@ -83,7 +83,7 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -98,7 +98,7 @@ def _descendants(pid: int) -> list[int]:
 def rss_kib(pid: int) -> int:
     """Resident set size of `pid` and all its descendants, in KiB."""
     total = 0
-    for member in _descendants(pid):
+    for member in descendants(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -109,7 +109,7 @@ def rss_kib(pid: int) -> int:
 def pss_kib(pid: int) -> int:
     """Proportional set size of `pid` and all its descendants, in KiB: shared pages split among their users."""
     total = 0
-    for member in _descendants(pid):
+    for member in descendants(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

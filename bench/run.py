@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable 
 
 from bench import stats
 from bench.certs import BenchCerts, issue_bench_certs
-from bench.netns import ADDR_A, ADDR_B, Lab, LabError, pss_kib, rss_kib
+from bench.netns import ADDR_A, ADDR_B, Lab, LabError, descendants, pss_kib, rss_kib
 from bench.profile import Profiler, find_py_spy
 from bench.proxies import BACKEND_PORTS, PAIRS, PairSpec, RunningPair, python_env, start_pair, stop_pair
 
@@ -86,9 +86,10 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
 
 
 def cpu_seconds(pids: tuple[int, ...]) -> float:
-    """User+system CPU time of the given processes (all their threads), in seconds."""
+    """User+system CPU time of the given processes (all their threads) and their children (a sidecar's workers),
+    in seconds."""
     total = 0
-    for pid in pids:
+    for pid in (member for parent in pids for member in descendants(parent)):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
@@ -153,7 +154,7 @@ class Bench:
         self.workdir = workdir
         self.metrics = metrics
         self.env = python_env(REPO_ROOT)
-        self.results: Results = {tool: {} for tool in (*stats.TOOLS, stats.OPENSSL_TOOL)}
+        self.results: Results = {tool: {} for tool in (*stats.TOOLS, *stats.EXTRA_TOOLS)}
         self.errors: list[str] = []
         self.noise: list[float] = []  # one value per measured step, share of one CPU
 
@@ -350,12 +351,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, short durations")
     parser.add_argument("--rounds", type=int, help="rounds per tool (default 3, --quick 1)")
-    every_tool, every_step = ",".join(stats.TOOLS), ",".join(METRIC_STEPS)
+    every_step = ",".join(METRIC_STEPS)
+    every_tool = ",".join((*stats.TOOLS, stats.ONE_WORKER_TOOL))
     parser.add_argument(
         "--tools",
         default=every_tool,
-        help=f"comma-separated, some of {every_tool} (default: those), and {stats.OPENSSL_TOOL} for the sidecars "
-        "with record_layer openssl beside ours",
+        help=f"comma-separated, some of {every_tool} (default: those; mtlsmesh runs its default workers, "
+        f"{stats.ONE_WORKER_TOOL} one), and {stats.OPENSSL_TOOL} for the sidecars with record_layer openssl",
     )
     parser.add_argument("--metrics", default=every_step, help=f"comma-separated, some of {every_step} (default: all)")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
@@ -368,7 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
-    if not tools <= {*stats.TOOLS, stats.OPENSSL_TOOL} or not tools:
+    if not tools <= {*stats.TOOLS, *stats.EXTRA_TOOLS} or not tools:
         parser.error(f"--tools: expected some of {every_tool},{stats.OPENSSL_TOOL}, got {args.tools!r}")
     metrics = set(args.metrics.split(","))
     if not metrics <= set(METRIC_STEPS) or not metrics:
@@ -422,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load_before:.2f} before the run")  # fmt: skip
         print(stats.render_noise(bench.noise, os.cpu_count() or 1))
         print(stats.render_table(bench.results))
-        if layers := stats.render_record_layers(bench.results):
-            print()
-            print(layers)
+        for extra in (stats.render_workers(bench.results), stats.render_record_layers(bench.results)):
+            if extra:
+                print()
+                print(extra)
         print()
         print(stats.render_rounds(bench.results))
         if bench.errors:

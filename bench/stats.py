@@ -16,6 +16,9 @@ from dataclasses import dataclass
 TOOLS: tuple[str, ...] = ("stunnel", "haproxy", "mtlsmesh", "direct")
 C_PEERS: tuple[str, ...] = ("stunnel", "haproxy")  # the tunnels written in C that mtlsmesh is measured against
 OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl`, only when asked for
+# The sidecars with `workers: 1` (the `mtlsmesh` column runs the default, `workers: auto`); in every run by default.
+ONE_WORKER_TOOL = "mtlsmesh-1w"
+EXTRA_TOOLS: tuple[str, ...] = (ONE_WORKER_TOOL, OPENSSL_TOOL)
 
 Results = dict[str, dict[str, list[float]]]
 
@@ -159,17 +162,28 @@ def render_table(results: Results) -> str:
 
 def render_record_layers(results: Results) -> str:
     """The two record paths side by side (empty when the openssl one did not run): medians and openssl/own."""
-    if not any(results.get(OPENSSL_TOOL, {}).values()):
+    return _render_variant(results, OPENSSL_TOOL, ("mtlsmesh (own)", "mtlsmesh (openssl)", "openssl/own", "o/s"))
+
+
+def render_workers(results: Results) -> str:
+    """mtlsmesh with one worker beside the default (empty when the one-worker pair did not run)."""
+    return _render_variant(results, ONE_WORKER_TOOL, ("mtlsmesh (default workers)", "mtlsmesh (1 worker)",
+                                                      "1 worker/default", "d/1"))  # fmt: skip
+
+
+def _render_variant(results: Results, variant: str, labels: tuple[str, str, str, str]) -> str:
+    if not any(results.get(variant, {}).values()):
         return ""
-    lines = ["| metric | unit | mtlsmesh (own) | mtlsmesh (openssl) | openssl/own | rounds (o/s) |"]
+    base_label, variant_label, ratio_label, rounds_label = labels
+    lines = [f"| metric | unit | {base_label} | {variant_label} | {ratio_label} | rounds ({rounds_label}) |"]
     lines.append("| --- | --- | ---: | ---: | ---: | --- |")
     for metric in METRICS:
         own_values = results.get("mtlsmesh", {}).get(metric.key, [])
-        ssl_values = results.get(OPENSSL_TOOL, {}).get(metric.key, [])
-        own, other = median(own_values), median(ssl_values)
+        other_values = results.get(variant, {}).get(metric.key, [])
+        own, other = median(own_values), median(other_values)
         lines.append(
             f"| {metric.label} | {metric.unit} | {_fmt(own)} | {_fmt(other)} | {_fmt_ratio(ratio(other, own))} | "
-            f"{len(own_values)}/{len(ssl_values)} |"
+            f"{len(own_values)}/{len(other_values)} |"
         )
     return "\n".join(lines)
 
@@ -179,7 +193,7 @@ def render_rounds(results: Results) -> str:
     lines = []
     for metric in METRICS:
         parts = []
-        for tool in (*TOOLS, OPENSSL_TOOL):
+        for tool in (*TOOLS, *EXTRA_TOOLS):
             values = results.get(tool, {}).get(metric.key, [])
             if values:
                 parts.append(f"{tool} [{', '.join(_fmt(v) for v in values)}]")

@@ -226,7 +226,10 @@ class Config:
     explicit: tuple[ExplicitListener, ...] = ()
     record_layer: RecordLayer = RecordLayer.OWN  # every listener's, unless an explicit one sets its own
     timeouts: Timeouts = Timeouts()
-    max_connections: int = 10_000
+    max_connections: int = 10_000  # per worker
+    # Processes serving the relay listeners (SO_REUSEPORT); 0: "auto", the CPUs this process may use, capped
+    # (`workers.DEFAULT_CAP`). 1 (the default for now): one process, no supervisor.
+    workers: int = 1
     admin_listen: ListenAddr | None = ListenAddr("127.0.0.1", ADMIN_PORT)
     health_listen: ListenAddr | None = ListenAddr("0.0.0.0", HEALTH_PORT)
     metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", METRICS_PORT)
@@ -247,7 +250,7 @@ _DEFAULT_RELOAD_INTERVAL = CredentialFiles("", "", "").reload_interval
 _DEFAULT_IDENTITY = IdentityConfig(ListenAddr("", 0), "", "")
 _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
-    "admin", "health", "metrics", "log", "identity", "record_layer",
+    "admin", "health", "metrics", "log", "identity", "record_layer", "workers",
 )  # fmt: skip
 _PER_LISTENER_ONLY = "only an explicit listener may set it (between sidecars the mesh is TLS 1.3 only)"
 
@@ -312,6 +315,7 @@ def _parse_config(data: object) -> Config:
         max_connections=schema.integer(
             top.get("max_connections", _DEFAULT.max_connections), "max_connections", 1, 2**31
         ),
+        workers=_workers(top.get("workers", _DEFAULT.workers)),
         admin_listen=_optional_listener(top, "admin", _DEFAULT.admin_listen),
         health_listen=_optional_listener(top, "health", _DEFAULT.health_listen),
         metrics_listen=_optional_listener(top, "metrics", _DEFAULT.metrics_listen),
@@ -324,6 +328,18 @@ def _parse_config(data: object) -> Config:
     _check_unique_names(config.explicit)
     _check_listeners_distinct(config)
     return config
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    """`auto` (0: decided at start from the CPUs the process may use) or 1 to MAX_WORKERS."""
+    if value == "auto":
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError("workers", f"expected auto or an integer from 1 to {MAX_WORKERS} (got {schema.kind(value)})")
+    return schema.integer(value, "workers", 1, MAX_WORKERS)
 
 
 def _share(value: object, path: str) -> float:
@@ -653,6 +669,7 @@ def render_config(cfg: Config) -> dict[str, Any]:
         "drain": timeouts.drain,
     }
     out["max_connections"] = cfg.max_connections
+    out["workers"] = cfg.workers or "auto"
     for key, addr in (("admin", cfg.admin_listen), ("health", cfg.health_listen), ("metrics", cfg.metrics_listen)):
         out[key] = {"listen": str(addr) if addr is not None else None}
     out["log"] = {"level": cfg.log_level, "format": cfg.log_format, "svid_warning": cfg.svid_warning}

@@ -9,10 +9,14 @@ security policy with `overflow` for the principals and the port, and `mtlsmesh_m
 counts it, so a port scan or a crowd of callers costs a bounded amount of memory. `reason` and `decision` come from
 the closed sets of `outcome` (the enums themselves, not a list written here), `result` is `ok` or a `Reason`.
 
-Multi-process: every per-connection metric is a plain prometheus_client Counter, Histogram or Gauge (the active
-gauge with `multiprocess_mode="livesum"`), so with `PROMETHEUS_MULTIPROC_DIR` set their values go to the shared
-files that prometheus_client's `MultiProcessCollector` adds up; the scrape-time collector describes the process
-that serves the scrape. Nothing here depends on being the only process.
+Multi-process (`workers`): every per-connection metric is a plain prometheus_client Counter, Histogram or Gauge (the
+active gauge with `multiprocess_mode="livesum"`), so in a worker, started with `PROMETHEUS_MULTIPROC_DIR` set, their
+values go to files in that directory. A worker's registry also counts its connections under its index
+(`as_worker`: `mtlsmesh_worker_connections_total{worker}`, bounded by the worker count) and sets
+`mtlsmesh_metric_label_sets` as a live gauge (the largest worker's, which is what the cap applies to). The
+supervisor's `aggregate` registry reads that directory with prometheus_client's `MultiProcessCollector`, which adds
+the counters and histograms of every worker, live or gone (a restarted worker's counts are kept), and the live
+gauges of the running ones; the scrape-time collector there describes the supervisor, which holds the credentials.
 
 What it does not: know connections or HTTP (see `runtime`, which feeds it one record per connection, and `admin`,
 which serves `render`).
@@ -20,13 +24,14 @@ which serves `render`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mtlsmesh.outcome import Decision, Reason
@@ -104,6 +109,8 @@ class _LiveCollector(Collector):
                 "Credential reloads or renewals refused or failed; the previous credentials kept serving.",
                 value=live.reload_failures(),
             )
+        if self.metrics.multiprocess_dir is not None or self.metrics._label_sets is not None:
+            return  # a worker's live gauge instead (`as_worker`), read from their files by the supervisor
         cap = self.metrics.max_label_sets
         sets = GaugeMetricFamily(
             "mtlsmesh_metric_label_sets", f"Identity label sets in use (at most {cap}, then overflow)."
@@ -120,6 +127,9 @@ class SidecarMetrics:
         self.max_label_sets = max_label_sets
         self.registry = CollectorRegistry(auto_describe=True)
         self.live: Live | None = None
+        self.multiprocess_dir: str | None = None  # set by `aggregate`
+        self._worker: Counter | None = None  # this worker's connections counter (`as_worker`)
+        self._label_sets: Gauge | None = None
         self._series: dict[IdentityKey, _Series] = {}
         self._children: dict[tuple[object, ...], object] = {}
         r = self.registry
@@ -179,7 +189,37 @@ class SidecarMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self._live = _LiveCollector(self)
+        self.registry.register(self._live)
+
+    def as_worker(self, index: int) -> None:
+        """This registry is a worker's (its values in the multiprocess files): count its connections under
+        `index` and publish the label sets in use as a live gauge."""
+        self._worker = Counter(
+            "mtlsmesh_worker_connections",
+            "Connections ended, by the worker process (its index, 0 to workers-1) that carried them.",
+            ("worker",),
+            registry=self.registry,
+        ).labels(str(index))
+        self.registry.unregister(self._live)  # registered again without its own label sets gauge
+        self._label_sets = Gauge(
+            "mtlsmesh_metric_label_sets",
+            f"Identity label sets in use (at most {self.max_label_sets} per worker, then overflow); the largest's.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self._label_sets.set(len(self._series))
+        self.registry.register(self._live)
+
+    def aggregate(self, multiprocess_dir: str, *extra: Collector) -> None:
+        """This registry is the supervisor's: it serves what the workers wrote in `multiprocess_dir`, the
+        scrape-time gauges and `extra` collectors; nothing is counted here."""
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(self.registry, multiprocess_dir)  # type: ignore[no-untyped-call]
         self.registry.register(_LiveCollector(self))
+        for collector in extra:
+            self.registry.register(collector)
 
     def series(self, key: IdentityKey) -> _Series:
         """The children of `key`, or of its overflow label set when `max_label_sets` are in use already."""
@@ -194,6 +234,8 @@ class SidecarMetrics:
                 return found
         # The overflow sets (one per direction and policy) may go past the cap by those few.
         found = self._series[key] = _Series(self, key)
+        if self._label_sets is not None:
+            self._label_sets.set(len(self._series))
         return found
 
     def count_opened(self, key: IdentityKey) -> None:
@@ -219,6 +261,8 @@ class SidecarMetrics:
         if sent:
             series.sent.inc(sent)
         self._child(self.connections_total, key[0], decision, reason).inc()
+        if self._worker is not None:
+            self._worker.inc()
         self._child(self.duration_seconds, key[0], decision).observe(seconds)
 
     def count_handshake(self, direction: str, seconds: float, failure: Reason | None) -> None:
@@ -239,7 +283,11 @@ class SidecarMetrics:
         """A metric's current values by their label values, for readers in this process (tests, the CLI's views):
         the registry is the one place the numbers live."""
         out: dict[tuple[str, ...], int] = {}
-        for family in metric.collect():
+        families: Iterable[Metric] = metric.collect()
+        if self.multiprocess_dir is not None:  # the supervisor: every worker's numbers, added up
+            collected = MultiProcessCollector(None, self.multiprocess_dir).collect()  # type: ignore[no-untyped-call]
+            families = [family for family in collected if family.name == metric._name]
+        for family in families:
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue

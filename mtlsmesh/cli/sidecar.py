@@ -28,7 +28,7 @@ import time
 import prometheus_client
 import trio
 
-from mtlsmesh import admin, relay
+from mtlsmesh import admin, relay, workers
 from mtlsmesh.agent import IdentityAgent
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
@@ -148,6 +148,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], 
     parser.add_argument(
         "--log-format", metavar="FORMAT", help="text (key=value) | json, one object per line (env MTLSMESH_LOG_FORMAT)"
     )
+    # The supervisor starts its workers with this (`workers`); not for people.
+    parser.add_argument("--worker-fd", metavar="FD", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
 
 
@@ -241,6 +243,8 @@ def tune_malloc() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "worker_fd", None) is not None:
+        return run_worker(args.worker_fd)
     cfg = build_config(args)
     # Everything that can be checked before anything binds is: the SVID files, or the identity agent's bundle.
     credentials: CredentialStore | IdentityAgent
@@ -249,27 +253,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         assert cfg.credentials is not None
         credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else LineFormatter(LOG_FORMAT))
-    # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
-    # process and multiprocessing names) and LOG_FORMAT never shows.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger("mtlsmesh")
-    root.addHandler(handler)
-    root.setLevel(cfg.log_level.upper())
-    root.propagate = False
-    # The cyclic garbage collector: what was built at start-up (config, credentials, modules) lives as long as the
-    # process, so it is left out of every later collection; and the young generation is collected after 7,000 net
-    # new objects instead of 700. Each connection allocates and frees a few hundred (tasks, frames, sockets), so
-    # with 700 the count crossed the threshold again and again while connections were in flight and every
-    # collection walked the objects of the open ones; with 7,000 a collection is rare and almost everything a
-    # connection made is freed by reference counting before it. Garbage in cycles waits a little longer.
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
-    tune_malloc()
-    # One series per label set: the `_created` twin of every counter would double them for no reader of ours.
-    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    configure_logging(cfg)
+    tune_process()
     token_file, token = _admin_token(_value(args, "admin_token_file"))
+    count = workers.resolve(cfg)
 
     async def main() -> None:
         stop = trio.Event()
@@ -285,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
                 if stop.is_set():
                     nursery.cancel_scope.cancel()
                     return
-            await serve_sidecar(cfg, credentials, stop=stop, admin_token=token)
+            if count == 1:
+                await serve_sidecar(cfg, credentials, stop=stop, admin_token=token)
+            else:
+                await workers.supervise(cfg, credentials, count, WORKER_COMMAND, stop=stop, admin_token=token)
             nursery.cancel_scope.cancel()
 
     try:
@@ -295,6 +285,70 @@ def run(args: argparse.Namespace) -> int:
         if token_file is not None and token is not None:
             admin.remove_token(token_file, token)
     return 0
+
+
+# How the supervisor starts a worker: this interpreter, this command, the channel's descriptor for {fd}.
+WORKER_COMMAND = (sys.executable, "-m", "mtlsmesh", "sidecar", "--worker-fd", "{fd}")
+
+
+def run_worker(fd: int) -> int:
+    """A worker process (`workers`): everything it needs comes from its supervisor over `fd`. It drains on SIGTERM
+    (which the supervisor passes on) and leaves SIGHUP to the supervisor."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent()
+    tune_process()
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, stop, "mtlsmesh.sidecar")
+            await workers.run_worker(fd, stop, configure_logging)
+            nursery.cancel_scope.cancel()
+
+    with unwrap_mesh_errors():
+        trio.run(main)
+    return 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """SIGKILL this process when its parent (the supervisor) dies, as a single sidecar process killed would take
+    its listeners with it; False where prctl is missing (the worker then stops when its channel closes)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    prctl.restype = ctypes.c_int
+    return bool(prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
+
+
+def configure_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else LineFormatter(LOG_FORMAT))
+    # A busy sidecar writes a line per connection: leave out what every record would otherwise look up (thread,
+    # process and multiprocessing names) and LOG_FORMAT never shows.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    root = logging.getLogger("mtlsmesh")
+    root.addHandler(handler)
+    root.setLevel(cfg.log_level.upper())
+    root.propagate = False
+
+
+def tune_process() -> None:
+    # The cyclic garbage collector: what was built at start-up (config, credentials, modules) lives as long as the
+    # process, so it is left out of every later collection; and the young generation is collected after 7,000 net
+    # new objects instead of 700. Each connection allocates and frees a few hundred (tasks, frames, sockets), so
+    # with 700 the count crossed the threshold again and again while connections were in flight and every
+    # collection walked the objects of the open ones; with 7,000 a collection is rare and almost everything a
+    # connection made is freed by reference counting before it. Garbage in cycles waits a little longer.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    tune_malloc()
+    # One series per label set: the `_created` twin of every counter would double them for no reader of ours.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def _admin_token(flag: str | None) -> tuple[str | None, str | None]:

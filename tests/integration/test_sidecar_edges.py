@@ -596,7 +596,7 @@ async def test_the_wildcard_ipv6_listener_falls_back_to_ipv4_without_ipv6(
 ) -> None:
     # What a kernel booted with ipv6.disable=1 answers to an AF_INET6 socket or a bind of [::]; this machine has
     # IPv6, so the answer is put in place of the dual-stack bind.
-    async def no_ipv6(port: int) -> trio.SocketListener:
+    async def no_ipv6(port: int, *_: bool) -> trio.socket.SocketType:
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(sidecar, "_bind_dual_stack", no_ipv6)

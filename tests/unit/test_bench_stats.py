@@ -144,3 +144,11 @@ def test_the_openssl_record_path_is_reported_beside_ours_only_when_it_ran() -> N
     assert "| 64 B round trip p50 | us | 110 | 132 | 1.20x | 3/2 |" in table  # medians, openssl/own, rounds
     assert "| 64 B round trip p99 | us | - | - | - | 0/0 |" in table
     assert stats.render_record_layers({"stunnel": {}, "mtlsmesh": {"p50": [1.0]}, stats.OPENSSL_TOOL: {}}) == ""
+
+
+def test_one_worker_is_reported_beside_the_default_only_when_it_ran() -> None:
+    ran = {"mtlsmesh": {"rps": [18000.0, 17000.0, 17500.0]}, stats.ONE_WORKER_TOOL: {"rps": [9000.0, 8750.0]}}
+    table = stats.render_workers(ran).splitlines()
+    assert table[0].startswith("| metric | unit | mtlsmesh (default workers) | mtlsmesh (1 worker) | 1 worker/")
+    assert any(row.endswith("| 17,500 | 8,875 | 0.51x | 3/2 |") for row in table), table
+    assert stats.render_workers({"mtlsmesh": {"rps": [1.0]}, stats.ONE_WORKER_TOOL: {}}) == ""

@@ -252,6 +252,8 @@ TD = "spiffe://cluster.local"
             ),
         ),
         ({"log": {"level": "debug"}, "max_connections": 1}, Config(log_level="debug", max_connections=1)),
+        ({"workers": 3}, Config(workers=3)),
+        ({"workers": "auto"}, Config(workers=0)),
     ],
 )  # fmt: skip
 def test_parse_config(data: dict[str, Any], expected: Config) -> None:
@@ -569,6 +571,9 @@ ERRORS: list[tuple[object, str]] = [
     ({"max_connections": 0}, "max_connections: 0 is out of range 1-2147483648"),
     ({"max_connections": "many"}, "max_connections: expected an integer (got 'many')"),
     ({"max_connections": 1.5}, "max_connections: expected an integer (got 1.5)"),
+    ({"workers": 0}, "workers: 0 is out of range 1-64"),
+    ({"workers": "many"}, "workers: expected auto or an integer from 1 to 64 (got 'many')"),
+    ({"workers": True}, "workers: expected auto or an integer from 1 to 64 (got True)"),
     ({"admin": "127.0.0.1:15000"}, "admin: expected a mapping (got '127.0.0.1:15000')"),
     ({"admin": {"listen": "localhost:15000"}}, "admin.listen: 'localhost' is not an IP address"),
     ({"metrics": {"port": 15090}}, "metrics: unknown key 'port' (expected one of listen)"),

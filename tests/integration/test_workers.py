@@ -1,0 +1,279 @@
+"""`workers: 2`: a real `python -m mtlsmesh sidecar` supervisor and its two worker processes, reached by Python's own
+ssl module (a TLS peer we did not write) and by http.client.
+
+Both workers serve the one explicit listener (SO_REUSEPORT); the metrics endpoint adds up their counters (the
+per-worker connections counter says which worker carried what); a killed worker is started again while the other
+keeps serving; a SIGHUP reload reaches both (every new connection gets the new serial); POST /drain and SIGTERM
+reach both, and no worker outlives the supervisor. In identity mode the supervisor is the one client of a real
+`mtlsmesh ca serve` process, and each renewal it gets reaches both workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
+
+from mtlsmesh import ca
+from mtlsmesh.config import CredentialFiles
+from mtlsmesh.identity import workload_id
+from tests.integration import test_identity_process
+from tests.integration.castack import CaLab
+from tests.integration.mesh import app_server, echo
+from tests.integration.test_admin_process import aask
+from tests.integration.test_ca_serve_process import ca_process
+from tests.integration.test_sidecar_process import http_status, sidecar_process, write_config
+from tests.pki import TD, Pki, files_in
+
+IO = 20.0
+ROUNDS = 200  # connections at most while waiting for both workers to have carried some
+
+
+def tls_round_trip(port: int, client: CredentialFiles, payload: bytes) -> tuple[bytes, int]:
+    """One connection with Python's ssl: (the echoed payload, the serial of the sidecar's certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_verify_locations(client.bundle)
+    context.load_cert_chain(client.cert, client.key)
+    with socket.create_connection(("127.0.0.1", port), timeout=IO) as raw, context.wrap_socket(raw) as stream:
+        der = stream.getpeercert(binary_form=True)
+        assert der is not None
+        stream.sendall(payload)
+        received = b""
+        while len(received) < len(payload) and (data := stream.recv(65536)):
+            received += data
+        return received, x509.load_der_x509_certificate(der).serial_number
+
+
+async def round_trip(port: int, client: CredentialFiles, payload: bytes = b"ping") -> int:
+    received, serial = await trio.to_thread.run_sync(tls_round_trip, port, client, payload)
+    assert received == payload
+    return serial
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = await aask(port, "GET", "/stats/prometheus")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def by_worker(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples.items()
+        if name == "mtlsmesh_worker_connections_total"
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(value for (found, _), value in samples.items() if found == name)
+
+
+def worker_pids(lines: list[str]) -> list[int]:
+    (ready,) = [line for line in lines if "event=ready" in line]
+    return [int(pid) for pid in ready.split("pids=")[1].split(" ")[0].split(",")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def spread(port: int, metrics_port: int, client: CredentialFiles) -> int:
+    """Connections until both workers have carried some (bounded by ROUNDS); how many were made."""
+    for made in range(1, ROUNDS + 1):
+        await round_trip(port, client)
+        if made % 10 == 0 and len(by_worker(await scrape(metrics_port))) == 2:
+            return made
+    pytest.fail(f"after {ROUNDS} connections one worker had carried none")
+
+
+async def test_two_workers_serve_one_listener_and_the_metrics_add_up(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config) as (process, ports, lines):
+            pids = worker_pids(lines)
+            assert len(pids) == 2 and all(alive(pid) for pid in pids) and process.pid not in pids
+            with trio.fail_after(IO * 4):
+                made = await spread(ports["web"], ports["metrics"], client)
+                samples = await scrape(ports["metrics"])
+            workers = by_worker(samples)
+            assert sum(workers.values()) == made and min(workers.values()) > 0
+            # The identity-labelled counters are the sum of both workers' (each saw only its own connections).
+            opened = {
+                dict(labels)["source_principal"]: value
+                for (name, labels), value in samples.items()
+                if name == "mtlsmesh_tcp_connections_opened_total"
+            }
+            assert opened == {str(pki.id_of("client")): made}
+            assert total(samples, "mtlsmesh_tcp_received_bytes_total") == made * len(b"ping")
+            assert samples[("mtlsmesh_workers", ())] == 2 and samples[("mtlsmesh_worker_restarts_total", ())] == 0
+            assert samples[("mtlsmesh_ready", ())] == 1
+            # One health answer, from the supervisor, for both workers.
+            assert await http_status(ports["health"]) == 200
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0
+    assert not any(alive(pid) for pid in pids)  # SIGTERM ended every worker
+    assert sum("event=worker_ready" in line for line in lines) == 2
+    assert sum("event=stopped" in line for line in lines) == 3  # each worker, then the supervisor
+
+
+async def test_a_killed_worker_is_restarted_and_the_listener_keeps_serving(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config) as (process, ports, lines):
+            victim, survivor = worker_pids(lines)
+            os.kill(victim, signal.SIGKILL)  # a worker of the sidecar this test started
+            with trio.fail_after(IO):
+                # What waited in the killed worker's accept queue is lost with it (reset); once it is gone, and
+                # while its restart waits out the backoff, the survivor takes every connection.
+                while not any("event=worker_exited" in line for line in lines):
+                    await trio.sleep(0.01)
+                for _ in range(20):
+                    await round_trip(ports["web"], client)
+                while not any(
+                    "event=worker_started worker=0" in line and f"pid={victim}" not in line for line in lines
+                ):
+                    await trio.sleep(0.05)
+            (exited,) = [line for line in lines if "event=worker_exited" in line]
+            assert f"pid={victim}" in exited and "status=-9" in exited and "restarts=1" in exited
+            (restarted,) = [
+                line for line in lines if "event=worker_started worker=0" in line and f"pid={victim}" not in line
+            ]
+            new_pid = int(restarted.split("pid=")[1].split(" ")[0])
+            assert alive(new_pid) and alive(survivor)
+            with trio.fail_after(IO * 4):
+                samples = await scrape(ports["metrics"])
+                before = by_worker(samples).get("0", 0)
+                for _ in range(ROUNDS):  # the new worker 0 takes connections again
+                    await round_trip(ports["web"], client)
+                    if by_worker(await scrape(ports["metrics"])).get("0", 0) > before:
+                        break
+                else:
+                    pytest.fail("the restarted worker carried no connection")
+                samples = await scrape(ports["metrics"])
+            assert samples[("mtlsmesh_worker_restarts_total", ())] == 1 and samples[("mtlsmesh_workers", ())] == 2
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0
+    assert not alive(new_pid) and not alive(survivor)
+
+
+async def test_a_reload_reaches_every_worker(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config) as (process, ports, lines):
+            with trio.fail_after(IO):
+                first = await round_trip(ports["web"], client)
+            pki.issue("web")  # new files, same identity, another serial
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(IO):
+                while not any("event=credentials_shared workers=2" in line for line in lines):
+                    await trio.sleep(0.05)
+            with trio.fail_after(IO * 4):
+                before = by_worker(await scrape(ports["metrics"]))
+                serials: set[int] = set()
+                for made in range(1, ROUNDS + 1):
+                    serials.add(await round_trip(ports["web"], client))
+                    now = by_worker(await scrape(ports["metrics"]))
+                    if made >= 10 and all(now.get(w, 0) > before.get(w, 0) for w in ("0", "1")):
+                        break
+                else:
+                    pytest.fail("one worker carried no connection after the reload")
+            # Every connection since, on both workers, presented the new certificate.
+            assert len(serials) == 1 and first not in serials
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0
+    assert any("event=signal signal=SIGHUP action=reload result=reloaded" in line for line in lines)
+
+
+async def test_drain_reaches_every_worker(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    token_file = tmp_path / "run" / "admin-token"
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config, "--admin-token-file", str(token_file)) as (process, ports, lines):
+            with trio.fail_after(IO * 4):
+                await spread(ports["web"], ports["metrics"], client)
+            token = token_file.read_text().strip()
+            assert await aask(ports["admin"], "POST", "/drain", {"Authorization": f"Bearer {token}"}) == (
+                200,
+                b"draining\n",
+            )
+            with trio.fail_after(IO):
+                # Both workers close their listening sockets: every new connection is refused, none half-served.
+                refused = 0
+                while refused < 20:
+                    try:
+                        await trio.to_thread.run_sync(socket.create_connection, ("127.0.0.1", ports["web"]), IO)
+                        refused = 0
+                        await trio.sleep(0.05)
+                    except ConnectionRefusedError:
+                        refused += 1
+            assert await http_status(ports["health"]) == 503
+            assert sum("event=draining via=admin" in line for line in lines) == 3  # both workers and the supervisor
+            assert process.returncode is None  # up until SIGTERM, as a single process is
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0
+
+
+async def test_in_identity_mode_one_client_of_the_ca_feeds_every_worker(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
+        tmp_path / "client", force=True
+    )
+    client = files_in(tmp_path / "client")
+    with trio.fail_after(120):
+        async with ca_process(lab) as (ca_service, ca_port, ca_lines), app_server(echo) as (app_port, _):
+            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
+                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+            })  # fmt: skip
+            data = yaml.safe_load(config.read_text())
+            data["workers"] = 2
+            data["identity"]["ttl"] = "8s"  # renewed at 4 s, then every 4 s: time enough to look at both workers
+            config.write_text(yaml.safe_dump(data))
+            async with sidecar_process(config) as (process, ports, lines):
+                enrolled = await round_trip(ports["in"], client)
+                while not any("event=svid_renewed" in line for line in lines):
+                    await trio.sleep(0.05)
+                while not any("event=credentials_shared workers=2" in line for line in lines):
+                    await trio.sleep(0.05)
+                before = by_worker(await scrape(ports["metrics"]))
+                serials: set[int] = set()
+                for made in range(1, ROUNDS + 1):
+                    serials.add(await round_trip(ports["in"], client))
+                    now = by_worker(await scrape(ports["metrics"]))
+                    if made >= 10 and all(now.get(w, 0) > before.get(w, 0) for w in ("0", "1")):
+                        break
+                else:
+                    pytest.fail("one worker carried no connection after the renewal")
+                assert enrolled not in serials  # both workers serve the renewed SVID
+                process.send_signal(signal.SIGTERM)
+            assert process.returncode == 0
+            ca_service.send_signal(signal.SIGTERM)
+    # One client of the CA for the whole sidecar: each SVID the CA issued was asked for once, by the supervisor.
+    asked = [line for line in lines if "event=svid_issued" in line or "event=svid_renewed" in line]
+    issued = [line for line in ca_lines if "event=issued" in line and "sa/reviews" in line]
+    assert len(asked) >= 2 and len(issued) == len(asked)
