@@ -8,21 +8,26 @@ none), each off by default. `Handshake` is one connection's handshake with no I/
 the peer's ciphertext, calls `step` until it says the handshake is complete, and sends what `take_output` hands
 back. `hand_over` then builds the `records.Session` that carries the connection on and frees OpenSSL's connection.
 
-What it does not: read or write sockets (see `tls`, `sslstream`), check the peer's SPIFFE ID (see `tls.check_peer`,
-`svid`), or speak any TLS version but 1.3 unless asked (`min_version="1.2"`, for an explicit listener only).
+What it does not: read or write sockets (see `tls`, `sslstream`), judge the peer's SPIFFE ID (see `tls.judge_leaf`,
+`svid`; a connection may hand it a check to run inside the handshake, `Handshake.check_leaf`), or speak any TLS
+version but 1.3 unless asked (`min_version="1.2"`, for an explicit listener only).
 
 An explicit listener may instead keep the records in OpenSSL (`record_layer: openssl`, and always for TLS 1.2,
 which `records` does not speak): `Handshake.keep_records` then hands the connection on as `OpenSSLRecords`, the same
 memory BIOs driven by `sslstream`. `build_context(min_version="1.2")` makes that listener's context (ECDHE with AEAD
 suites only, no renegotiation, no compression, no resumption); between sidecars it is always TLS 1.3.
 
-This is the only module that uses pyOpenSSL's private parts. It calls three bindings, each because the public API has
-no equivalent, through pyOpenSSL's private handles (`Context._context`, `Connection._into_ssl`, the cffi `lib` and
+This is the only module that uses pyOpenSSL's private parts. It calls these bindings, each because the public API
+has no equivalent, through pyOpenSSL's private handles (`Context._context`, `Connection._into_ssl`, the cffi `lib` and
 `ffi`): the cffi binding's `SSL_CTX_set1_curves_list` (pyOpenSSL can set one elliptic curve, not a list of key
 exchange groups with the hybrid post-quantum one first), `SSL_CTX_set1_sigalgs_list` (the signature algorithms we
-offer, in the CertificateRequest too: only those our SVIDs can carry, see `SIGALGS`), and `BIO_read` on the
+offer, in the CertificateRequest too: only those our SVIDs can carry, see `SIGALGS`), `BIO_read` on the
 connection's incoming memory BIO (to take back the ciphertext the peer sent right behind its last handshake flight,
-which the record layer must read).
+which the record layer must read), and `SSL_CTX_set_verify` with our own certificate verify callback (`_verify_leaf`:
+pyOpenSSL's wrapper gives a callback no way to set the X509 error, and a refusal without one makes OpenSSL send
+internal_error; with X509_V_ERR_CERT_REJECTED it sends bad_certificate), which reads the store context as
+pyOpenSSL's wrapper does (`X509_STORE_CTX_*`, `X509_up_ref`, `Connection._reverse_mapping`,
+`X509._from_raw_x509_ptr`).
 Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
 checked at import, so an unsupported pyOpenSSL fails with one line naming what is missing.
 """
@@ -89,6 +94,16 @@ REQUIRED = (
     ("OpenSSL._util.lib", "SSL_CTX_set1_curves_list"),
     ("OpenSSL._util.lib", "SSL_CTX_set1_sigalgs_list"),
     ("OpenSSL._util.lib", "BIO_read"),
+    ("OpenSSL._util.lib", "SSL_CTX_set_verify"),
+    ("OpenSSL._util.lib", "X509_STORE_CTX_set_error"),
+    ("OpenSSL._util.lib", "X509_STORE_CTX_get_error_depth"),
+    ("OpenSSL._util.lib", "X509_STORE_CTX_get_current_cert"),
+    ("OpenSSL._util.lib", "X509_STORE_CTX_get_ex_data"),
+    ("OpenSSL._util.lib", "SSL_get_ex_data_X509_STORE_CTX_idx"),
+    ("OpenSSL._util.lib", "X509_up_ref"),
+    ("OpenSSL._util.lib", "X509_V_ERR_CERT_REJECTED"),
+    ("OpenSSL.SSL.Connection", "_reverse_mapping"),
+    ("OpenSSL.crypto.X509", "_from_raw_x509_ptr"),
     ("OpenSSL.SSL.Connection", "_into_ssl"),
     ("OpenSSL.SSL.Context", "set_tls13_ciphersuites"),
     ("OpenSSL.SSL.Context", "set_keylog_callback"),
@@ -107,6 +122,7 @@ def missing_bindings() -> list[str]:
         "OpenSSL.SSL.Connection": (probe, f"pyOpenSSL {OpenSSL.__version__}"),
         "OpenSSL.SSL.Context": (SSL.Context, f"pyOpenSSL {OpenSSL.__version__}"),
         "OpenSSL.SSL": (SSL, f"pyOpenSSL {OpenSSL.__version__}"),
+        "OpenSSL.crypto.X509": (crypto.X509, f"pyOpenSSL {OpenSSL.__version__}"),
     }
     return [
         f"{place}.{name} (not in {where[place][1]})" for place, name in REQUIRED if not hasattr(where[place][0], name)
@@ -241,11 +257,14 @@ def build_context(
             store.add_cert(crypto.X509.from_cryptography(root))
     except (SSL.Error, crypto.Error) as exc:
         raise CertificateError("", f"OpenSSL refused the credential: {openssl_reason(exc)}") from exc
-    # OpenSSL validates the peer's chain against the bundle (no callback: its verdict stands); the SPIFFE rules are
-    # checked after the handshake by `tls.check_peer`.
+    # OpenSSL validates the peer's chain against the bundle (its verdict stands); `_verify_leaf` then applies the
+    # connection's SPIFFE check to a leaf that verified, when the connection has one (`Handshake.check_leaf`), so a
+    # refused peer is refused inside the handshake, with OpenSSL's alert. `tls.check_peer` checks again after it.
     # A client's VERIFY_PEER alone already fails a server that sends no certificate (TLS 1.3 servers always send one).
     required = require_peer_certificate or side is Side.CLIENT
-    ctx.set_verify((SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER)
+    mode = (SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER
+    ctx.set_verify(mode)  # what pyOpenSSL's get_verify_mode reports; the callback is ours, set through the binding
+    _lib.SSL_CTX_set_verify(ctx._context, mode, _VERIFY_CALLBACK)
     if GROUPS is not None:
         _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
     if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, SIGALGS) != 1:  # pragma: no cover - every OpenSSL 3 knows them
@@ -261,6 +280,42 @@ def build_context(
         ctx.set_alpn_protos(list(alpn))
     _CONTEXTS.add(ctx)
     return ctx
+
+
+# A connection's check of the peer's leaf (DER), run inside the handshake: None to accept it, else the reason.
+LeafCheck = Callable[[bytes], str | None]
+
+
+def _verify_leaf(ok: int, store: Any) -> int:
+    """OpenSSL's certificate verify callback (`SSL_CTX_set_verify`, set by `build_context`): OpenSSL's own verdict
+    on each certificate of the peer's chain stands; a leaf (depth 0) it accepted is also given to the connection's
+    `Handshake.check_leaf`, if any. A refusal sets X509_V_ERR_CERT_REJECTED, for which OpenSSL fails the handshake
+    with the alert bad_certificate (42), and leaves the reason for `Handshake.step` to raise. Never raises (an
+    exception would be lost in OpenSSL): an unexpected one refuses, with its text as the reason."""
+    if not ok or _lib.X509_STORE_CTX_get_error_depth(store) != 0:
+        return ok
+    conn = SSL.Connection._reverse_mapping.get(
+        _lib.X509_STORE_CTX_get_ex_data(store, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+    )
+    handshake = None if conn is None else conn.get_app_data()
+    if not isinstance(handshake, Handshake) or handshake._leaf_check is None:
+        return 1
+    try:
+        leaf = _lib.X509_STORE_CTX_get_current_cert(store)
+        _lib.X509_up_ref(leaf)
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(leaf))
+        reason = handshake._leaf_check(der)
+    except Exception as exc:  # pragma: no cover - the check is pure; this only keeps OpenSSL's callback sound
+        reason = f"the peer's leaf could not be checked: {exc!r}"
+    if reason is None:
+        return 1
+    handshake._refusal = reason
+    _lib.X509_STORE_CTX_set_error(store, _lib.X509_V_ERR_CERT_REJECTED)
+    return 0
+
+
+# One cffi callback for every context (it must outlive them: it is never freed).
+_VERIFY_CALLBACK = _ffi.callback("int (*)(int, X509_STORE_CTX *)", _verify_leaf)
 
 
 def _keylog(conn: SSL.Connection, line: bytes) -> None:
@@ -304,7 +359,7 @@ class Handshake:
     returns True, send `take_output` after every step. `context` comes from `build_context` (one made elsewhere
     gets the key log the hand-over needs, so it must not have made a connection yet)."""
 
-    __slots__ = ("_conn", "_secrets", "_side", "_wrote")
+    __slots__ = ("_conn", "_leaf_check", "_refusal", "_secrets", "_side", "_wrote")
 
     def __init__(self, context: SSL.Context, side: Side) -> None:
         if context not in _CONTEXTS:  # made elsewhere (tests, peers that are not sidecars): it needs our key log
@@ -322,6 +377,15 @@ class Handshake:
         # A step ran since the output was last taken: only then can there be output (OpenSSL writes only when
         # stepped), so an empty BIO is not asked again (pyOpenSSL answers an empty read with an exception).
         self._wrote = False
+        self._leaf_check: LeafCheck | None = None  # see check_leaf
+        self._refusal: str | None = None  # why _leaf_check refused the peer's leaf
+
+    def check_leaf(self, check: LeafCheck) -> None:
+        """Check the peer's leaf inside the handshake, once OpenSSL has verified its chain: `check` gets the leaf's
+        DER and returns None to accept it, or the reason it is refused. A refusal fails the handshake (`step`
+        raises `HandshakeFailure` with that reason) and OpenSSL's alert, bad_certificate, goes to the peer in
+        `take_output`. Per connection: the context's verify callback finds it through the connection."""
+        self._leaf_check = check
 
     def step(self) -> bool:
         """Let OpenSSL take the handshake as far as its input allows: True once it is complete, False while it needs
@@ -333,7 +397,7 @@ class Handshake:
         except SSL.WantReadError:
             return False
         except SSL.Error as exc:
-            raise HandshakeFailure(openssl_reason(exc)) from exc
+            raise HandshakeFailure(self._refusal or openssl_reason(exc)) from exc
         return True
 
     def take_output(self) -> bytes:

@@ -6,7 +6,8 @@ KeyUpdate and answers bad records with its alerts. It is the `record_layer: open
 TLS 1.2 connection takes (an explicit listener with `min_tls_version: "1.2"`): `records` speaks TLS 1.3 only.
 `open_mtls` is `tls.open_mtls` for this stream, with the same peer check (`tls.check_peer`).
 
-What it does not: build contexts (see `handshake`), check identities itself (see `tls.check_peer`), or read the
+What it does not: build contexts (see `handshake`), judge identities itself (see `tls.judge_leaf`, which
+`open_mtls` runs inside the handshake: no alert of ours could follow a finished one here), or read the
 socket directly: it reads and writes its transport through the trio Stream interface (one checkpoint per call).
 
 Theory of operation: like `tls.TLSStream`, two tasks may use it at once, one sending and one receiving. Each call
@@ -350,6 +351,10 @@ async def open_mtls(
     """`tls.open_mtls` with OpenSSL's record layer: handshake over `transport`, then `tls.check_peer`. The caller
     bounds it in time and closes `transport` on error. Raises `HandshakeError`."""
     stream = OpenSSLStream(transport, context, side, peer, prefix=prefix)
+    if stream._hs is not None:
+        # No record of ours can follow OpenSSL's handshake here: the peer is refused inside it, with OpenSSL's alert
+        # (bad_certificate), and `tls.check_peer` looks again after it.
+        stream._hs.check_leaf(tls.leaf_check(trust_domain, expected))
     await stream.do_handshake(
         lambda: tls.check_peer(stream, trust_domain, expected, require_alpn=require_alpn), send_last=send_last
     )

@@ -813,6 +813,7 @@ def _ready(data: bytes) -> bool:
 # remembered per leaf instead of parsing it again each time. Bounded: emptied when full.
 LEAF_VERDICTS_MAX = 1024
 _LEAF_VERDICTS: dict[bytes, SpiffeId | str] = {}
+PeerVerdict = tuple[str, int]  # a refused leaf: the reason, and the fatal alert that tells the peer (records)
 
 
 class PeerStream(Protocol):
@@ -825,18 +826,9 @@ class PeerStream(Protocol):
     def peer_certificate_der(self) -> bytes | None: ...
 
 
-def check_peer(
-    stream: PeerStream, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = (), *, require_alpn: bool = True
-) -> SpiffeId:
-    """After the handshake: the peer's leaf obeys the SVID rules, is in our trust domain and, when `expected` names
-    identities (secure naming), is one of them. Returns its SPIFFE ID; raises `HandshakeError` with the reason.
-    `require_alpn=False` (explicit listeners, which serve any standard TLS peer): whatever ALPN was negotiated, or
-    none; the capture listeners require `mtlsmesh`, their marker of mesh traffic."""
-    if require_alpn and stream.alpn() != ALPN:
-        raise HandshakeError(stream.peer, "peer did not negotiate ALPN mtlsmesh")
-    der = stream.peer_certificate_der()
-    if der is None:
-        raise HandshakeError(stream.peer, "peer presented no certificate")
+def judge_leaf(der: bytes, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = ()) -> SpiffeId | PeerVerdict:
+    """The pure checks of a peer's leaf (DER): the SVID rules, our trust domain and, when `expected` names
+    identities, one of them. Returns its SPIFFE ID, or the refusal: (reason, the alert that says it)."""
     verdict = _LEAF_VERDICTS.get(der)
     if verdict is None:
         try:
@@ -847,17 +839,46 @@ def check_peer(
             _LEAF_VERDICTS.clear()
         _LEAF_VERDICTS[der] = verdict
     if isinstance(verdict, str):
-        raise PeerRefused(stream.peer, verdict, records.BAD_CERTIFICATE)
-    spiffe_id = verdict
-    if spiffe_id.trust_domain != trust_domain:
-        raise PeerRefused(
-            stream.peer, f"peer {spiffe_id} is not in trust domain {trust_domain}", records.BAD_CERTIFICATE
-        )
-    if expected and spiffe_id not in expected:
+        return verdict, records.BAD_CERTIFICATE
+    if verdict.trust_domain != trust_domain:
+        return f"peer {verdict} is not in trust domain {trust_domain}", records.BAD_CERTIFICATE
+    if expected and verdict not in expected:
         shown = ", ".join(str(e) for e in expected)
-        raise PeerRefused(stream.peer, f"peer {spiffe_id} is not an expected identity ({shown})", records.ACCESS_DENIED)
-    stream.peer_id = spiffe_id
-    return spiffe_id
+        return f"peer {verdict} is not an expected identity ({shown})", records.ACCESS_DENIED
+    return verdict
+
+
+def leaf_check(trust_domain: TrustDomain, expected: Sequence[SpiffeId] = ()) -> handshake.LeafCheck:
+    """`judge_leaf` as a connection's check inside the handshake (`handshake.Handshake.check_leaf`): None to accept,
+    else the refusal's reason (the same text `check_peer` gives)."""
+
+    def check(der: bytes) -> str | None:
+        verdict = judge_leaf(der, trust_domain, expected)
+        return verdict[0] if isinstance(verdict, tuple) else None
+
+    return check
+
+
+def check_peer(
+    stream: PeerStream, trust_domain: TrustDomain, expected: Sequence[SpiffeId] = (), *, require_alpn: bool = True
+) -> SpiffeId:
+    """After the handshake: the peer's leaf obeys the SVID rules, is in our trust domain and, when `expected` names
+    identities (secure naming), is one of them (`judge_leaf`). Returns its SPIFFE ID; raises `HandshakeError` with
+    the reason. `require_alpn=False` (explicit listeners, which serve any standard TLS peer): whatever ALPN was
+    negotiated, or none; the capture listeners require `mtlsmesh`, their marker of mesh traffic.
+
+    Where the connection checked the leaf inside the handshake already (`leaf_check`: every client, and every
+    connection with OpenSSL's record layer), this is a second look at the same leaf, from the verdict cache."""
+    if require_alpn and stream.alpn() != ALPN:
+        raise HandshakeError(stream.peer, "peer did not negotiate ALPN mtlsmesh")
+    der = stream.peer_certificate_der()
+    if der is None:
+        raise HandshakeError(stream.peer, "peer presented no certificate")
+    verdict = judge_leaf(der, trust_domain, expected)
+    if isinstance(verdict, tuple):
+        raise PeerRefused(stream.peer, *verdict)
+    stream.peer_id = verdict
+    return verdict
 
 
 async def open_mtls(
@@ -876,6 +897,11 @@ async def open_mtls(
     on error. Raises `HandshakeError`. `send_last`: see `TLSStream.do_handshake`; `prefix`: see `TLSStream`;
     `require_alpn`: see `check_peer`."""
     stream = TLSStream(transport, context, side, peer, prefix=prefix)
+    if side is Side.CLIENT and stream._hs is not None:
+        # A client refuses the server inside the handshake, so that OpenSSL's alert tells it why (our Finished is
+        # not sent yet when we judge it, so no record of ours could). A server judges its client after the
+        # handshake (check_peer) and says why with bad_certificate or access_denied under its application key.
+        stream._hs.check_leaf(leaf_check(trust_domain, expected))
     await stream.do_handshake(
         lambda: check_peer(stream, trust_domain, expected, require_alpn=require_alpn), send_last=send_last
     )

@@ -12,10 +12,13 @@ the real `serve_sidecar` on loopback (tests/integration/mesh.py) and the other e
 Each case runs with `record_layer: own` and `openssl` on TLS 1.3, and on TLS 1.2 against a listener with
 `min_tls_version: "1.2"` (whose connections use OpenSSL's record layer). The refusals are read by the refused
 client: a client without a certificate, one whose CA is of another trust domain, and one whose identity the listener
-does not let in. A refusal during the handshake is OpenSSL's alert. One after it (the SVID rules, the trust domain,
-`identities`) is our own record layer's bad_certificate / access_denied, sent before the close; with
-`record_layer: openssl` no alert of ours can follow a finished handshake, so those cases are strict xfails there (the
-client reads the close).
+does not let in. A refusal of the chain is OpenSSL's alert. One by our SPIFFE checks (the SVID rules, the trust
+domain, `identities`) is, with `record_layer: own` on TLS 1.3, our own record layer's bad_certificate /
+access_denied, sent after the handshake before the close; with `record_layer: openssl` and on TLS 1.2 the SVID rules
+and the trust domain are checked inside the handshake, in OpenSSL's certificate verify callback, and the client reads
+OpenSSL's bad_certificate. A listener's `identities` are still applied after the handshake there, so those cases are
+strict xfails (the client reads the close). An originate listener refusing a server by those checks does so inside
+the handshake on every path, and the server reads bad_certificate.
 
 What the handshake puts on the wire is read from `openssl s_client`'s report: the signature algorithms our
 CertificateRequest offers, and the session tickets it receives; and for a TLS 1.2 listener, that suites without
@@ -25,6 +28,7 @@ ECDHE or an AEAD, renegotiation and resumption are all refused.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import ssl
@@ -114,9 +118,12 @@ async def terminate_sidecar(
 
 
 @contextlib.asynccontextmanager
-async def originate_sidecar(pki: Pki, server_port: int, layer: RecordLayer, version: str) -> AsyncIterator[int]:
-    """A sidecar whose originate listener (on the port yielded) forwards to an mTLS server on `server_port`."""
-    entry = listener(ExplicitMode.ORIGINATE, server_port, layer, version)
+async def originate_sidecar(
+    pki: Pki, server_port: int, layer: RecordLayer, version: str, *, identities: tuple[SpiffeId, ...] = ()
+) -> AsyncIterator[int]:
+    """A sidecar whose originate listener (on the port yielded) forwards to an mTLS server on `server_port`,
+    expecting one of `identities` there (empty: any of the trust domain)."""
+    entry = listener(ExplicitMode.ORIGINATE, server_port, layer, version, identities=identities)
     async with running_sidecar(base_config(pki.issue("api"), explicit=(entry,))) as (_rt, state):
         yield state.bound[entry.name][1]
 
@@ -410,39 +417,47 @@ async def test_a_client_from_another_trust_domain_reads_unknown_ca(
     assert told == "TLSV1_ALERT_UNKNOWN_CA"
 
 
-# Our records send the alert after the handshake; OpenSSL's record layer offers no way to (the client reads the close).
-LAYERS_AFTER_HANDSHAKE = [
-    pytest.param(RecordLayer.OWN, id="own"),
-    pytest.param(
-        RecordLayer.OPENSSL,
-        id="openssl",
-        marks=pytest.mark.xfail(reason="no alert after the handshake with OpenSSL's record layer", strict=True),
-    ),
-]
-
-
-@pytest.mark.parametrize("layer", LAYERS_AFTER_HANDSHAKE)
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
 async def test_a_trusted_client_of_another_trust_domain_reads_bad_certificate(
-    pki: Pki, tmp_path: Path, layer: RecordLayer
+    pki: Pki, tmp_path: Path, layer: RecordLayer, version: str
 ) -> None:
     other = Pki(tmp_path / "other", trust_domain=TrustDomain("other.example"))
     intruder = other.issue("api")
     roots = pki.issue("api").bundle
     # The listener trusts the other domain's root too (as a federated bundle would): the chain verifies, and the
-    # SPIFFE check refuses the trust domain after the handshake.
-    async with terminate_sidecar(pki, layer, "1.3", bundle_extra=Path(intruder.bundle).read_bytes()) as port:
-        ctx = stdlib_context(intruder, roots, server=False, version="1.3")
+    # SPIFFE check refuses the trust domain (after the handshake on our records, inside it on OpenSSL's).
+    async with terminate_sidecar(pki, layer, version, bundle_extra=Path(intruder.bundle).read_bytes()) as port:
+        ctx = stdlib_context(intruder, roots, server=False, version=version)
         told = await in_thread(lambda: refused_call(port, ctx))
     assert told == "SSLV3_ALERT_BAD_CERTIFICATE"
 
 
-@pytest.mark.parametrize("layer", LAYERS_AFTER_HANDSHAKE)
-async def test_a_client_whose_identity_is_not_allowed_reads_access_denied(pki: Pki, layer: RecordLayer) -> None:
+# The listener's `identities` are applied by the inbound handler after the handshake; with OpenSSL's record layer no
+# alert can follow a finished handshake, so the client reads the close until the handler hands them to the handshake
+# (as `expected`, which the verify callback then applies).
+IDENTITY_CASES = [
+    pytest.param(
+        layer,
+        version,
+        id=f"{layer.value}-tls{version}",
+        marks=[]
+        if layer is RecordLayer.OWN and version == "1.3"
+        else [pytest.mark.xfail(reason="the listener's identities are checked after the handshake", strict=True)],
+    )
+    for layer, version in CASES
+]
+
+
+@pytest.mark.parametrize(("layer", "version"), IDENTITY_CASES)
+async def test_a_client_whose_identity_is_not_allowed_reads_why(pki: Pki, layer: RecordLayer, version: str) -> None:
     client = pki.issue("api")
-    async with terminate_sidecar(pki, layer, "1.3", identities=(pki.id_of("someone-else"),)) as port:
-        ctx = stdlib_context(client, client.bundle, server=False, version="1.3")
+    async with terminate_sidecar(pki, layer, version, identities=(pki.id_of("someone-else"),)) as port:
+        ctx = stdlib_context(client, client.bundle, server=False, version=version)
         told = await in_thread(lambda: refused_call(port, ctx))
-    assert told == "TLSV1_ALERT_ACCESS_DENIED"
+    # Our records say access_denied after the handshake. Inside OpenSSL's handshake the verify callback can only
+    # reject the certificate: OpenSSL's alert for that is bad_certificate (as for an originate listener's refusal).
+    own = layer is RecordLayer.OWN and version == "1.3"
+    assert told == ("TLSV1_ALERT_ACCESS_DENIED" if own else "SSLV3_ALERT_BAD_CERTIFICATE")
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer.value for layer in LAYERS])
@@ -614,6 +629,81 @@ async def test_an_originate_listener_refuses_a_server_of_another_trust_domain(pk
                     await read_all(stream)
                 await stream.aclose()
         await in_thread(lambda: thread.join(PEER_TIMEOUT))
+
+
+def refusing_server(ctx: ssl.SSLContext, told: list[str]) -> Callable[[socket.socket], None]:
+    """A Python `ssl` server's handshake with a client that refuses it: `told` gets what the server read."""
+
+    def handle(raw: socket.socket) -> None:
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                told.append("served" if conn.recv(1) else "end of stream, no alert")
+        except ssl.SSLError as exc:
+            told.append(exc.reason or str(exc))
+        except OSError as exc:
+            told.append(f"os error: {exc}")
+
+    return handle
+
+
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
+async def test_a_server_that_is_not_the_expected_identity_reads_bad_certificate(
+    pki: Pki, layer: RecordLayer, version: str
+) -> None:
+    """Our originate client refuses a server whose SPIFFE ID is not one it expects inside the handshake, before its
+    Finished: the server (Python's ssl, the system's OpenSSL) reads bad_certificate, and nothing is sent to it."""
+    server = pki.issue("db")
+    ctx = stdlib_context(server, server.bundle, server=True, version=version)
+    told: list[str] = []
+    with socket.create_server((LOOPBACK, 0)) as listening:
+        thread = serve_once(listening, refusing_server(ctx, told))
+        expected = (pki.id_of("someone-else"),)
+        async with originate_sidecar(pki, listening.getsockname()[1], layer, version, identities=expected) as listen:
+            with trio.fail_after(IO):
+                stream = await trio.open_tcp_stream(LOOPBACK, listen)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(REQUEST)
+                    assert await read_all(stream) == b""
+                await stream.aclose()
+            await in_thread(lambda: thread.join(PEER_TIMEOUT))
+    assert told == ["SSLV3_ALERT_BAD_CERTIFICATE"]
+
+
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
+async def test_openssl_s_server_reads_why_our_client_refused_it(
+    pki: Pki, tmp_path: Path, layer: RecordLayer, version: str
+) -> None:
+    """The same refusal, read by `openssl s_server -msg`: the alert record our client sent, bad_certificate."""
+    server = pki.issue("db")
+    port = free_port()
+    argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-cert", server.cert, "-key", server.key]
+    # Two connections, then it exits (and flushes its report): wait_listening's probe, and our client's.
+    argv += ["-CAfile", server.bundle, "-Verify", "2", "-msg", "-naccept", "2", *version_flag("openssl", version)]
+    report = tmp_path / "s_server.out"
+    # -msg prints each message s_server reads or writes: "<<< TLS 1.3, Alert [length 0002], fatal bad_certificate".
+    wanted = re.compile(r"<<< .*Alert \[length 0002\], fatal bad_certificate")
+    with report.open("wb") as out:
+        process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            with trio.fail_after(IO):
+                await wait_listening(port, process)
+                expected = (pki.id_of("someone-else"),)
+                async with originate_sidecar(pki, port, layer, version, identities=expected) as listen:
+                    stream = await trio.open_tcp_stream(LOOPBACK, listen)
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(REQUEST)
+                        assert await read_all(stream) == b""
+                    await stream.aclose()
+                await process.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with trio.move_on_after(5):
+                await process.wait()
+            if process.stdin is not None:
+                await process.stdin.aclose()
+    text = report.read_text(errors="replace")
+    assert wanted.search(text), text
 
 
 # --- a TLS 1.2 listener: ECDHE with AEAD only, no renegotiation, no resumption ------------------------------------

@@ -27,7 +27,7 @@ from tests.integration.mesh import (
     outcome,
     read_all,
 )
-from tests.integration.test_tls import BAD_CLIENTS, ClientMaker, told_by
+from tests.integration.test_tls import BAD_CLIENTS, ClientMaker
 from tests.pki import Pki
 
 pytestmark = pytest.mark.usefixtures("mesh_logs")
@@ -281,9 +281,7 @@ async def test_inbound_refuses_bad_mesh_clients_with_a_log_line(
         ):
             transport = await connect(mesh.inbound_port)
             bad = tls.TLSStream(transport, client_ctx, tls.Side.CLIENT)
-            with pytest.raises(
-                (trio.BrokenResourceError, HandshakeError), match=told_by(layered["record_layer"], told)
-            ):
+            with pytest.raises((trio.BrokenResourceError, HandshakeError), match=told):
                 await bad.do_handshake()
                 await bad.send_all(b"hello")
                 await bad.receive_some()  # TLS 1.3: the server's refusal shows at the first read
