@@ -27,7 +27,7 @@ import trio
 
 from mtlsmesh import netio, policy, sniff, tls
 from mtlsmesh.addresses import IPAddress, host_port, ipv6_twin, unmapped
-from mtlsmesh.config import ExplicitListener, Mode
+from mtlsmesh.config import ExplicitListener, Mode, RecordLayer
 from mtlsmesh.conventions import MESH_ALPN, TPROXY_MARK, InterceptionMode
 from mtlsmesh.outcome import Decision, Failure, Reason
 from mtlsmesh.relay import relay
@@ -178,13 +178,19 @@ async def handle_inbound(
     front: trio.abc.HalfCloseableStream = downstream
     caller = None
     if mesh:
+        records = cfg.record_layer if explicit is None else explicit.records(cfg.record_layer)
+        # With OpenSSL's record layer no alert can follow the handshake: a listener's `identities` are then checked
+        # inside it (the verify callback refuses with bad_certificate). Our own records check them after it and say
+        # access_denied (below).
+        inside = explicit is not None and records is RecordLayer.OPENSSL
         opened = await open_mtls_or_failure(
             rt,
             downstream,
             tls.Side.SERVER,
             peer=rec.client_addr,
+            expected=explicit.identities if inside and explicit is not None else (),
             prefix=prefix,
-            record_layer=cfg.record_layer if explicit is None else explicit.records(cfg.record_layer),
+            record_layer=records,
             min_tls_version="1.3" if explicit is None else explicit.min_tls_version,
             require_alpn=explicit is None,
         )

@@ -16,9 +16,9 @@ does not let in. A refusal of the chain is OpenSSL's alert. One by our SPIFFE ch
 domain, `identities`) is, with `record_layer: own` on TLS 1.3, our own record layer's bad_certificate /
 access_denied, sent after the handshake before the close; with `record_layer: openssl` and on TLS 1.2 the SVID rules
 and the trust domain are checked inside the handshake, in OpenSSL's certificate verify callback, and the client reads
-OpenSSL's bad_certificate. A listener's `identities` are still applied after the handshake there, so those cases are
-strict xfails (the client reads the close). An originate listener refusing a server by those checks does so inside
-the handshake on every path, and the server reads bad_certificate.
+OpenSSL's bad_certificate; a listener's `identities` are handed to the handshake there too, so a client it does not
+let in reads bad_certificate (access_denied on our own records). An originate listener refusing a server by those
+checks does so inside the handshake on every path, and the server reads bad_certificate.
 
 What the handshake puts on the wire is read from `openssl s_client`'s report: the signature algorithms our
 CertificateRequest offers, and the session tickets it receives; and for a TLS 1.2 listener, that suites without
@@ -432,20 +432,9 @@ async def test_a_trusted_client_of_another_trust_domain_reads_bad_certificate(
     assert told == "SSLV3_ALERT_BAD_CERTIFICATE"
 
 
-# The listener's `identities` are applied by the inbound handler after the handshake; with OpenSSL's record layer no
-# alert can follow a finished handshake, so the client reads the close until the handler hands them to the handshake
-# (as `expected`, which the verify callback then applies).
-IDENTITY_CASES = [
-    pytest.param(
-        layer,
-        version,
-        id=f"{layer.value}-tls{version}",
-        marks=[]
-        if layer is RecordLayer.OWN and version == "1.3"
-        else [pytest.mark.xfail(reason="the listener's identities are checked after the handshake", strict=True)],
-    )
-    for layer, version in CASES
-]
+# The listener's `identities`: our records refuse after the handshake with access_denied; with OpenSSL's record
+# layer (and TLS 1.2) the handler hands them to the handshake as `expected`, whose verify callback refuses.
+IDENTITY_CASES = [pytest.param(layer, version, id=f"{layer.value}-tls{version}") for layer, version in CASES]
 
 
 @pytest.mark.parametrize(("layer", "version"), IDENTITY_CASES)
