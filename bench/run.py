@@ -352,12 +352,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, short durations")
     parser.add_argument("--rounds", type=int, help="rounds per tool (default 3, --quick 1)")
     every_step = ",".join(METRIC_STEPS)
-    every_tool = ",".join((*stats.TOOLS, stats.ONE_WORKER_TOOL))
+    every_tool = ",".join(stats.TOOLS)
     parser.add_argument(
         "--tools",
         default=every_tool,
-        help=f"comma-separated, some of {every_tool} (default: those; mtlsmesh runs its default workers, "
-        f"{stats.ONE_WORKER_TOOL} one), and {stats.OPENSSL_TOOL} for the sidecars with record_layer openssl",
+        help=f"comma-separated, some of {every_tool} (default: those; mtlsmesh runs its default, one worker), "
+        f"{stats.WORKERS_TOOL} for two workers and {stats.OPENSSL_TOOL} for record_layer openssl",
     )
     parser.add_argument("--metrics", default=every_step, help=f"comma-separated, some of {every_step} (default: all)")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
