@@ -230,6 +230,9 @@ async def test_drain_reaches_every_worker(tmp_path: Path) -> None:
                         await trio.to_thread.run_sync(socket.create_connection, ("127.0.0.1", ports["web"]), IO)
                         refused = 0
                         await trio.sleep(0.05)
+                    except ConnectionResetError:
+                        # Queued on a worker's listener just as it closed (README "Known limits"): not refused yet.
+                        refused = 0
                     except ConnectionRefusedError:
                         refused += 1
             assert await http_status(ports["health"]) == 503
