@@ -300,6 +300,19 @@ class Explanation:
         }
 
 
+def _begin(direction: str, target: str, walk: Walk | None, listen_port: int) -> tuple[Explanation, str | None]:
+    """The explanation as far as the capture rules take it, and why it was not captured (None: it was, or no
+    rules). Its decision is "unknown" when the rules cannot tell, and then it is complete."""
+    captured, why_not = _capture_or_none(walk, listen_port, direction)
+    out = Explanation(direction, target, walk, captured, "", "")
+    if walk is None:
+        out.notes.append("no capture rules given: assuming the connection is captured")
+    elif walk.outcome == UNKNOWN:
+        out.decision, out.reason = "unknown", why_not or ""
+        out.verdict = f"{target}: cannot tell whether it is captured ({walk.deciding})."
+    return out, why_not
+
+
 def _capture_or_none(walk: Walk | None, expected_port: int, what: str) -> tuple[bool, str | None]:
     """(captured, why not) for the listener `expected_port`; no rules: assume captured, say so."""
     if walk is None:
@@ -328,13 +341,9 @@ def explain_outbound(
     target = host_port(str(dst), port)
     iface = "lo" if local or dst.is_loopback else "eth0"
     walk = None if tables is None else capture_walk(tables, Packet(dst, port, out_iface=iface), inbound=False)
-    captured, why_not = _capture_or_none(walk, cfg.outbound.listen.port, "outbound")
-    out = Explanation("outbound", target, walk, captured, "", "")
-    if tables is None:
-        out.notes.append("no capture rules given: assuming the connection is captured")
-    if walk is not None and walk.outcome == UNKNOWN:
-        out.decision, out.reason = "unknown", why_not or ""
-        out.verdict = f"{target}: cannot tell whether it is captured ({walk.deciding})."
+    out, why_not = _begin("outbound", target, walk, cfg.outbound.listen.port)
+    captured = out.captured
+    if out.decision == "unknown":
         return out
     if not captured:
         listener = _listening(cfg, ExplicitMode.ORIGINATE, port) if local or dst.is_loopback else None
@@ -399,13 +408,9 @@ def explain_inbound(
     address = dst if dst is not None else ipaddress.IPv4Address("198.18.255.254")  # any non-loopback address
     packet = Packet(address, port, in_iface="eth0")
     walk = None if tables is None else capture_walk(tables, packet, inbound=True)
-    captured, why_not = _capture_or_none(walk, cfg.inbound.listen.port, "inbound")
-    out = Explanation("inbound", target, walk, captured, "", "")
-    if tables is None:
-        out.notes.append("no capture rules given: assuming the connection is captured")
-    if walk is not None and walk.outcome == UNKNOWN:
-        out.decision, out.reason = "unknown", why_not or ""
-        out.verdict = f"{target}: cannot tell whether it is captured ({walk.deciding})."
+    out, why_not = _begin("inbound", target, walk, cfg.inbound.listen.port)
+    captured = out.captured
+    if out.decision == "unknown":
         return out
     if not captured:
         listener = _listening(cfg, ExplicitMode.TERMINATE, port)
