@@ -12,8 +12,9 @@ sent to every worker; SIGTERM (or SIGINT) is passed on to each, which drains as 
 supervisor waits for them (`timeouts.drain` and a grace period, then SIGKILL). A worker that exits is logged and
 started again, after 0.5 s doubling to 30 s while it keeps dying soon after start (a crash loop shows as
 `event=worker_exited` lines and `mtlsmesh_worker_restarts_total`). A worker dies with its supervisor (the CLI sets
-PR_SET_PDEATHSIG), as a single process killed takes its listeners with it; without that, a worker whose channel
-reads end-of-file drains and exits.
+PR_SET_PDEATHSIG), as a single process killed takes its listeners with it; that signal follows the thread that
+forked the worker, so the supervisor forks from its main thread (`WorkerProcess`). Without it, a worker whose
+channel reads end-of-file drains and exits.
 
 Metrics: the workers run with `PROMETHEUS_MULTIPROC_DIR` set to a private directory the supervisor makes (on
 /dev/shm when it is writable, else the temporary directory) and removes at exit; `metrics.SidecarMetrics.aggregate`
@@ -33,6 +34,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -235,10 +237,59 @@ async def _follow(channel: Channel, credentials: SharedCredentials, state: admin
 # --- the supervisor -------------------------------------------------------------------------------------------------
 
 
+class WorkerProcess:
+    """One worker's process, started from the supervisor's main thread.
+
+    Not `trio.lowlevel.open_process`: that forks from a thread of trio's thread cache, and PR_SET_PDEATHSIG (which
+    the worker sets, `cli.sidecar.die_with_parent`) fires when the *thread* that forked the worker ends, not its
+    process. trio ends a cached thread after it has been idle for 10 s, so every worker was SIGKILLed about 10 s
+    after it started (and again after each restart) while its supervisor lived on: connections reset, and while
+    both were down, refused. The main thread lives as long as the supervisor. The fork and exec block the
+    supervisor's loop for about a millisecond; its exit is awaited on a pidfd (polled where there is none)."""
+
+    POLL = 0.05  # seconds between looks at a worker's status without a pidfd
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self._waiting = trio.Lock()
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # os.pidfd_open: Linux 5.3 and Python 3.9 on
+            self._pidfd = os.pidfd_open(popen.pid)
+
+    @classmethod
+    def start(cls, argv: Sequence[str], *, pass_fds: Sequence[int], env: dict[str, str]) -> WorkerProcess:
+        return cls(subprocess.Popen(argv, pass_fds=pass_fds, env=env))  # in this (the main) thread: see above
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Its exit status, once it has exited (and been reaped)."""
+        async with self._waiting:
+            while self.popen.poll() is None:
+                if self._pidfd is not None:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                else:
+                    await trio.sleep(self.POLL)
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return self.popen.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.popen.returncode is None:
+            self.popen.send_signal(signum)  # Popen checks, so a reaped pid is never signalled
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
-    process: trio.Process
+    process: WorkerProcess
     channel: Channel
     started: float
     ready: trio.Event = field(default_factory=trio.Event)
@@ -286,7 +337,7 @@ class Fleet:
         try:
             env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.path}
             argv = [part.replace("{fd}", str(child.fileno())) for part in self.command]
-            process = await trio.lowlevel.open_process(argv, pass_fds=(child.fileno(),), env=env)
+            process = WorkerProcess.start(argv, pass_fds=(child.fileno(),), env=env)
         except BaseException:
             parent.close()
             raise
@@ -396,7 +447,7 @@ async def _first_of(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
-async def _end(process: trio.Process) -> None:
+async def _end(process: WorkerProcess) -> None:
     if process.returncode is None:
         process.kill()
     await process.wait()
