@@ -6,6 +6,10 @@ per-worker connections counter says which worker carried what); a killed worker 
 keeps serving; a SIGHUP reload reaches both (every new connection gets the new serial); POST /drain and SIGTERM
 reach both, and no worker outlives the supervisor. In identity mode the supervisor is the one client of a real
 `mtlsmesh ca serve` process, and each renewal it gets reaches both workers.
+
+Two tests run longer than trio keeps an idle thread (10 s), the time after which workers forked from such a thread
+were killed: kept-alive 1 KiB round trips through a two-worker originate/terminate pair and then new connections;
+and kept-alive mTLS connections plus new ones through renewals of 4 s SVIDs. Neither may lose a connection.
 """
 
 from __future__ import annotations
@@ -377,3 +381,74 @@ async def test_a_two_worker_pair_holds_kept_alive_load_and_then_accepts_new_conn
             server.send_signal(signal.SIGTERM)
         assert server.returncode == 0
     assert not any(alive(pid) for pid in pids)
+
+
+async def tls_kept_alive_round_trips(port: int, client: CredentialFiles, until: float, payload: bytes) -> int:
+    """As `kept_alive_round_trips`, over one mTLS connection (Python's ssl, through trio) to a terminate listener."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_verify_locations(client.bundle)
+    context.load_cert_chain(client.cert, client.key)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    made = 0
+    try:
+        await stream.do_handshake()
+        while trio.current_time() < until and made < int(HOLD / PACE) + 1:
+            await stream.send_all(payload)
+            received = b""
+            while len(received) < len(payload):
+                data = await stream.receive_some(65536)
+                assert data, f"the connection ended after {made} round trips"
+                received += data
+            assert received == payload
+            made += 1
+            await trio.sleep(PACE)
+    finally:
+        await trio.aclose_forcefully(stream)
+    return made
+
+
+async def test_renewals_under_traffic_lose_no_connection_on_either_worker(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
+        tmp_path / "client", force=True
+    )
+    client = files_in(tmp_path / "client")
+    payload = os.urandom(1024)
+    with trio.fail_after(120):
+        async with ca_process(lab) as (ca_service, ca_port, _ca_lines), app_server(echo) as (app_port, _):
+            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
+                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+            })  # fmt: skip
+            data = yaml.safe_load(config.read_text())
+            data["workers"] = 2
+            data["identity"]["ttl"] = "4s"  # renewed every 2 s: several renewals while the traffic runs
+            config.write_text(yaml.safe_dump(data))
+            async with sidecar_process(config) as (process, ports, lines):
+                pids = worker_pids(lines)
+                until = trio.current_time() + HOLD
+                counts: list[int] = []
+                serials: set[int] = set()
+
+                async def kept_alive() -> None:
+                    counts.append(await tls_kept_alive_round_trips(ports["in"], client, until, payload))
+
+                async def new_connections() -> None:
+                    while trio.current_time() < until:
+                        serials.add(await round_trip(ports["in"], client))
+                        await trio.sleep(0.1)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2):
+                        nursery.start_soon(kept_alive)
+                    nursery.start_soon(new_connections)
+                assert len(counts) == 2 and min(counts) >= 100
+                shared = sum("event=credentials_shared workers=2" in line for line in lines)
+                assert shared >= 3 and len(serials) >= 3  # new connections saw several generations
+                samples = await scrape(ports["metrics"])
+                assert samples[("mtlsmesh_worker_restarts_total", ())] == 0 and samples[("mtlsmesh_workers", ())] == 2
+                assert all(alive(pid) for pid in pids)
+                assert not any("event=worker_exited" in line for line in lines)
+                process.send_signal(signal.SIGTERM)
+            assert process.returncode == 0
+            ca_service.send_signal(signal.SIGTERM)
