@@ -14,6 +14,7 @@ and kept-alive mTLS connections plus new ones through renewals of 4 s SVIDs. Nei
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -452,3 +453,54 @@ async def test_renewals_under_traffic_lose_no_connection_on_either_worker(tmp_pa
                 process.send_signal(signal.SIGTERM)
             assert process.returncode == 0
             ca_service.send_signal(signal.SIGTERM)
+
+
+HELD = 6  # open connections, fewer than a destination's recent outcomes (recent.PER_DESTINATION, 8)
+
+
+async def open_tls(port: int, client: CredentialFiles) -> trio.SSLStream[trio.SocketStream]:
+    """An mTLS connection to a terminate listener, proven by one echoed round trip, left open."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_verify_locations(client.bundle)
+    context.load_cert_chain(client.cert, client.key)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    await stream.send_all(b"ping")
+    assert await stream.receive_some(4) == b"ping"
+    return stream
+
+
+async def test_status_and_explain_show_the_connections_of_every_worker(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config) as (process, ports, _lines):
+            streams = []
+            with trio.fail_after(IO * 2):
+                try:
+                    for _ in range(HELD):
+                        streams.append(await open_tls(ports["web"], client))
+                    mine = {f"127.0.0.1:{stream.transport_stream.socket.getsockname()[1]}" for stream in streams}
+                    status, body = await aask(ports["admin"], "GET", "/status")
+                    assert status == 200
+                    report = json.loads(body)
+                    # Each worker's open connections, gathered by the supervisor: all of ours, whichever carries it.
+                    assert {row["client"] for row in report["open"]} == mine
+                    assert report["active"] == {"inbound": HELD}
+                    assert report["workers"] == {"asked": 2, "answered": 2}
+                finally:
+                    for stream in streams:
+                        await trio.aclose_forcefully(stream)
+                while total(await scrape(ports["metrics"]), "mtlsmesh_worker_connections_total") < HELD:
+                    await trio.sleep(0.05)
+                status, body = await aask(ports["admin"], "GET", "/status")
+                report = json.loads(body)
+                assert report["open"] == [] and {row["client"] for row in report["recent"]} == mine
+                explain = f"/explain?port={app_port}&from={pki.id_of('client')}"  # the app's port, as captured
+                status, body = await aask(ports["admin"], "GET", explain)
+                assert status == 200, body
+                (explained,) = json.loads(body)
+                assert {row["client"] for row in explained["recent"]} == mine
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0
