@@ -28,7 +28,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from mtlsmesh import admin_views, metrics
 from mtlsmesh import config as config_module
 from mtlsmesh.conventions import LOG_LEVELS
 from mtlsmesh.errors import ConfigError
+from mtlsmesh.recent import Recent
 from mtlsmesh.runtime import Runtime
 
 log = logging.getLogger("mtlsmesh.admin")
@@ -51,6 +53,7 @@ LINGER = 1.0  # seconds to drain a client's unread bytes after answering
 MAX_CLIENTS = 64  # concurrent HTTP connections per endpoint; more are closed at once
 TOKEN_BYTES = 32  # of randomness in the admin token (secrets.token_urlsafe: 43 characters)
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+_FROM_WORKERS = frozenset({"/status", "/explain"})  # answered from the workers' connections under a supervisor
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 431: "Request Header Fields Too Large",
@@ -69,16 +72,29 @@ def _text(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> 
     return Response(status, "text/plain", text.encode() + b"\n", headers)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkersView:
+    """The workers' connections, merged by their supervisor (`workers.Fleet.collect`): what GET /status and
+    GET /explain answer from instead of the supervisor's own (empty) ones. `answered` of `asked` workers replied."""
+
+    recent: Recent
+    active: Counter[str]
+    asked: int
+    answered: int
+
+
 @dataclass(slots=True)
 class State:
     """What the endpoints report; the sidecar flips `ready` once everything is bound, and back when draining.
-    `token`: what a POST to the admin port must present (None: POSTs are refused)."""
+    `token`: what a POST to the admin port must present (None: POSTs are refused). `workers`: set by a supervisor,
+    how to ask its workers for their connections (`WorkersView`)."""
 
     ready: bool = False
     draining: bool = False
     drain: trio.Event = field(default_factory=trio.Event)
     bound: dict[str, tuple[str, int]] = field(default_factory=dict)
     token: str | None = None
+    workers: Callable[[], Awaitable[WorkersView]] | None = None
 
 
 def readiness(rt: Runtime, state: State) -> Response:
@@ -178,6 +194,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lowercase; a repeated header is refused before this is built
+    view: WorkersView | None = None  # a supervisor's GET /status and /explain: its workers' connections
 
 
 Route = Callable[["Endpoints", Request], Response]
@@ -207,7 +224,14 @@ class Endpoints:
             table["/logging"] = {"POST": Endpoints._logging}
         return table
 
-    def answer(self, method: str, target: str, headers: dict[str, str] | None = None) -> Response:
+    def wants_workers(self, method: str, target: str) -> bool:
+        """Whether this request is answered from the workers' connections, which a supervisor must ask for first."""
+        path = target.partition("?")[0]
+        return self.kind == "admin" and self.state.workers is not None and method == "GET" and path in _FROM_WORKERS
+
+    def answer(
+        self, method: str, target: str, headers: dict[str, str] | None = None, view: WorkersView | None = None
+    ) -> Response:
         path, _, query_text = target.partition("?")
         methods = self.routes().get(path)
         if methods is None:
@@ -227,7 +251,7 @@ class Endpoints:
         repeated = sorted(name for name, values in query.items() if len(values) > 1)
         if repeated:
             return _text(400, f"the query parameter {repeated[0]} is given more than once")
-        return route(self, Request(method, path, query, headers))
+        return route(self, Request(method, path, query, headers, view))
 
     def _guard(self, headers: dict[str, str]) -> Response | None:
         """The admin port's refusals of any request: cross-origin (a browser's), a foreign Host (DNS rebinding)."""
@@ -269,11 +293,16 @@ class Endpoints:
         return Response(200, "application/json", json.dumps(self.rt.credentials.current.describe(), indent=2).encode())
 
     def _explain(self, request: Request) -> Response:
-        return Response(*admin_views.explain_answer(self.rt, urlencode(request.query, doseq=True)))
+        recent = None if request.view is None else request.view.recent
+        return Response(*admin_views.explain_answer(self.rt, urlencode(request.query, doseq=True), recent))
 
     def _status(self, request: Request) -> Response:
-        state = self.state
-        return Response(*admin_views.status_answer(self.rt, state.ready, state.draining, state.bound))
+        state, view = self.state, request.view
+        if view is None:
+            return Response(*admin_views.status_answer(self.rt, state.ready, state.draining, state.bound))
+        workers = {"asked": view.asked, "answered": view.answered}
+        return Response(*admin_views.status_answer(self.rt, state.ready, state.draining, state.bound, view.recent,
+                                                   view.active, workers))  # fmt: skip
 
     def _drain(self, request: Request) -> Response:
         if not self.state.drain.is_set():
@@ -376,7 +405,10 @@ async def _handle(stream: trio.SocketStream, endpoints: Endpoints, clients: _Cli
             if not line_ok or headers is None:
                 response = _respond(bad)
             else:
-                response = _respond(endpoints.answer(parts[0], parts[1], headers))
+                view = None
+                if endpoints.wants_workers(parts[0], parts[1]) and endpoints.state.workers is not None:
+                    view = await endpoints.state.workers()
+                response = _respond(endpoints.answer(parts[0], parts[1], headers, view))
         with trio.move_on_after(READ_TIMEOUT):
             await stream.send_all(response)
             # Lingering close: closing with unread request bytes would send an RST that can destroy the response

@@ -12,6 +12,9 @@ outcomes of every destination (`recent.Recent`).
 `recent`, the last outcomes for that destination (`recent.Recent`), newest first. A bad query is a 400 with one
 line saying what to write. Read-only: it changes nothing, and shows no key.
 
+Under a supervisor of `workers`, both answer from the workers' connections (`admin.WorkersView`, gathered by
+`workers.Fleet.collect`), and `/status` adds `workers: {asked, answered}`.
+
 What it does not: route (admin.py's `Endpoints.answer` sends both paths here) or serve HTTP.
 """
 
@@ -26,13 +29,16 @@ from mtlsmesh import explain
 from mtlsmesh.addresses import host_port, split_host_port
 from mtlsmesh.errors import IdentityError
 from mtlsmesh.identity import parse_workload_id
+from mtlsmesh.recent import Recent
 from mtlsmesh.runtime import Runtime
 
 Response = tuple[int, str, bytes]
 USAGE = "use /explain?to=HOST:PORT or /explain?port=PORT[&from=SPIFFE_ID]\n"
 
 
-def explain_answer(rt: Runtime, query: str) -> Response:
+def explain_answer(rt: Runtime, query: str, recent: Recent | None = None) -> Response:
+    """`recent`: the outcomes to show (a supervisor's: its workers' merged); by default the runtime's own."""
+    recent = rt.recent if recent is None else recent
     try:
         params = {key: values[-1] for key, values in parse_qs(query, strict_parsing=bool(query)).items()}
     except ValueError:
@@ -47,7 +53,7 @@ def explain_answer(rt: Runtime, query: str) -> Response:
         except ValueError:
             return 400, "text/plain", f"to: {host!r} is not an IP address\n".encode()
         found = explain.explain_outbound(rt.config, None, ip, port).to_dict()
-        found["recent"] = rt.recent.find("outbound", orig_dst=host_port(str(ip), port))
+        found["recent"] = recent.find("outbound", orig_dst=host_port(str(ip), port))
     elif "port" in params and set(params) <= {"port", "from"}:
         text = params["port"]
         if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
@@ -59,7 +65,7 @@ def explain_answer(rt: Runtime, query: str) -> Response:
             except IdentityError as exc:
                 return 400, "text/plain", f"from: {exc}\n".encode()
         found = explain.explain_inbound(rt.config, None, int(text), caller).to_dict()
-        found["recent"] = rt.recent.find("inbound", port=int(text))
+        found["recent"] = recent.find("inbound", port=int(text))
     else:
         return 400, "text/plain", USAGE.encode()
     found.pop("capture", None)  # the sidecar does not read the rules; the CLI walks them
@@ -67,14 +73,28 @@ def explain_answer(rt: Runtime, query: str) -> Response:
     return 200, "application/json", json.dumps([found], indent=2).encode() + b"\n"
 
 
-def status_answer(rt: Runtime, ready: bool, draining: bool, bound: Mapping[str, tuple[str, int]]) -> Response:
-    body = {
+def status_answer(
+    rt: Runtime,
+    ready: bool,
+    draining: bool,
+    bound: Mapping[str, tuple[str, int]],
+    recent: Recent | None = None,
+    active: Mapping[str, int] | None = None,
+    workers: Mapping[str, int] | None = None,
+) -> Response:
+    """`recent`, `active`: a supervisor's (its workers' merged), by default the runtime's own; `workers`: how many
+    workers were asked and answered, shown as such."""
+    recent = rt.recent if recent is None else recent
+    active = rt.stats.active if active is None else active
+    body: dict[str, object] = {
         "ready": ready,
         "draining": draining,
         "listeners": [{"name": name, "address": host_port(host, port)} for name, (host, port) in bound.items()],
         "certificate": rt.credentials.current.describe(),
-        "active": dict(sorted(rt.stats.active.items())),
-        "open": rt.recent.open_connections(),
-        "recent": rt.recent.everything(),
+        "active": dict(sorted(active.items())),
+        "open": recent.open_connections(),
+        "recent": recent.everything(),
     }
+    if workers is not None:
+        body["workers"] = dict(workers)
     return 200, "application/json", json.dumps(body, indent=2).encode() + b"\n"

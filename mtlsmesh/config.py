@@ -227,9 +227,9 @@ class Config:
     record_layer: RecordLayer = RecordLayer.OWN  # every listener's, unless an explicit one sets its own
     timeouts: Timeouts = Timeouts()
     max_connections: int = 10_000  # per worker
-    # Processes serving the relay listeners (SO_REUSEPORT); 0: "auto", the CPUs this process may use, capped
-    # (`workers.DEFAULT_CAP`). 1 (the default for now): one process, no supervisor.
-    workers: int = 1
+    # Processes serving the relay listeners (SO_REUSEPORT); 0: "auto" (the default), the CPUs this process may use,
+    # capped (`workers.DEFAULT_CAP`). 1: one process, no supervisor.
+    workers: int = 0
     admin_listen: ListenAddr | None = ListenAddr("127.0.0.1", ADMIN_PORT)
     health_listen: ListenAddr | None = ListenAddr("0.0.0.0", HEALTH_PORT)
     metrics_listen: ListenAddr | None = ListenAddr("0.0.0.0", METRICS_PORT)
@@ -315,7 +315,7 @@ def _parse_config(data: object) -> Config:
         max_connections=schema.integer(
             top.get("max_connections", _DEFAULT.max_connections), "max_connections", 1, 2**31
         ),
-        workers=_workers(top.get("workers", _DEFAULT.workers)),
+        workers=_workers(top["workers"]) if "workers" in top else _DEFAULT.workers,
         admin_listen=_optional_listener(top, "admin", _DEFAULT.admin_listen),
         health_listen=_optional_listener(top, "health", _DEFAULT.health_listen),
         metrics_listen=_optional_listener(top, "metrics", _DEFAULT.metrics_listen),

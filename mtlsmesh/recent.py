@@ -6,6 +6,8 @@ opened) files it, finished, under (direction, original destination); `find` answ
 first, `everything` all of them, `open_connections` those still open. The outcomes are bounded twice, so a scan of
 many addresses costs a fixed amount of memory: at most `destinations` keys (the least recently used goes first)
 and `per_destination` outcomes each; the open ones are as many as the connection limit lets be open.
+With `workers`, each worker keeps its own: `snapshot` is what one sends its supervisor, and `merge` makes of
+them one `Recent` to answer from (newest outcomes kept, the same bounds).
 
 What it does not: count (the metrics do), log, or keep anything across restarts. Pure: no I/O.
 """
@@ -45,6 +47,9 @@ class Finished(Protocol):
 
 # (wall time, client, peer_id, decision, reason, detail, bytes_in, bytes_out): one tuple per connection
 _Entry = tuple[float, str, str | None, str, str, str, int, int]
+# What `Recent.snapshot` gives: the outcomes per (direction, orig_dst), least recently used first, and the open
+# connections as `open_connections` lists them. Plain tuples, lists and dicts: it crosses a process boundary.
+Snapshot = tuple[list[tuple[tuple[str, str], list[_Entry]]], list[dict[str, object]]]
 
 
 class Recent:
@@ -53,6 +58,28 @@ class Recent:
         self.per_destination = per_destination
         self._by_key: OrderedDict[tuple[str, str], deque[_Entry]] = OrderedDict()
         self._open: dict[int, Finished] = {}
+        self._open_elsewhere: list[dict[str, object]] = []  # `merge`: other processes' open connections
+
+    def snapshot(self) -> Snapshot:
+        return [(key, list(entries)) for key, entries in self._by_key.items()], self.open_connections()
+
+    @classmethod
+    def merge(
+        cls, snapshots: list[Snapshot], destinations: int = DESTINATIONS, per_destination: int = PER_DESTINATION
+    ) -> Recent:
+        """One `Recent` of several processes' `snapshot`s: per destination the newest `per_destination` outcomes
+        of all, the `destinations` most recently used destinations, every open connection."""
+        merged = cls(destinations, per_destination)
+        by_key: dict[tuple[str, str], list[_Entry]] = {}
+        for outcomes, open_rows in snapshots:
+            for key, entries in outcomes:
+                by_key.setdefault(key, []).extend(entries)
+            merged._open_elsewhere.extend(open_rows)
+        newest_last = sorted(by_key.items(), key=lambda item: max((entry[0] for entry in item[1]), default=0.0))
+        for key, entries in newest_last[-destinations:] if destinations > 0 else []:
+            entries.sort(key=lambda entry: entry[0])
+            merged._by_key[key] = deque(entries[-per_destination:], maxlen=per_destination)
+        return merged
 
     def opened(self, rec: Finished) -> None:
         self._open[id(rec)] = rec
@@ -63,7 +90,7 @@ class Recent:
 
     def open_connections(self) -> list[dict[str, object]]:
         now = time.monotonic()
-        return [
+        rows: list[dict[str, object]] = [
             {
                 "direction": rec.direction, "listener": rec.listener, "client": rec.client_addr,
                 "orig_dst": rec.orig_dst, "peer_id": None if rec.peer_id is None else str(rec.peer_id),
@@ -71,6 +98,7 @@ class Recent:
             }
             for rec in self._open.values()
         ]  # fmt: skip
+        return rows + self._open_elsewhere
 
     def everything(self) -> list[dict[str, object]]:
         """Every destination's last outcomes: {direction, orig_dst, and the fields of `find`}, newest first."""

@@ -7,13 +7,15 @@ socketpair, the config, the reserved ports and the current SVID (chain, key and 
 disk). Each worker (`run_worker`) binds the relay listeners itself with SO_REUSEPORT and serves them with its own trio
 loop and its own TLS contexts (`sidecar.serve_sidecar` with `ports`). The supervisor keeps the one credential
 source (the file watcher and SIGHUP, or the identity agent and its CA calls) and sends every new generation to every
-worker; it serves the one health, metrics and admin endpoint. POST /drain and the log level of POST /logging are
-sent to every worker; SIGTERM (or SIGINT) is passed on to each, which drains as a single process would, and the
-supervisor waits for them (`timeouts.drain` and a grace period, then SIGKILL). A worker that exits is logged and
-started again, after 0.5 s doubling to 30 s while it keeps dying soon after start (a crash loop shows as
-`event=worker_exited` lines and `mtlsmesh_worker_restarts_total`). A worker dies with its supervisor (the CLI sets
-PR_SET_PDEATHSIG), as a single process killed takes its listeners with it; without that, a worker whose channel
-reads end-of-file drains and exits.
+worker; it serves the one health, metrics and admin endpoint, and answers GET /status and GET /explain from what
+every worker sends back when asked (`Fleet.collect`: open connections, recent outcomes). POST /drain and the log
+level of POST /logging are sent to every worker; SIGTERM (or SIGINT) is passed on to each, which drains as a
+single process would, and the supervisor waits for them (`timeouts.drain` and a grace period, then SIGKILL). A
+worker that exits is logged and started again, after 0.5 s doubling to 30 s while it keeps dying soon after start
+(a crash loop shows as `event=worker_exited` lines and `mtlsmesh_worker_restarts_total`). A worker dies with its
+supervisor (the CLI sets PR_SET_PDEATHSIG), as a single process killed takes its listeners with it; that signal
+follows the thread that forked the worker, so the supervisor forks from its main thread (`WorkerProcess`).
+Without it, a worker whose channel reads end-of-file drains and exits.
 
 Metrics: the workers run with `PROMETHEUS_MULTIPROC_DIR` set to a private directory the supervisor makes (on
 /dev/shm when it is writable, else the temporary directory) and removes at exit; `metrics.SidecarMetrics.aggregate`
@@ -25,7 +27,9 @@ queue), or hand over open connections of a worker that dies (they are lost with 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -33,6 +37,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ from mtlsmesh.config import Config
 from mtlsmesh.credentials import Credentials, CredentialSource
 from mtlsmesh.errors import MeshError
 from mtlsmesh.identity import TrustDomain
+from mtlsmesh.recent import Recent
 from mtlsmesh.runtime import Runtime, Tracker
 
 log = logging.getLogger("mtlsmesh.workers")
@@ -59,6 +65,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds before restarting a worker that 
 STABLE_AFTER = 30.0  # a worker that lived this long is not crash-looping: its next restart waits BACKOFF_MIN again
 STOP_GRACE = 5.0  # seconds past `timeouts.drain` the supervisor waits for its workers before SIGKILL
 DRAIN_ACK_TIMEOUT = 5.0  # seconds to wait for the workers to close their listeners (POST /drain, SIGTERM)
+SNAPSHOT_TIMEOUT = 1.0  # seconds GET /status and GET /explain wait for the workers' connections
 FOLLOW_POLL = 0.2  # seconds between the supervisor's looks at the credential source and the log level
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -200,9 +207,9 @@ async def run_worker(fd: int, stop: trio.Event, configure: Callable[[Config], No
             )
             nursery.cancel_scope.cancel()
 
-        _rt, state = await nursery.start(serve)
+        rt, state = await nursery.start(serve)
         await channel.send("ready", os.getpid())
-        nursery.start_soon(_follow, channel, credentials, state, stop)
+        nursery.start_soon(_follow, channel, credentials, rt, state, stop)
         nursery.start_soon(_report_closed, channel, closed)
     await channel.aclose()
 
@@ -215,7 +222,9 @@ async def _report_closed(channel: Channel, closed: trio.Event) -> None:
         await channel.send("closed")
 
 
-async def _follow(channel: Channel, credentials: SharedCredentials, state: admin.State, stop: trio.Event) -> None:
+async def _follow(
+    channel: Channel, credentials: SharedCredentials, rt: Runtime, state: admin.State, stop: trio.Event
+) -> None:
     while True:
         message = await channel.receive()
         if message is None:
@@ -230,15 +239,75 @@ async def _follow(channel: Channel, credentials: SharedCredentials, state: admin
             state.drain.set()
         elif kind == "log_level":
             logging.getLogger("mtlsmesh").setLevel(str(payload).upper())
+        elif kind == "snapshot":  # GET /status or /explain on the supervisor: this worker's connections
+            reply = {"recent": rt.recent.snapshot(), "active": dict(rt.stats.active)}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await channel.send("snapshot", (payload, reply))
 
 
 # --- the supervisor -------------------------------------------------------------------------------------------------
 
 
+class WorkerProcess:
+    """One worker's process, started from the supervisor's main thread.
+
+    Not `trio.lowlevel.open_process`: that forks from a thread of trio's thread cache, and PR_SET_PDEATHSIG (which
+    the worker sets, `cli.sidecar.die_with_parent`) fires when the *thread* that forked the worker ends, not its
+    process. trio ends a cached thread after it has been idle for 10 s, so every worker was SIGKILLed about 10 s
+    after it started (and again after each restart) while its supervisor lived on: connections reset, and while
+    both were down, refused. The main thread lives as long as the supervisor. `Popen` blocks the supervisor's loop
+    while it forks and execs (0.3-0.4 ms measured); the exit is awaited on a pidfd (polled where there is none)."""
+
+    POLL = 0.05  # seconds between looks at a worker's status without a pidfd
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self._waiting = trio.Lock()
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # os.pidfd_open: Linux 5.3 and Python 3.9 on
+            self._pidfd = os.pidfd_open(popen.pid)
+
+    @classmethod
+    def start(cls, argv: Sequence[str], *, pass_fds: Sequence[int], env: dict[str, str]) -> WorkerProcess:
+        return cls(subprocess.Popen(argv, pass_fds=pass_fds, env=env))  # in this (the main) thread: see above
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Its exit status, once it has exited (and been reaped)."""
+        async with self._waiting:
+            while self.popen.poll() is None:
+                if self._pidfd is not None:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                else:
+                    await trio.sleep(self.POLL)
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return self.popen.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.popen.returncode is None:
+            self.popen.send_signal(signum)  # Popen checks, so a reaped pid is never signalled
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+@dataclass(slots=True)
+class _Pending:
+    expected: int
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
-    process: trio.Process
+    process: WorkerProcess
     channel: Channel
     started: float
     ready: trio.Event = field(default_factory=trio.Event)
@@ -266,6 +335,29 @@ class Fleet:
         self.restarts = 0
         self.stopping = False
         self.draining = False
+        self._asked = itertools.count()
+        self._pending: dict[int, _Pending] = {}  # snapshot requests waiting for the workers' answers
+
+    async def collect(self) -> admin.WorkersView:
+        """What every live worker has open and has seen lately, merged (GET /status, GET /explain): one request
+        to each, answers awaited for SNAPSHOT_TIMEOUT at most (a busy or exiting worker is left out, and counted)."""
+        asked = list(self.live())
+        number = next(self._asked)
+        pending = self._pending[number] = _Pending(len(asked))
+        try:
+            for worker in asked:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await worker.channel.send("snapshot", number)
+            if asked:
+                with trio.move_on_after(SNAPSHOT_TIMEOUT):
+                    await pending.done.wait()
+        finally:
+            del self._pending[number]
+        active: collections.Counter[str] = collections.Counter()
+        for reply in pending.replies:
+            active.update(reply["active"])
+        recent = Recent.merge([reply["recent"] for reply in pending.replies])
+        return admin.WorkersView(recent, active, asked=len(asked), answered=len(pending.replies))
 
     def live(self) -> Iterator[_Worker]:
         return (w for w in self.workers.values() if w.ready.is_set() and not w.exited.is_set())
@@ -286,7 +378,7 @@ class Fleet:
         try:
             env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.path}
             argv = [part.replace("{fd}", str(child.fileno())) for part in self.command]
-            process = await trio.lowlevel.open_process(argv, pass_fds=(child.fileno(),), env=env)
+            process = WorkerProcess.start(argv, pass_fds=(child.fileno(),), env=env)
         except BaseException:
             parent.close()
             raise
@@ -353,6 +445,13 @@ class Fleet:
                 log.info("event=worker_started worker=%d pid=%d", worker.index, worker.process.pid)
             elif message[0] == "closed":
                 worker.closed.set()
+            elif message[0] == "snapshot":
+                number, reply = message[1]
+                pending = self._pending.get(number)
+                if pending is not None:
+                    pending.replies.append(reply)
+                    if len(pending.replies) >= pending.expected:
+                        pending.done.set()
 
     async def _wait_exit(self, worker: _Worker) -> None:
         await worker.process.wait()
@@ -396,7 +495,7 @@ async def _first_of(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
-async def _end(process: trio.Process) -> None:
+async def _end(process: WorkerProcess) -> None:
     if process.returncode is None:
         process.kill()
     await process.wait()
@@ -455,6 +554,7 @@ async def supervise(
         raise
     try:
         fleet = Fleet(cfg, credentials, command, ports, path)
+        state.workers = fleet.collect
         rt = Runtime(cfg, credentials, orig_dst=netio.original_dst, tracker=Tracker(cfg.max_connections))
         rt.stats.aggregate(path, _FleetCollector(fleet))
         async with trio.open_nursery() as top:

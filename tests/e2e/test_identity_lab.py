@@ -31,7 +31,8 @@ from functools import partial
 
 import pytest
 
-from mtlsmesh import ca
+from mtlsmesh import ca, workers
+from mtlsmesh.config import Config
 from mtlsmesh.conventions import ADMIN_PORT, PROXY_UID
 from mtlsmesh.lab import netns
 from mtlsmesh.lab.pods import Lab, child_env, http_get, log_records
@@ -166,6 +167,10 @@ def test_short_lived_svids_renew_under_continuous_traffic() -> None:
             records = log_records(lab.sidecar_log(pod))
             assert len([r for r in records if r.get("event") == "svid_renewed"]) >= 4
             assert not [r for r in records if str(r.get("event", "")).endswith("_failing")]
+            # The lab's sidecars run the default, `workers: auto` (two on two CPUs), and no worker died.
+            (ready,) = [r for r in records if r.get("event") == "ready"]
+            assert int(ready.get("workers", 1)) == workers.resolve(Config()), ready
+            assert not [r for r in records if r.get("event") == "worker_exited"]
         assert [r for r in ca_records(lab, "svid")], "renewals did not use the SVID as credential"
         assert len(ca_records(lab, "token")) == len(IDS), "a sidecar fell back to its token"
         inbound = [inbound_mtls(f"{lab.ip('web')}:{port}", CLIENT_ID) for port in (7000, 7001)]

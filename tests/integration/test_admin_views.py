@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import time
 from urllib.parse import quote
 
 import pytest
@@ -91,6 +92,34 @@ def test_recent_is_bounded_in_destinations_and_outcomes() -> None:
         True
     ] * 3
     assert len(recent.find("outbound", orig_dst="198.18.0.9:9")) == 2
+
+
+def test_merged_recent_keeps_the_newest_of_every_process_within_the_same_bounds() -> None:
+    # Two workers' outcomes, interleaved in time (1 ms apart: the order is by wall time), to the same destination
+    # and to a few others.
+    from mtlsmesh.runtime import ConnRecord
+
+    workers = [Recent(destinations=3, per_destination=3), Recent(destinations=3, per_destination=3)]
+
+    def add(worker: int, dst: str, client: str = "") -> None:
+        time.sleep(0.001)
+        workers[worker].add(ConnRecord("outbound", "outbound", orig_dst=dst, client_addr=client))
+
+    for n in range(6):
+        add(n % 2, "198.18.0.9:80", f"c{n}")
+    for port in (81, 82):  # older than 83, newer than 80's outcomes
+        add(0, f"198.18.0.9:{port}")
+    add(1, "198.18.0.9:83")
+    held = ConnRecord("inbound", "inbound", orig_dst="198.18.0.9:9080", client_addr="held")
+    workers[1].opened(held)
+    merged = Recent.merge([worker.snapshot() for worker in workers], destinations=3, per_destination=3)
+    # 80 was used least recently of the four: dropped, as a single Recent would.
+    assert merged.find("outbound", orig_dst="198.18.0.9:80") == []
+    assert [row["orig_dst"] for row in merged.everything()] == ["198.18.0.9:83", "198.18.0.9:82", "198.18.0.9:81"]
+    assert [row["client"] for row in merged.open_connections()] == ["held"]
+    wide = Recent.merge([worker.snapshot() for worker in workers], per_destination=3)
+    # The newest three to :80, whichever worker carried them, newest first.
+    assert [row["client"] for row in wide.find("outbound", orig_dst="198.18.0.9:80")] == ["c5", "c4", "c3"]
 
 
 async def test_status_and_proxy_config_show_listeners_certs_and_open_connections(

@@ -627,11 +627,15 @@ async def test_an_endpoint_bug_costs_one_request_not_the_sidecar(
     original = admin.Endpoints.answer
 
     def answer(
-        self: admin.Endpoints, method: str, target: str, headers: dict[str, str] | None = None
+        self: admin.Endpoints,
+        method: str,
+        target: str,
+        headers: dict[str, str] | None = None,
+        view: admin.WorkersView | None = None,
     ) -> admin.Response:
         if target == "/boom":  # a stand-in for a bug in an answer
             raise RuntimeError("a bug in an endpoint")
-        return original(self, method, target, headers)
+        return original(self, method, target, headers, view)
 
     monkeypatch.setattr(admin.Endpoints, "answer", answer)
     with trio.fail_after(IO):

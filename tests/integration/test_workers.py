@@ -6,10 +6,15 @@ per-worker connections counter says which worker carried what); a killed worker 
 keeps serving; a SIGHUP reload reaches both (every new connection gets the new serial); POST /drain and SIGTERM
 reach both, and no worker outlives the supervisor. In identity mode the supervisor is the one client of a real
 `mtlsmesh ca serve` process, and each renewal it gets reaches both workers.
+
+Two tests run longer than trio keeps an idle thread (10 s), the time after which workers forked from such a thread
+were killed: kept-alive 1 KiB round trips through a two-worker originate/terminate pair and then new connections;
+and kept-alive mTLS connections plus new ones through renewals of 4 s SVIDs. Neither may lose a connection.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,7 +33,7 @@ from mtlsmesh.config import CredentialFiles
 from mtlsmesh.identity import workload_id
 from tests.integration import test_identity_process
 from tests.integration.castack import CaLab
-from tests.integration.mesh import app_server, echo
+from tests.integration.mesh import app_server, echo, exchange
 from tests.integration.test_admin_process import aask
 from tests.integration.test_ca_serve_process import ca_process
 from tests.integration.test_sidecar_process import http_status, sidecar_process, write_config
@@ -280,3 +285,222 @@ async def test_in_identity_mode_one_client_of_the_ca_feeds_every_worker(tmp_path
     asked = [line for line in lines if "event=svid_issued" in line or "event=svid_renewed" in line]
     issued = [line for line in ca_lines if "event=issued" in line and "sa/reviews" in line]
     assert len(asked) >= 2 and len(issued) == len(asked)
+
+
+# Longer than trio keeps an idle thread of its thread cache (10 s): a worker started from such a thread with
+# PR_SET_PDEATHSIG was killed when that thread ended, while its supervisor lived on.
+HOLD = 12.0
+KEPT_ALIVE = 8  # connections, each carrying 1 KiB round trips one after the other
+PACE = 0.01  # seconds between two round trips of one connection: hundreds per connection over HOLD
+FRESH = 20  # new connections after the kept-alive load
+
+
+async def kept_alive_round_trips(port: int, until: float, payload: bytes) -> int:
+    """1 KiB round trips over one plain TCP connection until `until` (trio's clock); how many. Any reset or short
+    reply fails the test."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    made = 0
+    try:
+        while trio.current_time() < until and made < int(HOLD / PACE) + 1:
+            await stream.send_all(payload)
+            received = b""
+            while len(received) < len(payload):
+                data = await stream.receive_some(65536)
+                assert data, f"the connection ended after {made} round trips"
+                received += data
+            assert received == payload
+            made += 1
+            await trio.sleep(PACE)
+    finally:
+        await trio.aclose_forcefully(stream)
+    return made
+
+
+def originate_config(path: Path, pki: Pki, server_port: int, **overrides: object) -> Path:
+    """An originator with two workers: its `out` listener forwards to `server_port` over mTLS, expecting web."""
+    files = pki.issue("client")
+    config: dict[str, object] = {
+        "trust_domain": "cluster.local",
+        "credentials": {"cert": files.cert, "key": files.key, "bundle": files.bundle},
+        "outbound": {"enabled": False},
+        "inbound": {"enabled": False},
+        "explicit": [
+            {
+                "name": "out",
+                "listen": "127.0.0.1:0",
+                "forward_to": f"127.0.0.1:{server_port}",
+                "mode": "originate",
+                "identities": [str(pki.id_of("web"))],
+            }
+        ],
+        "timeouts": {"handshake": "2s", "connect": "1s", "drain": "1s"},
+        "admin": None,
+        "health": {"listen": "127.0.0.1:0"},
+        "metrics": {"listen": "127.0.0.1:0"},
+        "workers": 2,
+    }
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_a_two_worker_pair_holds_kept_alive_load_and_then_accepts_new_connections(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    payload = os.urandom(1024)
+    async with app_server(echo) as (app_port, _seen):
+        # The files are polled at the default interval (as in the benchmark), not every second.
+        server_config = write_config(tmp_path / "server.yaml", pki, app_port, workers=2)
+        data = yaml.safe_load(server_config.read_text())
+        del data["credentials"]["reload_interval"]
+        server_config.write_text(yaml.safe_dump(data))
+        async with sidecar_process(server_config) as (server, server_ports, server_lines):
+            client_config = originate_config(tmp_path / "client.yaml", pki, server_ports["web"])
+            async with sidecar_process(client_config) as (client, client_ports, client_lines):
+                pids = worker_pids(server_lines) + worker_pids(client_lines)
+                until = trio.current_time() + HOLD
+                counts: list[int] = []
+                with trio.fail_after(HOLD + IO):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(KEPT_ALIVE):
+
+                            async def one() -> None:
+                                counts.append(await kept_alive_round_trips(client_ports["out"], until, payload))
+
+                            nursery.start_soon(one)
+                    assert len(counts) == KEPT_ALIVE and min(counts) >= 100  # hundreds of round trips on each
+                    # New connections are still accepted, by workers that were never restarted.
+                    for _ in range(FRESH):
+                        assert await exchange(client_ports["out"], payload) == payload
+                    for ports in (server_ports, client_ports):
+                        samples = await scrape(ports["metrics"])
+                        assert samples[("mtlsmesh_worker_restarts_total", ())] == 0
+                        assert samples[("mtlsmesh_workers", ())] == 2
+                assert all(alive(pid) for pid in pids)
+                assert not any("event=worker_exited" in line for line in server_lines + client_lines)
+                client.send_signal(signal.SIGTERM)
+            assert client.returncode == 0
+            server.send_signal(signal.SIGTERM)
+        assert server.returncode == 0
+    assert not any(alive(pid) for pid in pids)
+
+
+async def tls_kept_alive_round_trips(port: int, client: CredentialFiles, until: float, payload: bytes) -> int:
+    """As `kept_alive_round_trips`, over one mTLS connection (Python's ssl, through trio) to a terminate listener."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_verify_locations(client.bundle)
+    context.load_cert_chain(client.cert, client.key)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    made = 0
+    try:
+        await stream.do_handshake()
+        while trio.current_time() < until and made < int(HOLD / PACE) + 1:
+            await stream.send_all(payload)
+            received = b""
+            while len(received) < len(payload):
+                data = await stream.receive_some(65536)
+                assert data, f"the connection ended after {made} round trips"
+                received += data
+            assert received == payload
+            made += 1
+            await trio.sleep(PACE)
+    finally:
+        await trio.aclose_forcefully(stream)
+    return made
+
+
+async def test_renewals_under_traffic_lose_no_connection_on_either_worker(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
+        tmp_path / "client", force=True
+    )
+    client = files_in(tmp_path / "client")
+    payload = os.urandom(1024)
+    with trio.fail_after(120):
+        async with ca_process(lab) as (ca_service, ca_port, _ca_lines), app_server(echo) as (app_port, _):
+            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
+                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+            })  # fmt: skip
+            data = yaml.safe_load(config.read_text())
+            data["workers"] = 2
+            data["identity"]["ttl"] = "4s"  # renewed every 2 s: several renewals while the traffic runs
+            config.write_text(yaml.safe_dump(data))
+            async with sidecar_process(config) as (process, ports, lines):
+                pids = worker_pids(lines)
+                until = trio.current_time() + HOLD
+                counts: list[int] = []
+                serials: set[int] = set()
+
+                async def kept_alive() -> None:
+                    counts.append(await tls_kept_alive_round_trips(ports["in"], client, until, payload))
+
+                async def new_connections() -> None:
+                    while trio.current_time() < until:
+                        serials.add(await round_trip(ports["in"], client))
+                        await trio.sleep(0.1)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2):
+                        nursery.start_soon(kept_alive)
+                    nursery.start_soon(new_connections)
+                assert len(counts) == 2 and min(counts) >= 100
+                shared = sum("event=credentials_shared workers=2" in line for line in lines)
+                assert shared >= 3 and len(serials) >= 3  # new connections saw several generations
+                samples = await scrape(ports["metrics"])
+                assert samples[("mtlsmesh_worker_restarts_total", ())] == 0 and samples[("mtlsmesh_workers", ())] == 2
+                assert all(alive(pid) for pid in pids)
+                assert not any("event=worker_exited" in line for line in lines)
+                process.send_signal(signal.SIGTERM)
+            assert process.returncode == 0
+            ca_service.send_signal(signal.SIGTERM)
+
+
+HELD = 6  # open connections, fewer than a destination's recent outcomes (recent.PER_DESTINATION, 8)
+
+
+async def open_tls(port: int, client: CredentialFiles) -> trio.SSLStream[trio.SocketStream]:
+    """An mTLS connection to a terminate listener, proven by one echoed round trip, left open."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_verify_locations(client.bundle)
+    context.load_cert_chain(client.cert, client.key)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+    await stream.send_all(b"ping")
+    assert await stream.receive_some(4) == b"ping"
+    return stream
+
+
+async def test_status_and_explain_show_the_connections_of_every_worker(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    client = pki.issue("client")
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=2)
+        async with sidecar_process(config) as (process, ports, _lines):
+            streams = []
+            with trio.fail_after(IO * 2):
+                try:
+                    for _ in range(HELD):
+                        streams.append(await open_tls(ports["web"], client))
+                    mine = {f"127.0.0.1:{stream.transport_stream.socket.getsockname()[1]}" for stream in streams}
+                    status, body = await aask(ports["admin"], "GET", "/status")
+                    assert status == 200
+                    report = json.loads(body)
+                    # Each worker's open connections, gathered by the supervisor: all of ours, whichever carries it.
+                    assert {row["client"] for row in report["open"]} == mine
+                    assert report["active"] == {"inbound": HELD}
+                    assert report["workers"] == {"asked": 2, "answered": 2}
+                finally:
+                    for stream in streams:
+                        await trio.aclose_forcefully(stream)
+                while total(await scrape(ports["metrics"]), "mtlsmesh_worker_connections_total") < HELD:
+                    await trio.sleep(0.05)
+                status, body = await aask(ports["admin"], "GET", "/status")
+                report = json.loads(body)
+                assert report["open"] == [] and {row["client"] for row in report["recent"]} == mine
+                explain = f"/explain?port={app_port}&from={pki.id_of('client')}"  # the app's port, as captured
+                status, body = await aask(ports["admin"], "GET", explain)
+                assert status == 200, body
+                (explained,) = json.loads(body)
+                assert {row["client"] for row in explained["recent"]} == mine
+            process.send_signal(signal.SIGTERM)
+        assert process.returncode == 0

@@ -146,9 +146,9 @@ def test_the_openssl_record_path_is_reported_beside_ours_only_when_it_ran() -> N
     assert stats.render_record_layers({"stunnel": {}, "mtlsmesh": {"p50": [1.0]}, stats.OPENSSL_TOOL: {}}) == ""
 
 
-def test_two_workers_are_reported_beside_the_default_only_when_they_ran() -> None:
-    ran = {"mtlsmesh": {"rps": [18000.0, 17000.0, 17500.0]}, stats.WORKERS_TOOL: {"rps": [9000.0, 8750.0]}}
+def test_one_worker_is_reported_beside_the_default_only_when_it_ran() -> None:
+    ran = {"mtlsmesh": {"rps": [18000.0, 17000.0, 17500.0]}, stats.ONE_WORKER_TOOL: {"rps": [9000.0, 8750.0]}}
     table = stats.render_workers(ran).splitlines()
-    assert table[0].startswith("| metric | unit | mtlsmesh (1 worker) | mtlsmesh (2 workers) | 2 workers/1 |")
+    assert table[0].startswith("| metric | unit | mtlsmesh (default workers) | mtlsmesh (1 worker) | 1 worker/")
     assert any(row.endswith("| 17,500 | 8,875 | 0.51x | 3/2 |") for row in table), table
-    assert stats.render_workers({"mtlsmesh": {"rps": [1.0]}, stats.WORKERS_TOOL: {}}) == ""
+    assert stats.render_workers({"mtlsmesh": {"rps": [1.0]}, stats.ONE_WORKER_TOOL: {}}) == ""

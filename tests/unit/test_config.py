@@ -254,6 +254,7 @@ TD = "spiffe://cluster.local"
         ({"log": {"level": "debug"}, "max_connections": 1}, Config(log_level="debug", max_connections=1)),
         ({"workers": 3}, Config(workers=3)),
         ({"workers": "auto"}, Config(workers=0)),
+        ({"workers": 1}, Config(workers=1)),
     ],
 )  # fmt: skip
 def test_parse_config(data: dict[str, Any], expected: Config) -> None:
@@ -683,6 +684,11 @@ def test_load_config_reads_a_small_file(tmp_path: Path) -> None:
         trust_domain=TrustDomain("example.org"),
         inbound=InboundConfig(mode=Mode.PERMISSIVE, ports={3306: PortConfig(server_first=True)}),
     )
+
+
+def test_workers_default_to_auto() -> None:
+    # No `workers:` key: auto (0), which `workers.resolve` turns into the CPUs the process may use, at most 2.
+    assert parse_config({"trust_domain": "cluster.local"}).workers == 0
 
 
 def test_interception_mode_defaults_to_redirect_and_reads_tproxy() -> None:
