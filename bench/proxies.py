@@ -47,7 +47,7 @@ HAPROXY = PairSpec("haproxy", {"echo": 8301, "http": 8302, "iperf": 8303})
 DIRECT = PairSpec("direct", dict(BACKEND_PORTS), front_host=ADDR_B)  # no tunnel: straight to the backends
 # The same sidecars with OpenSSL's record layer; only when asked for (`--tools ...,mtlsmesh-openssl`).
 MTLSMESH_OPENSSL = PairSpec("mtlsmesh-openssl", {"echo": 8401, "http": 8402, "iperf": 8403}, record_layer="openssl")
-# The same sidecars as one process each (`workers: 1`), beside the default; only when asked for (`mtlsmesh-1w`).
+# The same sidecars as one process each (`workers: 1`), beside the default in every default run (`mtlsmesh-1w`).
 MTLSMESH_1W = PairSpec("mtlsmesh-1w", {"echo": 8501, "http": 8502, "iperf": 8503}, workers=1)
 PAIRS = (STUNNEL, HAPROXY, MTLSMESH, MTLSMESH_1W, MTLSMESH_OPENSSL, DIRECT)  # the order every round runs them in
 

@@ -355,9 +355,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     every_tool = ",".join(stats.TOOLS)
     parser.add_argument(
         "--tools",
-        default=every_tool,
-        help=f"comma-separated, some of {every_tool} (default: those; mtlsmesh runs its default, workers: auto), "
-        f"{stats.ONE_WORKER_TOOL} for one worker and {stats.OPENSSL_TOOL} for record_layer openssl",
+        default=f"{every_tool},{stats.ONE_WORKER_TOOL}",
+        help=f"comma-separated, some of {every_tool},{stats.ONE_WORKER_TOOL} (default: those; mtlsmesh runs its "
+        f"default, workers: auto, and {stats.ONE_WORKER_TOOL} one worker) and {stats.OPENSSL_TOOL} for record_layer "
+        "openssl",
     )
     parser.add_argument("--metrics", default=every_step, help=f"comma-separated, some of {every_step} (default: all)")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 TOOLS: tuple[str, ...] = ("stunnel", "haproxy", "mtlsmesh", "direct")
 C_PEERS: tuple[str, ...] = ("stunnel", "haproxy")  # the tunnels written in C that mtlsmesh is measured against
 OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl`, only when asked for
-ONE_WORKER_TOOL = "mtlsmesh-1w"  # the sidecars with `workers: 1` (`mtlsmesh` runs the default), only when asked for
+ONE_WORKER_TOOL = "mtlsmesh-1w"  # the sidecars with `workers: 1` (`mtlsmesh` runs the default), in every default run
 EXTRA_TOOLS: tuple[str, ...] = (ONE_WORKER_TOOL, OPENSSL_TOOL)
 
 Results = dict[str, dict[str, list[float]]]
