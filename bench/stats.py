@@ -18,7 +18,8 @@ C_PEERS: tuple[str, ...] = ("stunnel", "haproxy")  # the tunnels written in C th
 OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl`, only when asked for
 # The sidecars with `workers: 1` (the `mtlsmesh` column runs the default, `workers: auto`); in every run by default.
 WORKERS_TOOL = "mtlsmesh-2w"  # the sidecars with `workers: 2`, only when asked for
-EXTRA_TOOLS: tuple[str, ...] = (WORKERS_TOOL, OPENSSL_TOOL)
+CLASSIC_TOOL = "mtlsmesh-classic"  # the sidecars with `key_exchange: classic`, only when asked for
+EXTRA_TOOLS: tuple[str, ...] = (WORKERS_TOOL, OPENSSL_TOOL, CLASSIC_TOOL)
 
 Results = dict[str, dict[str, list[float]]]
 
@@ -163,6 +164,12 @@ def render_table(results: Results) -> str:
 def render_record_layers(results: Results) -> str:
     """The two record paths side by side (empty when the openssl one did not run): medians and openssl/own."""
     return _render_variant(results, OPENSSL_TOOL, ("mtlsmesh (own)", "mtlsmesh (openssl)", "openssl/own", "o/s"))
+
+
+def render_key_exchange(results: Results) -> str:
+    """X25519 alone beside the default hybrid group (empty when the classic pair did not run)."""
+    return _render_variant(results, CLASSIC_TOOL, ("mtlsmesh (hybrid)", "mtlsmesh (classic)", "classic/hybrid",
+                                                   "h/c"))  # fmt: skip
 
 
 def render_workers(results: Results) -> str:

@@ -63,6 +63,9 @@ ALPN = conventions.MESH_ALPN.encode()  # what every sidecar offers and requires
 # group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.
 PQ_GROUPS = b"X25519MLKEM768:X25519:P-256"
 CLASSIC_GROUPS = b"X25519:P-256"
+# What `build_context(key_exchange=...)` takes: "hybrid" (the default) offers GROUPS, the hybrid group first where
+# OpenSSL has it; "classic" offers and accepts CLASSIC_GROUPS only (the config's `key_exchange`).
+KEY_EXCHANGES = ("hybrid", "classic")
 
 HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO per call
 
@@ -202,6 +205,7 @@ def build_context(
     alpn: Sequence[bytes] = (ALPN,),
     require_peer_certificate: bool = True,
     min_version: str = "1.3",
+    key_exchange: str = "hybrid",
 ) -> SSL.Context:
     """A fresh TLS 1.3-only context (TLS 1.2 too with `min_version="1.2"`) presenting `material`'s SVID and
     trusting its roots.
@@ -217,9 +221,12 @@ def build_context(
     the handshake (one that is sent must still verify against the roots); a client always requires the server's.
     `min_version="1.2"` (an explicit listener for legacy peers): TLS 1.2 too, with `TLS12_CIPHERS` only, no
     renegotiation, no compression, no resumption; its records stay in OpenSSL (`Handshake.keep_records`).
+    `key_exchange="classic"`: X25519 and P-256 only, without the hybrid post-quantum group (see `KEY_EXCHANGES`).
     """
     if min_version not in MIN_VERSIONS:
         raise ValueError(f"min_version must be one of {', '.join(MIN_VERSIONS)}")
+    if key_exchange not in KEY_EXCHANGES:
+        raise ValueError(f"key_exchange must be one of {', '.join(KEY_EXCHANGES)}")
     if material is None and side is Side.SERVER:
         raise ValueError("a TLS server must present a certificate")
     if material is not None and roots:
@@ -265,8 +272,9 @@ def build_context(
     mode = (SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER
     ctx.set_verify(mode)  # what pyOpenSSL's get_verify_mode reports; the callback is ours, set through the binding
     _lib.SSL_CTX_set_verify(ctx._context, mode, _VERIFY_CALLBACK)
-    if GROUPS is not None:
-        _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
+    groups = GROUPS if key_exchange == "hybrid" else CLASSIC_GROUPS
+    if groups is not None and _lib.SSL_CTX_set1_curves_list(ctx._context, groups) != 1:  # pragma: no cover
+        raise CertificateError("", "OpenSSL refused the key exchange group list")
     if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, SIGALGS) != 1:  # pragma: no cover - every OpenSSL 3 knows them
         raise CertificateError("", "OpenSSL refused the signature algorithm list")
     # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
@@ -577,18 +585,32 @@ class OpenSSLRecords:
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
 
-# Contexts for the explicit listeners that allow TLS 1.2, one per credential generation (keyed by that generation's
-# own context, so they go when it goes).
-_VARIANTS: weakref.WeakKeyDictionary[SSL.Context, SSL.Context] = weakref.WeakKeyDictionary()
+# Contexts for the explicit listeners that allow TLS 1.2 and for `key_exchange: classic`, per credential generation
+# (keyed by that generation's own context, so they go when it goes), then by (min_version, key_exchange).
+_VARIANTS: weakref.WeakKeyDictionary[SSL.Context, dict[tuple[str, str], SSL.Context]] = weakref.WeakKeyDictionary()
+
+
+def variant_context(
+    generation: SSL.Context, material: Material, side: Side, *, min_version: str = "1.3", key_exchange: str = "hybrid"
+) -> SSL.Context:
+    """`generation` (a context `build_context` made from `material` for `side` with its defaults) itself, or its twin
+    with another `min_version` or `key_exchange`, made on first use and kept as long as `generation` is."""
+    if min_version == "1.3" and key_exchange == "hybrid":
+        return generation
+    twins = _VARIANTS.get(generation)
+    if twins is None:
+        twins = _VARIANTS[generation] = {}
+    twin = twins.get((min_version, key_exchange))
+    if twin is None:
+        twin = twins[min_version, key_exchange] = build_context(
+            material, side, min_version=min_version, key_exchange=key_exchange
+        )
+    return twin
 
 
 def tls12_context(generation: SSL.Context, material: Material, side: Side) -> SSL.Context:
-    """The `min_version="1.2"` twin of `generation` (a context `build_context` made from `material` for `side`),
-    made on first use and kept as long as `generation` is."""
-    twin = _VARIANTS.get(generation)
-    if twin is None:
-        twin = _VARIANTS[generation] = build_context(material, side, min_version="1.2")
-    return twin
+    """The `min_version="1.2"` twin of `generation` (see `variant_context`)."""
+    return variant_context(generation, material, side, min_version="1.2")
 
 
 class _Drain(threading.local):
