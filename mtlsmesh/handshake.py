@@ -27,7 +27,8 @@ which the record layer must read), and `SSL_CTX_set_verify` with our own certifi
 pyOpenSSL's wrapper gives a callback no way to set the X509 error, and a refusal without one makes OpenSSL send
 internal_error; with X509_V_ERR_CERT_REJECTED it sends bad_certificate), which reads the store context as
 pyOpenSSL's wrapper does (`X509_STORE_CTX_*`, `X509_up_ref`, `Connection._reverse_mapping`,
-`X509._from_raw_x509_ptr`).
+`X509._from_raw_x509_ptr`), and `SSL_set_info_callback` on a connection whose records OpenSSL keeps (`_note_alert`:
+which fatal alert it sent or read; pyOpenSSL sets info callbacks per context only).
 Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
 checked at import, so an unsupported pyOpenSSL fails with one line naming what is missing.
 """
@@ -105,6 +106,11 @@ REQUIRED = (
     ("OpenSSL._util.lib", "SSL_get_ex_data_X509_STORE_CTX_idx"),
     ("OpenSSL._util.lib", "X509_up_ref"),
     ("OpenSSL._util.lib", "X509_V_ERR_CERT_REJECTED"),
+    ("OpenSSL._util.lib", "SSL_set_info_callback"),
+    ("OpenSSL._util.lib", "SSL_CB_ALERT"),
+    ("OpenSSL._util.lib", "SSL_CB_READ"),
+    ("OpenSSL._util.lib", "SSL_CB_WRITE"),
+    ("OpenSSL.SSL.Connection", "_ssl"),
     ("OpenSSL.SSL.Connection", "_reverse_mapping"),
     ("OpenSSL.crypto.X509", "_from_raw_x509_ptr"),
     ("OpenSSL.SSL.Connection", "_into_ssl"),
@@ -489,13 +495,25 @@ class Handshake:
 
     def keep_records(self) -> OpenSSLRecords:
         """The finished connection, its records left to OpenSSL (`record_layer: openssl`, and TLS 1.2): what OpenSSL
-        wrote last stays in its outgoing BIO, to leave with the next records. The key log's secrets are dropped."""
+        wrote last leaves with the next records. The key log's secrets are dropped, except that a TLS 1.3 server
+        keeps its two traffic secrets until OpenSSL next seals or opens a record, so that a refusal right after the
+        handshake can still be told with an alert (`OpenSSLRecords.refusal_alert`)."""
         conn = self._conn
         assert conn is not None
+        held = b""
+        refusal = None
+        if self._side is Side.SERVER and conn.get_protocol_version_name() == "TLSv1.3":
+            held = self.take_output()  # the session tickets, under our application key: records 0..n-1
+            suite = records.SUITES.get(conn.get_cipher_name() or "")
+            client_secret = self._secrets.get(_CLIENT_SECRET)
+            server_secret = self._secrets.get(_SERVER_SECRET)
+            written = count_records(held)
+            if suite is not None and client_secret is not None and server_secret is not None and written is not None:
+                refusal = _Refusal(suite, client_secret, server_secret, written)
         self._secrets.clear()
         conn.set_app_data(None)
         self._conn = None
-        return OpenSSLRecords(conn)
+        return OpenSSLRecords(conn, held=held, refusal=refusal)
 
     def free(self) -> None:
         """Let go of OpenSSL's connection and the secrets (after `hand_over`, or when the stream closes early)."""
@@ -514,19 +532,57 @@ class RecordFailure(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """What a TLS 1.3 server on OpenSSL's records needs to seal one alert of its own after the handshake: the suite,
+    both traffic secrets, and how many records OpenSSL has written under its key (the session tickets)."""
+
+    suite: records.Suite
+    read_secret: bytes
+    write_secret: bytes
+    written: int
+
+
 class OpenSSLRecords:
     """A finished connection whose records OpenSSL seals and opens, over memory BIOs like `Handshake`: `seal`
     plaintext and send what `take` hands back; `feed` the peer's ciphertext and `open` what it holds. KeyUpdate,
-    session tickets a server sends us and alerts are OpenSSL's to follow (any answer is in `take`)."""
+    session tickets a server sends us and alerts are OpenSSL's to follow (any answer is in `take`).
 
-    __slots__ = ("_conn", "_negotiated")
+    `sent_alert` and `peer_alert` are the fatal alerts OpenSSL sent the peer (when it refused one of its records)
+    and read from it, as OpenSSL's info callback reported them (`_note_alert`); None until then."""
 
-    def __init__(self, conn: SSL.Connection) -> None:
+    __slots__ = ("__weakref__", "_conn", "_held", "_negotiated", "_refusal", "peer_alert", "sent_alert")
+
+    def __init__(self, conn: SSL.Connection, *, held: bytes = b"", refusal: _Refusal | None = None) -> None:
         self._conn = conn
         self._negotiated = (conn.get_protocol_version_name(), conn.get_cipher_name(), conn.get_group_name())
+        self._held = held  # what OpenSSL wrote last in the handshake, taken out of its BIO: sent first
+        self._refusal = refusal  # see refusal_alert
+        self.sent_alert: int | None = None
+        self.peer_alert: int | None = None
+        # The info callback finds this object through the connection (a weak reference: no cycle to collect).
+        conn.set_app_data(weakref.ref(self))
+        _lib.SSL_set_info_callback(conn._ssl, _INFO_CALLBACK)
+
+    def refusal_alert(self, description: int) -> bytes | None:
+        """The fatal alert `description` as the record that follows what OpenSSL has written, for a TLS 1.3 server
+        that refuses its peer before it seals or opens anything (a policy denial right after the handshake);
+        None otherwise (TLS 1.2, a client, or OpenSSL has moved on: it alone knows its record state then).
+        OpenSSL itself writes no alert but its own; it must write nothing after this one."""
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            return None
+        session = records.Session(
+            refusal.suite, refusal.read_secret, refusal.write_secret, is_client=False, write_seq=refusal.written
+        )
+        session.alert(description)
+        out = bytes(session.take())
+        session.wipe()
+        return out
 
     def seal(self, data: bytes | bytearray | memoryview) -> None:
         """Plaintext to send: OpenSSL seals it into records in its outgoing BIO (which always has room)."""
+        self._refusal = None
         conn = self._conn
         view = memoryview(data).cast("B")
         while view:
@@ -539,6 +595,9 @@ class OpenSSLRecords:
     def take(self) -> bytes:
         """The ciphertext OpenSSL wrote since the last call, b"" when none."""
         parts: list[bytes] = []
+        if self._held:
+            parts.append(self._held)
+            self._held = b""
         while True:
             try:
                 parts.append(self._conn.bio_read(HANDSHAKE_DRAIN * 4))
@@ -553,7 +612,9 @@ class OpenSSLRecords:
 
     def open(self, max_bytes: int) -> bytes | None:
         """Up to `max_bytes` of plaintext; b"" at the peer's close_notify; None when OpenSSL needs more ciphertext.
-        Raises `RecordFailure` (a record OpenSSL refused, or the transport's end without close_notify)."""
+        Raises `RecordFailure` (a record OpenSSL refused, or the transport's end without close_notify); a fatal
+        alert from the peer is named as `records` names it ("peer sent alert ...")."""
+        self._refusal = None
         try:
             return self._conn.recv(max_bytes)
         except SSL.WantReadError:
@@ -563,6 +624,8 @@ class OpenSSLRecords:
         except SSL.SysCallError as exc:
             raise RecordFailure("connection closed by peer") from exc
         except SSL.Error as exc:
+            if self.peer_alert is not None:
+                raise RecordFailure(str(records.PeerAlert(self.peer_alert))) from exc
             reason = openssl_reason(exc)
             if "unexpected eof" in reason:
                 reason = "connection closed by peer"
@@ -570,6 +633,7 @@ class OpenSSLRecords:
 
     def close_notify(self) -> None:
         """Write our close_notify (the peer may go on sending: `open` still works)."""
+        self._refusal = None
         with contextlib.suppress(SSL.Error):
             self._conn.shutdown()
 
@@ -583,6 +647,30 @@ class OpenSSLRecords:
     def peer_certificate_der(self) -> bytes | None:
         cert = self._conn.get_peer_certificate()
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+
+def _note_alert(ssl: Any, where: int, value: int) -> None:
+    """OpenSSL's info callback on a connection whose records it keeps (set by `OpenSSLRecords`): note the first
+    fatal alert it sends and the one it reads (`value` is level << 8 | description). Never raises (an exception
+    would be lost in OpenSSL)."""
+    if not where & _lib.SSL_CB_ALERT or value >> 8 != 2:  # only alerts, and of those the fatal ones
+        return
+    try:
+        conn = SSL.Connection._reverse_mapping.get(ssl)
+        ref = None if conn is None else conn.get_app_data()
+        kept = ref() if isinstance(ref, weakref.ref) else None
+        if not isinstance(kept, OpenSSLRecords):
+            return
+        if where & _lib.SSL_CB_WRITE:
+            if kept.sent_alert is None:
+                kept.sent_alert = value & 0xFF
+        elif where & _lib.SSL_CB_READ:
+            kept.peer_alert = value & 0xFF
+    except Exception:  # pragma: no cover - nothing above raises; this only keeps OpenSSL's callback sound
+        return
+
+
+_INFO_CALLBACK = _ffi.callback("void (*)(const SSL *, int, int)", _note_alert)
 
 
 # Contexts for the explicit listeners that allow TLS 1.2 and for `key_exchange: classic`, per credential generation
