@@ -728,6 +728,35 @@ async def test_a_tls12_listener_does_not_resume_a_session(pki: Pki, tmp_path: Pa
     assert not saved.exists()
 
 
+async def test_the_tickets_of_openssls_tls13_records_resume_nothing(pki: Pki) -> None:
+    """With `record_layer: openssl` OpenSSL sends its two TLS 1.3 tickets (no binding sets their number to 0, and
+    neither OP_NO_TICKET nor the session cache off stops them); a client that offers one back gets a full handshake,
+    its certificate checked again, and is served."""
+    client = pki.issue("api")
+    ctx = stdlib_context(client, client.bundle, server=False, version="1.3")
+    seen: list[tuple[bool, bool]] = []  # per connection: (resumed, the session holds a ticket)
+    saved: list[ssl.SSLSession] = []
+
+    def call() -> bytes:
+        offered = saved[-1] if saved else None
+        raw = socket.create_connection((LOOPBACK, port), timeout=PEER_TIMEOUT)
+        with raw, ctx.wrap_socket(raw, session=offered) as conn:
+            conn.sendall(REQUEST)
+            out = bytearray()
+            while data := conn.recv(65536):
+                out += data
+            session = conn.session
+            assert session is not None
+            saved.append(session)
+            seen.append((conn.session_reused, session.has_ticket))
+            return bytes(out)
+
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.3") as port:
+        assert await in_thread(call) == b"app got: " + REQUEST
+        assert await in_thread(call) == b"app got: " + REQUEST
+    assert seen == [(False, True), (False, True)]  # a ticket came each time; the second offered it, in vain
+
+
 async def test_a_tls12_listener_refuses_renegotiation(pki: Pki) -> None:
     # s_client renegotiates when it reads a line "R" (apps/s_client.c); our listener refuses it with OpenSSL's
     # no_renegotiation alert, which ends the client's handshake attempt.
