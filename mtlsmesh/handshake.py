@@ -23,7 +23,8 @@ has no equivalent, through pyOpenSSL's private handles (`Context._context`, `Con
 exchange groups with the hybrid post-quantum one first), `SSL_CTX_set1_sigalgs_list` (the signature algorithms we
 offer, in the CertificateRequest too: only those our SVIDs can carry, see `SIGALGS`), `BIO_read` on the
 connection's incoming memory BIO (to take back the ciphertext the peer sent right behind its last handshake flight,
-which the record layer must read), and `SSL_CTX_set_verify` with our own certificate verify callback (`_verify_leaf`:
+which the record layer must read), and `SSL_set_verify` with our own certificate verify callback, on a connection
+that checks the peer's leaf inside the handshake only (`_verify_leaf`:
 pyOpenSSL's wrapper gives a callback no way to set the X509 error, and a refusal without one makes OpenSSL send
 internal_error; with X509_V_ERR_CERT_REJECTED it sends bad_certificate), which reads the store context as
 pyOpenSSL's wrapper does (`X509_STORE_CTX_*`, `X509_up_ref`, `Connection._reverse_mapping`,
@@ -98,7 +99,8 @@ REQUIRED = (
     ("OpenSSL._util.lib", "SSL_CTX_set1_curves_list"),
     ("OpenSSL._util.lib", "SSL_CTX_set1_sigalgs_list"),
     ("OpenSSL._util.lib", "BIO_read"),
-    ("OpenSSL._util.lib", "SSL_CTX_set_verify"),
+    ("OpenSSL._util.lib", "SSL_set_verify"),
+    ("OpenSSL._util.lib", "SSL_get_verify_mode"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_set_error"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_get_error_depth"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_get_current_cert"),
@@ -276,8 +278,9 @@ def build_context(
     # A client's VERIFY_PEER alone already fails a server that sends no certificate (TLS 1.3 servers always send one).
     required = require_peer_certificate or side is Side.CLIENT
     mode = (SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER
-    ctx.set_verify(mode)  # what pyOpenSSL's get_verify_mode reports; the callback is ours, set through the binding
-    _lib.SSL_CTX_set_verify(ctx._context, mode, _VERIFY_CALLBACK)
+    # OpenSSL's own verification only; a connection with a leaf check adds our callback to itself (`check_leaf`),
+    # so a handshake without one (a server on our own records) calls no Python per certificate.
+    ctx.set_verify(mode)
     groups = GROUPS if key_exchange == "hybrid" else CLASSIC_GROUPS
     if groups is not None and _lib.SSL_CTX_set1_curves_list(ctx._context, groups) != 1:  # pragma: no cover
         raise CertificateError("", "OpenSSL refused the key exchange group list")
@@ -301,7 +304,7 @@ LeafCheck = Callable[[bytes], str | None]
 
 
 def _verify_leaf(ok: int, store: Any) -> int:
-    """OpenSSL's certificate verify callback (`SSL_CTX_set_verify`, set by `build_context`): OpenSSL's own verdict
+    """OpenSSL's certificate verify callback (`SSL_set_verify`, set by `Handshake.check_leaf`): OpenSSL's own verdict
     on each certificate of the peer's chain stands; a leaf (depth 0) it accepted is also given to the connection's
     `Handshake.check_leaf`, if any. A refusal sets X509_V_ERR_CERT_REJECTED, for which OpenSSL fails the handshake
     with the alert bad_certificate (42), and leaves the reason for `Handshake.step` to raise. Never raises (an
@@ -318,6 +321,7 @@ def _verify_leaf(ok: int, store: Any) -> int:
         leaf = _lib.X509_STORE_CTX_get_current_cert(store)
         _lib.X509_up_ref(leaf)
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(leaf))
+        handshake._leaf_der = der
         reason = handshake._leaf_check(der)
     except Exception as exc:  # pragma: no cover - the check is pure; this only keeps OpenSSL's callback sound
         reason = f"the peer's leaf could not be checked: {exc!r}"
@@ -373,7 +377,7 @@ class Handshake:
     returns True, send `take_output` after every step. `context` comes from `build_context` (one made elsewhere
     gets the key log the hand-over needs, so it must not have made a connection yet)."""
 
-    __slots__ = ("_conn", "_leaf_check", "_refusal", "_secrets", "_side", "_wrote")
+    __slots__ = ("_conn", "_leaf_check", "_leaf_der", "_refusal", "_secrets", "_side", "_wrote")
 
     def __init__(self, context: SSL.Context, side: Side) -> None:
         if context not in _CONTEXTS:  # made elsewhere (tests, peers that are not sidecars): it needs our key log
@@ -392,14 +396,19 @@ class Handshake:
         # stepped), so an empty BIO is not asked again (pyOpenSSL answers an empty read with an exception).
         self._wrote = False
         self._leaf_check: LeafCheck | None = None  # see check_leaf
+        self._leaf_der: bytes | None = None  # the peer's leaf as _verify_leaf saw it (peer_certificate_der's answer)
         self._refusal: str | None = None  # why _leaf_check refused the peer's leaf
 
     def check_leaf(self, check: LeafCheck) -> None:
         """Check the peer's leaf inside the handshake, once OpenSSL has verified its chain: `check` gets the leaf's
         DER and returns None to accept it, or the reason it is refused. A refusal fails the handshake (`step`
         raises `HandshakeFailure` with that reason) and OpenSSL's alert, bad_certificate, goes to the peer in
-        `take_output`. Per connection: the context's verify callback finds it through the connection."""
+        `take_output`. Per connection: our verify callback is set on this connection alone (the context has none)
+        and finds the check through it."""
         self._leaf_check = check
+        conn = self._conn
+        assert conn is not None
+        _lib.SSL_set_verify(conn._ssl, _lib.SSL_get_verify_mode(conn._ssl), _VERIFY_CALLBACK)
 
     def step(self) -> bool:
         """Let OpenSSL take the handshake as far as its input allows: True once it is complete, False while it needs
@@ -452,8 +461,10 @@ class Handshake:
         return self._conn.get_alpn_proto_negotiated() or None
 
     def peer_certificate_der(self) -> bytes | None:
-        """The peer's leaf in DER, without parsing it."""
+        """The peer's leaf in DER, without parsing it (taken once: the verify callback's copy when it had one)."""
         assert self._conn is not None
+        if self._leaf_der is not None:
+            return self._leaf_der
         cert = self._conn.get_peer_certificate()
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
@@ -518,6 +529,7 @@ class Handshake:
     def free(self) -> None:
         """Let go of OpenSSL's connection and the secrets (after `hand_over`, or when the stream closes early)."""
         self._secrets.clear()
+        self._leaf_der = None
         if self._conn is not None:
             self._conn.set_app_data(None)
             self._conn = None
