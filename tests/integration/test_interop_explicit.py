@@ -43,7 +43,15 @@ import trio
 from tlslite import api as tlslite
 
 from mtlsmesh import pem
-from mtlsmesh.config import CredentialFiles, ExplicitListener, ExplicitMode, ListenAddr, RecordLayer
+from mtlsmesh.config import (
+    Action,
+    AuthzRule,
+    CredentialFiles,
+    ExplicitListener,
+    ExplicitMode,
+    ListenAddr,
+    RecordLayer,
+)
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from tests.integration.mesh import ANY_PORT, LOOPBACK, app_server, base_config, read_all, running_sidecar
 from tests.pki import Pki, forge_leaf, uri_sans
@@ -102,6 +110,7 @@ async def terminate_sidecar(
     identities: tuple[SpiffeId, ...] = (),
     bundle_extra: bytes = b"",
     app_saw: list[str] | None = None,
+    authorization: tuple[AuthzRule, ...] = (),
 ) -> AsyncIterator[int]:
     """A sidecar whose terminate listener (on the port yielded) forwards to `line_app`. Its SVID also names
     `localhost` (curl checks the host name). `app_saw` gets the app's callers when the block ends."""
@@ -111,7 +120,7 @@ async def terminate_sidecar(
             bundle.write(bundle_extra)
     async with app_server(line_app) as (app_port, seen):
         entry = listener(ExplicitMode.TERMINATE, app_port, layer, version, identities=identities)
-        async with running_sidecar(base_config(files, explicit=(entry,))) as (_rt, state):
+        async with running_sidecar(base_config(files, explicit=(entry,), authorization=authorization)) as (_rt, state):
             yield state.bound[entry.name][1]
         if app_saw is not None:
             app_saw.extend(seen)
@@ -392,6 +401,26 @@ def refused_call(port: int, ctx: ssl.SSLContext) -> str:
     except OSError as exc:
         return f"os error: {exc}"
     return "served" if data else "end of stream, no alert"
+
+
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
+async def test_a_client_the_policy_denies_is_refused_and_reads_why_on_tls13(
+    pki: Pki, layer: RecordLayer, version: str
+) -> None:
+    """An authorization rule refuses the caller after its handshake: over TLS 1.3 it reads access_denied on both
+    record paths (on OpenSSL's the sidecar seals that alert itself); over TLS 1.2 it is closed without one. It never
+    reaches the app."""
+    client = pki.issue("api")
+    deny = (AuthzRule(Action.DENY, (str(pki.id_of("api")),)),)
+    saw: list[str] = []
+    async with terminate_sidecar(pki, layer, version, authorization=deny, app_saw=saw) as port:
+        ctx = stdlib_context(client, client.bundle, server=False, version=version)
+        told = await in_thread(lambda: refused_call(port, ctx))
+    if version == "1.3":
+        assert told == "TLSV1_ALERT_ACCESS_DENIED"
+    else:
+        assert told != "served" and "ALERT" not in told, told
+    assert saw == []
 
 
 @pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
