@@ -47,6 +47,9 @@ from typing import Any
 import cryptography
 import OpenSSL
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from OpenSSL import SSL, crypto
 
 from mtlsmesh import conventions, records
@@ -91,7 +94,8 @@ SSL_MODE_NO_AUTO_CHAIN = 0x8
 # The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
 _CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
 _SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
-_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
+_MASTER_SECRET = b"CLIENT_RANDOM"  # TLS 1.2's line: the master secret (kept only for a refusal, see keep_records)
+_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ", _MASTER_SECRET + b" ")
 
 # What this module uses of pyOpenSSL, public and private: (where, name). Public methods newer than our lowest
 # supported pyOpenSSL are listed too, so the message names them rather than failing at the first handshake.
@@ -506,14 +510,16 @@ class Handshake:
 
     def keep_records(self) -> OpenSSLRecords:
         """The finished connection, its records left to OpenSSL (`record_layer: openssl`, and TLS 1.2): what OpenSSL
-        wrote last leaves with the next records. The key log's secrets are dropped, except that a TLS 1.3 server
-        keeps its two traffic secrets until OpenSSL next seals or opens a record, so that a refusal right after the
-        handshake can still be told with an alert (`OpenSSLRecords.refusal_alert`)."""
+        wrote last leaves with the next records. The key log's secrets are dropped, except that a server keeps
+        what it needs to seal one alert (TLS 1.3: its two traffic secrets; TLS 1.2: the master secret and both
+        randoms) until OpenSSL next seals or opens a record, so that a refusal right after the handshake can still
+        be told with an alert (`OpenSSLRecords.refusal_alert`)."""
         conn = self._conn
         assert conn is not None
         held = b""
-        refusal = None
-        if self._side is Side.SERVER and conn.get_protocol_version_name() == "TLSv1.3":
+        refusal: _Refusal | _Refusal12 | None = None
+        version = conn.get_protocol_version_name()
+        if self._side is Side.SERVER and version == "TLSv1.3":
             held = self.take_output()  # the session tickets, under our application key: records 0..n-1
             suite = records.SUITES.get(conn.get_cipher_name() or "")
             client_secret = self._secrets.get(_CLIENT_SECRET)
@@ -521,6 +527,15 @@ class Handshake:
             written = count_records(held)
             if suite is not None and client_secret is not None and server_secret is not None and written is not None:
                 refusal = _Refusal(suite, client_secret, server_secret, written)
+        elif self._side is Side.SERVER and version == "TLSv1.2":
+            held = self.take_output()  # ChangeCipherSpec and Finished: records under our write key from there on
+            master = self._secrets.get(_MASTER_SECRET)
+            written = _records_after_ccs(held)
+            cipher = TLS12_AEADS.get(conn.get_cipher_name() or "")
+            if master is not None and written is not None and cipher is not None:
+                randoms = (conn.client_random(), conn.server_random())
+                if randoms[0] is not None and randoms[1] is not None:
+                    refusal = _Refusal12(cipher, master, randoms[0], randoms[1], written)
         self._secrets.clear()
         conn.set_app_data(None)
         self._conn = None
@@ -555,6 +570,80 @@ class _Refusal:
     written: int
 
 
+# TLS 1.2 suites of TLS12_CIPHERS (OpenSSL's names) → (AEAD, key length, fixed IV length, PRF hash), RFC 5288 and
+# RFC 7905: what `_Refusal12` needs to seal the one record it seals.
+TLS12_AEADS: dict[str, tuple[type[AESGCM] | type[ChaCha20Poly1305], int, int, type[hashes.HashAlgorithm]]] = {
+    "ECDHE-ECDSA-AES256-GCM-SHA384": (AESGCM, 32, 4, hashes.SHA384),
+    "ECDHE-RSA-AES256-GCM-SHA384": (AESGCM, 32, 4, hashes.SHA384),
+    "ECDHE-ECDSA-AES128-GCM-SHA256": (AESGCM, 16, 4, hashes.SHA256),
+    "ECDHE-RSA-AES128-GCM-SHA256": (AESGCM, 16, 4, hashes.SHA256),
+    "ECDHE-ECDSA-CHACHA20-POLY1305": (ChaCha20Poly1305, 32, 12, hashes.SHA256),
+    "ECDHE-RSA-CHACHA20-POLY1305": (ChaCha20Poly1305, 32, 12, hashes.SHA256),
+}
+
+
+def _tls12_prf(algorithm: type[hashes.HashAlgorithm], secret: bytes, seed: bytes, length: int) -> bytes:
+    """RFC 5246 §5: P_hash(secret, seed), `length` bytes."""
+    out, a = b"", seed
+    while len(out) < length:
+        mac = crypto_hmac.HMAC(secret, algorithm())
+        mac.update(a)
+        a = mac.finalize()
+        mac = crypto_hmac.HMAC(secret, algorithm())
+        mac.update(a + seed)
+        out += mac.finalize()
+    return out[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal12:
+    """`_Refusal` for a TLS 1.2 server: the suite, the master secret, both randoms, and how many records OpenSSL has
+    written under its write key (its Finished)."""
+
+    cipher: tuple[type[AESGCM] | type[ChaCha20Poly1305], int, int, type[hashes.HashAlgorithm]]
+    master: bytes
+    client_random: bytes
+    server_random: bytes
+    written: int
+
+    def alert(self, description: int) -> bytes:
+        """The fatal alert `description` as the server's next record (RFC 5246 §6.2.3.3, RFC 5288 §3, RFC 7905 §2)."""
+        aead, key_size, iv_size, algorithm = self.cipher
+        block = _tls12_prf(
+            algorithm, self.master, b"key expansion" + self.server_random + self.client_random, 2 * (key_size + iv_size)
+        )
+        key = block[key_size : 2 * key_size]  # client key, server key, client IV, server IV (no MAC keys: AEAD)
+        iv = block[2 * key_size + iv_size :]
+        seq = self.written.to_bytes(8, "big")
+        plaintext = bytes((2, description))
+        aad = seq + bytes((records.ALERT, 3, 3)) + len(plaintext).to_bytes(2, "big")
+        if aead is AESGCM:
+            explicit = seq  # the explicit nonce: the sequence number, as OpenSSL writes it
+            body = explicit + AESGCM(key).encrypt(iv + explicit, plaintext, aad)
+        else:
+            nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq, strict=True))
+            body = ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+        return bytes((records.ALERT, 3, 3)) + len(body).to_bytes(2, "big") + body
+
+
+def _records_after_ccs(data: bytes) -> int | None:
+    """How many records follow the first ChangeCipherSpec in `data` (whole records only); None without one."""
+    pos, seen, count = 0, False, 0
+    while pos < len(data):
+        if len(data) - pos < records.HEADER_SIZE:
+            return None
+        kind = data[pos]
+        pos += records.HEADER_SIZE + ((data[pos + 3] << 8) | data[pos + 4])
+        if seen:
+            count += 1
+        elif kind == _CHANGE_CIPHER_SPEC:
+            seen = True
+    return count if seen and pos == len(data) else None
+
+
+_CHANGE_CIPHER_SPEC = 20
+
+
 class OpenSSLRecords:
     """A finished connection whose records OpenSSL seals and opens, over memory BIOs like `Handshake`: `seal`
     plaintext and send what `take` hands back; `feed` the peer's ciphertext and `open` what it holds. KeyUpdate,
@@ -565,7 +654,9 @@ class OpenSSLRecords:
 
     __slots__ = ("__weakref__", "_conn", "_held", "_negotiated", "_refusal", "peer_alert", "sent_alert")
 
-    def __init__(self, conn: SSL.Connection, *, held: bytes = b"", refusal: _Refusal | None = None) -> None:
+    def __init__(
+        self, conn: SSL.Connection, *, held: bytes = b"", refusal: _Refusal | _Refusal12 | None = None
+    ) -> None:
         self._conn = conn
         self._negotiated = (conn.get_protocol_version_name(), conn.get_cipher_name(), conn.get_group_name())
         self._held = held  # what OpenSSL wrote last in the handshake, taken out of its BIO: sent first
@@ -577,13 +668,15 @@ class OpenSSLRecords:
         _lib.SSL_set_info_callback(conn._ssl, _INFO_CALLBACK)
 
     def refusal_alert(self, description: int) -> bytes | None:
-        """The fatal alert `description` as the record that follows what OpenSSL has written, for a TLS 1.3 server
-        that refuses its peer before it seals or opens anything (a policy denial right after the handshake);
-        None otherwise (TLS 1.2, a client, or OpenSSL has moved on: it alone knows its record state then).
-        OpenSSL itself writes no alert but its own; it must write nothing after this one."""
+        """The fatal alert `description` as the record that follows what OpenSSL has written, for a server that
+        refuses its peer before it seals or opens anything (a policy denial right after the handshake); None
+        otherwise (a client, or OpenSSL has moved on: it alone knows its record state then). OpenSSL itself writes
+        no alert but its own; it must write nothing after this one."""
         refusal, self._refusal = self._refusal, None
         if refusal is None:
             return None
+        if isinstance(refusal, _Refusal12):
+            return refusal.alert(description)
         session = records.Session(
             refusal.suite, refusal.read_secret, refusal.write_secret, is_client=False, write_seq=refusal.written
         )

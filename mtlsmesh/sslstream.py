@@ -11,8 +11,8 @@ What it does not: build contexts (see `handshake`), judge identities itself (see
 and writes its transport through the trio Stream interface (one checkpoint per call).
 
 Refusing: a record OpenSSL refuses is answered with OpenSSL's alert, which `violation` then names (the relay ends
-the connection after it and gives the peer `close_refused`'s linger to read it); a policy denial right after a TLS
-1.3 handshake is told with the alert `refuse` seals itself after OpenSSL's records (see
+the connection after it and gives the peer `close_refused`'s linger to read it); a policy denial right after the
+handshake (TLS 1.3 or 1.2) is told with the alert `refuse` seals itself after OpenSSL's records (see
 `handshake.OpenSSLRecords.refusal_alert`).
 
 Theory of operation: like `tls.TLSStream`, two tasks may use it at once, one sending and one receiving. Each call
@@ -335,8 +335,8 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
 
     async def refuse(self, alert: int) -> None:
         """Refuse the peer after the handshake (a policy denial): the fatal `alert`, then `close_refused`. Only a
-        TLS 1.3 server that has neither sealed nor opened a record yet can still seal an alert of its own after
-        OpenSSL's records (`handshake.OpenSSLRecords.refusal_alert`); any other stream is reset without one."""
+        server that has neither sealed nor opened a record yet can still seal an alert of its own after OpenSSL's
+        records (`handshake.OpenSSLRecords.refusal_alert`); any other stream is reset without one."""
         records = self._records
         refusal = None
         if records is not None and self._broken is None and not self._closed and not self._sending:

@@ -39,7 +39,7 @@ async def refuse(stream: trio.abc.Stream, rec: Outcome, reason: Reason, detail: 
     """End the connection with `reason` and an RST (its connect() succeeded against us; a reset is the honest
     answer). The decision stays what it was. A TLS peer denied after its handshake is told so first: the fatal alert
     access_denied, then our FIN and a short linger so that it reads the alert before any reset
-    (`tls.TLSStream.refuse`; with OpenSSL's record layer `sslstream.OpenSSLStream.refuse`, TLS 1.3 only)."""
+    (`tls.TLSStream.refuse`; with OpenSSL's record layer `sslstream.OpenSSLStream.refuse`)."""
     rec.reason = reason
     rec.detail = detail
     if reason is Reason.DENIED and (type(stream) is tls.TLSStream or type(stream) is sslstream.OpenSSLStream):
