@@ -10,7 +10,9 @@ end), each printing the process's CPU time per connection, both ends together:
 - `plain`: the same exchange over the socketpair without TLS: the floor under `tlsstream`.
 
 `--auto-chain` turns OpenSSL's auto chain back on (the sidecar turns it off: see `mtlsmesh.handshake.build_context`),
-to show what it costs. A benchmark, not a test: it asserts nothing beyond each handshake having happened.
+to show what it costs; `--key-exchange classic` offers X25519 and P-256 only, as the sidecar's `key_exchange:
+classic` does, beside the default hybrid post-quantum group. A benchmark, not a test: it asserts nothing beyond each
+handshake having happened.
 """
 
 from __future__ import annotations
@@ -109,9 +111,14 @@ async def per_connection_async(count: int, one: Callable[[], Awaitable[object]])
     return (time.process_time() - start) / count * 1e6
 
 
-def run(certs: BenchCerts, count: int, auto_chain: bool) -> dict[str, float]:
+def run(certs: BenchCerts, count: int, auto_chain: bool, key_exchange: str = "hybrid") -> dict[str, float]:
     client, server = _load(certs.client), _load(certs.server)
-    client_ctx, server_ctx = client.client_context, server.server_context
+    client_ctx = handshake.variant_context(
+        client.client_context, client.material, tls.Side.CLIENT, key_exchange=key_exchange
+    )
+    server_ctx = handshake.variant_context(
+        server.server_context, server.material, tls.Side.SERVER, key_exchange=key_exchange
+    )
     if auto_chain:
         for ctx in (client_ctx, server_ctx):
             ctx.clear_mode(handshake.SSL_MODE_NO_AUTO_CHAIN)
@@ -146,18 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.handshake", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="connections per loop (default 500)")
     parser.add_argument("--auto-chain", action="store_true", help="turn OpenSSL's auto chain back on")
+    parser.add_argument(
+        "--key-exchange", choices=handshake.KEY_EXCHANGES, default="hybrid", help="the groups offered (default hybrid)"
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
     workdir = Path(tempfile.mkdtemp(prefix="mtlsmesh-handshake-"))
     try:
-        results = run(issue_bench_certs(workdir), args.count, args.auto_chain)
+        results = run(issue_bench_certs(workdir), args.count, args.auto_chain, args.key_exchange)
     except KeyboardInterrupt:
         return 130
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # holds the private keys
     chain = "auto chain on" if args.auto_chain else "no auto chain (as the sidecar)"
-    print(f"CPU per connection, both ends, {args.count} connections, {chain}:")
+    print(f"CPU per connection, both ends, {args.count} connections, {chain}, key exchange {args.key_exchange}:")
     for name, value in results.items():
         print(f"  {name:10} {value:8.0f} us")
     return 0

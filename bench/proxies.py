@@ -34,11 +34,12 @@ BACKEND_PORTS = {"echo": 7001, "http": 7002, "iperf": 7003}
 
 @dataclass(frozen=True, slots=True)
 class PairSpec:
-    tool: str  # "stunnel", "haproxy", "mtlsmesh", "mtlsmesh-1w", "mtlsmesh-openssl" or "direct"
+    tool: str  # "stunnel", "haproxy", "mtlsmesh", "mtlsmesh-1w", "mtlsmesh-openssl", "mtlsmesh-classic" or "direct"
     front_ports: dict[str, int]  # per service: originator port on 127.0.0.1 in A == terminator port on ADDR_B in B
     front_host: str = "127.0.0.1"  # where the load tools in A connect
     record_layer: str = "own"  # mtlsmesh's `record_layer`
     workers: int | None = None  # mtlsmesh's `workers`; None: no such line, the sidecar's default (auto)
+    key_exchange: str = "hybrid"  # mtlsmesh's `key_exchange`
 
 
 STUNNEL = PairSpec("stunnel", {"echo": 8101, "http": 8102, "iperf": 8103})
@@ -49,7 +50,10 @@ DIRECT = PairSpec("direct", dict(BACKEND_PORTS), front_host=ADDR_B)  # no tunnel
 MTLSMESH_OPENSSL = PairSpec("mtlsmesh-openssl", {"echo": 8401, "http": 8402, "iperf": 8403}, record_layer="openssl")
 # The same sidecars as one process each (`workers: 1`), beside the default in every default run (`mtlsmesh-1w`).
 MTLSMESH_1W = PairSpec("mtlsmesh-1w", {"echo": 8501, "http": 8502, "iperf": 8503}, workers=1)
-PAIRS = (STUNNEL, HAPROXY, MTLSMESH, MTLSMESH_1W, MTLSMESH_OPENSSL, DIRECT)  # the order every round runs them in
+# The same sidecars with `key_exchange: classic` (X25519, no ML-KEM); only when asked for.
+MTLSMESH_CLASSIC = PairSpec("mtlsmesh-classic", {"echo": 8601, "http": 8602, "iperf": 8603}, key_exchange="classic")
+# The order every round runs them in.
+PAIRS = (STUNNEL, HAPROXY, MTLSMESH, MTLSMESH_1W, MTLSMESH_OPENSSL, MTLSMESH_CLASSIC, DIRECT)
 
 
 def render_stunnel_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> str:
@@ -134,6 +138,7 @@ def render_mtlsmesh_conf(spec: PairSpec, certs: BenchCerts, *, client: bool) -> 
         "health: null",
         "metrics: null",
         f"record_layer: {spec.record_layer}",
+        f"key_exchange: {spec.key_exchange}",
         *([] if spec.workers is None else [f"workers: {spec.workers}"]),
         "explicit:",
     ]

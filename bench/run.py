@@ -357,8 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tools",
         default=f"{every_tool},{stats.ONE_WORKER_TOOL}",
         help=f"comma-separated, some of {every_tool},{stats.ONE_WORKER_TOOL} (default: those; mtlsmesh runs its "
-        f"default, workers: auto, and {stats.ONE_WORKER_TOOL} one worker) and {stats.OPENSSL_TOOL} for record_layer "
-        "openssl",
+        f"default, workers: auto, and {stats.ONE_WORKER_TOOL} one worker), {stats.OPENSSL_TOOL} for record_layer "
+        f"openssl and {stats.CLASSIC_TOOL} for key_exchange classic",
     )
     parser.add_argument("--metrics", default=every_step, help=f"comma-separated, some of {every_step} (default: all)")
     parser.add_argument("--idle-connections", type=int, help="idle connections for the memory measurement")
@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
     if not tools <= {*stats.TOOLS, *stats.EXTRA_TOOLS} or not tools:
-        parser.error(f"--tools: expected some of {every_tool},{stats.OPENSSL_TOOL}, got {args.tools!r}")
+        parser.error(f"--tools: expected some of {','.join((*stats.TOOLS, *stats.EXTRA_TOOLS))}, got {args.tools!r}")
     metrics = set(args.metrics.split(","))
     if not metrics <= set(METRIC_STEPS) or not metrics:
         parser.error(f"--metrics: expected some of {every_step}, got {args.metrics!r}")
@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load_before:.2f} before the run")  # fmt: skip
         print(stats.render_noise(bench.noise, os.cpu_count() or 1))
         print(stats.render_table(bench.results))
-        for extra in (stats.render_workers(bench.results), stats.render_record_layers(bench.results)):
+        extras = (stats.render_workers, stats.render_record_layers, stats.render_key_exchange)
+        for extra in (render(bench.results) for render in extras):
             if extra:
                 print()
                 print(extra)

@@ -17,7 +17,8 @@ TOOLS: tuple[str, ...] = ("stunnel", "haproxy", "mtlsmesh", "direct")
 C_PEERS: tuple[str, ...] = ("stunnel", "haproxy")  # the tunnels written in C that mtlsmesh is measured against
 OPENSSL_TOOL = "mtlsmesh-openssl"  # the sidecars with `record_layer: openssl`, only when asked for
 ONE_WORKER_TOOL = "mtlsmesh-1w"  # the sidecars with `workers: 1` (`mtlsmesh` runs the default), in every default run
-EXTRA_TOOLS: tuple[str, ...] = (ONE_WORKER_TOOL, OPENSSL_TOOL)
+CLASSIC_TOOL = "mtlsmesh-classic"  # the sidecars with `key_exchange: classic`, only when asked for
+EXTRA_TOOLS: tuple[str, ...] = (ONE_WORKER_TOOL, OPENSSL_TOOL, CLASSIC_TOOL)
 
 Results = dict[str, dict[str, list[float]]]
 
@@ -162,6 +163,12 @@ def render_table(results: Results) -> str:
 def render_record_layers(results: Results) -> str:
     """The two record paths side by side (empty when the openssl one did not run): medians and openssl/own."""
     return _render_variant(results, OPENSSL_TOOL, ("mtlsmesh (own)", "mtlsmesh (openssl)", "openssl/own", "o/s"))
+
+
+def render_key_exchange(results: Results) -> str:
+    """X25519 alone beside the default hybrid group (empty when the classic pair did not run)."""
+    return _render_variant(results, CLASSIC_TOOL, ("mtlsmesh (hybrid)", "mtlsmesh (classic)", "classic/hybrid",
+                                                   "h/c"))  # fmt: skip
 
 
 def render_workers(results: Results) -> str:

@@ -25,7 +25,6 @@ import json
 from collections.abc import Mapping
 from urllib.parse import parse_qs
 
-from mtlsmesh import explain
 from mtlsmesh.addresses import host_port, split_host_port
 from mtlsmesh.errors import IdentityError
 from mtlsmesh.identity import parse_workload_id
@@ -39,6 +38,10 @@ USAGE = "use /explain?to=HOST:PORT or /explain?port=PORT[&from=SPIFFE_ID]\n"
 def explain_answer(rt: Runtime, query: str, recent: Recent | None = None) -> Response:
     """`recent`: the outcomes to show (a supervisor's: its workers' merged); by default the runtime's own."""
     recent = rt.recent if recent is None else recent
+    # Imported here, not with the module: `explain` (and the capture rules it reads) is in no sidecar's path until
+    # someone asks, and an idle sidecar's memory is mostly the code it loaded.
+    from mtlsmesh import explain
+
     try:
         params = {key: values[-1] for key, values in parse_qs(query, strict_parsing=bool(query)).items()}
     except ValueError:

@@ -77,6 +77,15 @@ class RecordLayer(enum.Enum):
     OPENSSL = "openssl"  # OpenSSL's (`sslstream`); what TLS 1.2 always uses
 
 
+class KeyExchange(enum.Enum):
+    """The key exchange groups every mesh handshake of the sidecar offers and accepts (docs/ARCHITECTURE.md §8)."""
+
+    HYBRID = (
+        "hybrid"  # X25519MLKEM768 (hybrid post-quantum) first, then X25519 and P-256; classic where OpenSSL lacks it
+    )
+    CLASSIC = "classic"  # X25519 and P-256 only: cheaper handshakes, no protection against a future quantum computer
+
+
 TLS_VERSIONS = ("1.2", "1.3")  # what an explicit listener's `min_tls_version` may say
 
 
@@ -225,6 +234,7 @@ class Config:
     authorization: tuple[AuthzRule, ...] = ()
     explicit: tuple[ExplicitListener, ...] = ()
     record_layer: RecordLayer = RecordLayer.OWN  # every listener's, unless an explicit one sets its own
+    key_exchange: KeyExchange = KeyExchange.HYBRID  # every listener's
     timeouts: Timeouts = Timeouts()
     max_connections: int = 10_000  # per worker
     # Processes serving the relay listeners (SO_REUSEPORT); 0: "auto" (the default), the CPUs this process may use,
@@ -251,6 +261,7 @@ _DEFAULT_IDENTITY = IdentityConfig(ListenAddr("", 0), "", "")
 _TOP_KEYS = (
     "trust_domain", "credentials", "outbound", "inbound", "authorization", "explicit", "timeouts", "max_connections",
     "admin", "health", "metrics", "log", "identity", "record_layer", "workers",
+    "key_exchange",
 )  # fmt: skip
 _PER_LISTENER_ONLY = "only an explicit listener may set it (between sidecars the mesh is TLS 1.3 only)"
 
@@ -310,6 +321,9 @@ def _parse_config(data: object) -> Config:
         explicit=tuple(_explicit(v, f"explicit[{i}]") for i, v in schema.items(top, "explicit")),
         record_layer=schema.enum_choice(
             top.get("record_layer", _DEFAULT.record_layer.value), "record_layer", RecordLayer
+        ),
+        key_exchange=schema.enum_choice(
+            top.get("key_exchange", _DEFAULT.key_exchange.value), "key_exchange", KeyExchange
         ),
         timeouts=_timeouts(schema.section(top, "timeouts")),
         max_connections=schema.integer(
@@ -662,6 +676,7 @@ def render_config(cfg: Config) -> dict[str, Any]:
         for x in cfg.explicit
     ]
     out["record_layer"] = cfg.record_layer.value
+    out["key_exchange"] = cfg.key_exchange.value
     out["timeouts"] = {
         "handshake": timeouts.handshake,
         "connect": timeouts.connect,

@@ -23,11 +23,13 @@ has no equivalent, through pyOpenSSL's private handles (`Context._context`, `Con
 exchange groups with the hybrid post-quantum one first), `SSL_CTX_set1_sigalgs_list` (the signature algorithms we
 offer, in the CertificateRequest too: only those our SVIDs can carry, see `SIGALGS`), `BIO_read` on the
 connection's incoming memory BIO (to take back the ciphertext the peer sent right behind its last handshake flight,
-which the record layer must read), and `SSL_CTX_set_verify` with our own certificate verify callback (`_verify_leaf`:
+which the record layer must read), and `SSL_set_verify` with our own certificate verify callback, on a connection
+that checks the peer's leaf inside the handshake only (`_verify_leaf`:
 pyOpenSSL's wrapper gives a callback no way to set the X509 error, and a refusal without one makes OpenSSL send
 internal_error; with X509_V_ERR_CERT_REJECTED it sends bad_certificate), which reads the store context as
 pyOpenSSL's wrapper does (`X509_STORE_CTX_*`, `X509_up_ref`, `Connection._reverse_mapping`,
-`X509._from_raw_x509_ptr`).
+`X509._from_raw_x509_ptr`), and `SSL_set_info_callback` on a connection whose records OpenSSL keeps (`_note_alert`:
+which fatal alert it sent or read; pyOpenSSL sets info callbacks per context only).
 Everything else goes through pyOpenSSL's public API; `REQUIRED` names what this module needs of pyOpenSSL and is
 checked at import, so an unsupported pyOpenSSL fails with one line naming what is missing.
 """
@@ -45,6 +47,9 @@ from typing import Any
 import cryptography
 import OpenSSL
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from OpenSSL import SSL, crypto
 
 from mtlsmesh import conventions, records
@@ -63,6 +68,9 @@ ALPN = conventions.MESH_ALPN.encode()  # what every sidecar offers and requires
 # group (OpenSSL >= 3.5 names it so); older OpenSSL builds refuse the list and we fall back to the classic pair.
 PQ_GROUPS = b"X25519MLKEM768:X25519:P-256"
 CLASSIC_GROUPS = b"X25519:P-256"
+# What `build_context(key_exchange=...)` takes: "hybrid" (the default) offers GROUPS, the hybrid group first where
+# OpenSSL has it; "classic" offers and accepts CLASSIC_GROUPS only (the config's `key_exchange`).
+KEY_EXCHANGES = ("hybrid", "classic")
 
 HANDSHAKE_DRAIN = 16 * 1024  # ciphertext taken from OpenSSL's outgoing BIO per call
 
@@ -86,7 +94,8 @@ SSL_MODE_NO_AUTO_CHAIN = 0x8
 # The key log lines that carry what the record layer needs once OpenSSL is done (see `_keylog`).
 _CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
 _SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
-_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ")
+_MASTER_SECRET = b"CLIENT_RANDOM"  # TLS 1.2's line: the master secret (kept only for a refusal, see keep_records)
+_TRAFFIC_PREFIXES = (_CLIENT_SECRET + b" ", _SERVER_SECRET + b" ", _MASTER_SECRET + b" ")
 
 # What this module uses of pyOpenSSL, public and private: (where, name). Public methods newer than our lowest
 # supported pyOpenSSL are listed too, so the message names them rather than failing at the first handshake.
@@ -94,7 +103,8 @@ REQUIRED = (
     ("OpenSSL._util.lib", "SSL_CTX_set1_curves_list"),
     ("OpenSSL._util.lib", "SSL_CTX_set1_sigalgs_list"),
     ("OpenSSL._util.lib", "BIO_read"),
-    ("OpenSSL._util.lib", "SSL_CTX_set_verify"),
+    ("OpenSSL._util.lib", "SSL_set_verify"),
+    ("OpenSSL._util.lib", "SSL_get_verify_mode"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_set_error"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_get_error_depth"),
     ("OpenSSL._util.lib", "X509_STORE_CTX_get_current_cert"),
@@ -102,6 +112,11 @@ REQUIRED = (
     ("OpenSSL._util.lib", "SSL_get_ex_data_X509_STORE_CTX_idx"),
     ("OpenSSL._util.lib", "X509_up_ref"),
     ("OpenSSL._util.lib", "X509_V_ERR_CERT_REJECTED"),
+    ("OpenSSL._util.lib", "SSL_set_info_callback"),
+    ("OpenSSL._util.lib", "SSL_CB_ALERT"),
+    ("OpenSSL._util.lib", "SSL_CB_READ"),
+    ("OpenSSL._util.lib", "SSL_CB_WRITE"),
+    ("OpenSSL.SSL.Connection", "_ssl"),
     ("OpenSSL.SSL.Connection", "_reverse_mapping"),
     ("OpenSSL.crypto.X509", "_from_raw_x509_ptr"),
     ("OpenSSL.SSL.Connection", "_into_ssl"),
@@ -202,6 +217,7 @@ def build_context(
     alpn: Sequence[bytes] = (ALPN,),
     require_peer_certificate: bool = True,
     min_version: str = "1.3",
+    key_exchange: str = "hybrid",
 ) -> SSL.Context:
     """A fresh TLS 1.3-only context (TLS 1.2 too with `min_version="1.2"`) presenting `material`'s SVID and
     trusting its roots.
@@ -217,9 +233,12 @@ def build_context(
     the handshake (one that is sent must still verify against the roots); a client always requires the server's.
     `min_version="1.2"` (an explicit listener for legacy peers): TLS 1.2 too, with `TLS12_CIPHERS` only, no
     renegotiation, no compression, no resumption; its records stay in OpenSSL (`Handshake.keep_records`).
+    `key_exchange="classic"`: X25519 and P-256 only, without the hybrid post-quantum group (see `KEY_EXCHANGES`).
     """
     if min_version not in MIN_VERSIONS:
         raise ValueError(f"min_version must be one of {', '.join(MIN_VERSIONS)}")
+    if key_exchange not in KEY_EXCHANGES:
+        raise ValueError(f"key_exchange must be one of {', '.join(KEY_EXCHANGES)}")
     if material is None and side is Side.SERVER:
         raise ValueError("a TLS server must present a certificate")
     if material is not None and roots:
@@ -263,10 +282,12 @@ def build_context(
     # A client's VERIFY_PEER alone already fails a server that sends no certificate (TLS 1.3 servers always send one).
     required = require_peer_certificate or side is Side.CLIENT
     mode = (SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT) if required else SSL.VERIFY_PEER
-    ctx.set_verify(mode)  # what pyOpenSSL's get_verify_mode reports; the callback is ours, set through the binding
-    _lib.SSL_CTX_set_verify(ctx._context, mode, _VERIFY_CALLBACK)
-    if GROUPS is not None:
-        _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS)
+    # OpenSSL's own verification only; a connection with a leaf check adds our callback to itself (`check_leaf`),
+    # so a handshake without one (a server on our own records) calls no Python per certificate.
+    ctx.set_verify(mode)
+    groups = GROUPS if key_exchange == "hybrid" else CLASSIC_GROUPS
+    if groups is not None and _lib.SSL_CTX_set1_curves_list(ctx._context, groups) != 1:  # pragma: no cover
+        raise CertificateError("", "OpenSSL refused the key exchange group list")
     if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, SIGALGS) != 1:  # pragma: no cover - every OpenSSL 3 knows them
         raise CertificateError("", "OpenSSL refused the signature algorithm list")
     # Only suites our record layer carries on with after the handshake (OpenSSL's default TLS 1.3 list).
@@ -287,7 +308,7 @@ LeafCheck = Callable[[bytes], str | None]
 
 
 def _verify_leaf(ok: int, store: Any) -> int:
-    """OpenSSL's certificate verify callback (`SSL_CTX_set_verify`, set by `build_context`): OpenSSL's own verdict
+    """OpenSSL's certificate verify callback (`SSL_set_verify`, set by `Handshake.check_leaf`): OpenSSL's own verdict
     on each certificate of the peer's chain stands; a leaf (depth 0) it accepted is also given to the connection's
     `Handshake.check_leaf`, if any. A refusal sets X509_V_ERR_CERT_REJECTED, for which OpenSSL fails the handshake
     with the alert bad_certificate (42), and leaves the reason for `Handshake.step` to raise. Never raises (an
@@ -304,6 +325,7 @@ def _verify_leaf(ok: int, store: Any) -> int:
         leaf = _lib.X509_STORE_CTX_get_current_cert(store)
         _lib.X509_up_ref(leaf)
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(leaf))
+        handshake._leaf_der = der
         reason = handshake._leaf_check(der)
     except Exception as exc:  # pragma: no cover - the check is pure; this only keeps OpenSSL's callback sound
         reason = f"the peer's leaf could not be checked: {exc!r}"
@@ -359,7 +381,7 @@ class Handshake:
     returns True, send `take_output` after every step. `context` comes from `build_context` (one made elsewhere
     gets the key log the hand-over needs, so it must not have made a connection yet)."""
 
-    __slots__ = ("_conn", "_leaf_check", "_refusal", "_secrets", "_side", "_wrote")
+    __slots__ = ("_conn", "_leaf_check", "_leaf_der", "_refusal", "_secrets", "_side", "_wrote")
 
     def __init__(self, context: SSL.Context, side: Side) -> None:
         if context not in _CONTEXTS:  # made elsewhere (tests, peers that are not sidecars): it needs our key log
@@ -378,14 +400,19 @@ class Handshake:
         # stepped), so an empty BIO is not asked again (pyOpenSSL answers an empty read with an exception).
         self._wrote = False
         self._leaf_check: LeafCheck | None = None  # see check_leaf
+        self._leaf_der: bytes | None = None  # the peer's leaf as _verify_leaf saw it (peer_certificate_der's answer)
         self._refusal: str | None = None  # why _leaf_check refused the peer's leaf
 
     def check_leaf(self, check: LeafCheck) -> None:
         """Check the peer's leaf inside the handshake, once OpenSSL has verified its chain: `check` gets the leaf's
         DER and returns None to accept it, or the reason it is refused. A refusal fails the handshake (`step`
         raises `HandshakeFailure` with that reason) and OpenSSL's alert, bad_certificate, goes to the peer in
-        `take_output`. Per connection: the context's verify callback finds it through the connection."""
+        `take_output`. Per connection: our verify callback is set on this connection alone (the context has none)
+        and finds the check through it."""
         self._leaf_check = check
+        conn = self._conn
+        assert conn is not None
+        _lib.SSL_set_verify(conn._ssl, _lib.SSL_get_verify_mode(conn._ssl), _VERIFY_CALLBACK)
 
     def step(self) -> bool:
         """Let OpenSSL take the handshake as far as its input allows: True once it is complete, False while it needs
@@ -438,8 +465,10 @@ class Handshake:
         return self._conn.get_alpn_proto_negotiated() or None
 
     def peer_certificate_der(self) -> bytes | None:
-        """The peer's leaf in DER, without parsing it."""
+        """The peer's leaf in DER, without parsing it (taken once: the verify callback's copy when it had one)."""
         assert self._conn is not None
+        if self._leaf_der is not None:
+            return self._leaf_der
         cert = self._conn.get_peer_certificate()
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
@@ -481,17 +510,41 @@ class Handshake:
 
     def keep_records(self) -> OpenSSLRecords:
         """The finished connection, its records left to OpenSSL (`record_layer: openssl`, and TLS 1.2): what OpenSSL
-        wrote last stays in its outgoing BIO, to leave with the next records. The key log's secrets are dropped."""
+        wrote last leaves with the next records. The key log's secrets are dropped, except that a server keeps
+        what it needs to seal one alert (TLS 1.3: its two traffic secrets; TLS 1.2: the master secret and both
+        randoms) until OpenSSL next seals or opens a record, so that a refusal right after the handshake can still
+        be told with an alert (`OpenSSLRecords.refusal_alert`)."""
         conn = self._conn
         assert conn is not None
+        held = b""
+        refusal: _Refusal | _Refusal12 | None = None
+        version = conn.get_protocol_version_name()
+        if self._side is Side.SERVER and version == "TLSv1.3":
+            held = self.take_output()  # the session tickets, under our application key: records 0..n-1
+            suite = records.SUITES.get(conn.get_cipher_name() or "")
+            client_secret = self._secrets.get(_CLIENT_SECRET)
+            server_secret = self._secrets.get(_SERVER_SECRET)
+            written = count_records(held)
+            if suite is not None and client_secret is not None and server_secret is not None and written is not None:
+                refusal = _Refusal(suite, client_secret, server_secret, written)
+        elif self._side is Side.SERVER and version == "TLSv1.2":
+            held = self.take_output()  # ChangeCipherSpec and Finished: records under our write key from there on
+            master = self._secrets.get(_MASTER_SECRET)
+            written = _records_after_ccs(held)
+            cipher = TLS12_AEADS.get(conn.get_cipher_name() or "")
+            if master is not None and written is not None and cipher is not None:
+                randoms = (conn.client_random(), conn.server_random())
+                if randoms[0] is not None and randoms[1] is not None:
+                    refusal = _Refusal12(cipher, master, randoms[0], randoms[1], written)
         self._secrets.clear()
         conn.set_app_data(None)
         self._conn = None
-        return OpenSSLRecords(conn)
+        return OpenSSLRecords(conn, held=held, refusal=refusal)
 
     def free(self) -> None:
         """Let go of OpenSSL's connection and the secrets (after `hand_over`, or when the stream closes early)."""
         self._secrets.clear()
+        self._leaf_der = None
         if self._conn is not None:
             self._conn.set_app_data(None)
             self._conn = None
@@ -506,19 +559,135 @@ class RecordFailure(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """What a TLS 1.3 server on OpenSSL's records needs to seal one alert of its own after the handshake: the suite,
+    both traffic secrets, and how many records OpenSSL has written under its key (the session tickets)."""
+
+    suite: records.Suite
+    read_secret: bytes
+    write_secret: bytes
+    written: int
+
+
+# TLS 1.2 suites of TLS12_CIPHERS (OpenSSL's names) → (AEAD, key length, fixed IV length, PRF hash), RFC 5288 and
+# RFC 7905: what `_Refusal12` needs to seal the one record it seals.
+TLS12_AEADS: dict[str, tuple[type[AESGCM] | type[ChaCha20Poly1305], int, int, type[hashes.HashAlgorithm]]] = {
+    "ECDHE-ECDSA-AES256-GCM-SHA384": (AESGCM, 32, 4, hashes.SHA384),
+    "ECDHE-RSA-AES256-GCM-SHA384": (AESGCM, 32, 4, hashes.SHA384),
+    "ECDHE-ECDSA-AES128-GCM-SHA256": (AESGCM, 16, 4, hashes.SHA256),
+    "ECDHE-RSA-AES128-GCM-SHA256": (AESGCM, 16, 4, hashes.SHA256),
+    "ECDHE-ECDSA-CHACHA20-POLY1305": (ChaCha20Poly1305, 32, 12, hashes.SHA256),
+    "ECDHE-RSA-CHACHA20-POLY1305": (ChaCha20Poly1305, 32, 12, hashes.SHA256),
+}
+
+
+def _tls12_prf(algorithm: type[hashes.HashAlgorithm], secret: bytes, seed: bytes, length: int) -> bytes:
+    """RFC 5246 §5: P_hash(secret, seed), `length` bytes."""
+    out, a = b"", seed
+    while len(out) < length:
+        mac = crypto_hmac.HMAC(secret, algorithm())
+        mac.update(a)
+        a = mac.finalize()
+        mac = crypto_hmac.HMAC(secret, algorithm())
+        mac.update(a + seed)
+        out += mac.finalize()
+    return out[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal12:
+    """`_Refusal` for a TLS 1.2 server: the suite, the master secret, both randoms, and how many records OpenSSL has
+    written under its write key (its Finished)."""
+
+    cipher: tuple[type[AESGCM] | type[ChaCha20Poly1305], int, int, type[hashes.HashAlgorithm]]
+    master: bytes
+    client_random: bytes
+    server_random: bytes
+    written: int
+
+    def alert(self, description: int) -> bytes:
+        """The fatal alert `description` as the server's next record (RFC 5246 §6.2.3.3, RFC 5288 §3, RFC 7905 §2)."""
+        aead, key_size, iv_size, algorithm = self.cipher
+        block = _tls12_prf(
+            algorithm, self.master, b"key expansion" + self.server_random + self.client_random, 2 * (key_size + iv_size)
+        )
+        key = block[key_size : 2 * key_size]  # client key, server key, client IV, server IV (no MAC keys: AEAD)
+        iv = block[2 * key_size + iv_size :]
+        seq = self.written.to_bytes(8, "big")
+        plaintext = bytes((2, description))
+        aad = seq + bytes((records.ALERT, 3, 3)) + len(plaintext).to_bytes(2, "big")
+        if aead is AESGCM:
+            explicit = seq  # the explicit nonce: the sequence number, as OpenSSL writes it
+            body = explicit + AESGCM(key).encrypt(iv + explicit, plaintext, aad)
+        else:
+            nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq, strict=True))
+            body = ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+        return bytes((records.ALERT, 3, 3)) + len(body).to_bytes(2, "big") + body
+
+
+def _records_after_ccs(data: bytes) -> int | None:
+    """How many records follow the first ChangeCipherSpec in `data` (whole records only); None without one."""
+    pos, seen, count = 0, False, 0
+    while pos < len(data):
+        if len(data) - pos < records.HEADER_SIZE:
+            return None
+        kind = data[pos]
+        pos += records.HEADER_SIZE + ((data[pos + 3] << 8) | data[pos + 4])
+        if seen:
+            count += 1
+        elif kind == _CHANGE_CIPHER_SPEC:
+            seen = True
+    return count if seen and pos == len(data) else None
+
+
+_CHANGE_CIPHER_SPEC = 20
+
+
 class OpenSSLRecords:
     """A finished connection whose records OpenSSL seals and opens, over memory BIOs like `Handshake`: `seal`
     plaintext and send what `take` hands back; `feed` the peer's ciphertext and `open` what it holds. KeyUpdate,
-    session tickets a server sends us and alerts are OpenSSL's to follow (any answer is in `take`)."""
+    session tickets a server sends us and alerts are OpenSSL's to follow (any answer is in `take`).
 
-    __slots__ = ("_conn", "_negotiated")
+    `sent_alert` and `peer_alert` are the fatal alerts OpenSSL sent the peer (when it refused one of its records)
+    and read from it, as OpenSSL's info callback reported them (`_note_alert`); None until then."""
 
-    def __init__(self, conn: SSL.Connection) -> None:
+    __slots__ = ("__weakref__", "_conn", "_held", "_negotiated", "_refusal", "peer_alert", "sent_alert")
+
+    def __init__(
+        self, conn: SSL.Connection, *, held: bytes = b"", refusal: _Refusal | _Refusal12 | None = None
+    ) -> None:
         self._conn = conn
         self._negotiated = (conn.get_protocol_version_name(), conn.get_cipher_name(), conn.get_group_name())
+        self._held = held  # what OpenSSL wrote last in the handshake, taken out of its BIO: sent first
+        self._refusal = refusal  # see refusal_alert
+        self.sent_alert: int | None = None
+        self.peer_alert: int | None = None
+        # The info callback finds this object through the connection (a weak reference: no cycle to collect).
+        conn.set_app_data(weakref.ref(self))
+        _lib.SSL_set_info_callback(conn._ssl, _INFO_CALLBACK)
+
+    def refusal_alert(self, description: int) -> bytes | None:
+        """The fatal alert `description` as the record that follows what OpenSSL has written, for a server that
+        refuses its peer before it seals or opens anything (a policy denial right after the handshake); None
+        otherwise (a client, or OpenSSL has moved on: it alone knows its record state then). OpenSSL itself writes
+        no alert but its own; it must write nothing after this one."""
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            return None
+        if isinstance(refusal, _Refusal12):
+            return refusal.alert(description)
+        session = records.Session(
+            refusal.suite, refusal.read_secret, refusal.write_secret, is_client=False, write_seq=refusal.written
+        )
+        session.alert(description)
+        out = bytes(session.take())
+        session.wipe()
+        return out
 
     def seal(self, data: bytes | bytearray | memoryview) -> None:
         """Plaintext to send: OpenSSL seals it into records in its outgoing BIO (which always has room)."""
+        self._refusal = None
         conn = self._conn
         view = memoryview(data).cast("B")
         while view:
@@ -531,6 +700,9 @@ class OpenSSLRecords:
     def take(self) -> bytes:
         """The ciphertext OpenSSL wrote since the last call, b"" when none."""
         parts: list[bytes] = []
+        if self._held:
+            parts.append(self._held)
+            self._held = b""
         while True:
             try:
                 parts.append(self._conn.bio_read(HANDSHAKE_DRAIN * 4))
@@ -545,7 +717,9 @@ class OpenSSLRecords:
 
     def open(self, max_bytes: int) -> bytes | None:
         """Up to `max_bytes` of plaintext; b"" at the peer's close_notify; None when OpenSSL needs more ciphertext.
-        Raises `RecordFailure` (a record OpenSSL refused, or the transport's end without close_notify)."""
+        Raises `RecordFailure` (a record OpenSSL refused, or the transport's end without close_notify); a fatal
+        alert from the peer is named as `records` names it ("peer sent alert ...")."""
+        self._refusal = None
         try:
             return self._conn.recv(max_bytes)
         except SSL.WantReadError:
@@ -555,6 +729,8 @@ class OpenSSLRecords:
         except SSL.SysCallError as exc:
             raise RecordFailure("connection closed by peer") from exc
         except SSL.Error as exc:
+            if self.peer_alert is not None:
+                raise RecordFailure(str(records.PeerAlert(self.peer_alert))) from exc
             reason = openssl_reason(exc)
             if "unexpected eof" in reason:
                 reason = "connection closed by peer"
@@ -562,6 +738,7 @@ class OpenSSLRecords:
 
     def close_notify(self) -> None:
         """Write our close_notify (the peer may go on sending: `open` still works)."""
+        self._refusal = None
         with contextlib.suppress(SSL.Error):
             self._conn.shutdown()
 
@@ -577,18 +754,56 @@ class OpenSSLRecords:
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
 
-# Contexts for the explicit listeners that allow TLS 1.2, one per credential generation (keyed by that generation's
-# own context, so they go when it goes).
-_VARIANTS: weakref.WeakKeyDictionary[SSL.Context, SSL.Context] = weakref.WeakKeyDictionary()
+def _note_alert(ssl: Any, where: int, value: int) -> None:
+    """OpenSSL's info callback on a connection whose records it keeps (set by `OpenSSLRecords`): note the first
+    fatal alert it sends and the one it reads (`value` is level << 8 | description). Never raises (an exception
+    would be lost in OpenSSL)."""
+    if not where & _lib.SSL_CB_ALERT or value >> 8 != 2:  # only alerts, and of those the fatal ones
+        return
+    try:
+        conn = SSL.Connection._reverse_mapping.get(ssl)
+        ref = None if conn is None else conn.get_app_data()
+        kept = ref() if isinstance(ref, weakref.ref) else None
+        if not isinstance(kept, OpenSSLRecords):
+            return
+        if where & _lib.SSL_CB_WRITE:
+            if kept.sent_alert is None:
+                kept.sent_alert = value & 0xFF
+        elif where & _lib.SSL_CB_READ:
+            kept.peer_alert = value & 0xFF
+    except Exception:  # pragma: no cover - nothing above raises; this only keeps OpenSSL's callback sound
+        return
+
+
+_INFO_CALLBACK = _ffi.callback("void (*)(const SSL *, int, int)", _note_alert)
+
+
+# Contexts for the explicit listeners that allow TLS 1.2 and for `key_exchange: classic`, per credential generation
+# (keyed by that generation's own context, so they go when it goes), then by (min_version, key_exchange).
+_VARIANTS: weakref.WeakKeyDictionary[SSL.Context, dict[tuple[str, str], SSL.Context]] = weakref.WeakKeyDictionary()
+
+
+def variant_context(
+    generation: SSL.Context, material: Material, side: Side, *, min_version: str = "1.3", key_exchange: str = "hybrid"
+) -> SSL.Context:
+    """`generation` (a context `build_context` made from `material` for `side` with its defaults) itself, or its twin
+    with another `min_version` or `key_exchange`, made on first use and kept as long as `generation` is."""
+    if min_version == "1.3" and key_exchange == "hybrid":
+        return generation
+    twins = _VARIANTS.get(generation)
+    if twins is None:
+        twins = _VARIANTS[generation] = {}
+    twin = twins.get((min_version, key_exchange))
+    if twin is None:
+        twin = twins[min_version, key_exchange] = build_context(
+            material, side, min_version=min_version, key_exchange=key_exchange
+        )
+    return twin
 
 
 def tls12_context(generation: SSL.Context, material: Material, side: Side) -> SSL.Context:
-    """The `min_version="1.2"` twin of `generation` (a context `build_context` made from `material` for `side`),
-    made on first use and kept as long as `generation` is."""
-    twin = _VARIANTS.get(generation)
-    if twin is None:
-        twin = _VARIANTS[generation] = build_context(material, side, min_version="1.2")
-    return twin
+    """The `min_version="1.2"` twin of `generation` (see `variant_context`)."""
+    return variant_context(generation, material, side, min_version="1.2")
 
 
 class _Drain(threading.local):

@@ -179,9 +179,9 @@ async def handle_inbound(
     caller = None
     if mesh:
         records = cfg.record_layer if explicit is None else explicit.records(cfg.record_layer)
-        # With OpenSSL's record layer no alert can follow the handshake: a listener's `identities` are then checked
-        # inside it (the verify callback refuses with bad_certificate). Our own records check them after it and say
-        # access_denied (below).
+        # With OpenSSL's record layer a listener's `identities` are checked inside the handshake (the verify callback
+        # refuses with bad_certificate; on TLS 1.2 no alert of ours could follow it). Our own records check them
+        # after it and say access_denied (below).
         inside = explicit is not None and records is RecordLayer.OPENSSL
         opened = await open_mtls_or_failure(
             rt,

@@ -239,6 +239,8 @@ def _failed(end: _End, reset: Reason) -> Reason:
     """The reason for a failure of `end`: the violation its TLS stream refused (by the alert it sent), else `reset`."""
     if type(end) is tls.TLSStream and end.violation is not None:
         return ALERT_REASONS.get(end.violation, reset)
+    if type(end) is _StreamEnd and type(end.stream) is sslstream.OpenSSLStream and end.stream.violation is not None:
+        return ALERT_REASONS.get(end.stream.violation, reset)  # OpenSSL's record layer: the alert OpenSSL sent
     return reset
 
 
@@ -246,15 +248,17 @@ async def _abort(*streams: trio.abc.Stream) -> None:
     """Close abortively, except a TLS stream that refused its peer with an alert: that one gets our FIN and a short
     linger first (`tls.TLSStream.close_refused`), so the peer reads the alert before any reset; it is closed last
     and shielded (this runs on every exit, a cancellation included), bounded by tls.REFUSE_LINGER."""
-    refused = [s for s in streams if type(s) is tls.TLSStream and s.violation is not None]
+    refused = [s for s in streams if isinstance(s, _TLS_STREAMS) and s.violation is not None]
     for stream in streams:
         if stream not in refused:
             await netio.abort_close(stream)
     for stream in refused:
-        assert type(stream) is tls.TLSStream
         with trio.CancelScope(deadline=trio.current_time() + 2 * tls.REFUSE_LINGER, shield=True):
             await stream.close_refused()
         await netio.abort_close(stream)  # nothing when it is closed; the reset it would have ended in if cut short
+
+
+_TLS_STREAMS = (tls.TLSStream, sslstream.OpenSSLStream)  # both record paths refuse a peer the same way
 
 
 def _why(exc: BaseException) -> str:

@@ -7,8 +7,13 @@ TLS 1.2 connection takes (an explicit listener with `min_tls_version: "1.2"`): `
 `open_mtls` is `tls.open_mtls` for this stream, with the same peer check (`tls.check_peer`).
 
 What it does not: build contexts (see `handshake`), judge identities itself (see `tls.judge_leaf`, which
-`open_mtls` runs inside the handshake: no alert of ours could follow a finished one here), or read the
-socket directly: it reads and writes its transport through the trio Stream interface (one checkpoint per call).
+`open_mtls` runs inside the handshake, where OpenSSL's alert tells the peer), or read the socket directly: it reads
+and writes its transport through the trio Stream interface (one checkpoint per call).
+
+Refusing: a record OpenSSL refuses is answered with OpenSSL's alert, which `violation` then names (the relay ends
+the connection after it and gives the peer `close_refused`'s linger to read it); a policy denial right after the
+handshake (TLS 1.3 or 1.2) is told with the alert `refuse` seals itself after OpenSSL's records (see
+`handshake.OpenSSLRecords.refusal_alert`).
 
 Theory of operation: like `tls.TLSStream`, two tasks may use it at once, one sending and one receiving. Each call
 into OpenSSL is synchronous, so they never interleave inside it. What OpenSSL writes (records, alerts, the answer to
@@ -27,10 +32,11 @@ from collections.abc import Callable, Sequence
 import trio
 from OpenSSL import SSL
 
-from mtlsmesh import handshake, tls
+from mtlsmesh import handshake, netio, tls
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.handshake import Side
 from mtlsmesh.identity import SpiffeId, TrustDomain
+from mtlsmesh.records import ALERT_NAMES
 
 TRANSPORT_READ = 64 * 1024  # ciphertext read from the transport per call
 SEND_CHUNK = 64 * 1024  # plaintext sealed per round of send_all, then sent before the next
@@ -79,6 +85,9 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
         # Called after each piece of a send that had to be cut (see `_flush`): the relay's idle timer, so a send
         # held back by a slow reader counts as progress.
         self.send_progress: Callable[[], object] | None = None
+        # The fatal alert sent to the peer (OpenSSL's, for a record it refused; ours, for a refusal after the
+        # handshake), else None: what the relay names the end after, as `tls.TLSStream.violation`.
+        self.violation: int | None = None
 
     # --- output ----------------------------------------------------------------------------------------------
 
@@ -268,8 +277,9 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
                     data = records.open(max_bytes)
                 except handshake.RecordFailure as exc:
                     self._broken = exc.reason
+                    self.violation = records.sent_alert  # the alert OpenSSL answers a bad record with
                     with contextlib.suppress(trio.BrokenResourceError):
-                        await self._flush()  # OpenSSL's alert
+                        await self._flush()  # OpenSSL's alert (whoever closes the stream then: close_refused)
                     raise trio.BrokenResourceError(exc.reason) from exc
                 # What OpenSSL owes the peer goes out first: a held Finished, the answer to a KeyUpdate.
                 await self._flush(wait=False)
@@ -316,6 +326,55 @@ class OpenSSLStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
+
+    # --- refusing the peer -----------------------------------------------------------------------------------
+
+    async def _send_fin(self) -> None:
+        if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+            await self.transport_stream.send_eof()
+
+    async def refuse(self, alert: int) -> None:
+        """Refuse the peer after the handshake (a policy denial): the fatal `alert`, then `close_refused`. Only a
+        server that has neither sealed nor opened a record yet can still seal an alert of its own after OpenSSL's
+        records (`handshake.OpenSSLRecords.refusal_alert`); any other stream is reset without one."""
+        records = self._records
+        refusal = None
+        if records is not None and self._broken is None and not self._closed and not self._sending:
+            refusal = records.refusal_alert(alert)
+        if refusal is None:
+            await netio.abort_close(self)
+            return
+        self.violation = alert
+        self._broken = f"refused with alert {ALERT_NAMES.get(alert, alert)}"
+        self._eof_sent = True  # nothing of ours follows the alert, close_notify included
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._flush()  # what OpenSSL wrote before (its session tickets) goes first
+            await self.transport_stream.send_all(refusal)
+        await self.close_refused()
+
+    async def close_refused(self) -> None:
+        """Close a stream whose peer was sent a fatal alert: our FIN, then up to `tls.REFUSE_LINGER` for the peer
+        to read it and close (what it still sends, up to `tls.REFUSE_LINGER_BYTES`, is read and dropped), then a
+        plain close when it did and a reset when it did not, as `tls.TLSStream.close_refused`."""
+        closed = False
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._send_fin()
+            budget = tls.REFUSE_LINGER_BYTES
+            with trio.move_on_after(tls.REFUSE_LINGER):
+                while budget > 0:
+                    data = await self.transport_stream.receive_some(TRANSPORT_READ)
+                    if not data:
+                        closed = True
+                        break
+                    budget -= len(data)
+        if closed:
+            self._closed = True
+            if self._hs is not None:
+                self._hs.free()
+                self._hs = None
+            await trio.aclose_forcefully(self.transport_stream)
+        else:
+            await netio.abort_close(self)
 
     async def aclose(self) -> None:
         """Close: send close_notify when nothing went wrong and it is not sent yet, then close the transport."""

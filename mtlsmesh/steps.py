@@ -21,7 +21,7 @@ import trio
 
 from mtlsmesh import handshake, netio, policy, records, sslstream, tls
 from mtlsmesh.addresses import IPAddress, unmapped
-from mtlsmesh.config import RecordLayer
+from mtlsmesh.config import KeyExchange, RecordLayer
 from mtlsmesh.errors import HandshakeError
 from mtlsmesh.identity import SpiffeId
 from mtlsmesh.outcome import Failure, Outcome, Reason
@@ -39,10 +39,10 @@ async def refuse(stream: trio.abc.Stream, rec: Outcome, reason: Reason, detail: 
     """End the connection with `reason` and an RST (its connect() succeeded against us; a reset is the honest
     answer). The decision stays what it was. A TLS peer denied after its handshake is told so first: the fatal alert
     access_denied, then our FIN and a short linger so that it reads the alert before any reset
-    (`tls.TLSStream.refuse`)."""
+    (`tls.TLSStream.refuse`; with OpenSSL's record layer `sslstream.OpenSSLStream.refuse`)."""
     rec.reason = reason
     rec.detail = detail
-    if reason is Reason.DENIED and type(stream) is tls.TLSStream:
+    if reason is Reason.DENIED and (type(stream) is tls.TLSStream or type(stream) is sslstream.OpenSSLStream):
         with trio.CancelScope(deadline=trio.current_time() + 2 * tls.REFUSE_LINGER, shield=True):
             await stream.refuse(records.ACCESS_DENIED)
     await netio.abort_close(stream)
@@ -84,11 +84,15 @@ async def open_mtls_or_failure(
     TLS stream, or the failure to refuse with (HANDSHAKE_FAILED with the handshake's error, or HANDSHAKE_TIMEOUT);
     the caller closes what it opened. `prefix`: what the inbound sniffer already read of the peer's first flight.
     An explicit listener's options: `record_layer` (OPENSSL: `sslstream`), `min_tls_version` ("1.2": this
-    generation's TLS 1.2 context) and `require_alpn=False` (any standard TLS peer, see `tls.check_peer`)."""
+    generation's TLS 1.2 context) and `require_alpn=False` (any standard TLS peer, see `tls.check_peer`). The
+    config's `key_exchange: classic` takes the generation's classic twin (`handshake.variant_context`)."""
     current = rt.credentials.current
     context = current.server_context if side is tls.Side.SERVER else current.client_context
-    if min_tls_version == "1.2":
-        context = handshake.tls12_context(context, current.material, side)
+    key_exchange = rt.config.key_exchange
+    if min_tls_version != "1.3" or key_exchange is not KeyExchange.HYBRID:
+        context = handshake.variant_context(
+            context, current.material, side, min_version=min_tls_version, key_exchange=key_exchange.value
+        )
     opener = sslstream.open_mtls if record_layer is RecordLayer.OPENSSL else tls.open_mtls
     started = trio.current_time()
     result = await _handshake(

@@ -24,12 +24,12 @@ import re
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import prometheus_client
 import trio
 
-from mtlsmesh import admin, relay, workers
-from mtlsmesh.agent import IdentityAgent
+from mtlsmesh import admin, relay
 from mtlsmesh.cli import stop_on_signals, unwrap_mesh_errors
 from mtlsmesh.config import Config, CredentialFiles, Mode, load_config
 from mtlsmesh.conventions import ADMIN_TOKEN_FILE, LOG_FORMAT, LOG_FORMATS, LOG_LEVELS, InterceptionMode
@@ -37,6 +37,12 @@ from mtlsmesh.credentials import CredentialSource, CredentialStore
 from mtlsmesh.errors import ConfigError
 from mtlsmesh.identity import parse_trust_domain
 from mtlsmesh.sidecar import serve_sidecar
+
+if TYPE_CHECKING:
+    from mtlsmesh.agent import IdentityAgent
+
+# Identity mode (`agent`, with the CA client and HTTP/1.1) and the workers' supervisor are imported only by a sidecar
+# that uses them: what an idle sidecar costs in memory is mostly the code it has loaded.
 
 # glibc malloc: blocks at least this big get their own mmap, and free memory above this much at the top of the heap
 # is handed back to the kernel (mallopt's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; see tune_malloc()).
@@ -248,26 +254,33 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     # Everything that can be checked before anything binds is: the SVID files, or the identity agent's bundle.
     credentials: CredentialStore | IdentityAgent
+    agent: IdentityAgent | None = None
     if cfg.identity is not None:
-        credentials = IdentityAgent(cfg.identity, cfg.trust_domain)
+        from mtlsmesh.agent import IdentityAgent
+
+        credentials = agent = IdentityAgent(cfg.identity, cfg.trust_domain)
     else:
         assert cfg.credentials is not None
         credentials = CredentialStore.load(cfg.credentials, cfg.trust_domain)
     configure_logging(cfg)
     tune_process()
     token_file, token = _admin_token(_value(args, "admin_token_file"))
-    count = workers.resolve(cfg)
+    count = 1
+    if cfg.workers != 1:
+        from mtlsmesh import workers
+
+        count = workers.resolve(cfg)
 
     async def main() -> None:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, stop, "mtlsmesh.sidecar")
             await nursery.start(reload_on_sighup, credentials)
-            if isinstance(credentials, IdentityAgent):
+            if agent is not None:
                 # The first SVID before anything binds: the kubelet sees no health port until it is there.
                 async with trio.open_nursery() as enrolling:
                     enrolling.start_soon(_cancel_when, stop, enrolling.cancel_scope)
-                    await credentials.enroll()
+                    await agent.enroll()
                     enrolling.cancel_scope.cancel()
                 if stop.is_set():
                     nursery.cancel_scope.cancel()
@@ -275,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
             if count == 1:
                 await serve_sidecar(cfg, credentials, stop=stop, admin_token=token)
             else:
+                from mtlsmesh import workers
+
                 await workers.supervise(cfg, credentials, count, WORKER_COMMAND, stop=stop, admin_token=token)
             nursery.cancel_scope.cancel()
 
@@ -294,6 +309,8 @@ WORKER_COMMAND = (sys.executable, "-m", "mtlsmesh", "sidecar", "--worker-fd", "{
 def run_worker(fd: int) -> int:
     """A worker process (`workers`): everything it needs comes from its supervisor over `fd`. It drains on SIGTERM
     (which the supervisor passes on) and leaves SIGHUP to the supervisor."""
+    from mtlsmesh import workers
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent()
     tune_process()
@@ -344,11 +361,27 @@ def tune_process() -> None:
     # with 700 the count crossed the threshold again and again while connections were in flight and every
     # collection walked the objects of the open ones; with 7,000 a collection is rare and almost everything a
     # connection made is freed by reference counting before it. Garbage in cycles waits a little longer.
+    # Start-up's garbage (the YAML, the PEM files, import machinery) is collected first, not frozen with the rest.
+    gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     tune_malloc()
     # One series per label set: the `_created` twin of every counter would double them for no reader of ours.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    release_free_memory()
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim(0)): what start-up allocated and freed
+    would otherwise stay in an idle sidecar's resident memory (about 1 MiB). False where malloc is not glibc's."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 def _admin_token(flag: str | None) -> tuple[str | None, str | None]:
@@ -380,7 +413,10 @@ async def reload_on_sighup(
             if isinstance(credentials, CredentialStore):
                 swapped = credentials.check_once(force=True)
                 log.info("event=signal signal=SIGHUP action=reload result=%s", "reloaded" if swapped else "refused")
-            elif isinstance(credentials, IdentityAgent) and credentials.renew_now():
+                continue
+            from mtlsmesh.agent import IdentityAgent  # the other source: identity mode, which has loaded it already
+
+            if isinstance(credentials, IdentityAgent) and credentials.renew_now():
                 log.info("event=signal signal=SIGHUP action=renew result=requested")
             else:
                 log.info(

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mtlsmesh import handshake, tls
-from mtlsmesh.config import AuthzRule, Destination, InboundConfig, Mode, OutboundConfig
+from mtlsmesh.config import AuthzRule, Destination, InboundConfig, Mode, OutboundConfig, RecordLayer
 from tests.integration.mesh import (
     ANY_PORT,
     LOOPBACK,
@@ -199,7 +199,10 @@ class Target:
 
 @asynccontextmanager
 async def sidecar_in_front_of_an_app(
-    pki: Pki, mode: Mode = Mode.STRICT, authorization: tuple[AuthzRule, ...] = ()
+    pki: Pki,
+    mode: Mode = Mode.STRICT,
+    authorization: tuple[AuthzRule, ...] = (),
+    record_layer: RecordLayer = RecordLayer.OWN,
 ) -> AsyncIterator[Target]:
     received: list[bytes] = []
 
@@ -214,6 +217,7 @@ async def sidecar_in_front_of_an_app(
             pki.issue("reviews"),
             inbound=InboundConfig(enabled=True, listen=ANY_PORT, sniff_timeout=1.0, mode=mode),
             authorization=authorization,
+            record_layer=record_layer,
         )
         async with running_sidecar(cfg, orig_dst=fixed_dst(LOOPBACK, app_port)) as (_, state):
             yield Target(state.bound["inbound"][1], received)

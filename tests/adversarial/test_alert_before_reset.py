@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from mtlsmesh import handshake, tls
-from mtlsmesh.config import Action, AuthzRule
+from mtlsmesh.config import Action, AuthzRule, RecordLayer
 from mtlsmesh.identity import TrustDomain
 from tests.adversarial.peer import sidecar_in_front_of_an_app
-from tests.integration.mesh import LOOPBACK
+from tests.integration.mesh import LOOPBACK, conn_lines
 from tests.integration.test_record_interop import Corrupter, forward, stdlib_context
 from tests.pki import TD, Pki, material_for
 
@@ -94,14 +94,20 @@ async def test_a_corrupted_record_is_answered_with_bad_record_mac_and_the_client
     assert target.received == [b"first"]  # and nothing after the corrupted record
 
 
-async def test_a_caller_the_policy_denies_reads_access_denied(pki: Pki) -> None:
+@pytest.mark.parametrize("layer", list(RecordLayer), ids=lambda layer: layer.value)
+async def test_a_caller_the_policy_denies_reads_access_denied(
+    pki: Pki, caplog: pytest.LogCaptureFixture, layer: RecordLayer
+) -> None:
     ctx = stdlib_context(pki.issue("alice"), server=False)
     deny = (AuthzRule(Action.DENY, (str(pki.id_of("alice")),)),)
     with trio.fail_after(IO):
-        async with sidecar_in_front_of_an_app(pki, authorization=deny) as target:
+        async with sidecar_in_front_of_an_app(pki, authorization=deny, record_layer=layer) as target:
             said = await trio.to_thread.run_sync(run_client, target.port, ctx, client_script(b"request"))
+            await trio.sleep(0.2)  # the connection's log line
     assert said == "TLSV1_ALERT_ACCESS_DENIED", said
     assert target.received == []
+    lines = conn_lines(caplog.records, "inbound")
+    assert len(lines) == 1 and " reason=denied " in lines[0], lines
 
 
 @pytest.mark.parametrize(

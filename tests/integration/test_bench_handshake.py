@@ -9,7 +9,7 @@ import pytest
 from bench import handshake
 
 
-@pytest.mark.parametrize("flags", [[], ["--auto-chain"]])
+@pytest.mark.parametrize("flags", [[], ["--auto-chain"], ["--key-exchange", "classic"]])
 def test_every_loop_runs_and_reports(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert handshake.main(["--count", "3", *flags]) == 0
     out = capsys.readouterr().out

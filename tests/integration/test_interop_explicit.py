@@ -43,7 +43,15 @@ import trio
 from tlslite import api as tlslite
 
 from mtlsmesh import pem
-from mtlsmesh.config import CredentialFiles, ExplicitListener, ExplicitMode, ListenAddr, RecordLayer
+from mtlsmesh.config import (
+    Action,
+    AuthzRule,
+    CredentialFiles,
+    ExplicitListener,
+    ExplicitMode,
+    ListenAddr,
+    RecordLayer,
+)
 from mtlsmesh.identity import SpiffeId, TrustDomain
 from tests.integration.mesh import ANY_PORT, LOOPBACK, app_server, base_config, read_all, running_sidecar
 from tests.pki import Pki, forge_leaf, uri_sans
@@ -102,6 +110,7 @@ async def terminate_sidecar(
     identities: tuple[SpiffeId, ...] = (),
     bundle_extra: bytes = b"",
     app_saw: list[str] | None = None,
+    authorization: tuple[AuthzRule, ...] = (),
 ) -> AsyncIterator[int]:
     """A sidecar whose terminate listener (on the port yielded) forwards to `line_app`. Its SVID also names
     `localhost` (curl checks the host name). `app_saw` gets the app's callers when the block ends."""
@@ -111,7 +120,7 @@ async def terminate_sidecar(
             bundle.write(bundle_extra)
     async with app_server(line_app) as (app_port, seen):
         entry = listener(ExplicitMode.TERMINATE, app_port, layer, version, identities=identities)
-        async with running_sidecar(base_config(files, explicit=(entry,))) as (_rt, state):
+        async with running_sidecar(base_config(files, explicit=(entry,), authorization=authorization)) as (_rt, state):
             yield state.bound[entry.name][1]
         if app_saw is not None:
             app_saw.extend(seen)
@@ -392,6 +401,35 @@ def refused_call(port: int, ctx: ssl.SSLContext) -> str:
     except OSError as exc:
         return f"os error: {exc}"
     return "served" if data else "end of stream, no alert"
+
+
+@pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
+async def test_a_client_the_policy_denies_reads_access_denied(pki: Pki, layer: RecordLayer, version: str) -> None:
+    """An authorization rule refuses the caller after its handshake: it reads access_denied on both record paths
+    and both versions (on OpenSSL's records the sidecar seals that alert itself), and never reaches the app."""
+    client = pki.issue("api")
+    deny = (AuthzRule(Action.DENY, (str(pki.id_of("api")),)),)
+    saw: list[str] = []
+    async with terminate_sidecar(pki, layer, version, authorization=deny, app_saw=saw) as port:
+        ctx = stdlib_context(client, client.bundle, server=False, version=version)
+        told = await in_thread(lambda: refused_call(port, ctx))
+    assert told == "TLSV1_ALERT_ACCESS_DENIED"
+    assert saw == []
+
+
+@pytest.mark.parametrize(
+    "suite", ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+)
+async def test_a_tls12_client_the_policy_denies_reads_access_denied_whatever_the_suite(pki: Pki, suite: str) -> None:
+    """Over TLS 1.2 the sidecar seals the alert under keys it derives itself (RFC 5246's PRF from the master
+    secret): each AEAD suite a TLS 1.2 listener allows, as the client reads it."""
+    client = pki.issue("api")
+    deny = (AuthzRule(Action.DENY, (str(pki.id_of("api")),)),)
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.2", authorization=deny) as port:
+        ctx = stdlib_context(client, client.bundle, server=False, version="1.2")
+        ctx.set_ciphers(suite)
+        told = await in_thread(lambda: refused_call(port, ctx))
+    assert told == "TLSV1_ALERT_ACCESS_DENIED"
 
 
 @pytest.mark.parametrize(("layer", "version"), CASES, ids=CASE_IDS)
@@ -726,6 +764,35 @@ async def test_a_tls12_listener_does_not_resume_a_session(pki: Pki, tmp_path: Pa
     assert session == ["Session-ID:"], first  # empty
     assert "TLS session ticket" not in first
     assert not saved.exists()
+
+
+async def test_the_tickets_of_openssls_tls13_records_resume_nothing(pki: Pki) -> None:
+    """With `record_layer: openssl` OpenSSL sends its two TLS 1.3 tickets (no binding sets their number to 0, and
+    neither OP_NO_TICKET nor the session cache off stops them); a client that offers one back gets a full handshake,
+    its certificate checked again, and is served."""
+    client = pki.issue("api")
+    ctx = stdlib_context(client, client.bundle, server=False, version="1.3")
+    seen: list[tuple[bool, bool]] = []  # per connection: (resumed, the session holds a ticket)
+    saved: list[ssl.SSLSession] = []
+
+    def call() -> bytes:
+        offered = saved[-1] if saved else None
+        raw = socket.create_connection((LOOPBACK, port), timeout=PEER_TIMEOUT)
+        with raw, ctx.wrap_socket(raw, session=offered) as conn:
+            conn.sendall(REQUEST)
+            out = bytearray()
+            while data := conn.recv(65536):
+                out += data
+            session = conn.session
+            assert session is not None
+            saved.append(session)
+            seen.append((conn.session_reused, session.has_ticket))
+            return bytes(out)
+
+    async with terminate_sidecar(pki, RecordLayer.OPENSSL, "1.3") as port:
+        assert await in_thread(call) == b"app got: " + REQUEST
+        assert await in_thread(call) == b"app got: " + REQUEST
+    assert seen == [(False, True), (False, True)]  # a ticket came each time; the second offered it, in vain
 
 
 async def test_a_tls12_listener_refuses_renegotiation(pki: Pki) -> None:

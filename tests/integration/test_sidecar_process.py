@@ -271,3 +271,33 @@ async def test_json_log_lines_carry_the_text_lines_fields_and_an_old_svid_is_war
     assert warnings[0]["spiffe_id"] == str(pki.id_of("web"))
     assert 0.1 < float(warnings[0]["life_left"]) < 0.2
     assert not any("svid_expiring" in line for line in text_lines)  # a fresh SVID: no warning
+
+
+# What a sidecar with SVID files and one process never needs: the other subcommands and the lab, identity mode (the
+# agent, its CA client and HTTP/1.1), the workers' supervisor, `explain` and the capture rules (the admin's
+# /explain loads them when asked), completion (shtab) and the CA service, injection and the webhook.
+NOT_IN_A_SIDECAR = (
+    "mtlsmesh.lab", "mtlsmesh.cli.ca", "mtlsmesh.cli.completion", "mtlsmesh.cli.demo", "mtlsmesh.cli.explain",
+    "mtlsmesh.agent", "mtlsmesh.caclient", "mtlsmesh.caproto", "mtlsmesh.http11", "h11", "mtlsmesh.workers",
+    "mtlsmesh.explain", "mtlsmesh.capture", "mtlsmesh.capture_plan", "mtlsmesh.installer", "shtab",
+    "mtlsmesh.caserver", "mtlsmesh.jwtverify", "mtlsmesh.inject", "mtlsmesh.webhook", "mtlsmesh.admission", "jwt",
+)  # fmt: skip
+
+
+async def test_a_file_sidecar_imports_only_what_it_serves_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's own import log (`PYTHONPROFILEIMPORTTIME`) of a real sidecar that served a connection and drained."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    pki = Pki(tmp_path)
+    async with app_server(echo) as (app_port, _seen):
+        config = write_config(tmp_path / "config.yaml", pki, app_port)
+        async with sidecar_process(config) as (process, ports, lines):
+            assert await http_status(ports["health"]) == 200
+            stream = await mtls_client(pki, ports["web"])
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(100) == b"ping"
+            await stream.aclose()
+            process.send_signal(signal.SIGTERM)
+    imported = {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
+    assert {"mtlsmesh.sidecar", "mtlsmesh.tls", "trio"} <= imported  # the log is there
+    loaded = sorted(m for m in imported if m in NOT_IN_A_SIDECAR or m.startswith("mtlsmesh.lab."))
+    assert loaded == []

@@ -146,6 +146,14 @@ def test_the_openssl_record_path_is_reported_beside_ours_only_when_it_ran() -> N
     assert stats.render_record_layers({"stunnel": {}, "mtlsmesh": {"p50": [1.0]}, stats.OPENSSL_TOOL: {}}) == ""
 
 
+def test_classic_key_exchange_is_reported_beside_the_hybrid_default_only_when_it_ran() -> None:
+    ran = {"mtlsmesh": {"cps": [700.0, 680.0, 690.0]}, stats.CLASSIC_TOOL: {"cps": [760.0, 740.0]}}
+    table = stats.render_key_exchange(ran).splitlines()
+    assert table[0].startswith("| metric | unit | mtlsmesh (hybrid) | mtlsmesh (classic) | classic/hybrid |")
+    assert any(row.endswith("| 690 | 750 | 1.09x | 3/2 |") for row in table), table
+    assert stats.render_key_exchange({"mtlsmesh": {"cps": [1.0]}, stats.CLASSIC_TOOL: {}}) == ""
+
+
 def test_one_worker_is_reported_beside_the_default_only_when_it_ran() -> None:
     ran = {"mtlsmesh": {"rps": [18000.0, 17000.0, 17500.0]}, stats.ONE_WORKER_TOOL: {"rps": [9000.0, 8750.0]}}
     table = stats.render_workers(ran).splitlines()

@@ -21,6 +21,7 @@ from mtlsmesh.config import (
     ExplicitMode,
     IdentityConfig,
     InboundConfig,
+    KeyExchange,
     ListenAddr,
     Mode,
     OutboundConfig,
@@ -561,6 +562,8 @@ ERRORS: list[tuple[object, str]] = [
     ({"inbound": {"min_tls_version": "1.2"}}, "inbound.min_tls_version: only an explicit listener may set it"),
     ({"outbound": {"min_tls_version": "1.2"}}, "outbound.min_tls_version: only an explicit listener may set it"),
     ({"record_layer": "fast"}, "record_layer: expected one of own, openssl (got 'fast')"),
+    ({"key_exchange": "pq"}, "key_exchange: expected one of hybrid, classic (got 'pq')"),
+    ({"key_exchange": None}, "key_exchange: expected one of hybrid, classic (got null)"),
     ({"timeouts": {"handshake": 0}}, "timeouts.handshake: must be greater than zero"),
     ({"timeouts": {"connect": "0ms"}}, "timeouts.connect: must be greater than zero"),
     (
@@ -737,6 +740,7 @@ ROUND_TRIP = [
         authorization=(AuthzRule(Action.DENY, ("*",), frozenset({1, 2, 3})),),
         timeouts=Timeouts(handshake=0.5, connect=1e-3, idle=3600.0, drain=0.0),
         max_connections=1,
+        key_exchange=KeyExchange.CLASSIC,
         admin_listen=None,
         health_listen=ListenAddr("127.0.0.1", 15021),
         metrics_listen=None,
@@ -751,6 +755,12 @@ def test_render_config_round_trips(cfg: Config) -> None:
     assert parse_config(rendered) == cfg
     # and through YAML text, as the admin endpoint would serve it
     assert parse_config(yaml.safe_load(yaml.safe_dump(rendered))) == cfg
+
+
+def test_key_exchange_is_hybrid_unless_classic_is_asked_for() -> None:
+    assert parse_config({}).key_exchange is KeyExchange.HYBRID
+    assert parse_config({"key_exchange": "hybrid"}).key_exchange is KeyExchange.HYBRID
+    assert parse_config({"key_exchange": "classic"}).key_exchange is KeyExchange.CLASSIC
 
 
 def test_render_config_is_plain_values() -> None:
