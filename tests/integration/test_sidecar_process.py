@@ -284,12 +284,16 @@ NOT_IN_A_SIDECAR = (
 )  # fmt: skip
 
 
-async def test_a_file_sidecar_imports_only_what_it_serves_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Python's own import log (`PYTHONPROFILEIMPORTTIME`) of a real sidecar that served a connection and drained."""
+@pytest.mark.parametrize(("workers", "beyond"), [(1, []), (2, ["mtlsmesh.workers"])])
+async def test_a_file_sidecar_imports_only_what_it_serves_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, beyond: list[str]
+) -> None:
+    """Python's own import log (`PYTHONPROFILEIMPORTTIME`) of a real sidecar that served a connection and drained:
+    one process imports none of the modules above; with workers, the supervisor adds only its own module."""
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
     pki = Pki(tmp_path)
     async with app_server(echo) as (app_port, _seen):
-        config = write_config(tmp_path / "config.yaml", pki, app_port)
+        config = write_config(tmp_path / "config.yaml", pki, app_port, workers=workers)
         async with sidecar_process(config) as (process, ports, lines):
             assert await http_status(ports["health"]) == 200
             stream = await mtls_client(pki, ports["web"])
@@ -300,4 +304,4 @@ async def test_a_file_sidecar_imports_only_what_it_serves_with(tmp_path: Path, m
     imported = {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
     assert {"mtlsmesh.sidecar", "mtlsmesh.tls", "trio"} <= imported  # the log is there
     loaded = sorted(m for m in imported if m in NOT_IN_A_SIDECAR or m.startswith("mtlsmesh.lab."))
-    assert loaded == []
+    assert loaded == beyond
