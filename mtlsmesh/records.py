@@ -128,9 +128,12 @@ class PeerAlert(Exception):
         self.description = description
 
 
+_Bytes = bytes | memoryview
+
+
 class _Aead(Protocol):
-    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes, buf: memoryview) -> int: ...
-    def decrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes, buf: memoryview) -> int: ...
+    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: _Bytes, buf: memoryview) -> int: ...
+    def decrypt_into(self, nonce: bytes, data: memoryview, associated_data: _Bytes, buf: memoryview) -> int: ...
 
 
 def _one_block(length: int, label: bytes) -> bytes:
@@ -225,7 +228,7 @@ class _Direction:
 class _Wiped:
     """The AEAD of a wiped direction: refuses every use."""
 
-    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: bytes, buf: memoryview) -> int:
+    def encrypt_into(self, nonce: bytes, data: memoryview, associated_data: _Bytes, buf: memoryview) -> int:
         raise RecordError(INTERNAL_ERROR, "the traffic keys were wiped")
 
     decrypt_into = encrypt_into
@@ -401,10 +404,11 @@ class Session:
         if len(out) - produced < size:
             return None
         read = self._read
-        header = bytes(data[used : used + HEADER_SIZE])
+        body = used + HEADER_SIZE
         target = out[produced : produced + size]
         try:
-            read.aead.decrypt_into(read.nonce(), data[used + HEADER_SIZE : used + HEADER_SIZE + length], header, target)
+            # The header is the additional data, read in place (no copy of it per record).
+            read.aead.decrypt_into(read.nonce(), data[body : body + length], data[used:body], target)
         except RecordError:  # the keys were wiped
             raise
         except Exception as exc:  # cryptography's InvalidTag: forged, corrupted or out of order

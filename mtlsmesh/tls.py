@@ -394,11 +394,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _take_output(self) -> bytes | bytearray:
         """The oldest ciphertext waiting to be sent, b"" when nothing."""
-        if self._session is not None:
+        session = self._session
+        if session is not None:
             if self._held:
                 held, self._held = self._held, b""
-                return held + self._session.take()
-            return self._session.take()
+                return held + session.take()
+            return session.take() if session.outgoing else b""
         return b"" if self._hs is None else self._hs.take_output()
 
     async def _flush(self, *, wait: bool = True) -> bool:
@@ -427,7 +428,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             while data:
                 try:
                     if sock is not None:
-                        if await netio.send_raw(sock, data, self.send_progress):
+                        # One write usually takes it all: netio.send_raw (its coroutine, its view) only for the
+                        # rest, which may have to wait.
+                        try:
+                            sent = os.write(sock.socket.fileno(), data)
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError as exc:
+                            raise netio.stream_error(exc) from exc
+                        if sent < len(data) and await netio.send_raw(sock, memoryview(data)[sent:], self.send_progress):
                             awaited = True
                     else:
                         await self.transport_stream.send_all(data)
@@ -578,10 +587,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(self._broken)
             session = self._session
             assert session is not None
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
             inner = _SCRATCH.inner
-            for start in range(0, len(view), SEND_CHUNK):
-                session.seal(view[start : start + SEND_CHUNK], inner)
+            size = len(view)
+            for start in range(0, size, SEND_CHUNK):
+                session.seal(view[start : start + SEND_CHUNK] if size > SEND_CHUNK else view, inner)
                 try:
                     if await self._flush():
                         yielded = True
@@ -607,14 +619,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         data. Raises `records.RecordError`/`PeerAlert` (after delivering any good records before the bad one)."""
         session = self._session
         assert session is not None
-        scratch = _SCRATCH
-        used, produced = session.open_into(ciphertext, scratch.plain_view)
+        plain = _SCRATCH.plain_view
+        used, produced = session.open_into(ciphertext, plain)
         self._cin = bytes(ciphertext[used:]) if used < len(ciphertext) else b""
         if produced:
             if produced > max_bytes:
-                self._plain_left = bytes(scratch.plain_view[max_bytes:produced])
+                self._plain_left = bytes(plain[max_bytes:produced])
                 produced = max_bytes
-            return bytes(scratch.plain_view[:produced])
+            return bytes(plain[:produced])
         if session.closed:
             return b""
         return None
@@ -623,8 +635,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Read the transport once and open what came (see `_open`): (data or None, whether it awaited)."""
         awaited = False
         if self._socket is not None:
-            fd, scratch = self._socket.socket.fileno(), _SCRATCH
-            view = scratch.read_view
+            fd = self._socket.socket.fileno()
+            view = _SCRATCH.read_view
             if self._drained:  # the socket is most likely empty: wait, rather than make a read that finds nothing
                 if fd < 0:  # closed under us (trio's wait would refuse -1 with a ValueError)
                     raise trio.ClosedResourceError("this socket was already closed")
@@ -632,8 +644,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 awaited = True
             while True:
                 # What is left of a partial record goes first; no await between this copy and the opening below.
-                left = len(self._cin)
-                view[:left] = self._cin
+                cin = self._cin
+                left = len(cin)
+                if left:
+                    view[:left] = cin
                 try:
                     n = os.readv(fd, [view[left : left + TRANSPORT_READ]])
                     break
@@ -671,8 +685,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already in receive_some")
         self._receiving = True
         try:
-            self._check_open()
-            max_bytes = operator.index(max_bytes)  # TypeError for anything but an integer
+            if self._closed:
+                raise trio.ClosedResourceError("the TLS stream is closed")
+            if type(max_bytes) is not int:
+                max_bytes = operator.index(max_bytes)  # TypeError for anything but an integer
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
             yielded = False
@@ -707,7 +723,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     awaited = False
                     if session.closed:
                         data = b""
-                    elif _ready(self._cin):
+                    elif self._cin and _ready(self._cin):
                         data = self._open(memoryview(self._cin), max_bytes)
                     else:
                         data, awaited = await self._read_records(max_bytes)
