@@ -25,9 +25,12 @@ ADDR_A = "198.18.9.1"
 ADDR_B = "198.18.9.2"
 PREFIX_LEN = 30
 
-# Per-namespace sysctls: a connection-per-request load leaves many sockets in TIME_WAIT on one 4-tuple family.
+# Per-namespace sysctls: a connection-per-request load leaves many sockets in TIME_WAIT on one 4-tuple family, so
+# the ephemeral range is wide; the ports the backends and the pairs listen on (7001-8603) are kept out of it, or a
+# pair started after another's connection step finds its port taken by a connection's source port.
 NS_SYSCTLS = {
     "net.ipv4.ip_local_port_range": "1024 65000",
+    "net.ipv4.ip_local_reserved_ports": "7000-8999",
     "net.ipv4.tcp_tw_reuse": "1",
     "net.core.somaxconn": "4096",
     "net.ipv4.tcp_max_syn_backlog": "4096",
