@@ -52,28 +52,36 @@ def test_target_met(target: stats.Target, ratio: float | None, value: float | No
 
 def test_table_shows_medians_ratios_and_verdict_against_the_best_c_peer() -> None:
     results = {
-        "stunnel": {"tput1": [100.0, 300.0, 200.0], "mem": [250.0], "p50": [200.0]},
-        "haproxy": {"tput1": [240.0], "mem": [60.0], "p50": [300.0]},
-        "mtlsmesh": {"tput1": [260.0, 280.0, 270.0], "mem": [50.0], "p50": [250.0]},
+        "stunnel": {"tput1": [100.0, 300.0, 200.0], "tput4": [100.0], "mem": [250.0], "p50": [200.0]},
+        "haproxy": {"tput1": [240.0], "tput4": [90.0], "mem": [60.0], "p50": [300.0]},
+        "mtlsmesh": {"tput1": [260.0, 280.0, 270.0], "tput4": [140.0], "mem": [28.0], "p50": [250.0], "pss": [90.0]},
+        "mtlsmesh-1w": {"pss": [35.0, 45.0, 30.0]},
         "direct": {"tput1": [900.0], "p50": [20.0]},
     }
     table = stats.render_table(results)
-    # Higher is better: the best C peer is haproxy (240 > 200), 270 / 240 = 1.125.
+    # Higher is better: the best C peer is haproxy (240 > 200), 270 / 240 = 1.125; the target is on stunnel's
+    # figure, 270 / 200 = 1.35, short of 1.5.
     assert (
-        "| throughput, 1 stream | Mbit/s | 200 | 240 | 270 | 900 | 1.35x | 1.12x (haproxy) | >= 1.0x | yes | 3/1/3/1 |"
-        in table
+        "| throughput, 1 stream | Mbit/s | 200 | 240 | 270 | 900 | 1.35x | 1.12x (haproxy) | >= 1.5x stunnel | NO "
+        "| 3/1/3/1 |" in table
     )
-    # Lower is better: the best C peer is haproxy (60 < 250).
+    # On the best C peer: 140 / 100 = 1.4, above 1.3.
     assert (
-        "| memory per idle connection | KiB | 250 | 60.0 | 50.0 | - | 0.20x | 0.83x (haproxy) "
-        "| <= 1.0x | yes | 1/1/1/0 |" in table
+        "| throughput, 4 streams | Mbit/s | 100 | 90.0 | 140 | - | 1.40x | 1.40x (stunnel) | >= 1.3x | yes |" in table
     )
+    # Lower is better: the best C peer is haproxy (60 < 250); the target is on the value itself.
+    assert (
+        "| memory per idle connection | KiB | 250 | 60.0 | 28.0 | - | 0.11x | 0.47x (haproxy) "
+        "| <= 30 KiB | yes | 1/1/1/0 |" in table
+    )
+    # The PSS target is the one-worker pair's (median 35), whatever the default pair's figure in the row.
+    assert "| PSS of both proxies, idle | MiB | - | - | 90.0 | - | - | - | <= 40 MiB, 1 worker | yes |" in table
     # Lower is better, and stunnel is the best here: 250 / 200 = 1.25, above the target.
     assert (
         "| 64 B round trip p50 | us | 200 | 300 | 250 | 20.0 | 1.25x | 1.25x (stunnel) | <= 1.0x | NO | 1/1/1/1 |"
         in table
     )
-    assert "| new connections (full mTLS) | conn/s | - | - | - | - | - | - | >= 1.0x | - | 0/0/0/0 |" in table
+    assert "| new connections (full mTLS) | conn/s | - | - | - | - | - | - | >= 1.5x | - | 0/0/0/0 |" in table
 
 
 def test_best_c_peer_ignores_mtlsmesh_and_the_no_tunnel_path() -> None:
