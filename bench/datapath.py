@@ -23,6 +23,7 @@ import argparse
 import socket
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import trio
@@ -95,12 +96,23 @@ async def _requests(count: int, with_tls: bool) -> float:
                 need -= len(await app.receive_some(65536))
         await app.aclose()
 
+    return await _timed(app_side, outbound, inbound, backend_side, serve, call)
+
+
+async def _timed(
+    app_side: trio.abc.HalfCloseableStream,
+    outbound: trio.abc.HalfCloseableStream,
+    inbound: trio.abc.HalfCloseableStream,
+    backend_side: trio.abc.HalfCloseableStream,
+    *ends: Callable[[], Awaitable[None]],
+) -> float:
+    """CPU seconds until both relays (app -> outbound, inbound -> backend) and `ends` are done."""
     start = time.process_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay.relay, app_side, outbound)
         nursery.start_soon(relay.relay, inbound, backend_side)
-        nursery.start_soon(serve)
-        nursery.start_soon(call)
+        for end in ends:
+            nursery.start_soon(end)
     return time.process_time() - start
 
 
@@ -125,13 +137,7 @@ async def _stream(total: int) -> float:
             received += len(data)
         await backend.aclose()
 
-    start = time.process_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay.relay, app_side, outbound)
-        nursery.start_soon(relay.relay, inbound, backend_side)
-        nursery.start_soon(write)
-        nursery.start_soon(read)
-    elapsed = time.process_time() - start
+    elapsed = await _timed(app_side, outbound, inbound, backend_side, write, read)
     await app.aclose()
     if received != total:
         raise SystemExit(f"stream: {received} bytes arrived of {total}")

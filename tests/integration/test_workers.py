@@ -298,9 +298,16 @@ FRESH = 20  # new connections after the kept-alive load
 async def kept_alive_round_trips(port: int, until: float, payload: bytes) -> int:
     """1 KiB round trips over one plain TCP connection until `until` (trio's clock); how many. Any reset or short
     reply fails the test."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    return await round_trips(await trio.open_tcp_stream("127.0.0.1", port), until, payload)
+
+
+async def round_trips(stream: trio.abc.Stream, until: float, payload: bytes, *, handshake: bool = False) -> int:
+    """`payload` round trips over `stream`, one per PACE until `until`, then close it; how many."""
     made = 0
     try:
+        if handshake:
+            assert isinstance(stream, trio.SSLStream)
+            await stream.do_handshake()
         while trio.current_time() < until and made < int(HOLD / PACE) + 1:
             await stream.send_all(payload)
             received = b""
@@ -391,22 +398,7 @@ async def tls_kept_alive_round_trips(port: int, client: CredentialFiles, until: 
     context.load_verify_locations(client.bundle)
     context.load_cert_chain(client.cert, client.key)
     stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
-    made = 0
-    try:
-        await stream.do_handshake()
-        while trio.current_time() < until and made < int(HOLD / PACE) + 1:
-            await stream.send_all(payload)
-            received = b""
-            while len(received) < len(payload):
-                data = await stream.receive_some(65536)
-                assert data, f"the connection ended after {made} round trips"
-                received += data
-            assert received == payload
-            made += 1
-            await trio.sleep(PACE)
-    finally:
-        await trio.aclose_forcefully(stream)
-    return made
+    return await round_trips(stream, until, payload, handshake=True)
 
 
 async def test_renewals_under_traffic_lose_no_connection_on_either_worker(tmp_path: Path) -> None:
