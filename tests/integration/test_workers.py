@@ -247,21 +247,33 @@ async def test_drain_reaches_every_worker(tmp_path: Path) -> None:
         assert process.returncode == 0
 
 
-async def test_in_identity_mode_one_client_of_the_ca_feeds_every_worker(tmp_path: Path) -> None:
-    lab = CaLab.create(tmp_path)
+def issue_client(lab: CaLab, tmp_path: Path) -> CredentialFiles:
+    """An SVID for default/client from the lab's CA, as files under `tmp_path`/client."""
     ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
         tmp_path / "client", force=True
     )
-    client = files_in(tmp_path / "client")
+    return files_in(tmp_path / "client")
+
+
+def identity_server_config(lab: CaLab, path: Path, ca_port: int, app_port: int, *, ttl: str) -> Path:
+    """A two-worker sidecar in identity mode (reviews, SVIDs of `ttl`) with one terminate listener `in`."""
+    config = test_identity_process.write_config(lab, path, ca_port, "reviews", {
+        "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
+    })  # fmt: skip
+    data = yaml.safe_load(config.read_text())
+    data["workers"] = 2
+    data["identity"]["ttl"] = ttl
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+async def test_in_identity_mode_one_client_of_the_ca_feeds_every_worker(tmp_path: Path) -> None:
+    lab = CaLab.create(tmp_path)
+    client = issue_client(lab, tmp_path)
     with trio.fail_after(120):
         async with ca_process(lab) as (ca_service, ca_port, ca_lines), app_server(echo) as (app_port, _):
-            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
-                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
-            })  # fmt: skip
-            data = yaml.safe_load(config.read_text())
-            data["workers"] = 2
-            data["identity"]["ttl"] = "8s"  # renewed at 4 s, then every 4 s: time enough to look at both workers
-            config.write_text(yaml.safe_dump(data))
+            # renewed at 4 s, then every 4 s: time enough to look at both workers
+            config = identity_server_config(lab, tmp_path / "server.yaml", ca_port, app_port, ttl="8s")
             async with sidecar_process(config) as (process, ports, lines):
                 enrolled = await round_trip(ports["in"], client)
                 while not any("event=svid_renewed" in line for line in lines):
@@ -403,20 +415,12 @@ async def tls_kept_alive_round_trips(port: int, client: CredentialFiles, until: 
 
 async def test_renewals_under_traffic_lose_no_connection_on_either_worker(tmp_path: Path) -> None:
     lab = CaLab.create(tmp_path)
-    ca.issue_svid(lab.authority, workload_id(TD, "default", "client"), now=datetime.now(UTC)).write_to_dir(
-        tmp_path / "client", force=True
-    )
-    client = files_in(tmp_path / "client")
+    client = issue_client(lab, tmp_path)
     payload = os.urandom(1024)
     with trio.fail_after(120):
         async with ca_process(lab) as (ca_service, ca_port, _ca_lines), app_server(echo) as (app_port, _):
-            config = test_identity_process.write_config(lab, tmp_path / "server.yaml", ca_port, "reviews", {
-                "name": "in", "listen": "127.0.0.1:0", "forward_to": f"127.0.0.1:{app_port}", "mode": "terminate",
-            })  # fmt: skip
-            data = yaml.safe_load(config.read_text())
-            data["workers"] = 2
-            data["identity"]["ttl"] = "4s"  # renewed every 2 s: several renewals while the traffic runs
-            config.write_text(yaml.safe_dump(data))
+            # renewed every 2 s: several renewals while the traffic runs
+            config = identity_server_config(lab, tmp_path / "server.yaml", ca_port, app_port, ttl="4s")
             async with sidecar_process(config) as (process, ports, lines):
                 pids = worker_pids(lines)
                 until = trio.current_time() + HOLD
