@@ -41,6 +41,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -59,27 +60,64 @@ from mtlsmesh.runtime import Runtime, Tracker
 
 log = logging.getLogger("mtlsmesh.workers")
 
-DEFAULT_CAP = 2  # `workers: auto` uses the CPUs the process may use, at most this many (Istio's Envoy default: 2)
+DEFAULT_CAP = 2  # `workers: auto`: the CPUs the process may use (and its CPU quota allows), at most this many
 START_TIMEOUT = 30.0  # seconds for a worker to import, bind and report ready
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds before restarting a worker that exited; doubled while it keeps dying
 STABLE_AFTER = 30.0  # a worker that lived this long is not crash-looping: its next restart waits BACKOFF_MIN again
 STOP_GRACE = 5.0  # seconds past `timeouts.drain` the supervisor waits for its workers before SIGKILL
 DRAIN_ACK_TIMEOUT = 5.0  # seconds to wait for the workers to close their listeners (POST /drain, SIGTERM)
 SNAPSHOT_TIMEOUT = 1.0  # seconds GET /status and GET /explain wait for the workers' connections
+# Open connections one worker lists in its answer, at most: the outcomes are bounded by `recent` (256 destinations of
+# 8), so the answer stays far below MAX_MESSAGE however many connections a worker holds.
+SNAPSHOT_OPEN_MAX = 10_000
 FOLLOW_POLL = 0.2  # seconds between the supervisor's looks at the credential source and the log level
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 16 * 1024 * 1024
 
 
-def resolve(cfg: Config) -> int:
-    """How many workers: the config's number, or for `auto` (0) the CPUs this process may run on, capped."""
+def resolve(
+    cfg: Config, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int:
+    """How many workers: the config's number, or for `auto` (0) the CPUs this process may run on, capped: the CPUs
+    it may be scheduled on, and fewer when its cgroup's CPU quota (a pod's `resources.limits.cpu`) allows fewer."""
     if cfg.workers:
         return cfg.workers
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = cgroup_cpus(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, quota)
     return max(1, min(cpus, DEFAULT_CAP))
+
+
+def cgroup_cpus(root: Path, proc_cgroup: Path) -> int | None:
+    """The CPUs this process's cgroup quota allows, rounded up (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us` over
+    `cpu.cfs_period_us`), looked up at the process's own cgroup and then at the root a container sees; None when
+    there is no quota or none can be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths: dict[str, str] = {}  # controller ("" for v2's unified line) -> the process's cgroup path
+    for line in lines:
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path.lstrip("/")
+    v2 = [root / paths[""] / "cpu.max"] if "" in paths else []
+    for cpu_max in [*v2, root / "cpu.max"]:
+        with contextlib.suppress(OSError, ValueError, IndexError, ZeroDivisionError):
+            fields = cpu_max.read_text().split()  # "max 100000", or "150000 100000": 1.5 CPUs
+            return None if fields[0] == "max" else max(1, -(-int(fields[0]) // int(fields[1])))
+    v1 = root / "cpu" / paths["cpu"] if "cpu" in paths else None
+    for directory in [d for d in (v1, root / "cpu") if d is not None]:
+        with contextlib.suppress(OSError, ValueError):
+            quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+            period_us = int((directory / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 or period_us <= 0 else max(1, -(-quota_us // period_us))
+    return None
 
 
 # --- the channel between the supervisor and one worker ------------------------------------------------------------
@@ -240,7 +278,8 @@ async def _follow(
         elif kind == "log_level":
             logging.getLogger("mtlsmesh").setLevel(str(payload).upper())
         elif kind == "snapshot":  # GET /status or /explain on the supervisor: this worker's connections
-            reply = {"recent": rt.recent.snapshot(), "active": dict(rt.stats.active)}
+            outcomes, open_rows = rt.recent.snapshot()
+            reply = {"recent": (outcomes, open_rows[:SNAPSHOT_OPEN_MAX]), "active": dict(rt.stats.active)}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await channel.send("snapshot", (payload, reply))
 
@@ -345,11 +384,13 @@ class Fleet:
         number = next(self._asked)
         pending = self._pending[number] = _Pending(len(asked))
         try:
-            for worker in asked:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await worker.channel.send("snapshot", number)
-            if asked:
-                with trio.move_on_after(SNAPSHOT_TIMEOUT):
+            with trio.move_on_after(SNAPSHOT_TIMEOUT):  # the asking too: a worker that does not read holds no one
+                for worker in asked:
+                    try:
+                        await worker.channel.send("snapshot", number)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pending.expected -= 1  # gone: not waited for
+                if len(pending.replies) < pending.expected:
                     await pending.done.wait()
         finally:
             del self._pending[number]
@@ -405,7 +446,17 @@ class Fleet:
         the first one is ready; if the first one exits before that, the sidecar does not start (MeshError)."""
         backoff, first = BACKOFF_MIN, True
         while True:
-            worker = self.workers[index] = await self._spawn(index)
+            try:
+                worker = self.workers[index] = await self._spawn(index)
+            except OSError as exc:  # fork or exec refused (a pids limit, no memory): a sidecar error, not a crash
+                if first:
+                    raise MeshError(f"worker {index} could not be started: {exc.strerror or exc}") from exc
+                log.warning("event=worker_start_failed worker=%d error=%r retry_in_s=%.1f", index, str(exc), backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                if self.stopping:
+                    return
+                continue
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, worker)
                 nursery.start_soon(self._wait_exit, worker)
