@@ -4,7 +4,7 @@ The path of one connection through both sidecars, on socketpairs in one trio loo
 
     app -> [relay] -> TLSStream ==TLS 1.3== TLSStream -> [relay] -> backend
 
-Two loops, each run `--repeat` times (min and median printed), the process's CPU time (`time.process_time`) per unit:
+Three loops, each run `--repeat` times (min and median printed), the process's CPU time (`time.process_time`) per unit:
 
 - `request`: kept-alive round trips of a 31-byte GET answered with 1 KiB (the bench's small-request step on one
   connection): CPU per request, both sidecars, the app and the backend together.

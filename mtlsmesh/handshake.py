@@ -618,7 +618,7 @@ class _Refusal12:
         plaintext = bytes((2, description))
         aad = seq + bytes((records.ALERT, 3, 3)) + len(plaintext).to_bytes(2, "big")
         if aead is AESGCM:
-            explicit = seq  # the explicit nonce: the sequence number, as OpenSSL writes it
+            explicit = seq  # the explicit nonce: any value unique under this key; OpenSSL starts from a random one
             body = explicit + AESGCM(key).encrypt(iv + explicit, plaintext, aad)
         else:
             nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq, strict=True))

@@ -180,8 +180,8 @@ async def handle_inbound(
     if mesh:
         records = cfg.record_layer if explicit is None else explicit.records(cfg.record_layer)
         # With OpenSSL's record layer a listener's `identities` are checked inside the handshake (the verify callback
-        # refuses with bad_certificate; on TLS 1.2 no alert of ours could follow it). Our own records check them
-        # after it and say access_denied (below).
+        # refuses with bad_certificate, on TLS 1.3 and 1.2 alike). Our own records check them after it and say
+        # access_denied (below).
         inside = explicit is not None and records is RecordLayer.OPENSSL
         opened = await open_mtls_or_failure(
             rt,

@@ -411,8 +411,8 @@ async def open_mtls(
     bounds it in time and closes `transport` on error. Raises `HandshakeError`."""
     stream = OpenSSLStream(transport, context, side, peer, prefix=prefix)
     if stream._hs is not None:
-        # No record of ours can follow OpenSSL's handshake here: the peer is refused inside it, with OpenSSL's alert
-        # (bad_certificate), and `tls.check_peer` looks again after it.
+        # The peer's SVID is refused inside OpenSSL's handshake, with OpenSSL's alert (bad_certificate), and
+        # `tls.check_peer` looks again after it; a policy denial after the handshake is sealed by `refuse`.
         stream._hs.check_leaf(tls.leaf_check(trust_domain, expected))
     await stream.do_handshake(
         lambda: tls.check_peer(stream, trust_domain, expected, require_alpn=require_alpn), send_last=send_last

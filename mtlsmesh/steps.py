@@ -120,7 +120,7 @@ async def _handshake(
     with trio.CancelScope(deadline=trio.current_time() + rt.config.timeouts.handshake):
         try:
             # send_last=False: our client's Finished leaves with the first request bytes (or as soon as it waits
-            # for the server); a server holds its session tickets for its first records either way.
+            # for the server). A server on our records sends no session ticket; on OpenSSL's, its two leave at once.
             return await opener(
                 transport,
                 context,
